@@ -1,0 +1,30 @@
+# The two commands of the README: `make quickstart` and `make test`.
+# The virtual environment is reused only while pyproject.toml is unchanged (hash stamp).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+DEPS_HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
+STAMP := $(VENV)/.deps-$(DEPS_HASH)
+
+.PHONY: setup fashion-mnist quickstart test test-fast
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e ".[dev]"
+	@rm -f $(VENV)/.deps-* && touch $@
+
+fashion-mnist:
+	@bash .ci/ensure-fashion-mnist
+
+quickstart: setup fashion-mnist
+	$(VENV)/bin/dml prepare --config configs/quickstart.yaml --resume
+
+# Prefect gets a throwaway home and no API URL, so tests never touch a real server.
+test: setup
+	env -u PREFECT_API_URL PREFECT_HOME=$$(mktemp -d) $(VENV)/bin/pytest -q
+
+test-fast: setup
+	env -u PREFECT_API_URL PREFECT_HOME=$$(mktemp -d) $(VENV)/bin/pytest -q -m "not dist and not slow"

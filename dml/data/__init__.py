@@ -1,0 +1,1 @@
+"""Data: raw sources -> WebDataset shards + manifest, and loaders that read them per rank."""

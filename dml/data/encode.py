@@ -1,0 +1,83 @@
+"""Validate and encode one image for a shard.
+
+JPEG and PNG files within the size limit are stored byte-for-byte; everything else (arrays,
+PGM/BMP/TIFF/..., oversize images) is decoded and re-encoded. Decoding fully (``load``) is
+what catches truncated and corrupt files, so a bad input is rejected here, never later in a
+training worker.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from dml.config import ImageConfig
+from dml.data.sources import ImagePayload
+
+KEEP_AS_IS = {"JPEG": "jpg", "PNG": "png"}
+
+
+class RejectedImage(ValueError):
+    """The input is not a usable image; the message is the reason recorded in the manifest."""
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    data: bytes
+    extension: str  # "jpg" or "png"
+    width: int
+    height: int
+    mode: str
+
+
+def _encode(image: Image.Image, config: ImageConfig) -> tuple[bytes, str]:
+    buffer = io.BytesIO()
+    if config.reencode_format == "jpeg":
+        if image.mode not in ("L", "RGB"):
+            image = image.convert("RGB")
+        image.save(buffer, format="JPEG", quality=config.jpeg_quality)
+        return buffer.getvalue(), "jpg"
+    if image.mode not in ("1", "L", "LA", "RGB", "RGBA", "P", "I;16"):
+        image = image.convert("RGB")
+    image.save(buffer, format="PNG")
+    return buffer.getvalue(), "png"
+
+
+def _shrink(image: Image.Image, max_side: int | None) -> tuple[Image.Image, bool]:
+    if max_side is None or max(image.size) <= max_side:
+        return image, False
+    scale = max_side / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.BILINEAR), True
+
+
+def encode_image(payload: ImagePayload, config: ImageConfig) -> EncodedImage:
+    """Return the bytes to store for ``payload``; raise `RejectedImage` with the reason if bad."""
+    if isinstance(payload, np.ndarray):
+        if payload.size == 0:
+            raise RejectedImage("empty image array")
+        image = Image.fromarray(payload)
+        image, _ = _shrink(image, config.max_side)
+        data, ext = _encode(image, config)
+        return EncodedImage(data, ext, image.width, image.height, image.mode)
+    if len(payload) == 0:
+        raise RejectedImage("zero-size file")
+    try:
+        image = Image.open(io.BytesIO(payload))
+        image_format = image.format
+        image.load()
+    except UnidentifiedImageError:
+        # PIL's own message embeds an object address; keep the manifest deterministic.
+        raise RejectedImage("corrupt or unreadable image: not a recognised image format") from None
+    except Exception as exc:  # PIL raises many types for bad files; all mean "unusable"
+        raise RejectedImage(f"corrupt or unreadable image: {type(exc).__name__}: {exc}") from None
+    if image.width == 0 or image.height == 0:
+        raise RejectedImage("image has zero width or height")
+    shrunk, resized = _shrink(image, config.max_side)
+    if not resized and image_format in KEEP_AS_IS:
+        return EncodedImage(payload, KEEP_AS_IS[image_format], image.width, image.height, image.mode)
+    data, ext = _encode(shrunk, config)
+    return EncodedImage(data, ext, shrunk.width, shrunk.height, shrunk.mode)

@@ -1,0 +1,156 @@
+"""`write_shards`: turn a source into WebDataset tar shards, in parallel, resumably.
+
+Each shard of the plan is written by one worker process: ``<split>-NNNNNN.tar`` holding, per
+sample, ``<key>.jpg|png`` (image bytes), ``<key>.cls`` (class index as text) and
+``<key>.json`` (source id, original label, split, size). A finished shard leaves a small
+record in ``.progress/``; ``resume=True`` keeps shards whose record matches and redoes the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from dml.config import ImageConfig, PrepareConfig
+from dml.data.encode import RejectedImage, encode_image
+from dml.data.manifest import assemble_manifest, manifest_name, write_manifest
+from dml.data.plan import ShardTask, make_plan
+from dml.data.sources import Source, open_source
+from dml.data.tarwriter import DeterministicTarWriter, sha256_file, write_json_atomic
+from dml.errors import DataError
+
+log = logging.getLogger(__name__)
+PROGRESS_DIR = ".progress"
+
+
+@dataclass
+class ShardResult:
+    """What one written shard holds; the manifest is assembled from these."""
+
+    name: str
+    split: str
+    count: int
+    bytes: int
+    sha256: str
+    class_counts: dict[str, int] = field(default_factory=dict)
+    rejected: list[dict[str, str]] = field(default_factory=list)
+
+
+# Each worker process keeps one source (with its lazily loaded arrays) for all its shards.
+_worker_source: Source | None = None
+
+
+def _init_worker(source: Source) -> None:
+    global _worker_source
+    _worker_source = source
+
+
+def write_one_shard(task: ShardTask, source: Source, image_config: ImageConfig, out_dir: Path) -> ShardResult:
+    """Write one shard atomically and return its record; bad images are rejected, not raised."""
+    final = out_dir / task.name
+    tmp = out_dir / (task.name + ".tmp")
+    writer = DeterministicTarWriter(tmp)
+    counts: Counter[int] = Counter()
+    rejected = []
+    try:
+        for sample in task.samples:
+            try:
+                encoded = encode_image(source.read(sample.record), image_config)
+            except (RejectedImage, OSError, ValueError) as exc:
+                rejected.append({"key": sample.key, "source": sample.record.source_id, "reason": str(exc)})
+                continue
+            meta = {"source": sample.record.source_id, "label": sample.record.label, "split": task.split,
+                    "width": encoded.width, "height": encoded.height}
+            writer.add(f"{sample.key}.{encoded.extension}", encoded.data)
+            writer.add(f"{sample.key}.cls", str(sample.class_index).encode())
+            writer.add(f"{sample.key}.json", json.dumps(meta, sort_keys=True).encode())
+            counts[sample.class_index] += 1
+    finally:
+        writer.close()
+    result = ShardResult(task.name, task.split, sum(counts.values()), tmp.stat().st_size, sha256_file(tmp),
+                         {str(k): v for k, v in sorted(counts.items())}, rejected)
+    os.replace(tmp, final)
+    write_json_atomic(out_dir / PROGRESS_DIR / f"{task.name}.json", asdict(result))
+    return result
+
+
+def _write_in_worker(task: ShardTask, image_config: ImageConfig, out_dir: Path) -> ShardResult:
+    assert _worker_source is not None
+    return write_one_shard(task, _worker_source, image_config, out_dir)
+
+
+def _finished(task: ShardTask, out_dir: Path) -> ShardResult | None:
+    """The recorded result of a shard that is complete on disk, else None."""
+    record = out_dir / PROGRESS_DIR / f"{task.name}.json"
+    shard = out_dir / task.name
+    if not (record.exists() and shard.exists()):
+        return None
+    result = ShardResult(**json.loads(record.read_text()))
+    return result if shard.stat().st_size == result.bytes else None
+
+
+def _check_output_dir(out_dir: Path, digest: str, resume: bool, partition: tuple[int, int] | None) -> None:
+    plan_file = out_dir / PROGRESS_DIR / "plan.json"
+    if plan_file.exists():
+        previous = json.loads(plan_file.read_text())["digest"]
+        if previous != digest:
+            raise DataError(f"{out_dir} holds shards of a different source/config; choose a new output_dir")
+        if not resume and (out_dir / manifest_name(partition)).exists():
+            raise DataError(f"{out_dir} is already prepared; pass --resume to finish or redo missing shards")
+    elif any(out_dir.glob("*.tar")):
+        raise DataError(f"{out_dir} holds shards not written by this plan; choose a new output_dir")
+    (out_dir / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(plan_file, {"digest": digest})
+
+
+def _run_tasks(tasks: list[ShardTask], source: Source, config: PrepareConfig, out_dir: Path) -> list[ShardResult]:
+    results: list[ShardResult] = []
+    progress = tqdm(total=sum(len(t.samples) for t in tasks), unit="img", desc="prepare", disable=None)
+    if config.workers == 1 or len(tasks) <= 1:
+        for task in tasks:
+            results.append(write_one_shard(task, source, config.image, out_dir))
+            progress.update(len(task.samples))
+    else:
+        context = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
+        with ProcessPoolExecutor(config.workers, mp_context=context, initializer=_init_worker,
+                                 initargs=(source,)) as pool:
+            futures = {pool.submit(_write_in_worker, t, config.image, out_dir): t for t in tasks}
+            for future in as_completed(futures):
+                results.append(future.result())
+                progress.update(len(futures[future].samples))
+    progress.close()
+    return results
+
+
+def write_shards(config: PrepareConfig, resume: bool = False,
+                 partition: tuple[int, int] | None = None) -> dict:
+    """Prepare shards as configured and return the manifest (also written to disk).
+
+    ``partition=(i, n)`` writes only partition ``i`` of ``n`` and a partial manifest; run
+    `merge_manifests` once all partitions are done. Returns the (partial) manifest dict.
+    """
+    source = open_source(config.source.kind, config.source.path, config.source.class_names)
+    out_dir = Path(config.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = make_plan(source, config)
+    _check_output_dir(out_dir, plan.digest, resume, partition)
+    tasks = plan.for_partition(*partition) if partition else plan.tasks
+    done = {t.name: r for t in tasks if resume and (r := _finished(t, out_dir)) is not None}
+    if done:
+        log.info("resume: %d of %d shards already complete, writing %d", len(done), len(tasks), len(tasks) - len(done))
+    todo = [t for t in tasks if t.name not in done]
+    results = list(done.values()) + _run_tasks(todo, source, config, out_dir)
+    manifest = assemble_manifest(plan, results, source.description, config, partition)
+    path = write_manifest(out_dir, manifest, partition)
+    counts = manifest["counts"]
+    log.info("prepare: %d inputs -> %d written, %d rejected, %d shards; manifest at %s",
+             counts["inputs"], counts["written"], counts["rejected"], len(results), path)
+    return manifest

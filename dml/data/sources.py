@@ -1,0 +1,255 @@
+"""Raw labelled-image readers: folder tree, CSV/Parquet manifest, IDX files, Omniglot npz.
+
+A source lists lightweight `Record`s (id, label, split hint) up front, so the shard plan can
+be made deterministically before any pixel is decoded, and reads one record's image on demand
+(inside a worker process). Reading returns either encoded file bytes or a uint8 array.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Union
+
+import numpy as np
+
+from dml.errors import DataError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".pbm", ".gif", ".tif", ".tiff", ".webp"}
+
+ImagePayload = Union[bytes, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Record:
+    """One input sample before reading: a stable id, its original label and a split hint."""
+
+    source_id: str
+    label: str
+    split: str | None = None
+
+
+class Source(Protocol):
+    """What `write_shards` needs from a source."""
+
+    description: dict
+
+    def records(self) -> list[Record]: ...
+
+    def read(self, record: Record) -> ImagePayload: ...
+
+    def size_hint(self, record: Record) -> int: ...
+
+
+def _require(path: Path, what: str) -> None:
+    if not path.exists():
+        raise DataError(f"{what} not found: {path}")
+
+
+class FolderSource:
+    """An image-folder tree: ``root/<class name>/<image file>``.
+
+    Files with an image extension inside class folders are samples; other files inside class
+    folders are listed so they are reported as rejected rather than silently dropped.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        _require(self.root, "image folder")
+        self.description = {"kind": "folder", "path": str(self.root)}
+
+    def records(self) -> list[Record]:
+        out = []
+        for class_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            for file in sorted(p for p in class_dir.rglob("*") if p.is_file()):
+                out.append(Record(str(file.relative_to(self.root)), class_dir.name))
+        return out
+
+    def read(self, record: Record) -> ImagePayload:
+        path = self.root / record.source_id
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise ValueError(f"not an image file extension ({path.suffix or 'none'})")
+        return path.read_bytes()
+
+    def size_hint(self, record: Record) -> int:
+        path = self.root / record.source_id
+        return path.stat().st_size if path.exists() else 0
+
+
+class TableSource:
+    """A CSV or Parquet manifest with columns ``path,label[,split]``.
+
+    Relative paths are resolved against the manifest file's folder.
+    """
+
+    def __init__(self, table: str | Path):
+        self.table = Path(table)
+        _require(self.table, "manifest table")
+        self.base = self.table.parent
+        self.description = {"kind": "parquet" if self.table.suffix == ".parquet" else "csv",
+                            "path": str(self.table)}
+
+    def _rows(self) -> list[dict]:
+        if self.table.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_table(self.table).to_pylist()
+        with self.table.open(newline="") as handle:
+            return list(csv.DictReader(handle))
+
+    def records(self) -> list[Record]:
+        rows = self._rows()
+        if rows and not {"path", "label"} <= set(rows[0]):
+            raise DataError(f"{self.table} needs columns 'path' and 'label' (has {sorted(rows[0])})")
+        return [Record(str(r["path"]), str(r["label"]), (str(r["split"]) if r.get("split") else None))
+                for r in rows]
+
+    def read(self, record: Record) -> ImagePayload:
+        return self._path(record).read_bytes()
+
+    def _path(self, record: Record) -> Path:
+        path = Path(record.source_id)
+        return path if path.is_absolute() else self.base / path
+
+    def size_hint(self, record: Record) -> int:
+        path = self._path(record)
+        return path.stat().st_size if path.exists() else 0
+
+
+def _open_maybe_gz(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (MNIST format, gzipped or not) into a numpy array."""
+    with _open_maybe_gz(path) as handle:
+        data = handle.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise DataError(f"{path} is not an IDX file (bad magic number)")
+    dtype_code, ndim = data[2], data[3]
+    dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if dtype_code not in dtypes:
+        raise DataError(f"{path}: unknown IDX element type 0x{dtype_code:02x}")
+    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    array = np.frombuffer(data, dtype=dtypes[dtype_code], offset=4 + 4 * ndim)
+    if array.size != int(np.prod(shape)):
+        raise DataError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {array.size}")
+    return array.reshape(shape)
+
+
+class IdxSource:
+    """MNIST-style IDX pairs in one folder: ``<prefix>-images-idx3-ubyte[.gz]`` with
+    ``<prefix>-labels-idx1-ubyte[.gz]``. The prefix (``train``, ``t10k``) is the split hint:
+    ``train`` trains, anything else is held out in ``split.mode: source``.
+    """
+
+    def __init__(self, root: str | Path, class_names: list[str] | None = None):
+        self.root = Path(root)
+        _require(self.root, "IDX folder")
+        self.class_names = class_names
+        self.pairs = self._find_pairs()
+        if not self.pairs:
+            raise DataError(f"no '*-images-idx3-ubyte[.gz]' files with matching labels in {self.root}")
+        self.description = {"kind": "idx", "path": str(self.root), "files": sorted(self.pairs)}
+        self._images: dict[str, np.ndarray] = {}
+
+    def _find_pairs(self) -> dict[str, tuple[Path, Path]]:
+        pairs = {}
+        for images in sorted(self.root.glob("*-images-idx3-ubyte*")):
+            prefix = images.name.split("-images-")[0]
+            labels = [p for p in self.root.glob(f"{prefix}-labels-idx1-ubyte*")]
+            if labels:
+                pairs[prefix] = (images, labels[0])
+        return pairs
+
+    def _label_name(self, value: int) -> str:
+        if self.class_names is not None:
+            if value >= len(self.class_names):
+                raise DataError(f"label {value} has no entry in source.class_names ({len(self.class_names)} names)")
+            return self.class_names[value]
+        return str(value)
+
+    def records(self) -> list[Record]:
+        out = []
+        for prefix, (_, labels_path) in sorted(self.pairs.items()):
+            labels = read_idx(labels_path)
+            split = "train" if prefix == "train" else "test"
+            out.extend(Record(f"{prefix}:{i}", self._label_name(int(v)), split) for i, v in enumerate(labels))
+        return out
+
+    def read(self, record: Record) -> ImagePayload:
+        prefix, index = record.source_id.rsplit(":", 1)
+        if prefix not in self._images:  # loaded lazily, once per worker process
+            self._images[prefix] = read_idx(self.pairs[prefix][0])
+        return np.ascontiguousarray(self._images[prefix][int(index)]).astype(np.uint8)
+
+    def size_hint(self, record: Record) -> int:
+        return 28 * 28  # raw bytes of one MNIST-sized image; PNG is rarely larger
+
+
+class OmniglotSource:
+    """The Omniglot npz layout: ``images_background.npz`` / ``images_evaluation.npz`` holding
+    ``images`` bool (classes, 20, 105, 105) with True = white background and ``labels``
+    (classes, 20). Background characters are the ``train`` hint, evaluation ones ``test``;
+    class names are ``background/<i>`` and ``evaluation/<i>`` so the two sets stay disjoint.
+    """
+
+    FILES = {"background": "images_background.npz", "evaluation": "images_evaluation.npz"}
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        _require(self.root, "Omniglot folder")
+        self.files = {k: self.root / v for k, v in self.FILES.items() if (self.root / v).exists()}
+        if not self.files:
+            raise DataError(f"no images_background.npz or images_evaluation.npz in {self.root}")
+        self.description = {"kind": "omniglot", "path": str(self.root), "files": sorted(self.files)}
+        self._images: dict[str, np.ndarray] = {}
+
+    def records(self) -> list[Record]:
+        out = []
+        for part, path in sorted(self.files.items()):
+            with np.load(path) as npz:
+                num_classes, per_class = npz["labels"].shape
+            split = "train" if part == "background" else "test"
+            for c in range(num_classes):
+                out.extend(Record(f"{part}:{c}:{j}", f"{part}/{c:04d}", split) for j in range(per_class))
+        return out
+
+    def read(self, record: Record) -> ImagePayload:
+        part, c, j = record.source_id.split(":")
+        if part not in self._images:
+            with np.load(self.files[part]) as npz:
+                self._images[part] = npz["images"]
+        # True = white background: map to 255 so strokes are dark, as on paper.
+        return self._images[part][int(c), int(j)].astype(np.uint8) * 255
+
+    def size_hint(self, record: Record) -> int:
+        return 105 * 105
+
+
+def open_source(kind: str, path: str, class_names: list[str] | None = None) -> Source:
+    """Build the reader for ``kind`` (``auto`` guesses from the path) or raise a one-line error."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"source path not found: {p}")
+    if kind == "auto":
+        if p.is_file():
+            kind = "parquet" if p.suffix == ".parquet" else "csv"
+        elif any(p.glob("*-images-idx3-ubyte*")):
+            kind = "idx"
+        elif any(p.glob("images_*.npz")):
+            kind = "omniglot"
+        else:
+            kind = "folder"
+    if kind == "folder":
+        return FolderSource(p)
+    if kind in ("csv", "parquet"):
+        return TableSource(p)
+    if kind == "idx":
+        return IdxSource(p, class_names)
+    if kind == "omniglot":
+        return OmniglotSource(p)
+    raise DataError(f"unknown source kind '{kind}'")

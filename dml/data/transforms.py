@@ -1,0 +1,58 @@
+"""Image transforms for training and evaluation, built from `DataConfig`.
+
+Grey and RGB inputs are both accepted: every image is converted to the channel count the
+model expects (``data.channels``) before resizing, so a grey dataset feeds an RGB backbone and
+the other way round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from dml.config import DataConfig
+
+
+class ConvertMode:
+    """Convert a PIL image to grey ("L") or RGB; a class so DataLoader workers can pickle it."""
+
+    def __init__(self, channels: int):
+        self.mode = "L" if channels == 1 else "RGB"
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return image if image.mode == self.mode else image.convert(self.mode)
+
+
+def _normalize(config: DataConfig) -> T.Normalize:
+    mean = list(config.mean) * (config.channels if len(config.mean) == 1 else 1)
+    std = list(config.std) * (config.channels if len(config.std) == 1 else 1)
+    return T.Normalize(mean, std)
+
+
+def build_train_transform(config: DataConfig) -> Callable[[Image.Image], torch.Tensor]:
+    """Decode-side augmentation: resize (or random resized crop), flip, rotation, jitter."""
+    aug = config.augment
+    size = config.image_size
+    steps: list[Callable] = [ConvertMode(config.channels)]
+    if aug.random_resized_crop:
+        steps.append(T.RandomResizedCrop(size, scale=aug.crop_scale, antialias=True))
+    else:
+        steps.append(T.Resize((size, size), antialias=True))
+    if aug.horizontal_flip:
+        steps.append(T.RandomHorizontalFlip())
+    if aug.rotation_degrees > 0:
+        steps.append(T.RandomRotation(aug.rotation_degrees))
+    if aug.color_jitter > 0:
+        j = aug.color_jitter
+        steps.append(T.ColorJitter(brightness=j, contrast=j, saturation=j if config.channels == 3 else 0))
+    steps += [T.ToTensor(), _normalize(config)]
+    return T.Compose(steps)
+
+
+def build_eval_transform(config: DataConfig) -> Callable[[Image.Image], torch.Tensor]:
+    """Deterministic resize + normalisation, the same at evaluation and export parity checks."""
+    return T.Compose([ConvertMode(config.channels), T.Resize((config.image_size, config.image_size), antialias=True),
+                      T.ToTensor(), _normalize(config)])

@@ -1,0 +1,9 @@
+"""Shared test set-up: make `tests/` importable for fixtures and keep threads modest."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_num_threads(2)
