@@ -1,0 +1,96 @@
+"""Global pooling of a backbone feature map (N, C, H, W) into a descriptor (N, C).
+
+Three descriptors are provided, named as in the retrieval literature:
+
+- ``avg``: average pooling (SPoC, sum-pooled convolutional features);
+- ``max``: max pooling (MAC, maximum activations of convolutions);
+- ``gem``: generalised-mean pooling with a learnable exponent, from Radenovic, Tolias and
+  Chum, "Fine-tuning CNN Image Retrieval with No Human Annotation" (TPAMI 2018):
+  ``f_c = (mean_{h,w} x_{c,h,w} ** p) ** (1 / p)``. p = 1 is average pooling and p -> inf
+  approaches max pooling.
+
+All poolings reduce over the spatial axes with plain tensor ops, so they trace and export to
+ONNX for any input size without data-dependent Python control flow.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+POOLING_NAMES = ("avg", "max", "gem")
+
+
+class AvgPool(nn.Module):
+    """Global average pooling: (N, C, H, W) -> (N, C)."""
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features.mean(dim=(2, 3))
+
+
+class MaxPool(nn.Module):
+    """Global max pooling: (N, C, H, W) -> (N, C)."""
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features.amax(dim=(2, 3))
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling (Radenovic et al. 2018): (N, C, H, W) -> (N, C).
+
+    Args:
+        p: initial exponent; must be positive. 3.0 is the value the paper starts from.
+        eps: activations are clamped to at least ``eps`` before the power so that the
+            fractional power and its gradient stay finite (feature maps after ReLU hold zeros;
+            some backbones such as EfficientNet end in SiLU and may hold small negatives).
+        learnable: if True, ``p`` is an ``nn.Parameter`` trained with the network (one scalar
+            shared by all channels, as in the paper); otherwise a fixed buffer.
+    """
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6, learnable: bool = True) -> None:
+        super().__init__()
+        if p <= 0:
+            raise ValueError(f"GeM exponent p must be positive, got {p}")
+        initial = torch.full((1,), float(p))
+        if learnable:
+            self.p = nn.Parameter(initial)
+        else:
+            self.register_buffer("p", initial)
+        self.eps = eps
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        powered = features.clamp(min=self.eps).pow(self.p)
+        return powered.mean(dim=(2, 3)).pow(1.0 / self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p.item():.4f}, eps={self.eps}, learnable={isinstance(self.p, nn.Parameter)}"
+
+
+def build_global_pool(name: str, gem_p: float = 3.0, gem_learnable: bool = True) -> nn.Module:
+    """Return the global pooling module called ``name`` (one of ``POOLING_NAMES``)."""
+    if name == "avg":
+        return AvgPool()
+    if name == "max":
+        return MaxPool()
+    if name == "gem":
+        return GeM(p=gem_p, learnable=gem_learnable)
+    raise ValueError(f"unknown pooling {name!r}; expected one of {', '.join(POOLING_NAMES)}")
+
+
+def parse_pooling(spec: str) -> list[str]:
+    """Split a pooling spec such as ``"gem"`` or ``"avg+max+gem"`` into descriptor names.
+
+    Names are case-insensitive and must be distinct; the order is kept because in a
+    combination the first descriptor receives any leftover embedding dimensions.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"pooling must be a non-empty string like 'gem' or 'avg+max+gem', got {spec!r}")
+    names = [part.strip().lower() for part in spec.split("+")]
+    unknown = [name for name in names if name not in POOLING_NAMES]
+    if unknown:
+        raise ValueError(
+            f"unknown pooling {unknown[0]!r} in {spec!r}; expected names from {', '.join(POOLING_NAMES)} joined by '+'"
+        )
+    if len(set(names)) != len(names):
+        raise ValueError(f"pooling {spec!r} repeats a descriptor; each of avg, max, gem may appear once")
+    return names

@@ -1,0 +1,77 @@
+"""Typed config: YAML + dotted overrides, and one-line errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from dml.cli import main
+from dml.config import apply_overrides, load_config, save_config
+from dml.errors import ConfigError
+
+
+def write(tmp_path, payload) -> str:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(payload))
+    return str(path)
+
+
+def test_yaml_and_overrides_resolve(tmp_path):
+    path = write(tmp_path, {"prepare": {"workers": 2, "split": {"mode": "sample"}}})
+    config = load_config(path, ["prepare.split.train_fraction=0.25", "data.augment.horizontal_flip=false",
+                                "prepare.source.class_names=[a, b]"])
+    assert config.prepare.workers == 2 and config.prepare.split.mode == "sample"
+    assert config.prepare.split.train_fraction == 0.25
+    assert config.data.augment.horizontal_flip is False
+    assert config.prepare.source.class_names == ["a", "b"]
+
+
+def test_saved_config_round_trips(tmp_path):
+    config = load_config(None, ["seed=7", "data.batch_size=16"])
+    saved = save_config(config, tmp_path / "out" / "config.yaml")
+    assert load_config(saved) == config
+
+
+def test_unknown_key_names_closest_valid_key(tmp_path):
+    path = write(tmp_path, {"prepare": {"split": {"trian_fraction": 0.3}}})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "unknown config key 'prepare.split.trian_fraction'" in str(err.value)
+    assert "did you mean 'prepare.split.train_fraction'" in str(err.value)
+
+
+def test_unknown_top_level_section():
+    with pytest.raises(ConfigError, match="did you mean 'prepare'"):
+        load_config(None, ["prepar.workers=2"])
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("prepare.workers=many", "config key 'prepare.workers'"),
+    ("prepare.split.mode=random", "config key 'prepare.split.mode'"),
+    ("prepare.split.train_fraction=1.5", "less than or equal to 1"),
+    ("data.mean=[0.5, 0.5]", "mean has 2 values"),
+])
+def test_bad_values_name_the_key(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_override_must_be_key_value():
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        apply_overrides({}, ["prepare.workers"])
+
+
+def test_missing_or_invalid_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prepare: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):
+    code = main(["prepare", "--config", write(tmp_path, {"prepare": {"wrkers": 1}})])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("dml prepare: error: unknown config key 'prepare.wrkers'") and "\n" not in err
