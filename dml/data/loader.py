@@ -9,24 +9,26 @@
 
 from __future__ import annotations
 
+import io
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from itertools import islice
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import webdataset as wds
-from webdataset.autodecode import Decoder
+from PIL import Image
 
 from dml.config import DataConfig
 from dml.data.manifest import load_manifest, split_shards
+from dml.data.tario import iter_tar_samples
 from dml.data.sampling import EpochShardSampler, EpochShuffle, PKGroups, collate_pairs
 from dml.data.transforms import build_eval_transform, build_train_transform
 from dml.errors import DataError
 
 log = logging.getLogger(__name__)
-IMAGE_KEYS = "jpg;png;jpeg"
+IMAGE_KEYS = ("jpg", "png", "jpeg")
 
 
 def rank_and_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -38,20 +40,36 @@ def rank_and_world(rank: int | None = None, world_size: int | None = None) -> tu
     return 0, 1
 
 
+def shard_samples(items: Iterable[dict[str, str]]) -> Iterator[dict[str, Any]]:
+    """Pipeline stage: shard URLs -> raw sample dicts (bytes per extension)."""
+    for item in items:
+        yield from iter_tar_samples(item["url"])
+
+
+class DecodeSample:
+    """Raw sample -> (transformed image, class index[, key]); a class so workers can pickle it."""
+
+    def __init__(self, transform, with_key: bool = False):
+        self.transform = transform
+        self.with_key = with_key
+
+    def __call__(self, sample: dict[str, Any]) -> tuple:
+        data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+        if data is None:
+            raise DataError(f"sample {sample['__key__']} in {sample.get('__url__')} has no image")
+        image = self.transform(Image.open(io.BytesIO(data)))
+        label = int(sample["cls"])
+        return (sample["__key__"], image, label) if self.with_key else (image, label)
+
+
 class DecodeGroup:
     """Decode and transform a list of raw samples (one P x K group) into a batch."""
 
     def __init__(self, transform):
-        self.transform = transform
-        self.decoder = Decoder([wds.imagehandler("pil")])
+        self.decode = DecodeSample(transform)
 
     def __call__(self, group: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
-        items = []
-        for sample in group:
-            decoded = self.decoder(sample)
-            image = next(decoded[k] for k in IMAGE_KEYS.split(";") if k in decoded)
-            items.append((self.transform(image), int(sample["cls"])))
-        return collate_pairs(items)
+        return collate_pairs([self.decode(sample) for sample in group])
 
 
 class TrainLoader:
@@ -76,13 +94,12 @@ class TrainLoader:
         self.num_classes = len(manifest["classes"])
         self.sampler = EpochShardSampler(urls, seed, self.rank)
         transform = build_train_transform(config)
-        stages: list[Any] = [self.sampler, wds.tarfile_to_samples(), EpochShuffle(self.sampler, config.shuffle_buffer)]
+        stages: list[Any] = [self.sampler, shard_samples, EpochShuffle(self.sampler, config.shuffle_buffer)]
         if self.pk:
             self._check_pk(manifest, config)
             stages += [PKGroups(self.sampler, config.pk_classes, config.pk_samples), wds.map(DecodeGroup(transform))]
         else:
-            stages += [wds.decode("pil"), wds.to_tuple(IMAGE_KEYS, "cls"), wds.map_tuple(transform, int),
-                       wds.batched(self.batch_size, partial=False, collation_fn=collate_pairs)]
+            stages += [wds.map(DecodeSample(transform)), wds.batched(self.batch_size, partial=False, collation_fn=collate_pairs)]
         self.loader = wds.WebLoader(wds.DataPipeline(*stages), batch_size=None,
                                     num_workers=config.num_workers, persistent_workers=False)
 
@@ -129,8 +146,7 @@ class EvalLoader:
         transform = transform or build_eval_transform(config)
         pipeline = wds.DataPipeline(
             wds.SimpleShardList(urls) if urls else [],
-            wds.split_by_worker, wds.tarfile_to_samples(), wds.decode("pil"),
-            wds.to_tuple("__key__", IMAGE_KEYS, "cls"), wds.map_tuple(str, transform, int),
+            wds.split_by_worker, shard_samples, wds.map(DecodeSample(transform, with_key=True)),
             wds.batched(batch_size or config.batch_size, partial=True, collation_fn=_collate_keyed))
         workers = min(config.num_workers, len(urls))
         self.loader = wds.WebLoader(pipeline, batch_size=None, num_workers=workers)

@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dml.data.tarwriter import sha256_file, write_json_atomic
+from dml.data.tario import sha256_file, write_json_atomic
 from dml.errors import DataError
 
 if TYPE_CHECKING:

@@ -24,7 +24,7 @@ from dml.data.encode import RejectedImage, encode_image
 from dml.data.manifest import assemble_manifest, manifest_name, write_manifest
 from dml.data.plan import ShardTask, make_plan
 from dml.data.sources import Source, open_source
-from dml.data.tarwriter import DeterministicTarWriter, sha256_file, write_json_atomic
+from dml.data.tario import DeterministicTarWriter, sha256_file, write_json_atomic
 from dml.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -112,21 +112,27 @@ def _check_output_dir(out_dir: Path, digest: str, resume: bool, partition: tuple
 
 
 def _run_tasks(tasks: list[ShardTask], source: Source, config: PrepareConfig, out_dir: Path) -> list[ShardResult]:
-    results: list[ShardResult] = []
-    progress = tqdm(total=sum(len(t.samples) for t in tasks), unit="img", desc="prepare", disable=None)
+    total = sum(len(t.samples) for t in tasks)
     if config.workers == 1 or len(tasks) <= 1:
-        for task in tasks:
-            results.append(write_one_shard(task, source, config.image, out_dir))
-            progress.update(len(task.samples))
-    else:
-        context = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
-        with ProcessPoolExecutor(config.workers, mp_context=context, initializer=_init_worker,
-                                 initargs=(source,)) as pool:
-            futures = {pool.submit(_write_in_worker, t, config.image, out_dir): t for t in tasks}
+        results = []
+        with tqdm(total=total, unit="img", desc="prepare", disable=None) as progress:
+            for task in tasks:
+                results.append(write_one_shard(task, source, config.image, out_dir))
+                progress.update(len(task.samples))
+        return results
+    # fork: workers start instantly and never re-import the caller's __main__ (spawn and
+    # forkserver do, which costs seconds per worker when the caller imported torch). They
+    # run only PIL/tar code, so the caller's threads do not matter; the progress bar (which
+    # starts a monitor thread) is created after the workers are forked.
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(config.workers, mp_context=context, initializer=_init_worker,
+                             initargs=(source,)) as pool:
+        futures = {pool.submit(_write_in_worker, t, config.image, out_dir): t for t in tasks}
+        results = []
+        with tqdm(total=total, unit="img", desc="prepare", disable=None) as progress:
             for future in as_completed(futures):
                 results.append(future.result())
                 progress.update(len(futures[future].samples))
-    progress.close()
     return results
 
 

@@ -1,0 +1,118 @@
+"""Data throughput: writing shards with 1 vs 2 workers, and reading shards vs ImageFolder.
+
+The images are real: Fashion-MNIST (Debian package `dataset-fashion-mnist`) upscaled to
+96x96 RGB and saved as JPEG files in class folders, so both readers decode the same JPEGs
+with the same transforms and worker count.
+
+    .venv/bin/python benchmarks/data_throughput.py [--images 8000] [--workers 2]
+
+Prints a table and writes benchmarks/results/data_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dml.config import DataConfig, DMLConfig  # noqa: E402
+from dml.data.loader import TrainLoader  # noqa: E402
+from dml.data.shards import write_shards  # noqa: E402
+from dml.data.sources import read_idx  # noqa: E402
+from dml.data.transforms import build_train_transform  # noqa: E402
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def make_jpeg_folder(root: Path, count: int) -> None:
+    images = read_idx(FASHION / "train-images-idx3-ubyte.gz")[:count]
+    labels = read_idx(FASHION / "train-labels-idx1-ubyte.gz")[:count]
+    for i, (pixels, label) in enumerate(zip(images, labels)):
+        folder = root / f"class_{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        image = Image.fromarray(np.stack([pixels] * 3, axis=-1)).resize((96, 96), Image.Resampling.BILINEAR)
+        image.save(folder / f"{i:06d}.jpg", quality=90)
+
+
+def time_write(src: Path, out: Path, workers: int, count: int) -> float:
+    config = DMLConfig.model_validate({"prepare": {
+        "source": {"path": str(src)}, "output_dir": str(out), "workers": workers,
+        "split": {"mode": "sample", "train_fraction": 1.0}, "shards": {"max_samples": 250}}}).prepare
+    start = time.perf_counter()
+    manifest = write_shards(config)
+    elapsed = time.perf_counter() - start
+    assert manifest["counts"]["written"] == count
+    return count / elapsed
+
+
+def data_config(shards: Path, workers: int) -> DataConfig:
+    return DataConfig(shard_dir=str(shards), batch_size=64, num_workers=workers, image_size=64, channels=3,
+                      shuffle_buffer=1000, augment={"horizontal_flip": True, "random_resized_crop": True})
+
+
+def time_shards(shards: Path, workers: int) -> float:
+    loader = TrainLoader(data_config(shards, workers), seed=0)
+    start, seen = time.perf_counter(), 0
+    for images, _ in loader:
+        seen += images.shape[0]
+    return seen / (time.perf_counter() - start)
+
+
+def time_imagefolder(src: Path, shards: Path, workers: int) -> float:
+    from torchvision.datasets import ImageFolder
+
+    dataset = ImageFolder(str(src), transform=build_train_transform(data_config(shards, workers)))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True, num_workers=workers, drop_last=True)
+    start, seen = time.perf_counter(), 0
+    for images, _ in loader:
+        seen += images.shape[0]
+    return seen / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=8000)
+    parser.add_argument("--workers", type=int, default=2, help="worker count for the read comparison")
+    args = parser.parse_args()
+    if not FASHION.exists():
+        sys.exit(f"needs {FASHION}: apt-get install dataset-fashion-mnist")
+    torch.set_num_threads(1)
+    tmp = Path(tempfile.mkdtemp(prefix="dml-bench-"))
+    try:
+        make_jpeg_folder(tmp / "jpeg", args.images)
+        rows = {"write_1_worker": time_write(tmp / "jpeg", tmp / "s1", 1, args.images),
+                "write_2_workers": time_write(tmp / "jpeg", tmp / "s2", 2, args.images)}
+        rows["read_shards"] = time_shards(tmp / "s1", args.workers)
+        rows["read_imagefolder"] = time_imagefolder(tmp / "jpeg", tmp / "s1", args.workers)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    ratios = {"write_speedup_2_vs_1": rows["write_2_workers"] / rows["write_1_worker"],
+              "read_shards_vs_imagefolder": rows["read_shards"] / rows["read_imagefolder"]}
+    print(f"{'measurement':<22}{'images/s':>12}")
+    for name, value in rows.items():
+        print(f"{name:<22}{value:>12.0f}")
+    for name, value in ratios.items():
+        print(f"{name:<28}{value:>6.2f}x")
+    RESULTS.mkdir(exist_ok=True)
+    payload = {"images": args.images, "image_size": "96x96 JPEG -> 64x64 crop", "read_workers": args.workers,
+               "images_per_second": rows, "ratios": ratios, "cpus": os.cpu_count(), "machine": platform.machine(),
+               "command": "python benchmarks/data_throughput.py " + " ".join(sys.argv[1:])}
+    (RESULTS / "data_throughput.json").write_text(json.dumps(payload, indent=2))
+    print(f"wrote {RESULTS / 'data_throughput.json'}")
+
+
+if __name__ == "__main__":
+    main()

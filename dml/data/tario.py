@@ -1,0 +1,118 @@
+"""Tar shard I/O: deterministic writing, fast reading, atomic file replacement.
+
+Shards are plain USTAR archives that any tar tool (and webdataset) reads. Headers carry no
+time, owner or permissions of the writing machine, so the same samples always give
+byte-identical shards. The reader parses headers by slicing instead of going through
+`tarfile`, which was ~30% of the per-sample cost of a training loader; it accepts regular
+files only (what `dml prepare` writes) and says so on anything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+BLOCK = 512
+RECORD = 20 * BLOCK  # tar's record size; archives are padded to a multiple of it
+
+
+def _octal(value: int, width: int) -> bytes:
+    return b"%0*o\0" % (width - 1, value)
+
+
+def ustar_header(name: str, size: int) -> bytes:
+    """A 512-byte USTAR header for a regular file with fixed mode/owner/time."""
+    encoded = name.encode()
+    if len(encoded) > 100:
+        raise ValueError(f"tar member name longer than 100 bytes: {name}")
+    header = bytearray(BLOCK)
+    header[0:len(encoded)] = encoded
+    header[100:108] = _octal(0o444, 8)
+    header[108:116] = _octal(0, 8)
+    header[116:124] = _octal(0, 8)
+    header[124:136] = _octal(size, 12)
+    header[136:148] = _octal(0, 12)
+    header[148:156] = b" " * 8
+    header[156:157] = b"0"
+    header[257:265] = b"ustar\x0000"
+    checksum = sum(header)
+    header[148:156] = b"%06o\0 " % checksum
+    return bytes(header)
+
+
+class DeterministicTarWriter:
+    """Append WebDataset samples (``key.ext`` members) to a tar with fixed headers."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "wb")
+        self._written = 0
+
+    def add(self, name: str, data: bytes) -> None:
+        padding = -len(data) % BLOCK
+        self._file.write(ustar_header(name, len(data)) + data + b"\0" * padding)
+        self._written += BLOCK + len(data) + padding
+
+    def close(self) -> None:
+        end = 2 * BLOCK
+        end += -(self._written + end) % RECORD
+        self._file.write(b"\0" * end)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+
+def iter_tar_members(stream: BinaryIO, source: str = "") -> Iterator[tuple[str, bytes]]:
+    """Yield (name, data) of each regular file in a tar stream."""
+    while True:
+        header = stream.read(BLOCK)
+        if len(header) < BLOCK or header.count(0) == BLOCK:
+            return
+        kind = header[156:157]
+        if kind not in (b"0", b"\0"):
+            raise ValueError(f"{source}: tar member type {kind!r} is not a regular file; "
+                             "shards must be written by `dml prepare`")
+        name = header[0:100].split(b"\0", 1)[0].decode()
+        prefix = header[345:500].split(b"\0", 1)[0].decode() if header[257:262] == b"ustar" else ""
+        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        data = stream.read(size)
+        if len(data) < size:
+            raise ValueError(f"{source}: truncated tar member {name}")
+        stream.read(-size % BLOCK)
+        yield (f"{prefix}/{name}" if prefix else name), data
+
+
+def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
+    """Group consecutive members ``<key>.<ext>`` of one shard into WebDataset sample dicts."""
+    sample: dict[str, Any] | None = None
+    with open(url, "rb", buffering=1 << 20) as stream:
+        for name, data in iter_tar_members(stream, url):
+            directory, _, base = name.rpartition("/")
+            stem, _, ext = base.partition(".")
+            key = f"{directory}/{stem}" if directory else stem
+            if sample is None or sample["__key__"] != key:
+                if sample is not None:
+                    yield sample
+                sample = {"__key__": key, "__url__": url}
+            sample[ext] = data
+    if sample is not None:
+        yield sample
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON to ``path`` via a temporary file and rename (readers never see half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
+    os.replace(tmp, path)
