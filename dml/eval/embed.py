@@ -1,0 +1,88 @@
+"""Distributed embedding extraction: every rank embeds a disjoint part of a split, results
+are gathered in key order, and saved as ``.npy`` + keys + labels so metrics can be recomputed
+without the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from dml.config import DataConfig
+from dml.data.loader import EvalLoader
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Embeddings:
+    """Embeddings of one split, sorted by key: ``vectors`` (N, D) float32 L2-normalised."""
+
+    keys: list[str]
+    vectors: np.ndarray
+    labels: np.ndarray
+
+    def save(self, directory: str | Path, name: str) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        np.save(directory / f"{name}.npy", self.vectors)
+        np.save(directory / f"{name}_labels.npy", self.labels)
+        (directory / f"{name}_keys.json").write_text(json.dumps(self.keys))
+        return directory / f"{name}.npy"
+
+    @classmethod
+    def load(cls, directory: str | Path, name: str) -> "Embeddings":
+        directory = Path(directory)
+        return cls(json.loads((directory / f"{name}_keys.json").read_text()),
+                   np.load(directory / f"{name}.npy"), np.load(directory / f"{name}_labels.npy"))
+
+
+@torch.no_grad()
+def embed_batches(model: nn.Module, images: torch.Tensor, flip: bool = False) -> torch.Tensor:
+    """Embed a batch; with ``flip`` average with the horizontally flipped view, re-normalised."""
+    out = model(images)
+    if flip:
+        out = F.normalize(out + model(torch.flip(images, dims=[3])), dim=1)
+    return out.float()
+
+
+def _gather(keys: list[str], vectors: np.ndarray, labels: np.ndarray) -> Embeddings:
+    parts = [(keys, vectors, labels)]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (keys, vectors, labels))
+    all_keys = [k for p in parts for k in p[0]]
+    dim = next((p[1].shape[1] for p in parts if len(p[0])), 0)
+    all_vectors = np.concatenate([p[1].reshape(-1, dim) for p in parts]).astype(np.float32)
+    all_labels = np.concatenate([p[2] for p in parts]).astype(np.int64)
+    order = np.argsort(np.asarray(all_keys), kind="stable")
+    return Embeddings([all_keys[i] for i in order], all_vectors[order], all_labels[order])
+
+
+def extract_embeddings(model: nn.Module, data: DataConfig, split: str, device: torch.device,
+                       flip: bool = False, batch_size: int | None = None) -> Embeddings:
+    """Embed ``split`` on all ranks (collective) and return every sample's embedding, in key order."""
+    was_training = model.training
+    model.eval()
+    loader = EvalLoader(data, split, batch_size=batch_size or max(64, data.batch_size))
+    keys: list[str] = []
+    vectors, labels = [], []
+    show = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    for batch_keys, images, batch_labels in tqdm(loader, desc=f"embed {split}", unit="batch",
+                                                 disable=None if show else True, leave=False):
+        keys.extend(batch_keys)
+        vectors.append(embed_batches(model, images.to(device), flip).cpu().numpy())
+        labels.append(batch_labels.numpy())
+    model.train(was_training)
+    local = np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float32)
+    local_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    return _gather(keys, local, local_labels)

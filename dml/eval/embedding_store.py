@@ -1,0 +1,76 @@
+"""The embeddings an evaluation ran on, saved so its metrics can be recomputed without the model.
+
+Layout of the directory (``<output_dir>/embeddings`` by default)::
+
+    <split>.npy  <split>_labels.npy  <split>_keys.json   one set per split (see `Embeddings`)
+    meta.json                                            where they came from (model, data)
+
+``meta.json`` carries the model file's sha256 and the data manifest's sha256, so a report
+built from saved embeddings still names the exact model and data behind its numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dml.errors import DMLError
+from dml.eval.embed import Embeddings
+
+META_FILE = "meta.json"
+FORMAT = "dml.embeddings/1"
+
+
+@dataclass
+class EmbeddingSet:
+    """Query embeddings, optional gallery embeddings, and provenance (``meta``)."""
+
+    query_split: str
+    query: Embeddings
+    gallery_split: str | None = None
+    gallery: Embeddings | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write every split and ``meta.json`` (rank 0 only); returns the directory."""
+        directory = Path(directory)
+        self.query.save(directory, self.query_split)
+        if self.gallery is not None and self.gallery_split is not None:
+            self.gallery.save(directory, self.gallery_split)
+        meta = {**self.meta, "format": FORMAT, "query_split": self.query_split, "gallery_split": self.gallery_split}
+        (directory / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
+        return directory
+
+
+def load_embedding_set(directory: str | Path, query_split: str, gallery_split: str | None) -> EmbeddingSet:
+    """Load the saved ``query_split`` (and ``gallery_split``) embeddings from ``directory``.
+
+    A missing directory, split or ``meta.json`` is a one-line `DMLError`.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DMLError(f"embeddings directory not found: {directory}")
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        raise DMLError(f"{directory} holds no {META_FILE}: not an embeddings directory written by `dml evaluate`")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise DMLError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    query = _load_split(directory, query_split)
+    gallery = _load_split(directory, gallery_split) if gallery_split is not None else None
+    return EmbeddingSet(query_split, query, gallery_split, gallery, meta)
+
+
+def _load_split(directory: Path, split: str) -> Embeddings:
+    missing = [name for name in (f"{split}.npy", f"{split}_labels.npy", f"{split}_keys.json")
+               if not (directory / name).is_file()]
+    if missing:
+        raise DMLError(f"no saved embeddings for split '{split}' in {directory} (missing {', '.join(missing)})")
+    embeddings = Embeddings.load(directory, split)
+    if not (len(embeddings.keys) == len(embeddings.vectors) == len(embeddings.labels)):
+        raise DMLError(f"saved embeddings of split '{split}' in {directory} are inconsistent: "
+                       f"{len(embeddings.keys)} keys, {len(embeddings.vectors)} vectors, "
+                       f"{len(embeddings.labels)} labels")
+    return embeddings

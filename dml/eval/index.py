@@ -1,0 +1,348 @@
+"""k-nearest-neighbour search by inner product (cosine) over L2-normalised embeddings.
+
+Backends, chosen at run time:
+
+- ``faiss-gpu``: when ``faiss.get_num_gpus() > 0``. One GPU uses ``StandardGpuResources``;
+  several GPUs get the gallery sharded across them (``index_cpu_to_all_gpus`` with
+  ``shard=True``); ``fp16=True`` stores the gallery in half precision. Untested here (no GPU
+  on the development machines).
+- ``faiss-cpu``: an exact flat inner-product index (faiss parallelises each batch of queries
+  with OpenMP over all cores), or IVF-PQ for galleries too large for exact search.
+- ``torch``: if ``faiss`` cannot be imported, an exact matmul + top-k in blocks, announced
+  in one logged line. ``index="ivfpq"`` is then served exactly.
+
+Exact backends rank by the exact inner product of the float32 embeddings, ties (e.g.
+duplicate embeddings) by smaller gallery index. A float32 GEMM does not give duplicate rows
+bit-identical scores, so rows whose float32 scores come within the rounding bound of each
+other are rescored in float64 (see :func:`rerank_near_ties`). The result does not depend on
+the backend, the batch size or the BLAS blocking, and equals faiss' L2 flat order (what
+pytorch-metric-learning uses) whenever that order is not itself changed by rounding.
+
+Peak memory of a search: the gallery held by the index (N_gallery x D x 4 bytes; IVF-PQ
+holds codes instead), plus per query batch the results (batch x (k + margin) x 12 bytes; the
+margin is max(8, k/4) candidates), plus
+faiss' fixed scratch block (4096 x 1024 floats, 16 MiB). The torch fallback adds the
+batch x gallery-block score matrix, batch x min(N_gallery, max(k, 2**26 / batch)) x 4 bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+try:  # faiss is a hard dependency of the package, but evaluation must survive without it
+    import faiss
+except ImportError as _error:  # pragma: no cover - exercised in a subprocess test
+    faiss = None
+    _FAISS_IMPORT_ERROR = repr(_error)
+else:
+    _FAISS_IMPORT_ERROR = ""
+
+INDEX_KINDS = ("flat", "ivfpq")
+BACKENDS = ("auto", "faiss", "torch")
+GPU_MAX_K = 2048  # largest k faiss' GPU k-selection supports
+TORCH_SCORE_BLOCK = 2**26  # score-matrix elements per torch block (256 MiB of fp32)
+_announced: set[str] = set()
+
+
+def _log_once(key: str, message: str, *args: Any, level: int = logging.WARNING) -> None:
+    if key not in _announced:
+        _announced.add(key)
+        logger.log(level, message, *args)
+
+
+def as_unit_float32(embeddings: Any, name: str = "embeddings") -> np.ndarray:
+    """Return ``embeddings`` (numpy or torch, shape (N, D)) as C-contiguous float32 unit rows.
+
+    Rows are divided by their L2 norm unless every norm is already within 1e-5 of 1, in which
+    case the values are kept bit for bit (no copy for a float32 C-contiguous input). All-zero
+    rows stay zero. Raises ValueError for a wrong shape or non-finite values.
+    """
+    if isinstance(embeddings, torch.Tensor):
+        embeddings = embeddings.detach().cpu().float().numpy()
+    array = np.ascontiguousarray(np.asarray(embeddings), dtype=np.float32)
+    if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"{name} must be a non-empty 2-D array (N, D), got shape {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    norms = np.linalg.norm(array, axis=1)
+    if np.abs(norms - 1.0).max() <= 1e-5:
+        return array
+    return array / np.maximum(norms, 1e-12)[:, None]
+
+
+def drop_own_index(
+    sims: np.ndarray, ids: np.ndarray, own_ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each row's own gallery index from (B, k+1) results, giving (B, k).
+
+    Identity of the index decides, not the similarity, so exact duplicates of the query
+    elsewhere in the gallery are kept. A row whose own index was pushed out of the k+1
+    (more than k exact ties ranked before it) drops its last column instead.
+    """
+    is_own = ids == own_ids[:, None]
+    is_own[~is_own.any(axis=1), -1] = True
+    keep = ~is_own
+    rows, width = ids.shape
+    return sims[keep].reshape(rows, width - 1), ids[keep].reshape(rows, width - 1)
+
+
+def _torch_search(gallery: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inner-product top k with torch (any order among ties), the gallery scanned in blocks."""
+    query_t, gallery_t = torch.from_numpy(queries), torch.from_numpy(gallery)
+    block = max(k, TORCH_SCORE_BLOCK // max(1, len(queries)))
+    best_vals = best_ids = None
+    for start in range(0, len(gallery_t), block):
+        scores = query_t @ gallery_t[start : start + block].T
+        vals, idx = scores.topk(min(k, scores.shape[1]), dim=1)
+        idx = idx + start
+        if best_vals is not None:
+            vals, pos = torch.cat([best_vals, vals], 1).topk(k, dim=1)
+            idx = torch.cat([best_ids, idx], 1).gather(1, pos)
+        best_vals, best_ids = vals, idx
+    return best_vals.numpy(), best_ids.numpy()
+
+
+def exact_scores(queries: np.ndarray, gallery: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Inner products of each query (B, D) with its candidate rows ``ids`` (B, c), in float64.
+
+    Products of float32 numbers are exact in float64 and the sum is near exact, so ranking
+    by these scores is the exact ranking; identical rows score bit-identically (exact ties).
+    Rows are gathered in blocks of ~2**21 values to bound memory.
+    """
+    out = np.empty(ids.shape, np.float64)
+    step = max(1, 2**21 // max(1, ids.shape[1] * gallery.shape[1]))
+    for start in range(0, len(ids), step):
+        cand = gallery[ids[start : start + step]].astype(np.float64)
+        out[start : start + step] = (cand * queries[start : start + step, None, :].astype(np.float64)).sum(-1)
+    return out
+
+
+def rerank_near_ties(queries: np.ndarray, gallery: np.ndarray, sims: np.ndarray, ids: np.ndarray,
+                     need: int, error: float, complete: bool) -> np.ndarray:
+    """Make the first ``need`` columns of float32 search results exact, in place.
+
+    The top of a row is trusted when neighbouring float32 scores among the first need+1
+    differ by more than 2 x ``error`` (the bound on a float32 score's error): no rounding
+    can reorder them and nothing unseen can enter. Other rows are rescored in float64
+    (:func:`exact_scores`) and sorted by (score descending, gallery index ascending).
+    Returns a bool mask of rows whose exact top ``need`` may include items beyond the
+    candidates (search those again wider); ``complete`` means the candidates are the
+    whole gallery.
+    """
+    head = sims[:, : need + 1]
+    near = np.flatnonzero((head[:, :-1] - head[:, 1:] <= 2 * error).any(axis=1))
+    unresolved = np.zeros(len(sims), dtype=bool)
+    if near.size == 0:
+        return unresolved
+    cand = ids[near]
+    scores = exact_scores(queries[near], gallery, cand)
+    order = np.lexsort((cand, -scores), axis=-1)
+    scores, cand = np.take_along_axis(scores, order, 1), np.take_along_axis(cand, order, 1)
+    if not complete:  # every unseen item scores at most (last float32 score + error)
+        unresolved[near] = scores[:, need - 1] <= sims[near, -1].astype(np.float64) + error
+    sims[near], ids[near] = scores, cand
+    return unresolved
+
+
+class KnnIndex:
+    """An inner-product kNN index over a fixed gallery; build it with :func:`build_index`.
+
+    Attributes: ``backend`` ("faiss-gpu", "faiss-cpu" or "torch"), ``kind`` ("flat" or
+    "ivfpq"), ``ntotal`` (gallery size), ``dim``.
+    """
+
+    def __init__(self, gallery: np.ndarray, kind: str, backend: str, index: Any, cpu_index: Any,
+                 fp16: bool = False, keep_alive: Any = None):
+        self.gallery = gallery  # unit float32 rows; kept for exact re-checks and torch search
+        self.kind, self.backend = kind, backend
+        self.ntotal, self.dim = gallery.shape
+        self._index, self._cpu_index, self._keep_alive = index, cpu_index, keep_alive
+        # bound on |float32 score - exact score| for unit rows: D roundings of 2**-24 each,
+        # doubled for safety; fp16 storage on GPU adds 2**-11 relative per element
+        self.score_error = 2 * self.dim * 2.0**-24 + (2.0**-11 if fp16 else 0.0)
+
+    def search(
+        self, queries: np.ndarray, k: int, own_ids: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k gallery items for unit float32 ``queries`` (B, D): (sims (B, k) float32,
+        ids (B, k) int64), best first. ``own_ids`` (B,) names each query's own gallery row
+        to leave out (leave-one-out). Exact indexes rank by the exact inner product, ties by
+        smaller gallery index (see :func:`rerank_near_ties`); IVF-PQ returns faiss' order and
+        id -1 for missing results. Memory: B x (k + margin) x 12 bytes plus index scratch.
+        """
+        extra = 0 if own_ids is None else 1
+        need = k + extra
+        if not 1 <= k <= self.ntotal - extra:
+            raise ValueError(f"k must be in [1, {self.ntotal - extra}] for a gallery of {self.ntotal}, got {k}")
+        out_sims = np.empty((len(queries), need), np.float32)
+        out_ids = np.empty((len(queries), need), np.int64)
+        rows = np.arange(len(queries))
+        width = min(self.ntotal, need + max(8, need // 4))  # margin to see past the k-th item
+        while rows.size:
+            batch = queries if rows.size == len(queries) else np.ascontiguousarray(queries[rows])
+            sims, ids = self._raw_search(batch, width)
+            retry = np.zeros(len(rows), dtype=bool)
+            if self.kind == "flat":
+                retry = rerank_near_ties(batch, self.gallery, sims, ids, need, self.score_error,
+                                         complete=width == self.ntotal)
+            out_sims[rows], out_ids[rows] = sims[:, :need], ids[:, :need]
+            rows, width = rows[retry], min(self.ntotal, 2 * width)
+        if own_ids is not None:
+            return drop_own_index(out_sims, out_ids, np.asarray(own_ids, dtype=np.int64))
+        return out_sims, out_ids
+
+    def _raw_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.backend == "torch":
+            return _torch_search(self.gallery, queries, k)
+        index = self._index
+        if self.backend == "faiss-gpu" and k > GPU_MAX_K:
+            _log_once("gpu-k", "k=%d exceeds faiss GPU limit %d; searching on CPU", k, GPU_MAX_K)
+            index = self._cpu_index
+        sims, ids = index.search(queries, k)
+        return sims, ids.astype(np.int64, copy=False)
+
+    def measure_recall(self, queries: np.ndarray, k: int, sample: int = 1000, seed: int = 0) -> float:
+        """Mean fraction of the exact top-k found by this index, over ``sample`` random
+        queries (unit float32 rows). 1.0 for exact indexes by construction."""
+        k = min(k, self.ntotal)
+        rng = np.random.default_rng(seed)
+        picked = rng.choice(len(queries), size=min(sample, len(queries)), replace=False)
+        subset = np.ascontiguousarray(queries[np.sort(picked)])
+        _, approx = self.search(subset, k)
+        if faiss is not None:
+            _, exact = faiss.knn(subset, self.gallery, k, metric=faiss.METRIC_INNER_PRODUCT)
+        else:
+            _, exact = _torch_search(self.gallery, subset, k)
+        found = [np.intersect1d(a[a >= 0], e).size for a, e in zip(approx, exact)]
+        return float(np.mean(found) / k)
+
+
+def _faiss_ivfpq(gallery: np.ndarray, nlist: int | None, pq_m: int | None, pq_nbits: int,
+                 nprobe: int, seed: int) -> Any:
+    """Train and fill an IVF-PQ inner-product index (Jegou et al. 2011, product quantisation)."""
+    n, dim = gallery.shape
+    nlist = nlist or max(1, min(int(4 * np.sqrt(n)), n // 39))
+    pq_m = pq_m or next(m for m in (dim // 4, dim // 2, dim, 1) if m >= 1 and dim % m == 0)
+    if dim % pq_m:
+        raise ValueError(f"pq_m={pq_m} must divide the embedding dimension {dim}")
+    index = faiss.index_factory(dim, f"IVF{nlist},PQ{pq_m}x{pq_nbits}", faiss.METRIC_INNER_PRODUCT)
+    index.do_polysemous_training = False  # only serves Hamming pre-filtering, which we do not use
+    train_size = min(n, max(256 * nlist, 2**pq_nbits * 64))
+    rows = np.random.default_rng(seed).choice(n, size=train_size, replace=False)
+    index.train(np.ascontiguousarray(gallery[np.sort(rows)]))
+    index.add(gallery)
+    faiss.extract_index_ivf(index).nprobe = min(nprobe, nlist)
+    return index
+
+
+def _to_gpu(cpu_index: Any, fp16: bool) -> tuple[Any, Any]:
+    """Copy a faiss index to all visible GPUs, sharded when several; returns (GPU index,
+    resources to keep alive as long as it). Untested here (no GPU on these machines)."""
+    if faiss.get_num_gpus() == 1:
+        resources = faiss.StandardGpuResources()
+        options = faiss.GpuClonerOptions()
+        options.useFloat16 = fp16
+        return faiss.index_cpu_to_gpu(resources, 0, cpu_index, options), resources
+    options = faiss.GpuMultipleClonerOptions()
+    options.shard, options.useFloat16 = True, fp16
+    return faiss.index_cpu_to_all_gpus(cpu_index, co=options), None
+
+
+def build_index(
+    gallery: Any,
+    index: str = "flat",
+    *,
+    backend: str = "auto",
+    use_gpu: bool | None = None,
+    fp16: bool = False,
+    nlist: int | None = None,
+    pq_m: int | None = None,
+    pq_nbits: int = 8,
+    nprobe: int = 32,
+    seed: int = 0,
+) -> KnnIndex:
+    """Index ``gallery`` (N, D), numpy or torch, for inner-product search of unit rows.
+
+    ``index``: "flat" (exact) or "ivfpq" (approximate: ``nlist`` inverted lists, default
+    ~4 sqrt(N); ``pq_m`` sub-quantisers of ``pq_nbits`` bits, default D/4; ``nprobe`` lists
+    visited). ``backend``: "auto" (faiss if importable, else torch), "faiss" or "torch".
+    ``use_gpu``: None means whenever faiss reports GPUs; ``fp16`` stores the GPU copy in
+    half precision. Memory: the gallery as unit float32 (a copy unless already unit float32),
+    plus the index's own copy (flat) or codes (IVF-PQ).
+    """
+    if index not in INDEX_KINDS:
+        raise ValueError(f"index must be one of {INDEX_KINDS}, got {index!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    units = as_unit_float32(gallery, "gallery")
+    if backend == "faiss" and faiss is None:
+        raise ValueError(f"backend='faiss' requested but faiss cannot be imported: {_FAISS_IMPORT_ERROR}")
+    if backend == "torch" or faiss is None:
+        if faiss is None:
+            _log_once("no-faiss", "faiss not importable (%s); using exact torch matmul+topk search "
+                      "in batches%s", _FAISS_IMPORT_ERROR, " (ivfpq served exactly)" if index == "ivfpq" else "")
+        return KnnIndex(units, "flat", "torch", None, None)
+    if index == "ivfpq":
+        cpu_index = _faiss_ivfpq(units, nlist, pq_m, pq_nbits, nprobe, seed)
+    else:
+        cpu_index = faiss.IndexFlatIP(units.shape[1])
+        cpu_index.add(units)
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if use_gpu is not False and gpus > 0:
+        try:
+            gpu_index, resources = _to_gpu(cpu_index, fp16)
+            return KnnIndex(units, index, "faiss-gpu", gpu_index, cpu_index, fp16, resources)
+        except (RuntimeError, AttributeError) as error:  # e.g. an IVF-PQ layout the GPU lacks
+            _log_once("gpu-fail", "faiss GPU index unavailable (%s); using the CPU index", error)
+    elif use_gpu is not False:
+        _log_once("no-gpu", "faiss reports no GPU; using the CPU index", level=logging.INFO)
+    return KnnIndex(units, index, "faiss-cpu", cpu_index, cpu_index)
+
+
+def knn_search(
+    query: Any,
+    gallery: Any = None,
+    k: int = 10,
+    exclude_self: bool = False,
+    batch_size: int = 4096,
+    index: str = "flat",
+    **index_options: Any,
+) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest gallery rows of each query row by cosine similarity.
+
+    Returns (similarities (Nq, k) float32, indices (Nq, k) int64), best first; exact ties
+    are ordered by smaller gallery index. ``gallery`` None searches the query set itself.
+    ``exclude_self`` (leave-one-out; the query set must be the gallery, row i = row i)
+    searches k+1 and drops each query's own index, keeping exact duplicates elsewhere.
+    Queries go in batches of ``batch_size``: peak memory is the index's gallery copy plus
+    batch x (k+1) x 12 bytes (plus batch x gallery-block scores on the torch fallback),
+    plus the returned Nq x k x 12 bytes. IVF-PQ logs its recall@k against exact search on
+    1000 sampled queries. Other options go to :func:`build_index`.
+    """
+    queries = as_unit_float32(query, "query")
+    if gallery is None:
+        gallery = queries
+    elif exclude_self and len(gallery) != len(queries):
+        raise ValueError("exclude_self needs the query set to be the gallery (same rows), "
+                         f"got {len(queries)} queries and {len(gallery)} gallery rows")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    knn = build_index(gallery, index, **index_options)
+    if knn.dim != queries.shape[1]:
+        raise ValueError(f"query dimension {queries.shape[1]} != gallery dimension {knn.dim}")
+    if knn.kind == "ivfpq":
+        recall = knn.measure_recall(queries, k)
+        logger.info("IVF-PQ recall@%d against exact search on sampled queries: %.4f", k, recall)
+    sims = np.empty((len(queries), k), np.float32)
+    ids = np.empty((len(queries), k), np.int64)
+    for start in range(0, len(queries), batch_size):
+        stop = min(start + batch_size, len(queries))
+        own = np.arange(start, stop) if exclude_self else None
+        sims[start:stop], ids[start:stop] = knn.search(queries[start:stop], k, own)
+    return sims, ids
