@@ -47,6 +47,23 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from dml.train.run import run_train
+
+    result = run_train(load_config(args.config, args.overrides), resume=args.resume)
+    if result is not None and _is_rank_zero():
+        summary = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if "map_at_r" in k or "precision_at_1" in k)
+        print(f"train: {result.steps} steps; model: {result.model_path}; run: {result.run_dir}"
+              + (f"; {summary}" if summary else ""))
+    return 0
+
+
+def _is_rank_zero() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dml", description="Distributed deep metric learning pipeline.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -59,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--merge", metavar="DIR", help="combine the partial manifests in DIR")
     prepare.add_argument("--verify", metavar="DIR", help="re-hash every shard in DIR against its manifest")
     prepare.set_defaults(handler=_cmd_prepare)
+
+    train = sub.add_parser("train", help="train the embedding model (torchrun for several processes)")
+    _add_config_args(train)
+    train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    train.set_defaults(handler=_cmd_train)
     return parser
 
 

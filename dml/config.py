@@ -124,12 +124,175 @@ class DataConfig(StrictModel):
         return self
 
 
+class ModelConfig(StrictModel):
+    """The embedding model: a timm backbone and the embedding neck (`dml.models`)."""
+
+    backbone: str = "resnet18"
+    embedding_dim: int = Field(128, ge=2)
+    pooling: str = "gem"
+    pretrained_path: str | None = None
+    embedding_bn: bool = True
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    bfe: bool = False
+
+
+PAIR_LOSSES = ("triplet", "contrastive", "multisimilarity")
+
+
+class LossConfig(StrictModel):
+    """The training objective: a margin head (partial FC) or a pair loss, plus centre loss."""
+
+    kind: Literal["arcface", "cosface", "sphereface", "combined", "normsoftmax", *PAIR_LOSSES] = "arcface"
+    scale: float = Field(30.0, gt=0.0)
+    margin: float = 0.3
+    combined_margins: tuple[float, float, float] = (1.0, 0.3, 0.2)
+    sample_rate: float = Field(1.0, gt=0.0, le=1.0)
+    head_optimizer: Literal["sgd", "adamw"] = "sgd"
+    head_lr: float | None = None  # None: the backbone's lr
+    triplet_margin: float = 0.1
+    mining: Literal["all", "hard", "semihard", "easy", "batch_hard"] = "semihard"
+    pos_margin: float = 0.0
+    neg_margin: float = 0.5
+    ms_alpha: float = 2.0
+    ms_beta: float = 50.0
+    ms_base: float = 0.5
+    center_weight: float = Field(0.0, ge=0.0)
+
+    @property
+    def is_pair_loss(self) -> bool:
+        return self.kind in PAIR_LOSSES
+
+
+class OptimizerConfig(StrictModel):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    grad_clip: float | None = Field(5.0, gt=0.0)
+
+
+class ScheduleConfig(StrictModel):
+    """LR per optimizer step: linear warm-up, then cosine / polynomial / cyclic / constant."""
+
+    kind: Literal["cosine", "poly", "cyclic", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    power: float = Field(2.0, gt=0.0)
+    cycle_steps: int = Field(200, ge=2)
+
+
+class SWAConfig(StrictModel):
+    """Stochastic weight averaging over the last part of training (Izmailov et al. 2018)."""
+
+    enabled: bool = False
+    start_fraction: float = Field(0.75, ge=0.0, lt=1.0)
+    bn_update_batches: int = Field(20, ge=0)
+
+
+class TrainConfig(StrictModel):
+    """`dml train`: the run folder, backend, length, precision, checkpoints and logging."""
+
+    run_dir: str = "runs/teacher"
+    backend: Literal["ddp", "deepspeed"] = "ddp"
+    deepspeed_config: str = "configs/deepspeed/zero2.json"
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # optimizer steps; stops early when reached
+    grad_accum: int = Field(1, ge=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    checkpoint_every: int = Field(200, ge=1)
+    keep_last: int = Field(3, ge=1)
+    log_every: int = Field(10, ge=1)
+    eval_every: int | None = Field(None, ge=1)
+    eval_split: str = "query"
+    eval_gallery_split: str | None = None
+    tensorboard: bool = False
+
+
+class EvalConfig(StrictModel):
+    """`dml evaluate`: which model, which splits, which metrics, where the report goes."""
+
+    model_path: str = "runs/teacher/model.pt"  # a model.pt, or a run folder holding one
+    output_dir: str = "runs/teacher/eval"
+    query_split: str = "query"
+    gallery_split: str | None = "gallery"  # None: leave-one-out over the query split
+    flip: bool = False  # flip test-time augmentation
+    ks: tuple[int, ...] = (1, 5, 10)
+    index: Literal["flat", "ivfpq"] = "flat"
+    fars: tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+    pairs_file: str | None = None  # LFW-style pairs file; None: all pairs of the query split
+    max_verification_samples: int = Field(20000, ge=2)
+    plots: bool = True
+    grid_queries: int = Field(8, ge=0)
+
+
+class DistillConfig(StrictModel):
+    """`dml distill`: a teacher run folder and the student, trained by the same trainer."""
+
+    teacher: str = "runs/teacher"
+    student: ModelConfig = ModelConfig(backbone="mobilenetv3_large_100")
+    run_dir: str = "runs/student"
+    absolute_weight: float = Field(1.0, ge=0.0)
+    absolute_kind: Literal["l2", "cosine"] = "cosine"
+    relative_weight: float = Field(0.0, ge=0.0)
+    rkd_distance_weight: float = Field(0.0, ge=0.0)
+    rkd_angle_weight: float = Field(0.0, ge=0.0)
+    label_weight: float = Field(0.0, ge=0.0)
+    init_head_from_teacher: bool = False
+    freeze_head: bool = False
+    teacher_embeddings: Literal["on_the_fly", "cached"] = "cached"
+
+
+class ExportConfig(StrictModel):
+    """`dml export`: formats, parity target, optional int8."""
+
+    model_path: str = "runs/student/model.pt"
+    output_dir: str = "runs/student/export"
+    formats: tuple[Literal["onnx", "torchscript"], ...] = ("onnx", "torchscript")
+    opset: int = Field(17, ge=17)
+    min_cosine: float = Field(0.9999, gt=0.0, le=1.0)
+    parity_split: str = "query"
+    parity_images: int = Field(64, ge=1)
+    int8: bool = False
+    calibration_images: int = Field(256, ge=1)
+
+
+class PipelineConfig(StrictModel):
+    """`dml pipeline run`: how distributed stages are launched and where the flow keeps state."""
+
+    launcher: Literal["inprocess", "torchrun", "kubernetes"] = "torchrun"
+    nproc_per_node: int = Field(2, ge=1)
+    max_restarts: int = Field(0, ge=0)
+    namespace: str = "dml"
+    image: str = "dml-pipeline:latest"
+    evaluate_teacher: bool = True
+    publish_dir: str | None = None
+
+
 class DMLConfig(StrictModel):
     """The whole run: one section per stage."""
 
     seed: int = 0
     prepare: PrepareConfig = PrepareConfig()
     data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    swa: SWAConfig = SWAConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvalConfig = EvalConfig()
+    distill: DistillConfig = DistillConfig()
+    export: ExportConfig = ExportConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DMLConfig":
+        if self.loss.sample_rate < 1.0 and self.train.grad_accum > 1:
+            raise ValueError("loss.sample_rate < 1 cannot be combined with train.grad_accum > 1: "
+                             "each micro-batch samples different class centres")
+        if self.loss.is_pair_loss and self.data.pk_classes is None:
+            raise ValueError(f"loss.kind '{self.loss.kind}' needs P x K batches: set data.pk_classes")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +350,10 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
         hint = f"; did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
         return f"unknown config key '{dotted}'{hint} (valid here: {', '.join(valid)})"
-    return f"config key '{dotted}': {error['msg']} (got {error.get('input')!r})"
+    message = error["msg"].removeprefix("Value error, ")
+    if not loc or error["type"] == "value_error":  # a cross-field rule: its message says it all
+        return f"config{f' {dotted}' if dotted else ''}: {message}"
+    return f"config key '{dotted}': {message} (got {error.get('input')!r})"
 
 
 def validate_config(data: dict[str, Any], model: type[BaseModel] = DMLConfig) -> Any:

@@ -114,14 +114,15 @@ class TrainLoader:
             log.info("P x K: %d classes have fewer than %d samples and are never sampled",
                      len(counts) - usable, config.pk_samples)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Stream of ``epoch``; ``start_batch`` > 0 resumes mid-epoch with the remaining count."""
+        self.sampler.set_epoch(epoch, start_batch)
 
     def __len__(self) -> int:
-        return self.batches_per_epoch
+        return self.batches_per_epoch - self.sampler.start_batch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return islice(iter(self.loader), self.batches_per_epoch)
+        return islice(iter(self.loader), len(self))
 
 
 def _collate_keyed(items: list[tuple[str, torch.Tensor, int]]) -> tuple[list[str], torch.Tensor, torch.Tensor]:

@@ -34,15 +34,18 @@ class EpochShardSampler(IterableDataset):
         self.seed = seed
         self.rank = rank
         self.epoch = 0
+        self.start_batch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the stream of ``epoch``; call before creating the next iterator."""
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the stream of ``epoch`` (resumed at ``start_batch``: a fresh stream, since
+        resampled streams need the count of batches to match, not the exact samples)."""
         self.epoch = epoch
+        self.start_batch = start_batch
 
     def rng(self, purpose: str) -> random.Random:
         """A generator for one purpose, seeded by (seed, epoch, rank, worker, purpose)."""
         worker, _ = _worker_index()
-        return random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}/{purpose}")
+        return random.Random(f"{self.seed}/{self.epoch}/{self.start_batch}/{self.rank}/{worker}/{purpose}")
 
     def __iter__(self) -> Iterator[dict[str, str]]:
         rng = self.rng("shards")

@@ -1,0 +1,260 @@
+"""Partial FC: a margin softmax head whose class centres are sharded over ranks and sampled.
+
+After An et al., "Partial FC: Training 10 Million Identities on a Single Machine" (and
+"Killing Two Birds with One Stone: Efficient and Robust Training of Face Recognition CNNs by
+Partial FC"). Each rank of the process group holds a contiguous slice of the class-centre
+matrix. Every rank sees the whole global batch (embeddings and labels are all-gathered, the
+embeddings with a gather that gradients flow back through), scores it against its own
+centres, and the softmax cross-entropy is completed with two all-reduces per row (max and
+sum of exponentials) plus one for the target logit, so no rank ever holds the
+``(global batch x classes)`` matrix. With ``sample_rate < 1`` each rank keeps, per training
+step, every class centre of its shard that is a positive in the global batch plus uniformly
+drawn negatives, and `configure_optimizer` returns an optimizer that updates only those rows.
+
+Differences from the insightface reference: any device/backend (gloo on CPU, NCCL on GPU),
+unequal per-rank batch sizes, optimizer state touched only on sampled rows, and checkpoints
+(`full_state_dict`) that load on any world size.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dml.distributed import (ProcessGroup, all_gather_rows, all_gather_with_grad, get_rank,
+                             get_world_size)
+from dml.losses.distributed_softmax import distributed_cross_entropy
+from dml.losses.sparse_optim import SparseRowOptimizer, build_sparse_optimizer
+from dml.losses.shard_state import (gather_shards_to_main, init_centre_shard, mix_seed,
+                                    shard_bounds)
+
+log = logging.getLogger(__name__)
+STATE_FORMAT = "dml.partial_fc/1"
+
+
+class PartialFC(nn.Module):
+    """Sharded, sampled margin-softmax head (see the module docstring).
+
+    Args:
+        embedding_dim: D, width of the embeddings.
+        num_classes: C, total classes across all ranks (>= world size).
+        margin: module mapping ``(cosine (N, k), labels (N,))`` to scaled logits; rows with
+            label -1 (target not among this rank's scored centres) must get no margin.
+        sample_rate: fraction of each shard scored per training step, in (0, 1]. 1.0 is
+            plain model parallelism and equals full-softmax margin cross-entropy.
+        process_group: group the classes are sharded over (default: the world; none at all
+            in a single-process run).
+        seed: seeds the world-size-independent centre initialisation and the sampling.
+
+    Attributes: ``weight`` (shard_rows, D) is this rank's shard, rows
+    ``[class_start, class_end)`` of the full matrix (the first ``C % world`` ranks hold one
+    extra row). ``optimizer`` is the optimizer made by `configure_optimizer` (None before);
+    `full_state_dict` reaches its state through this reference.
+
+    All ranks of the group must call `forward`, `full_state_dict` and
+    `load_full_state_dict` together (they run collectives).
+    """
+
+    def __init__(self, embedding_dim: int, num_classes: int, margin: nn.Module, sample_rate: float = 1.0,
+                 process_group: ProcessGroup | None = None, seed: int = 0):
+        super().__init__()
+        if embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        self.group = process_group
+        self.rank, self.world_size = get_rank(process_group), get_world_size(process_group)
+        if num_classes < self.world_size:
+            raise ValueError(f"num_classes ({num_classes}) must be >= the world size ({self.world_size})")
+        self.embedding_dim, self.num_classes = embedding_dim, num_classes
+        self.margin, self.sample_rate, self.seed = margin, sample_rate, seed
+        self.class_start, self.class_end = shard_bounds(num_classes, self.world_size, self.rank)
+        self.weight = nn.Parameter(init_centre_shard(num_classes, embedding_dim, self.class_start,
+                                                     self.class_end, seed))
+        self.sample_step = 0  # sampled forwards so far: with the seed, fixes every sample drawn
+        self.optimizer: SparseRowOptimizer | None = None
+        self._pending_optimizer_state: dict[str, Any] | None = None
+        self._sampled_index: torch.Tensor | None = None
+        self._sampled_weight: torch.Tensor | None = None
+        self._generator: torch.Generator | None = None
+
+    @property
+    def shard_size(self) -> int:
+        return self.class_end - self.class_start
+
+    @property
+    def num_sampled(self) -> int:
+        """Centres scored per training step on this rank (before adding surplus positives)."""
+        # round() first: 0.3 * 40 is 12.000000000000002 in floating point, which must give 12
+        return min(self.shard_size, math.ceil(round(self.sample_rate * self.shard_size, 6)))
+
+    def extra_repr(self) -> str:
+        return (f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, "
+                f"shard=[{self.class_start}, {self.class_end}), sample_rate={self.sample_rate}")
+
+    # --- forward -------------------------------------------------------------------------
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean margin cross-entropy over the global batch; the same value on every rank.
+
+        ``embeddings`` (N_local, D) and ``labels`` (N_local,) may differ in N_local between
+        ranks (0 allowed if the global batch is not empty). Gradients: w.r.t. the local
+        embeddings, the exact gradient of the global-mean loss (a DDP backbone then averages
+        them over ranks, i.e. sees 1/world of it); w.r.t. the centres, on ``weight.grad`` or,
+        when sampling, on the sampled rows (see `last_sampled_rows`).
+        Peak extra memory per rank: a few ``(N_global, k)`` score matrices, k = scored centres.
+        """
+        self._check_inputs(embeddings, labels)
+        global_embeddings = all_gather_with_grad(embeddings, self.group)
+        global_labels = all_gather_rows(labels.to(device=self.weight.device, dtype=torch.long), self.group)
+        if global_labels.numel() == 0:
+            raise ValueError("the global batch is empty: every rank passed 0 embeddings")
+        low, high = int(global_labels.min()), int(global_labels.max())
+        if low < 0 or high >= self.num_classes:
+            raise ValueError(f"labels must be in [0, {self.num_classes}), got values in [{low}, {high}]")
+        local = global_labels - self.class_start
+        in_shard = (local >= 0) & (local < self.shard_size)
+        if self.training and self.sample_rate < 1.0:
+            index = self._sample_rows(local[in_shard])
+            weight = self.weight.detach().index_select(0, index).requires_grad_(True)
+            targets = torch.where(in_shard, torch.searchsorted(index, local), torch.full_like(local, -1))
+        else:
+            index, weight = None, self.weight
+            targets = torch.where(in_shard, local, torch.full_like(local, -1))
+        self._sampled_index, self._sampled_weight = index, (weight if index is not None else None)
+        cosine = _cosine(global_embeddings.to(weight.dtype), weight)
+        logits = self.margin(cosine, targets)
+        return distributed_cross_entropy(logits, targets, self.group)
+
+    def _check_inputs(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_dim:
+            raise ValueError(f"embeddings must have shape (N, {self.embedding_dim}), got {tuple(embeddings.shape)}")
+        if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+            raise ValueError(f"labels must have shape ({embeddings.shape[0]},), got {tuple(labels.shape)}")
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+
+    def _sample_rows(self, positives: torch.Tensor) -> torch.Tensor:
+        """Sorted shard rows to score: all positives plus uniform negatives up to `num_sampled`.
+
+        If the batch holds more positive classes than `num_sampled`, all of them are kept
+        (the sample is then larger than asked). The draw depends only on (seed, sample_step,
+        rank, world size), so a resumed run draws what the uninterrupted run would have.
+        Cost: one random permutation of the shard's row ids (integers, not D-wide rows).
+        """
+        positives = torch.unique(positives)
+        wanted = self.num_sampled
+        step = self.sample_step
+        self.sample_step += 1
+        if positives.numel() >= wanted:
+            return positives
+        generator = self._generator_for(step)
+        order = torch.randperm(self.shard_size, generator=generator, device=self.weight.device)
+        head = order[:wanted]  # at most P of these are positives, so >= wanted - P negatives
+        negatives = head[~torch.isin(head, positives)][: wanted - positives.numel()]
+        return torch.cat([positives, negatives]).sort().values
+
+    def _generator_for(self, step: int) -> torch.Generator:
+        if self._generator is None or self._generator.device != self.weight.device:
+            self._generator = torch.Generator(device=self.weight.device)
+        self._generator.manual_seed(mix_seed(self.seed, step, self.rank, self.world_size))
+        return self._generator
+
+    # --- what the optimizer needs --------------------------------------------------------
+    def last_sampled_rows(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(index, grad)`` of the last forward: sorted shard rows and their ``(k, D)`` gradient,
+        or ``(None, weight.grad)`` when that forward scored every row."""
+        if self._sampled_index is None:
+            return None, self.weight.grad
+        return self._sampled_index, self._sampled_weight.grad
+
+    @property
+    def sampled_index(self) -> torch.Tensor | None:
+        """Shard rows scored by the last training forward (None: all rows)."""
+        return self._sampled_index
+
+    def clear_sampled_grad(self, set_to_none: bool = True) -> None:
+        if self._sampled_weight is not None and self._sampled_weight.grad is not None:
+            if set_to_none:
+                self._sampled_weight.grad = None
+            else:
+                self._sampled_weight.grad.zero_()
+
+    def configure_optimizer(self, name: str = "sgd", lr: float = 0.1, momentum: float = 0.9,
+                            weight_decay: float = 5e-4, **kwargs: Any) -> SparseRowOptimizer:
+        """Build the head's row-sparse optimizer ("sgd" or "adamw") and keep a reference to it.
+
+        Only rows sampled in the last forward are updated; see `dml.losses.sparse_optim`.
+        Optimizer state loaded by `load_full_state_dict` before this call is installed here.
+        Extra ``kwargs``: ``nesterov`` (sgd); ``betas``, ``eps`` (adamw).
+        """
+        if self.optimizer is not None:
+            log.info("replacing the partial-FC head optimizer; its state is discarded")
+        self.optimizer = build_sparse_optimizer(self, name, lr=lr, momentum=momentum,
+                                                weight_decay=weight_decay, **kwargs)
+        if self._pending_optimizer_state is not None:
+            self.optimizer.load_row_state(self._pending_optimizer_state)
+            self._pending_optimizer_state = None
+        return self.optimizer
+
+    # --- world-size independent checkpoints ----------------------------------------------
+    def full_state_dict(self) -> dict[str, Any] | None:
+        """The whole head, gathered to rank 0 of the group as CPU tensors; None on other ranks.
+
+        Keys: ``format``, ``num_classes``, ``embedding_dim``, ``weight`` (C, D), ``sampler``
+        (seed, step), ``optimizer`` (None, or name, hyperparameters and per-row ``state``
+        tensors with C rows). Collective. Peak memory on rank 0: the full matrix plus its
+        optimizer state in host RAM, and one shard on the device at a time.
+        """
+        weight = gather_shards_to_main(self.weight.detach(), self.num_classes, self.group)
+        optimizer = None
+        if self.optimizer is not None:
+            state = {key: gather_shards_to_main(value, self.num_classes, self.group)
+                     for key, value in self.optimizer.row_state().items()}
+            optimizer = {"name": self.optimizer.name, "hyperparameters": self.optimizer.hyperparameters(),
+                         "state": state}
+        if self.rank != 0:
+            return None
+        return {"format": STATE_FORMAT, "num_classes": self.num_classes, "embedding_dim": self.embedding_dim,
+                "weight": weight, "sampler": {"seed": self.seed, "step": self.sample_step},
+                "optimizer": optimizer}
+
+    def load_full_state_dict(self, state: dict[str, Any]) -> None:
+        """Take this rank's rows of a `full_state_dict` saved on any world size.
+
+        Every rank passes the full dict (``torch.load(path, mmap=True)`` keeps that cheap).
+        Optimizer state is installed into the configured optimizer, or kept until
+        `configure_optimizer` is called; a state without optimizer resets the optimizer.
+        """
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a partial-FC full state (expected format {STATE_FORMAT!r})")
+        if (state["num_classes"], state["embedding_dim"]) != (self.num_classes, self.embedding_dim):
+            raise ValueError(f"saved head is {state['num_classes']} classes x {state['embedding_dim']} dims, "
+                             f"this one is {self.num_classes} x {self.embedding_dim}")
+        rows = slice(self.class_start, self.class_end)
+        with torch.no_grad():
+            self.weight.copy_(state["weight"][rows])
+        self.seed, self.sample_step = int(state["sampler"]["seed"]), int(state["sampler"]["step"])
+        saved = state.get("optimizer")
+        local = None if saved is None else {**saved, "state": {k: v[rows] for k, v in saved["state"].items()}}
+        if self.optimizer is None:
+            self._pending_optimizer_state = local
+        elif local is None:
+            self.optimizer.reset_state()
+        else:
+            self.optimizer.load_row_state(local)
+
+
+def _cosine(embeddings: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity (N, k) without materialising normalised centres.
+
+    Scaling the (N, k) product by the centres' inverse norms costs an (N, k) saved tensor
+    instead of a (k, D) normalised copy: smaller whenever the global batch N < D.
+    """
+    unit = F.normalize(embeddings, dim=1)
+    inv_norm = centres.norm(dim=1).clamp_min(1e-12).reciprocal()
+    return (unit @ centres.t()) * inv_norm

@@ -1,0 +1,203 @@
+"""Row-sparse optimizers for the partial-FC class-centre shard.
+
+Design. `PartialFC` (with ``sample_rate < 1``) copies the rows it sampled into a small
+dense leaf tensor at every training forward, so backward produces a ``(k, D)`` gradient for
+those ``k`` rows only and never a ``(shard, D)`` one. These optimizers are
+`torch.optim.Optimizer` subclasses over the head's shard parameter (so LR schedulers,
+``state_dict`` and ``param_groups`` work as usual) whose `step` asks the head which rows were
+sampled, gathers those rows of the parameter and of every per-row state tensor, applies the
+update to the gathered copies and scatters them back. Rows that were not sampled, and their
+state (momentum buffer, Adam moments, step count) are never touched, weight decay included;
+the work per step is proportional to ``k x D``. With ``sample_rate = 1`` (or in eval mode)
+the head reports "all rows" and the update runs in place on the full shard; it then matches
+`torch.optim.SGD` / `torch.optim.AdamW` up to rounding.
+
+AdamW keeps a step count per row (``row_step``) because each row's bias correction
+(Loshchilov & Hutter, "Decoupled Weight Decay Regularization"; Kingma & Ba, "Adam") must
+count only the steps in which that row was updated.
+
+Not supported: several forwards before one `step` with ``sample_rate < 1`` (each forward
+draws a new sample, so only the last forward's gradient is applied), ``closure``-based
+re-evaluation that changes the sample, amsgrad, and sparse gradients of other parameters.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:  # imported only for hints: the head imports this module at run time
+    from dml.losses.partial_fc import PartialFC
+
+
+class SparseRowOptimizer(torch.optim.Optimizer):
+    """Base class: one 2-D parameter (the head's shard), updated only on the sampled rows."""
+
+    name = "base"
+
+    def __init__(self, head: "PartialFC", defaults: dict[str, Any]):
+        if defaults["lr"] < 0:
+            raise ValueError(f"learning rate must be >= 0, got {defaults['lr']}")
+        if defaults["weight_decay"] < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {defaults['weight_decay']}")
+        super().__init__([head.weight], defaults)
+        self.head = head
+
+    # --- per-row state -------------------------------------------------------------------
+    def row_state_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of each per-row state tensor (first dim = shard rows)."""
+        raise NotImplementedError
+
+    @property
+    def param(self) -> torch.nn.Parameter:
+        return self.param_groups[0]["params"][0]
+
+    def row_state(self) -> dict[str, torch.Tensor]:
+        """The per-row state tensors (created as zeros on first use), each ``(shard_rows, ...)``."""
+        state = self.state[self.param]
+        for key, (shape, dtype) in self.row_state_shapes().items():
+            if key not in state:
+                state[key] = torch.zeros(shape, dtype=dtype, device=self.param.device)
+        return state
+
+    def reset_state(self) -> None:
+        """Forget all per-row state (as for a freshly created optimizer)."""
+        self.state.clear()
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The param group's settings other than the parameters themselves."""
+        return {k: v for k, v in self.param_groups[0].items() if k != "params"}
+
+    def load_row_state(self, saved: dict[str, Any]) -> None:
+        """Install ``{"name", "hyperparameters", "state": {key: rows}}`` for this shard's rows."""
+        if saved.get("name") != self.name:
+            raise ValueError(f"saved head optimizer is {saved.get('name')!r}, this one is {self.name!r}")
+        self.param_groups[0].update(saved["hyperparameters"])
+        self.reset_state()
+        state = self.row_state()
+        expected = self.row_state_shapes()
+        if set(saved["state"]) != set(expected):
+            raise ValueError(f"saved optimizer state has {sorted(saved['state'])}, expected {sorted(expected)}")
+        for key, rows in saved["state"].items():
+            if tuple(rows.shape) != tuple(state[key].shape):
+                raise ValueError(f"optimizer state {key!r} has shape {tuple(rows.shape)}, "
+                                 f"expected {tuple(state[key].shape)}")
+            state[key].copy_(rows)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As `torch.optim.Optimizer.load_state_dict`, keeping each state tensor's own dtype."""
+        super().load_state_dict(state_dict)
+        state = self.state[self.param]
+        for key, (_, dtype) in self.row_state_shapes().items():
+            if key in state:
+                state[key] = state[key].to(dtype)
+
+    # --- stepping ------------------------------------------------------------------------
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        self.head.clear_sampled_grad(set_to_none)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Update the rows sampled in the head's last forward (all rows if it did not sample)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        index, grad = self.head.last_sampled_rows()
+        if grad is None:
+            return loss
+        group, param = self.param_groups[0], self.param
+        state = self.row_state()
+        keys = list(self.row_state_shapes())
+        if index is None:  # every row: update in place, no copies
+            self._update_rows(param.data, grad, {k: state[k] for k in keys}, group)
+            return loss
+        rows = param.data.index_select(0, index)
+        state_rows = {k: state[k].index_select(0, index) for k in keys}
+        self._update_rows(rows, grad.to(rows.dtype), state_rows, group)
+        param.data.index_copy_(0, index, rows)
+        for key in keys:
+            state[key].index_copy_(0, index, state_rows[key])
+        return loss
+
+    def _update_rows(self, rows: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor],
+                     group: dict[str, Any]) -> None:
+        """Update ``rows`` and the matching ``state`` rows in place from ``grad``."""
+        raise NotImplementedError
+
+
+class SparseRowSGD(SparseRowOptimizer):
+    """SGD with momentum and L2 weight decay, as `torch.optim.SGD` (dampening 0), on sampled rows."""
+
+    name = "sgd"
+
+    def __init__(self, head: "PartialFC", lr: float, momentum: float = 0.9, weight_decay: float = 5e-4,
+                 nesterov: bool = False):
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if nesterov and momentum == 0:
+            raise ValueError("nesterov momentum needs momentum > 0")
+        super().__init__(head, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov))
+
+    def row_state_shapes(self):
+        if self.param_groups[0]["momentum"] == 0:
+            return {}
+        return {"momentum_buffer": (tuple(self.param.shape), self.param.dtype)}
+
+    def _update_rows(self, rows, grad, state, group):
+        direction = grad
+        if group["weight_decay"]:
+            direction = direction.add(rows, alpha=group["weight_decay"])
+        if group["momentum"]:
+            buf = state["momentum_buffer"]
+            # A never-updated row has buf = 0, so momentum * 0 + d = d: torch's first-step clone.
+            buf.mul_(group["momentum"]).add_(direction)
+            direction = direction.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+        rows.add_(direction, alpha=-group["lr"])
+
+
+class SparseRowAdamW(SparseRowOptimizer):
+    """AdamW (decoupled weight decay) with a step count per row, on sampled rows."""
+
+    name = "adamw"
+
+    def __init__(self, head: "PartialFC", lr: float, weight_decay: float = 5e-4,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        super().__init__(head, dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps))
+
+    def row_state_shapes(self):
+        shape, dtype = tuple(self.param.shape), self.param.dtype
+        # float32 counts are exact up to 2**24 updates of one row.
+        return {"exp_avg": (shape, dtype), "exp_avg_sq": (shape, dtype), "row_step": (shape[:1], torch.float32)}
+
+    def _update_rows(self, rows, grad, state, group):
+        beta1, beta2 = group["betas"]
+        lr, eps = group["lr"], group["eps"]
+        exp_avg, exp_avg_sq, row_step = state["exp_avg"], state["exp_avg_sq"], state["row_step"]
+        row_step.add_(1)
+        rows.mul_(1 - lr * group["weight_decay"])
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        steps = row_step.to(torch.float64)
+        step_size = (lr / (1 - torch.pow(beta1, steps))).to(rows.dtype).unsqueeze(1)
+        bias_correction2_sqrt = (1 - torch.pow(beta2, steps)).sqrt().to(rows.dtype).unsqueeze(1)
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        rows.sub_(exp_avg * step_size / denom)
+
+
+def build_sparse_optimizer(head: "PartialFC", name: str, lr: float, momentum: float = 0.9,
+                           weight_decay: float = 5e-4, **kwargs: Any) -> SparseRowOptimizer:
+    """``name`` "sgd" (uses ``momentum``) or "adamw" (``momentum`` is beta1 unless ``betas`` given)."""
+    key = name.lower()
+    if key == "sgd":
+        return SparseRowSGD(head, lr=lr, momentum=momentum, weight_decay=weight_decay, **kwargs)
+    if key == "adamw":
+        kwargs.setdefault("betas", (momentum, 0.999))
+        return SparseRowAdamW(head, lr=lr, weight_decay=weight_decay, **kwargs)
+    raise ValueError(f"unknown head optimizer {name!r}: expected 'sgd' or 'adamw'")

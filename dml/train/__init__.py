@@ -1,0 +1,1 @@
+"""Training: engine (DDP or DeepSpeed), objective, loop, checkpoints, schedules, SWA."""

@@ -1,0 +1,143 @@
+"""The training loop: one code path for every backend, world size and objective."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from dml.config import DMLConfig
+from dml.data.loader import TrainLoader
+from dml.distributed import get_rank, get_world_size
+from dml.errors import DMLError
+from dml.train.checkpoint import latest_checkpoint, save_checkpoint
+from dml.train.metrics_log import MetricsLog, peak_memory_mb
+from dml.train.objective import Objective
+from dml.train.schedules import LRSchedule
+from dml.train.swa import WeightAverager
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(DMLError):
+    """The loss became NaN or inf on some rank; the run stops on every rank together."""
+
+
+@dataclass
+class TrainState:
+    """Where the run is: epoch, batches done in it, optimizer steps, images seen."""
+
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    step: int = 0
+    images_seen: int = 0
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    if get_world_size() == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+class Trainer:
+    """Runs epochs of micro-batches, optimizer steps, logging, checkpoints and evaluation."""
+
+    def __init__(self, config: DMLConfig, run_dir: Path, device: torch.device, engine, objective: Objective,
+                 loader: TrainLoader, evaluate=None):
+        self.config, self.run_dir, self.device = config, run_dir, device
+        self.engine, self.objective, self.loader = engine, objective, loader
+        self.evaluate = evaluate
+        self.total_steps = self._total_steps()
+        self.schedule = LRSchedule([engine.optimizer, *objective.optimizers], self.total_steps, config.schedule)
+        self.swa = WeightAverager(engine.model, config.swa, self.total_steps) if config.swa.enabled else None
+        self.metrics = MetricsLog(run_dir, get_rank() == 0, config.train.tensorboard)
+        self.global_batch = loader.batch_size * get_world_size()
+
+    def _total_steps(self) -> int:
+        per_epoch = self.loader.batches_per_epoch // self.config.train.grad_accum
+        total = max(1, per_epoch * self.config.train.epochs)
+        return min(total, self.config.train.max_steps) if self.config.train.max_steps else total
+
+    # --- checkpoints ---------------------------------------------------------------------
+    def payload(self, state: TrainState) -> dict[str, Any]:
+        return {"model": self.engine.model.state_dict(), "schedule": self.schedule.state_dict(),
+                "train_state": asdict(state), "swa": self.swa.state_dict() if self.swa else None,
+                "config": self.config.model_dump(mode="json")}
+
+    def restore(self, saved: dict[str, Any]) -> TrainState:
+        self.engine.model.load_state_dict(saved["model"])
+        self.schedule.load_state_dict(saved["schedule"])
+        if self.swa and saved.get("swa"):
+            self.swa.load_state_dict(saved["swa"])
+        return TrainState(**saved["train_state"])
+
+    def checkpoint(self, state: TrainState) -> Path:
+        return save_checkpoint(self.run_dir, state.step, self.payload(state), self.objective, self.engine,
+                               self.config.train.keep_last)
+
+    # --- one micro-batch -----------------------------------------------------------------
+    def micro_step(self, images: torch.Tensor, labels: torch.Tensor, state: TrainState) -> dict[str, float] | None:
+        images, labels = images.to(self.device, non_blocking=True), labels.to(self.device)
+        with self.engine.accumulation_context():
+            embeddings = self.engine.forward(images)
+            loss, parts = self.objective(embeddings, labels)
+            if _any_rank(not torch.isfinite(loss).all().item(), self.device):
+                last = latest_checkpoint(self.run_dir)
+                raise NonFiniteLoss(f"non-finite loss at step {state.step + 1} (epoch {state.epoch}, batch "
+                                    f"{state.batch_in_epoch}); last good checkpoint: {last or 'none'}")
+            self.engine.backward(loss)
+        state.batch_in_epoch += 1
+        state.images_seen += self.global_batch
+        if not self.engine.step():
+            return None
+        self.objective.step_extras()
+        self.objective.zero_grad_extras()
+        self.schedule.step()
+        state.step += 1
+        if self.swa:
+            self.swa.update(self.engine.model, state.step)
+        return parts
+
+    # --- the run ------------------------------------------------------------------------
+    def fit(self, state: TrainState) -> TrainState:
+        cfg = self.config.train
+        self.engine.train(True)
+        progress = tqdm(total=self.total_steps, initial=state.step, desc="train", unit="step",
+                        disable=None if get_rank() == 0 else True)
+        window_start, window_images = time.perf_counter(), 0
+        while state.epoch < cfg.epochs and state.step < self.total_steps:
+            self.loader.set_epoch(state.epoch, state.batch_in_epoch)
+            for images, labels in self.loader:
+                parts = self.micro_step(images, labels, state)
+                window_images += self.global_batch
+                if parts is None:
+                    continue
+                progress.update(1)
+                if state.step % cfg.log_every == 0 or state.step == self.total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    self.metrics.write({"step": state.step, "epoch": state.epoch, **{f"loss_{k}": v for k, v in parts.items()},
+                                        "lr": self.schedule.current_lr(), "images_per_s": window_images / elapsed,
+                                        **peak_memory_mb()})
+                    progress.set_postfix(loss=f"{parts['main']:.3f}")
+                    window_start, window_images = time.perf_counter(), 0
+                if state.step % cfg.checkpoint_every == 0:
+                    self.checkpoint(state)
+                if cfg.eval_every and state.step % cfg.eval_every == 0 and self.evaluate:
+                    self.metrics.write({"step": state.step, **self.evaluate(self.engine.model)})
+                    self.engine.train(True)
+                if state.step >= self.total_steps:
+                    break
+            else:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                continue
+            break
+        progress.close()
+        return state

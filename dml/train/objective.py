@@ -1,0 +1,113 @@
+"""The training objective: partial-FC margin head or a pair loss on the global batch,
+plus centre loss as an add-on. Everything here lives OUTSIDE the DDP / DeepSpeed engine.
+
+Gradient scale. The engine averages backbone gradients over ranks. A pair loss is computed
+identically on every rank over the all-gathered batch; the gather's backward sums the ranks'
+identical gradients (x world), and the engine's average divides that back, giving exactly
+the gradient of the global loss. The partial-FC head instead splits the work: each rank's
+shard contributes part of the gradient and the gather's backward already sums those into the
+exact gradient, so the engine's average would leave 1/world of it; a hook multiplies the
+embedding gradient by the world size to undo that (the head's own gradients never pass
+through the engine).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from dml.config import DMLConfig
+from dml.distributed import all_gather_rows, all_gather_with_grad, get_world_size
+from dml.losses import (ArcFace, CenterLoss, CombinedMargin, ContrastiveLoss, CosFace,
+                        MultiSimilarityLoss, NormalizedSoftmax, SphereFace, TripletMarginLoss)
+from dml.losses.partial_fc import PartialFC
+
+
+def build_margin(config: DMLConfig) -> nn.Module:
+    loss = config.loss
+    if loss.kind == "arcface":
+        return ArcFace(s=loss.scale, m=loss.margin)
+    if loss.kind == "cosface":
+        return CosFace(s=loss.scale, m=loss.margin)
+    if loss.kind == "sphereface":
+        return SphereFace(s=loss.scale, m=loss.margin)
+    if loss.kind == "combined":
+        m1, m2, m3 = loss.combined_margins
+        return CombinedMargin(s=loss.scale, m1=m1, m2=m2, m3=m3)
+    return NormalizedSoftmax(s=loss.scale)
+
+
+def build_pair_loss(config: DMLConfig) -> nn.Module:
+    loss = config.loss
+    if loss.kind == "triplet":
+        return TripletMarginLoss(margin=loss.triplet_margin, mining=loss.mining)
+    if loss.kind == "contrastive":
+        return ContrastiveLoss(pos_margin=loss.pos_margin, neg_margin=loss.neg_margin)
+    return MultiSimilarityLoss(alpha=loss.ms_alpha, beta=loss.ms_beta, base=loss.ms_base)
+
+
+class Objective(nn.Module):
+    """``forward(embeddings (N_local, D), labels) -> (loss, parts)``; owns the head and the
+    extra optimizers (partial-FC rows, centre-loss centres) that step with the backbone's."""
+
+    def __init__(self, config: DMLConfig, num_classes: int, device: torch.device):
+        super().__init__()
+        self.world_size = get_world_size()
+        dim = config.model.embedding_dim
+        head_lr = config.loss.head_lr or config.optimizer.lr
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.head: PartialFC | None = None
+        self.pair_loss: nn.Module | None = None
+        if config.loss.is_pair_loss:
+            self.pair_loss = build_pair_loss(config)
+        else:
+            self.head = PartialFC(dim, num_classes, build_margin(config), config.loss.sample_rate,
+                                  seed=config.seed).to(device)
+            self.optimizers.append(self.head.configure_optimizer(
+                config.loss.head_optimizer, lr=head_lr, momentum=config.optimizer.momentum,
+                weight_decay=config.optimizer.weight_decay))
+        self.center_weight = config.loss.center_weight
+        self.center: CenterLoss | None = None
+        if self.center_weight > 0:
+            self.center = CenterLoss(num_classes, dim).to(device)
+            self.optimizers.append(torch.optim.SGD(self.center.parameters(), lr=head_lr))
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        parts: dict[str, float] = {}
+        if self.head is not None:
+            if self.world_size > 1 and embeddings.requires_grad:
+                embeddings.register_hook(lambda grad: grad * self.world_size)
+            loss = self.head(embeddings.float(), labels)
+        else:
+            global_embeddings = all_gather_with_grad(embeddings.float())
+            global_labels = all_gather_rows(labels)
+            loss = self.pair_loss(global_embeddings, global_labels)
+        parts["main"] = float(loss.detach())
+        if self.center is not None:
+            center = self.center(embeddings.float(), labels)
+            parts["center"] = float(center.detach())
+            loss = loss + self.center_weight * center
+        return loss, parts
+
+    def zero_grad_extras(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+
+    def step_extras(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def full_state(self) -> dict[str, Any]:
+        """Head (full matrix, any world size) and centre-loss state; collective."""
+        return {"head": self.head.full_state_dict() if self.head is not None else None,
+                "center": self.center.state_dict() if self.center is not None else None,
+                "center_optimizer": self.optimizers[-1].state_dict() if self.center is not None else None}
+
+    def load_full_state(self, state: dict[str, Any]) -> None:
+        if self.head is not None and state.get("head") is not None:
+            self.head.load_full_state_dict(state["head"])
+        if self.center is not None and state.get("center") is not None:
+            self.center.load_state_dict(state["center"])
+            self.optimizers[-1].load_state_dict(state["center_optimizer"])

@@ -1,0 +1,132 @@
+"""The `train` stage: one function for `dml train`, `torchrun -m dml.cli train` and Prefect.
+
+Outputs in ``train.run_dir``: ``config.yaml`` (resolved), ``metrics.jsonl``,
+``checkpoints/step-*/`` (resumable) and ``model.pt`` (the final weights with what is needed to
+rebuild the model), plus ``train_result.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dml.config import DMLConfig, save_config
+from dml.data.loader import TrainLoader
+from dml.data.manifest import load_manifest, manifest_digest
+from dml.distributed import barrier, cleanup, get_rank, init_distributed
+from dml.errors import DMLError
+from dml.eval.embed import extract_embeddings
+from dml.eval.metrics import retrieval_metrics
+from dml.train.artifacts import build_model, save_final_model
+from dml.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from dml.train.engine import build_engine
+from dml.train.loop import Trainer, TrainState
+from dml.train.objective import Objective
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a finished training run produced."""
+
+    run_dir: str
+    model_path: str
+    checkpoint: str
+    steps: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_evaluator(config: DMLConfig, device: torch.device):
+    """Periodic retrieval evaluation: every rank embeds its part, every rank computes the
+    metrics on the gathered embeddings (no rank idles at a barrier while another works)."""
+    manifest = load_manifest(config.data.shard_dir)
+    split = config.train.eval_split
+    if split not in manifest["splits"]:
+        log.info("periodic evaluation off: split '%s' not in the shards", split)
+        return None
+    gallery_split = config.train.eval_gallery_split
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        query = extract_embeddings(model, config.data, split, device)
+        if gallery_split:
+            gallery = extract_embeddings(model, config.data, gallery_split, device)
+            metrics = retrieval_metrics(query.vectors, query.labels, gallery.vectors, gallery.labels)
+        else:
+            metrics = retrieval_metrics(query.vectors, query.labels)
+        return {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+    return evaluate
+
+
+def _resume_point(config: DMLConfig, run_dir: Path, resume: bool) -> Path | None:
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        return None
+    if resume or restarted:
+        return checkpoint
+    raise DMLError(f"{run_dir} already holds checkpoints: pass --resume to continue, or choose a new train.run_dir")
+
+
+def run_train(config: DMLConfig, resume: bool = False) -> TrainResult:
+    """Train as configured on this process's share of the (possibly distributed) job."""
+    info = init_distributed()
+    try:
+        return _train(config, resume, info.device)
+    finally:
+        cleanup()
+
+
+def _train(config: DMLConfig, resume: bool, device: torch.device) -> TrainResult:
+    run_dir = Path(config.train.run_dir)
+    checkpoint = _resume_point(config, run_dir, resume)
+    rank = get_rank()
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+        log.info("train: start -> %s (backend %s, device %s)", run_dir, config.train.backend, device)
+    barrier()
+    seed_everything(config.seed + rank)
+    manifest = load_manifest(config.data.shard_dir)
+    num_classes = len(manifest["classes"])
+    model = build_model(config).to(device)
+    engine = build_engine(model, config, device)
+    objective = Objective(config, num_classes, device)
+    loader = TrainLoader(config.data, seed=config.seed)
+    trainer = Trainer(config, run_dir, device, engine, objective, loader, make_evaluator(config, device))
+    state = TrainState()
+    if checkpoint is not None:
+        state = trainer.restore(load_checkpoint(checkpoint, objective, engine))
+        log.info("train: resumed from %s (step %d)", checkpoint, state.step)
+    state = trainer.fit(state)
+    final_checkpoint = latest_checkpoint(run_dir)
+    if final_checkpoint is None or not final_checkpoint.name.endswith(f"{state.step:08d}"):
+        final_checkpoint = trainer.checkpoint(state)
+    final_model = trainer.swa.finalize(loader, device) if trainer.swa else engine.model
+    metrics = trainer.evaluate(final_model) if trainer.evaluate else {}
+    trainer.metrics.write({"step": state.step, "final": True, **metrics})
+    trainer.metrics.close()
+    model_path = run_dir / "model.pt"
+    if rank == 0:
+        save_final_model(final_model, config, model_path, data_digest=manifest_digest(config.data.shard_dir))
+    result = TrainResult(str(run_dir), str(model_path), str(final_checkpoint), state.step, metrics)
+    if rank == 0:
+        (run_dir / "train_result.json").write_text(json.dumps(asdict(result), indent=1))
+        log.info("train: done -> %s (model %s, %d checkpoints kept)", run_dir, model_path, len(list_checkpoints(run_dir)))
+    barrier()
+    return result

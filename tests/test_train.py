@@ -1,0 +1,138 @@
+"""`dml train`: single process, resume (also on another world size), faults, accumulation."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dml.config import DMLConfig
+from dml.train.checkpoint import list_checkpoints
+from dml.train.loop import NonFiniteLoss
+from dml.train.metrics_log import read_metrics
+from dml.train.run import run_train
+from dml.train.schedules import lr_factor
+from train_fixtures import ROOT, tiny_shards, tiny_train_config, write_config
+
+
+def torchrun(args: list[str], nproc: int, max_restarts: int = 0, **popen) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+           "--max-restarts", str(max_restarts), "--standalone",
+           "-m", "dml.cli", *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def test_single_process_run_writes_everything(tmp_path):
+    shards = tiny_shards(tmp_path)
+    config = DMLConfig.model_validate(tiny_train_config(shards, tmp_path / "run", train={"epochs": 2}))
+    result = run_train(config)
+    run = tmp_path / "run"
+    assert (run / "config.yaml").exists() and (run / "model.pt").exists()
+    records = [r for r in read_metrics(run) if "loss_main" in r]
+    assert [r["step"] for r in records] == list(range(1, result.steps + 1))
+    assert all(r["images_per_s"] > 0 and r["max_rss_mb"] > 0 for r in records)
+    assert len(list_checkpoints(run)) == 2  # keep_last
+    assert 0.0 <= result.metrics["eval_map_at_r"] <= 1.0
+    with pytest.raises(Exception, match="already holds checkpoints"):
+        run_train(config)
+
+
+def test_killed_run_resumes_where_it_stopped(tmp_path):
+    shards = tiny_shards(tmp_path, per_class=24)
+    base = tiny_train_config(shards, tmp_path / "run", train={"epochs": 2, "checkpoint_every": 3})
+    cfg = write_config(tmp_path / "c.yaml", base)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    victim = subprocess.Popen([sys.executable, "-m", "dml.cli", "train", "--config", str(cfg)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and not list_checkpoints(tmp_path / "run"):
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    saved_step = torch.load(list_checkpoints(tmp_path / "run")[-1] / "state.pt", weights_only=False)["train_state"]["step"]
+    result = run_train(DMLConfig.model_validate(base), resume=True)
+    records = [r for r in read_metrics(tmp_path / "run") if "loss_main" in r]
+    resumed = [r for r in records if r["time"] >= records[-1]["time"] - 1e9][-(result.steps - saved_step):]
+    assert [r["step"] for r in resumed] == list(range(saved_step + 1, result.steps + 1))
+    # The schedule continued: the lr of every resumed step is the uninterrupted run's.
+    config = DMLConfig.model_validate(base)
+    for r in resumed:
+        assert r["lr"] == pytest.approx(0.01 * lr_factor(r["step"], result.steps, config.schedule))
+
+
+def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path):
+    shards = tiny_shards(tmp_path)
+    config = DMLConfig.model_validate(tiny_train_config(
+        shards, tmp_path / "run", optimizer={"lr": 1e30, "grad_clip": None, "momentum": 0.0},
+        train={"epochs": 3, "checkpoint_every": 1}))
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss at step \d+ .*last good checkpoint: .*step-"):
+        run_train(config)
+    assert list_checkpoints(tmp_path / "run")
+
+
+def test_gradient_accumulation_steps_schedule_per_optimizer_step(tmp_path):
+    shards = tiny_shards(tmp_path)
+    config = DMLConfig.model_validate(tiny_train_config(
+        shards, tmp_path / "run", train={"grad_accum": 2, "epochs": 2}, schedule={"kind": "cosine", "warmup_steps": 2}))
+    result = run_train(config)
+    batches = json.loads((shards / "manifest.json").read_text())["splits"]["train"]["count"] // 6
+    assert result.steps == 2 * (batches // 2)
+    records = [r for r in read_metrics(tmp_path / "run") if "lr" in r]
+    for r in records:  # lr logged after step s is the factor of step s (0-based next step)
+        assert r["lr"] == pytest.approx(0.01 * lr_factor(r["step"], result.steps, config.schedule))
+
+
+def test_pair_loss_with_pk_batches(tmp_path):
+    shards = tiny_shards(tmp_path)
+    config = DMLConfig.model_validate(tiny_train_config(
+        shards, tmp_path / "run", loss={"kind": "multisimilarity"}, data={"pk_classes": 3, "pk_samples": 2},
+        train={"epochs": 2}))
+    result = run_train(config)
+    assert result.steps > 0 and torch.load(tmp_path / "run" / "model.pt", weights_only=False)["model"]
+
+
+@pytest.mark.dist
+def test_two_processes_then_resume_on_one(tmp_path):
+    shards = tiny_shards(tmp_path)
+    base = tiny_train_config(shards, tmp_path / "run", train={"epochs": 4, "max_steps": 3})
+    cfg = write_config(tmp_path / "c.yaml", base)
+    proc = torchrun(["train", "--config", str(cfg)], nproc=2)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    saved = torch.load(list_checkpoints(tmp_path / "run")[-1] / "state.pt", weights_only=False)
+    assert saved["world_size"] == 2 and saved["train_state"]["step"] == 3
+    more = DMLConfig.model_validate({**base, "train": {**base["train"], "max_steps": 5}})
+    result = run_train(more, resume=True)
+    assert result.steps == 5
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_killed_worker_restarts_from_checkpoint(tmp_path):
+    shards = tiny_shards(tmp_path, per_class=24)
+    base = tiny_train_config(shards, tmp_path / "run", train={"epochs": 20, "max_steps": 14, "checkpoint_every": 3})
+    cfg = write_config(tmp_path / "c.yaml", base)
+    proc = torchrun(["train", "--config", str(cfg)], nproc=2, max_restarts=1)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list_checkpoints(tmp_path / "run"):
+        time.sleep(0.2)
+    assert list_checkpoints(tmp_path / "run"), "no checkpoint before the kill"
+    workers = subprocess.run(["pgrep", "-f", f"dml.cli train --config {cfg}"], capture_output=True, text=True)
+    pids = [int(p) for p in workers.stdout.split() if int(p) != proc.pid]
+    assert pids, "no worker processes found"
+    os.kill(max(pids), signal.SIGKILL)
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out
+    result = json.loads((tmp_path / "run" / "train_result.json").read_text())
+    assert result["steps"] == 14
+    steps = [r["step"] for r in read_metrics(tmp_path / "run") if "loss_main" in r]
+    assert steps[-1] == 14 and len(steps) > len(set(steps)) or steps == sorted(steps)
+    assert "resumed from" in out
