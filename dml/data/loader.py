@@ -59,28 +59,28 @@ class DecodeSample:
             raise DataError(f"sample {sample['__key__']} in {sample.get('__url__')} has no image")
         image = self.transform(Image.open(io.BytesIO(data)))
         label = int(sample["cls"])
-        return (sample["__key__"], image, label) if self.with_key else (image, label)
+        return (image, label, sample["__key__"]) if self.with_key else (image, label)
 
 
 class DecodeGroup:
     """Decode and transform a list of raw samples (one P x K group) into a batch."""
 
-    def __init__(self, transform):
-        self.decode = DecodeSample(transform)
+    def __init__(self, transform, with_key: bool = False):
+        self.decode = DecodeSample(transform, with_key)
 
     def __call__(self, group: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
         return collate_pairs([self.decode(sample) for sample in group])
 
 
 class TrainLoader:
-    """Training batches ``(images (B, C, H, W), labels (B,))`` for one rank.
+    """Training batches ``(images (B, C, H, W), labels (B,)[, keys])`` for one rank.
 
     ``len(loader)`` batches per epoch on every rank: ``split count // (world x batch)``.
     Call ``set_epoch(e)`` before each epoch for a fresh, reproducible shard stream.
     """
 
     def __init__(self, config: DataConfig, seed: int = 0, rank: int | None = None,
-                 world_size: int | None = None, batches_per_epoch: int | None = None):
+                 world_size: int | None = None, batches_per_epoch: int | None = None, with_keys: bool = False):
         self.rank, self.world_size = rank_and_world(rank, world_size)
         manifest = load_manifest(config.shard_dir)
         urls = split_shards(manifest, config.shard_dir, config.train_split)
@@ -97,9 +97,9 @@ class TrainLoader:
         stages: list[Any] = [self.sampler, shard_samples, EpochShuffle(self.sampler, config.shuffle_buffer)]
         if self.pk:
             self._check_pk(manifest, config)
-            stages += [PKGroups(self.sampler, config.pk_classes, config.pk_samples), wds.map(DecodeGroup(transform))]
+            stages += [PKGroups(self.sampler, config.pk_classes, config.pk_samples), wds.map(DecodeGroup(transform, with_keys))]
         else:
-            stages += [wds.map(DecodeSample(transform)), wds.batched(self.batch_size, partial=False, collation_fn=collate_pairs)]
+            stages += [wds.map(DecodeSample(transform, with_keys)), wds.batched(self.batch_size, partial=False, collation_fn=collate_pairs)]
         self.loader = wds.WebLoader(wds.DataPipeline(*stages), batch_size=None,
                                     num_workers=config.num_workers, persistent_workers=False)
 
@@ -125,9 +125,9 @@ class TrainLoader:
         return islice(iter(self.loader), len(self))
 
 
-def _collate_keyed(items: list[tuple[str, torch.Tensor, int]]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    keys, images, labels = zip(*items)
-    return list(keys), torch.stack(images), torch.tensor(labels, dtype=torch.long)
+def _collate_keyed(items: list[tuple[torch.Tensor, int, str]]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    images, labels, keys = collate_pairs(items)
+    return keys, images, labels
 
 
 class EvalLoader:

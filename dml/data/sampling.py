@@ -128,7 +128,8 @@ def pk_groups(samples: Iterable[dict[str, Any]], classes_per_batch: int, samples
             yield group
 
 
-def collate_pairs(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack (image, label) pairs into an image batch and a label tensor."""
-    images, labels = zip(*items)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+def collate_pairs(items: list[tuple]) -> tuple:
+    """Stack (image, label[, key]) items into (images, labels[, keys])."""
+    images, labels, *rest = zip(*items)
+    batch = (torch.stack(images), torch.tensor(labels, dtype=torch.long))
+    return batch + (list(rest[0]),) if rest else batch

@@ -31,11 +31,18 @@ def build_model(config: DMLConfig | None = None, model: ModelConfig | None = Non
                                  embedding_bn=model.embedding_bn, dropout=model.dropout, bfe=model.bfe)
 
 
-def save_final_model(model: nn.Module, config: DMLConfig, path: Path, data_digest: str) -> Path:
-    """Save weights + the config sections needed to rebuild them (atomic)."""
+def save_final_model(model: nn.Module, config: DMLConfig, path: Path, data_digest: str,
+                     model_section: str = "model", extra: dict[str, Any] | None = None) -> Path:
+    """Save weights + the config sections needed to rebuild them (atomic).
+
+    ``model_section`` names where the model config lives ("model", or "distill.student").
+    """
+    model_config = config
+    for part in model_section.split("."):
+        model_config = getattr(model_config, part)
     payload = {"format": FORMAT, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-               "model": config.model.model_dump(mode="json"), "data": config.data.model_dump(mode="json"),
-               "data_digest": data_digest}
+               "model": model_config.model_dump(mode="json"), "data": config.data.model_dump(mode="json"),
+               "data_digest": data_digest, **(extra or {})}
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)

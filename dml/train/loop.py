@@ -84,11 +84,12 @@ class Trainer:
                                self.config.train.keep_last)
 
     # --- one micro-batch -----------------------------------------------------------------
-    def micro_step(self, images: torch.Tensor, labels: torch.Tensor, state: TrainState) -> dict[str, float] | None:
+    def micro_step(self, batch: tuple, state: TrainState) -> dict[str, float] | None:
+        images, labels, *rest = batch
         images, labels = images.to(self.device, non_blocking=True), labels.to(self.device)
         with self.engine.accumulation_context():
             embeddings = self.engine.forward(images)
-            loss, parts = self.objective(embeddings, labels)
+            loss, parts = self.objective(embeddings, labels, images=images, keys=rest[0] if rest else None)
             if _any_rank(not torch.isfinite(loss).all().item(), self.device):
                 last = latest_checkpoint(self.run_dir)
                 raise NonFiniteLoss(f"non-finite loss at step {state.step + 1} (epoch {state.epoch}, batch "
@@ -115,8 +116,8 @@ class Trainer:
         window_start, window_images = time.perf_counter(), 0
         while state.epoch < cfg.epochs and state.step < self.total_steps:
             self.loader.set_epoch(state.epoch, state.batch_in_epoch)
-            for images, labels in self.loader:
-                parts = self.micro_step(images, labels, state)
+            for batch in self.loader:
+                parts = self.micro_step(batch, state)
                 window_images += self.global_batch
                 if parts is None:
                     continue

@@ -13,6 +13,7 @@ import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -85,15 +86,32 @@ def _resume_point(config: DMLConfig, run_dir: Path, resume: bool) -> Path | None
 
 def run_train(config: DMLConfig, resume: bool = False) -> TrainResult:
     """Train as configured on this process's share of the (possibly distributed) job."""
+    return run_training(config, resume, TrainingSpec(config.train.run_dir, build_model, Objective))
+
+
+@dataclass
+class TrainingSpec:
+    """What differs between `dml train` and `dml distill`: the run folder, the model builder
+    and the objective factory ``(config, num_classes, device) -> Objective-like``."""
+
+    run_dir: str
+    build_model: Callable[[DMLConfig], torch.nn.Module]
+    build_objective: Callable[[DMLConfig, int, torch.device], Any]
+    with_keys: bool = False
+    model_section: str = "model"
+
+
+def run_training(config: DMLConfig, resume: bool, spec: TrainingSpec) -> TrainResult:
+    """The shared training stage: process group, model, engine, objective, loop, outputs."""
     info = init_distributed()
     try:
-        return _train(config, resume, info.device)
+        return _train(config, resume, info.device, spec)
     finally:
         cleanup()
 
 
-def _train(config: DMLConfig, resume: bool, device: torch.device) -> TrainResult:
-    run_dir = Path(config.train.run_dir)
+def _train(config: DMLConfig, resume: bool, device: torch.device, spec: TrainingSpec) -> TrainResult:
+    run_dir = Path(spec.run_dir)
     checkpoint = _resume_point(config, run_dir, resume)
     rank = get_rank()
     if rank == 0:
@@ -104,10 +122,10 @@ def _train(config: DMLConfig, resume: bool, device: torch.device) -> TrainResult
     seed_everything(config.seed + rank)
     manifest = load_manifest(config.data.shard_dir)
     num_classes = len(manifest["classes"])
-    model = build_model(config).to(device)
+    model = spec.build_model(config).to(device)
     engine = build_engine(model, config, device)
-    objective = Objective(config, num_classes, device)
-    loader = TrainLoader(config.data, seed=config.seed)
+    objective = spec.build_objective(config, num_classes, device)
+    loader = TrainLoader(config.data, seed=config.seed, with_keys=spec.with_keys)
     trainer = Trainer(config, run_dir, device, engine, objective, loader, make_evaluator(config, device))
     state = TrainState()
     if checkpoint is not None:
@@ -123,7 +141,8 @@ def _train(config: DMLConfig, resume: bool, device: torch.device) -> TrainResult
     trainer.metrics.close()
     model_path = run_dir / "model.pt"
     if rank == 0:
-        save_final_model(final_model, config, model_path, data_digest=manifest_digest(config.data.shard_dir))
+        save_final_model(final_model, config, model_path, data_digest=manifest_digest(config.data.shard_dir),
+                         model_section=spec.model_section)
     result = TrainResult(str(run_dir), str(model_path), str(final_checkpoint), state.step, metrics)
     if rank == 0:
         (run_dir / "train_result.json").write_text(json.dumps(asdict(result), indent=1))
