@@ -52,10 +52,48 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     result = run_train(load_config(args.config, args.overrides), resume=args.resume)
     if result is not None and _is_rank_zero():
-        summary = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if "map_at_r" in k or "precision_at_1" in k)
-        print(f"train: {result.steps} steps; model: {result.model_path}; run: {result.run_dir}"
-              + (f"; {summary}" if summary else ""))
+        print(f"train: {result.steps} steps; model: {result.model_path}; run: {result.run_dir}; "
+              + _headline(result.metrics))
     return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from dml.eval.stage import run_evaluate
+
+    result = run_evaluate(load_config(args.config, args.overrides), embeddings_dir=args.embeddings)
+    if _is_rank_zero():
+        print(f"evaluate: report: {result.report_path}; " + _headline(result.metrics))
+    return 0
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from dml.distill.run import run_distill
+
+    result = run_distill(load_config(args.config, args.overrides), resume=args.resume)
+    if _is_rank_zero():
+        print(f"distill: {result.steps} steps; student: {result.model_path}; " + _headline(result.metrics))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from dml.export.run import run_export
+
+    result = run_export(load_config(args.config, args.overrides))
+    formats = ", ".join(f"{name}: {path}" for name, path in result.files.items())
+    print(f"export: {formats}; model card: {result.card_path}")
+    return 0
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from pipeline.cli import run_pipeline_command
+
+    return run_pipeline_command(args.config, args.overrides)
+
+
+def _headline(metrics: dict) -> str:
+    keys = ("map_at_r", "precision_at_1")
+    return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                     if any(k.endswith(key) for key in keys) and isinstance(v, float))
 
 
 def _is_rank_zero() -> bool:
@@ -81,6 +119,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train)
     train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     train.set_defaults(handler=_cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="faiss retrieval / verification metrics and a report")
+    _add_config_args(evaluate)
+    evaluate.add_argument("--embeddings", metavar="DIR", help="recompute metrics from saved embeddings (no model)")
+    evaluate.set_defaults(handler=_cmd_evaluate)
+
+    distill = sub.add_parser("distill", help="distil a trained teacher into a compact student")
+    _add_config_args(distill)
+    distill.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    distill.set_defaults(handler=_cmd_distill)
+
+    export = sub.add_parser("export", help="ONNX / TorchScript export with parity check and model card")
+    _add_config_args(export)
+    export.set_defaults(handler=_cmd_export)
+
+    pipeline = sub.add_parser("pipeline", help="the chained Prefect flow")
+    pipeline_sub = pipeline.add_subparsers(dest="action", required=True)
+    pipeline_run = pipeline_sub.add_parser("run", help="prepare -> train -> evaluate -> distill -> export")
+    _add_config_args(pipeline_run, required=True)
+    pipeline_run.set_defaults(handler=_cmd_pipeline)
     return parser
 
 

@@ -253,6 +253,7 @@ class ExportConfig(StrictModel):
     parity_split: str = "query"
     parity_images: int = Field(64, ge=1)
     int8: bool = False
+    int8_min_cosine: float = Field(0.98, gt=0.0, le=1.0)  # int8 vs fp32 ONNX, per image
     calibration_images: int = Field(256, ge=1)
 
 

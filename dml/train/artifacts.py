@@ -15,7 +15,7 @@ from torch import nn
 
 from dml.config import DataConfig, DMLConfig, ModelConfig
 from dml.errors import DMLError
-from dml.models import build_embedding_model
+from dml.models import Preprocessing, build_embedding_model
 
 FORMAT = "dml.model/1"
 
@@ -25,10 +25,16 @@ def build_model(config: DMLConfig | None = None, model: ModelConfig | None = Non
     """The embedding model of ``config`` (or of explicit model/data sections)."""
     model = model or config.model
     data = data or config.data
-    return build_embedding_model(model.backbone, embedding_dim=model.embedding_dim, pooling=model.pooling,
-                                 in_chans=data.channels, pretrained_path=model.pretrained_path,
-                                 input_size=(data.channels, data.image_size, data.image_size),
-                                 embedding_bn=model.embedding_bn, dropout=model.dropout, bfe=model.bfe)
+    built = build_embedding_model(model.backbone, embedding_dim=model.embedding_dim, pooling=model.pooling,
+                                  in_chans=data.channels, pretrained_path=model.pretrained_path,
+                                  input_size=(data.channels, data.image_size, data.image_size),
+                                  embedding_bn=model.embedding_bn, dropout=model.dropout, bfe=model.bfe)
+    # The model is trained on the data config's normalisation, not timm's pretrained one:
+    # record that, so evaluation and export feed it what it learned on.
+    expand = (lambda v: tuple(v) * data.channels if len(v) == 1 else tuple(v))
+    built.preprocessing = Preprocessing((data.channels, data.image_size, data.image_size),
+                                        expand(data.mean), expand(data.std), built.preprocessing.interpolation)
+    return built
 
 
 def save_final_model(model: nn.Module, config: DMLConfig, path: Path, data_digest: str,
