@@ -136,3 +136,22 @@ def test_killed_worker_restarts_from_checkpoint(tmp_path):
     steps = [r["step"] for r in read_metrics(tmp_path / "run") if "loss_main" in r]
     assert steps[-1] == 14 and len(steps) > len(set(steps)) or steps == sorted(steps)
     assert "resumed from" in out
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_deepspeed_backend_trains_and_resumes(tmp_path):
+    """DeepSpeed ZeRO-2 on 2 CPU processes (gloo); the first use JIT-builds one DeepSpeed op."""
+    shards = tiny_shards(tmp_path)
+    base = tiny_train_config(shards, tmp_path / "run", train={"backend": "deepspeed", "epochs": 3, "max_steps": 3,
+                                                              "checkpoint_every": 3})
+    cfg = write_config(tmp_path / "c.yaml", base)
+    out, _ = torchrun(["train", "--config", str(cfg)], nproc=2).communicate(timeout=900)
+    checkpoint = list_checkpoints(tmp_path / "run")[-1]
+    assert sorted(p.name for p in checkpoint.glob("optimizer-rank*.pt")) == ["optimizer-rank00000.pt",
+                                                                             "optimizer-rank00001.pt"], out
+    more = write_config(tmp_path / "c2.yaml", {**base, "train": {**base["train"], "max_steps": 5}})
+    proc = torchrun(["train", "--config", str(more), "--resume"], nproc=2)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out
+    assert "resumed from" in out and json.loads((tmp_path / "run" / "train_result.json").read_text())["steps"] == 5

@@ -107,9 +107,8 @@ def load_checkpoint(path: Path, objective, engine) -> dict[str, Any]:
     objective.load_full_state(state["objective"])
     rank = get_rank()
     if engine.per_rank_optimizer_state:
-        own = path / f"optimizer-rank{rank:05d}.pt"
-        if own.exists():
-            engine.load_optimizer_state(torch.load(own, map_location="cpu", weights_only=False))
+        parts = sorted(path.glob("optimizer-rank*.pt"))
+        engine.load_optimizer_state([torch.load(p, map_location="cpu", weights_only=False) for p in parts])
     elif state.get("engine") is not None:
         engine.load_optimizer_state(state["engine"])
     if rank < len(state["rng"]):

@@ -179,13 +179,15 @@ class DeepSpeedEngine:
         """This rank's ZeRO partition: resumable on the same world size only."""
         return {"optimizer": self.optimizer.state_dict(), "rank": get_rank(), "world_size": get_world_size()}
 
-    def load_optimizer_state(self, state: dict[str, Any]) -> None:
-        if state.get("world_size") != get_world_size():
+    def load_optimizer_state(self, states: list[dict[str, Any]]) -> None:
+        """Every rank's partition (ZeRO's loader picks its own from the list)."""
+        saved_world = states[0].get("world_size") if states else None
+        if saved_world != get_world_size():
             log.warning("DeepSpeed optimizer state was saved on %s ranks, now %d: ZeRO partitions "
-                        "cannot be re-sliced here; the backbone optimizer restarts from zero state",
-                        state.get("world_size"), get_world_size())
+                        "are not re-sliced here; the backbone optimizer restarts from zero state",
+                        saved_world, get_world_size())
             return
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict([s["optimizer"] for s in states])
 
     @property
     def per_rank_optimizer_state(self) -> bool:
