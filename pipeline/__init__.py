@@ -1,0 +1,6 @@
+"""Prefect orchestration of the dml stages: flows (`pipeline.flows`), stage tasks with
+stamp-based caching (`pipeline.tasks`, `pipeline.stamps`), launchers (in-process, torchrun,
+Kubernetes Job), artifacts, deployments and schedules. No ML here: stages are `dml` calls.
+
+Importing ``pipeline`` itself does not import Prefect; `pipeline.flows` and friends do.
+"""

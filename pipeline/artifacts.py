@@ -1,0 +1,46 @@
+"""Prefect artifacts of a pipeline run: the metrics table with links, or the failure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+
+from pipeline.errors import StageFailed
+from pipeline.stages import StageOutcome
+from pipeline.summary import metrics_markdown
+
+METRICS_KEY = "dml-pipeline-metrics"
+FAILURE_KEY = "dml-pipeline-failure"
+
+
+def _uri(path: str) -> str:
+    return Path(path).resolve().as_uri()
+
+
+def publish_summary_artifacts(summary: dict[str, Any]) -> None:
+    """The metrics table (markdown) and links to the student report and the model card
+    (published copies when there are, else the run's own files)."""
+    create_markdown_artifact(metrics_markdown(summary), key=METRICS_KEY,
+                             description="Headline retrieval metrics of teacher and student")
+    published = summary["published"]
+    report = published.get("student_report.md") or summary["student"]["markdown_path"]
+    card = published.get("model_card.json") or summary["model_card"]
+    if report:
+        create_link_artifact(_uri(report), link_text="student evaluation report", key="dml-student-report")
+    if card:
+        create_link_artifact(_uri(card), link_text="model card", key="dml-model-card")
+
+
+def failure_markdown(error: StageFailed, done: dict[str, StageOutcome]) -> str:
+    lines = [f"## Stage `{error.stage}` failed", "", f"- reason: {error.reason}",
+             f"- log: `{error.log_path or 'no log (the stage did not start)'}`", "",
+             "Outputs of the stages before it are kept:", ""]
+    lines += [f"- {name} ({outcome.status}): `{outcome.output_dir}`" for name, outcome in done.items()]
+    return "\n".join(lines) + "\n"
+
+
+def publish_failure_artifact(error: StageFailed, done: dict[str, StageOutcome]) -> None:
+    create_markdown_artifact(failure_markdown(error, done), key=FAILURE_KEY,
+                             description=f"stage {error.stage} failed")

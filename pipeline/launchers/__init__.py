@@ -1,0 +1,34 @@
+"""How a stage is started: in the flow's process, as local torchrun processes, or as a
+Kubernetes Job. All launchers take a `StageSpec` and raise `StageFailed`; the flow code is
+the same for each (chosen by ``pipeline.launcher``)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from dml.config import PipelineConfig
+from pipeline.launchers.inprocess import InProcessLauncher
+from pipeline.launchers.kubernetes import KubernetesLauncher
+from pipeline.launchers.torchrun import TorchrunLauncher
+from pipeline.stages import StageSpec
+
+
+class Launcher(Protocol):
+    name: str
+
+    def launch(self, spec: StageSpec, resume: bool) -> None:
+        """Run ``spec`` to completion; raise `StageFailed` (stage, reason, log path) otherwise."""
+
+
+def build_launcher(settings: PipelineConfig) -> Launcher:
+    """The launcher named by ``pipeline.launcher``."""
+    if settings.launcher == "inprocess":
+        return InProcessLauncher()
+    if settings.launcher == "torchrun":
+        return TorchrunLauncher(settings.nproc_per_node, settings.max_restarts)
+    if settings.launcher == "kubernetes":
+        return KubernetesLauncher(settings.namespace, settings.image, settings.nproc_per_node, settings.max_restarts)
+    raise ValueError(f"unknown pipeline.launcher '{settings.launcher}'")
+
+
+__all__ = ["InProcessLauncher", "KubernetesLauncher", "Launcher", "TorchrunLauncher", "build_launcher"]

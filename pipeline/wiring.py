@@ -1,0 +1,96 @@
+"""Where each stage of the chained pipeline reads and writes: per-stage config rewrites.
+
+This is wiring only: it moves paths between config sections, it never changes what a stage
+computes. The chained flow uses one layout:
+
+- shards in ``prepare.output_dir`` (training and evaluation read them: ``data.shard_dir``);
+- the teacher in ``train.run_dir``, its evaluation in ``<train.run_dir>/eval``;
+- the student in ``distill.run_dir`` (teacher: ``train.run_dir``), its evaluation in
+  ``<distill.run_dir>/eval`` and its export in ``<distill.run_dir>/export``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from dml.config import DMLConfig, load_config, validate_config
+from dml.errors import ConfigError
+
+log = logging.getLogger(__name__)
+MODEL_FILE = "model.pt"
+
+
+def with_values(config: DMLConfig, values: dict[str, Any]) -> DMLConfig:
+    """A validated copy of ``config`` with dotted keys set (``{"evaluate.output_dir": ...}``)."""
+    data = config.model_dump(mode="json")
+    for dotted, value in values.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return validate_config(data)
+
+
+def _nested(inner: Path, outer: Path) -> bool:
+    inner, outer = inner.resolve(), outer.resolve()
+    return inner == outer or outer in inner.parents
+
+
+def check_layout(config: DMLConfig) -> None:
+    """The shard folder and the two run folders must be distinct and not inside each other,
+    since a stage whose inputs changed renames its whole output folder aside."""
+    folders = {"prepare.output_dir": Path(config.prepare.output_dir), "train.run_dir": Path(config.train.run_dir),
+               "distill.run_dir": Path(config.distill.run_dir)}
+    names = list(folders)
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            a, b = folders[first], folders[second]
+            if _nested(a, b) or _nested(b, a):
+                raise ConfigError(f"pipeline: {first} ({a}) and {second} ({b}) must be separate folders")
+
+
+def load_pipeline_config(config_path: str | Path | None, overrides: list[str] | None = None) -> DMLConfig:
+    """Load the config and point training/evaluation at the shards the pipeline prepares."""
+    config = load_config(config_path, list(overrides or []))
+    if config.data.shard_dir != config.prepare.output_dir:
+        log.info("pipeline: data.shard_dir %s replaced by prepare.output_dir %s",
+                 config.data.shard_dir, config.prepare.output_dir)
+    values = {"data.shard_dir": config.prepare.output_dir, "distill.teacher": config.train.run_dir}
+    if "embedding_dim" not in config.distill.student.model_fields_set:
+        # The student is trained in the teacher's embedding space (dml.distill.run); the
+        # teacher here is this pipeline's own train stage. Said explicitly, because a resolved
+        # config written for a subprocess or a pod marks every field as set.
+        values["distill.student.embedding_dim"] = config.model.embedding_dim
+    config = with_values(config, values)
+    check_layout(config)
+    return config
+
+
+def teacher_model_file(config: DMLConfig) -> Path:
+    return Path(config.train.run_dir) / MODEL_FILE
+
+
+def student_model_file(config: DMLConfig) -> Path:
+    return Path(config.distill.run_dir) / MODEL_FILE
+
+
+def evaluate_teacher_config(config: DMLConfig) -> DMLConfig:
+    run = Path(config.train.run_dir)
+    return with_values(config, {"evaluate.model_path": str(run / MODEL_FILE), "evaluate.output_dir": str(run / "eval")})
+
+
+def evaluate_student_config(config: DMLConfig) -> DMLConfig:
+    run = Path(config.distill.run_dir)
+    return with_values(config, {"evaluate.model_path": str(run / MODEL_FILE), "evaluate.output_dir": str(run / "eval")})
+
+
+def distill_config(config: DMLConfig) -> DMLConfig:
+    return with_values(config, {"distill.teacher": config.train.run_dir})
+
+
+def export_config(config: DMLConfig) -> DMLConfig:
+    run = Path(config.distill.run_dir)
+    return with_values(config, {"export.model_path": str(run / MODEL_FILE), "export.output_dir": str(run / "export")})

@@ -1,0 +1,344 @@
+"""pipeline/: stamps and cache keys, config wiring, failure reasons, the launchers (torchrun on
+2 real processes; the Kubernetes Job rendered and validated offline, no cluster), and the
+deployment objects. Flows under a Prefect server are in test_pipeline_e2e.py."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Prefect gets a throwaway home and no API URL before it is first imported (by pipeline.*).
+os.environ.setdefault("DML_TEST_PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))
+os.environ["PREFECT_HOME"] = os.environ["DML_TEST_PREFECT_HOME"]
+os.environ.pop("PREFECT_API_URL", None)
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+
+import json  # noqa: E402
+import re  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import kubernetes_validate  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from data_fixtures import make_folder_tree  # noqa: E402
+from dml.config import DMLConfig  # noqa: E402
+from dml.errors import ConfigError  # noqa: E402
+from dml.train.checkpoint import list_checkpoints  # noqa: E402
+from pipeline.errors import StageFailed  # noqa: E402
+from pipeline.fingerprint import sections_digest, source_fingerprint  # noqa: E402
+from pipeline.launchers import InProcessLauncher, KubernetesLauncher, TorchrunLauncher  # noqa: E402
+from pipeline.launchers.kubernetes import job_condition, pod_problem  # noqa: E402
+from pipeline.launchers.logs import failure_reason  # noqa: E402
+from pipeline.runner import execute_stage  # noqa: E402
+from pipeline.stages import TRAIN_SECTIONS, StageSpec  # noqa: E402
+from pipeline.stamps import claim_output_dir, read_stamp, write_stamp  # noqa: E402
+from pipeline.wiring import evaluate_student_config, export_config, load_pipeline_config  # noqa: E402
+from train_fixtures import tiny_train_config, write_config  # noqa: E402
+
+K8S_VERSION = "1.37.0"
+
+
+def pipeline_config_dict(root: Path, launcher: str = "inprocess") -> dict:
+    """A seconds-long chained run on a 6-class folder tree under ``root`` (written if absent)."""
+    if not (root / "src").exists():
+        make_folder_tree(root / "src", classes=6, per_class=12, bad=False)
+    config = tiny_train_config(root / "shards", root / "teacher", train={"max_steps": 3})
+    config.update({
+        "prepare": {"source": {"path": str(root / "src")}, "output_dir": str(root / "shards"),
+                    "split": {"mode": "sample", "train_fraction": 0.75, "query_fraction": 1.0},
+                    "shards": {"max_samples": 9}},
+        "evaluate": {"gallery_split": None, "plots": False, "grid_queries": 0, "max_verification_samples": 200},
+        "distill": {"run_dir": str(root / "student"), "student": {"backbone": "mobilenetv3_small_050"}},
+        "export": {"formats": ["onnx"], "parity_images": 8},
+        "pipeline": {"launcher": launcher, "nproc_per_node": 2, "publish_dir": str(root / "publish")},
+    })
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Stamps and cache keys
+
+
+def test_stamp_decides_cached_resume_or_fresh_and_never_deletes(tmp_path):
+    out = tmp_path / "run"
+    assert claim_output_dir(out, "train", "k1", "model.pt") == ("fresh", None)
+    write_stamp(out, "train", "k1", "running", {"manifest": "m"})
+    assert claim_output_dir(out, "train", "k1", "model.pt")[0] == "resume"  # attempt died: same inputs
+    (out / "model.pt").write_text("weights")
+    write_stamp(out, "train", "k1", "done", {"manifest": "m"}, {"steps": 3})
+    decision, stamp = claim_output_dir(out, "train", "k1", "model.pt")
+    assert decision == "cached" and stamp["result"] == {"steps": 3}
+    (out / "model.pt").unlink()
+    assert claim_output_dir(out, "train", "k1", "model.pt")[0] == "resume"  # proof file gone: redo
+    (out / "model.pt").write_text("weights")
+    assert claim_output_dir(out, "train", "k2", "model.pt")[0] == "fresh"  # inputs changed
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("run.superseded-")]
+    assert len(moved) == 1 and (moved[0] / "model.pt").read_text() == "weights"
+    assert read_stamp(moved[0])["key"] == "k1" and not out.exists()
+    write_stamp(out, "train", "k2", "running", {})  # k2 fails; going back to k1 restores it
+    decision, stamp = claim_output_dir(out, "train", "k1", "model.pt")
+    assert decision == "cached" and stamp["key"] == "k1" and (out / "model.pt").read_text() == "weights"
+    [aside] = [p for p in tmp_path.iterdir() if p.name.startswith("run.superseded-")]
+    assert read_stamp(aside)["key"] == "k2"
+
+
+def test_folder_without_stamp_is_kept_aside(tmp_path):
+    out = tmp_path / "shards"
+    out.mkdir()
+    (out / "manifest.json").write_text("{}")
+    assert claim_output_dir(out, "prepare", "k", "manifest.json")[0] == "fresh"
+    assert [p.name.startswith("shards.superseded-") for p in tmp_path.iterdir()] == [True]
+
+
+def test_cache_keys_follow_relevant_sections_only(tmp_path):
+    base = pipeline_config_dict(tmp_path)
+    config = DMLConfig.model_validate(base)
+    other_loss = DMLConfig.model_validate({**base, "loss": {**base["loss"], "margin": 0.25}})
+    other_launcher = DMLConfig.model_validate({**base, "pipeline": {**base["pipeline"], "launcher": "torchrun"}})
+    assert sections_digest(config, TRAIN_SECTIONS) != sections_digest(other_loss, TRAIN_SECTIONS)
+    assert sections_digest(config, ["prepare"]) == sections_digest(other_loss, ["prepare"])
+    assert sections_digest(config, TRAIN_SECTIONS) == sections_digest(other_launcher, TRAIN_SECTIONS)
+    before = source_fingerprint(tmp_path / "src")
+    image = next((tmp_path / "src" / "class_0").iterdir())
+    os.utime(image, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert source_fingerprint(tmp_path / "src") != before
+    with pytest.raises(ValueError, match="does not exist"):
+        source_fingerprint(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------------------------------------
+# Wiring
+
+
+def test_pipeline_config_wires_stage_paths(tmp_path):
+    data = pipeline_config_dict(tmp_path)
+    data["data"]["shard_dir"] = str(tmp_path / "elsewhere")
+    config = load_pipeline_config(write_config(tmp_path / "c.yaml", data))
+    assert config.data.shard_dir == str(tmp_path / "shards")
+    assert config.distill.teacher == str(tmp_path / "teacher")
+    assert config.distill.student.embedding_dim == 16  # the teacher's
+    student = evaluate_student_config(config)
+    assert student.evaluate.model_path == str(tmp_path / "student" / "model.pt")
+    assert student.evaluate.output_dir == str(tmp_path / "student" / "eval")
+    assert export_config(config).export.output_dir == str(tmp_path / "student" / "export")
+    with pytest.raises(ConfigError, match="train.run_dir .* and distill.run_dir .* must be separate"):
+        load_pipeline_config(tmp_path / "c.yaml", [f"distill.run_dir={tmp_path / 'teacher' / 'student'}"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Failure reasons
+
+
+TORCHRUN_FAILURE = """\
+$ python -m torch.distributed.run --standalone --nnodes 1 --nproc_per_node 2 --max-restarts 0 -m dml.cli train
+22:23:44 INFO faiss.loader: Could not load library with AVX2 support due to:
+ModuleNotFoundError("No module named 'faiss.swigfaiss_avx2'")
+22:23:47 INFO dml.distributed: joined process group: rank 0 of 2, backend gloo, device cpu
+dml train: error: split 'nosuch' not in manifest (has: query, train)
+dml train: error: split 'nosuch' not in manifest (has: query, train)
+E1123 22:23:53.588000 23553 torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: 2) local_rank: 0
+Traceback (most recent call last):
+  File "torch/distributed/launcher/api.py", line 386, in launch_agent
+    raise ChildFailedError(
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError: 
+============================================================
+dml.cli FAILED
+"""
+
+
+def test_failure_reason_prefers_the_cli_error_then_the_exception():
+    assert failure_reason(TORCHRUN_FAILURE, "exit 1") == ("split 'nosuch' not in manifest (has: query, train)", True)
+    no_cli_line = TORCHRUN_FAILURE.replace("dml train: error:", "")
+    assert failure_reason(no_cli_line, "exit code 1") == ("exit code 1", False)  # not the faiss log line
+    crash = "Traceback (most recent call last):\n  File 'x'\nRuntimeError: CUDA out of memory\n"
+    assert failure_reason(crash + "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n", "x") == (
+        "RuntimeError: CUDA out of memory", False)
+    assert failure_reason("nothing useful\n", "exit code 9") == ("exit code 9", False)
+
+
+def test_inprocess_failure_names_stage_reason_and_log(tmp_path):
+    config = DMLConfig.model_validate(pipeline_config_dict(tmp_path))
+    with pytest.raises(StageFailed) as caught:
+        execute_stage("train", config, InProcessLauncher())  # no shards yet
+    assert caught.value.stage == "train" and "manifest" in caught.value.reason and caught.value.input_error
+    execute_stage("prepare", config, InProcessLauncher())
+    bad = DMLConfig.model_validate({**pipeline_config_dict(tmp_path), "data": {
+        **pipeline_config_dict(tmp_path)["data"], "train_split": "nosuch"}})
+    with pytest.raises(StageFailed, match=r"stage 'train' failed: .*nosuch.* \(log: .*train\.log\)") as caught:
+        execute_stage("train", bad, InProcessLauncher())
+    log_text = Path(caught.value.log_path).read_text()
+    assert "dml train: error:" in log_text and "nosuch" in log_text
+    assert read_stamp(tmp_path / "shards")["status"] == "done"  # the stage before is intact
+    assert read_stamp(tmp_path / "teacher")["status"] == "running"  # a retry resumes here
+
+
+# ---------------------------------------------------------------------------------------------
+# torchrun launcher (real processes)
+
+
+@pytest.mark.dist
+def test_torchrun_launcher_trains_on_two_processes_then_caches(tmp_path):
+    config = load_pipeline_config(write_config(tmp_path / "c.yaml", pipeline_config_dict(tmp_path, "torchrun")))
+    execute_stage("prepare", config, InProcessLauncher())
+    launcher = TorchrunLauncher(nproc_per_node=2, max_restarts=0)
+    outcome = execute_stage("train", config, launcher)
+    assert outcome.status == "ran" and outcome.result["steps"] == 3
+    saved = torch.load(list_checkpoints(tmp_path / "teacher")[-1] / "state.pt", weights_only=False)
+    assert saved["world_size"] == 2
+    log_text = (tmp_path / "teacher" / "logs" / "train.log").read_text()
+    assert "torch.distributed.run --standalone --nnodes 1 --nproc_per_node 2" in log_text
+    assert yaml.safe_load((tmp_path / "teacher" / "logs" / "train.config.yaml").read_text())["loss"]["margin"] == 0.2
+    mtime = (tmp_path / "teacher" / "model.pt").stat().st_mtime_ns
+    again = execute_stage("train", config, launcher)
+    assert again.status == "cached" and (tmp_path / "teacher" / "model.pt").stat().st_mtime_ns == mtime
+    # A failing torchrun stage is parsed from the same log format (test above uses a real one).
+
+
+# ---------------------------------------------------------------------------------------------
+# Kubernetes launcher: rendered offline and validated against the Kubernetes schemas
+
+
+def stage_spec(tmp_path: Path, name: str, command: str, distributed: bool) -> StageSpec:
+    config = DMLConfig.model_validate(pipeline_config_dict(tmp_path))
+    return StageSpec(name, command, config, tmp_path / "teacher", "model.pt", {"manifest": "m" * 64},
+                     distributed=distributed, resumable=command in ("prepare", "train", "distill"))
+
+
+def test_kubernetes_job_for_a_distributed_stage_validates(tmp_path):
+    spec = stage_spec(tmp_path, "train", "train", distributed=True)
+    launcher = KubernetesLauncher(namespace="dml", image="registry.example/dml:0.1.0", nproc_per_node=4, max_restarts=2)
+    config_map, job = launcher.manifests(spec, resume=True, suffix="ab12c")
+    for obj in (config_map, job):
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    assert re.fullmatch(r"dml-train-[0-9a-f]{8}-ab12c", job["metadata"]["name"])
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"] == ["torchrun", "--standalone", "--nnodes", "1", "--nproc_per_node", "4",
+                                    "--max-restarts", "2", "-m", "dml.cli", "train", "--config",
+                                    "/etc/dml/config.yaml", "--resume"]
+    assert container["image"] == "registry.example/dml:0.1.0" and container["resources"]["requests"]["cpu"] == "4"
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    assert claims == {"dml-raw", "dml-shards", "dml-runs"}
+    assert {v["name"]: v for v in pod["volumes"]}["config"]["configMap"]["name"] == config_map["metadata"]["name"]
+    assert job["spec"]["backoffLimit"] == 0 and pod["restartPolicy"] == "Never"
+    shipped = DMLConfig.model_validate(yaml.safe_load(config_map["data"]["config.yaml"]))
+    assert shipped == spec.config
+
+
+def test_kubernetes_job_for_a_single_process_stage(tmp_path):
+    spec = stage_spec(tmp_path, "export", "export", distributed=False)
+    _, job = KubernetesLauncher(nproc_per_node=8).manifests(spec, resume=True, suffix="x1")
+    kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["dml", "export", "--config", "/etc/dml/config.yaml"]  # export does not resume
+    assert container["resources"]["requests"]["cpu"] == "1"
+    broken = dict(job, spec={**job["spec"], "backoffLimit": "zero"})
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
+
+
+def pod_list(container_status: dict, phase: str = "Running") -> dict:
+    return {"items": [{"metadata": {"name": "dml-train-1-abcde"},
+                       "status": {"phase": phase, "containerStatuses": [{"name": "stage", **container_status}]}}]}
+
+
+def test_kubernetes_status_parsing_names_the_pod_failure():
+    oom = pod_list({"state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}, "Failed")
+    assert pod_problem(oom) == "pod dml-train-1-abcde: container stage OOMKilled (exit code 137)"
+    pull = pod_list({"state": {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image"}}},
+                    "Pending")
+    assert pod_problem(pull) == "pod dml-train-1-abcde: ImagePullBackOff: Back-off pulling image"
+    assert pod_problem(pod_list({"state": {"running": {}}})) is None
+    assert job_condition({"status": {"conditions": [{"type": "Failed", "status": "True"}]}}) == "Failed"
+    assert job_condition({"status": {"conditions": [{"type": "Complete", "status": "True"}]}}) == "Complete"
+    assert job_condition({"status": {"active": 1}}) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Deployments (objects only; registering one is in test_pipeline_e2e.py)
+
+
+def test_serve_deployment_has_the_nightly_cron(tmp_path):
+    from pipeline.deployments import NIGHTLY_CRON, serve_deployment
+
+    deployment = serve_deployment(tmp_path / "c.yaml", overrides=["train.max_steps=5"])
+    [schedule] = deployment.schedules
+    assert schedule.schedule.cron == NIGHTLY_CRON == "0 2 * * *" and schedule.active
+    assert deployment.parameters == {"config_path": str((tmp_path / "c.yaml").resolve()),
+                                     "overrides": ["train.max_steps=5"], "only_if_data_changed": True}
+    assert deployment.flow_name == "dml-nightly-retrain"
+
+
+def test_work_pool_job_template_renders_a_valid_job():
+    from pipeline.deployments import work_pool_base_job_template
+
+    template = work_pool_base_job_template()
+    example = {"name": "dml-nightly", "namespace": "dml", "image": "dml:0.1.0", "image_pull_policy": "IfNotPresent",
+               "service_account_name": "prefect-worker", "finished_job_ttl": 3600, "labels": {"a": "b"},
+               "env": [{"name": "OMP_NUM_THREADS", "value": "1"}],
+               "command": ["prefect", "flow-run", "execute"]}
+
+    def fill(node):
+        if isinstance(node, dict):
+            return {key: fill(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [fill(value) for value in node]
+        if isinstance(node, str) and (match := re.fullmatch(r"\{\{ (\w+) \}\}", node)):
+            return example[match.group(1)]
+        if isinstance(node, str):
+            return re.sub(r"\{\{ (\w+) \}\}", lambda m: str(example[m.group(1)]), node)
+        return node
+
+    job = fill(template["job_configuration"]["job_manifest"])
+    job["metadata"]["name"] = job["metadata"].pop("generateName") + "x1"
+    kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+    mounts = {m["mountPath"] for m in job["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+    assert mounts == {"/etc/dml", "/data/raw", "/data/shards", "/data/runs"}
+    variables = set(template["variables"]["properties"])
+    used = set(re.findall(r"\{\{ (\w+) \}\}", json.dumps(template["job_configuration"])))
+    assert used <= variables  # every placeholder is a declared variable
+
+
+# ---------------------------------------------------------------------------------------------
+# Retry policy, nightly decision, CLI input errors (no Prefect server needed)
+
+
+def test_input_errors_are_not_retried_other_failures_are():
+    from prefect.states import Failed
+
+    from pipeline.tasks import STAGE_RETRIES, retry_unless_input_error, run_stage
+
+    assert run_stage.retries == STAGE_RETRIES >= 1
+    assert run_stage.retry_condition_fn is retry_unless_input_error
+    bad_input = Failed(data=StageFailed("train", "split 'x' not in manifest", "t.log", input_error=True))
+    crash = Failed(data=StageFailed("train", "RuntimeError: NCCL timeout", "t.log"))
+    assert not retry_unless_input_error(run_stage, None, bad_input)
+    assert retry_unless_input_error(run_stage, None, crash)
+    assert retry_unless_input_error(run_stage, None, Failed(data=OSError("disk full")))
+
+
+def test_nightly_retrains_only_on_a_new_manifest(tmp_path):
+    from pipeline.flows import should_retrain
+
+    config = DMLConfig.model_validate(pipeline_config_dict(tmp_path))
+    assert should_retrain(config, "a" * 64)  # never trained
+    write_stamp(tmp_path / "teacher", "train", "k", "running", {"manifest": "a" * 64})
+    assert should_retrain(config, "a" * 64)  # the last training did not finish
+    write_stamp(tmp_path / "teacher", "train", "k", "done", {"manifest": "a" * 64})
+    assert not should_retrain(config, "a" * 64)
+    assert should_retrain(config, "b" * 64)
+    assert should_retrain(config, "a" * 64, only_if_data_changed=False)
+
+
+def test_pipeline_command_rejects_bad_config_before_starting(tmp_path, capsys):
+    from pipeline.cli import run_pipeline_command
+
+    assert run_pipeline_command(tmp_path / "missing.yaml", []) == 2
+    assert "dml pipeline: error: config file not found" in capsys.readouterr().err
+    config = write_config(tmp_path / "c.yaml", pipeline_config_dict(tmp_path))
+    assert run_pipeline_command(config, ["loss.margn=0.1"]) == 2
+    assert "unknown config key 'loss.margn'; did you mean 'loss.margin'?" in capsys.readouterr().err
+    assert not (tmp_path / "shards").exists()
