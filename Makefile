@@ -20,7 +20,7 @@ fashion-mnist:
 	@bash .ci/ensure-fashion-mnist
 
 quickstart: setup fashion-mnist
-	$(VENV)/bin/dml prepare --config configs/quickstart.yaml --resume
+	env -u PREFECT_API_URL PREFECT_HOME=$(CURDIR)/runs/.prefect $(VENV)/bin/dml pipeline run --config configs/quickstart.yaml
 
 # Prefect gets a throwaway home and no API URL, so tests never touch a real server.
 test: setup

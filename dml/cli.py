@@ -21,6 +21,9 @@ def setup_logging(verbose: bool = False) -> None:
     """One compact line per event on stderr (progress bars share the stream)."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # Libraries that log every request or their own import at INFO drown the stage lines.
+    for noisy in ("httpx", "faiss.loader"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _add_config_args(parser: argparse.ArgumentParser, required: bool = False) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,9 @@ def run_pipeline_command(config_path: str | Path | None, overrides: list[str] | 
     except DMLError as exc:
         print(f"dml pipeline: error: {exc}", file=sys.stderr)
         return 2
+    # Prefect's temporary local server needs well over its default start-up time on a
+    # loaded 2-core machine (seen: 35-65 s); a user's own setting wins.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
     from pipeline.flows import dml_pipeline  # imports prefect: only once the config is good
 
     try:
