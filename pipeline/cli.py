@@ -28,6 +28,8 @@ def run_pipeline_command(config_path: str | Path | None, overrides: list[str] | 
     # Prefect's temporary local server needs well over its default start-up time on a
     # loaded 2-core machine (seen: 35-65 s); a user's own setting wins.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+    # No telemetry: the machine may be offline, and its heartbeat contends for the SQLite lock.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from pipeline.flows import dml_pipeline  # imports prefect: only once the config is good
 
     try:

@@ -147,14 +147,19 @@ class SparseRowSGD(SparseRowOptimizer):
         return {"momentum_buffer": (tuple(self.param.shape), self.param.dtype)}
 
     def _update_rows(self, rows, grad, state, group):
-        direction = grad
-        if group["weight_decay"]:
-            direction = direction.add(rows, alpha=group["weight_decay"])
-        if group["momentum"]:
-            buf = state["momentum_buffer"]
-            # A never-updated row has buf = 0, so momentum * 0 + d = d: torch's first-step clone.
-            buf.mul_(group["momentum"]).add_(direction)
-            direction = direction.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+        momentum, weight_decay = group["momentum"], group["weight_decay"]
+        if momentum and not group["nesterov"]:
+            # buf = momentum * buf + grad + wd * w, accumulated in place: no (k, D) temporary.
+            # A never-updated row has buf = 0, which reproduces torch's first-step buf = d.
+            buf = state["momentum_buffer"].mul_(momentum).add_(grad)
+            if weight_decay:
+                buf.add_(rows, alpha=weight_decay)
+            rows.add_(buf, alpha=-group["lr"])
+            return
+        direction = grad.add(rows, alpha=weight_decay) if weight_decay else grad
+        if momentum:  # nesterov
+            buf = state["momentum_buffer"].mul_(momentum).add_(direction)
+            direction = direction.add(buf, alpha=momentum)
         rows.add_(direction, alpha=-group["lr"])
 
 
