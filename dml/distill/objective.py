@@ -1,0 +1,169 @@
+"""The distillation objective: teacher-matching losses plus an optional label loss.
+
+``loss = absolute_weight * absolute + relative_weight * relative
+        + rkd_distance_weight * rkd_distance + rkd_angle_weight * rkd_angle + label_weight * label``
+
+Drop-in for `dml.train.objective.Objective` (same forward, optimizers, step/zero-grad hooks
+and world-size independent state), so `dml distill` runs on the `dml train` loop.
+
+Gradient scale under DDP (the engine averages backbone gradients over ranks):
+- absolute: computed on each rank's own rows; the engine's average of the per-rank means is
+  the gradient of the global mean.
+- relative / RKD: computed identically on every rank over the all-gathered global batch
+  (more pairs than one rank has); the gather's backward sums the ranks' identical gradients
+  and the engine's average divides that back, i.e. the exact gradient of the global loss.
+- label (partial FC): each rank's shard contributes part of the gradient, summed by the
+  gather's backward; the engine's average would leave 1/world of it, so the gradient of the
+  head's input only is multiplied by the world size (not the other losses' gradients).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from dml.config import DMLConfig
+from dml.distributed import all_gather_rows, all_gather_with_grad, get_world_size
+from dml.distill.losses import absolute_teacher_loss, relative_teacher_loss, rkd_angle_loss, rkd_distance_loss
+from dml.errors import DMLError
+from dml.losses.partial_fc import PartialFC
+from dml.train.checkpoint import STATE, latest_checkpoint
+from dml.train.objective import build_margin, build_pair_loss
+
+log = logging.getLogger(__name__)
+# Anchors per chunk of the RKD angle loss: bounds its O(B^3) memory to ~chunk x B^2 floats.
+ANGLE_ANCHOR_CHUNK = 64
+
+
+class TeacherEmbedder(Protocol):
+    embedding_dim: int
+
+    def embed(self, images: torch.Tensor, keys: list[str] | None) -> torch.Tensor: ...
+
+
+def teacher_head_state(teacher_run: str, num_classes: int, embedding_dim: int, seed: int) -> dict[str, Any]:
+    """The class centres (C, D) of the teacher run's last checkpoint as a fresh partial-FC
+    full state (teacher optimizer state and sampler position dropped)."""
+    checkpoint = latest_checkpoint(teacher_run)
+    if checkpoint is None:
+        raise DMLError(f"distill.init_head_from_teacher: no checkpoint in {teacher_run}")
+    head = torch.load(checkpoint / STATE, map_location="cpu", weights_only=False, mmap=True)["objective"].get("head")
+    if head is None:
+        raise DMLError(f"distill.init_head_from_teacher: {checkpoint} has no partial-FC head (pair-loss teacher?)")
+    if (head["num_classes"], head["embedding_dim"]) != (num_classes, embedding_dim):
+        raise DMLError(f"distill.init_head_from_teacher: the teacher head is {head['num_classes']} classes x "
+                       f"{head['embedding_dim']} dims, the student needs {num_classes} x {embedding_dim}")
+    return {**head, "weight": head["weight"].clone(), "optimizer": None, "sampler": {"seed": seed, "step": 0}}
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by ``factor``."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
+
+
+class DistillObjective(nn.Module):
+    """``forward(embeddings (N_local, D_t), labels, images=..., keys=...) -> (loss, parts)``.
+
+    ``teacher`` gives the teacher embeddings of a batch (on the fly or from the cache). The
+    label loss is a partial-FC margin head (or the configured pair loss) on the student's
+    embeddings; with ``init_head_from_teacher`` its centres start as the teacher's and with
+    ``freeze_head`` they get no optimizer.
+    """
+
+    def __init__(self, config: DMLConfig, num_classes: int, device: torch.device, teacher: TeacherEmbedder):
+        super().__init__()
+        self.cfg = config.distill
+        self.teacher = teacher
+        self.world_size = get_world_size()
+        self.embedding_dim = config.distill.student.embedding_dim
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.head: PartialFC | None = None
+        self.pair_loss: nn.Module | None = None
+        if self.cfg.label_weight > 0:
+            self._build_label_loss(config, num_classes, device)
+        elif self.cfg.init_head_from_teacher or self.cfg.freeze_head:
+            log.info("distill: label_weight is 0, so init_head_from_teacher / freeze_head have no effect")
+
+    def _build_label_loss(self, config: DMLConfig, num_classes: int, device: torch.device) -> None:
+        if config.loss.is_pair_loss:
+            if self.cfg.init_head_from_teacher:
+                raise DMLError(f"distill.init_head_from_teacher needs a margin head, loss.kind is '{config.loss.kind}'")
+            self.pair_loss = build_pair_loss(config)
+            return
+        self.head = PartialFC(self.embedding_dim, num_classes, build_margin(config), config.loss.sample_rate,
+                              seed=config.seed).to(device)
+        if self.cfg.init_head_from_teacher:
+            self.head.load_full_state_dict(teacher_head_state(self.cfg.teacher, num_classes, self.embedding_dim,
+                                                              config.seed))
+        if self.cfg.freeze_head:
+            self.head.weight.requires_grad_(False)
+            return
+        self.optimizers.append(self.head.configure_optimizer(
+            config.loss.head_optimizer, lr=config.loss.head_lr or config.optimizer.lr,
+            momentum=config.optimizer.momentum, weight_decay=config.optimizer.weight_decay))
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, images: torch.Tensor | None = None,
+                keys: list[str] | None = None, **batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """Weighted sum of the enabled losses of one micro-batch; ``parts`` holds each term
+        (unweighted) and ``main`` (the weighted total)."""
+        cfg = self.cfg
+        student = embeddings.float()
+        teacher = self.teacher.embed(images, keys).to(student.device)
+        terms: list[tuple[str, float, torch.Tensor]] = []
+        if cfg.absolute_weight > 0:
+            terms.append(("absolute", cfg.absolute_weight, absolute_teacher_loss(student, teacher, cfg.absolute_kind)))
+        if cfg.relative_weight > 0 or cfg.rkd_distance_weight > 0 or cfg.rkd_angle_weight > 0:
+            global_student, global_teacher = all_gather_with_grad(student), all_gather_rows(teacher)
+            for name, weight, fn in (("relative", cfg.relative_weight, relative_teacher_loss),
+                                     ("rkd_distance", cfg.rkd_distance_weight, rkd_distance_loss),
+                                     ("rkd_angle", cfg.rkd_angle_weight, self._angle)):
+                if weight > 0:
+                    terms.append((name, weight, fn(global_student, global_teacher)))
+        if cfg.label_weight > 0:
+            terms.append(("label", cfg.label_weight, self._label_loss(student, labels)))
+        if not terms:
+            raise DMLError("distill: every loss weight is 0; set absolute_weight, relative_weight, "
+                           "rkd_distance_weight, rkd_angle_weight or label_weight")
+        loss = sum(weight * value for _, weight, value in terms)
+        parts = {name: float(value.detach()) for name, _, value in terms}
+        parts["main"] = float(loss.detach())
+        return loss, parts
+
+    @staticmethod
+    def _angle(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return rkd_angle_loss(student, teacher, anchor_chunk=ANGLE_ANCHOR_CHUNK)
+
+    def _label_loss(self, student: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.head is not None:
+            head_input = student
+            if self.world_size > 1 and student.requires_grad:
+                head_input = _ScaleGradient.apply(student, float(self.world_size))
+            return self.head(head_input, labels)
+        return self.pair_loss(all_gather_with_grad(student), all_gather_rows(labels))
+
+    def zero_grad_extras(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+
+    def step_extras(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def full_state(self) -> dict[str, Any]:
+        """The label head's full matrix (any world size) or None; collective."""
+        return {"head": self.head.full_state_dict() if self.head is not None else None}
+
+    def load_full_state(self, state: dict[str, Any]) -> None:
+        if self.head is not None and state.get("head") is not None:
+            self.head.load_full_state_dict(state["head"])
