@@ -103,9 +103,15 @@ def exact_order_knn(query, k, reference, ref_includes_query):
     return torch.from_numpy(np.take_along_axis(scores, order, 1)), torch.from_numpy(ids)
 
 
-def run_worker(contender: str, n: int, dim: int, seed: int) -> dict:
+def run_worker(contender: str, n: int, dim: int, seed: int, progress_log: Path | None = None) -> dict:
     """Build the data, time one metric computation, report values and memory."""
+    import logging
+
     import torch
+
+    if progress_log is not None:  # dml logs each searched batch at DEBUG level
+        logging.basicConfig(filename=progress_log, level=logging.DEBUG, format="%(asctime)s %(message)s")
+        logging.getLogger("dml.eval.metrics").setLevel(logging.DEBUG)
 
     data, labels = clustered_embeddings(n, dim, seed)
     rss_data = peak_rss_bytes()
@@ -132,10 +138,12 @@ def run_worker(contender: str, n: int, dim: int, seed: int) -> dict:
             "peak_rss_gib": peak_rss_bytes() / GIB, "rss_after_data_gib": rss_data / GIB, **extra}
 
 
-def measure(contender: str, n: int, dim: int, seed: int) -> dict:
+def measure(contender: str, n: int, dim: int, seed: int, progress_log: Path | None = None) -> dict:
     """Run one contender in a fresh subprocess so its peak RSS is its own."""
     command = [sys.executable, __file__, "--worker", contender, "--sizes", str(n), "--dim", str(dim),
                "--seed", str(seed)]
+    if progress_log is not None:
+        command += ["--progress-log", str(progress_log)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:  # negative: killed by that signal (e.g. -9 from an OOM killer)
         raise RuntimeError(f"{contender} N={n} exited with {done.returncode}:\n{done.stderr[-2000:]}")
@@ -159,7 +167,7 @@ def benchmark_size(n: int, args) -> dict:
         order = ["dml", "pml"] if repeat % 2 == 0 else ["pml", "dml"]
         for contender in order:
             if contender == "dml" or run_pml:
-                runs[contender].append(measure(contender, n, args.dim, args.seed))
+                runs[contender].append(measure(contender, n, args.dim, args.seed, args.progress_log))
     row = {"n": n, "dim": args.dim, "gemm_gflops": gflops, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
            "floor_seconds": n * n * args.dim * 2 / (gflops * 1e9),
            "dml": best_of(runs["dml"])}
@@ -208,9 +216,10 @@ def main() -> None:
     parser.add_argument("--skip-pml-above", type=int, default=200_000)
     parser.add_argument("--worker", choices=["dml", "pml", "pml_exact_order"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--progress-log", type=Path, help="file for the workers' progress lines (dml: per batch)")
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(run_worker(args.worker, args.sizes[0], args.dim, args.seed)))
+        print(json.dumps(run_worker(args.worker, args.sizes[0], args.dim, args.seed, args.progress_log)))
         return
     rows = []
     for n in args.sizes:  # each size is printed and saved as soon as it is done

@@ -15,26 +15,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from dml.config import DMLConfig
-from dml.data.loader import IMAGE_KEYS
-from dml.data.manifest import load_manifest, split_shards
-from dml.data.tario import iter_tar_samples, sha256_file
-from dml.data.transforms import build_eval_transform
-from dml.distill.objective import DistillObjective
 from dml.distill.losses import absolute_teacher_loss, relative_teacher_loss, rkd_angle_loss, rkd_distance_loss
-from dml.distill.run import run_distill
-from dml.distill.teacher import describe_teacher
-from dml.distill.teacher_cache import cache_dir, cache_meta, ensure_teacher_cache
+from dml.distill.objective import DistillObjective
 from dml.distributed import spawn_local_group
-from dml.errors import ConfigError
-from dml.eval.embed import extract_embeddings
-from dml.train.artifacts import load_final_model, save_final_model
-from dml.train.checkpoint import STATE, latest_checkpoint
-from dml.train.metrics_log import read_metrics
-from dml.train.run import run_train
-from train_fixtures import ROOT, tiny_shards, tiny_train_config, write_config
+
+# The rest (timm models, loaders, the trainer) is imported inside the tests that need it, so
+# the worker processes of the 2-rank gradient test import this module in a few seconds.
+
 
 SQRT2 = math.sqrt(2.0)
 
@@ -154,6 +143,9 @@ def test_two_rank_gradient_equals_single_process():
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory):
     """Tiny shards and a 2-step teacher with a checkpoint (its class centres are needed)."""
+    from dml.train.run import run_train
+    from train_fixtures import tiny_shards, tiny_train_config
+
     root = tmp_path_factory.mktemp("distill")
     shards = tiny_shards(root)
     base = tiny_train_config(shards, root / "teacher", train={"max_steps": 2, "checkpoint_every": 100})
@@ -171,6 +163,13 @@ def distill_config(base: dict, teacher: Path, run_dir: Path, **distill) -> dict:
 
 def teacher_view_embedding(model, data, shard_dir: Path, key: str) -> np.ndarray:
     """The teacher's flip-averaged embedding of one training image, computed directly."""
+    from PIL import Image
+
+    from dml.data.loader import IMAGE_KEYS
+    from dml.data.manifest import load_manifest, split_shards
+    from dml.data.tario import iter_tar_samples
+    from dml.data.transforms import build_eval_transform
+
     manifest = load_manifest(shard_dir)
     for url in split_shards(manifest, shard_dir, "train"):
         for sample in iter_tar_samples(url):
@@ -183,6 +182,11 @@ def teacher_view_embedding(model, data, shard_dir: Path, key: str) -> np.ndarray
 
 
 def test_cache_reused_and_rebuilt_when_stale(teacher_run, tmp_path):
+    from dml.data.manifest import load_manifest
+    from dml.distill.teacher import describe_teacher
+    from dml.distill.teacher_cache import cache_dir, cache_meta, ensure_teacher_cache
+    from dml.train.artifacts import load_final_model, save_final_model
+
     shards_src, teacher_dir, base = teacher_run
     shards = Path(shutil.copytree(shards_src, tmp_path / "shards"))
     data = DMLConfig.model_validate({**base, "data": {**base["data"], "shard_dir": str(shards)}}).data
@@ -227,6 +231,13 @@ def test_cache_reused_and_rebuilt_when_stale(teacher_run, tmp_path):
 
 # --- runs -------------------------------------------------------------------------------------
 def test_single_process_every_loss_on_the_fly(teacher_run, tmp_path):
+    from dml.data.tario import sha256_file
+    from dml.distill.run import run_distill
+    from dml.errors import ConfigError
+    from dml.train.artifacts import load_final_model
+    from dml.train.checkpoint import STATE, latest_checkpoint
+    from dml.train.metrics_log import read_metrics
+
     shards, teacher_dir, base = teacher_run
     config = DMLConfig.model_validate(distill_config(
         base, teacher_dir, tmp_path / "student", teacher_embeddings="on_the_fly", absolute_weight=1.0,
@@ -256,6 +267,14 @@ def test_single_process_every_loss_on_the_fly(teacher_run, tmp_path):
 
 @pytest.mark.dist
 def test_two_process_cached_run(teacher_run, tmp_path):
+    from dml.data.tario import sha256_file
+    from dml.distill.teacher import describe_teacher
+    from dml.distill.teacher_cache import ensure_teacher_cache
+    from dml.eval.embed import extract_embeddings
+    from dml.train.artifacts import load_final_model
+    from dml.train.checkpoint import STATE, latest_checkpoint
+    from train_fixtures import ROOT, write_config
+
     shards_src, teacher_dir, base = teacher_run
     shards = Path(shutil.copytree(shards_src, tmp_path / "shards"))
     config = distill_config({**base, "data": {**base["data"], "shard_dir": str(shards)}}, teacher_dir,

@@ -20,6 +20,7 @@ Gradient scale under DDP (the engine averages backbone gradients over ranks):
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -46,8 +47,10 @@ class TeacherEmbedder(Protocol):
 
 def teacher_head_state(teacher_run: str, num_classes: int, embedding_dim: int, seed: int) -> dict[str, Any]:
     """The class centres (C, D) of the teacher run's last checkpoint as a fresh partial-FC
-    full state (teacher optimizer state and sampler position dropped)."""
-    checkpoint = latest_checkpoint(teacher_run)
+    full state (teacher optimizer state and sampler position dropped). ``teacher_run`` may
+    also name the run's ``model.pt``."""
+    run_dir = Path(teacher_run)
+    checkpoint = latest_checkpoint(run_dir.parent if run_dir.is_file() else run_dir)
     if checkpoint is None:
         raise DMLError(f"distill.init_head_from_teacher: no checkpoint in {teacher_run}")
     head = torch.load(checkpoint / STATE, map_location="cpu", weights_only=False, mmap=True)["objective"].get("head")

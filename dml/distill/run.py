@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from dml.config import DMLConfig
+from dml.data.manifest import manifest_digest
 from dml.distill.objective import DistillObjective
 from dml.distill.teacher import OnTheFlyTeacher, TeacherRecord, describe_teacher
 from dml.distill.teacher_cache import CachedTeacher, ensure_teacher_cache
@@ -87,6 +88,10 @@ def run_distill(config: DMLConfig, resume: bool = False) -> TrainResult:
     """
     teacher = describe_teacher(config.distill.teacher)
     config = student_config(config, teacher)
+    if config.distill.init_head_from_teacher and teacher.data_digest != manifest_digest(config.data.shard_dir):
+        log.warning("distill: the teacher was trained on other shards (manifest %s..., these %s...): its class "
+                    "centres initialise the head only if both list the classes in the same order",
+                    teacher.data_digest[:12], manifest_digest(config.data.shard_dir)[:12])
     if config.distill.rkd_angle_weight > 0:
         log.info("distill: the RKD angle loss costs O(B^3) memory in the global batch B; it is chunked over anchors")
     result = run_training(config, resume, distill_spec(config, teacher))

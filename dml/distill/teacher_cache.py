@@ -20,8 +20,10 @@ of this run and its files hold the manifest's sample count; anything else (anoth
 other data, a half-written or damaged folder) is rebuilt, never used. The folder is written
 under a temporary name and renamed, so readers never see a partial cache.
 
-Cost: memory N x D x 4 bytes on disk, memory-mapped by every rank; the sorted key array is
-held in RAM (about N x key length x 4 bytes) for binary-search lookup.
+Cost: N x D x 4 bytes on disk, memory-mapped by every rank (pages shared between ranks of a
+node); the sorted key array is held in RAM (about N x longest key x 4 bytes) for
+binary-search lookup. Building it gathers all N embeddings on every rank (as
+`extract_embeddings` does) before rank 0 writes them.
 """
 
 from __future__ import annotations

@@ -105,6 +105,7 @@ def _search_and_score(knn: KnnIndex, queries: np.ndarray, query_labels: np.ndarr
         _, ids = knn.search(batch, k, rows if leave_one_out else None)
         matches = (gallery_labels[ids] == query_labels[rows][:, None]) & (ids >= 0)
         parts.append((rows, per_query_scores(matches, num_relevant[rows], ks)))
+        logger.debug("searched %d queries (k=%d)", sum(len(p[0]) for p in parts), k)
     rows = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int64)
     names = ["precision_at_1", "r_precision", "map_at_r"]
     names += [f"{m}_at_{k}" for k in ks for m in ("recall", "map")]
