@@ -225,11 +225,19 @@ class EvalConfig(StrictModel):
     grid_queries: int = Field(8, ge=0)
 
 
+class StudentConfig(ModelConfig):
+    """The student model. ``embedding_dim`` None means the teacher's: the student is trained
+    in the teacher's embedding space, so a different value is an error at start."""
+
+    backbone: str = "mobilenetv3_large_100"
+    embedding_dim: int | None = Field(None, ge=2)
+
+
 class DistillConfig(StrictModel):
     """`dml distill`: a teacher run folder and the student, trained by the same trainer."""
 
     teacher: str = "runs/teacher"
-    student: ModelConfig = ModelConfig(backbone="mobilenetv3_large_100")
+    student: StudentConfig = StudentConfig()
     run_dir: str = "runs/student"
     absolute_weight: float = Field(1.0, ge=0.0)
     absolute_kind: Literal["l2", "cosine"] = "cosine"

@@ -59,10 +59,9 @@ def load_pipeline_config(config_path: str | Path | None, overrides: list[str] | 
         log.info("pipeline: data.shard_dir %s replaced by prepare.output_dir %s",
                  config.data.shard_dir, config.prepare.output_dir)
     values = {"data.shard_dir": config.prepare.output_dir, "distill.teacher": config.train.run_dir}
-    if "embedding_dim" not in config.distill.student.model_fields_set:
+    if config.distill.student.embedding_dim is None:
         # The student is trained in the teacher's embedding space (dml.distill.run); the
-        # teacher here is this pipeline's own train stage. Said explicitly, because a resolved
-        # config written for a subprocess or a pod marks every field as set.
+        # teacher here is this pipeline's own train stage: say it explicitly in the config.
         values["distill.student.embedding_dim"] = config.model.embedding_dim
     config = with_values(config, values)
     check_layout(config)

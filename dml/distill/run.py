@@ -39,7 +39,7 @@ STUDENT_SECTION = "distill.student"
 def student_config(config: DMLConfig, teacher: TeacherRecord) -> DMLConfig:
     """``config`` with ``distill.student.embedding_dim`` set to the teacher's (see module doc)."""
     student = config.distill.student
-    if "embedding_dim" in student.model_fields_set and student.embedding_dim != teacher.embedding_dim:
+    if student.embedding_dim is not None and student.embedding_dim != teacher.embedding_dim:
         raise ConfigError(f"distill.student.embedding_dim is {student.embedding_dim} but the teacher embeds in "
                           f"{teacher.embedding_dim} dims: the student is trained in the teacher's space; "
                           "remove the key or set it to the teacher's")
