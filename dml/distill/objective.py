@@ -32,7 +32,7 @@ from dml.distill.losses import absolute_teacher_loss, relative_teacher_loss, rkd
 from dml.errors import DMLError
 from dml.losses.partial_fc import PartialFC
 from dml.train.checkpoint import STATE, latest_checkpoint
-from dml.train.objective import build_margin, build_pair_loss
+from dml.train.objective import ExtraOptimizers, build_margin, build_pair_loss
 
 log = logging.getLogger(__name__)
 # Anchors per chunk of the RKD angle loss: bounds its O(B^3) memory to ~chunk x B^2 floats.
@@ -75,7 +75,7 @@ class _ScaleGradient(torch.autograd.Function):
         return grad * ctx.factor, None
 
 
-class DistillObjective(nn.Module):
+class DistillObjective(ExtraOptimizers, nn.Module):
     """``forward(embeddings (N_local, D_t), labels, images=..., keys=...) -> (loss, parts)``.
 
     ``teacher`` gives the teacher embeddings of a batch (on the fly or from the cache). The
@@ -154,14 +154,6 @@ class DistillObjective(nn.Module):
                 head_input = _ScaleGradient.apply(student, float(self.world_size))
             return self.head(head_input, labels)
         return self.pair_loss(all_gather_with_grad(student), all_gather_rows(labels))
-
-    def zero_grad_extras(self) -> None:
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=True)
-
-    def step_extras(self) -> None:
-        for optimizer in self.optimizers:
-            optimizer.step()
 
     def full_state(self) -> dict[str, Any]:
         """The label head's full matrix (any world size) or None; collective."""

@@ -48,7 +48,21 @@ def build_pair_loss(config: DMLConfig) -> nn.Module:
     return MultiSimilarityLoss(alpha=loss.ms_alpha, beta=loss.ms_beta, base=loss.ms_base)
 
 
-class Objective(nn.Module):
+class ExtraOptimizers:
+    """Steps the optimizers an objective owns beside the engine's (head rows, centres)."""
+
+    optimizers: list[torch.optim.Optimizer]
+
+    def zero_grad_extras(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+
+    def step_extras(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+
+class Objective(ExtraOptimizers, nn.Module):
     """``forward(embeddings (N_local, D), labels) -> (loss, parts)``; owns the head and the
     extra optimizers (partial-FC rows, centre-loss centres) that step with the backbone's."""
 
@@ -91,14 +105,6 @@ class Objective(nn.Module):
             parts["center"] = float(center.detach())
             loss = loss + self.center_weight * center
         return loss, parts
-
-    def zero_grad_extras(self) -> None:
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=True)
-
-    def step_extras(self) -> None:
-        for optimizer in self.optimizers:
-            optimizer.step()
 
     def full_state(self) -> dict[str, Any]:
         """Head (full matrix, any world size) and centre-loss state; collective."""
