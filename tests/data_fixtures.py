@@ -42,7 +42,8 @@ def make_folder_tree(root: Path, classes: int = 4, per_class: int = 6, bad: bool
         full = image_bytes(999, size=(64, 64), fmt="JPEG")
         (root / "class_2" / "truncated.jpg").write_bytes(full[: len(full) // 2])
         (root / "class_3" / "notes.txt").write_text("not an image")
-        bad_count = 4
+        (root / "class_3" / "dangling.png").symlink_to(root / "no-such-file.png")  # broken link
+        bad_count = 5
     return {"good": good, "bad": bad_count}
 
 

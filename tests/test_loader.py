@@ -125,3 +125,24 @@ def test_resume_after_killed_writer(tmp_path):
     for name, mtime in finished.items():  # finished shards were kept, not rewritten
         assert (tmp_path / "killed" / name).stat().st_mtime_ns == mtime
     assert not list((tmp_path / "killed").glob("*.tmp"))
+
+
+def test_batch_normalisation_equals_the_per_image_transform():
+    """TrainLoader's uint8 decode + per-batch normalise gives the numbers of the one-image transform."""
+    from PIL import Image
+
+    from dml.data.transforms import BatchNormalize, build_train_transform, build_train_uint8_transform
+
+    config = DataConfig(shard_dir="unused", image_size=24, channels=3, mean=(0.2, 0.4, 0.6), std=(0.3, 0.2, 0.1),
+                        augment={"horizontal_flip": True, "random_resized_crop": True, "color_jitter": 0.3})
+    rng = torch.Generator().manual_seed(0)
+    images = [Image.fromarray(torch.randint(0, 256, (40, 33, 3), generator=rng, dtype=torch.uint8).numpy())
+              for _ in range(5)]
+    torch.manual_seed(7)
+    expected = torch.stack([build_train_transform(config)(im) for im in images])
+    torch.manual_seed(7)
+    uint8 = torch.stack([build_train_uint8_transform(config)(im) for im in images])
+    assert uint8.dtype == torch.uint8
+    got = BatchNormalize(config)(uint8)
+    assert got.shape == expected.shape == (5, 3, 24, 24)
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()

@@ -53,6 +53,7 @@ def test_folder_round_trip_and_rejections(tmp_path):
     assert "zero-size" in reasons["empty.png"]
     assert "corrupt" in reasons["garbage.jpg"] and "corrupt" in reasons["truncated.jpg"]
     assert "extension" in reasons["notes.txt"]
+    assert "No such file" in reasons["dangling.png"]  # a broken link is reported, not skipped
     samples = all_samples(tmp_path / "out")
     assert len(samples) == counts["good"]
     for s in samples:

@@ -24,7 +24,7 @@ from dml.config import DataConfig
 from dml.data.manifest import load_manifest, split_shards
 from dml.data.tario import iter_tar_samples
 from dml.data.sampling import EpochShardSampler, EpochShuffle, PKGroups, collate_pairs
-from dml.data.transforms import build_eval_transform, build_train_transform
+from dml.data.transforms import BatchNormalize, build_eval_transform, build_train_uint8_transform
 from dml.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -62,14 +62,26 @@ class DecodeSample:
         return (image, label, sample["__key__"]) if self.with_key else (image, label)
 
 
+class NormalizedCollate:
+    """Stack decoded uint8 items into a batch and normalise it in one op (see `BatchNormalize`)."""
+
+    def __init__(self, normalize: BatchNormalize):
+        self.normalize = normalize
+
+    def __call__(self, items: list[tuple]) -> tuple:
+        images, *rest = collate_pairs(items)
+        return (self.normalize(images), *rest)
+
+
 class DecodeGroup:
     """Decode and transform a list of raw samples (one P x K group) into a batch."""
 
-    def __init__(self, transform, with_key: bool = False):
+    def __init__(self, transform, collate: NormalizedCollate, with_key: bool = False):
         self.decode = DecodeSample(transform, with_key)
+        self.collate = collate
 
-    def __call__(self, group: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
-        return collate_pairs([self.decode(sample) for sample in group])
+    def __call__(self, group: list[dict[str, Any]]) -> tuple:
+        return self.collate([self.decode(sample) for sample in group])
 
 
 class TrainLoader:
@@ -93,13 +105,16 @@ class TrainLoader:
                             f"{self.world_size} rank(s) x batch {self.batch_size}")
         self.num_classes = len(manifest["classes"])
         self.sampler = EpochShardSampler(urls, seed, self.rank)
-        transform = build_train_transform(config)
+        transform = build_train_uint8_transform(config)
+        collate = NormalizedCollate(BatchNormalize(config))
         stages: list[Any] = [self.sampler, shard_samples, EpochShuffle(self.sampler, config.shuffle_buffer)]
         if self.pk:
             self._check_pk(manifest, config)
-            stages += [PKGroups(self.sampler, config.pk_classes, config.pk_samples), wds.map(DecodeGroup(transform, with_keys))]
+            stages += [PKGroups(self.sampler, config.pk_classes, config.pk_samples),
+                       wds.map(DecodeGroup(transform, collate, with_keys))]
         else:
-            stages += [wds.map(DecodeSample(transform, with_keys)), wds.batched(self.batch_size, partial=False, collation_fn=collate_pairs)]
+            stages += [wds.map(DecodeSample(transform, with_keys)),
+                       wds.batched(self.batch_size, partial=False, collation_fn=collate)]
         self.loader = wds.WebLoader(wds.DataPipeline(*stages), batch_size=None,
                                     num_workers=config.num_workers, persistent_workers=False)
 
