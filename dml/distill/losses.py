@@ -24,7 +24,8 @@ from torch.utils.checkpoint import checkpoint
 
 def _check_pair(student: torch.Tensor, teacher: torch.Tensor, same_dim: bool = True) -> None:
     if student.dim() != 2 or teacher.dim() != 2:
-        raise ValueError(f"student and teacher must be 2-D (B, D), got {tuple(student.shape)} and {tuple(teacher.shape)}")
+        raise ValueError(f"student and teacher must be 2-D (B, D), got {tuple(student.shape)} and "
+                         f"{tuple(teacher.shape)}")
     if student.shape[0] != teacher.shape[0]:
         raise ValueError(f"student and teacher batches differ: {student.shape[0]} vs {teacher.shape[0]} rows")
     if same_dim and student.shape[1] != teacher.shape[1]:

@@ -111,8 +111,9 @@ def build_cache(record: TeacherRecord, data: DataConfig, directory: Path, meta: 
                                           "num_workers": data.num_workers, "batch_size": data.batch_size})
     embedded = extract_embeddings(teacher, view, data.train_split, device, flip=meta["view"] == "flipavg")
     if len(embedded.keys) != meta["count"] or len(set(embedded.keys)) != meta["count"]:
-        raise DataError(f"teacher cache: embedded {len(embedded.keys)} samples ({len(set(embedded.keys))} distinct keys) "
-                        f"of split '{data.train_split}', the manifest lists {meta['count']}")
+        raise DataError(f"teacher cache: embedded {len(embedded.keys)} samples "
+                        f"({len(set(embedded.keys))} distinct keys) of split '{data.train_split}', "
+                        f"the manifest lists {meta['count']}")
     if get_rank() == 0:
         tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
