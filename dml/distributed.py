@@ -135,19 +135,10 @@ def barrier(group: ProcessGroup | None = None) -> None:
         dist.barrier(group=group)
 
 
-def cleanup(synchronize: bool = False) -> None:
-    """Destroy the default process group if one exists (safe to call twice).
-
-    ``synchronize`` (for the success path only; a failed rank never arrives) waits for every
-    rank first: with gloo, a rank that tears its group down while a peer is still finishing
-    its last collective can make the peer's gloo thread abort the process ("terminate called
-    without an active exception", SIGABRT), seen once in a 2-process test.
-    """
-    if not is_initialized():
-        return
-    if synchronize and dist.get_world_size() > 1:
-        dist.barrier()
-    dist.destroy_process_group()
+def cleanup() -> None:
+    """Destroy the default process group if one exists (safe to call twice)."""
+    if is_initialized():
+        dist.destroy_process_group()
 
 
 def all_reduce_(tensor: torch.Tensor, op: str = "sum", group: ProcessGroup | None = None) -> torch.Tensor:
@@ -265,9 +256,9 @@ def _local_worker(local_rank: int, fn: Callable, world_size: int, port: int, thr
         # Queued before this process dies, so the parent can name the first failure, not
         # the "connection closed by peer" errors it causes on the other ranks.
         queue.put(pickle.dumps(("error", local_rank, traceback.format_exc())))
-        cleanup()
         raise
-    cleanup(synchronize=True)
+    finally:
+        cleanup()
     queue.put(pickle.dumps(("result", local_rank, result)))  # a pipe write: delivered on return
     # Skip interpreter teardown. In about 1 of 10 runs of a 2-process test, a worker whose
     # result was already delivered aborted while exiting ("terminate called without an

@@ -100,12 +100,14 @@ def _search_and_score(knn: KnnIndex, queries: np.ndarray, query_labels: np.ndarr
     """Search every query with R >= 1 and return (their rows, per-query score arrays)."""
     k_cap = knn.ntotal - (1 if leave_one_out else 0)
     parts: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
+    searched = 0
     for rows, k in _batches_by_relevance(num_relevant, max(ks), k_cap, batch_size):
         batch = np.ascontiguousarray(queries[rows])
         _, ids = knn.search(batch, k, rows if leave_one_out else None)
         matches = (gallery_labels[ids] == query_labels[rows][:, None]) & (ids >= 0)
         parts.append((rows, per_query_scores(matches, num_relevant[rows], ks)))
-        logger.debug("searched %d queries (k=%d)", sum(len(p[0]) for p in parts), k)
+        searched += len(rows)
+        logger.debug("searched %d queries (k=%d)", searched, k)
     rows = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int64)
     names = ["precision_at_1", "r_precision", "map_at_r"]
     names += [f"{m}_at_{k}" for k in ks for m in ("recall", "map")]

@@ -139,12 +139,9 @@ def run_evaluate(config: DMLConfig, embeddings_dir: str | Path | None = None) ->
     try:
         if embeddings_dir is None:
             embeddings = embed_with_model(config, model_file, info.device)
-    except BaseException:
+    finally:
         if created_group:
             cleanup()
-        raise
-    if created_group:
-        cleanup(synchronize=True)
     if info.rank != 0:
         return EvalResult(str(output_dir), str(output_dir / "report.json"), str(output_dir / "report.md"), {})
     output_dir.mkdir(parents=True, exist_ok=True)

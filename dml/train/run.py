@@ -105,12 +105,9 @@ def run_training(config: DMLConfig, resume: bool, spec: TrainingSpec) -> TrainRe
     """The shared training stage: process group, model, engine, objective, loop, outputs."""
     info = init_distributed()
     try:
-        result = _train(config, resume, info.device, spec)
-    except BaseException:
+        return _train(config, resume, info.device, spec)
+    finally:
         cleanup()
-        raise
-    cleanup(synchronize=True)
-    return result
 
 
 def _train(config: DMLConfig, resume: bool, device: torch.device, spec: TrainingSpec) -> TrainResult:
