@@ -374,19 +374,49 @@ def validate_config(data: dict[str, Any], model: type[BaseModel] = DMLConfig) ->
         raise ConfigError("; ".join(messages)) from None
 
 
+EXTENDS_KEY = "extends"  # a config file may name a base file (relative to itself) it overrides
+
+
+def merge_config(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` laid over ``base``: nested mappings merge key by key, anything else replaces."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_config(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The mapping in a YAML config file, with its ``extends`` chain of base files resolved."""
+    path = Path(path)
+    if not path.is_file():
+        where = f" (extended by {_chain[-1]})" if _chain else ""
+        raise ConfigError(f"config file not found: {path}{where}")
+    if path.resolve() in _chain:
+        raise ConfigError(f"config file {path} extends itself through: {' -> '.join(map(str, _chain))}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    base = data.pop(EXTENDS_KEY, None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {path}: '{EXTENDS_KEY}' must be a file path, got {base!r}")
+    return merge_config(read_config_file(path.parent / base, (*_chain, path.resolve())), data)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> DMLConfig:
-    """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides.
+
+    A file may start from another one with ``extends: base.yaml`` (a path relative to the
+    file): its own keys are laid over the base's, nested sections merging key by key.
+    """
+    data = {} if path is None else read_config_file(path)
     return validate_config(apply_overrides(data, overrides or []))
 
 

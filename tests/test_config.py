@@ -75,3 +75,46 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.startswith("dml prepare: error: unknown config key 'prepare.wrkers'") and "\n" not in err
+
+
+def test_extends_merges_sections_key_by_key(tmp_path):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({
+        "seed": 3, "data": {"batch_size": 32, "image_size": 64}, "distill": {"teacher": "runs/t", "label_weight": 0.5}}))
+    child = tmp_path / "sub" / "child.yaml"
+    child.parent.mkdir()
+    child.write_text(yaml.safe_dump({"extends": "../base.yaml", "data": {"batch_size": 8},
+                                     "distill": {"student": {"backbone": "mobilenetv2_100"}}}))
+    config = load_config(child, ["distill.label_weight=0.0"])
+    assert config.seed == 3 and config.data.image_size == 64 and config.data.batch_size == 8
+    assert config.distill.teacher == "runs/t" and config.distill.student.backbone == "mobilenetv2_100"
+    assert config.distill.label_weight == 0.0
+
+
+def test_extends_errors_name_the_files(tmp_path):
+    loop_a, loop_b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    loop_a.write_text("extends: b.yaml\n")
+    loop_b.write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(loop_a)
+    orphan = tmp_path / "orphan.yaml"
+    orphan.write_text("extends: gone.yaml\n")
+    with pytest.raises(ConfigError, match=r"gone.yaml \(extended by .*orphan.yaml\)"):
+        load_config(orphan)
+
+
+@pytest.mark.parametrize("student", ["mobilenetv2_100", "mobilenetv4_conv_small"])
+def test_student_configs_extend_the_quickstart(student):
+    from pathlib import Path
+
+    from dml.models import build_embedding_model
+    import torch
+
+    config = load_config(Path(__file__).parents[1] / "configs" / "students" / f"{student}.yaml")
+    quickstart = load_config(Path(__file__).parents[1] / "configs" / "quickstart.yaml")
+    assert config.distill.student.backbone == student
+    assert config.distill.teacher == quickstart.distill.teacher
+    assert config.export.model_path.startswith(config.distill.run_dir)
+    model = build_embedding_model(student, config.distill.student.embedding_dim, in_chans=config.data.channels).eval()
+    with torch.no_grad():
+        out = model(torch.zeros(2, config.data.channels, config.data.image_size, config.data.image_size))
+    assert out.shape == (2, 128)
