@@ -7,6 +7,7 @@ import pytest
 import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
+import dml.eval.metrics
 from dml.eval import retrieval_metrics
 
 PML_NAMES = {"precision_at_1": "precision_at_1", "r_precision": "r_precision",
@@ -81,9 +82,12 @@ def test_hand_computed_query_gallery_with_unknown_label():
 
 @pytest.mark.parametrize("kind", ["random", "clustered", "hypercube", "duplicates"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_equals_pml_leave_one_out(kind, seed):
+@pytest.mark.parametrize("search", ["symmetric-blocks", "per-query"])
+def test_equals_pml_leave_one_out(kind, seed, search, monkeypatch):
     data, labels = make_dataset(kind, seed)
-    ours = retrieval_metrics(data, labels, batch_size=50)
+    # blocks of ~64 rows: the symmetric sweep crosses many block pairs even on small data
+    monkeypatch.setattr(dml.eval.metrics, "SELF_SEARCH_BLOCK", 64)
+    ours = retrieval_metrics(data, labels, batch_size=50, symmetric=search == "symmetric-blocks")
     theirs = pml_metrics(data, labels)
     for name, value in theirs.items():
         assert ours[name] == pytest.approx(value, abs=1e-6), name

@@ -18,7 +18,10 @@ gallery index (see :mod:`dml.eval.index`).
 
 Queries are searched in batches grouped by R, each with k = max(R in batch, max ks), and the
 per-query values are computed from the batch's (B, k) label-match matrix with array ops, so
-the (Nq, max R) neighbour matrix is never held whole.
+the (Nq, max R) neighbour matrix is never held whole. Leave-one-out on a CPU flat index
+instead builds all neighbour lists in one symmetric sweep (:mod:`dml.eval.self_search`, half
+the multiply-adds of a per-query search) when they fit in ``SELF_SEARCH_BUDGET`` entries, and
+ranks each batch exactly from them.
 """
 
 from __future__ import annotations
@@ -29,11 +32,14 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from dml.eval.index import KnnIndex, as_unit_float32, build_index
+from dml.eval.index import KnnIndex, as_unit_float32, build_index, rerank_near_ties
+from dml.eval.self_search import DEFAULT_BLOCK, min_block_rows, self_neighbour_lists
 
 logger = logging.getLogger(__name__)
 
 RESULT_BUDGET = 2**22  # neighbour entries per batch (B x k); ~50 bytes each, ~200 MB
+SELF_SEARCH_BUDGET = 2**27  # list entries (N x width) of the symmetric sweep; 12 bytes each
+SELF_SEARCH_BLOCK = DEFAULT_BLOCK  # rows per block of the sweep (tests shrink it)
 
 
 def as_label_array(labels: Any, length: int, name: str) -> np.ndarray:
@@ -94,16 +100,58 @@ def _batches_by_relevance(num_relevant: np.ndarray, k_floor: int, k_cap: int, ba
         start = stop
 
 
+def leave_one_out_width(k: int, k_cap: int) -> int:
+    """Neighbours listed per query to rank its exact top ``k``: a margin past the k-th item
+    (as :meth:`KnnIndex.search` uses), capped at the ``k_cap`` other gallery items."""
+    return min(k_cap, k + max(8, (k + 1) // 4))
+
+
+def _self_search_lists(knn: KnnIndex, plan: list[tuple[np.ndarray, int]], k_cap: int,
+                       symmetric: bool | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Neighbour lists of every planned query from one symmetric sweep, or None when the
+    per-query search is to be used (GPU, IVF-PQ, lists over budget, or ``symmetric=False``)."""
+    if symmetric is False or knn.kind != "flat" or knn.backend == "faiss-gpu" or not plan:
+        return None
+    widths = np.ones(knn.ntotal, dtype=np.int64)  # rows never queried still serve as items
+    for rows, k in plan:
+        widths[rows] = leave_one_out_width(k, k_cap)
+    fits = widths.max() <= min_block_rows(knn.ntotal, SELF_SEARCH_BLOCK) - 1
+    if not fits or knn.ntotal * int(widths.max()) > SELF_SEARCH_BUDGET:
+        if symmetric:
+            logger.info("symmetric self-search skipped: %d lists of %d do not fit; searching per query",
+                        knn.ntotal, int(widths.max()))
+        return None
+    return self_neighbour_lists(knn.gallery, widths, SELF_SEARCH_BLOCK)
+
+
+def _exact_from_lists(knn: KnnIndex, batch: np.ndarray, rows: np.ndarray, k: int,
+                      lists: tuple[np.ndarray, np.ndarray], k_cap: int) -> np.ndarray:
+    """Exact top-``k`` ids of queries ``rows`` from their float32 lists: near ties rescored
+    in float64, and the rare row whose exact top k may lie past its list searched again."""
+    width = leave_one_out_width(k, k_cap)
+    sims, ids = lists[0][rows, :width].copy(), lists[1][rows, :width].copy()
+    retry = rerank_near_ties(batch, knn.gallery, sims, ids, k, knn.score_error, complete=width == k_cap)
+    if retry.any():
+        _, ids[retry, :k] = knn.search(np.ascontiguousarray(batch[retry]), k, rows[retry])
+    return ids[:, :k]
+
+
 def _search_and_score(knn: KnnIndex, queries: np.ndarray, query_labels: np.ndarray,
                       gallery_labels: np.ndarray, num_relevant: np.ndarray, ks: Sequence[int],
-                      leave_one_out: bool, batch_size: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                      leave_one_out: bool, batch_size: int,
+                      symmetric: bool | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Search every query with R >= 1 and return (their rows, per-query score arrays)."""
     k_cap = knn.ntotal - (1 if leave_one_out else 0)
+    plan = list(_batches_by_relevance(num_relevant, max(ks), k_cap, batch_size))
+    lists = _self_search_lists(knn, plan, k_cap, symmetric) if leave_one_out else None
     parts: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
     searched = 0
-    for rows, k in _batches_by_relevance(num_relevant, max(ks), k_cap, batch_size):
+    for rows, k in plan:
         batch = np.ascontiguousarray(queries[rows])
-        _, ids = knn.search(batch, k, rows if leave_one_out else None)
+        if lists is not None:
+            ids = _exact_from_lists(knn, batch, rows, k, lists, k_cap)
+        else:
+            _, ids = knn.search(batch, k, rows if leave_one_out else None)
         matches = (gallery_labels[ids] == query_labels[rows][:, None]) & (ids >= 0)
         parts.append((rows, per_query_scores(matches, num_relevant[rows], ks)))
         searched += len(rows)
@@ -137,6 +185,7 @@ def retrieval_metrics(
     per_class: bool = False,
     batch_size: int = 4096,
     index: str = "flat",
+    symmetric: bool | None = None,
     **index_options: Any,
 ) -> dict[str, Any]:
     """Retrieval metrics of ``query`` (Nq, D) against ``gallery`` (Ng, D) by cosine similarity.
@@ -149,10 +198,14 @@ def retrieval_metrics(
     ``num_excluded_queries`` (no relevant gallery item), and with ``per_class=True`` a
     ``per_class`` dict label -> {num_queries, metric: mean}. With ``index="ivfpq"`` the
     metrics come from approximate search and ``knn_recall_at_{k}`` (neighbour recall against
-    exact search on 1000 sampled queries, k = max(ks)) is added.
+    exact search on 1000 sampled queries, k = max(ks)) is added. ``symmetric``: for
+    leave-one-out on a CPU flat index, None (default) and True build the neighbour lists in
+    one symmetric sweep when they fit in memory, False searches per query; results are equal.
 
     Peak memory: the index's gallery copy plus batch_size x k x ~50 bytes per batch (k at
-    most max(R, max ks), batches shrunk to 2**22 entries), plus ~8 bytes x Nq per metric.
+    most max(R, max ks), batches shrunk to 2**22 entries), plus ~8 bytes x Nq per metric;
+    the symmetric sweep adds its lists (at most 2**27 entries, 12 bytes each) and one 4096 x
+    4096 score block.
     """
     ks = tuple(dict.fromkeys(int(k) for k in ks))
     if not ks or min(ks) < 1:
@@ -173,7 +226,7 @@ def retrieval_metrics(
         raise ValueError(f"query dimension {queries.shape[1]} != gallery dimension {knn.dim}")
     num_relevant = relevant_counts(q_labels, g_labels, leave_one_out)
     rows, scores = _search_and_score(knn, queries, q_labels, g_labels, num_relevant, ks,
-                                     leave_one_out, batch_size)
+                                     leave_one_out, batch_size, symmetric)
     result: dict[str, Any] = {}
     for name, values in scores.items():
         result[name] = float(values.mean()) if len(values) else float("nan")

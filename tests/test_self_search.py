@@ -1,0 +1,92 @@
+"""dml.eval.self_search: symmetric leave-one-out neighbour lists against brute force."""
+
+import numpy as np
+import pytest
+
+import dml.eval.metrics
+from dml.eval import retrieval_metrics
+from dml.eval.self_search import block_bounds, min_block_rows, self_neighbour_lists
+
+
+def unit_rows(n: int, dim: int, seed: int) -> np.ndarray:
+    data = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return data / np.linalg.norm(data, axis=1, keepdims=True)
+
+
+def brute_force(units: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top ``width`` float64 inner products of each row with the others."""
+    scores = units.astype(np.float64) @ units.astype(np.float64).T
+    np.fill_diagonal(scores, -np.inf)
+    ids = np.argsort(-scores, axis=1, kind="stable")[:, :width]
+    return np.take_along_axis(scores, ids, 1), ids
+
+
+def test_block_bounds_cover_the_rows_in_near_equal_blocks():
+    bounds = block_bounds(1000, 300)
+    assert bounds[0][0] == 0 and bounds[-1][1] == 1000
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert [b - a for a, b in bounds] == [250, 250, 250, 250]
+    assert block_bounds(5, 300) == [(0, 5)]
+    assert min_block_rows(1001, 300) == 250
+
+
+@pytest.mark.parametrize("n, block", [(40, 4096), (257, 64), (500, 100)])
+def test_lists_equal_brute_force_top_k(n, block):
+    units = unit_rows(n, 8, seed=n)
+    widths = np.random.default_rng(0).integers(1, min(12, min_block_rows(n, block) - 1), n)
+    scores, ids = self_neighbour_lists(units, widths, block)
+    want_scores, want_ids = brute_force(units, int(widths.max()))
+    for row, width in enumerate(widths):
+        # continuous random data: no float32 near-ties, so the order is the exact one
+        assert ids[row, :width].tolist() == want_ids[row, :width].tolist(), row
+        assert np.allclose(scores[row, :width], want_scores[row, :width], atol=1e-6)
+        assert row not in ids[row, :width]
+        assert (ids[row, width:] == -1).all() and np.isneginf(scores[row, width:]).all()
+
+
+def test_duplicate_rows_are_listed_and_a_row_never_lists_itself():
+    units = unit_rows(60, 4, seed=3)
+    units[30:] = units[:30]  # every row has one exact copy
+    scores, ids = self_neighbour_lists(units, np.full(60, 3), block=16)
+    copy_of = np.r_[np.arange(30, 60), np.arange(30)]
+    assert (ids[:, 0] == copy_of).all()
+    assert np.allclose(scores[:, 0], 1.0, atol=1e-6)
+    assert not (ids == np.arange(60)[:, None]).any()
+
+
+@pytest.mark.parametrize("widths, message", [
+    (np.full(100, 20), r"widths must be in \[1, 19\]"),
+    (np.zeros(100, dtype=int), "widths must be in"),
+    (np.ones(7, dtype=int), "one width per row"),
+])
+def test_bad_widths_raise(widths, message):
+    with pytest.raises(ValueError, match=message):
+        self_neighbour_lists(unit_rows(100, 4, seed=0), widths, block=20)
+
+
+def test_metrics_fall_back_to_per_query_search_when_lists_do_not_fit(monkeypatch):
+    rng = np.random.default_rng(5)
+    units, labels = unit_rows(300, 8, seed=5), rng.integers(0, 10, 300)  # R about 30
+    monkeypatch.setattr(dml.eval.metrics, "SELF_SEARCH_BLOCK", 32)  # lists need > 31 entries
+    calls = []
+    monkeypatch.setattr(dml.eval.metrics, "self_neighbour_lists",
+                        lambda *args: calls.append(args) or self_neighbour_lists(*args))
+    fallback = retrieval_metrics(units, labels)
+    assert calls == []
+    monkeypatch.setattr(dml.eval.metrics, "SELF_SEARCH_BLOCK", 300)
+    swept = retrieval_metrics(units, labels)
+    assert len(calls) == 1
+    assert swept == fallback
+
+
+@pytest.mark.parametrize("cols", [64, 70, 20])
+def test_scores_above_finds_every_entry_over_the_floor(cols):
+    import torch
+
+    from dml.eval.self_search import scores_above
+
+    scores = torch.from_numpy(np.random.default_rng(cols).standard_normal((50, cols)).astype(np.float32))
+    rows, columns, values = scores_above(scores, torch.tensor(1.5))
+    want = set(zip(*np.nonzero(scores.numpy() > 1.5)))
+    assert set(zip(rows.tolist(), columns.tolist())) == want and len(rows) == len(want)
+    assert torch.equal(values, scores[rows, columns])
