@@ -80,13 +80,68 @@ def test_metrics_fall_back_to_per_query_search_when_lists_do_not_fit(monkeypatch
 
 
 @pytest.mark.parametrize("cols", [64, 70, 20])
-def test_scores_above_finds_every_entry_over_the_floor(cols):
+def test_scores_above_finds_every_entry_over_its_floor(cols):
     import torch
 
     from dml.eval.self_search import scores_above
 
-    scores = torch.from_numpy(np.random.default_rng(cols).standard_normal((50, cols)).astype(np.float32))
-    rows, columns, values = scores_above(scores, torch.tensor(1.5))
-    want = set(zip(*np.nonzero(scores.numpy() > 1.5)))
+    rng = np.random.default_rng(cols)
+    scores = torch.from_numpy(rng.standard_normal((50, cols)).astype(np.float32))
+    row_floor = torch.from_numpy(rng.uniform(1.0, 2.5, 50).astype(np.float32))
+    col_floor = torch.from_numpy(rng.uniform(1.0, 2.5, cols).astype(np.float32))
+    rows, columns, values = scores_above(scores, row_floor, col_floor)
+    floor = np.minimum(row_floor.numpy()[:, None], col_floor.numpy()[None, :])
+    want = set(zip(*np.nonzero(scores.numpy() > floor)))
     assert set(zip(rows.tolist(), columns.tolist())) == want and len(rows) == len(want)
     assert torch.equal(values, scores[rows, columns])
+
+
+def awkward_embeddings(kind: str, n: int, dim: int, rng) -> np.ndarray:
+    """Inputs that stress exact ranking: duplicates, ternary values, zero rows, one point."""
+    if kind == "duplicates":
+        data = rng.standard_normal((max(1, n // 5), dim))[rng.integers(0, max(1, n // 5), n)]
+    elif kind == "ternary":  # scores take few values: mass ties
+        data = rng.integers(-1, 2, (n, dim)).astype(np.float64)
+        data[np.abs(data).sum(1) == 0, 0] = 1
+    elif kind == "zero-rows":
+        data = rng.standard_normal((n, dim))
+        data[rng.random(n) < 0.2] = 0
+    elif kind == "near-duplicates":
+        base = rng.standard_normal((max(1, n // 8), dim))
+        data = base[rng.integers(0, len(base), n)] + 1e-7 * rng.standard_normal((n, dim))
+    else:  # all rows equal
+        data = np.tile(rng.standard_normal(dim), (n, 1))
+    return data.astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["duplicates", "ternary", "zero-rows", "near-duplicates", "equal"])
+@pytest.mark.parametrize("seed", range(4))
+def test_symmetric_and_per_query_search_agree_on_tied_inputs(kind, seed, monkeypatch):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(60, 220))
+    data = awkward_embeddings(kind, n, int(rng.choice([3, 8, 33])), rng)
+    # mixed class sizes, one class large enough that its lists do not fit 32-row blocks
+    labels = np.concatenate([rng.integers(0, n // 4, n - 40), np.full(40, n)])
+    rng.shuffle(labels)
+    monkeypatch.setattr(dml.eval.metrics, "SELF_SEARCH_BLOCK", int(rng.choice([32, 45])))
+    sweeps = []
+    monkeypatch.setattr(dml.eval.metrics, "self_neighbour_lists",
+                        lambda *args: sweeps.append(args[1]) or self_neighbour_lists(*args))
+    # batches of 25 queries sorted by R: only the last ones (the large class) need long lists
+    swept = retrieval_metrics(data, labels, ks=(1, 3), per_class=True, symmetric=True, batch_size=25)
+    per_query = retrieval_metrics(data, labels, ks=(1, 3), per_class=True, symmetric=False, batch_size=25)
+    assert len(sweeps) == 1 and (sweeps[0][labels == n] == 1).all()  # the large class: per query
+    assert swept == per_query
+
+
+def test_one_loose_row_does_not_open_the_filter_for_its_block():
+    import torch
+
+    from dml.eval.self_search import scores_above
+
+    scores = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (64, 96)).astype(np.float32))
+    row_floor, col_floor = torch.full((64,), 0.9), torch.full((96,), 0.9)
+    row_floor[5] = -2.0  # this row takes every score, the others only those above 0.9
+    rows, columns, _ = scores_above(scores, row_floor, col_floor)
+    want = set(zip(*np.nonzero((scores.numpy() > 0.9) | (np.arange(64) == 5)[:, None])))
+    assert set(zip(rows.tolist(), columns.tolist())) == want

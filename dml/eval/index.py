@@ -59,9 +59,9 @@ def _log_once(key: str, message: str, *args: Any, level: int = logging.WARNING) 
 def as_unit_float32(embeddings: Any, name: str = "embeddings") -> np.ndarray:
     """Return ``embeddings`` (numpy or torch, shape (N, D)) as C-contiguous float32 unit rows.
 
-    Rows are divided by their L2 norm unless every norm is already within 1e-5 of 1, in which
-    case the values are kept bit for bit (no copy for a float32 C-contiguous input). All-zero
-    rows stay zero. Raises ValueError for a wrong shape or non-finite values.
+    Rows are divided by their L2 norm unless every norm is already within 1e-5 of 1 (or 0),
+    in which case the values are kept bit for bit (no copy for a float32 C-contiguous input),
+    so applying it twice changes nothing. All-zero rows stay zero. Raises ValueError for a wrong shape or non-finite values.
     """
     if isinstance(embeddings, torch.Tensor):
         embeddings = embeddings.detach().cpu().float().numpy()
@@ -71,8 +71,8 @@ def as_unit_float32(embeddings: Any, name: str = "embeddings") -> np.ndarray:
     if not np.isfinite(array).all():
         raise ValueError(f"{name} contains NaN or infinite values")
     norms = np.linalg.norm(array, axis=1)
-    if np.abs(norms - 1.0).max() <= 1e-5:
-        return array
+    if ((np.abs(norms - 1.0) <= 1e-5) | (norms == 0)).all():
+        return array  # already unit (zero rows stay zero): normalising again could change bits
     return array / np.maximum(norms, 1e-12)[:, None]
 
 

@@ -20,8 +20,8 @@ Queries are searched in batches grouped by R, each with k = max(R in batch, max 
 per-query values are computed from the batch's (B, k) label-match matrix with array ops, so
 the (Nq, max R) neighbour matrix is never held whole. Leave-one-out on a CPU flat index
 instead builds all neighbour lists in one symmetric sweep (:mod:`dml.eval.self_search`, half
-the multiply-adds of a per-query search) when they fit in ``SELF_SEARCH_BUDGET`` entries, and
-ranks each batch exactly from them.
+the multiply-adds of a per-query search) for the queries whose lists fit (see
+``_self_search_lists``), and ranks each batch exactly from them.
 """
 
 from __future__ import annotations
@@ -108,18 +108,26 @@ def leave_one_out_width(k: int, k_cap: int) -> int:
 
 def _self_search_lists(knn: KnnIndex, plan: list[tuple[np.ndarray, int]], k_cap: int,
                        symmetric: bool | None) -> tuple[np.ndarray, np.ndarray] | None:
-    """Neighbour lists of every planned query from one symmetric sweep, or None when the
-    per-query search is to be used (GPU, IVF-PQ, lists over budget, or ``symmetric=False``)."""
+    """Neighbour lists from one symmetric sweep for the planned batches whose lists fit, or
+    None when every batch is to be searched per query (GPU, IVF-PQ, ``symmetric=False``).
+
+    A batch fits when its list width is below the smallest sweep block and N lists of that
+    width stay within ``SELF_SEARCH_BUDGET``; queries of larger classes (wider lists) are
+    searched per query, the rest still come from the sweep.
+    """
     if symmetric is False or knn.kind != "flat" or knn.backend == "faiss-gpu" or not plan:
         return None
+    limit = min(min_block_rows(knn.ntotal, SELF_SEARCH_BLOCK) - 1, SELF_SEARCH_BUDGET // knn.ntotal)
     widths = np.ones(knn.ntotal, dtype=np.int64)  # rows never queried still serve as items
+    swept = 0
     for rows, k in plan:
-        widths[rows] = leave_one_out_width(k, k_cap)
-    fits = widths.max() <= min_block_rows(knn.ntotal, SELF_SEARCH_BLOCK) - 1
-    if not fits or knn.ntotal * int(widths.max()) > SELF_SEARCH_BUDGET:
-        if symmetric:
-            logger.info("symmetric self-search skipped: %d lists of %d do not fit; searching per query",
-                        knn.ntotal, int(widths.max()))
+        width = leave_one_out_width(k, k_cap)
+        if width <= limit:
+            widths[rows], swept = width, swept + len(rows)
+    if swept < sum(len(rows) for rows, _ in plan):
+        logger.info("symmetric self-search covers %d queries; those with lists wider than %d are "
+                    "searched per query", swept, limit)
+    if not swept:
         return None
     return self_neighbour_lists(knn.gallery, widths, SELF_SEARCH_BLOCK)
 
@@ -131,7 +139,8 @@ def _exact_from_lists(knn: KnnIndex, batch: np.ndarray, rows: np.ndarray, k: int
     width = leave_one_out_width(k, k_cap)
     sims, ids = lists[0][rows, :width].copy(), lists[1][rows, :width].copy()
     retry = rerank_near_ties(batch, knn.gallery, sims, ids, k, knn.score_error, complete=width == k_cap)
-    if retry.any():
+    if retry.any():  # exact ties beyond the list (duplicates, collapsed embeddings)
+        logger.debug("%d of %d queries (k=%d) searched again past their lists", int(retry.sum()), len(rows), k)
         _, ids[retry, :k] = knn.search(np.ascontiguousarray(batch[retry]), k, rows[retry])
     return ids[:, :k]
 
@@ -148,7 +157,7 @@ def _search_and_score(knn: KnnIndex, queries: np.ndarray, query_labels: np.ndarr
     searched = 0
     for rows, k in plan:
         batch = np.ascontiguousarray(queries[rows])
-        if lists is not None:
+        if lists is not None and leave_one_out_width(k, k_cap) <= lists[0].shape[1]:
             ids = _exact_from_lists(knn, batch, rows, k, lists, k_cap)
         else:
             _, ids = knn.search(batch, k, rows if leave_one_out else None)

@@ -8,10 +8,9 @@ gallery items of block i. That halves the N x N x D product, which bounds exact 
 
 Selection is by threshold. Row r keeps its ``widths[r]`` best float32 scores so far; its
 threshold is the last of them. The diagonal blocks are ranked first with ``topk`` (each row
-then has a full list, from its own block). For every other block pair, one vectorised
-compare against the lowest threshold of the two blocks picks the few candidate scores (see
-:func:`scores_above`); only those are compared with their rows' own thresholds and merged
-into the lists. Thresholds
+then has a full list, from its own block). For every other block pair, a chunked compare
+against the row and column thresholds picks the few candidate scores (see
+:func:`scores_above`); those are offered to each side's lists. Thresholds
 only rise, so a dropped score never belongs to a row's final list.
 
 The output has the same meaning as a float32 search of ``widths[r]`` neighbours that leaves
@@ -19,8 +18,9 @@ each row's own index out: the best float32 scores, best first (order among exact
 ties unspecified), and every item not listed scores at most the last listed score. Exact
 ranking is applied afterwards by :func:`dml.eval.index.rerank_near_ties`.
 
-Memory: N x max(widths) x 12 bytes for the lists, plus one score block (block² x 4 bytes)
-and the candidates of a block pair.
+Memory: N x max(widths) x 12 bytes for the lists, plus one score block (block² x 4 bytes),
+the candidates of a block pair (at most block² x 16 bytes, in practice a few per row) and a
+merge table of at most 2 x block x 2 x max(widths) x 12 bytes.
 """
 
 from __future__ import annotations
@@ -54,24 +54,34 @@ def min_block_rows(n: int, block: int) -> int:
 CHUNK = 32  # columns per chunk maximum; torch reduces 32-wide chunks ~4x faster than 16-wide
 
 
-def scores_above(scores: torch.Tensor, floor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(row, column, value) of every entry of ``scores`` (R, C) greater than ``floor``.
+def scores_above(scores: torch.Tensor, row_floor: torch.Tensor,
+                 col_floor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, column, value) of every entry of ``scores`` (R, C) greater than the smaller of
+    its row's ``row_floor`` (R,) and its column's ``col_floor`` (C,).
 
     Few entries pass, so instead of a full mask and ``nonzero`` (two passes over R x C bytes)
-    it takes each 32-column chunk's maximum and only looks inside chunks whose maximum
-    passes; the last C mod 32 columns are compared directly.
+    it takes each 32-column chunk's maximum and only looks inside chunks whose maximum beats
+    the row's floor or the chunk's lowest column floor; the last C mod 32 columns are
+    compared directly. Per-row and per-column floors keep one loose row (an outlier, or a
+    query of a large class with a long list) from opening the filter for a whole block.
     """
     rows, cols = scores.shape
     main = cols - cols % CHUNK
     chunked = scores[:, :main].unflatten(1, (main // CHUNK, CHUNK))  # a view: (R, C // 32, 32)
-    chunk_rows, chunks = torch.nonzero(chunked.amax(2) > floor, as_tuple=True)
+    chunk_floor = torch.minimum(row_floor[:, None], col_floor[:main].view(-1, CHUNK).amin(1)[None, :])
+    chunk_rows, chunks = torch.nonzero(chunked.amax(2) > chunk_floor, as_tuple=True)
     values = chunked[chunk_rows, chunks]  # (passing chunks, 32): contiguous slices, cheap to gather
-    hit, offset = torch.nonzero(values > floor, as_tuple=True)
-    a, b, v = chunk_rows[hit], chunks[hit] * CHUNK + offset, values[hit, offset]
+    columns = chunks[:, None] * CHUNK + torch.arange(CHUNK)
+    floors = torch.minimum(row_floor[chunk_rows][:, None], col_floor[columns])
+    hit, offset = torch.nonzero(values > floors, as_tuple=True)
+    a, b, v = chunk_rows[hit], columns[hit, offset], values[hit, offset]
     if main < cols:
-        tail_rows, tail_cols = torch.nonzero(scores[:, main:] > floor, as_tuple=True)
-        tail_cols = tail_cols + main
-        a, b, v = torch.cat([a, tail_rows]), torch.cat([b, tail_cols]), torch.cat([v, scores[tail_rows, tail_cols]])
+        tail = scores[:, main:]
+        tail_rows, tail_cols = torch.nonzero(tail > torch.minimum(row_floor[:, None], col_floor[None, main:]),
+                                             as_tuple=True)
+        a = torch.cat([a, tail_rows])
+        b = torch.cat([b, tail_cols + main])
+        v = torch.cat([v, tail[tail_rows, tail_cols]])
     return a, b, v
 
 
@@ -98,14 +108,21 @@ class _NeighbourLists:
         """Offer candidate (row, id, score) triples; each row keeps its best ``width``."""
         if rows.numel() == 0:
             return
+        width = self.scores.shape[1]
+        # group by row, best first within a row, and keep at most `width` per row: the
+        # padded merge below then never grows past (touched rows) x 2 x width
+        order = torch.argsort(scores, descending=True)
+        rows, ids, scores = rows[order], ids[order], scores[order]
         rows, order = torch.sort(rows, stable=True)
         ids, scores = ids[order], scores[order]
         touched, counts = torch.unique_consecutive(rows, return_counts=True)
         starts = torch.cumsum(counts, 0) - counts
         slot = torch.arange(rows.numel()) - torch.repeat_interleave(starts, counts)
         row_of = torch.repeat_interleave(torch.arange(touched.numel()), counts)
-        width = self.scores.shape[1]
-        pad = int(counts.max())
+        if int(counts.max()) > width:
+            kept = slot < width
+            slot, row_of, ids, scores = slot[kept], row_of[kept], ids[kept], scores[kept]
+        pad = min(int(counts.max()), width)
         all_scores = torch.full((touched.numel(), width + pad), float("-inf"))
         all_ids = torch.full((touched.numel(), width + pad), -1, dtype=torch.int64)
         all_scores[:, :width], all_ids[:, :width] = self.scores[touched], self.ids[touched]
@@ -146,24 +163,22 @@ def self_neighbour_lists(units: np.ndarray, widths: np.ndarray,
     # one score buffer for all pairs: a fresh 64 MiB tensor per pair would be mapped and
     # page-faulted anew each time (large allocations bypass malloc's pool), ~1.8x the GEMM
     largest = max(b - a for a, b in bounds)
-    score_buffer = torch.empty(largest * largest)
+    score_buffer = torch.empty(largest * largest if pairs else 0)
     for i, (row_start, row_stop) in enumerate(bounds):
         rows = x[row_start:row_stop]
         for col_start, col_stop in bounds[i + 1:]:
             shape = (row_stop - row_start, col_stop - col_start)
             scores = score_buffer[: shape[0] * shape[1]].view(shape)
             torch.mm(rows, x[col_start:col_stop].T, out=scores)
-            floor = torch.minimum(lists.thresholds[row_start:row_stop].min(),
-                                  lists.thresholds[col_start:col_stop].min())
-            a, b, values = scores_above(scores, floor)
+            a, b, values = scores_above(scores, lists.thresholds[row_start:row_stop],
+                                        lists.thresholds[col_start:col_stop])
             offered += values.numel()
             a, b = a + row_start, b + col_start
             for owner, item in ((a, b), (b, a)):  # rows of block i see block j, and back
                 keep = values > lists.thresholds[owner]
                 lists.merge(owner[keep], item[keep], values[keep])
             done += 1
-        logger.debug("self search: %d of %d block pairs, %d scores past the block floor so far",
-                     done, pairs, offered)
+        logger.debug("self search: %d of %d block pairs, %d candidate scores so far", done, pairs, offered)
     beyond = torch.arange(lists.scores.shape[1]) >= widths_t[:, None]  # entries no threshold guarded
     lists.scores[beyond], lists.ids[beyond] = float("-inf"), -1
     return lists.scores.numpy(), lists.ids.numpy()
