@@ -1,4 +1,5 @@
-"""The `dml` command: `dml <stage> --config FILE [key=value ...]`.
+"""The `dml` command: `dml <stage> --config FILE [key=value ...]`, and `dml config` to print
+the resolved config.
 
 Every command logs where its outputs went and exits non-zero with a one-line reason on bad
 input (any `DMLError`); unexpected exceptions keep their traceback, since those are bugs.
@@ -93,6 +94,14 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     return run_pipeline_command(args.config, args.overrides)
 
 
+def _cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    config = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
 def _headline(metrics: dict) -> str:
     keys = ("map_at_r", "precision_at_1")
     return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
@@ -136,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="ONNX / TorchScript export with parity check and model card")
     _add_config_args(export)
     export.set_defaults(handler=_cmd_export)
+
+    config = sub.add_parser("config", help="print the resolved config (extends and overrides applied) as YAML")
+    _add_config_args(config)
+    config.set_defaults(handler=_cmd_config)
 
     pipeline = sub.add_parser("pipeline", help="the chained Prefect flow")
     pipeline_sub = pipeline.add_subparsers(dest="action", required=True)

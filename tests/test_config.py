@@ -118,3 +118,15 @@ def test_student_configs_extend_the_quickstart(student):
     with torch.no_grad():
         out = model(torch.zeros(2, config.data.channels, config.data.image_size, config.data.image_size))
     assert out.shape == (2, 128)
+
+
+def test_cli_config_prints_the_resolved_config(capsys):
+    from pathlib import Path
+
+    student = Path(__file__).parents[1] / "configs" / "students" / "mobilenetv2_100.yaml"
+    assert main(["config", "--config", str(student), "seed=5"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert "extends" not in printed and printed["seed"] == 5
+    assert printed["distill"]["student"]["backbone"] == "mobilenetv2_100"
+    assert printed["distill"]["teacher"] == "runs/quickstart/teacher"
+    assert printed["data"]["image_size"] == 28  # from the quickstart it extends
