@@ -56,13 +56,15 @@ CHUNK = 32  # columns per chunk maximum; torch reduces 32-wide chunks ~4x faster
 
 def scores_above(scores: torch.Tensor, row_floor: torch.Tensor,
                  col_floor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(row, column, value) of every entry of ``scores`` (R, C) greater than the smaller of
-    its row's ``row_floor`` (R,) and its column's ``col_floor`` (C,).
+    """(row, column, value) of the entries of ``scores`` (R, C) that may beat a floor.
 
-    Few entries pass, so instead of a full mask and ``nonzero`` (two passes over R x C bytes)
-    it takes each 32-column chunk's maximum and only looks inside chunks whose maximum beats
-    the row's floor or the chunk's lowest column floor; the last C mod 32 columns are
-    compared directly. Per-row and per-column floors keep one loose row (an outlier, or a
+    Every entry greater than the smaller of its row's ``row_floor`` (R,) and its column's
+    ``col_floor`` (C,) is returned; so may be other entries of the same 32-column chunk that
+    beat the chunk's own floor (its row's floor or its lowest column floor), which the
+    caller filters per side anyway. Few entries pass, so instead of a full mask and
+    ``nonzero`` (two passes over R x C bytes) it takes each chunk's maximum and looks only
+    inside chunks whose maximum beats that chunk floor; the last C mod 32 columns are
+    compared directly. Per-row and per-chunk floors keep one loose row (an outlier, or a
     query of a large class with a long list) from opening the filter for a whole block.
     """
     rows, cols = scores.shape
@@ -71,10 +73,8 @@ def scores_above(scores: torch.Tensor, row_floor: torch.Tensor,
     chunk_floor = torch.minimum(row_floor[:, None], col_floor[:main].view(-1, CHUNK).amin(1)[None, :])
     chunk_rows, chunks = torch.nonzero(chunked.amax(2) > chunk_floor, as_tuple=True)
     values = chunked[chunk_rows, chunks]  # (passing chunks, 32): contiguous slices, cheap to gather
-    columns = chunks[:, None] * CHUNK + torch.arange(CHUNK)
-    floors = torch.minimum(row_floor[chunk_rows][:, None], col_floor[columns])
-    hit, offset = torch.nonzero(values > floors, as_tuple=True)
-    a, b, v = chunk_rows[hit], columns[hit, offset], values[hit, offset]
+    hit, offset = torch.nonzero(values > chunk_floor[chunk_rows, chunks][:, None], as_tuple=True)
+    a, b, v = chunk_rows[hit], chunks[hit] * CHUNK + offset, values[hit, offset]
     if main < cols:
         tail = scores[:, main:]
         tail_rows, tail_cols = torch.nonzero(tail > torch.minimum(row_floor[:, None], col_floor[None, main:]),
@@ -109,17 +109,16 @@ class _NeighbourLists:
         if rows.numel() == 0:
             return
         width = self.scores.shape[1]
-        # group by row, best first within a row, and keep at most `width` per row: the
-        # padded merge below then never grows past (touched rows) x 2 x width
-        order = torch.argsort(scores, descending=True)
-        rows, ids, scores = rows[order], ids[order], scores[order]
-        rows, order = torch.sort(rows, stable=True)
+        sorted_rows, order = torch.sort(rows, stable=True)
+        touched, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
+        if int(counts.max()) > width:  # rare: order best first within each row, to keep `width`
+            order = torch.argsort(scores, descending=True)
+            order = order[torch.sort(rows[order], stable=True)[1]]
         ids, scores = ids[order], scores[order]
-        touched, counts = torch.unique_consecutive(rows, return_counts=True)
         starts = torch.cumsum(counts, 0) - counts
         slot = torch.arange(rows.numel()) - torch.repeat_interleave(starts, counts)
         row_of = torch.repeat_interleave(torch.arange(touched.numel()), counts)
-        if int(counts.max()) > width:
+        if int(counts.max()) > width:  # the padded merge stays within (touched rows) x 2 x width
             kept = slot < width
             slot, row_of, ids, scores = slot[kept], row_of[kept], ids[kept], scores[kept]
         pad = min(int(counts.max()), width)
@@ -174,9 +173,10 @@ def self_neighbour_lists(units: np.ndarray, widths: np.ndarray,
                                         lists.thresholds[col_start:col_stop])
             offered += values.numel()
             a, b = a + row_start, b + col_start
-            for owner, item in ((a, b), (b, a)):  # rows of block i see block j, and back
-                keep = values > lists.thresholds[owner]
-                lists.merge(owner[keep], item[keep], values[keep])
+            # rows of block i see block j, and back; one merge for both (their rows differ)
+            to_rows, to_cols = values > lists.thresholds[a], values > lists.thresholds[b]
+            lists.merge(torch.cat([a[to_rows], b[to_cols]]), torch.cat([b[to_rows], a[to_cols]]),
+                        torch.cat([values[to_rows], values[to_cols]]))
             done += 1
         logger.debug("self search: %d of %d block pairs, %d candidate scores so far", done, pairs, offered)
     beyond = torch.arange(lists.scores.shape[1]) >= widths_t[:, None]  # entries no threshold guarded
