@@ -95,8 +95,20 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> D
     device = _device_for(local_rank, backend)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend, init_method="env://", rank=rank,
-                            world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None:
+        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
+                                timeout=timeout)
+    else:
+        # Under torchrun the store outlives a worker restart, and env:// adds no per-attempt
+        # prefix: a restarted rank could read its peer's gloo address from the previous
+        # attempt and connect to a dead port (seen in the worker-restart test).
+        serves = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # else rank 0 hosts it
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                              is_master=not serves and rank == 0, timeout=timeout)
+        dist.init_process_group(backend=backend, store=dist.PrefixStore(f"dml/attempt_{restart}", store),
+                                rank=rank, world_size=world_size, timeout=timeout)
     log.info("joined process group: rank %d of %d, backend %s, device %s", rank, world_size, backend, device)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend)
 
