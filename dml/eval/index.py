@@ -61,7 +61,8 @@ def as_unit_float32(embeddings: Any, name: str = "embeddings") -> np.ndarray:
 
     Rows are divided by their L2 norm unless every norm is already within 1e-5 of 1 (or 0),
     in which case the values are kept bit for bit (no copy for a float32 C-contiguous input),
-    so applying it twice changes nothing. All-zero rows stay zero. Raises ValueError for a wrong shape or non-finite values.
+    so applying it twice changes nothing. All-zero rows stay zero. Raises ValueError for a
+    wrong shape or non-finite values.
     """
     if isinstance(embeddings, torch.Tensor):
         embeddings = embeddings.detach().cpu().float().numpy()
@@ -74,6 +75,12 @@ def as_unit_float32(embeddings: Any, name: str = "embeddings") -> np.ndarray:
     if ((np.abs(norms - 1.0) <= 1e-5) | (norms == 0)).all():
         return array  # already unit (zero rows stay zero): normalising again could change bits
     return array / np.maximum(norms, 1e-12)[:, None]
+
+
+def candidate_width(need: int, available: int) -> int:
+    """Results to fetch so the exact top ``need`` can be ranked: a margin past the need-th
+    item (rounding can only reorder near it), at most the ``available`` items."""
+    return min(available, need + max(8, need // 4))
 
 
 def drop_own_index(
@@ -183,7 +190,7 @@ class KnnIndex:
         out_sims = np.empty((len(queries), need), np.float32)
         out_ids = np.empty((len(queries), need), np.int64)
         rows = np.arange(len(queries))
-        width = min(self.ntotal, need + max(8, need // 4))  # margin to see past the k-th item
+        width = candidate_width(need, self.ntotal)
         while rows.size:
             batch = queries if rows.size == len(queries) else np.ascontiguousarray(queries[rows])
             sims, ids = self._raw_search(batch, width)

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from dml.eval.index import KnnIndex, as_unit_float32, build_index, rerank_near_ties
+from dml.eval.index import KnnIndex, as_unit_float32, build_index, candidate_width, rerank_near_ties
 from dml.eval.self_search import DEFAULT_BLOCK, min_block_rows, self_neighbour_lists
 
 logger = logging.getLogger(__name__)
@@ -101,9 +101,10 @@ def _batches_by_relevance(num_relevant: np.ndarray, k_floor: int, k_cap: int, ba
 
 
 def leave_one_out_width(k: int, k_cap: int) -> int:
-    """Neighbours listed per query to rank its exact top ``k``: a margin past the k-th item
-    (as :meth:`KnnIndex.search` uses), capped at the ``k_cap`` other gallery items."""
-    return min(k_cap, k + max(8, (k + 1) // 4))
+    """Neighbours listed per query to rank its exact top ``k`` among the ``k_cap`` other
+    gallery items: the margin of :meth:`KnnIndex.search`, which fetches k + 1 including the
+    query itself, less that one."""
+    return candidate_width(k + 1, k_cap + 1) - 1
 
 
 def _self_search_lists(knn: KnnIndex, plan: list[tuple[np.ndarray, int]], k_cap: int,
@@ -132,11 +133,11 @@ def _self_search_lists(knn: KnnIndex, plan: list[tuple[np.ndarray, int]], k_cap:
     return self_neighbour_lists(knn.gallery, widths, SELF_SEARCH_BLOCK)
 
 
-def _exact_from_lists(knn: KnnIndex, batch: np.ndarray, rows: np.ndarray, k: int,
+def _exact_from_lists(knn: KnnIndex, batch: np.ndarray, rows: np.ndarray, k: int, width: int,
                       lists: tuple[np.ndarray, np.ndarray], k_cap: int) -> np.ndarray:
-    """Exact top-``k`` ids of queries ``rows`` from their float32 lists: near ties rescored
-    in float64, and the rare row whose exact top k may lie past its list searched again."""
-    width = leave_one_out_width(k, k_cap)
+    """Exact top-``k`` ids of queries ``rows`` from the first ``width`` entries of their
+    float32 lists: near ties rescored in float64, and the rare row whose exact top k may lie
+    past its list searched again."""
     sims, ids = lists[0][rows, :width].copy(), lists[1][rows, :width].copy()
     retry = rerank_near_ties(batch, knn.gallery, sims, ids, k, knn.score_error, complete=width == k_cap)
     if retry.any():  # exact ties beyond the list (duplicates, collapsed embeddings)
@@ -157,8 +158,9 @@ def _search_and_score(knn: KnnIndex, queries: np.ndarray, query_labels: np.ndarr
     searched = 0
     for rows, k in plan:
         batch = np.ascontiguousarray(queries[rows])
-        if lists is not None and leave_one_out_width(k, k_cap) <= lists[0].shape[1]:
-            ids = _exact_from_lists(knn, batch, rows, k, lists, k_cap)
+        width = leave_one_out_width(k, k_cap) if lists is not None else 0
+        if lists is not None and width <= lists[0].shape[1]:
+            ids = _exact_from_lists(knn, batch, rows, k, width, lists, k_cap)
         else:
             _, ids = knn.search(batch, k, rows if leave_one_out else None)
         matches = (gallery_labels[ids] == query_labels[rows][:, None]) & (ids >= 0)

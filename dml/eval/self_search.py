@@ -111,17 +111,18 @@ class _NeighbourLists:
         width = self.scores.shape[1]
         sorted_rows, order = torch.sort(rows, stable=True)
         touched, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
-        if int(counts.max()) > width:  # rare: order best first within each row, to keep `width`
+        most = int(counts.max())
+        if most > width:  # rare: order best first within each row, so its best `width` lead
             order = torch.argsort(scores, descending=True)
             order = order[torch.sort(rows[order], stable=True)[1]]
         ids, scores = ids[order], scores[order]
         starts = torch.cumsum(counts, 0) - counts
         slot = torch.arange(rows.numel()) - torch.repeat_interleave(starts, counts)
         row_of = torch.repeat_interleave(torch.arange(touched.numel()), counts)
-        if int(counts.max()) > width:  # the padded merge stays within (touched rows) x 2 x width
+        if most > width:  # the padded merge stays within (touched rows) x 2 x width
             kept = slot < width
             slot, row_of, ids, scores = slot[kept], row_of[kept], ids[kept], scores[kept]
-        pad = min(int(counts.max()), width)
+        pad = min(most, width)
         all_scores = torch.full((touched.numel(), width + pad), float("-inf"))
         all_ids = torch.full((touched.numel(), width + pad), -1, dtype=torch.int64)
         all_scores[:, :width], all_ids[:, :width] = self.scores[touched], self.ids[touched]
