@@ -43,8 +43,9 @@ class SplitConfig(StrictModel):
     - ``class``: zero-shot; ``train_fraction`` of the classes train, the rest are held out.
     - ``sample``: every class appears in train and held-out; ``train_fraction`` of each class's
       samples train.
-    - ``source``: the source's own split column/file decides what trains ("train"); everything
-      else is held out.
+    - ``source``: the source's own split column/file decides: ``train``, ``query`` and
+      ``gallery`` are kept as given, ``test`` is held out (drawn into query/gallery below);
+      a row with no or another value is rejected with its reason.
     Held-out samples are split per class into query and gallery by ``query_fraction``; with
     ``query_fraction = 1`` everything goes to ``query`` and evaluation is leave-one-out.
     """

@@ -1,7 +1,9 @@
 """`manifest.json`: the contract between `dml prepare` and every later stage.
 
 It lists the classes (index -> name), per-split and per-shard counts, each shard's sha256,
-the source, the config and every rejected input with its reason. Partitioned runs write
+the source, the config and every rejected input with a reason code and reason: inputs refused
+while listing (hidden, duplicate, bad row, ...; ``key`` null, ``row`` for tables) and inputs
+that could not be read or decoded (code ``unreadable``, with their shard key). Partitioned runs write
 ``manifest.part-IIIII-of-NNNNN.json``; `merge_manifests` combines them into the same
 ``manifest.json`` a single run would have written.
 """
@@ -23,6 +25,8 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+# Code of a rejection found while reading or decoding an image (listing rules give their own).
+UNREADABLE = "unreadable"
 
 
 def manifest_name(partition: tuple[int, int] | None) -> str:
@@ -60,8 +64,11 @@ def _build(classes: list[str], shards: list[dict], rejected: list[dict], *, sour
         "classes": classes,
         "splits": _splits_from_shards(shards),
         "counts": {"inputs": written + len(rejected), "written": written, "rejected": len(rejected),
+                   "rejected_by_code": dict(sorted(Counter(r.get("code", UNREADABLE) for r in rejected).items())),
                    "skipped_over_max_per_class": skipped},
-        "rejected": sorted(rejected, key=lambda r: r["key"]),
+        # Refused while listing (key null) first, by source path and row; then by shard key.
+        "rejected": sorted(rejected, key=lambda r: (r["key"] is not None, r["key"] or "", r["source"],
+                                                    r.get("row", -1))),
         # Kept so partial manifests can be merged without re-reading shards.
         "shard_records": sorted(shards, key=lambda s: s["name"]) if partition is not None else None,
     }
@@ -74,7 +81,9 @@ def assemble_manifest(plan: "ShardPlan", results: list["ShardResult"], source: d
     from dataclasses import asdict
 
     shards = [asdict(r) for r in results]
-    rejected = [item for r in results for item in r.rejected]
+    rejected = [{"code": UNREADABLE, **item} for r in results for item in r.rejected]
+    if partition is None or partition[0] == 0:  # inputs refused while listing: one partition names them
+        rejected += plan.rejected
     for shard in shards:
         shard.pop("rejected")
     planned = {t.name: len(t.samples) for t in plan.tasks}

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import defaultdict
+import logging
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,7 +19,13 @@ from dml.config import PrepareConfig
 from dml.data.sources import Record, Source
 from dml.errors import DataError
 
+log = logging.getLogger(__name__)
+
 SPLITS = ("train", "query", "gallery")
+# split.mode "source": these split values are honoured as given; HELD_OUT is drawn into query
+# and gallery per class by query_fraction (IDX t10k and Omniglot evaluation use it).
+HELD_OUT = "test"
+SOURCE_SPLITS = (*SPLITS, HELD_OUT)
 
 
 @dataclass(frozen=True)
@@ -41,10 +48,13 @@ class ShardTask:
 
 @dataclass
 class ShardPlan:
+    """Classes, shard tasks and the inputs refused before reading (manifest ``rejected`` entries)."""
+
     classes: list[str]
     tasks: list[ShardTask]
     skipped_over_cap: int
     digest: str
+    rejected: list[dict] = field(default_factory=list)
 
     def for_partition(self, index: int, count: int) -> list[ShardTask]:
         """The shards partition ``index`` of ``count`` writes (round-robin over the plan)."""
@@ -90,7 +100,11 @@ def _train_classes(classes: list[str], split_cfg, rng: np.random.Generator) -> s
 
 
 def assign_splits(records: list[Record], config: PrepareConfig) -> dict[int, str]:
-    """Map record position -> split name for the configured split mode."""
+    """Map record position -> split name for the configured split mode.
+
+    In split.mode "source" every record's split must be one of SOURCE_SPLITS already
+    (`reject_bad_source_splits`).
+    """
     split_cfg = config.split
     rng = np.random.default_rng(split_cfg.seed)
     by_class: dict[str, list[int]] = defaultdict(list)
@@ -112,13 +126,14 @@ def assign_splits(records: list[Record], config: PrepareConfig) -> dict[int, str
             assignment.update({i: "train" for i in members[:n_train]})
             if members[n_train:]:
                 _split_held_out(members[n_train:], split_cfg.query_fraction, rng, assignment)
-    else:  # source
-        missing = sum(1 for r in records if r.split is None)
-        if missing:
-            raise DataError(f"split.mode 'source' needs a split for every input; {missing} have none")
+    else:  # source: train / query / gallery as given; HELD_OUT drawn per class
         for name in classes:
-            held = [i for i in by_class[name] if records[i].split != "train"]
-            assignment.update({i: "train" for i in by_class[name] if records[i].split == "train"})
+            held = []
+            for i in by_class[name]:
+                if records[i].split == HELD_OUT:
+                    held.append(i)
+                else:
+                    assignment[i] = records[i].split
             if held:
                 _split_held_out(held, split_cfg.query_fraction, rng, assignment)
     return assignment
@@ -141,11 +156,61 @@ def _chunk(samples: list[PlannedSample], sizes: list[int], split: str, config: P
     return tasks
 
 
+def reject_bad_source_splits(records: list[Record]) -> list[Record]:
+    """For split.mode "source": records whose split value is missing or unknown become rejected.
+
+    Raises DataError when no record has a split value at all (the source has no split column).
+    """
+    if records and all(r.split is None for r in records):
+        raise DataError("split.mode 'source' needs a split column or file in the source; this source has none")
+    out = []
+    for r in records:
+        if r.rejection is None and r.split not in SOURCE_SPLITS:
+            reason = (f"split value '{r.split}' is not one of {', '.join(SOURCE_SPLITS)}" if r.split is not None
+                      else "no split value")
+            r = r.rejected("bad_split", reason)
+        out.append(r)
+    return out
+
+
+def rejection_entry(record: Record) -> dict:
+    """A manifest ``rejected`` entry for a record refused before reading (no shard key)."""
+    assert record.rejection is not None
+    entry = {"key": None, "source": record.source_id, "code": record.rejection.code,
+             "reason": record.rejection.reason}
+    if record.row is not None:
+        entry["row"] = record.row
+    return entry
+
+
+def _by_code(rejected: list[dict]) -> str:
+    return ", ".join(f"{n} {code}" for code, n in sorted(Counter(e["code"] for e in rejected).items()))
+
+
+def _no_usable_inputs(listed: list[Record], rejected: list[dict], path: object) -> DataError:
+    if not listed:
+        return DataError(f"source is empty: no inputs found in {path}")
+    first = rejected[0]
+    return DataError(f"no usable inputs in {path}: {len(listed)} listed, all rejected ({_by_code(rejected)}); "
+                     f"first: {first['source'] or '(no path)'}: {first['reason']}")
+
+
 def make_plan(source: Source, config: PrepareConfig) -> ShardPlan:
-    """List the source and decide every sample's key, class index, split and shard."""
-    records, skipped = _cap_per_class(source.records(), config.max_per_class)
+    """List the source and decide every sample's key, class index, split and shard.
+
+    Inputs refused while listing (by the source's rules, or an unknown split value in
+    split.mode "source") go to ``plan.rejected``. Raises DataError when no input is usable.
+    """
+    listed = source.records()
+    if config.split.mode == "source":
+        listed = reject_bad_source_splits(listed)
+    rejected = [rejection_entry(r) for r in listed if r.rejection is not None]
+    records, skipped = _cap_per_class([r for r in listed if r.rejection is None], config.max_per_class)
     if not records:
-        raise DataError(f"source is empty: no inputs found in {source.description.get('path')}")
+        raise _no_usable_inputs(listed, rejected, source.description.get("path"))
+    if rejected:
+        log.info("listing: %d inputs, %d refused by the input rules (%s); each is named in the manifest",
+                 len(listed), len(rejected), _by_code(rejected))
     classes = sorted_class_names({r.label for r in records})
     class_index = {name: i for i, name in enumerate(classes)}
     assignment = assign_splits(records, config)
@@ -159,11 +224,12 @@ def make_plan(source: Source, config: PrepareConfig) -> ShardPlan:
         samples = [PlannedSample(f"{i:0{width}d}", records[i], class_index[records[i].label]) for i in members]
         sizes = [source.size_hint(records[i]) for i in members]
         tasks.extend(_chunk(samples, sizes, split, config))
-    return ShardPlan(classes, tasks, skipped, _plan_digest(classes, tasks, config))
+    return ShardPlan(classes, tasks, skipped, _plan_digest(classes, tasks, rejected, config), rejected)
 
 
-def _plan_digest(classes: list[str], tasks: list[ShardTask], config: PrepareConfig) -> str:
-    """A hash of everything that decides shard contents, to refuse mixing plans on resume/merge."""
+def _plan_digest(classes: list[str], tasks: list[ShardTask], rejected: list[dict], config: PrepareConfig) -> str:
+    """A hash of everything that decides shard contents and the refusals, to refuse mixing plans
+    on resume/merge."""
     h = hashlib.sha256()
     settings = config.model_dump(mode="json", exclude={"workers", "output_dir"})
     h.update(json.dumps(settings, sort_keys=True).encode())
@@ -172,4 +238,6 @@ def _plan_digest(classes: list[str], tasks: list[ShardTask], config: PrepareConf
         h.update(task.name.encode())
         for s in task.samples:
             h.update(f"{s.key}\t{s.record.source_id}\t{s.class_index}\n".encode())
+    if rejected:  # (not hashed when empty, so plans without refusals keep their digest)
+        h.update(json.dumps(rejected, sort_keys=True).encode())
     return h.hexdigest()

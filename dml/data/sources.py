@@ -7,30 +7,19 @@ be made deterministically before any pixel is decoded, and reads one record's im
 
 from __future__ import annotations
 
-import csv
 import gzip
-import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Union
 
 import numpy as np
 
+from dml.data.folder_listing import list_folder
+from dml.data.records import IMAGE_EXTENSIONS, Record, Rejection  # noqa: F401 (re-exported)
+from dml.data.table_listing import list_table
 from dml.errors import DataError
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".pbm", ".gif", ".tif", ".tiff", ".webp"}
-
 ImagePayload = Union[bytes, np.ndarray]
-
-
-@dataclass(frozen=True)
-class Record:
-    """One input sample before reading: a stable id, its original label and a split hint."""
-
-    source_id: str
-    label: str
-    split: str | None = None
 
 
 class Source(Protocol):
@@ -38,7 +27,9 @@ class Source(Protocol):
 
     description: dict
 
-    def records(self) -> list[Record]: ...
+    def records(self) -> list[Record]:
+        """Every listed input in a stable order, refused ones carrying their `Rejection`."""
+        ...
 
     def read(self, record: Record) -> ImagePayload: ...
 
@@ -53,8 +44,8 @@ def _require(path: Path, what: str) -> None:
 class FolderSource:
     """An image-folder tree: ``root/<class name>/<image file>``.
 
-    Files with an image extension inside class folders are samples; other files inside class
-    folders are listed so they are reported as rejected rather than silently dropped.
+    Every path under the root is listed: image files inside class folders are samples; every
+    other path is a record rejected with its reason (rules in `dml.data.folder_listing`).
     """
 
     def __init__(self, root: str | Path):
@@ -64,32 +55,14 @@ class FolderSource:
         self._sizes: dict[str, int] = {}  # filled by records(), so planning stats each file once
 
     def records(self) -> list[Record]:
-        # One os.walk and one stat per file (pathlib's rglob + is_file + a later stat cost three
-        # syscalls and Path objects per file: a quarter of a 1-worker prepare on small JPEGs).
-        # Broken links and other non-regular entries are listed too, so they are rejected by
-        # name instead of vanishing. Order: class folders by name, files by path components.
-        out = []
-        self._sizes.clear()
-        root = str(self.root)
-        class_dirs = sorted(e.name for e in os.scandir(root) if e.is_dir())
-        for class_name in class_dirs:
-            files = []
-            for dirpath, _, filenames in os.walk(os.path.join(root, class_name)):
-                rel_dir = os.path.relpath(dirpath, root)
-                files.extend(os.path.join(rel_dir, name) for name in filenames)
-            for rel in sorted(files, key=lambda r: r.split(os.sep)):
-                out.append(Record(rel, class_name))
-                try:
-                    self._sizes[rel] = os.stat(os.path.join(root, rel)).st_size
-                except OSError:
-                    self._sizes[rel] = 0
-        return out
+        # One scandir per folder and one stat per file (pathlib's rglob + is_file + a later
+        # stat cost three syscalls and Path objects per file).
+        listing = list_folder(self.root)
+        self._sizes = listing.sizes
+        return listing.records
 
     def read(self, record: Record) -> ImagePayload:
-        path = self.root / record.source_id
-        if path.suffix.lower() not in IMAGE_EXTENSIONS:
-            raise ValueError(f"not an image file extension ({path.suffix or 'none'})")
-        return path.read_bytes()
+        return (self.root / record.source_id).read_bytes()
 
     def size_hint(self, record: Record) -> int:
         size = self._sizes.get(record.source_id)
@@ -102,7 +75,8 @@ class FolderSource:
 class TableSource:
     """A CSV or Parquet manifest with columns ``path,label[,split]``.
 
-    Relative paths are resolved against the manifest file's folder.
+    Relative paths are resolved against the manifest file's folder. Every row is listed:
+    bad, duplicate and conflicting rows as rejected records (rules in `dml.data.table_listing`).
     """
 
     def __init__(self, table: str | Path):
@@ -112,20 +86,8 @@ class TableSource:
         self.description = {"kind": "parquet" if self.table.suffix == ".parquet" else "csv",
                             "path": str(self.table)}
 
-    def _rows(self) -> list[dict]:
-        if self.table.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return pq.read_table(self.table).to_pylist()
-        with self.table.open(newline="") as handle:
-            return list(csv.DictReader(handle))
-
     def records(self) -> list[Record]:
-        rows = self._rows()
-        if rows and not {"path", "label"} <= set(rows[0]):
-            raise DataError(f"{self.table} needs columns 'path' and 'label' (has {sorted(rows[0])})")
-        return [Record(str(r["path"]), str(r["label"]), (str(r["split"]) if r.get("split") else None))
-                for r in rows]
+        return list_table(self.table)
 
     def read(self, record: Record) -> ImagePayload:
         return self._path(record).read_bytes()

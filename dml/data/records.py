@@ -1,0 +1,36 @@
+"""What a source lists before any pixel is read: records, and why a listed input was refused."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".pbm", ".gif", ".tif", ".tiff", ".webp"}
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why a listed input is not a sample: a short code (``hidden``, ``duplicate``, ...) and a
+    one-line reason."""
+
+    code: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Record:
+    """One listed input before reading: a stable id, its original label and a split hint.
+
+    A record with a ``rejection`` was refused while listing (by the source's rules); it is
+    never read, and the manifest names it with its reason. ``row`` locates a table's input
+    (CSV: line number, header = line 1; Parquet: 0-based row index).
+    """
+
+    source_id: str
+    label: str
+    split: str | None = None
+    rejection: Rejection | None = None
+    row: int | None = None
+
+    def rejected(self, code: str, reason: str) -> "Record":
+        """This record refused with ``code`` and ``reason``."""
+        return Record(self.source_id, self.label, self.split, Rejection(code, reason), self.row)
