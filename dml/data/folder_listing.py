@@ -96,7 +96,10 @@ class _Walker:
                 self.reject_all(entry.path, rel, rule)
             elif entry.is_symlink():
                 link = _PendingLink(rel, entry.path, class_name, stack)
-                self.pending.append(link) if defer_links else self.link(link)
+                if defer_links:
+                    self.pending.append(link)
+                else:
+                    self.link(link)
             elif entry.is_dir(follow_symlinks=False):
                 self.folder(entry.path, rel, class_name or entry.name, stack, defer_links)
             else:
