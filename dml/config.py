@@ -31,7 +31,7 @@ class StrictModel(BaseModel):
 class SourceConfig(StrictModel):
     """Where raw labelled images come from."""
 
-    kind: Literal["auto", "folder", "csv", "parquet", "idx", "omniglot"] = "auto"
+    kind: Literal["auto", "folder", "csv", "parquet", "idx", "omniglot", "recordio"] = "auto"
     path: str = FASHION_MNIST_DIR
     # Optional display names for integer labels (IDX / npz sources): index -> name.
     class_names: list[str] | None = None

@@ -218,7 +218,9 @@ def open_source(kind: str, path: str, class_names: list[str] | None = None) -> S
     if not p.exists():
         raise DataError(f"source path not found: {p}")
     if kind == "auto":
-        if p.is_file():
+        if p.suffix == ".rec" or (p / "train.rec").is_file():
+            kind = "recordio"
+        elif p.is_file():
             kind = "parquet" if p.suffix == ".parquet" else "csv"
         elif any(p.glob("*-images-idx3-ubyte*")):
             kind = "idx"
@@ -234,4 +236,8 @@ def open_source(kind: str, path: str, class_names: list[str] | None = None) -> S
         return IdxSource(p, class_names)
     if kind == "omniglot":
         return OmniglotSource(p)
+    if kind == "recordio":
+        from dml.data.recordio import RecordIOSource  # it imports Record from here
+
+        return RecordIOSource(p)
     raise DataError(f"unknown source kind '{kind}'")
