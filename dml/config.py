@@ -66,6 +66,19 @@ class ShardConfig(StrictModel):
     max_bytes: int = Field(512 * 1024**2, ge=1024)
 
 
+class AlignConfig(StrictModel):
+    """Face alignment in `dml prepare` (`dml.data.face_align`; marks from the table's columns).
+
+    ``landmarks``: warp the five landmarks onto the ArcFace template scaled to ``size``;
+    ``box``: crop the box's square, widened by ``margin`` (fraction of its longer side, each
+    side), resized to ``size``. Aligned crops are re-encoded (``image.reencode_format``).
+    """
+
+    mode: Literal["none", "box", "landmarks"] = "none"
+    size: int = Field(112, ge=8)
+    margin: float = Field(0.0, ge=0.0, le=2.0)
+
+
 class ImageConfig(StrictModel):
     """Image encoding in the shards."""
 
@@ -74,6 +87,7 @@ class ImageConfig(StrictModel):
     # Encoding for images that must be re-encoded (arrays, PGM/BMP/..., or oversize).
     reencode_format: Literal["png", "jpeg"] = "png"
     jpeg_quality: int = Field(95, ge=1, le=100)
+    align: AlignConfig = AlignConfig()
 
 
 class PrepareConfig(StrictModel):

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dml.data.face_align import FaceMarks
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".pbm", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -30,7 +34,8 @@ class Record:
     split: str | None = None
     rejection: Rejection | None = None
     row: int | None = None
+    face: FaceMarks | None = None  # face box / landmarks from a table's columns, for alignment
 
     def rejected(self, code: str, reason: str) -> "Record":
         """This record refused with ``code`` and ``reason``."""
-        return Record(self.source_id, self.label, self.split, Rejection(code, reason), self.row)
+        return replace(self, rejection=Rejection(code, reason))

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from dml.config import ImageConfig, PrepareConfig
 from dml.data.encode import RejectedImage, encode_image
+from dml.data.face_align import align_face
 from dml.data.manifest import assemble_manifest, manifest_name, write_manifest
 from dml.data.plan import ShardTask, make_plan
 from dml.data.sources import Source, open_source
@@ -63,7 +64,8 @@ def write_one_shard(task: ShardTask, source: Source, image_config: ImageConfig, 
     try:
         for sample in task.samples:
             try:
-                encoded = encode_image(source.read(sample.record), image_config)
+                payload = align_face(source.read(sample.record), sample.record.face, image_config.align)
+                encoded = encode_image(payload, image_config)
             except (RejectedImage, OSError, ValueError) as exc:
                 rejected.append({"key": sample.key, "source": sample.record.source_id, "reason": str(exc)})
                 continue

@@ -6,8 +6,9 @@ The rules (also in the README, "Input rules"):
   "Unicode text"). Anything else is refused in one line naming the file and the problem.
 - Delimiter: the first of ``,`` ``\\t`` ``;`` that splits the header into a ``path`` and a
   ``label`` column. Blank lines are not rows.
-- A row is rejected (``bad_row``) when it has fewer or more fields than the header, or an
-  empty or null path or label. Rows are named by their CSV line (header = line 1) or their
+- A row is rejected (``bad_row``) when it has fewer or more fields than the header, an
+  empty or null path or label, or a face box / landmark cell (`dml.data.face_align`) that
+  is not a number. Rows are named by their CSV line (header = line 1) or their
   0-based Parquet row index (the manifest entry's ``row``).
 - The same path (after normalising ``./``, ``..`` and relative-to-table) listed again with the
   same label: the first row is the input, later ones are ``duplicate`` naming it. Listed with
@@ -26,6 +27,7 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
+from dml.data.face_align import FACE_COLUMNS, face_marks
 from dml.data.records import Record, Rejection
 from dml.errors import DataError
 
@@ -35,8 +37,9 @@ DELIMITERS = (",", "\t", ";")
 BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
 
-# One raw row: (row number, path, label, split, problem). problem is set for a malformed row.
-RawRow = tuple[int, object, object, object, str | None]
+# One raw row: (row number, path, label, split, problem, face cells). problem is set for a
+# malformed row; face cells hold the row's face box / landmark columns (empty without them).
+RawRow = tuple[int, object, object, object, str | None, dict]
 
 
 def decode_table_text(path: Path) -> str:
@@ -66,7 +69,7 @@ def _csv_rows(path: Path) -> tuple[list[str], list[RawRow]]:
     header = [c.strip() for c in next(reader, [])]
     if not set(REQUIRED) <= set(header):
         return header, []
-    where = {name: header.index(name) for name in ("path", "label", "split") if name in header}
+    where = {name: header.index(name) for name in ("path", "label", "split", *FACE_COLUMNS) if name in header}
     rows: list[RawRow] = []
     line = reader.line_num + 1
     for fields in reader:
@@ -75,7 +78,8 @@ def _csv_rows(path: Path) -> tuple[list[str], list[RawRow]]:
                 f"{'short' if len(fields) < len(header) else 'long'} row: {len(fields)} fields, "
                 f"the header has {len(header)}")
             cell = {name: (fields[i] if i < len(fields) else None) for name, i in where.items()}
-            rows.append((line, cell["path"], cell["label"], cell.get("split"), problem))
+            face = {name: cell[name] for name in FACE_COLUMNS if name in cell}
+            rows.append((line, cell["path"], cell["label"], cell.get("split"), problem, face))
         line = reader.line_num + 1
     return header, rows
 
@@ -89,12 +93,14 @@ def _parquet_rows(path: Path) -> tuple[list[str], list[RawRow]]:
         header = list(schema.names)
         if not set(REQUIRED) <= set(header):
             return header, []
-        columns = [c for c in ("path", "label", "split") if c in header]
+        columns = [c for c in ("path", "label", "split", *FACE_COLUMNS) if c in header]
         data = pq.read_table(path, columns=columns).to_pydict()
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise DataError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
     splits = data.get("split", [None] * len(data["path"]))
-    return header, [(i, p, lab, s, None) for i, (p, lab, s) in enumerate(zip(data["path"], data["label"], splits))]
+    faces = [{c: data[c][i] for c in FACE_COLUMNS if c in data} for i in range(len(data["path"]))]
+    return header, [(i, p, lab, s, None, f)
+                    for i, (p, lab, s, f) in enumerate(zip(data["path"], data["label"], splits, faces))]
 
 
 def _text(value: object) -> str | None:
@@ -112,15 +118,20 @@ def _is_null(value: object) -> bool:
 
 
 def _row_record(row: RawRow) -> Record:
-    number, path, label, split, problem = row
+    number, path, label, split, problem, cells = row
     path_text, label_text, split_text = _text(path), _text(label), _text(split)
+    face = None
+    try:
+        face = face_marks(cells)
+    except ValueError as exc:
+        problem = problem or str(exc)
     if problem is None and path_text is None:
         problem = "null path" if _is_null(path) else "empty path"
     if problem is None and label_text is None:
         problem = "null label" if _is_null(label) else "empty label"
     if problem:
         return Record(path_text or "", "", None, Rejection("bad_row", problem), number)
-    return Record(path_text, label_text, split_text.strip().lower() if split_text else None, row=number)
+    return Record(path_text, label_text, split_text.strip().lower() if split_text else None, row=number, face=face)
 
 
 def _resolve_duplicates(records: list[Record], base: Path, where: str) -> list[Record]:
