@@ -18,6 +18,7 @@ from dml.data.face_align import (FaceMarks, LANDMARK_COLUMNS, align_face, box_tr
 from test_prepare import all_samples, prepare_config
 from dml.data.shards import write_shards
 from dml.data.sources import open_source
+from dml.errors import DataError
 
 ORL = SHARED_DATA / "orl_faces"
 needs_orl = pytest.mark.skipif(not ORL.is_dir(), reason=f"ORL faces absent: {ORL}")
@@ -140,6 +141,10 @@ def test_prepare_stores_aligned_crops_from_table_columns(tmp_path):
     stored = {json.loads(s["json"])["source"]: np.asarray(Image.open(io.BytesIO(s["png"]))) for s in all_samples(tmp_path / "out")}
     assert all(image.shape == (SIZE, SIZE) for image in stored.values())
     np.testing.assert_array_equal(stored[rows[0]["path"]], expected)  # PNG: lossless
+    rows[0]["lm_x1"] = float(rows[0]["lm_x1"]) + 1  # moved marks: the old crops must not be resumed
+    _write_table(tmp_path / "faces.csv", rows)
+    with pytest.raises(DataError, match="different source/config"):
+        write_shards(config, resume=True)
 
 
 @pytest.mark.parametrize("table", ["faces.csv", "faces.parquet"])

@@ -237,7 +237,8 @@ def _plan_digest(classes: list[str], tasks: list[ShardTask], rejected: list[dict
     for task in tasks:
         h.update(task.name.encode())
         for s in task.samples:
-            h.update(f"{s.key}\t{s.record.source_id}\t{s.class_index}\n".encode())
+            face = f"\t{s.record.face}" if s.record.face is not None else ""  # aligned crops depend on it
+            h.update(f"{s.key}\t{s.record.source_id}\t{s.class_index}{face}\n".encode())
     if rejected:  # (not hashed when empty, so plans without refusals keep their digest)
         h.update(json.dumps(rejected, sort_keys=True).encode())
     return h.hexdigest()
