@@ -126,6 +126,8 @@ class DataConfig(StrictModel):
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
     augment: AugmentConfig = AugmentConfig()
+    # Evaluation and export: keep this central fraction of each side before resizing (None: all).
+    center_crop: float | None = Field(None, gt=0.0, le=1.0)
     # P x K sampling for pair losses: P classes with K samples each per rank and batch.
     pk_classes: int | None = Field(None, ge=2)
     pk_samples: int = Field(4, ge=2)

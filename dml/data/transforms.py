@@ -80,7 +80,22 @@ class BatchNormalize:
         return (images.float().div_(255.0) - self.mean).div_(self.std)
 
 
+class CenterCropFraction:
+    """Keep the central ``fraction`` of a PIL image's width and height (at least 1 pixel each)."""
+
+    def __init__(self, fraction: float):
+        self.fraction = fraction
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        size = [max(1, round(height * self.fraction)), max(1, round(width * self.fraction))]
+        return T.functional.center_crop(image, size)
+
+
 def build_eval_transform(config: DataConfig) -> Callable[[Image.Image], torch.Tensor]:
-    """Deterministic resize + normalisation, the same at evaluation and export parity checks."""
-    return T.Compose([ConvertMode(config.channels), T.Resize((config.image_size, config.image_size), antialias=True),
+    """Deterministic (centre crop +) resize + normalisation, the same at evaluation and export
+    parity checks; ``data.center_crop`` is recorded in the model's preprocessing and card."""
+    crop = [CenterCropFraction(config.center_crop)] if config.center_crop is not None else []
+    return T.Compose([ConvertMode(config.channels), *crop,
+                      T.Resize((config.image_size, config.image_size), antialias=True),
                       T.ToTensor(), _normalize(config)])

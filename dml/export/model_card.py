@@ -94,6 +94,8 @@ def io_sections(preprocessing: Preprocessing, embedding_dim: int, in_graph: bool
     else:
         graph_input = {"dtype": "float32", "layout": "NCHW", "shape": ["batch", channels, height, width]}
         applied = "the caller resizes, divides pixels by 255 and normalises with mean/std before the graph"
+    if preprocessing.center_crop is not None:
+        applied = f"the caller first keeps the central {preprocessing.center_crop:g} of each side; " + applied
     return {
         "input": {"name": INPUT_NAME, **graph_input},
         "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", embedding_dim], "l2_normalized": True},
@@ -101,6 +103,8 @@ def io_sections(preprocessing: Preprocessing, embedding_dim: int, in_graph: bool
             "in_graph": in_graph,
             "input_size": [channels, height, width],
             "resize_interpolation": preprocessing.interpolation,
+            # Fraction of each side kept around the centre before resizing; null: no crop.
+            "center_crop": preprocessing.center_crop,
             "channel_order": "RGB" if channels == 3 else "grey (L)",
             "value_range": [0.0, 1.0],
             "mean": list(preprocessing.mean),

@@ -22,12 +22,15 @@ class Preprocessing:
         input_size: (channels, height, width) the model is trained and exported at.
         mean, std: per-channel normalisation of [0, 1] pixels; one value per channel.
         interpolation: resize filter name as timm spells it ("bilinear", "bicubic", ...).
+        center_crop: fraction of each side kept around the centre before resizing (None: the
+            whole image), e.g. to cut aligned face crops' borders at evaluation and export.
     """
 
     input_size: tuple[int, int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
     interpolation: str = "bilinear"
+    center_crop: float | None = None
 
     def __post_init__(self) -> None:
         if len(self.input_size) != 3 or min(self.input_size) < 1:
@@ -35,15 +38,21 @@ class Preprocessing:
         channels = self.input_size[0]
         if len(self.mean) != channels or len(self.std) != channels:
             raise ValueError(f"mean and std need {channels} values each, got {self.mean} and {self.std}")
+        if self.center_crop is not None and not 0.0 < self.center_crop <= 1.0:
+            raise ValueError(f"center_crop must be a fraction in (0, 1], got {self.center_crop}")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (lists instead of tuples), e.g. for a model card."""
-        return {
+        """JSON-ready form (lists instead of tuples), e.g. for a model card; ``center_crop``
+        only when set."""
+        out = {
             "input_size": list(self.input_size),
             "mean": list(self.mean),
             "std": list(self.std),
             "interpolation": self.interpolation,
         }
+        if self.center_crop is not None:
+            out["center_crop"] = self.center_crop
+        return out
 
 
 def resolve_preprocessing(

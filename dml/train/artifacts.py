@@ -33,7 +33,8 @@ def build_model(config: DMLConfig | None = None, model: ModelConfig | None = Non
     # record that, so evaluation and export feed it what it learned on.
     expand = (lambda v: tuple(v) * data.channels if len(v) == 1 else tuple(v))
     built.preprocessing = Preprocessing((data.channels, data.image_size, data.image_size),
-                                        expand(data.mean), expand(data.std), built.preprocessing.interpolation)
+                                        expand(data.mean), expand(data.std), built.preprocessing.interpolation,
+                                        center_crop=data.center_crop)
     return built
 
 
