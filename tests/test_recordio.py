@@ -16,6 +16,7 @@ from dml.config import DMLConfig
 from dml.data.manifest import load_manifest
 from dml.data.recordio import RecordIOSource
 from dml.data.shards import write_shards
+from dml.data.sources import open_source
 from recordio_writer import MAGIC_BYTES, pack_payload, write_recordio
 from test_prepare import all_samples, shard_hashes
 
@@ -95,6 +96,8 @@ def test_variants_round_trip_bytes_and_labels(tmp_path, seed):
 def test_partitions_with_workers_equal_one_run(tmp_path):
     payloads = [pack_payload(i % 3, image_bytes(i, fmt="JPEG")) for i in range(20)]
     write_recordio(tmp_path / "rec", payloads)
+    assert isinstance(open_source("auto", str(tmp_path / "rec")), RecordIOSource)
+    assert isinstance(open_source("auto", str(tmp_path / "rec" / "train.rec")), RecordIOSource)
     single = write_shards(config_for(tmp_path / "rec", tmp_path / "single"))
     for index in range(2):
         write_shards(config_for(tmp_path / "rec", tmp_path / "parts", workers=2), partition=(index, 2))
