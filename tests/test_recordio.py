@@ -137,6 +137,18 @@ def _no_index(folder, offsets):
     (folder / "train.idx").unlink()
 
 
+def _bad_continuation(folder, offsets):
+    """Record 2 cut at an embedded magic, then its second part's magic overwritten."""
+    payloads = [pack_payload(i % 2, _jpeg_with_magic_inside(i) if i == 2 else image_bytes(i, fmt="JPEG"))
+                for i in range(6)]
+    offsets = write_recordio(folder, payloads)
+    data = bytearray((folder / "train.rec").read_bytes())
+    (lrec,) = struct.unpack_from("<I", data, offsets[2] + 4)
+    second = offsets[2] + 8 + (((lrec & (2**29 - 1)) + 3) & ~3)
+    data[second:second + 4] = b"\0\0\0\0"
+    (folder / "train.rec").write_bytes(bytes(data))
+
+
 def _bad_property(folder, offsets):
     (folder / "property").write_text("ten classes")
 
@@ -149,6 +161,7 @@ def _bad_property(folder, offsets):
     (_bad_index_line, "train.idx", "line 2 is not 'index<TAB>byte offset'"),
     (_no_index, "train.rec", "its index train.idx is missing"),
     (_bad_property, "property", "expected 'num_classes,height,width'"),
+    (_bad_continuation, "train.rec", "record 2: bad magic number in a continuation part"),
 ])
 def test_damaged_files_are_one_line_errors(tmp_path, capsys, damage, file_name, words):
     folder = tmp_path / "rec"

@@ -195,7 +195,11 @@ class RecordIOSource:
         split = [i for i in images.tolist() if prefixes.cflag[i] != 0]
         names = [label_name(v) for v in labels]
         for i in split:  # rare: the magic occurred in the payload; read the whole record for its label
-            names[int(np.searchsorted(images, i))] = label_name(self._labels_of(int(keys[i]))[0])
+            try:
+                labels_i = split_payload(self.payload(int(keys[i])))[0]
+            except ValueError as exc:
+                raise DataError(f"{self.paths.rec}: record {int(keys[i])}: {exc}") from None
+            names[int(np.searchsorted(images, i))] = label_name(labels_i[0])
         self._check_property(set(names))
         prefix = self.paths.rec.name
         return [Record(f"{prefix}:{int(k)}", name) for k, name in zip(keys[images].tolist(), names)]
@@ -260,9 +264,6 @@ class RecordIOSource:
         if magic != MAGIC:
             raise ValueError(f"bad magic number in a continuation part at byte {offset}")
         return lrec & LENGTH_MASK
-
-    def _labels_of(self, key: int) -> tuple[float, ...]:
-        return split_payload(self.payload(key))[0]
 
     def read(self, record: Record) -> ImagePayload:
         return split_payload(self.payload(record_key(record)))[1]
