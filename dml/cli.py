@@ -1,8 +1,10 @@
 """The `dml` command: `dml <stage> --config FILE [key=value ...]`, and `dml config` to print
-the resolved config.
+the resolved config. ``key=value`` overrides may stand anywhere on the command line.
 
 Every command logs where its outputs went and exits non-zero with a one-line reason on bad
-input (any `DMLError`); unexpected exceptions keep their traceback, since those are bugs.
+input (any `DMLError`) and on a failing file operation (any `OSError`: disk full, a name
+too long, a file where a folder belongs), naming the path; other exceptions keep their
+traceback, since those are bugs. ``-v`` prints the traceback of one-line errors too.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
 from dml.config import load_config
-from dml.errors import DMLError
+from dml.errors import DMLError, os_error_line, printable
 
 log = logging.getLogger("dml")
 
@@ -44,7 +47,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     if args.merge:
         result = run_merge(args.merge)
     else:
-        config = load_config(args.config, args.overrides)
+        # prepare never builds a model: skip importing timm just to check backbone names
+        config = load_config(args.config, args.overrides, check_backbones=False)
         result = run_prepare(config, resume=args.resume, partition=parse_partition(args.partition))
     print(f"prepare: {result.inputs} inputs, {result.written} written, {result.rejected} rejected; "
           f"manifest: {result.manifest_path}")
@@ -158,16 +162,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse ``argv`` with ``key=value`` overrides accepted anywhere, not only before the first
+    option: argparse leaves those after an option unrecognised, so they are collected here
+    (in command-line order) and anything else unrecognised is still an error."""
+    args, extra = parser.parse_known_args(argv)
+    unknown = [item for item in extra if item.startswith("-") or "=" not in item]
+    if unknown or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `dml` console script; returns the process exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     setup_logging(args.verbose)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
-    except DMLError as exc:
-        print(f"dml {args.command}: error: {exc}", file=sys.stderr)
+    except (DMLError, OSError) as exc:
+        if args.verbose:
+            traceback.print_exc()
+        line = os_error_line(exc) if isinstance(exc, OSError) else str(exc)
+        print(f"dml {args.command}: error: {printable(line)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dml {args.command}: interrupted", file=sys.stderr)

@@ -9,12 +9,15 @@ files only (what `dml prepare` writes) and says so on anything else.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from dml.errors import at_path
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar's record size; archives are padded to a multiple of it
@@ -45,11 +48,25 @@ def ustar_header(name: str, size: int) -> bytes:
 
 
 class DeterministicTarWriter:
-    """Append WebDataset samples (``key.ext`` members) to a tar with fixed headers."""
+    """Append WebDataset samples (``key.ext`` members) to a tar with fixed headers.
+
+    As a context manager it finishes the archive on success and only closes the file when
+    the block raised (the caller discards the half-written file).
+    """
 
     def __init__(self, path: Path):
         self._file = open(path, "wb")
         self._written = 0
+
+    def __enter__(self) -> "DeterministicTarWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        with contextlib.suppress(OSError):  # flushing the buffer may fail again (disk full)
+            self._file.close()
 
     def add(self, name: str, data: bytes) -> None:
         padding = -len(data) % BLOCK
@@ -111,8 +128,26 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield ``<path>.tmp`` to write; when the block succeeds it replaces ``path``.
+
+    On any error (disk full, interrupt) the temporary file is removed, so no ``.tmp`` is left
+    behind, and an `OSError` that names no file is re-raised naming ``path``.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise at_path(exc, path) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write JSON to ``path`` via a temporary file and rename (readers never see half a file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
