@@ -103,14 +103,38 @@ def write_manifest(out_dir: Path, manifest: dict, partition: tuple[int, int] | N
 
 
 def load_manifest(shard_dir: str | Path) -> dict:
-    """Read ``manifest.json`` from a shard directory, with a one-line error if it is missing."""
+    """Read ``manifest.json`` from a shard directory; a missing, unreadable or foreign file
+    (not written by `dml prepare`) is a one-line `DataError`."""
     path = Path(shard_dir) / MANIFEST
     if not path.exists():
         raise DataError(f"no {MANIFEST} in {shard_dir}: run `dml prepare` (or --merge) first")
+    return _read_manifest_file(path)
+
+
+def _read_manifest_file(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path} is not valid JSON: {exc}") from None
+    _check_ours(manifest, path)
+    return manifest
+
+
+def _check_ours(manifest: object, path: Path) -> None:
+    """Raise unless ``manifest`` has the layout `dml prepare` writes (down to each shard entry)."""
+    ours = isinstance(manifest, dict) and manifest.get("created_by") == "dml prepare"
+    if ours and manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{path} has format_version {manifest.get('format_version')!r}; "
+                        f"this dml reads version {FORMAT_VERSION}")
+    splits = manifest.get("splits") if ours else None
+    ours = isinstance(splits, dict) and all(
+        isinstance(split, dict) and isinstance(split.get("shards"), list)
+        and all(isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("sha256"), str)
+                for s in split["shards"])
+        for split in splits.values())
+    if not ours:
+        raise DataError(f"{path} is not a manifest written by `dml prepare` "
+                        "(expected created_by 'dml prepare' and splits with named, hashed shards)")
 
 
 def manifest_digest(shard_dir: str | Path) -> str:
@@ -145,7 +169,9 @@ def merge_manifests(shard_dir: str | Path) -> dict:
     parts = sorted(shard_dir.glob("manifest.part-*-of-*.json"))
     if not parts:
         raise DataError(f"no partial manifests (manifest.part-*.json) in {shard_dir}")
-    loaded = [json.loads(p.read_text()) for p in parts]
+    loaded = [_read_manifest_file(p) for p in parts]
+    if foreign := [p.name for p, m in zip(parts, loaded) if not isinstance(m.get("partition"), dict)]:
+        raise DataError(f"cannot merge: {foreign[0]} in {shard_dir} is not a partial manifest")
     count = loaded[0]["partition"]["count"]
     have = {m["partition"]["index"] for m in loaded}
     if missing := sorted(set(range(count)) - have):

@@ -7,8 +7,11 @@ be made deterministically before any pixel is decoded, and reads one record's im
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import struct
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol, Union
 
@@ -36,9 +39,27 @@ class Source(Protocol):
     def size_hint(self, record: Record) -> int: ...
 
 
-def _require(path: Path, what: str) -> None:
+def _require(path: Path, what: str, folder: bool) -> None:
+    """A one-line error unless ``path`` exists and is a folder (``folder``) or a file."""
     if not path.exists():
         raise DataError(f"{what} not found: {path}")
+    if folder and not path.is_dir():
+        raise DataError(f"{what} {path} is a file, not a folder")
+    if not folder and path.is_dir():
+        raise DataError(f"{what} {path} is a folder, not a file")
+
+
+@contextlib.contextmanager
+def _parsing(path: Path, what: str) -> Iterator[None]:
+    """Turn any failure of a parser (gzip, numpy, zip) on the user's file into
+    a one-line `DataError` naming the file; wrap only the calls that parse that file."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as exc:  # parsers raise many types for bad files; all mean "unreadable"
+        reason = (str(exc).splitlines() or [""])[0] or type(exc).__name__
+        raise DataError(f"{path}: not a readable {what}: {reason}") from None
 
 
 class FolderSource:
@@ -50,7 +71,7 @@ class FolderSource:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        _require(self.root, "image folder")
+        _require(self.root, "image folder", folder=True)
         self.description = {"kind": "folder", "path": str(self.root)}
         self._sizes: dict[str, int] = {}  # filled by records(), so planning stats each file once
 
@@ -66,10 +87,7 @@ class FolderSource:
 
     def size_hint(self, record: Record) -> int:
         size = self._sizes.get(record.source_id)
-        if size is not None:
-            return size
-        path = self.root / record.source_id
-        return path.stat().st_size if path.exists() else 0
+        return size if size is not None else _file_size(self.root / record.source_id)
 
 
 class TableSource:
@@ -81,7 +99,7 @@ class TableSource:
 
     def __init__(self, table: str | Path):
         self.table = Path(table)
-        _require(self.table, "manifest table")
+        _require(self.table, "manifest table", folder=False)
         self.base = self.table.parent
         self.description = {"kind": "parquet" if self.table.suffix == ".parquet" else "csv",
                             "path": str(self.table)}
@@ -97,26 +115,50 @@ class TableSource:
         return path if path.is_absolute() else self.base / path
 
     def size_hint(self, record: Record) -> int:
-        path = self._path(record)
-        return path.stat().st_size if path.exists() else 0
+        return _file_size(self._path(record))
+
+
+def _file_size(path: Path) -> int:
+    """Bytes of ``path``; 0 when it cannot be stat'ed (reading it later rejects it with the reason)."""
+    try:
+        return path.stat().st_size
+    except (OSError, ValueError):  # ValueError: a NUL byte in the name
+        return 0
 
 
 def _open_maybe_gz(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (MNIST format, gzipped or not) into a numpy array."""
-    with _open_maybe_gz(path) as handle:
-        data = handle.read()
+IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def _idx_header(data: bytes, path: Path) -> tuple[str, tuple[int, ...]]:
+    """Element dtype and shape from the start of an IDX file (raises `DataError` if bad)."""
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise DataError(f"{path} is not an IDX file (bad magic number)")
     dtype_code, ndim = data[2], data[3]
-    dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-    if dtype_code not in dtypes:
+    if dtype_code not in IDX_DTYPES:
         raise DataError(f"{path}: unknown IDX element type 0x{dtype_code:02x}")
-    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    array = np.frombuffer(data, dtype=dtypes[dtype_code], offset=4 + 4 * ndim)
+    if len(data) < 4 + 4 * ndim:
+        raise DataError(f"{path} is truncated inside its header")
+    return IDX_DTYPES[dtype_code], struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+
+
+def idx_shape(path: Path) -> tuple[int, ...]:
+    """The array shape an IDX file declares, reading only its header."""
+    with _parsing(path, "IDX file"), _open_maybe_gz(path) as handle:
+        head = handle.read(4)
+        head += handle.read(4 * head[3]) if len(head) == 4 else b""
+    return _idx_header(head, path)[1]
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (MNIST format, gzipped or not) into a numpy array."""
+    with _parsing(path, "IDX file"), _open_maybe_gz(path) as handle:
+        data = handle.read()
+    dtype, shape = _idx_header(data, path)
+    array = np.frombuffer(data, dtype=dtype, offset=4 + 4 * len(shape))
     if array.size != int(np.prod(shape)):
         raise DataError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {array.size}")
     return array.reshape(shape)
@@ -130,7 +172,7 @@ class IdxSource:
 
     def __init__(self, root: str | Path, class_names: list[str] | None = None):
         self.root = Path(root)
-        _require(self.root, "IDX folder")
+        _require(self.root, "IDX folder", folder=True)
         self.class_names = class_names
         self.pairs = self._find_pairs()
         if not self.pairs:
@@ -156,8 +198,12 @@ class IdxSource:
 
     def records(self) -> list[Record]:
         out = []
-        for prefix, (_, labels_path) in sorted(self.pairs.items()):
+        for prefix, (images_path, labels_path) in sorted(self.pairs.items()):
             labels = read_idx(labels_path)
+            shape = idx_shape(images_path)
+            if len(shape) != 3 or labels.ndim != 1 or shape[0] != len(labels):
+                raise DataError(f"{images_path} holds images of shape {shape} but {labels_path.name} holds labels "
+                                f"of shape {labels.shape}; expected (N, H, W) images and N labels")
             split = "train" if prefix == "train" else "test"
             out.extend(Record(f"{prefix}:{i}", self._label_name(int(v)), split) for i, v in enumerate(labels))
         return out
@@ -183,7 +229,7 @@ class OmniglotSource:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        _require(self.root, "Omniglot folder")
+        _require(self.root, "Omniglot folder", folder=True)
         self.files = {k: self.root / v for k, v in self.FILES.items() if (self.root / v).exists()}
         if not self.files:
             raise DataError(f"no images_background.npz or images_evaluation.npz in {self.root}")
@@ -193,8 +239,7 @@ class OmniglotSource:
     def records(self) -> list[Record]:
         out = []
         for part, path in sorted(self.files.items()):
-            with np.load(path) as npz:
-                num_classes, per_class = npz["labels"].shape
+            num_classes, per_class = _omniglot_shape(path)
             split = "train" if part == "background" else "test"
             for c in range(num_classes):
                 out.extend(Record(f"{part}:{c}:{j}", f"{part}/{c:04d}", split) for j in range(per_class))
@@ -203,13 +248,42 @@ class OmniglotSource:
     def read(self, record: Record) -> ImagePayload:
         part, c, j = record.source_id.split(":")
         if part not in self._images:
-            with np.load(self.files[part]) as npz:
+            with _parsing(self.files[part], "npz file"), np.load(self.files[part]) as npz:
                 self._images[part] = npz["images"]
         # True = white background: map to 255 so strokes are dark, as on paper.
         return self._images[part][int(c), int(j)].astype(np.uint8) * 255
 
     def size_hint(self, record: Record) -> int:
         return 105 * 105
+
+
+NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _npy_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Shape of every array in an npz file, read from the headers (no array is loaded)."""
+    shapes = {}
+    with _parsing(path, "npz file"), zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            with archive.open(name) as member:
+                version = np.lib.format.read_magic(member)
+                header_reader = NPY_HEADER_READERS.get(version)
+                # Format 3.0 (rare: unicode field names) has no public header reader: load it.
+                shape = header_reader(member)[0] if header_reader else np.lib.format.read_array(member).shape
+            shapes[name.removesuffix(".npy")] = shape
+    return shapes
+
+
+def _omniglot_shape(path: Path) -> tuple[int, int]:
+    """(classes, samples per class) of an Omniglot npz, after checking its two arrays agree."""
+    shapes = _npy_shapes(path)
+    images, labels = shapes.get("images"), shapes.get("labels")
+    if images is None or labels is None:
+        raise DataError(f"{path} needs arrays 'images' and 'labels' (has: {', '.join(sorted(shapes)) or 'none'})")
+    if len(labels) != 2 or len(images) != 4 or images[:2] != labels:
+        raise DataError(f"{path}: 'images' {images} and 'labels' {labels} do not match; expected "
+                        "(classes, per_class, H, W) images and (classes, per_class) labels")
+    return labels
 
 
 def open_source(kind: str, path: str, class_names: list[str] | None = None) -> Source:
