@@ -46,8 +46,27 @@ def run_prepare(config: DMLConfig, resume: bool = False, partition: tuple[int, i
     save_config(config, out_dir / "config.yaml")
     counts = manifest["counts"]
     path = out_dir / manifest_name(partition)
+    if partition is None:  # a partition may hold only rejects or one split; the merge checks the whole
+        check_outcome(manifest, path)
     log.info("prepare: done -> %s", path)
     return PrepareResult(out_dir, path, counts["inputs"], counts["written"], counts["rejected"])
+
+
+def check_outcome(manifest: dict, path: Path) -> None:
+    """Raise `DataError` when no input was written; warn when a split that training or
+    evaluation needs came out empty. ``path`` is the manifest that lists the reasons."""
+    counts = manifest["counts"]
+    if counts["written"] == 0:
+        first = manifest["rejected"][0] if manifest["rejected"] else None
+        example = f" (first: {first['source']}: {first['reason'].splitlines()[0]})" if first else ""
+        raise DataError(f"all {counts['inputs']} inputs were rejected, none written{example}; "
+                        f"every reason is listed in {path}")
+    split = manifest["config"]["split"]
+    settings = f"split.mode {split['mode']}, train_fraction {split['train_fraction']}, {len(manifest['classes'])} classes"
+    for name, purpose in (("train", "`dml train` has nothing to train on"),
+                          ("query", "`dml evaluate` has no queries")):
+        if manifest["splits"].get(name, {}).get("count", 0) == 0:
+            log.warning("prepare: the split leaves no %s samples (%s): %s", name, settings, purpose)
 
 
 def run_merge(shard_dir: str | Path) -> PrepareResult:
@@ -55,6 +74,7 @@ def run_merge(shard_dir: str | Path) -> PrepareResult:
     manifest = merge_manifests(shard_dir)
     counts = manifest["counts"]
     path = Path(shard_dir) / MANIFEST
+    check_outcome(manifest, path)
     log.info("prepare: merged partial manifests -> %s", path)
     return PrepareResult(Path(shard_dir), path, counts["inputs"], counts["written"], counts["rejected"])
 

@@ -3,7 +3,9 @@
 Each shard of the plan is written by one worker process: ``<split>-NNNNNN.tar`` holding, per
 sample, ``<key>.jpg|png`` (image bytes), ``<key>.cls`` (class index as text) and
 ``<key>.json`` (source id, original label, split, size). A finished shard leaves a small
-record in ``.progress/``; ``resume=True`` keeps shards whose record matches and redoes the rest.
+record in ``.progress/``; ``resume=True`` keeps shards whose file still has the recorded sha256
+and redoes the rest. Workers die with the run; a lost worker ends it with one line saying
+``--resume`` continues, and no ``.tmp`` file is left behind.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import multiprocessing
 import os
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,7 +28,8 @@ from dml.data.face_align import align_face
 from dml.data.manifest import assemble_manifest, manifest_name, write_manifest
 from dml.data.plan import ShardTask, make_plan
 from dml.data.sources import Source, open_source
-from dml.data.tario import DeterministicTarWriter, sha256_file, write_json_atomic
+from dml.data.tario import DeterministicTarWriter, atomic_path, sha256_file, write_json_atomic
+from dml.data.workers import die_with_parent
 from dml.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -49,37 +53,37 @@ class ShardResult:
 _worker_source: Source | None = None
 
 
-def _init_worker(source: Source) -> None:
+def _init_worker(source: Source, parent_pid: int) -> None:
     global _worker_source
+    die_with_parent(parent_pid)
     _worker_source = source
 
 
 def write_one_shard(task: ShardTask, source: Source, image_config: ImageConfig, out_dir: Path) -> ShardResult:
-    """Write one shard atomically and return its record; bad images are rejected, not raised."""
-    final = out_dir / task.name
-    tmp = out_dir / (task.name + ".tmp")
-    writer = DeterministicTarWriter(tmp)
+    """Write one shard atomically and return its record; bad images are rejected, not raised.
+
+    Raises `OSError` naming the shard (e.g. disk full) with no ``.tmp`` left behind, and
+    `DataError` when the source itself turns out unreadable.
+    """
     counts: Counter[int] = Counter()
     rejected = []
-    try:
-        for sample in task.samples:
-            try:
-                payload = align_face(source.read(sample.record), sample.record.face, image_config.align)
-                encoded = encode_image(payload, image_config)
-            except (RejectedImage, OSError, ValueError) as exc:
-                rejected.append({"key": sample.key, "source": sample.record.source_id, "reason": str(exc)})
-                continue
-            meta = {"source": sample.record.source_id, "label": sample.record.label, "split": task.split,
-                    "width": encoded.width, "height": encoded.height}
-            writer.add(f"{sample.key}.{encoded.extension}", encoded.data)
-            writer.add(f"{sample.key}.cls", str(sample.class_index).encode())
-            writer.add(f"{sample.key}.json", json.dumps(meta, sort_keys=True).encode())
-            counts[sample.class_index] += 1
-    finally:
-        writer.close()
-    result = ShardResult(task.name, task.split, sum(counts.values()), tmp.stat().st_size, sha256_file(tmp),
-                         {str(k): v for k, v in sorted(counts.items())}, rejected)
-    os.replace(tmp, final)
+    with atomic_path(out_dir / task.name) as tmp:
+        with DeterministicTarWriter(tmp) as writer:
+            for sample in task.samples:
+                try:
+                    payload = align_face(source.read(sample.record), sample.record.face, image_config.align)
+                    encoded = encode_image(payload, image_config)
+                except (RejectedImage, OSError, ValueError) as exc:
+                    rejected.append({"key": sample.key, "source": sample.record.source_id, "reason": str(exc)})
+                    continue
+                meta = {"source": sample.record.source_id, "label": sample.record.label, "split": task.split,
+                        "width": encoded.width, "height": encoded.height}
+                writer.add(f"{sample.key}.{encoded.extension}", encoded.data)
+                writer.add(f"{sample.key}.cls", str(sample.class_index).encode())
+                writer.add(f"{sample.key}.json", json.dumps(meta, sort_keys=True).encode())
+                counts[sample.class_index] += 1
+        result = ShardResult(task.name, task.split, sum(counts.values()), tmp.stat().st_size, sha256_file(tmp),
+                             {str(k): v for k, v in sorted(counts.items())}, rejected)
     write_json_atomic(out_dir / PROGRESS_DIR / f"{task.name}.json", asdict(result))
     return result
 
@@ -90,13 +94,26 @@ def _write_in_worker(task: ShardTask, image_config: ImageConfig, out_dir: Path) 
 
 
 def _finished(task: ShardTask, out_dir: Path) -> ShardResult | None:
-    """The recorded result of a shard that is complete on disk, else None."""
+    """The recorded result of a shard whose file still has the sha256 it was written with."""
     record = out_dir / PROGRESS_DIR / f"{task.name}.json"
     shard = out_dir / task.name
     if not (record.exists() and shard.exists()):
         return None
-    result = ShardResult(**json.loads(record.read_text()))
-    return result if shard.stat().st_size == result.bytes else None
+    try:
+        result = ShardResult(**json.loads(record.read_text()))
+    except (ValueError, TypeError):
+        log.warning("resume: %s has an unreadable progress record; writing the shard again", shard)
+        return None
+    if sha256_file(shard) != result.sha256:
+        log.warning("resume: %s differs from the sha256 it was written with; writing it again", shard)
+        return None
+    return result
+
+
+def _make_output_dir(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"prepare.output_dir {out_dir} is a file, not a folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
 
 
 def _check_output_dir(out_dir: Path, digest: str, resume: bool, partition: tuple[int, int] | None) -> None:
@@ -113,28 +130,55 @@ def _check_output_dir(out_dir: Path, digest: str, resume: bool, partition: tuple
     write_json_atomic(plan_file, {"digest": digest})
 
 
+def _remove_temporaries(tasks: list[ShardTask], out_dir: Path) -> None:
+    """Delete the ``.tmp`` files of ``tasks`` that a killed worker or run left behind (only
+    this run's: other partitions may be writing into the same folder)."""
+    for task in tasks:
+        (out_dir / (task.name + ".tmp")).unlink(missing_ok=True)
+
+
 def _run_tasks(tasks: list[ShardTask], source: Source, config: PrepareConfig, out_dir: Path) -> list[ShardResult]:
-    total = sum(len(t.samples) for t in tasks)
-    if config.workers == 1 or len(tasks) <= 1:
-        results = []
-        with tqdm(total=total, unit="img", desc="prepare", disable=None) as progress:
-            for task in tasks:
-                results.append(write_one_shard(task, source, config.image, out_dir))
-                progress.update(len(task.samples))
-        return results
+    _remove_temporaries(tasks, out_dir)
+    try:
+        if config.workers == 1 or len(tasks) <= 1:
+            return _run_here(tasks, source, config, out_dir)
+        return _run_in_pool(tasks, source, config, out_dir)
+    finally:
+        _remove_temporaries(tasks, out_dir)
+
+
+def _run_here(tasks: list[ShardTask], source: Source, config: PrepareConfig, out_dir: Path) -> list[ShardResult]:
+    results = []
+    with tqdm(total=sum(len(t.samples) for t in tasks), unit="img", desc="prepare", disable=None) as progress:
+        for task in tasks:
+            results.append(write_one_shard(task, source, config.image, out_dir))
+            progress.update(len(task.samples))
+    return results
+
+
+def _run_in_pool(tasks: list[ShardTask], source: Source, config: PrepareConfig, out_dir: Path) -> list[ShardResult]:
+    """Write ``tasks`` in worker processes that die with this one; on any failure the queued
+    shards are cancelled and the running ones finish before the error is raised."""
     # fork: workers start instantly and never re-import the caller's __main__ (spawn and
     # forkserver do, which costs seconds per worker when the caller imported torch). They
     # run only PIL/tar code, so the caller's threads do not matter; the progress bar (which
     # starts a monitor thread) is created after the workers are forked.
     context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(config.workers, mp_context=context, initializer=_init_worker,
-                             initargs=(source,)) as pool:
+    pool = ProcessPoolExecutor(config.workers, mp_context=context, initializer=_init_worker,
+                               initargs=(source, os.getpid()))
+    results: list[ShardResult] = []
+    try:
         futures = {pool.submit(_write_in_worker, t, config.image, out_dir): t for t in tasks}
-        results = []
-        with tqdm(total=total, unit="img", desc="prepare", disable=None) as progress:
+        with tqdm(total=sum(len(t.samples) for t in tasks), unit="img", desc="prepare", disable=None) as progress:
             for future in as_completed(futures):
                 results.append(future.result())
                 progress.update(len(futures[future].samples))
+    except BrokenProcessPool:
+        raise DataError(f"a prepare worker process was lost (killed, e.g. by the out-of-memory killer) with "
+                        f"{len(results)} of {len(tasks)} shards written to {out_dir}; run the same command "
+                        "with --resume to continue") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     return results
 
 
@@ -147,13 +191,14 @@ def write_shards(config: PrepareConfig, resume: bool = False,
     """
     source = open_source(config.source.kind, config.source.path, config.source.class_names)
     out_dir = Path(config.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _make_output_dir(out_dir)
     plan = make_plan(source, config)
     _check_output_dir(out_dir, plan.digest, resume, partition)
     tasks = plan.for_partition(*partition) if partition else plan.tasks
     done = {t.name: r for t in tasks if resume and (r := _finished(t, out_dir)) is not None}
     if done:
-        log.info("resume: %d of %d shards already complete, writing %d", len(done), len(tasks), len(tasks) - len(done))
+        log.info("resume: %d of %d shards already complete (sha256 checked), writing %d",
+                 len(done), len(tasks), len(tasks) - len(done))
     todo = [t for t in tasks if t.name not in done]
     results = list(done.values()) + _run_tasks(todo, source, config, out_dir)
     manifest = assemble_manifest(plan, results, source.description, config, partition)

@@ -1,0 +1,50 @@
+"""Worker processes that end with the process that started them.
+
+A parent killed with SIGKILL runs no clean-up, so its pool workers would live on as orphans
+and keep writing. Each worker therefore asks the kernel to kill it when its parent dies
+(Linux ``prctl(PR_SET_PDEATHSIG)``), and also watches its parent's pid from a daemon
+thread: that covers other systems, and a parent that died before the signal was armed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+WATCH_INTERVAL_S = 1.0
+
+
+def die_with_parent(parent_pid: int, use_prctl: bool = True) -> None:
+    """Make the calling process exit as soon as process ``parent_pid`` (its parent) ends.
+
+    Call it first thing in a worker (a pool initializer). ``use_prctl=False`` relies on the
+    pid watch alone, as on systems without ``prctl``.
+    """
+    if use_prctl:
+        _set_parent_death_signal(signal.SIGKILL)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="watch-parent", daemon=True).start()
+    if os.getppid() != parent_pid:  # the parent was already gone when the signal was armed
+        os._exit(1)
+
+
+def _set_parent_death_signal(sig: signal.Signals) -> bool:
+    """Ask the Linux kernel to send ``sig`` when the parent dies; False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)  # the running program's symbols include libc's
+        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent_pid: int) -> None:
+    # An orphan is re-parented (to init or a subreaper), so its parent pid changes.
+    while os.getppid() == parent_pid:
+        time.sleep(WATCH_INTERVAL_S)
+    os._exit(1)
