@@ -1,19 +1,22 @@
 """Typed configuration: pydantic v2 models, YAML loading and dotted `key=value` overrides.
 
 Every stage reads its own section of one `DMLConfig`. Unknown keys are errors that name the
-key and the closest valid spelling, so a typo never silently falls back to a default.
+key and the closest valid spelling, so a typo never silently falls back to a default; so are
+unknown names in name-valued keys (kinds, optimizers, poolings, timm backbones).
 """
 
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from dml.errors import ConfigError
+from dml.names import check_backbone, parse_pooling, unknown_name
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
@@ -141,6 +144,9 @@ class DataConfig(StrictModel):
         return self
 
 
+CHECK_BACKBONES = "check_backbones"  # validation-context key: False skips the timm name check
+
+
 class ModelConfig(StrictModel):
     """The embedding model: a timm backbone and the embedding neck (`dml.models`)."""
 
@@ -151,6 +157,20 @@ class ModelConfig(StrictModel):
     embedding_bn: bool = True
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bfe: bool = False
+
+    @field_validator("pooling")
+    @classmethod
+    def _known_pooling(cls, value: str) -> str:
+        parse_pooling(value)
+        return value
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str, info: ValidationInfo) -> str:
+        # Checking imports timm (and torch); a caller that builds no model may skip it.
+        if (info.context or {}).get(CHECK_BACKBONES, True):
+            check_backbone(value)
+        return value
 
 
 PAIR_LOSSES = ("triplet", "contrastive", "multisimilarity")
@@ -368,6 +388,23 @@ def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return []
 
 
+def _literal_choices(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The string values a ``Literal`` field at ``loc`` allows (tuple items included); [] if none."""
+    current: Any = model
+    for part in loc:
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(part))
+            current = field.annotation if field is not None else None
+        elif typing.get_origin(current) is tuple and isinstance(part, int):
+            args = typing.get_args(current)
+            current = args[0] if args[-1] is Ellipsis else args[part]
+        else:
+            return []
+    if typing.get_origin(current) is not Literal:
+        return []
+    return [str(v) for v in typing.get_args(current) if isinstance(v, str)]
+
+
 def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
     loc = tuple(error["loc"])
     dotted = ".".join(str(p) for p in loc)
@@ -377,15 +414,21 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
         hint = f"; did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
         return f"unknown config key '{dotted}'{hint} (valid here: {', '.join(valid)})"
     message = error["msg"].removeprefix("Value error, ")
+    choices = _literal_choices(model, loc) if error["type"] == "literal_error" else None
+    if choices:
+        return f"config key '{dotted}': {unknown_name(error.get('input'), choices, 'value')}"
     if not loc or error["type"] == "value_error":  # a cross-field rule: its message says it all
         return f"config{f' {dotted}' if dotted else ''}: {message}"
     return f"config key '{dotted}': {message} (got {error.get('input')!r})"
 
 
-def validate_config(data: dict[str, Any], model: type[BaseModel] = DMLConfig) -> Any:
-    """Validate a plain dict into ``model``; errors become one `ConfigError` naming the keys."""
+def validate_config(data: dict[str, Any], model: type[BaseModel] = DMLConfig, check_backbones: bool = True) -> Any:
+    """Validate a plain dict into ``model``; errors become one `ConfigError` naming the keys.
+
+    ``check_backbones=False`` skips looking backbone names up in timm (which imports torch).
+    """
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context={CHECK_BACKBONES: check_backbones})
     except ValidationError as exc:
         messages = [_describe(e, model) for e in exc.errors()]
         raise ConfigError("; ".join(messages)) from None
@@ -427,19 +470,25 @@ def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[st
     return merge_config(read_config_file(path.parent / base, (*_chain, path.resolve())), data)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> DMLConfig:
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                check_backbones: bool = True) -> DMLConfig:
     """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides.
 
     A file may start from another one with ``extends: base.yaml`` (a path relative to the
     file): its own keys are laid over the base's, nested sections merging key by key.
+    Raises `ConfigError` (one line) on unknown keys, bad values and unknown names;
+    ``check_backbones=False`` leaves timm backbone names unchecked (no torch import).
     """
     data = {} if path is None else read_config_file(path)
-    return validate_config(apply_overrides(data, overrides or []))
+    return validate_config(apply_overrides(data, overrides or []), check_backbones=check_backbones)
 
 
 def save_config(config: BaseModel, path: str | Path) -> Path:
     """Write the resolved config as YAML next to a stage's outputs."""
+    from dml.data.tario import atomic_path
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    with atomic_path(path) as tmp:  # disk full: an error naming the file, no half-written config
+        tmp.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     return path

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-POOLING_NAMES = ("avg", "max", "gem")
+from dml.names import POOLING_NAMES, parse_pooling  # noqa: F401 (the spec parser is torch-free, for the config)
 
 
 class AvgPool(nn.Module):
@@ -75,22 +75,3 @@ def build_global_pool(name: str, gem_p: float = 3.0, gem_learnable: bool = True)
     if name == "gem":
         return GeM(p=gem_p, learnable=gem_learnable)
     raise ValueError(f"unknown pooling {name!r}; expected one of {', '.join(POOLING_NAMES)}")
-
-
-def parse_pooling(spec: str) -> list[str]:
-    """Split a pooling spec such as ``"gem"`` or ``"avg+max+gem"`` into descriptor names.
-
-    Names are case-insensitive and must be distinct; the order is kept because in a
-    combination the first descriptor receives any leftover embedding dimensions.
-    """
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"pooling must be a non-empty string like 'gem' or 'avg+max+gem', got {spec!r}")
-    names = [part.strip().lower() for part in spec.split("+")]
-    unknown = [name for name in names if name not in POOLING_NAMES]
-    if unknown:
-        raise ValueError(
-            f"unknown pooling {unknown[0]!r} in {spec!r}; expected names from {', '.join(POOLING_NAMES)} joined by '+'"
-        )
-    if len(set(names)) != len(names):
-        raise ValueError(f"pooling {spec!r} repeats a descriptor; each of avg, max, gem may appear once")
-    return names
