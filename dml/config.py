@@ -7,16 +7,15 @@ unknown names in name-valued keys (kinds, optimizers, poolings, timm backbones).
 
 from __future__ import annotations
 
-import difflib
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from dml.config_errors import describe_error
 from dml.errors import ConfigError
-from dml.names import check_backbone, parse_pooling, unknown_name
+from dml.names import check_backbone, parse_pooling
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
@@ -373,55 +372,6 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return result
 
 
-def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """Field names of the nested model reached by ``loc`` (empty when it is not a model)."""
-    current: Any = model
-    for part in loc:
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return []
-        field = current.model_fields.get(str(part))
-        if field is None:
-            return []
-        current = field.annotation
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return list(current.model_fields)
-    return []
-
-
-def _literal_choices(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """The string values a ``Literal`` field at ``loc`` allows (tuple items included); [] if none."""
-    current: Any = model
-    for part in loc:
-        if isinstance(current, type) and issubclass(current, BaseModel):
-            field = current.model_fields.get(str(part))
-            current = field.annotation if field is not None else None
-        elif typing.get_origin(current) is tuple and isinstance(part, int):
-            args = typing.get_args(current)
-            current = args[0] if args[-1] is Ellipsis else args[part]
-        else:
-            return []
-    if typing.get_origin(current) is not Literal:
-        return []
-    return [str(v) for v in typing.get_args(current) if isinstance(v, str)]
-
-
-def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
-    loc = tuple(error["loc"])
-    dotted = ".".join(str(p) for p in loc)
-    if error["type"] == "extra_forbidden":
-        valid = _fields_at(model, loc[:-1])
-        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-        hint = f"; did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
-        return f"unknown config key '{dotted}'{hint} (valid here: {', '.join(valid)})"
-    message = error["msg"].removeprefix("Value error, ")
-    choices = _literal_choices(model, loc) if error["type"] == "literal_error" else None
-    if choices:
-        return f"config key '{dotted}': {unknown_name(error.get('input'), choices, 'value')}"
-    if not loc or error["type"] == "value_error":  # a cross-field rule: its message says it all
-        return f"config{f' {dotted}' if dotted else ''}: {message}"
-    return f"config key '{dotted}': {message} (got {error.get('input')!r})"
-
-
 def validate_config(data: dict[str, Any], model: type[BaseModel] = DMLConfig, check_backbones: bool = True) -> Any:
     """Validate a plain dict into ``model``; errors become one `ConfigError` naming the keys.
 
@@ -430,7 +380,7 @@ def validate_config(data: dict[str, Any], model: type[BaseModel] = DMLConfig, ch
     try:
         return model.model_validate(data, context={CHECK_BACKBONES: check_backbones})
     except ValidationError as exc:
-        messages = [_describe(e, model) for e in exc.errors()]
+        messages = [describe_error(e, model) for e in exc.errors()]
         raise ConfigError("; ".join(messages)) from None
 
 
