@@ -42,3 +42,10 @@ def at_path(exc: OSError, path: str | Path) -> OSError:
     if exc.filename is not None or exc.errno is None:
         return exc
     return OSError(exc.errno, exc.strerror, str(path))  # picks the errno's subclass
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of ``exc``'s message (its type name when empty), at most ``limit`` chars:
+    for one-line messages that quote a library's multi-line error."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]

@@ -1,35 +1,66 @@
-"""Atomic, resumable, world-size independent checkpoints.
+"""Atomic, resumable, world-size independent checkpoints; only resumable ones are kept.
 
 A checkpoint is a folder ``<run>/checkpoints/step-NNNNNNNN/`` written as ``*.tmp`` and renamed
 when complete, so a crash never leaves a half checkpoint under a final name. ``state.pt``
 holds the model, the full partial-FC matrix with its optimizer state, the backbone optimizer
-(replicated under DDP), schedule, step, epoch, data position and every rank's RNG state.
-DeepSpeed's ZeRO optimizer partitions go in ``optimizer-rank*.pt`` (same world size only).
-The last ``keep_last`` checkpoints are kept.
+(replicated under DDP), schedule, step, epoch, data position, the identity of the data and
+every rank's RNG state. DeepSpeed's ZeRO optimizer partitions go in ``optimizer-rank*.pt``
+(same world size only). The last ``keep_last`` checkpoints are kept.
+
+Only a checkpoint that can be resumed is written or read back:
+
+- before writing, every tensor (model, head, optimizer state, SWA average) is checked to be
+  finite on every rank; a non-finite state is not written (`NonFiniteState`);
+- a write that fails (a full disk, say) removes the partial folder on every rank together and
+  says where and that the previous checkpoint is intact (`CheckpointError`);
+- `read_checkpoint` turns an unreadable, truncated, foreign or non-finite ``state.pt`` into a
+  one-line `CheckpointError`; `newest_resumable` falls back past such folders with a warning;
+- a checkpoint written just before a non-finite loss holds the weights that produced it, so
+  `set_aside_diverged` renames it ``step-N.nonfinite`` (kept, never resumed from).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from dml.distributed import barrier, get_rank, get_world_size
+from dml.distributed import barrier, gather_objects, get_rank, get_world_size
+from dml.errors import DMLError, first_line
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 STATE = "state.pt"
+DIVERGED_SUFFIX = ".nonfinite"
+_STEP_DIR = re.compile(r"step-\d{8}")
+_REQUIRED = ("model", "train_state", "objective", "rng")
+
+
+class CheckpointError(DMLError):
+    """A checkpoint that cannot be written or resumed from; the message names it and why."""
+
+
+class NonFiniteState(CheckpointError):
+    """The state to checkpoint holds NaN or inf: it is not written, the run stops."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors and plain values (loadable with ``weights_only``)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -37,19 +68,22 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """Complete checkpoints of a run (``step-NNNNNNNN`` holding ``state.pt``), oldest first.
+
+    Partial (``*.tmp``) and set-aside (``*.nonfinite``) folders are not listed.
+    """
     root = Path(run_dir) / CHECKPOINTS
     if not root.exists():
         return []
-    return sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")
-                  and (p / STATE).exists())
+    return sorted(p for p in root.iterdir() if _STEP_DIR.fullmatch(p.name) and (p / STATE).is_file())
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -57,35 +91,105 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _gather_objects(obj: Any) -> list[Any]:
-    if get_world_size() == 1:
-        return [obj]
-    out: list[Any] = [None] * get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+def first_non_finite(tree: Any, where: str = "") -> str | None:
+    """Dotted path of the first floating tensor in ``tree`` (dicts, lists) holding NaN or inf."""
+    if isinstance(tree, torch.Tensor):
+        if (tree.is_floating_point() or tree.is_complex()) and not bool(torch.isfinite(tree).all()):
+            return where or "tensor"
+        return None
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    for key, value in items:
+        found = first_non_finite(value, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
+
+
+def _first_problem(problem: str | None) -> str | None:
+    """The first rank's problem (or None when no rank has one); collective."""
+    return next((p for p in gather_objects(problem) if p), None)
+
+
+def _no_space(exc: BaseException) -> bool:
+    """True when ``exc`` or an exception it was raised from is ENOSPC / EDQUOT (torch wraps the
+    OSError of a Python file object in an ``unexpected pos`` RuntimeError)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _write(obj: Any, path: Path) -> None:
+    """torch.save through a Python file (so a full disk surfaces as ENOSPC), then fsync."""
+    with open(path, "wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _attempt(action, root: Path) -> str | None:
+    """Run ``action``; None on success, else a one-line reason."""
+    try:
+        action()
+        return None
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one agreed line on every rank
+        if _no_space(exc):
+            return f"the disk holding {root} is full (no space left on device)"
+        return f"{type(exc).__name__}: {first_line(exc)}"
+
+
+def _prepare_tmp(root: Path, tmp: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob("step-*.tmp"):  # left by a crash; never a final checkpoint
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir()
+
+
+def _previous(run_dir: str | Path) -> str:
+    last = latest_checkpoint(run_dir)
+    return f"the previous checkpoint {last} is intact" if last else "there is no earlier checkpoint"
 
 
 def save_checkpoint(run_dir: str | Path, step: int, payload: dict[str, Any], objective, engine,
                     keep_last: int) -> Path:
-    """Write a checkpoint (collective: every rank calls it). Returns the final folder."""
+    """Write a checkpoint (collective: every rank calls it). Returns the final folder.
+
+    Raises `NonFiniteState` (nothing written) when any tensor to save is NaN/inf on any rank,
+    and `CheckpointError` on every rank when any rank's write fails (the partial folder is
+    removed; earlier checkpoints are untouched).
+    """
     root = Path(run_dir) / CHECKPOINTS
-    final = root / f"step-{step:08d}"
-    tmp = root / f"step-{step:08d}.tmp"
+    final, tmp = root / step_dir_name(step), root / (step_dir_name(step) + ".tmp")
     rank = get_rank()
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
     objective_state = objective.full_state()  # collective; full matrix on rank 0
-    rng_states = _gather_objects(rng_state())
-    if engine.per_rank_optimizer_state:
-        torch.save(engine.optimizer_state(), tmp / f"optimizer-rank{rank:05d}.pt")
+    rng_states = gather_objects(rng_state())
+    engine_state = engine.optimizer_state()
+    per_rank = engine.per_rank_optimizer_state
+    state = None
     if rank == 0:
         state = {**payload, "objective": objective_state, "rng": rng_states, "world_size": get_world_size(),
-                 "engine": None if engine.per_rank_optimizer_state else engine.optimizer_state()}
-        torch.save(state, tmp / (STATE + ".tmp"))
-        os.replace(tmp / (STATE + ".tmp"), tmp / STATE)
-    barrier()
+                 "engine": None if per_rank else engine_state}
+    bad = first_non_finite(state) or (first_non_finite(engine_state, "engine") if per_rank else None)
+    bad = _first_problem(f"{bad} (rank {rank})" if bad else None)
+    if bad:
+        raise NonFiniteState(f"checkpoint for step {step} not written: {bad} holds NaN or inf; "
+                             f"{_previous(run_dir)}")
+    problem = _first_problem(_attempt(lambda: _prepare_tmp(root, tmp), root) if rank == 0 else None)
+    if problem is None:
+        writes = []
+        if per_rank:
+            writes.append(lambda: _write(engine_state, tmp / f"optimizer-rank{rank:05d}.pt"))
+        if rank == 0:
+            writes.append(lambda: _write(state, tmp / STATE))
+        problem = _first_problem(next((p for p in (_attempt(w, root) for w in writes) if p), None))
+    if problem is not None:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier()
+        raise CheckpointError(f"checkpoint for step {step} not written: {problem}; partial files removed; "
+                              f"{_previous(run_dir)}")
     if rank == 0:
         if final.exists():
             shutil.rmtree(final)
@@ -97,20 +201,88 @@ def save_checkpoint(run_dir: str | Path, step: int, payload: dict[str, Any], obj
     return final
 
 
-def load_checkpoint(path: Path, objective, engine) -> dict[str, Any]:
-    """Restore objective, optimizer and this rank's RNG from ``path``; return the payload.
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """``path/state.pt`` as a dict, checked to be a complete, finite dml checkpoint.
+
+    Loaded with ``weights_only=True`` (no arbitrary unpickling). Raises `CheckpointError`
+    naming the file and the reason (unreadable/truncated/empty, not a dml checkpoint, NaN/inf).
+    """
+    file = Path(path) / STATE
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a damaged file
+        raise CheckpointError(f"{file} cannot be read (truncated, empty or not a torch file: "
+                              f"{first_line(exc)})") from None
+    if not isinstance(state, dict) or any(key not in state for key in _REQUIRED):
+        raise CheckpointError(f"{file} is not a dml training checkpoint")
+    bad = first_non_finite({key: state.get(key) for key in ("model", "objective", "engine", "swa")})
+    if bad:
+        raise CheckpointError(f"{file}: {bad} holds NaN or inf")
+    return state
+
+
+def newest_resumable(run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that `read_checkpoint` accepts, with its state; older ones are
+    tried in turn with a warning naming each bad one. None when the run has no checkpoint.
+
+    Raises `CheckpointError` when there are checkpoints but none can be resumed.
+    """
+    found = list_checkpoints(run_dir)
+    problems = []
+    for path in reversed(found):
+        try:
+            return path, read_checkpoint(path)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            log.warning("resume: skipping %s: %s; trying the one before", path.name, exc)
+    if problems:
+        raise CheckpointError(f"no resumable checkpoint in {Path(run_dir) / CHECKPOINTS}: " + "; ".join(problems))
+    return None
+
+
+def restore_checkpoint(path: Path, state: dict[str, Any], objective, engine, with_head: bool = True) -> dict[str, Any]:
+    """Install ``state`` (read from ``path``) into objective, optimizer and this rank's RNG.
 
     Works on any world size: the head is re-sliced from the full matrix; RNG states of ranks
-    that did not exist when saving are left as seeded.
+    that did not exist when saving are left as seeded. ``with_head=False`` leaves the head
+    (and centre loss) as freshly initialised. Returns ``state``.
     """
-    state = torch.load(path / STATE, map_location="cpu", weights_only=False)
-    objective.load_full_state(state["objective"])
-    rank = get_rank()
+    if with_head:
+        objective.load_full_state(state["objective"])
     if engine.per_rank_optimizer_state:
-        parts = sorted(path.glob("optimizer-rank*.pt"))
+        parts = sorted(Path(path).glob("optimizer-rank*.pt"))
         engine.load_optimizer_state([torch.load(p, map_location="cpu", weights_only=False) for p in parts])
     elif state.get("engine") is not None:
         engine.load_optimizer_state(state["engine"])
+    rank = get_rank()
     if rank < len(state["rng"]):
         set_rng_state(state["rng"][rank])
     return state
+
+
+def load_checkpoint(path: Path, objective, engine) -> dict[str, Any]:
+    """`read_checkpoint` then `restore_checkpoint`; returns the payload."""
+    return restore_checkpoint(path, read_checkpoint(path), objective, engine)
+
+
+def set_aside_diverged(run_dir: str | Path, last_step: int) -> str:
+    """After a non-finite loss in the step that follows ``last_step``: set the checkpoint of
+    ``last_step`` aside (it holds the weights that produced the loss) and say what is left.
+
+    Every rank calls it (the listing is taken before rank 0 renames). Returns one clause:
+    where the suspect went, and the last good checkpoint to resume from.
+    """
+    found = list_checkpoints(run_dir)
+    barrier()
+    suspect = found[-1] if found and found[-1].name == step_dir_name(last_step) else None
+    good = found[-2] if suspect and len(found) > 1 else (None if suspect else (found[-1] if found else None))
+    clause = ""
+    if suspect is not None:
+        aside = suspect.with_name(suspect.name + DIVERGED_SUFFIX)
+        if get_rank() == 0:
+            shutil.rmtree(aside, ignore_errors=True)  # an older set-aside copy of the same step
+            os.replace(suspect, aside)
+        clause = f"{suspect.name} holds the weights that produced it and was set aside as {aside}; "
+    if good is None:
+        return clause + "last good checkpoint: none (start again, without --resume, with a lower optimizer.lr)"
+    return clause + f"last good checkpoint: {good} (continue from it with --resume and a lower optimizer.lr)"

@@ -16,7 +16,7 @@ from dml.config import DMLConfig
 from dml.data.loader import TrainLoader
 from dml.distributed import get_rank, get_world_size
 from dml.errors import DMLError
-from dml.train.checkpoint import latest_checkpoint, save_checkpoint
+from dml.train.checkpoint import save_checkpoint, set_aside_diverged
 from dml.train.metrics_log import MetricsLog, peak_memory_mb
 from dml.train.objective import Objective
 from dml.train.schedules import LRSchedule
@@ -51,8 +51,9 @@ class Trainer:
     """Runs epochs of micro-batches, optimizer steps, logging, checkpoints and evaluation."""
 
     def __init__(self, config: DMLConfig, run_dir: Path, device: torch.device, engine, objective: Objective,
-                 loader: TrainLoader, evaluate=None):
+                 loader: TrainLoader, evaluate=None, data_identity: dict[str, Any] | None = None):
         self.config, self.run_dir, self.device = config, run_dir, device
+        self.data_identity = data_identity  # recorded in checkpoints; resume refuses other data
         self.engine, self.objective, self.loader = engine, objective, loader
         self.evaluate = evaluate
         self.total_steps = self._total_steps()
@@ -70,7 +71,7 @@ class Trainer:
     def payload(self, state: TrainState) -> dict[str, Any]:
         return {"model": self.engine.model.state_dict(), "schedule": self.schedule.state_dict(),
                 "train_state": asdict(state), "swa": self.swa.state_dict() if self.swa else None,
-                "config": self.config.model_dump(mode="json")}
+                "config": self.config.model_dump(mode="json"), "data_identity": self.data_identity}
 
     def restore(self, saved: dict[str, Any]) -> TrainState:
         self.engine.model.load_state_dict(saved["model"])
@@ -91,9 +92,8 @@ class Trainer:
             embeddings = self.engine.forward(images)
             loss, parts = self.objective(embeddings, labels, images=images, keys=rest[0] if rest else None)
             if _any_rank(not torch.isfinite(loss).all().item(), self.device):
-                last = latest_checkpoint(self.run_dir)
                 raise NonFiniteLoss(f"non-finite loss at step {state.step + 1} (epoch {state.epoch}, batch "
-                                    f"{state.batch_in_epoch}); last good checkpoint: {last or 'none'}")
+                                    f"{state.batch_in_epoch}); {set_aside_diverged(self.run_dir, state.step)}")
             self.engine.backward(loss)
         state.batch_in_epoch += 1
         state.images_seen += self.global_batch
