@@ -29,7 +29,7 @@ from dml.distill.objective import DistillObjective
 from dml.distill.teacher import OnTheFlyTeacher, TeacherRecord, describe_teacher
 from dml.distill.teacher_cache import CachedTeacher, ensure_teacher_cache
 from dml.errors import ConfigError
-from dml.train.artifacts import build_model
+from dml.train.artifacts import build_model, read_model_file
 from dml.train.run import TrainingSpec, TrainResult, run_training
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def distill_spec(config: DMLConfig, teacher: TeacherRecord) -> TrainingSpec:
 
 def record_teacher(model_path: Path, provenance: dict[str, Any]) -> None:
     """Add ``teacher`` (path, sha256, ...) to a saved ``model.pt`` payload (atomic rewrite)."""
-    payload = torch.load(model_path, map_location="cpu", weights_only=False)
+    payload = read_model_file(model_path)
     payload["teacher"] = provenance
     tmp = model_path.with_name(model_path.name + ".tmp")
     torch.save(payload, tmp)

@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from dml.config import DataConfig, ModelConfig
 from dml.data.tario import sha256_file
 from dml.errors import DMLError
-from dml.train.artifacts import FORMAT as MODEL_FORMAT
-from dml.train.artifacts import load_final_model
+from dml.train.artifacts import load_final_model, read_model_file
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +54,10 @@ def describe_teacher(teacher: str | Path) -> TeacherRecord:
     model_path = path / "model.pt" if path.is_dir() else path
     if not model_path.is_file():
         raise DMLError(f"distill.teacher: no trained model at {model_path}: run `dml train` first")
-    payload = torch.load(model_path, map_location="cpu", weights_only=False, mmap=True)
-    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
-        raise DMLError(f"distill.teacher: {model_path} is not a dml model file")
+    try:
+        payload = read_model_file(model_path, mmap=True)
+    except DMLError as exc:
+        raise DMLError(f"distill.teacher: {exc}") from None
     return TeacherRecord(run_dir=model_path.parent, model_path=model_path.resolve(), sha256=sha256_file(model_path),
                          model=ModelConfig.model_validate(payload["model"]),
                          data=DataConfig.model_validate(payload["data"]), data_digest=str(payload.get("data_digest")))

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dml.config import DataConfig, DMLConfig, ModelConfig
-from dml.errors import DMLError
+from dml.errors import DMLError, first_line
 from dml.models import Preprocessing, build_embedding_model
 
 FORMAT = "dml.model/1"
@@ -56,18 +56,41 @@ def save_final_model(model: nn.Module, config: DMLConfig, path: Path, data_diges
     return path
 
 
+def read_model_file(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """The payload of a ``model.pt`` (weights and the configs that built them), not yet built.
+
+    Loaded with ``weights_only=True``: no arbitrary unpickling. Raises `DMLError` naming the
+    file when it is missing, unreadable (truncated, empty, random bytes) or not a dml model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DMLError(f"no trained model at {path}: run `dml train` first")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a damaged file
+        raise DMLError(f"{path} cannot be read as a dml model (truncated, empty or not a torch file of "
+                       f"plain tensors: {first_line(exc, 160)})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or "state_dict" not in payload:
+        raise DMLError(f"{path} is not a dml model file (no {FORMAT!r} format record): pass a model.pt "
+                       f"written by `dml train` or `dml distill`")
+    return payload
+
+
 def load_final_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a saved model in eval mode; returns (model, payload without weights)."""
+    """Rebuild a saved model in eval mode; returns (model, payload without weights).
+
+    ``path`` is a ``model.pt`` or a run folder holding one. Raises `DMLError` (one line) when
+    the file is missing, damaged, or its weights do not fit the model it describes.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / "model.pt"
-    if not path.exists():
-        raise DMLError(f"no trained model at {path}: run `dml train` first")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if payload.get("format") != FORMAT:
-        raise DMLError(f"{path} is not a dml model file")
-    model = build_model(model=ModelConfig.model_validate(payload["model"]),
-                        data=DataConfig.model_validate(payload["data"]))
-    model.load_state_dict(payload.pop("state_dict"))
+    payload = read_model_file(path)
+    try:
+        model = build_model(model=ModelConfig.model_validate(payload["model"]),
+                            data=DataConfig.model_validate(payload["data"]))
+        model.load_state_dict(payload.pop("state_dict"))
+    except (KeyError, ValueError, RuntimeError) as exc:  # pydantic's ValidationError is a ValueError
+        raise DMLError(f"{path}: the weights do not fit the model it describes ({first_line(exc, 160)})") from None
     return model.to(device).eval(), payload
 
