@@ -58,7 +58,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from dml.train.run import run_train
 
-    result = run_train(load_config(args.config, args.overrides), resume=args.resume)
+    result = run_train(load_config(args.config, args.overrides), resume=args.resume,
+                       allow_new_data=args.allow_new_data)
     if result is not None and _is_rank_zero():
         print(f"train: {result.steps} steps; model: {result.model_path}; run: {result.run_dir}; "
               + _headline(result.metrics))
@@ -134,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train the embedding model (torchrun for several processes)")
     _add_config_args(train)
     train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    train.add_argument("--allow-new-data", action="store_true",
+                       help="with --resume: continue on other shards (a fine-tune; see README)")
     train.set_defaults(handler=_cmd_train)
 
     evaluate = sub.add_parser("evaluate", help="faiss retrieval / verification metrics and a report")

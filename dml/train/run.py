@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,16 +20,17 @@ import torch
 
 from dml.config import DMLConfig, save_config
 from dml.data.loader import TrainLoader
-from dml.data.manifest import load_manifest, manifest_digest
+from dml.data.manifest import load_manifest
 from dml.distributed import barrier, cleanup, get_rank, init_distributed
 from dml.errors import DMLError
 from dml.eval.embed import extract_embeddings
 from dml.eval.metrics import retrieval_metrics
 from dml.train.artifacts import build_model, save_final_model
-from dml.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from dml.train.checkpoint import latest_checkpoint, list_checkpoints, restore_checkpoint
 from dml.train.engine import build_engine
 from dml.train.loop import Trainer, TrainState
 from dml.train.objective import Objective
+from dml.train.resume import check_config, check_data, data_identity, find_resume_point
 
 log = logging.getLogger(__name__)
 
@@ -74,19 +74,14 @@ def make_evaluator(config: DMLConfig, device: torch.device):
     return evaluate
 
 
-def _resume_point(config: DMLConfig, run_dir: Path, resume: bool) -> Path | None:
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
-        return None
-    if resume or restarted:
-        return checkpoint
-    raise DMLError(f"{run_dir} already holds checkpoints: pass --resume to continue, or choose a new train.run_dir")
+def run_train(config: DMLConfig, resume: bool = False, allow_new_data: bool = False) -> TrainResult:
+    """Train as configured on this process's share of the (possibly distributed) job.
 
-
-def run_train(config: DMLConfig, resume: bool = False) -> TrainResult:
-    """Train as configured on this process's share of the (possibly distributed) job."""
-    return run_training(config, resume, TrainingSpec(config.train.run_dir, build_model, Objective))
+    ``resume`` continues from the newest resumable checkpoint of ``train.run_dir`` (see
+    `dml.train.resume` for what may change); ``allow_new_data`` lets it continue on other
+    shards (a fine-tune). Raises `DMLError` (one line) for anything the user can fix.
+    """
+    return run_training(config, resume, TrainingSpec(config.train.run_dir, build_model, Objective), allow_new_data)
 
 
 @dataclass
@@ -101,18 +96,26 @@ class TrainingSpec:
     model_section: str = "model"
 
 
-def run_training(config: DMLConfig, resume: bool, spec: TrainingSpec) -> TrainResult:
+def run_training(config: DMLConfig, resume: bool, spec: TrainingSpec, allow_new_data: bool = False) -> TrainResult:
     """The shared training stage: process group, model, engine, objective, loop, outputs."""
+    if allow_new_data and not resume:
+        raise DMLError("--allow-new-data only applies with --resume")
     info = init_distributed()
     try:
-        return _train(config, resume, info.device, spec)
+        return _train(config, resume, info.device, spec, allow_new_data)
     finally:
         cleanup()
 
 
-def _train(config: DMLConfig, resume: bool, device: torch.device, spec: TrainingSpec) -> TrainResult:
+def _train(config: DMLConfig, resume: bool, device: torch.device, spec: TrainingSpec,
+           allow_new_data: bool = False) -> TrainResult:
     run_dir = Path(spec.run_dir)
-    checkpoint = _resume_point(config, run_dir, resume)
+    manifest = load_manifest(config.data.shard_dir)
+    identity = data_identity(config.data.shard_dir, manifest)
+    point = find_resume_point(run_dir, resume)
+    if point is not None:
+        check_config(point, config, spec.model_section)
+        check_data(point, identity, config.data.shard_dir, allow_new_data)
     rank = get_rank()
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -120,17 +123,17 @@ def _train(config: DMLConfig, resume: bool, device: torch.device, spec: Training
         log.info("train: start -> %s (backend %s, device %s)", run_dir, config.train.backend, device)
     barrier()
     seed_everything(config.seed + rank)
-    manifest = load_manifest(config.data.shard_dir)
     num_classes = len(manifest["classes"])
     model = spec.build_model(config).to(device)
     engine = build_engine(model, config, device)
     objective = spec.build_objective(config, num_classes, device)
     loader = TrainLoader(config.data, seed=config.seed, with_keys=spec.with_keys)
-    trainer = Trainer(config, run_dir, device, engine, objective, loader, make_evaluator(config, device))
+    trainer = Trainer(config, run_dir, device, engine, objective, loader, make_evaluator(config, device), identity)
     state = TrainState()
-    if checkpoint is not None:
-        state = trainer.restore(load_checkpoint(checkpoint, objective, engine))
-        log.info("train: resumed from %s (step %d)", checkpoint, state.step)
+    if point is not None:
+        state = trainer.restore(restore_checkpoint(point.path, point.state, objective, engine, point.keep_head))
+        log.info("train: resumed from %s (step %d)", point.path, state.step)
+        point = None  # the loaded state (a full head matrix, maybe) is not kept while training
     state = trainer.fit(state)
     final_checkpoint = latest_checkpoint(run_dir)
     if final_checkpoint is None or not final_checkpoint.name.endswith(f"{state.step:08d}"):
@@ -141,7 +144,7 @@ def _train(config: DMLConfig, resume: bool, device: torch.device, spec: Training
     trainer.metrics.close()
     model_path = run_dir / "model.pt"
     if rank == 0:
-        save_final_model(final_model, config, model_path, data_digest=manifest_digest(config.data.shard_dir),
+        save_final_model(final_model, config, model_path, data_digest=identity["manifest_sha256"],
                          model_section=spec.model_section)
     result = TrainResult(str(run_dir), str(model_path), str(final_checkpoint), state.step, metrics)
     if rank == 0:

@@ -2,6 +2,10 @@
 
 One schedule drives every optimizer of a run (backbone and head) by scaling each param
 group's base LR, so warm-up and decay stay in lockstep across them.
+
+On resume the restored optimizer states carry the hyperparameters they were saved with
+(base LR, momentum, weight decay); `LRSchedule.load_state_dict` puts back the ones of the
+current config, so that an LR or schedule changed at resume is the one that is used.
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ class LRSchedule:
         for optimizer in optimizers:
             for group in optimizer.param_groups:
                 group.setdefault("base_lr", group["lr"])
+        # The config's settings per group (all but the parameters and the scheduled lr).
+        self._configured = [[{k: v for k, v in group.items() if k not in ("params", "lr")}
+                             for group in optimizer.param_groups] for optimizer in optimizers]
         self._apply()
 
     def _apply(self) -> None:
@@ -62,5 +69,10 @@ class LRSchedule:
         return {"step_count": self.step_count, "total_steps": self.total_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at the saved step, with the current config's base LRs and hyperparameters
+        (call it after the optimizers' states were restored)."""
         self.step_count = int(state["step_count"])
+        for optimizer, configured in zip(self.optimizers, self._configured):
+            for group, settings in zip(optimizer.param_groups, configured):
+                group.update(settings)
         self._apply()
