@@ -6,7 +6,8 @@ keys (start a new ``train.run_dir`` instead):
 - the model (``model.*``; for `dml distill` also ``distill.*``), the loss and its head
   (``loss.*`` except ``loss.head_lr``), ``seed``, ``optimizer.name`` and ``optimizer.momentum``
   (they shape the saved optimizer state), ``swa.*``, and how
-  batches are made (``data.*`` except ``data.shard_dir`` and ``data.num_workers``),
+  batches are made (``data.*`` except ``data.shard_dir``, ``data.num_workers`` and the
+  bad-sample policy ``data.bad_samples``),
   ``train.backend``, ``train.grad_accum``, ``train.precision``;
 - the data itself, identified by the sha256 of its ``manifest.json``: other shards are
   refused unless ``allow_new_data`` (``dml train --resume --allow-new-data``) asks for a
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 FIXED = ("seed", "model.", "loss.", "data.", "optimizer.name", "optimizer.momentum", "swa.", "train.backend",
          "train.grad_accum", "train.precision")
-CHANGEABLE = ("loss.head_lr", "data.shard_dir", "data.num_workers")
+CHANGEABLE = ("loss.head_lr", "data.shard_dir", "data.num_workers", "data.bad_samples")
 NOT_TRAINING = ("prepare.", "evaluate.", "export.", "pipeline.")
 
 
@@ -113,7 +114,10 @@ def check_data(point: ResumePoint, identity: dict[str, Any], shard_dir: str, all
                 point.state["train_state"].get("step"),
                 "same class list: the head's class centres are kept" if point.keep_head else
                 "the class list differs: the head's class centres are re-initialised")
-    point.state["train_state"]["batch_in_epoch"] = 0
+    position = point.state["train_state"]
+    for key in ("batch_in_epoch", "samples_in_epoch"):  # the old data's position means nothing here
+        if key in position:
+            position[key] = 0
 
 
 def _choose(run_dir: Path, resume: bool, restarted: bool) -> tuple[ResumePoint | None, str | None]:
