@@ -34,7 +34,7 @@ from typing import Any
 
 from dml.config import DMLConfig
 from dml.data.manifest import manifest_digest
-from dml.distributed import broadcast_object, get_rank
+from dml.distributed import broadcast_object, gather_objects, get_rank
 from dml.errors import DMLError
 from dml.train.checkpoint import CHECKPOINTS, list_checkpoints, newest_resumable, read_checkpoint
 
@@ -151,6 +151,13 @@ def find_resume_point(run_dir: Path, resume: bool) -> ResumePoint | None:
     path, refusal = broadcast_object((str(point.path) if point else None, refusal))
     if refusal:
         raise DMLError(refusal)
+    problem = None
     if point is None and path is not None:  # ranks other than 0 read what rank 0 chose
-        point = ResumePoint(Path(path), read_checkpoint(Path(path)))
+        try:
+            point = ResumePoint(Path(path), read_checkpoint(Path(path)))
+        except DMLError as exc:
+            problem = f"rank {get_rank()}: {exc}"
+    problem = next((p for p in gather_objects(problem) if p), None)
+    if problem:  # every rank stops together, none waits for the others at the next collective
+        raise DMLError(f"--resume: {problem}")
     return point
