@@ -311,6 +311,10 @@ class PipelineConfig(StrictModel):
     image: str = "dml-pipeline:latest"
     evaluate_teacher: bool = True
     publish_dir: str | None = None
+    # A failed stage is tried again this many times (infrastructure failures only: a bad
+    # config or missing input fails the same way again), after retry_delay_seconds.
+    stage_retries: int = Field(2, ge=0)
+    retry_delay_seconds: float = Field(30.0, ge=0)
 
 
 class DMLConfig(StrictModel):

@@ -11,12 +11,14 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
+from prefect.states import Completed, State
 
 from dml.config import DMLConfig
-from pipeline.artifacts import publish_failure_artifact, publish_summary_artifacts
+from pipeline.artifacts import publish_decision_artifact, publish_failure_artifact, publish_summary_artifacts
 from pipeline.errors import StageFailed
-from pipeline.stages import STAGE_ORDER, StageOutcome
-from pipeline.stamps import read_stamp
+from pipeline.freshness import stale_reason
+from pipeline.schedules import FLOW_NAME
+from pipeline.stages import StageOutcome, chained_stages
 from pipeline.summary import summarize
 from pipeline.tasks import publish, run_stage
 from pipeline.wiring import load_pipeline_config
@@ -25,10 +27,12 @@ from pipeline.wiring import load_pipeline_config
 def run_stages(config: DMLConfig, stages: list[str]) -> dict[str, StageOutcome]:
     """Run ``stages`` in order; on a failure publish the failure artifact and re-raise."""
     outcomes: dict[str, StageOutcome] = {}
+    settings = config.pipeline
+    stage_task = run_stage.with_options(retries=settings.stage_retries, retry_delay_seconds=settings.retry_delay_seconds)
     for stage in stages:
         try:
             # A skipped stage returns a "Cached" state: ask for the state and take its result.
-            outcomes[stage] = run_stage(stage, config, return_state=True).result()
+            outcomes[stage] = stage_task(stage, config, return_state=True).result()
         except StageFailed as error:
             get_run_logger().error("%s", error)
             publish_failure_artifact(error, outcomes)
@@ -36,20 +40,21 @@ def run_stages(config: DMLConfig, stages: list[str]) -> dict[str, StageOutcome]:
     return outcomes
 
 
-def chained_stages(config: DMLConfig) -> list[str]:
-    return [stage for stage in STAGE_ORDER if stage != "evaluate_teacher" or config.pipeline.evaluate_teacher]
+def run_chain(config: DMLConfig) -> dict[str, Any]:
+    """The chained stages, then publish and the summary artifacts, inside the calling flow
+    run (so its artifacts belong to that run); returns the summary."""
+    outcomes = run_stages(config, chained_stages(config))
+    published = publish(config.pipeline.publish_dir, outcomes) if config.pipeline.publish_dir else {}
+    summary = summarize(outcomes, published)
+    publish_summary_artifacts(summary)
+    return summary
 
 
 @flow(name="dml-pipeline")
 def dml_pipeline(config_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
     """prepare -> train teacher -> evaluate teacher -> distill -> evaluate student -> export
     -> publish; returns the summary (`pipeline.summary.summarize`)."""
-    config = load_pipeline_config(config_path, overrides)
-    outcomes = run_stages(config, chained_stages(config))
-    published = publish(config.pipeline.publish_dir, outcomes) if config.pipeline.publish_dir else {}
-    summary = summarize(outcomes, published)
-    publish_summary_artifacts(summary)
-    return summary
+    return run_chain(load_pipeline_config(config_path, overrides))
 
 
 def _single_stage(stage: str, config_path: str, overrides: list[str] | None) -> dict[str, Any]:
@@ -88,28 +93,33 @@ def export_flow(config_path: str, overrides: list[str] | None = None) -> dict[st
     return _single_stage("export", config_path, overrides)
 
 
-def last_trained_manifest(config: DMLConfig) -> str | None:
-    """The manifest sha256 the current teacher was trained on (from its stamp), if any."""
-    stamp = read_stamp(config.train.run_dir)
-    if stamp is None or stamp.get("stage") != "train" or stamp.get("status") != "done":
-        return None
-    return stamp.get("inputs", {}).get("manifest")
+def _decision(config: DMLConfig, only_if_data_changed: bool) -> str | None:
+    """Why this scheduled run retrains, or None to skip it (`pipeline.freshness`)."""
+    if not only_if_data_changed:
+        return "asked to run the chain (only_if_data_changed=False)"
+    return stale_reason(config)
 
 
-def should_retrain(config: DMLConfig, manifest_sha256: str, only_if_data_changed: bool = True) -> bool:
-    """True unless ``only_if_data_changed`` and the teacher was trained on this manifest."""
-    return not only_if_data_changed or manifest_sha256 != last_trained_manifest(config)
-
-
-@flow(name="dml-nightly-retrain")
+@flow(name=FLOW_NAME)
 def nightly_retrain(config_path: str, overrides: list[str] | None = None,
-                    only_if_data_changed: bool = True) -> dict[str, Any]:
-    """Prepare the data; retrain (the whole chain) only when the manifest differs from the one
-    the current teacher was trained on, or always with ``only_if_data_changed=False``."""
+                    only_if_data_changed: bool = True) -> State:
+    """Prepare the data (new raw files give new shards), then run the chain only when some
+    stage's outputs are not current: the data manifest or the config changed, an output is
+    missing, or the last attempt crashed (it resumes through the stage stamps). Otherwise the
+    run completes in a state named "Skipped" whose message says why; either way a
+    ``dml-retrain-decision`` artifact records the decision. The result is a dict with
+    ``retrained``, ``reason`` and ``manifest_sha256`` (and the summary when it retrained)."""
     config = load_pipeline_config(config_path, overrides)
-    prepared = run_stages(config, ["prepare"])["prepare"]
-    manifest = prepared.result["manifest_sha256"]
-    if not should_retrain(config, manifest, only_if_data_changed):
-        get_run_logger().info("data manifest unchanged (%s): no retrain", manifest[:12])
-        return {"retrained": False, "manifest_sha256": manifest}
-    return {"retrained": True, "manifest_sha256": manifest, **dml_pipeline(config_path, overrides)}
+    manifest = run_stages(config, ["prepare"])["prepare"].result["manifest_sha256"]
+    reason = _decision(config, only_if_data_changed)
+    if reason is None:
+        reason = f"data manifest {manifest[:12]} and config unchanged, every stage's outputs are current"
+        get_run_logger().info("no retrain: %s", reason)
+        publish_decision_artifact(retrained=False, reason=reason)
+        return Completed(name="Skipped", message=f"skipped: {reason}",
+                         data={"retrained": False, "reason": reason, "manifest_sha256": manifest})
+    get_run_logger().info("retraining: %s", reason)
+    publish_decision_artifact(retrained=True, reason=reason)
+    summary = run_chain(config)
+    return Completed(message=f"retrained: {reason}", data={"retrained": True, "reason": reason, "manifest_sha256": manifest,
+                                             **summary})

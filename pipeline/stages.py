@@ -125,6 +125,11 @@ SPEC_BUILDERS: dict[str, Callable[[DMLConfig], StageSpec]] = {
 }
 
 
+def chained_stages(config: DMLConfig) -> list[str]:
+    """The stages `dml pipeline run` chains, in order (the teacher's evaluation is optional)."""
+    return [stage for stage in STAGE_ORDER if stage != "evaluate_teacher" or config.pipeline.evaluate_teacher]
+
+
 def build_spec(stage: str, config: DMLConfig) -> StageSpec:
     """The spec of ``stage`` (one of `STAGE_ORDER`) for the pipeline config ``config``."""
     if stage not in SPEC_BUILDERS:

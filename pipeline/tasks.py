@@ -17,15 +17,17 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
-from dml.config import DMLConfig
+from dml.config import DMLConfig, PipelineConfig
 from pipeline.errors import StageFailed
 from pipeline.launchers import build_launcher
 from pipeline.publish import publish_release
 from pipeline.runner import execute_stage
 from pipeline.stages import StageOutcome
 
-STAGE_RETRIES = 2
-RETRY_DELAY_SECONDS = 30
+# Defaults of the task; `pipeline.flows.run_stages` applies ``pipeline.stage_retries`` and
+# ``pipeline.retry_delay_seconds`` of the run's config.
+STAGE_RETRIES = PipelineConfig.model_fields["stage_retries"].default
+RETRY_DELAY_SECONDS = PipelineConfig.model_fields["retry_delay_seconds"].default
 
 
 def retry_unless_input_error(task: Any, task_run: Any, state: Any) -> bool:

@@ -20,10 +20,11 @@ from prefect.client.schemas.sorting import FlowRunSort, TaskRunSort  # noqa: E40
 from prefect.settings import PREFECT_API_URL  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-from pipeline.artifacts import FAILURE_KEY, METRICS_KEY  # noqa: E402
+from pipeline.artifacts import DECISION_KEY, FAILURE_KEY, METRICS_KEY  # noqa: E402
 from pipeline.cli import run_pipeline_command  # noqa: E402
-from pipeline.flows import dml_pipeline, last_trained_manifest, nightly_retrain  # noqa: E402
-from pipeline.stamps import read_stamp  # noqa: E402
+from pipeline.flows import dml_pipeline, nightly_retrain  # noqa: E402
+from pipeline.freshness import stale_reason  # noqa: E402
+from pipeline.stamps import read_stamp, write_stamp  # noqa: E402
 from pipeline.wiring import load_pipeline_config  # noqa: E402
 from train_fixtures import write_config  # noqa: E402
 
@@ -161,14 +162,27 @@ def test_changed_loss_redoes_train_and_everything_downstream(workspace, first_ru
     assert len(list((root / "publish").glob("*/model_card.json"))) == 2  # both releases kept
 
 
-def test_nightly_retrain_skips_when_the_manifest_is_unchanged(workspace, first_run):
+def test_nightly_retrain_skips_when_nothing_changed_and_resumes_after_a_crash(workspace, first_run):
     root, config_path = workspace
     config = load_pipeline_config(config_path, CHANGED)
-    manifest = last_trained_manifest(config)
-    assert manifest == read_stamp(root / "shards")["result"]["manifest_sha256"]
+    assert stale_reason(config) is None  # the last run (CHANGED) left every stage current
+    assert stale_reason(load_pipeline_config(config_path, [])) == "train: its config changed"
     before = mtimes(root)
-    assert nightly_retrain(str(config_path), CHANGED) == {"retrained": False, "manifest_sha256": manifest}
-    assert mtimes(root) == before
+    state = nightly_retrain(str(config_path), CHANGED, return_state=True)
+    manifest = read_stamp(root / "shards")["result"]["manifest_sha256"]
+    assert state.is_completed() and state.name == "Skipped"
+    assert state.message == f"skipped: data manifest {manifest[:12]} and config unchanged, every stage's outputs are current"
+    assert state.result()["retrained"] is False and mtimes(root) == before
+    assert artifact(DECISION_KEY).startswith("## Skipped")
+    # A crash in the middle of distillation: the student's stamp still says "running".
+    student = read_stamp(root / "student")
+    write_stamp(root / "student", "distill", student["key"], "running", student["inputs"])
+    assert stale_reason(config) == f"distill: the last attempt did not finish (it resumes in {root / 'student'})"
+    result = nightly_retrain(str(config_path), CHANGED)
+    assert result["retrained"] is True and result["reason"].startswith("distill: the last attempt did not finish")
+    statuses = {name: info["status"] for name, info in result["stages"].items()}
+    assert statuses["train"] == "cached" and statuses["distill"] == "ran"
+    assert read_stamp(root / "student")["status"] == "done" and stale_reason(config) is None
 
 
 def test_kubernetes_work_pool_deployment_is_registered(prefect_server):
