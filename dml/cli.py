@@ -93,12 +93,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_pipeline(args: argparse.Namespace) -> int:
-    from pipeline.cli import run_pipeline_command
-
-    return run_pipeline_command(args.config, args.overrides)
-
-
 def _cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
@@ -157,11 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(config)
     config.set_defaults(handler=_cmd_config)
 
-    pipeline = sub.add_parser("pipeline", help="the chained Prefect flow")
-    pipeline_sub = pipeline.add_subparsers(dest="action", required=True)
-    pipeline_run = pipeline_sub.add_parser("run", help="prepare -> train -> evaluate -> distill -> export")
-    _add_config_args(pipeline_run, required=True)
-    pipeline_run.set_defaults(handler=_cmd_pipeline)
+    from pipeline.cli import add_pipeline_commands  # argparse only: Prefect loads when a command runs
+
+    pipeline = sub.add_parser("pipeline", help="the chained Prefect flow: run now, serve or deploy on a schedule")
+    add_pipeline_commands(pipeline, _add_config_args)
     return parser
 
 

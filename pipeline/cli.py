@@ -1,15 +1,31 @@
-"""`dml pipeline run`: run the chained flow and print where the results are."""
+"""`dml pipeline run|serve|deploy|runs`: the chained flow now, on a schedule from this machine,
+as a deployment on a work pool, and the recent scheduled runs.
+
+Importing this module does not import Prefect (`dml` builds its parser from it); each command
+imports it once its arguments and config are known to be good.
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from dml.errors import DMLError
+from dml.errors import ConfigError, DMLError
 from pipeline.errors import StageFailed
+from pipeline.schedules import DEPLOYMENT, FLOW_NAME, NIGHTLY_CRON
 from pipeline.summary import headline_line
 from pipeline.wiring import load_pipeline_config
+
+
+def _quiet_prefect_defaults() -> None:
+    # Prefect's temporary local server needs well over its default start-up time on a
+    # loaded 2-core machine (seen: 35-65 s); a user's own setting wins.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+    # No telemetry: the machine may be offline, and its heartbeat contends for the SQLite lock.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def run_pipeline_command(config_path: str | Path | None, overrides: list[str] | None = None) -> int:
@@ -25,11 +41,7 @@ def run_pipeline_command(config_path: str | Path | None, overrides: list[str] | 
     except DMLError as exc:
         print(f"dml pipeline: error: {exc}", file=sys.stderr)
         return 2
-    # Prefect's temporary local server needs well over its default start-up time on a
-    # loaded 2-core machine (seen: 35-65 s); a user's own setting wins.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
-    # No telemetry: the machine may be offline, and its heartbeat contends for the SQLite lock.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    _quiet_prefect_defaults()
     from pipeline.flows import dml_pipeline  # imports prefect: only once the config is good
 
     try:
@@ -44,3 +56,149 @@ def run_pipeline_command(config_path: str | Path | None, overrides: list[str] | 
         print(f"pipeline: published to {Path(next(iter(summary['published'].values()))).parent}")
     print(f"pipeline: {headline_line(summary)}")
     return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    return run_pipeline_command(args.config, args.overrides)
+
+
+def _server_url() -> str:
+    """The configured Prefect API URL; a `ConfigError` when there is none (a schedule needs a
+    server that keeps running: Prefect's temporary one has no scheduler)."""
+    _quiet_prefect_defaults()
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise ConfigError("no Prefect server: start one (`prefect server start`) and set PREFECT_API_URL "
+                          "(e.g. `prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`)")
+    return url
+
+
+def _schedule_text(cron: str | None, interval: float | None) -> str:
+    """The schedule in words; a `ConfigError` for a cron expression Prefect rejects."""
+    if interval:
+        return f"every {interval:g} s"
+    from pydantic import ValidationError
+    from prefect.client.schemas.schedules import CronSchedule
+
+    try:
+        CronSchedule(cron=cron)
+    except ValidationError as exc:
+        raise ConfigError(f"--cron '{cron}': {exc.errors()[0]['msg']}") from None
+    return f"cron '{cron}' (server time zone UTC unless set)"
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    load_pipeline_config(args.config, args.overrides)
+    when = _schedule_text(args.cron, args.interval)
+    url = _server_url()
+    from prefect import serve
+
+    from pipeline.deployments import serve_deployment
+
+    name = args.name or DEPLOYMENT
+    deployment = serve_deployment(args.config, args.cron, args.overrides, name, args.interval)
+    print(f"pipeline: serving {FLOW_NAME}/{name} from this process, {when}, one run at a time, "
+          f"on {url}; each run retrains only when the data or the config changed. "
+          f"Recent runs: dml pipeline runs. Stop with Ctrl-C.", flush=True)
+    serve(deployment, print_starting_message=False)
+    return 0
+
+
+def _worker_hint(pool: str, pool_type: str, url: str, config: str) -> list[str]:
+    if pool_type == "process":
+        return [f"start the worker (here, or on a machine with the same paths): "
+                f"PREFECT_API_URL={url} prefect worker start --pool {pool}"]
+    from pipeline.deployments import POD_CONFIG, RUN_CONFIG_MAP
+
+    return [f"the worker runs in the cluster: kubectl apply -k k8s/overlays/gpu-prod (or cpu-dev), with "
+            f"WORK_POOL={pool} and PREFECT_API_URL pointing at this server ({url}) in ConfigMap prefect-worker",
+            f"flow runs read their config from ConfigMap {RUN_CONFIG_MAP} ({POD_CONFIG}); to put this file there: "
+            f"dml config --config {config} > config.yaml && kubectl -n dml create configmap {RUN_CONFIG_MAP} "
+            f"--from-file=config.yaml --dry-run=client -o yaml | kubectl apply -f -"]
+
+
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    load_pipeline_config(args.config, args.overrides)
+    when = _schedule_text(args.cron, args.interval)
+    url = _server_url()
+    from pipeline.deployments import ensure_work_pool, kubernetes_deployment, process_deployment
+
+    pool_type = ensure_work_pool(args.work_pool, kubernetes=args.image is not None)
+    schedule = {"cron": args.cron, "interval": args.interval, "overrides": args.overrides, "work_pool": args.work_pool}
+    if pool_type == "process":
+        if args.image:
+            raise ConfigError(f"work pool {args.work_pool} is a process pool: --image is for a kubernetes pool")
+        name = args.name or DEPLOYMENT
+        deployment = process_deployment(args.config, name=name, **schedule)
+    elif pool_type == "kubernetes":
+        if not args.image:
+            raise ConfigError(f"work pool {args.work_pool} is a kubernetes pool: --image IMAGE is required")
+        name = args.name or f"{DEPLOYMENT}-k8s"
+        deployment = kubernetes_deployment(args.image, name=name, **schedule)
+    else:
+        raise ConfigError(f"work pool {args.work_pool} is of type {pool_type}: dml deploys to process or "
+                          "kubernetes pools")
+    deployment_id = deployment.apply()
+    print(f"pipeline: deployment {FLOW_NAME}/{name} ({deployment_id}) on work pool {args.work_pool} "
+          f"({pool_type}), {when}, one run at a time, on {url}")
+    for line in _worker_hint(args.work_pool, pool_type, url, args.config):
+        print(f"pipeline: {line}")
+    print("pipeline: recent runs: dml pipeline runs")
+    return 0
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    url = _server_url()
+    from pipeline.runs import format_run, recent_runs
+
+    records = recent_runs(args.limit, args.deployment)
+    if not records:
+        print(f"pipeline: no runs of {FLOW_NAME} on {url} yet (dml pipeline serve / deploy schedules them)")
+    for record in records:
+        print("\n".join(format_run(record)))
+    return 0
+
+
+def _positive(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return number
+
+
+def _add_schedule_args(parser: argparse.ArgumentParser) -> None:
+    when = parser.add_mutually_exclusive_group()
+    when.add_argument("--cron", default=NIGHTLY_CRON, help=f"cron schedule (default '{NIGHTLY_CRON}': 02:00 daily)")
+    when.add_argument("--interval", type=_positive, metavar="SECONDS", help="run every SECONDS instead of cron")
+    parser.add_argument("--name", help=f"deployment name (default {DEPLOYMENT}; {DEPLOYMENT}-k8s on a kubernetes pool)")
+
+
+def add_pipeline_commands(parser: argparse.ArgumentParser,
+                          add_config_args: Callable[[argparse.ArgumentParser, bool], None]) -> None:
+    """The ``run``, ``serve``, ``deploy`` and ``runs`` subcommands of ``dml pipeline``;
+    ``add_config_args(parser, required)`` adds ``--config`` and the dotted overrides."""
+    sub = parser.add_subparsers(dest="action", required=True)
+    run = sub.add_parser("run", help="prepare -> train -> evaluate -> distill -> export, now")
+    add_config_args(run, True)
+    run.set_defaults(handler=_cmd_run)
+
+    serve = sub.add_parser("serve", help="run the chain on a schedule from this machine (blocks); retrains "
+                                         "only when the data or the config changed")
+    add_config_args(serve, True)
+    _add_schedule_args(serve)
+    serve.set_defaults(handler=_cmd_serve)
+
+    deploy = sub.add_parser("deploy", help="register the scheduled chain on a work pool (process or kubernetes)")
+    add_config_args(deploy, True)
+    deploy.add_argument("--work-pool", required=True, metavar="NAME",
+                        help="work pool; created when missing: kubernetes with --image, else process")
+    deploy.add_argument("--image", help="image with dml installed (kubernetes pools)")
+    _add_schedule_args(deploy)
+    deploy.set_defaults(handler=_cmd_deploy)
+
+    runs = sub.add_parser("runs", help="recent scheduled runs: state, duration, teacher/student metrics, report")
+    runs.add_argument("--limit", type=int, default=10, help="how many runs (default 10)")
+    runs.add_argument("--deployment", metavar="NAME", help="only this deployment's runs")
+    runs.set_defaults(handler=_cmd_runs)

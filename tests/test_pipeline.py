@@ -267,39 +267,59 @@ def test_serve_deployment_has_the_nightly_cron(tmp_path):
     deployment = serve_deployment(tmp_path / "c.yaml", overrides=["train.max_steps=5"])
     [schedule] = deployment.schedules
     assert schedule.schedule.cron == NIGHTLY_CRON == "0 2 * * *" and schedule.active
+    assert deployment.concurrency_limit == 1  # a run due while one works is cancelled, not queued
+    assert deployment.concurrency_options.collision_strategy.value == "CANCEL_NEW"
+    [every] = serve_deployment(tmp_path / "c.yaml", interval=90).schedules
+    assert every.schedule.interval.total_seconds() == 90
     assert deployment.parameters == {"config_path": str((tmp_path / "c.yaml").resolve()),
                                      "overrides": ["train.max_steps=5"], "only_if_data_changed": True}
     assert deployment.flow_name == "dml-nightly-retrain"
 
 
-def test_work_pool_job_template_renders_a_valid_job():
-    from pipeline.deployments import work_pool_base_job_template
+class _NoPrefectAPI:
+    """A client stand-in: the template must render without asking the API for blocks or variables."""
 
-    template = work_pool_base_job_template()
-    example = {"name": "dml-nightly", "namespace": "dml", "image": "dml:0.1.0", "image_pull_policy": "IfNotPresent",
-               "service_account_name": "prefect-worker", "finished_job_ttl": 3600, "labels": {"a": "b"},
-               "env": [{"name": "OMP_NUM_THREADS", "value": "1"}],
-               "command": ["prefect", "flow-run", "execute"]}
+    def __getattr__(self, name):
+        raise AssertionError(f"the work-pool template asked the Prefect API ({name})")
 
-    def fill(node):
-        if isinstance(node, dict):
-            return {key: fill(value) for key, value in node.items()}
-        if isinstance(node, list):
-            return [fill(value) for value in node]
-        if isinstance(node, str) and (match := re.fullmatch(r"\{\{ (\w+) \}\}", node)):
-            return example[match.group(1)]
-        if isinstance(node, str):
-            return re.sub(r"\{\{ (\w+) \}\}", lambda m: str(example[m.group(1)]), node)
-        return node
 
-    job = fill(template["job_configuration"]["job_manifest"])
+def test_kubernetes_worker_turns_the_work_pool_template_into_a_valid_flow_run_job():
+    """The base job template and the deployment's job variables, through prefect-kubernetes'
+    own job configuration (what `prefect worker start --type kubernetes` does per flow run),
+    give a Job that validates against the Kubernetes schemas and mounts what k8s/base has."""
+    import asyncio
+    import uuid
+
+    from k8s_render import find, render
+    from prefect.client.schemas.objects import FlowRun
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    from pipeline.deployments import kubernetes_deployment, work_pool_base_job_template
+
+    deployment = kubernetes_deployment("registry.example/dml:0.1.0")
+    configuration = asyncio.run(KubernetesWorkerJobConfiguration.from_template_and_values(
+        work_pool_base_job_template(), deployment.job_variables, client=_NoPrefectAPI()))
+    configuration.prepare_for_flow_run(flow_run=FlowRun(flow_id=uuid.uuid4(), name="nightly-run"))
+    job = configuration.job_manifest
+    pod = job["spec"]["template"]["spec"]
+    # The worker insists on these two inside the pod spec (the API server drops them, warning).
+    assert (pod.pop("parallelism"), pod.pop("completions")) == (1, 1)
     job["metadata"]["name"] = job["metadata"].pop("generateName") + "x1"
     kubernetes_validate.validate(job, K8S_VERSION, strict=True)
-    mounts = {m["mountPath"] for m in job["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
-    assert mounts == {"/etc/dml", "/data/raw", "/data/shards", "/data/runs"}
-    variables = set(template["variables"]["properties"])
-    used = set(re.findall(r"\{\{ (\w+) \}\}", json.dumps(template["job_configuration"])))
-    assert used <= variables  # every placeholder is a declared variable
+    [container] = pod["containers"]
+    assert container["image"] == "registry.example/dml:0.1.0" and container["args"] == ["prefect", "flow-run", "execute"]
+    assert {"name": "OMP_NUM_THREADS", "value": "1"} in container["env"]
+    assert job["metadata"]["namespace"] == "dml" and job["spec"]["backoffLimit"] == 0
+    base = render(Path(__file__).resolve().parents[1] / "k8s" / "base")
+    find(base, "ServiceAccount", pod["serviceAccountName"])  # the worker's account: may create stage Jobs
+    for volume in pod["volumes"]:
+        if "persistentVolumeClaim" in volume:
+            find(base, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+        else:
+            find(base, "ConfigMap", volume["configMap"]["name"])
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounts == {"/etc/dml": "config", "/data/raw": "raw", "/data/shards": "shards", "/data/runs": "runs"}
+    assert deployment.parameters["config_path"] == "/etc/dml/config.yaml"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,17 +340,26 @@ def test_input_errors_are_not_retried_other_failures_are():
     assert retry_unless_input_error(run_stage, None, Failed(data=OSError("disk full")))
 
 
-def test_nightly_retrains_only_on_a_new_manifest(tmp_path):
-    from pipeline.flows import should_retrain
+def test_stage_reason_names_what_makes_a_stage_run_again(tmp_path):
+    from pipeline.freshness import stage_reason
 
     config = DMLConfig.model_validate(pipeline_config_dict(tmp_path))
-    assert should_retrain(config, "a" * 64)  # never trained
-    write_stamp(tmp_path / "teacher", "train", "k", "running", {"manifest": "a" * 64})
-    assert should_retrain(config, "a" * 64)  # the last training did not finish
-    write_stamp(tmp_path / "teacher", "train", "k", "done", {"manifest": "a" * 64})
-    assert not should_retrain(config, "a" * 64)
-    assert should_retrain(config, "b" * 64)
-    assert should_retrain(config, "a" * 64, only_if_data_changed=False)
+    inputs = {"config": "c1", "manifest": "m1"}
+    spec = StageSpec("train", "train", config, tmp_path / "teacher", "model.pt", inputs, distributed=True,
+                     resumable=True)
+    assert stage_reason(spec) == f"train: no finished run in {tmp_path / 'teacher'}"
+    write_stamp(spec.output_dir, "train", spec.key, "running", inputs)
+    assert stage_reason(spec) == f"train: the last attempt did not finish (it resumes in {tmp_path / 'teacher'})"
+    write_stamp(spec.output_dir, "train", spec.key, "done", inputs)
+    assert stage_reason(spec) == f"train: {tmp_path / 'teacher' / 'model.pt'} is missing"
+    (spec.output_dir / "model.pt").write_bytes(b"weights")
+    assert stage_reason(spec) is None
+    for changed, words in (({"manifest": "m2"}, "the data manifest"), ({"config": "c2"}, "its config"),
+                           ({"config": "c2", "manifest": "m2"}, "its config and the data manifest")):
+        other = StageSpec(**{**spec.__dict__, "inputs": {**inputs, **changed}})
+        assert stage_reason(other) == f"train: {words} changed"
+    write_stamp(spec.output_dir, "distill", spec.key, "done", inputs)  # another stage's folder
+    assert stage_reason(spec) == f"train: no finished run in {tmp_path / 'teacher'}"
 
 
 def test_pipeline_command_rejects_bad_config_before_starting(tmp_path, capsys):

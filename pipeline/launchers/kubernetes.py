@@ -79,7 +79,11 @@ class KubernetesLauncher:
                                       resume=resume)
 
     def _kubectl(self, *args: str) -> str:
-        done = subprocess.run([self.kubectl, "-n", self.namespace, *args], capture_output=True, text=True, check=False)
+        try:
+            done = subprocess.run([self.kubectl, "-n", self.namespace, *args], capture_output=True, text=True,
+                                  stdin=subprocess.DEVNULL, check=False)  # never wait on a credentials prompt
+        except FileNotFoundError:
+            raise RuntimeError(f"kubectl {' '.join(args[:2])} failed: no {self.kubectl} on PATH") from None
         if done.returncode != 0:
             raise RuntimeError(f"kubectl {' '.join(args[:2])} failed: {done.stderr.strip() or done.stdout.strip()}")
         return done.stdout
@@ -93,6 +97,8 @@ class KubernetesLauncher:
         try:
             self._kubectl("apply", "-f", str(manifest_file))
         except RuntimeError as exc:
+            with log_path.open("a") as handle:
+                handle.write(f"{exc}\n")
             raise StageFailed(spec.name, str(exc), log_path) from None
         with log_path.open("a") as handle:
             handle.write(f"job {self.namespace}/{name} applied from {manifest_file}\n")
