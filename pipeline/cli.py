@@ -86,7 +86,7 @@ def _schedule_text(cron: str | None, interval: float | None) -> str:
         CronSchedule(cron=cron)
     except ValidationError as exc:
         raise ConfigError(f"--cron '{cron}': {exc.errors()[0]['msg']}") from None
-    return f"cron '{cron}' (server time zone UTC unless set)"
+    return f"cron '{cron}' (UTC)"
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

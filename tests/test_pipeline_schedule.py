@@ -236,7 +236,7 @@ def test_cluster_deploy_creates_the_kubernetes_pool_with_the_base_job_template(s
     done = run_cli(["pipeline", "deploy", "--config", str(config), "--work-pool", "dml-k8s",
                     "--image", "registry.example/dml:0.1.0"], server.env, cwd=tmp_path_factory.mktemp("cluster"))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "on work pool dml-k8s (kubernetes), cron '0 2 * * *'" in done.stdout
+    assert "on work pool dml-k8s (kubernetes), cron '0 2 * * *' (UTC), one run at a time" in done.stdout
     assert "kubectl apply -k k8s/overlays/gpu-prod (or cpu-dev), with WORK_POOL=dml-k8s" in done.stdout
     with server.client() as client:
         pool = client.read_work_pool("dml-k8s")
