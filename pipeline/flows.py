@@ -28,7 +28,8 @@ def run_stages(config: DMLConfig, stages: list[str]) -> dict[str, StageOutcome]:
     """Run ``stages`` in order; on a failure publish the failure artifact and re-raise."""
     outcomes: dict[str, StageOutcome] = {}
     settings = config.pipeline
-    stage_task = run_stage.with_options(retries=settings.stage_retries, retry_delay_seconds=settings.retry_delay_seconds)
+    stage_task = run_stage.with_options(retries=settings.stage_retries,
+                                        retry_delay_seconds=settings.retry_delay_seconds)
     for stage in stages:
         try:
             # A skipped stage returns a "Cached" state: ask for the state and take its result.
@@ -121,5 +122,5 @@ def nightly_retrain(config_path: str, overrides: list[str] | None = None,
     get_run_logger().info("retraining: %s", reason)
     publish_decision_artifact(retrained=True, reason=reason)
     summary = run_chain(config)
-    return Completed(message=f"retrained: {reason}", data={"retrained": True, "reason": reason, "manifest_sha256": manifest,
-                                             **summary})
+    result = {"retrained": True, "reason": reason, "manifest_sha256": manifest, **summary}
+    return Completed(message=f"retrained: {reason}", data=result)
