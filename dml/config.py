@@ -133,6 +133,10 @@ class DataConfig(StrictModel):
     # P x K sampling for pair losses: P classes with K samples each per rank and batch.
     pk_classes: int | None = Field(None, ge=2)
     pk_samples: int = Field(4, ge=2)
+    # A shard that ends early, a member that cannot be read or decoded, a sample missing a
+    # part: "stop" with one line naming shard, key and reason, or "skip" it with a warning
+    # and count it (metrics.jsonl, evaluation report). See `dml.data.reading`.
+    bad_samples: Literal["stop", "skip"] = "stop"
 
     @model_validator(mode="after")
     def _mean_std_match_channels(self) -> "DataConfig":

@@ -165,7 +165,7 @@ def teacher_view_embedding(model, data, shard_dir: Path, key: str) -> np.ndarray
     """The teacher's flip-averaged embedding of one training image, computed directly."""
     from PIL import Image
 
-    from dml.data.loader import IMAGE_KEYS
+    from dml.data.reading import IMAGE_PARTS as IMAGE_KEYS
     from dml.data.manifest import load_manifest, split_shards
     from dml.data.tario import iter_tar_samples
     from dml.data.transforms import build_eval_transform

@@ -82,7 +82,8 @@ def test_report_has_every_section_and_sane_values(workspace, first_run):
     assert report["model"]["sha256"] == sha256_file(workspace["run_dir"] / "model.pt")
     assert report["data"]["manifest_sha256"] == manifest_digest(workspace["shards"])
     assert report["config"]["evaluate"]["fars"] == list(FARS)
-    assert report["counts"] == {"num_query": CLASSES * 3, "num_gallery": CLASSES * 3}
+    assert report["counts"] == {"num_query": CLASSES * 3, "num_gallery": CLASSES * 3, "manifest_query": CLASSES * 3,
+                                "manifest_gallery": CLASSES * 3, "skipped_query": 0, "skipped_gallery": 0}
     assert report["num_queries"] == CLASSES * 3 and report["num_excluded_queries"] == 0
     headline = report["headline"]
     assert set(headline) == {"precision_at_1", "map_at_r", "r_precision", "recall_at_1", "recall_at_3",

@@ -4,12 +4,15 @@
   batches (uniform, or P x K for pair losses); exactly ``batches_per_epoch`` batches on every
   rank whatever the shard sizes, so DDP can never hang on an uneven last batch.
 - `EvalLoader`: each sample of a split exactly once across all ranks (shards are dealt to
-  ranks, then to workers), with its key so results can be put back in order.
+  ranks, then to workers), with its key so results can be put back in order; a rank or
+  worker with no shard yields nothing.
+
+Both read through `dml.data.reading` (samples checked against the manifest, bad ones handled
+by ``data.bad_samples``).
 """
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Iterable, Iterator
 from itertools import islice
@@ -18,17 +21,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import webdataset as wds
-from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset
 
 from dml.config import DataConfig
-from dml.data.manifest import load_manifest, split_shards
-from dml.data.tario import iter_tar_samples
-from dml.data.sampling import EpochShardSampler, EpochShuffle, PKGroups, collate_pairs
+from dml.data.manifest import load_manifest
+from dml.data.reading import BadSampleError, BadSamplePolicy, ShardSpec, decode_image, read_shard, split_shard_specs
+from dml.data.sampling import EpochShardSampler, EpochShuffle, PKGroups, collate_pairs, worker_index
 from dml.data.transforms import BatchNormalize, build_eval_transform, build_train_uint8_transform
 from dml.errors import DataError
 
 log = logging.getLogger(__name__)
-IMAGE_KEYS = ("jpg", "png", "jpeg")
 
 
 def rank_and_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -40,25 +42,50 @@ def rank_and_world(rank: int | None = None, world_size: int | None = None) -> tu
     return 0, 1
 
 
-def shard_samples(items: Iterable[dict[str, str]]) -> Iterator[dict[str, Any]]:
-    """Pipeline stage: shard URLs -> raw sample dicts (bytes per extension)."""
-    for item in items:
-        yield from iter_tar_samples(item["url"])
+class ReadShards:
+    """Pipeline stage: ``{"url": shard}`` items -> checked raw samples (see `read_shard`).
+
+    Under the skip policy a stream whose shards are all bad would never yield: after
+    ``20 x shards + 10`` shard reads in a row without a good sample it raises `DataError`.
+    """
+
+    def __init__(self, shards: list[ShardSpec], policy: BadSamplePolicy):
+        self.shards = {shard.url: shard for shard in shards}
+        self.policy = policy
+        self.patience = 20 * len(shards) + 10
+
+    def __call__(self, items: Iterable[dict[str, str]]) -> Iterator[dict[str, Any]]:
+        empty = 0
+        for item in items:
+            empty += 1
+            for sample in read_shard(self.shards[item["url"]], self.policy):
+                empty = 0
+                yield sample
+            if empty >= self.patience:
+                raise DataError(f"no readable sample in the last {empty} shard reads "
+                                f"(of {len(self.shards)} shards, e.g. {item['url']})")
+
+
+def is_decoded(item: tuple | None) -> bool:
+    """Pipeline filter: drop samples whose image did not decode (None under the skip policy)."""
+    return item is not None
 
 
 class DecodeSample:
-    """Raw sample -> (transformed image, class index[, key]); a class so workers can pickle it."""
+    """Checked raw sample -> (transformed image, class index[, key]), or None when the image
+    does not decode and the policy skips it; a class so workers can pickle it."""
 
-    def __init__(self, transform, with_key: bool = False):
+    def __init__(self, transform, policy: BadSamplePolicy, with_key: bool = False):
         self.transform = transform
+        self.policy = policy
         self.with_key = with_key
 
-    def __call__(self, sample: dict[str, Any]) -> tuple:
-        data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
-        if data is None:
-            raise DataError(f"sample {sample['__key__']} in {sample.get('__url__')} has no image")
-        image = self.transform(Image.open(io.BytesIO(data)))
+    def __call__(self, sample: dict[str, Any]) -> tuple | None:
+        image = decode_image(sample, self.policy)
+        if image is None:
+            return None
         label = int(sample["cls"])
+        image = self.transform(image)
         return (image, label, sample["__key__"]) if self.with_key else (image, label)
 
 
@@ -74,14 +101,18 @@ class NormalizedCollate:
 
 
 class DecodeGroup:
-    """Decode and transform a list of raw samples (one P x K group) into a batch."""
+    """Decode and transform a list of raw samples (one P x K group) into a batch; a sample
+    that does not decode (skip policy) leaves the batch one smaller."""
 
-    def __init__(self, transform, collate: NormalizedCollate, with_key: bool = False):
-        self.decode = DecodeSample(transform, with_key)
+    def __init__(self, transform, collate: NormalizedCollate, policy: BadSamplePolicy, with_key: bool = False):
+        self.decode = DecodeSample(transform, policy, with_key)
         self.collate = collate
 
     def __call__(self, group: list[dict[str, Any]]) -> tuple:
-        return self.collate([self.decode(sample) for sample in group])
+        items = [item for item in map(self.decode, group) if item is not None]
+        if not items:
+            raise BadSampleError(f"no image of a P x K batch decodes (keys {[s['__key__'] for s in group][:4]} ...)")
+        return self.collate(items)
 
 
 class TrainLoader:
@@ -95,7 +126,7 @@ class TrainLoader:
                  world_size: int | None = None, batches_per_epoch: int | None = None, with_keys: bool = False):
         self.rank, self.world_size = rank_and_world(rank, world_size)
         manifest = load_manifest(config.shard_dir)
-        urls = split_shards(manifest, config.shard_dir, config.train_split)
+        shards = split_shard_specs(manifest, config.shard_dir, config.train_split)
         count = manifest["splits"][config.train_split]["count"]
         self.pk = config.pk_classes is not None
         self.batch_size = config.pk_classes * config.pk_samples if self.pk else config.batch_size
@@ -104,16 +135,18 @@ class TrainLoader:
             raise DataError(f"split '{config.train_split}' has {count} samples: too few for "
                             f"{self.world_size} rank(s) x batch {self.batch_size}")
         self.num_classes = len(manifest["classes"])
-        self.sampler = EpochShardSampler(urls, seed, self.rank)
+        self.policy = BadSamplePolicy(config.bad_samples)
+        self.sampler = EpochShardSampler([shard.url for shard in shards], seed, self.rank)
         transform = build_train_uint8_transform(config)
         collate = NormalizedCollate(BatchNormalize(config))
-        stages: list[Any] = [self.sampler, shard_samples, EpochShuffle(self.sampler, config.shuffle_buffer)]
+        stages: list[Any] = [self.sampler, ReadShards(shards, self.policy),
+                             EpochShuffle(self.sampler, config.shuffle_buffer)]
         if self.pk:
             self._check_pk(manifest, config)
             stages += [PKGroups(self.sampler, config.pk_classes, config.pk_samples),
-                       wds.map(DecodeGroup(transform, collate, with_keys))]
+                       wds.map(DecodeGroup(transform, collate, self.policy, with_keys))]
         else:
-            stages += [wds.map(DecodeSample(transform, with_keys)),
+            stages += [wds.map(DecodeSample(transform, self.policy, with_keys)), wds.select(is_decoded),
                        wds.batched(self.batch_size, partial=False, collation_fn=collate)]
         self.loader = wds.WebLoader(wds.DataPipeline(*stages), batch_size=None,
                                     num_workers=config.num_workers, persistent_workers=False)
@@ -129,12 +162,29 @@ class TrainLoader:
             log.info("P x K: %d classes have fewer than %d samples and are never sampled",
                      len(counts) - usable, config.pk_samples)
 
+    @property
+    def global_batch(self) -> int:
+        """Samples one batch step takes across all ranks: world size x per-rank batch."""
+        return self.world_size * self.batch_size
+
+    def batches_done(self, samples_in_epoch: int) -> int:
+        """The in-epoch batch index at which ``samples_in_epoch`` samples (counted on any world
+        size) have been consumed: rounded up to whole batches of this world size, at most
+        ``batches_per_epoch`` (the epoch is over). Resume uses it to move a position saved on
+        another number of processes to this one without passing the epoch's end."""
+        return min(self.batches_per_epoch, -(-max(0, samples_in_epoch) // self.global_batch))
+
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Stream of ``epoch``; ``start_batch`` > 0 resumes mid-epoch with the remaining count."""
         self.sampler.set_epoch(epoch, start_batch)
 
+    @property
+    def skipped(self) -> int:
+        """Bad samples this rank dropped so far (skip policy; 0 with stop)."""
+        return self.policy.skipped
+
     def __len__(self) -> int:
-        return self.batches_per_epoch - self.sampler.start_batch
+        return max(0, self.batches_per_epoch - self.sampler.start_batch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return islice(iter(self.loader), len(self))
@@ -145,27 +195,42 @@ def _collate_keyed(items: list[tuple[torch.Tensor, int, str]]) -> tuple[list[str
     return keys, images, labels
 
 
+class ShardSamples(IterableDataset):
+    """Decoded ``(image, label, key)`` of a list of shards, dealt to DataLoader workers
+    (``shards[worker::workers]``); no shard, no sample."""
+
+    def __init__(self, shards: list[ShardSpec], transform, policy: BadSamplePolicy):
+        self.shards = shards
+        self.decode = DecodeSample(transform, policy, with_key=True)
+        self.policy = policy
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int, str]]:
+        worker, workers = worker_index()
+        for shard in self.shards[worker::workers]:
+            for sample in read_shard(shard, self.policy):
+                if (item := self.decode(sample)) is not None:
+                    yield item
+
+
 class EvalLoader:
     """Batches ``(keys, images, labels)`` of one split; across ranks every sample appears once.
 
     Shards are dealt round-robin to ranks (``shards[rank::world]``), then to DataLoader
     workers; a rank with no shard yields nothing (collectives must therefore gather objects
-    of varying length, never assume equal counts).
+    of varying length, never assume equal counts). ``num_samples`` is what the manifest lists
+    for this rank's shards; fewer come out only when the skip policy dropped bad samples.
     """
 
     def __init__(self, config: DataConfig, split: str, batch_size: int | None = None,
                  rank: int | None = None, world_size: int | None = None, transform=None):
         self.rank, self.world_size = rank_and_world(rank, world_size)
         manifest = load_manifest(config.shard_dir)
-        urls = split_shards(manifest, config.shard_dir, split)[self.rank::self.world_size]
-        self.num_samples = sum(s["count"] for s in manifest["splits"][split]["shards"][self.rank::self.world_size])
-        transform = transform or build_eval_transform(config)
-        pipeline = wds.DataPipeline(
-            wds.SimpleShardList(urls) if urls else [],
-            wds.split_by_worker, shard_samples, wds.map(DecodeSample(transform, with_key=True)),
-            wds.batched(batch_size or config.batch_size, partial=True, collation_fn=_collate_keyed))
-        workers = min(config.num_workers, len(urls))
-        self.loader = wds.WebLoader(pipeline, batch_size=None, num_workers=workers)
+        self.shards = split_shard_specs(manifest, config.shard_dir, split)[self.rank::self.world_size]
+        self.num_samples = sum(shard.count for shard in self.shards)
+        self.policy = BadSamplePolicy(config.bad_samples)
+        dataset = ShardSamples(self.shards, transform or build_eval_transform(config), self.policy)
+        self.loader = DataLoader(dataset, batch_size=batch_size or config.batch_size, collate_fn=_collate_keyed,
+                                 num_workers=min(config.num_workers, len(self.shards)))
 
     def __iter__(self) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
         return iter(self.loader)

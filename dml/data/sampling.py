@@ -19,7 +19,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 
-def _worker_index() -> tuple[int, int]:
+def worker_index() -> tuple[int, int]:
+    """(this DataLoader worker's index, number of workers); (0, 1) in the main process."""
     info = get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
 
@@ -44,7 +45,7 @@ class EpochShardSampler(IterableDataset):
 
     def rng(self, purpose: str) -> random.Random:
         """A generator for one purpose, seeded by (seed, epoch, rank, worker, purpose)."""
-        worker, _ = _worker_index()
+        worker, _ = worker_index()
         return random.Random(f"{self.seed}/{self.epoch}/{self.start_batch}/{self.rank}/{worker}/{purpose}")
 
     def __iter__(self) -> Iterator[dict[str, str]]:

@@ -82,34 +82,64 @@ class DeterministicTarWriter:
         self._file.close()
 
 
-def iter_tar_members(stream: BinaryIO, source: str = "") -> Iterator[tuple[str, bytes]]:
-    """Yield (name, data) of each regular file in a tar stream."""
-    while True:
-        header = stream.read(BLOCK)
-        if len(header) < BLOCK or header.count(0) == BLOCK:
-            return
-        kind = header[156:157]
-        if kind not in (b"0", b"\0"):
-            raise ValueError(f"{source}: tar member type {kind!r} is not a regular file; "
-                             "shards must be written by `dml prepare`")
+class TarMemberError(ValueError):
+    """A tar member that cannot be read; ``member`` is its name ("" when the header is unreadable)."""
+
+    def __init__(self, message: str, member: str = ""):
+        super().__init__(message)
+        self.member = member
+
+
+def _parse_header(header: bytes, source: str) -> tuple[str, int]:
+    kind = header[156:157]
+    try:
         name = header[0:100].split(b"\0", 1)[0].decode()
         prefix = header[345:500].split(b"\0", 1)[0].decode() if header[257:262] == b"ustar" else ""
         size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:  # bad UTF-8 or a size that is not octal: not a header we wrote
+        raise TarMemberError(f"{source}: unreadable tar header") from None
+    name = f"{prefix}/{name}" if prefix else name
+    if kind not in (b"0", b"\0"):
+        raise TarMemberError(f"{source}: tar member type {kind!r} is not a regular file; "
+                             "shards must be written by `dml prepare`", name)
+    return name, size
+
+
+def iter_tar_members(stream: BinaryIO, source: str = "") -> Iterator[tuple[str, bytes]]:
+    """Yield (name, data) of each regular file in a tar stream.
+
+    Ends at tar's end-of-archive (zero) block. Raises `TarMemberError` (a ValueError) on a
+    member that ends early, a header that is not a regular file's, or a stream that stops
+    before the end-of-archive block (``member`` "": cut between members or inside a header).
+    """
+    while True:
+        header = stream.read(BLOCK)
+        if len(header) < BLOCK:
+            raise TarMemberError(f"{source}: the file is cut off (no end-of-archive block)")
+        if header.count(0) == BLOCK:
+            return
+        name, size = _parse_header(header, source)
         data = stream.read(size)
         if len(data) < size:
-            raise ValueError(f"{source}: truncated tar member {name}")
+            raise TarMemberError(f"{source}: truncated tar member {name}", name)
         stream.read(-size % BLOCK)
-        yield (f"{prefix}/{name}" if prefix else name), data
+        yield name, data
+
+
+def member_key(name: str) -> tuple[str, str]:
+    """``dir/stem.ext`` -> (sample key ``dir/stem``, extension ``ext``), as WebDataset groups members."""
+    directory, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), ext
 
 
 def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
-    """Group consecutive members ``<key>.<ext>`` of one shard into WebDataset sample dicts."""
+    """Group consecutive members ``<key>.<ext>`` of one shard into WebDataset sample dicts
+    (unchecked; readers of a split go through `dml.data.reading.read_shard`)."""
     sample: dict[str, Any] | None = None
     with open(url, "rb", buffering=1 << 20) as stream:
         for name, data in iter_tar_members(stream, url):
-            directory, _, base = name.rpartition("/")
-            stem, _, ext = base.partition(".")
-            key = f"{directory}/{stem}" if directory else stem
+            key, ext = member_key(name)
             if sample is None or sample["__key__"] != key:
                 if sample is not None:
                     yield sample

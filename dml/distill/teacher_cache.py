@@ -3,7 +3,7 @@
 Layout, next to the data::
 
     <shard_dir>/teacher_cache/<teacher sha256[:16]>-<manifest sha256[:16]>-<split>-<view>/
-        meta.json      format, both full hashes, split, view, count, embedding_dim
+        meta.json      format, both full hashes, split, view, count, embedding_dim, skipped
         vectors.npy    (N, D) float32, rows in key order
         keys.json      the N sample keys, sorted (the training loader's ``__key__``)
 
@@ -16,7 +16,8 @@ un-augmented with the teacher's own preprocessing (size, mean, std); other augme
 they matter.
 
 A cache is used only when its meta.json names exactly the teacher weights and the manifest
-of this run and its files hold the manifest's sample count; anything else (another teacher,
+of this run and its files hold the manifest's sample count (less the bad samples skipped
+under ``data.bad_samples=skip``, recorded as ``skipped``); anything else (another teacher,
 other data, a half-written or damaged folder) is rebuilt, never used. The folder is written
 under a temporary name and renamed, so readers never see a partial cache.
 
@@ -86,8 +87,9 @@ def cache_problem(directory: Path, expected: dict[str, Any]) -> str | None:
         keys = json.loads((directory / "keys.json").read_text())
     except (OSError, ValueError) as exc:
         return f"unreadable cache files ({exc})"
-    if vectors.shape != (expected["count"], expected["embedding_dim"]) or len(keys) != expected["count"]:
-        return f"holds {len(keys)} keys / vectors {vectors.shape}, expected {expected['count']}"
+    rows = expected["count"] - int(meta.get("skipped", 0))  # bad samples skipped when it was built
+    if vectors.shape != (rows, expected["embedding_dim"]) or len(keys) != rows:
+        return f"holds {len(keys)} keys / vectors {vectors.shape}, expected {rows}"
     return None
 
 
@@ -108,19 +110,25 @@ def build_cache(record: TeacherRecord, data: DataConfig, directory: Path, meta: 
     """
     teacher, _ = load_final_model(record.model_path, device)
     view = record.data.model_copy(update={"shard_dir": data.shard_dir, "train_split": data.train_split,
-                                          "num_workers": data.num_workers, "batch_size": data.batch_size})
+                                          "num_workers": data.num_workers, "batch_size": data.batch_size,
+                                          "bad_samples": data.bad_samples})
     embedded = extract_embeddings(teacher, view, data.train_split, device, flip=meta["view"] == "flipavg")
-    if len(embedded.keys) != meta["count"] or len(set(embedded.keys)) != meta["count"]:
+    skipped = meta["count"] - len(embedded.keys)  # > 0 only when data.bad_samples=skip dropped some
+    if len(set(embedded.keys)) != len(embedded.keys) or skipped < 0 or (skipped and data.bad_samples != "skip"):
         raise DataError(f"teacher cache: embedded {len(embedded.keys)} samples "
                         f"({len(set(embedded.keys))} distinct keys) of split '{data.train_split}', "
                         f"the manifest lists {meta['count']}")
+    if skipped:
+        log.warning("teacher cache: %d of the %d samples of split '%s' were skipped as bad; "
+                    "training skips the same ones", skipped, meta["count"], data.train_split)
     if get_rank() == 0:
         tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         np.save(tmp / "vectors.npy", embedded.vectors.astype(np.float32))
         (tmp / "keys.json").write_text(json.dumps(embedded.keys))
-        (tmp / "meta.json").write_text(json.dumps({**meta, "teacher_path": str(record.model_path)}, indent=1))
+        (tmp / "meta.json").write_text(json.dumps({**meta, "teacher_path": str(record.model_path),
+                                                       "skipped": skipped}, indent=1))
         shutil.rmtree(directory, ignore_errors=True)
         os.replace(tmp, directory)
         log.info("teacher cache: wrote %d x %d embeddings -> %s", *embedded.vectors.shape, directory)

@@ -8,27 +8,26 @@ or the per-sample metadata a pairs file needs, and never loads more than one sam
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from dml.data.manifest import load_manifest, split_shards
-from dml.data.tario import iter_tar_samples
+from dml.data.manifest import load_manifest
+from dml.data.reading import BadSamplePolicy, decode_image, read_shard, split_shard_specs
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
 
 
 def iter_split_samples(shard_dir: str | Path, splits: Iterable[str]) -> Iterator[dict[str, Any]]:
-    """Raw WebDataset sample dicts (``__key__`` plus bytes per extension) of ``splits``, in shard order."""
+    """Raw WebDataset sample dicts (``__key__`` plus bytes per extension) of ``splits``, in shard
+    order. Bad samples are passed over without a word: the evaluation that needs these
+    look-ups has already stopped on them or warned about them and counted them."""
     manifest = load_manifest(shard_dir)
     for split in splits:
-        for url in split_shards(manifest, shard_dir, split):
-            yield from iter_tar_samples(url)
+        for shard in split_shard_specs(manifest, shard_dir, split):
+            yield from read_shard(shard, BadSamplePolicy("skip", warn=False))
 
 
 def read_images_by_key(shard_dir: str | Path, splits: Iterable[str], keys: Collection[str]) -> dict[str, np.ndarray]:
@@ -43,10 +42,9 @@ def read_images_by_key(shard_dir: str | Path, splits: Iterable[str], keys: Colle
         key = sample["__key__"]
         if key not in wanted:
             continue
-        data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
-        if data is not None:
-            with Image.open(io.BytesIO(data)) as image:
-                images[key] = np.asarray(image.convert("L" if image.mode in ("1", "L", "I", "I;16") else "RGB"))
+        image = decode_image(sample, BadSamplePolicy("skip", warn=False))
+        if image is not None:
+            images[key] = np.asarray(image.convert("L" if image.mode in ("1", "L", "I", "I;16") else "RGB"))
         if len(images) == len(wanted):
             break
     return images

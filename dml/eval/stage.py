@@ -90,10 +90,10 @@ def check_inputs(config: DMLConfig) -> Path:
 
 def model_data_config(config: DMLConfig, saved: dict[str, Any]) -> DataConfig:
     """The model's own data config (image size, channels, normalisation) reading this run's
-    shards with this run's batch size and loader workers."""
+    shards with this run's batch size, loader workers and bad-sample policy."""
     here = config.data
     return DataConfig.model_validate({**saved, "shard_dir": here.shard_dir, "batch_size": here.batch_size,
-                                      "num_workers": here.num_workers})
+                                      "num_workers": here.num_workers, "bad_samples": here.bad_samples})
 
 
 def embed_with_model(config: DMLConfig, model_file: Path, device: Any) -> EmbeddingSet:
@@ -111,8 +111,34 @@ def embed_with_model(config: DMLConfig, model_file: Path, device: Any) -> Embedd
     meta = {"created_at": now_utc(), "flip": evaluate.flip,
             "model": {"path": str(model_file), "training_data_digest": payload.get("data_digest"),
                       "model": payload["model"], "data": data.model_dump(mode="json")},
-            "data": {"shard_dir": config.data.shard_dir, "manifest_sha256": digest}}
+            "data": {"shard_dir": config.data.shard_dir, "manifest_sha256": digest,
+                     "manifest_counts": {split: manifest_count(config.data.shard_dir, split)
+                                         for split in (evaluate.query_split, evaluate.gallery_split) if split}}}
     return EmbeddingSet(evaluate.query_split, query, evaluate.gallery_split, gallery, meta)
+
+
+def manifest_count(shard_dir: str | Path, split: str) -> int:
+    """How many samples the manifest lists for ``split``."""
+    return int(load_manifest(shard_dir)["splits"][split]["count"])
+
+
+def count_summary(embeddings: EmbeddingSet) -> tuple[dict[str, int], list[str]]:
+    """Report counts (embedded, listed in the manifest, skipped per split) and one note per
+    split that has fewer samples than its manifest lists (bad samples dropped by the skip policy)."""
+    listed = embeddings.meta.get("data", {}).get("manifest_counts", {})
+    counts = {"num_query": len(embeddings.query.keys),
+              "num_gallery": len(embeddings.gallery.keys) if embeddings.gallery else 0}
+    notes = []
+    for role, split, found in (("query", embeddings.query_split, counts["num_query"]),
+                               ("gallery", embeddings.gallery_split, counts["num_gallery"])):
+        if split is None or split not in listed:
+            continue
+        counts[f"manifest_{role}"] = int(listed[split])
+        counts[f"skipped_{role}"] = int(listed[split]) - found
+        if found < int(listed[split]):
+            notes.append(f"metrics are over {found} of the {listed[split]} {role} samples the manifest lists: "
+                         f"{int(listed[split]) - found} bad samples were skipped (data.bad_samples=skip)")
+    return counts, notes
 
 
 def _embed_split(model: Any, data: DataConfig, split: str, device: Any, flip: bool) -> Embeddings:
@@ -168,15 +194,18 @@ def report_on_embeddings(config: DMLConfig, embeddings: EmbeddingSet, embeddings
         splits = [embeddings.query_split] + ([embeddings.gallery_split] if embeddings.gallery is not None else [])
         pairs = resolve_pairs_file(evaluate.pairs_file, keys, config.data.shard_dir, splits)
     metrics = evaluate_embeddings(embeddings, evaluate, seed=config.seed, pairs=pairs)
+    counts, count_notes = count_summary(embeddings)
+    for note in count_notes:
+        log.warning("evaluate: %s", note)
     headline = headline_metrics(metrics, evaluate)
     plots = draw_report_plots(config, embeddings, metrics, output_dir, class_names)
     report = build_report(metrics, headline, config=config.model_dump(mode="json"),
                           provenance=_provenance(embeddings, embeddings_dir),
-                          counts={"num_query": len(embeddings.query.keys),
-                                  "num_gallery": len(embeddings.gallery.keys) if embeddings.gallery else 0},
+                          counts=counts,
                           plots=plots, class_names=class_names,
                           timestamps={"started_at": started, "finished_at": now_utc(),
                                       "embedded_at": embeddings.meta.get("created_at")})
+    report["notes"] = count_notes + report["notes"]
     report_path, markdown_path = write_report(output_dir, report, metrics, class_names)
     log.info("evaluate: report -> %s (%s)", report_path, _summary(headline))
     return EvalResult(str(output_dir), str(report_path), str(markdown_path), report["headline"],

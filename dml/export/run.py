@@ -35,7 +35,8 @@ def run_export(config: DMLConfig) -> ExportResult:
     cfg = config.export
     model, payload = load_final_model(cfg.model_path)
     model_file = Path(cfg.model_path) if Path(cfg.model_path).is_file() else Path(cfg.model_path) / "model.pt"
-    data = DataConfig.model_validate({**payload["data"], "shard_dir": config.data.shard_dir, "num_workers": 0})
+    data = DataConfig.model_validate({**payload["data"], "shard_dir": config.data.shard_dir, "num_workers": 0,
+                                   "bad_samples": config.data.bad_samples})
     log.info("export: start (%s -> %s)", model_file, cfg.output_dir)
     parity_images, _ = _images(data, cfg.parity_split, cfg.parity_images)
     calibration = eval_images = eval_labels = None

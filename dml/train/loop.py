@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from dml.config import DMLConfig
 from dml.data.loader import TrainLoader
-from dml.distributed import get_rank, get_world_size
+from dml.distributed import all_reduce_, get_rank, get_world_size
 from dml.errors import DMLError
 from dml.train.checkpoint import save_checkpoint, set_aside_diverged
 from dml.train.metrics_log import MetricsLog, peak_memory_mb
@@ -31,12 +31,37 @@ class NonFiniteLoss(DMLError):
 
 @dataclass
 class TrainState:
-    """Where the run is: epoch, batches done in it, optimizer steps, images seen."""
+    """Where the run is: epoch, batches done in it, optimizer steps, images seen, and the
+    samples consumed in this epoch on all ranks (the position that survives a change of
+    world size; ``batch_in_epoch`` is in batches of the current world size)."""
 
     epoch: int = 0
     batch_in_epoch: int = 0
     step: int = 0
     images_seen: int = 0
+    samples_in_epoch: int = 0
+
+
+def moved_position(saved_state: dict[str, Any], saved_world: int, loader: TrainLoader) -> TrainState:
+    """A saved `TrainState` (as a dict) continued by ``loader`` (this world size and batch).
+
+    The in-epoch position is the samples consumed in the epoch (``samples_in_epoch``; for
+    checkpoints without it, batches x ``saved_world`` x batch), rounded up to whole batches of
+    this world size and capped at the epoch's end (`TrainLoader.batches_done`), so the
+    epoch never yields more samples than it holds and a position past the new epoch's length
+    ends that epoch. On the saved world size it is the saved position.
+    """
+    state = TrainState(**{k: v for k, v in saved_state.items() if k in TrainState.__dataclass_fields__})
+    if "samples_in_epoch" not in saved_state:
+        state.samples_in_epoch = state.batch_in_epoch * saved_world * loader.batch_size
+    state.batch_in_epoch = loader.batches_done(state.samples_in_epoch)
+    return state
+
+
+def remaining_batches(state: TrainState, loader: TrainLoader, epochs: int) -> int:
+    """Micro-batches from ``state`` to the end of epoch ``epochs - 1`` on ``loader``'s world size."""
+    per_epoch = loader.batches_per_epoch
+    return max(0, per_epoch - state.batch_in_epoch) + per_epoch * max(0, epochs - state.epoch - 1)
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
@@ -75,14 +100,43 @@ class Trainer:
 
     def restore(self, saved: dict[str, Any]) -> TrainState:
         self.engine.model.load_state_dict(saved["model"])
+        state = self.resume_position(saved)
         self.schedule.load_state_dict(saved["schedule"])
         if self.swa and saved.get("swa"):
             self.swa.load_state_dict(saved["swa"])
-        return TrainState(**saved["train_state"])
+        return state
+
+    def resume_position(self, saved: dict[str, Any]) -> TrainState:
+        """The saved position moved onto this run's world size (`moved_position`). When the
+        global batch changed, the run's length is recounted from the samples still to come
+        (`remaining_batches`), so it ends after the configured epochs whatever the number of
+        processes; the schedule and SWA follow that length."""
+        saved_world = int(saved.get("world_size", get_world_size()))
+        state = moved_position(saved["train_state"], saved_world, self.loader)
+        if saved_world == get_world_size() and state.batch_in_epoch == saved["train_state"]["batch_in_epoch"]:
+            return state
+        cfg = self.config.train
+        total = state.step + remaining_batches(state, self.loader, cfg.epochs) // cfg.grad_accum
+        self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
+        self.schedule.total_steps = self.total_steps
+        if self.swa:
+            self.swa.start_step = int(self.config.swa.start_fraction * self.total_steps)
+        log.info("resume: %d samples of epoch %d done on %d process(es) -> batch %d of %d on %d; run ends at step %d",
+                 state.samples_in_epoch, state.epoch, saved_world, state.batch_in_epoch,
+                 self.loader.batches_per_epoch, get_world_size(), self.total_steps)
+        return state
 
     def checkpoint(self, state: TrainState) -> Path:
         return save_checkpoint(self.run_dir, state.step, self.payload(state), self.objective, self.engine,
                                self.config.train.keep_last)
+
+    def skipped_samples(self) -> dict[str, int]:
+        """``{"skipped_samples": n}``: bad samples all ranks' loaders dropped so far (collective;
+        only under ``data.bad_samples=skip``, else empty)."""
+        if self.config.data.bad_samples != "skip":
+            return {}
+        count = torch.tensor([self.loader.skipped], dtype=torch.long, device=self.device)
+        return {"skipped_samples": int(all_reduce_(count).item())}
 
     # --- one micro-batch -----------------------------------------------------------------
     def micro_step(self, batch: tuple, state: TrainState) -> dict[str, float] | None:
@@ -97,6 +151,7 @@ class Trainer:
             self.engine.backward(loss)
         state.batch_in_epoch += 1
         state.images_seen += self.global_batch
+        state.samples_in_epoch += self.global_batch
         if not self.engine.step():
             return None
         self.objective.step_extras()
@@ -126,7 +181,7 @@ class Trainer:
                     elapsed = time.perf_counter() - window_start
                     self.metrics.write({"step": state.step, "epoch": state.epoch, **{f"loss_{k}": v for k, v in parts.items()},
                                         "lr": self.schedule.current_lr(), "images_per_s": window_images / elapsed,
-                                        **peak_memory_mb()})
+                                        **self.skipped_samples(), **peak_memory_mb()})
                     progress.set_postfix(loss=f"{parts['main']:.3f}")
                     window_start, window_images = time.perf_counter(), 0
                 if state.step % cfg.checkpoint_every == 0:
@@ -137,7 +192,7 @@ class Trainer:
                 if state.step >= self.total_steps:
                     break
             else:
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                state.epoch, state.batch_in_epoch, state.samples_in_epoch = state.epoch + 1, 0, 0
                 continue
             break
         progress.close()

@@ -62,14 +62,19 @@ def make_evaluator(config: DMLConfig, device: torch.device):
         return None
     gallery_split = config.train.eval_gallery_split
 
+    listed = sum(int(manifest["splits"][s]["count"]) for s in (split, gallery_split) if s in manifest["splits"])
+
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
         query = extract_embeddings(model, config.data, split, device)
+        embedded = len(query.keys)
         if gallery_split:
             gallery = extract_embeddings(model, config.data, gallery_split, device)
+            embedded += len(gallery.keys)
             metrics = retrieval_metrics(query.vectors, query.labels, gallery.vectors, gallery.labels)
         else:
             metrics = retrieval_metrics(query.vectors, query.labels)
-        return {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+        skipped = {"eval_skipped_samples": listed - embedded} if embedded < listed else {}  # bad samples skipped
+        return {**{f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, **skipped}
 
     return evaluate
 
