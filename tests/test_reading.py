@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from dml.config import DataConfig
 from dml.data.loader import EvalLoader, TrainLoader
@@ -172,3 +173,27 @@ def test_missing_shard_counts_every_listed_sample(clean, tmp_path):
         list(EvalLoader(config(shards, "stop"), "query"))
     loader = EvalLoader(config(shards, "skip"), "query")
     assert sum(len(k) for k, _, _ in loader) == SHARD_SIZES[0] and loader.policy.skipped == SHARD_SIZES[1]
+
+
+def test_teacher_cache_under_both_policies(clean, tmp_path):
+    """The distillation teacher cache reads through the same check: stop raises; skip builds a
+    cache without the bad sample, reuses it next time, and the training loader never asks for it."""
+    from dml.config import DMLConfig
+    from dml.data.manifest import manifest_digest
+    from dml.distill.teacher import describe_teacher
+    from dml.distill.teacher_cache import ensure_teacher_cache
+    from dml.train.artifacts import build_model, save_final_model
+
+    shards, victims = damaged_copy(clean, tmp_path, "bad_image", "train")
+    model_config = DMLConfig.model_validate({"data": {"shard_dir": str(shards), "image_size": 16},
+                                             "model": {"backbone": "mobilenetv3_small_050", "embedding_dim": 8}})
+    save_final_model(build_model(model_config), model_config, tmp_path / "teacher.pt", manifest_digest(shards))
+    record = describe_teacher(tmp_path / "teacher.pt")
+    with pytest.raises(BadSampleError, match=rf"sample {victims[0]}: image does not decode"):
+        ensure_teacher_cache(record, config(shards, "stop"), torch.device("cpu"))
+    first = ensure_teacher_cache(record, config(shards, "skip"), torch.device("cpu"))
+    assert first.rebuilt and sorted(first.keys) == sorted(set(split_keys(shards, "train")) - set(victims))
+    again = ensure_teacher_cache(record, config(shards, "skip"), torch.device("cpu"))
+    assert not again.rebuilt
+    loader = TrainLoader(config(shards, "skip"), seed=0, batches_per_epoch=6, with_keys=True)
+    assert all(again.lookup(keys).shape == (len(keys), 8) for _, _, keys in loader)

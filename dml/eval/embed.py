@@ -56,16 +56,16 @@ def embed_batches(model: nn.Module, images: torch.Tensor, flip: bool = False) ->
     return out.float()
 
 
-def _gather(keys: list[str], vectors: np.ndarray, labels: np.ndarray, error: str | None = None) -> Embeddings:
+def _gather(keys: list[str], vectors: np.ndarray, labels: np.ndarray, error: DataError | None = None) -> Embeddings:
     """Every rank's part, in key order (collective). A rank that could not read its part sends
-    its one-line error instead, and every rank raises it, so none waits for the failed one."""
+    its error instead, and every rank raises the first one, so none waits for the failed one."""
     parts = [(keys, vectors, labels, error)]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, (keys, vectors, labels, error))
     errors = [p[3] for p in parts if p[3] is not None]
     if errors:
-        raise DataError(errors[0])
+        raise errors[0]
     all_keys = [k for p in parts for k in p[0]]
     dim = next((p[1].shape[1] for p in parts if len(p[0])), 0)
     all_vectors = np.concatenate([p[1].reshape(-1, dim) for p in parts]).astype(np.float32)
@@ -88,7 +88,7 @@ def extract_embeddings(model: nn.Module, data: DataConfig, split: str, device: t
     keys: list[str] = []
     vectors, labels = [], []
     show = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-    error = None
+    error: DataError | None = None
     try:
         for batch_keys, images, batch_labels in tqdm(loader, desc=f"embed {split}", unit="batch",
                                                      disable=None if show else True, leave=False):
@@ -96,7 +96,7 @@ def extract_embeddings(model: nn.Module, data: DataConfig, split: str, device: t
             vectors.append(embed_batches(model, images.to(device), flip).cpu().numpy())
             labels.append(batch_labels.numpy())
     except DataError as exc:
-        error = str(exc)
+        error = exc.with_traceback(None)
     model.train(was_training)
     local = np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float32)
     local_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
