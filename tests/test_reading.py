@@ -197,3 +197,12 @@ def test_teacher_cache_under_both_policies(clean, tmp_path):
     assert not again.rebuilt
     loader = TrainLoader(config(shards, "skip"), seed=0, batches_per_epoch=6, with_keys=True)
     assert all(again.lookup(keys).shape == (len(keys), 8) for _, _, keys in loader)
+
+
+def test_train_loader_with_no_readable_shard_stops_instead_of_spinning(clean, tmp_path):
+    shards = tmp_path / "empty"
+    shutil.copytree(clean, shards)
+    for shard in shards.glob("train-*.tar"):
+        shard.write_bytes(b"")
+    with pytest.raises(BadSampleError, match=r"no readable sample in the last 50 shard reads \(of 2 shards"):
+        list(TrainLoader(config(shards, "skip"), seed=0, batches_per_epoch=2))

@@ -46,7 +46,7 @@ class ReadShards:
     """Pipeline stage: ``{"url": shard}`` items -> checked raw samples (see `read_shard`).
 
     Under the skip policy a stream whose shards are all bad would never yield: after
-    ``20 x shards + 10`` shard reads in a row without a good sample it raises `DataError`.
+    ``20 x shards + 10`` shard reads in a row without a good sample it raises `BadSampleError`.
     """
 
     def __init__(self, shards: list[ShardSpec], policy: BadSamplePolicy):
@@ -62,7 +62,7 @@ class ReadShards:
                 empty = 0
                 yield sample
             if empty >= self.patience:
-                raise DataError(f"no readable sample in the last {empty} shard reads "
+                raise BadSampleError(f"no readable sample in the last {empty} shard reads "
                                 f"(of {len(self.shards)} shards, e.g. {item['url']})")
 
 
