@@ -3,6 +3,7 @@
 Layout of the directory (``<output_dir>/embeddings`` by default)::
 
     <split>.npy  <split>_labels.npy  <split>_keys.json   one set per split (see `Embeddings`)
+    verification_<name>.npy  verification_<name>_is_same.npy   a face verification set (pair layout)
     meta.json                                            where they came from (model, data)
 
 ``meta.json`` carries the model file's sha256 and the data manifest's sha256, so a report
@@ -16,8 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from dml.errors import DMLError
 from dml.eval.embed import Embeddings
+from dml.eval.verification_sets import PairEmbeddings
 
 META_FILE = "meta.json"
 FORMAT = "dml.embeddings/1"
@@ -32,6 +36,7 @@ class EmbeddingSet:
     gallery_split: str | None = None
     gallery: Embeddings | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    verification: list[PairEmbeddings] = field(default_factory=list)
 
     def save(self, directory: str | Path) -> Path:
         """Write every split and ``meta.json`` (rank 0 only); returns the directory."""
@@ -39,15 +44,21 @@ class EmbeddingSet:
         self.query.save(directory, self.query_split)
         if self.gallery is not None and self.gallery_split is not None:
             self.gallery.save(directory, self.gallery_split)
-        meta = {**self.meta, "format": FORMAT, "query_split": self.query_split, "gallery_split": self.gallery_split}
+        for pairs in self.verification:
+            np.save(directory / f"verification_{pairs.name}.npy", pairs.vectors)
+            np.save(directory / f"verification_{pairs.name}_is_same.npy", pairs.is_same)
+        meta = {**self.meta, "format": FORMAT, "query_split": self.query_split, "gallery_split": self.gallery_split,
+                "verification_sets": {pairs.name: pairs.source for pairs in self.verification}}
         (directory / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
         return directory
 
 
-def load_embedding_set(directory: str | Path, query_split: str, gallery_split: str | None) -> EmbeddingSet:
-    """Load the saved ``query_split`` (and ``gallery_split``) embeddings from ``directory``.
+def load_embedding_set(directory: str | Path, query_split: str, gallery_split: str | None,
+                       verification_sets: list[str] | None = None) -> EmbeddingSet:
+    """Load the saved ``query_split`` (and ``gallery_split``, and the named face
+    ``verification_sets``) embeddings from ``directory``.
 
-    A missing directory, split or ``meta.json`` is a one-line `DMLError`.
+    A missing directory, split, verification set or ``meta.json`` is a one-line `DMLError`.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -60,7 +71,15 @@ def load_embedding_set(directory: str | Path, query_split: str, gallery_split: s
         raise DMLError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}")
     query = _load_split(directory, query_split)
     gallery = _load_split(directory, gallery_split) if gallery_split is not None else None
-    return EmbeddingSet(query_split, query, gallery_split, gallery, meta)
+    sources = meta.get("verification_sets", {})
+    verification = []
+    for name in verification_sets or []:
+        if name not in sources:
+            raise DMLError(f"no saved embeddings for verification set '{name}' in {directory} "
+                           f"(has: {', '.join(sources) or 'none'}): evaluate with the model instead")
+        verification.append(PairEmbeddings(name, sources[name], np.load(directory / f"verification_{name}.npy"),
+                                           np.load(directory / f"verification_{name}_is_same.npy")))
+    return EmbeddingSet(query_split, query, gallery_split, gallery, meta, verification)
 
 
 def _load_split(directory: Path, split: str) -> Embeddings:

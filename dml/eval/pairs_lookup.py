@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dml.errors import DMLError
+from dml.errors import DataError, DMLError
 from dml.eval.shard_lookup import read_sample_metadata
-from dml.eval.verification import pair_rows, read_pairs_file
+from dml.eval.verification import VerificationPair, pair_rows, read_pairs_file
 
 log = logging.getLogger(__name__)
 _TRAILING_NUMBER = re.compile(r"(\d+)$")
@@ -45,6 +45,21 @@ def rows_by_name_and_number(keys: Sequence[str], metadata: dict[str, dict]) -> d
     return row_of
 
 
+def read_pairs_checked(pairs_file: str | Path) -> list[VerificationPair]:
+    """The pairs of an LFW-style pairs file; a missing file, a malformed line or a file with
+    no pairs is a one-line `DataError` naming the file."""
+    path = Path(pairs_file)
+    if not path.is_file():
+        raise DataError(f"pairs file not found: {path}")
+    try:
+        pairs = read_pairs_file(path)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    if not pairs:
+        raise DataError(f"pairs file {path} lists no pairs")
+    return pairs
+
+
 def resolve_pairs_file(pairs_file: str | Path, keys: Sequence[str], shard_dir: str | Path,
                        splits: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Rows ((P, 2) int64 into ``keys``) and is_same flags (P,) of every pair in ``pairs_file``.
@@ -53,14 +68,7 @@ def resolve_pairs_file(pairs_file: str | Path, keys: Sequence[str], shard_dir: s
     file, a malformed line, or a pair naming an image that has no embedding is a `DMLError`.
     """
     path = Path(pairs_file)
-    if not path.is_file():
-        raise DMLError(f"pairs file not found: {path}")
-    try:
-        pairs = read_pairs_file(path)
-    except ValueError as exc:
-        raise DMLError(str(exc)) from None
-    if not pairs:
-        raise DMLError(f"pairs file {path} lists no pairs")
+    pairs = read_pairs_checked(path)
     row_of = rows_by_name_and_number(keys, read_sample_metadata(shard_dir, splits))
     log.info("pairs file %s: %d pairs over %d numbered images", path, len(pairs), len(row_of))
     try:

@@ -18,19 +18,25 @@ from pathlib import Path
 from typing import Any
 
 from dml.eval.evaluation import EvaluationMetrics
+from dml.eval import verification_report
 
 FORMAT = "dml.eval_report/1"
 REPORT_JSON, REPORT_MD, PER_CLASS_CSV = "report.json", "report.md", "per_class.csv"
 WORST_CLASSES = 10
 
 PLOT_TITLES = {"tar_at_far": "Verification: TAR against FAR", "recall_at_k": "Retrieval: recall@k and CMC",
-               "retrieval_grid": "Retrieval examples", "embedding_map": "Embeddings, first two principal components"}
+               "retrieval_grid": "Retrieval examples", "embedding_map": "Embeddings, first two principal components",
+               "verification_sets_roc": "Face verification sets: ROC and 10-fold accuracy"}
 HEADLINE_NAMES = {"precision_at_1": "P@1", "map_at_r": "MAP@R", "r_precision": "R-precision",
                   "roc_auc": "ROC AUC", "eer": "EER", "cmc_rank_1": "CMC rank 1"}
 
 
-def headline_label(name: str) -> str:
-    """Display name of a headline key: recall_at_5 -> R@5, tar_at_far_1e-03 -> TAR@FAR=1e-03."""
+def headline_label(name: str, verification_sets: Sequence[str] = ()) -> str:
+    """Display name of a headline key: recall_at_5 -> R@5, tar_at_far_1e-03 -> TAR@FAR=1e-03,
+    ver_lfw_accuracy -> lfw: 10-fold accuracy (for a name in ``verification_sets``)."""
+    face = verification_report.headline_label(name, verification_sets)
+    if face is not None:
+        return face
     if name.startswith("recall_at_"):
         return f"R@{name.removeprefix('recall_at_')}"
     if name.startswith("tar_at_far_"):
@@ -72,8 +78,10 @@ def write_per_class_csv(rows: list[dict[str, Any]], path: Path) -> Path:
 
 def build_report(metrics: EvaluationMetrics, headline: Mapping[str, Any], *, config: Mapping[str, Any],
                  provenance: Mapping[str, Any], counts: Mapping[str, Any], plots: Mapping[str, str],
-                 class_names: Sequence[str] | None, timestamps: Mapping[str, str]) -> dict[str, Any]:
-    """The ``report.json`` payload (see module docstring)."""
+                 class_names: Sequence[str] | None, timestamps: Mapping[str, str],
+                 verification_sets: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``report.json`` payload (see module docstring); ``verification_sets`` maps a face
+    verification set's name to its numbers (`dml.eval.verification_report`)."""
     rows = class_rows(metrics.per_class, class_names)
     worst = sorted(rows, key=lambda r: (r.get("map_at_r", 0.0), r["label"]))[:WORST_CLASSES]
     report = {
@@ -87,6 +95,7 @@ def build_report(metrics: EvaluationMetrics, headline: Mapping[str, Any], *, con
         "per_class": {"file": PER_CLASS_CSV, "num_classes": len(rows), "worst_by_map_at_r": worst},
         "verification": metrics.verification,
         "identification": metrics.identification,
+        "verification_sets": dict(verification_sets or {}),
         "plots": dict(plots),
         "notes": list(metrics.notes),
         **provenance,
@@ -123,7 +132,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"- finished: {report['finished_at']}", "",
         "| metric | value |", "| --- | ---: |",
     ]
-    lines += [f"| {headline_label(name)} | {_format(value)} |" for name, value in report["headline"].items()]
+    face_sets = report.get("verification_sets") or {}
+    lines += [f"| {headline_label(name)} | {_format(value)} |" for name, value in report["headline"].items()
+              if verification_report.headline_label(name, list(face_sets)) is None]  # sets: own table below
+    lines += verification_report.markdown_section(face_sets, report["config"]["evaluate"]["fars"])
     if report["notes"]:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in report["notes"]]
     lines += ["", f"Per-class retrieval metrics: [{PER_CLASS_CSV}]({PER_CLASS_CSV}); "

@@ -33,6 +33,7 @@ from dml.eval.evaluation import evaluate_embeddings, headline_metrics
 from dml.eval.pairs_lookup import resolve_pairs_file
 from dml.eval.report import build_report, write_report
 from dml.eval.stage_plots import draw_report_plots
+from dml.eval.verification_report import ROC_FILE, embed_sets, headline_entries, plot_verification_roc, score_sets
 from dml.train.artifacts import load_final_model
 
 log = logging.getLogger(__name__)
@@ -108,13 +109,14 @@ def embed_with_model(config: DMLConfig, model_file: Path, device: Any) -> Embedd
     gallery = None
     if evaluate.gallery_split is not None:
         gallery = _embed_split(model, data, evaluate.gallery_split, device, evaluate.flip)
+    verification = embed_sets(model, data, evaluate, device)
     meta = {"created_at": now_utc(), "flip": evaluate.flip,
             "model": {"path": str(model_file), "training_data_digest": payload.get("data_digest"),
                       "model": payload["model"], "data": data.model_dump(mode="json")},
             "data": {"shard_dir": config.data.shard_dir, "manifest_sha256": digest,
                      "manifest_counts": {split: manifest_count(config.data.shard_dir, split)
                                          for split in (evaluate.query_split, evaluate.gallery_split) if split}}}
-    return EmbeddingSet(evaluate.query_split, query, evaluate.gallery_split, gallery, meta)
+    return EmbeddingSet(evaluate.query_split, query, evaluate.gallery_split, gallery, meta, verification)
 
 
 def manifest_count(shard_dir: str | Path, split: str) -> int:
@@ -176,7 +178,8 @@ def run_evaluate(config: DMLConfig, embeddings_dir: str | Path | None = None) ->
         embeddings_dir = embeddings.save(output_dir / EMBEDDINGS_SUBDIR)
         log.info("evaluate: embeddings saved to %s", embeddings_dir)
     else:
-        embeddings = load_embedding_set(embeddings_dir, config.evaluate.query_split, config.evaluate.gallery_split)
+        embeddings = load_embedding_set(embeddings_dir, config.evaluate.query_split, config.evaluate.gallery_split,
+                                        [spec.set_name for spec in config.evaluate.verification_sets])
         log.info("evaluate: using saved embeddings from %s (model not loaded)", embeddings_dir)
     return report_on_embeddings(config, embeddings, Path(embeddings_dir), started)
 
@@ -198,11 +201,16 @@ def report_on_embeddings(config: DMLConfig, embeddings: EmbeddingSet, embeddings
     for note in count_notes:
         log.warning("evaluate: %s", note)
     headline = headline_metrics(metrics, evaluate)
+    face_sets = score_sets(embeddings.verification, evaluate.fars)
+    headline.update(headline_entries(face_sets))
+    metrics.notes.extend(f"verification set {name}: {note}" for name, m in face_sets.items() for note in m["notes"])
     plots = draw_report_plots(config, embeddings, metrics, output_dir, class_names)
+    if face_sets and evaluate.plots:
+        plots["verification_sets_roc"] = plot_verification_roc(face_sets, output_dir / ROC_FILE).name
     report = build_report(metrics, headline, config=config.model_dump(mode="json"),
                           provenance=_provenance(embeddings, embeddings_dir),
                           counts=counts,
-                          plots=plots, class_names=class_names,
+                          plots=plots, class_names=class_names, verification_sets=face_sets,
                           timestamps={"started_at": started, "finished_at": now_utc(),
                                       "embedded_at": embeddings.meta.get("created_at")})
     report["notes"] = count_notes + report["notes"]

@@ -76,11 +76,12 @@ class Trainer:
     """Runs epochs of micro-batches, optimizer steps, logging, checkpoints and evaluation."""
 
     def __init__(self, config: DMLConfig, run_dir: Path, device: torch.device, engine, objective: Objective,
-                 loader: TrainLoader, evaluate=None, data_identity: dict[str, Any] | None = None):
+                 loader: TrainLoader, evaluate=None, data_identity: dict[str, Any] | None = None,
+                 best=None):
         self.config, self.run_dir, self.device = config, run_dir, device
         self.data_identity = data_identity  # recorded in checkpoints; resume refuses other data
         self.engine, self.objective, self.loader = engine, objective, loader
-        self.evaluate = evaluate
+        self.evaluate, self.best = evaluate, best  # best: a BestModelKeeper or None
         self.total_steps = self._total_steps()
         self.schedule = LRSchedule([engine.optimizer, *objective.optimizers], self.total_steps, config.schedule)
         self.swa = WeightAverager(engine.model, config.swa, self.total_steps) if config.swa.enabled else None
@@ -187,7 +188,10 @@ class Trainer:
                 if state.step % cfg.checkpoint_every == 0:
                     self.checkpoint(state)
                 if cfg.eval_every and state.step % cfg.eval_every == 0 and self.evaluate:
-                    self.metrics.write({"step": state.step, **self.evaluate(self.engine.model)})
+                    evaluated = self.evaluate(self.engine.model)
+                    self.metrics.write({"step": state.step, **evaluated})
+                    if self.best:
+                        self.best.update(evaluated, state.step, self.engine.model)
                     self.engine.train(True)
                 if state.step >= self.total_steps:
                     break

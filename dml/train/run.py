@@ -25,7 +25,9 @@ from dml.distributed import barrier, cleanup, get_rank, init_distributed
 from dml.errors import DMLError
 from dml.eval.embed import extract_embeddings
 from dml.eval.metrics import retrieval_metrics
+from dml.eval.verification_sets import make_verification_evaluator
 from dml.train.artifacts import build_model, save_final_model
+from dml.train.best import BestModelKeeper
 from dml.train.checkpoint import latest_checkpoint, list_checkpoints, restore_checkpoint
 from dml.train.engine import build_engine
 from dml.train.loop import Trainer, TrainState
@@ -77,6 +79,34 @@ def make_evaluator(config: DMLConfig, device: torch.device):
         return {**{f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, **skipped}
 
     return evaluate
+
+
+def combine_evaluators(*evaluators):
+    """One evaluator calling each non-None one in turn and merging their metrics; None if none."""
+    active = [e for e in evaluators if e is not None]
+    if not active:
+        return None
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        merged: dict[str, float] = {}
+        for one in active:
+            merged.update(one(model))
+        return merged
+
+    return evaluate
+
+
+def make_best_keeper(config: DMLConfig, run_dir: Path, spec: "TrainingSpec", digest: str) -> BestModelKeeper | None:
+    """A keeper of ``<run_dir>/best/model.pt`` by ``train.best_metric`` (None when unset);
+    ``digest`` is the training manifest's sha256, recorded in the saved model."""
+    metric = config.train.resolved_best_metric
+    if metric is None:
+        return None
+
+    def save(model: torch.nn.Module, path: Path, extra: dict) -> Path:
+        return save_final_model(model, config, path, data_digest=digest, model_section=spec.model_section, extra=extra)
+
+    return BestModelKeeper(run_dir, metric, config.train.best_mode, save)
 
 
 def run_train(config: DMLConfig, resume: bool = False, allow_new_data: bool = False) -> TrainResult:
@@ -133,7 +163,10 @@ def _train(config: DMLConfig, resume: bool, device: torch.device, spec: Training
     engine = build_engine(model, config, device)
     objective = spec.build_objective(config, num_classes, device)
     loader = TrainLoader(config.data, seed=config.seed, with_keys=spec.with_keys)
-    trainer = Trainer(config, run_dir, device, engine, objective, loader, make_evaluator(config, device), identity)
+    evaluate = combine_evaluators(make_evaluator(config, device), make_verification_evaluator(
+        config.train.verification_sets, config.data, device, config.evaluate.fars, config.train.verification_flip))
+    trainer = Trainer(config, run_dir, device, engine, objective, loader, evaluate, identity,
+                      best=make_best_keeper(config, run_dir, spec, identity["manifest_sha256"]))
     state = TrainState()
     if point is not None:
         state = trainer.restore(restore_checkpoint(point.path, point.state, objective, engine, point.keep_head))
@@ -146,6 +179,8 @@ def _train(config: DMLConfig, resume: bool, device: torch.device, spec: Training
     final_model = trainer.swa.finalize(loader, device) if trainer.swa else engine.model
     metrics = trainer.evaluate(final_model) if trainer.evaluate else {}
     trainer.metrics.write({"step": state.step, "final": True, **metrics})
+    if trainer.best and metrics:
+        trainer.best.update(metrics, state.step, final_model)
     trainer.metrics.close()
     model_path = run_dir / "model.pt"
     if rank == 0:
