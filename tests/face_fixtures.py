@@ -48,17 +48,23 @@ def orl_pairs(people: range, pairs_per_fold: int = 30, folds: int = 10,
     return pairs
 
 
-def eigenface_embeddings(pairs: list, dim: int = 24, size: tuple[int, int] = (23, 28)) -> np.ndarray:
-    """Real embeddings of real faces: each pair image downscaled to ``size`` and projected on
-    the first ``dim`` principal components of all ORL faces ("eigenfaces"). (2P, dim)."""
-    def pixels(person: int, image: int) -> np.ndarray:
-        return np.asarray(Image.open(orl_path(person, image)).resize(size), np.float64).ravel() / 255.0
+def eigenface_table(dim: int = 24, size: tuple[int, int] = (23, 28)) -> np.ndarray:
+    """Real embeddings of real faces, (41, 11, dim) indexed [person, image] (1-based): every
+    ORL face downscaled to ``size`` and projected on the first ``dim`` principal components
+    of all 400 ("eigenfaces")."""
+    pixels = np.stack([np.asarray(Image.open(orl_path(p, i)).resize(size), np.float64).ravel() / 255.0
+                       for p in range(1, 41) for i in range(1, 11)])
+    centred = pixels - pixels.mean(0)
+    _, _, components = np.linalg.svd(centred, full_matrices=False)
+    table = np.zeros((41, 11, dim))
+    table[1:, 1:] = (centred @ components[:dim].T).reshape(40, 10, dim)
+    return table
 
-    every = np.stack([pixels(p, i) for p in range(1, 41) for i in range(1, 11)])
-    mean = every.mean(0)
-    _, _, components = np.linalg.svd(every - mean, full_matrices=False)
-    rows = np.stack([pixels(*side) for a, b, _ in pairs for side in (a, b)])
-    return (rows - mean) @ components[:dim].T
+
+def eigenface_embeddings(pairs: list, dim: int = 24) -> np.ndarray:
+    """Eigenface embeddings of ``pairs`` in the `.bin` layout, (2P, dim)."""
+    table = eigenface_table(dim)
+    return np.stack([table[side] for a, b, _ in pairs for side in (a, b)])
 
 
 def jpeg_of(path: Path, size: tuple[int, int] | None = None, quality: int = 90) -> bytes:

@@ -173,3 +173,25 @@ def test_cli_evaluate_refuses_a_malicious_bin_with_one_line(trained, tmp_path):
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr
     assert str(evil) in errors[0] and "refuses global posix.system" in errors[0]
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("mode,values,saved_at", [("max", [0.5, 0.7, 0.6, 0.7, 0.9], [1, 2, 5]),
+                                                   ("min", [0.5, 0.7, 0.4, float("nan"), 0.4], [1, 3])])
+def test_best_keeper_saves_on_strict_improvement_and_resumes(tmp_path, mode, values, saved_at):
+    from dml.train.best import BestModelKeeper
+
+    saved = []
+
+    def save(model, path, extra):
+        path.write_text(json.dumps(extra))
+        saved.append(extra["best"]["step"])
+
+    keeper = BestModelKeeper(tmp_path, "ver_x_eer", mode, save)
+    for step, value in enumerate(values, start=1):
+        keeper.update({"ver_x_eer": value}, step, torch.nn.Linear(1, 1))
+    assert saved == saved_at
+    again = BestModelKeeper(tmp_path, "ver_x_eer", mode, save)  # a resumed run starts from the best so far
+    assert again.value == values[saved_at[-1] - 1]
+    assert not again.update({"ver_x_eer": values[saved_at[-1] - 1]}, 99, torch.nn.Linear(1, 1))
+    with pytest.raises(Exception, match="was not computed; this run logs: ver_x_accuracy"):
+        again.update({"step": 3, "ver_x_accuracy": 1.0}, 100, torch.nn.Linear(1, 1))

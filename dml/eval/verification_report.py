@@ -110,11 +110,11 @@ def markdown_section(scored: Mapping[str, Mapping[str, Any]], fars: Sequence[flo
 
 
 def plot_verification_roc(scored: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path:
-    """TAR against FAR (log scale) of every set, the 10-fold accuracy in the legend and the
-    val@FAR point marked; FARs below one false accept of the smallest set are not drawn."""
+    """TAR against FAR (log scale) of every set, the 10-fold accuracy in the legend and TAR
+    at the configured FARs marked; FARs below one false accept of the largest set are not drawn."""
     figure = new_figure(6.4, 4.8)
     axes = figure.add_subplot()
-    floor = min(1.0 / max(m["num_different"], 1) for m in scored.values())
+    floor = min(1.0 / max(m["num_different"], 1) for m in scored.values())  # the largest set's resolution
     marked = False
     for index, (name, m) in enumerate(scored.items()):
         colour = f"C{index % 10}"
@@ -124,13 +124,15 @@ def plot_verification_roc(scored: Mapping[str, Mapping[str, Any]], path: str | P
         axes.step(far[shown], np.asarray(curve["tar"])[shown], where="post", color=colour, lw=1.6,
                   label=f"{name}: 10-fold accuracy {100 * m['accuracy']:.2f} ± {100 * m['accuracy_std']:.2f} % "
                         f"({m['num_pairs']} pairs)")
-        val = m["val_at_far"]
-        if val["val"] is not None and val["far"] and val["far"] >= floor:
-            axes.scatter([val["far"]], [val["val"]], color=colour, marker="D", s=26, zorder=3,
-                         label=None if marked else "val@FAR=1e-3 (insightface, fold mean)")
+        points = [(float(k), v) for k, v in (m.get("tar_at_far") or {}).items() if v is not None and float(k) >= floor]
+        if points:
+            axes.scatter([f for f, _ in points], [t for _, t in points], color=colour, s=22, zorder=3)
             marked = True
-            axes.annotate(f"val {val['val']:.3f} @ FAR {val['far']:.1e}", (val["far"], val["val"]),
-                          textcoords="offset points", xytext=(5, -12), fontsize=7, color=colour)
+        for at, tar in points:
+            axes.annotate(f"TAR {tar:.3f} @ FAR {at:.0e}", (at, tar), textcoords="offset points", xytext=(6, -4),
+                          fontsize=7, color=colour)
+    if marked:  # one legend entry for the dots of every set, after the curves
+        axes.scatter([], [], color="0.35", s=22, label="TAR at the configured FARs")
     axes.set_xscale("log")
     axes.set_xlim(floor, 1.0)
     axes.set_ylim(0.0, 1.02)
