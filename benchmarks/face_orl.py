@@ -48,7 +48,7 @@ def write_sources(work: Path, source: str) -> Path:
     from recordio_writer import pack_payload, write_recordio
 
     faces = [(person - 1, jpeg_of(orl_path(person, image))) for person in range(1, 21) for image in range(1, 11)]
-    header = pack_payload([1.0, len(faces) + 1.0])
+    header = pack_payload([len(faces) + 1.0, len(faces) + 1.0])  # images are records 1 .. label[0] - 1
     payloads = [header] + [pack_payload(label, data, ident=i) for i, (label, data) in enumerate(faces, start=1)]
     write_recordio(work / "orl_rec", payloads, prop="20,112,92")
     return work / "orl_rec"

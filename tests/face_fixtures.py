@@ -1,16 +1,10 @@
 """Face data made from the real ORL faces for tests and benchmarks: pair lists, eigenface
-embeddings, `.bin` verification sets and a small insightface-layout RecordIO writer.
-
-The RecordIO writer is test-side on purpose (it is not the project's reader run backwards):
-each record is magic 0xced7230a, a uint32 length, the payload (header ``<IfQQ`` + JPEG) and
-zero padding to 4 bytes; ``train.idx`` lists ``index<TAB>offset``; record 0 is insightface's
-header record whose label array gives the image index range.
-"""
+embeddings, `.bin` verification sets, and the independent reference computation of the
+10-fold protocol (scikit-learn's KFold, one threshold at a time)."""
 
 from __future__ import annotations
 
 import io
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +15,6 @@ from data_fixtures import SHARED_DATA
 from dml.eval.face_verification import ACCURACY_THRESHOLDS, VAL_THRESHOLDS
 
 ORL = SHARED_DATA / "orl_faces"
-RECORD_MAGIC = 0xCED7230A
 
 
 def orl_path(person: int, image: int) -> Path:
@@ -81,31 +74,6 @@ def orl_bin_content(pairs: list, size: tuple[int, int] | None = None) -> tuple[l
     """(images, is_same) of a `.bin` for ``pairs``: JPEG bytes, images 2i / 2i + 1 = pair i."""
     images = [jpeg_of(orl_path(*side), size) for a, b, _ in pairs for side in (a, b)]
     return images, [same for _, _, same in pairs]
-
-
-def write_recordio(directory: Path, items: list[tuple[int, bytes]], header: bool = True) -> Path:
-    """Write ``train.rec`` / ``train.idx`` / ``property`` of (label, JPEG bytes) records.
-
-    With ``header`` record 0 carries flag 2 and labels (1, len(items) + 1), images follow as
-    records 1..N; the property file says ``classes,height,width`` of the first image.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    offsets, offset = [], 0
-    with open(directory / "train.rec", "wb") as rec:
-        payloads = []
-        if header:
-            payloads.append(struct.pack("<IfQQ", 2, 0.0, 0, 0) + struct.pack("<2f", 1.0, len(items) + 1.0))
-        payloads += [struct.pack("<IfQQ", 0, float(label), index, 0) + data
-                     for index, (label, data) in enumerate(items, start=1 if header else 0)]
-        for payload in payloads:
-            record = struct.pack("<II", RECORD_MAGIC, len(payload)) + payload + b"\0" * (-len(payload) % 4)
-            offsets.append(offset)
-            rec.write(record)
-            offset += len(record)
-    (directory / "train.idx").write_text("".join(f"{i}\t{o}\n" for i, o in enumerate(offsets)))
-    width, height = Image.open(io.BytesIO(items[0][1])).size
-    (directory / "property").write_text(f"{len({label for label, _ in items})},{height},{width}")
-    return directory / "train.rec"
 
 
 def make_pair_sets(root: Path, people: int = 6, per_person: int = 4, folds: int = 10,

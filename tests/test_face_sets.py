@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from dml.config import DMLConfig, VerificationSetConfig
+from dml.config import DMLConfig, VerificationSetConfig, load_config
 from dml.distributed import spawn_local_group
 from dml.errors import ConfigError, DataError
 from dml.eval.bin_reader import read_verification_bin, write_verification_bin
@@ -74,6 +74,14 @@ def test_two_ranks_embed_like_one_and_stop_together_on_a_bad_image(tmp_path):
     bad_runs = [bad_0, bad_1]
     assert bad_runs[0] == bad_runs[1]  # rank 0 decoded fine, yet stops with rank 1's error
     assert bad_runs[0].startswith("DataError") and "image 37" in bad_runs[0] and "\n" not in bad_runs[0]
+
+
+def test_face_recipe_config_loads():
+    config = load_config(ROOT / "configs" / "face.yaml")
+    assert config.prepare.source.kind == "recordio" and config.data.image_size == 112
+    assert config.loss.kind == "arcface" and [s.set_name for s in config.train.verification_sets] == \
+        ["lfw", "cfp_fp", "agedb_30"]
+    assert config.train.resolved_best_metric == "ver_lfw_accuracy" and config.evaluate.verification_sets
 
 
 def test_config_forms_and_errors(tmp_path):

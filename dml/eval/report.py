@@ -135,7 +135,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     face_sets = report.get("verification_sets") or {}
     lines += [f"| {headline_label(name)} | {_format(value)} |" for name, value in report["headline"].items()
               if verification_report.headline_label(name, list(face_sets)) is None]  # sets: own table below
-    lines += verification_report.markdown_section(face_sets, report["config"]["evaluate"]["fars"])
+    lines += verification_report.markdown_section(face_sets, report["config"]["evaluate"]["fars"], data["query_split"])
     if report["notes"]:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in report["notes"]]
     lines += ["", f"Per-class retrieval metrics: [{PER_CLASS_CSV}]({PER_CLASS_CSV}); "

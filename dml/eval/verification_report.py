@@ -87,7 +87,7 @@ def _number(value: Any, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def markdown_section(scored: Mapping[str, Mapping[str, Any]], fars: Sequence[float]) -> list[str]:
+def markdown_section(scored: Mapping[str, Mapping[str, Any]], fars: Sequence[float], query_split: str) -> list[str]:
     """The report.md table: one row per set."""
     if not scored:
         return []
@@ -98,7 +98,7 @@ def markdown_section(scored: Mapping[str, Mapping[str, Any]], fars: Sequence[flo
     lines = ["", "## Face verification sets", "",
              "insightface's protocol: squared L2 distance of normalised embeddings, thresholds 0..4 step "
              "0.01 chosen on 9 folds and applied to the 10th (folds in file order); TAR@FAR is exact over "
-             "all pairs.", "", "| " + " | ".join(head) + " |", "| " + " | ".join(["---"] + ["---:"] * (len(head) - 1)) + " |"]
+             f"each set's pairs. (The TAR@FAR, ROC AUC and EER above are over split `{query_split}`.)", "", "| " + " | ".join(head) + " |", "| " + " | ".join(["---"] + ["---:"] * (len(head) - 1)) + " |"]
     for name, m in scored.items():
         val = m["val_at_far"]
         row = [f"`{name}`", f"{m['num_pairs']} ({m['num_same']} / {m['num_different']})",
