@@ -14,6 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from dml.config_errors import describe_error
+from dml.config_verification import (VerificationSetConfig, check_best_metric,  # noqa: F401 (re-exported)
+                                     check_verification_sets)
 from dml.errors import ConfigError
 from dml.names import check_backbone, parse_pooling
 
@@ -229,44 +231,6 @@ class SWAConfig(StrictModel):
     bn_update_batches: int = Field(20, ge=0)
 
 
-class VerificationSetConfig(StrictModel):
-    """A face verification set: an insightface ``.bin`` (``path`` only), or an LFW-style pairs
-    file (``path``) read against a folder of ``<identity>/<file ending in image number>``
-    images (``folder``). A plain string in a config is taken as ``path``. ``name`` (default:
-    the .bin's stem, or the folder's name) is how its metrics are named: ``ver_<name>_accuracy``."""
-
-    path: str
-    folder: str | None = None
-    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_string(cls, value: Any) -> Any:
-        return {"path": value} if isinstance(value, str) else value
-
-    @model_validator(mode="after")
-    def _bin_or_pairs(self) -> "VerificationSetConfig":
-        if self.folder is None and not self.path.endswith(".bin"):
-            raise ValueError(f"verification set {self.path}: a pairs file needs 'folder' (the images it names); "
-                             "an insightface set is a .bin file")
-        return self
-
-    @property
-    def set_name(self) -> str:
-        return self.name or (Path(self.path).stem if self.folder is None else Path(self.folder).name)
-
-
-VERIFICATION_METRICS = ("accuracy", "accuracy_std", "best_threshold_accuracy", "roc_auc", "eer")
-
-
-def check_verification_sets(sets: list[VerificationSetConfig]) -> None:
-    """Set names must be unique (they name the metrics)."""
-    names = [s.set_name for s in sets]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise ValueError(f"verification sets share the name(s) {', '.join(repeated)}: give each a 'name'")
-
-
 class TrainConfig(StrictModel):
     """`dml train`: the run folder, backend, length, precision, checkpoints and logging."""
 
@@ -295,17 +259,8 @@ class TrainConfig(StrictModel):
     @model_validator(mode="after")
     def _best_metric_known(self) -> "TrainConfig":
         check_verification_sets(self.verification_sets)
-        metric = self.best_metric
-        if metric is None or metric.startswith("eval_"):
-            return self
-        names = [s.set_name for s in self.verification_sets]
-        for name in names:
-            rest = metric.removeprefix(f"ver_{name}_")
-            if rest != metric and (rest in VERIFICATION_METRICS or rest.startswith(("tar_at_far_", "val_at_far_"))):
-                return self
-        raise ValueError(f"train.best_metric '{metric}' is not a logged metric: use eval_<retrieval metric> or "
-                         f"ver_<set>_<{'|'.join(VERIFICATION_METRICS)}|tar_at_far_1e-03|val_at_far_1e-03> with a set "
-                         f"of train.verification_sets ({', '.join(names) or 'none configured'})")
+        check_best_metric(self.best_metric, self.verification_sets)
+        return self
 
     @property
     def resolved_best_metric(self) -> str | None:
