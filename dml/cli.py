@@ -26,7 +26,7 @@ def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # Libraries that log every request or their own import at INFO drown the stage lines.
-    for noisy in ("httpx", "faiss.loader"):
+    for noisy in ("httpx", "faiss.loader", "openTSNE"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -101,6 +101,13 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_track(args: argparse.Namespace) -> int:
+    from dml.tracking.sync import sync_folder
+
+    print(f"track sync: {args.run_dir} -> mlflow run {sync_folder(args.run_dir, args.uri)}")
+    return 0
+
+
 def _headline(metrics: dict) -> str:
     keys = ("map_at_r", "precision_at_1")
     return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
@@ -150,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="print the resolved config (extends and overrides applied) as YAML")
     _add_config_args(config)
     config.set_defaults(handler=_cmd_config)
+
+    track = sub.add_parser("track", help="experiment tracking: upload a stage folder to MLflow later")
+    track_sub = track.add_subparsers(dest="action", required=True)
+    sync = track_sub.add_parser("sync", help="upload RUN_DIR's metrics.jsonl, config and files to MLflow")
+    sync.add_argument("run_dir", metavar="RUN_DIR")
+    sync.add_argument("--uri", help="tracking URI (default: the one recorded in RUN_DIR/tracking.json)")
+    sync.set_defaults(handler=_cmd_track)
 
     from pipeline.cli import add_pipeline_commands  # argparse only: Prefect loads when a command runs
 

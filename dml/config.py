@@ -284,6 +284,9 @@ class EvalConfig(StrictModel):
     max_verification_samples: int = Field(20000, ge=2)
     plots: bool = True
     grid_queries: int = Field(8, ge=0)
+    # 2-D maps of the embedding space in the report (dml.eval.maps), on one seeded sample.
+    maps: tuple[Literal["pca", "umap", "tsne"], ...] = ("pca",)
+    map_samples: int = Field(3000, ge=10)
     # Face verification sets (.bin or pairs file + folder), scored with the 10-fold protocol.
     verification_sets: list[VerificationSetConfig] = []
 
@@ -349,6 +352,24 @@ class PipelineConfig(StrictModel):
     retry_delay_seconds: float = Field(30.0, ge=0)
 
 
+class MLflowConfig(StrictModel):
+    """MLflow tracking (`dml.tracking`). ``enabled`` None: on when ``uri`` or the standard
+    MLFLOW_TRACKING_URI is set. No uri anywhere: a SQLite store beside the run folders."""
+
+    enabled: bool | None = None
+    uri: str | None = None
+    experiment: str = "dml"
+    parent_run_id: str | None = None  # set by `dml pipeline run`: stages become its children
+    registered_model: str | None = "dml-student"  # export registers the student here; None: not
+
+
+class TrackingConfig(StrictModel):
+    """Experiment trackers every stage logs to (rank 0 only); metrics.jsonl is always written."""
+
+    mlflow: MLflowConfig = MLflowConfig()
+    tensorboard: bool = False  # training scalars and the evaluation embedding projector
+
+
 class DMLConfig(StrictModel):
     """The whole run: one section per stage."""
 
@@ -365,6 +386,7 @@ class DMLConfig(StrictModel):
     distill: DistillConfig = DistillConfig()
     export: ExportConfig = ExportConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> "DMLConfig":

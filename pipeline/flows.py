@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger
 from prefect.states import Completed, State
 
 from dml.config import DMLConfig
+from dml.tracking.pipeline_run import pipeline_run
 from pipeline.artifacts import publish_decision_artifact, publish_failure_artifact, publish_summary_artifacts
 from pipeline.errors import StageFailed
 from pipeline.freshness import stale_reason
@@ -44,7 +45,8 @@ def run_stages(config: DMLConfig, stages: list[str]) -> dict[str, StageOutcome]:
 def run_chain(config: DMLConfig) -> dict[str, Any]:
     """The chained stages, then publish and the summary artifacts, inside the calling flow
     run (so its artifacts belong to that run); returns the summary."""
-    outcomes = run_stages(config, chained_stages(config))
+    with pipeline_run(config) as tracked:  # MLflow parent run, when tracking is on
+        outcomes = run_stages(tracked, chained_stages(tracked))
     published = publish(config.pipeline.publish_dir, outcomes) if config.pipeline.publish_dir else {}
     summary = summarize(outcomes, published)
     publish_summary_artifacts(summary)

@@ -48,18 +48,24 @@ def plot_tar_at_far(verification: Mapping[str, Any], path: str | Path) -> Path:
     marked = [(float(k), v) for k, v in verification["tar_at_far"].items() if v is not None]
     if marked:
         axes.scatter([f for f, _ in marked], [t for _, t in marked], color="tab:red", zorder=3, s=22,
-                     label="configured FARs")
+                     label="configured FARs", clip_on=False)
         for far, tar in marked:
-            axes.annotate(f"{tar:.3f}", (far, tar), textcoords="offset points", xytext=(3, -11), fontsize=7)
+            # Above the point, on a white box: below it, labels at small TARs ran into the
+            # FAR tick labels under the axis.
+            axes.annotate(f"{tar:.3f}", (far, tar), textcoords="offset points", xytext=(0, 7), ha="center",
+                          fontsize=7, zorder=4, bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none",
+                                                      "alpha": 0.8})
+        smallest = min(f for f, _ in marked)
+        axes.set_xlim(smallest / 3, 1.5)  # room for the outermost points and their labels
     axes.set_xscale("log")
-    axes.set_ylim(0.0, 1.02)
+    axes.set_ylim(-0.02, 1.08)
     axes.set_xlabel("false accept rate (FAR)")
     axes.set_ylabel("true accept rate (TAR)")
     axes.set_title(f"verification: AUC {verification['roc_auc']:.4f}, EER {verification['eer']:.4f}\n"
                    f"{verification['num_positive_pairs']} same / {verification['num_negative_pairs']} "
                    f"different pairs", fontsize=9)
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(loc="lower right", fontsize=8)
+    axes.legend(loc="best", fontsize=8)
     return save_figure(figure, path)
 
 
@@ -95,31 +101,41 @@ def pca_2d(vectors: np.ndarray) -> np.ndarray:
 
 def plot_embedding_map(vectors: np.ndarray, labels: np.ndarray, path: str | Path,
                        class_names: Sequence[str] | None = None, seed: int = 0) -> Path:
-    """Scatter of the first two principal components, one colour per class.
-
-    At most MAP_MAX_POINTS points (a seeded sample) are drawn; with more than
-    MAP_MAX_COLOURED_CLASSES classes the most frequent ones get colours and the rest are grey.
-    """
+    """Scatter of the first two principal components, one colour per class, of at most
+    MAP_MAX_POINTS rows (a seeded sample). The report's maps are drawn by `dml.eval.maps`."""
     rows = np.arange(len(labels))
     if len(rows) > MAP_MAX_POINTS:
         rows = np.sort(np.random.default_rng(seed).choice(len(rows), MAP_MAX_POINTS, replace=False))
-    points, point_labels = pca_2d(vectors[rows]), labels[rows]
-    classes, counts = np.unique(point_labels, return_counts=True)
+    return plot_class_map(pca_2d(vectors[rows]), labels[rows], path, class_names,
+                          f"embeddings (PCA), {len(rows)} samples, {len(np.unique(labels[rows]))} classes",
+                          ("principal component 1", "principal component 2"))
+
+
+def plot_class_map(points: np.ndarray, labels: np.ndarray, path: str | Path, class_names: Sequence[str] | None,
+                   title: str, axis_names: tuple[str, str], ticks: bool = True) -> Path:
+    """Scatter of 2-D ``points`` (N, 2), one colour per class (labels (N,)), legend outside.
+
+    With more than MAP_MAX_COLOURED_CLASSES classes the most frequent ones get colours and the
+    rest are grey. ``ticks`` False hides tick values (axes of UMAP / t-SNE have no units).
+    """
+    classes, counts = np.unique(labels, return_counts=True)
     coloured = classes[np.argsort(-counts, kind="stable")][:MAP_MAX_COLOURED_CLASSES]
     figure = new_figure(6.5, 5.5)
     axes = figure.add_subplot()
-    others = ~np.isin(point_labels, coloured)
+    others = ~np.isin(labels, coloured)
     if others.any():
         axes.scatter(points[others, 0], points[others, 1], s=6, color="0.75",
                      label=f"{len(classes) - len(coloured)} other classes")
     colours = _class_colours(len(coloured))
     for colour, label in zip(colours, sorted(coloured)):
-        mine = point_labels == label
+        mine = labels == label
         name = class_names[int(label)] if class_names is not None and 0 <= int(label) < len(class_names) else str(label)
         axes.scatter(points[mine, 0], points[mine, 1], s=10, color=colour, label=name)
-    axes.set_xlabel("principal component 1")
-    axes.set_ylabel("principal component 2")
-    axes.set_title(f"embeddings (PCA), {len(rows)} samples, {len(classes)} classes", fontsize=9)
+    axes.set_xlabel(axis_names[0])
+    axes.set_ylabel(axis_names[1])
+    if not ticks:
+        axes.tick_params(labelbottom=False, labelleft=False, length=0)
+    axes.set_title(title, fontsize=9)
     axes.legend(fontsize=7, markerscale=1.5, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     return save_figure(figure, path)
 

@@ -26,7 +26,8 @@ WORST_CLASSES = 10
 
 PLOT_TITLES = {"tar_at_far": "Verification: TAR against FAR", "recall_at_k": "Retrieval: recall@k and CMC",
                "retrieval_grid": "Retrieval examples", "embedding_map": "Embeddings, first two principal components",
-               "verification_sets_roc": "Face verification sets: ROC and 10-fold accuracy"}
+               "verification_sets_roc": "Face verification sets: ROC and 10-fold accuracy",
+               "embedding_map_umap": "Embeddings, UMAP", "embedding_map_tsne": "Embeddings, t-SNE"}
 HEADLINE_NAMES = {"precision_at_1": "P@1", "map_at_r": "MAP@R", "r_precision": "R-precision",
                   "roc_auc": "ROC AUC", "eer": "EER", "cmc_rank_1": "CMC rank 1"}
 

@@ -34,6 +34,7 @@ from dml.eval.pairs_lookup import resolve_pairs_file
 from dml.eval.report import build_report, write_report
 from dml.eval.stage_plots import draw_report_plots
 from dml.eval.verification_report import ROC_FILE, embed_sets, headline_entries, plot_verification_roc, score_sets
+from dml.tracking.stage_hooks import track_evaluation
 from dml.train.artifacts import load_final_model
 
 log = logging.getLogger(__name__)
@@ -216,8 +217,10 @@ def report_on_embeddings(config: DMLConfig, embeddings: EmbeddingSet, embeddings
     report["notes"] = count_notes + report["notes"]
     report_path, markdown_path = write_report(output_dir, report, metrics, class_names)
     log.info("evaluate: report -> %s (%s)", report_path, _summary(headline))
-    return EvalResult(str(output_dir), str(report_path), str(markdown_path), report["headline"],
-                      str(embeddings_dir), {name: str(output_dir / file) for name, file in plots.items()})
+    result = EvalResult(str(output_dir), str(report_path), str(markdown_path), report["headline"],
+                        str(embeddings_dir), {name: str(output_dir / file) for name, file in plots.items()})
+    track_evaluation(config, result, embeddings, class_names)
+    return result
 
 
 def matching_class_names(config: DMLConfig, embeddings: EmbeddingSet) -> list[str] | None:

@@ -11,13 +11,15 @@ from dml.config import DMLConfig
 from dml.errors import DataError
 from dml.eval.embedding_store import EmbeddingSet
 from dml.eval.evaluation import EvaluationMetrics
-from dml.eval.plots import plot_embedding_map, plot_recall_at_k, plot_tar_at_far
+from dml.eval.maps import MAP_FILES, PLOT_KEYS, draw_embedding_maps
+from dml.eval.plots import plot_recall_at_k, plot_tar_at_far
 from dml.eval.retrieval_grid import plot_retrieval_grid
 
 log = logging.getLogger(__name__)
 
 PLOT_FILES = {"tar_at_far": "tar_at_far.png", "recall_at_k": "recall_at_k.png",
-              "retrieval_grid": "retrieval_grid.png", "embedding_map": "embedding_map.png"}
+              "retrieval_grid": "retrieval_grid.png",
+              **{PLOT_KEYS[kind]: file for kind, file in MAP_FILES.items()}}
 
 
 def draw_report_plots(config: DMLConfig, embeddings: EmbeddingSet, metrics: EvaluationMetrics,
@@ -43,8 +45,8 @@ def draw_report_plots(config: DMLConfig, embeddings: EmbeddingSet, metrics: Eval
     if embeddings.gallery is not None:
         vectors = np.concatenate([vectors, embeddings.gallery.vectors])
         labels = np.concatenate([labels, embeddings.gallery.labels])
-    plot_embedding_map(vectors, labels, output_dir / PLOT_FILES["embedding_map"], class_names, seed=config.seed)
-    drawn["embedding_map"] = PLOT_FILES["embedding_map"]
+    drawn.update(draw_embedding_maps(vectors, labels, config.evaluate.maps, output_dir, class_names,
+                                     seed=config.seed, limit=config.evaluate.map_samples))
     return drawn
 
 

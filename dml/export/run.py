@@ -12,6 +12,7 @@ from dml.data.loader import EvalLoader
 from dml.data.tario import sha256_file
 from dml.export.pixel_input import collect_images
 from dml.export.stage import ExportResult, export_model
+from dml.tracking.stage_hooks import track_export
 from dml.train.artifacts import load_final_model
 
 log = logging.getLogger(__name__)
@@ -50,4 +51,5 @@ def run_export(config: DMLConfig) -> ExportResult:
                           eval_labels=eval_labels, source=source, metrics=_evaluation_metrics(model_file),
                           min_cosine=cfg.min_cosine, int8_min_cosine=cfg.int8_min_cosine)
     log.info("export: done -> %s (card %s)", result.out_dir, result.card_path)
+    track_export(config, result, model_file)
     return result

@@ -85,7 +85,8 @@ class Trainer:
         self.total_steps = self._total_steps()
         self.schedule = LRSchedule([engine.optimizer, *objective.optimizers], self.total_steps, config.schedule)
         self.swa = WeightAverager(engine.model, config.swa, self.total_steps) if config.swa.enabled else None
-        self.metrics = MetricsLog(run_dir, get_rank() == 0, config.train.tensorboard)
+        self.metrics = MetricsLog(run_dir, get_rank() == 0, config,
+                                 "train" if Path(config.train.run_dir) == Path(run_dir) else "distill")
         self.global_batch = loader.batch_size * get_world_size()
 
     def _total_steps(self) -> int:

@@ -1,4 +1,5 @@
-"""Run metrics: one JSON object per line in ``metrics.jsonl`` (rank 0), optional TensorBoard."""
+"""Run metrics: one JSON object per line in ``metrics.jsonl`` (rank 0), also handed to the
+configured trackers (MLflow, TensorBoard: `dml.tracking`)."""
 
 from __future__ import annotations
 
@@ -25,17 +26,14 @@ def peak_memory_mb() -> dict[str, float]:
 class MetricsLog:
     """Appends records to ``<run>/metrics.jsonl``; inactive on ranks other than 0."""
 
-    def __init__(self, run_dir: Path, active: bool, tensorboard: bool = False):
+    def __init__(self, run_dir: Path, active: bool, config: Any = None, stage: str = "train"):
         self.active = active
         self.path = run_dir / "metrics.jsonl"
-        self.writer = None
-        if active and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        self.trackers = None
+        if active and config is not None:  # MLflow / TensorBoard as configured (dml.tracking)
+            from dml.tracking.stage_hooks import TrainingTrackers
 
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:
-                log.info("train.tensorboard: the tensorboard package is not installed; logging to metrics.jsonl only")
+            self.trackers = TrainingTrackers(config, stage, run_dir)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.active:
@@ -43,14 +41,17 @@ class MetricsLog:
         record = {"time": round(time.time(), 3), **record}
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
-        if self.writer is not None and "step" in record:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("step", "time"):
-                    self.writer.add_scalar(key, value, record["step"])
+        if self.trackers is not None:
+            self.trackers.write(record)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        if self.trackers is not None:
+            self.trackers.close()
+
+    def finish(self, files: list[Path]) -> None:
+        """Upload the run's ``files`` to the trackers and close their runs (rank 0)."""
+        if self.trackers is not None:
+            self.trackers.finish(files)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -189,6 +189,7 @@ def _train(config: DMLConfig, resume: bool, device: torch.device, spec: Training
     result = TrainResult(str(run_dir), str(model_path), str(final_checkpoint), state.step, metrics)
     if rank == 0:
         (run_dir / "train_result.json").write_text(json.dumps(asdict(result), indent=1))
+        trainer.metrics.finish([run_dir / name for name in ("config.yaml", "metrics.jsonl", "train_result.json")])
         log.info("train: done -> %s (model %s, %d checkpoints kept)", run_dir, model_path, len(list_checkpoints(run_dir)))
     barrier()
     return result
