@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml
 fashion-mnist:
 	@bash .ci/ensure-fashion-mnist
 
+# ARGS: dotted overrides, e.g. make quickstart ARGS="tracking.mlflow.enabled=true"
 quickstart: setup fashion-mnist
-	env -u PREFECT_API_URL PREFECT_HOME=$(CURDIR)/runs/.prefect $(VENV)/bin/dml pipeline run --config configs/quickstart.yaml
+	env -u PREFECT_API_URL PREFECT_HOME=$(CURDIR)/runs/.prefect $(VENV)/bin/dml pipeline run --config configs/quickstart.yaml $(ARGS)
 
 # Prefect gets a throwaway home and no API URL, so tests never touch a real server.
 test: setup

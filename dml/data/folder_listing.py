@@ -23,6 +23,7 @@ import stat
 from dataclasses import dataclass, field
 
 from dml.data.records import IMAGE_EXTENSIONS, Record, Rejection
+from dml.progress import progress
 
 # Compared case-insensitively; names starting with "." are hidden by the first rule already.
 SYSTEM_NAMES = {"thumbs.db", "ehthumbs.db", "desktop.ini", "__macosx", "$recycle.bin",
@@ -68,6 +69,7 @@ class _Walker:
         self.first_by_inode: dict[tuple[int, int], str] = {}
         self.walked_dirs: dict[str, str] = {}  # real folder -> the rel path it was read under
         self.pending: list[_PendingLink] = []
+        self.progress = progress(desc="prepare: listing", unit="path")
 
     def reject(self, rel: str, code: str, reason: str) -> None:
         self.out.records.append(Record(rel, "", rejection=Rejection(code, reason)))
@@ -79,6 +81,7 @@ class _Walker:
         for link in sorted(self.pending, key=lambda p: p.rel.split(os.sep)):
             self.link(link)
         self.out.records.sort(key=lambda r: r.source_id.split(os.sep))
+        self.progress.close()
         return self.out
 
     def walk(self, path: str, rel_dir: str, class_name: str | None, stack: tuple[str, ...],
@@ -89,6 +92,7 @@ class _Walker:
         except OSError as exc:
             self.reject(rel_dir or ".", "unreadable", f"folder cannot be listed ({exc.strerror})")
             return
+        self.progress.update(len(entries))
         for entry in entries:
             rel = os.path.join(rel_dir, entry.name)
             rule = rule_for_name(entry.name)

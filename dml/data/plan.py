@@ -18,6 +18,7 @@ import numpy as np
 from dml.config import PrepareConfig
 from dml.data.sources import Record, Source
 from dml.errors import DataError
+from dml.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +202,7 @@ def make_plan(source: Source, config: PrepareConfig) -> ShardPlan:
     Inputs refused while listing (by the source's rules, or an unknown split value in
     split.mode "source") go to ``plan.rejected``. Raises DataError when no input is usable.
     """
+    log.info("prepare: planning (listing %s)", source.description.get("path"))
     listed = source.records()
     if config.split.mode == "source":
         listed = reject_bad_source_splits(listed)
@@ -217,13 +219,18 @@ def make_plan(source: Source, config: PrepareConfig) -> ShardPlan:
     width = max(9, len(str(len(records))))
     rng = np.random.default_rng(config.split.seed + 1)
     tasks: list[ShardTask] = []
+    sizing = progress(total=len(records), desc="prepare: planning", unit="img")
     for split in SPLITS:
         members = [i for i in range(len(records)) if assignment.get(i) == split]
         # Shuffle within the split so each shard mixes classes (streaming shuffles stay local).
         members = [members[i] for i in rng.permutation(len(members))]
         samples = [PlannedSample(f"{i:0{width}d}", records[i], class_index[records[i].label]) for i in members]
-        sizes = [source.size_hint(records[i]) for i in members]
+        sizes = []
+        for i in members:  # a stat per file for some sources: minutes at millions of files
+            sizes.append(source.size_hint(records[i]))
+            sizing.update()
         tasks.extend(_chunk(samples, sizes, split, config))
+    sizing.close()
     return ShardPlan(classes, tasks, skipped, _plan_digest(classes, tasks, rejected, config), rejected)
 
 

@@ -20,7 +20,6 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
 
 from dml.config import ImageConfig, PrepareConfig
 from dml.data.encode import RejectedImage, encode_image
@@ -31,6 +30,7 @@ from dml.data.sources import Source, open_source
 from dml.data.tario import DeterministicTarWriter, atomic_path, sha256_file, write_json_atomic
 from dml.data.workers import die_with_parent
 from dml.errors import DataError
+from dml.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 PROGRESS_DIR = ".progress"
@@ -149,7 +149,7 @@ def _run_tasks(tasks: list[ShardTask], source: Source, config: PrepareConfig, ou
 
 def _run_here(tasks: list[ShardTask], source: Source, config: PrepareConfig, out_dir: Path) -> list[ShardResult]:
     results = []
-    with tqdm(total=sum(len(t.samples) for t in tasks), unit="img", desc="prepare", disable=None) as progress:
+    with progress_bar(total=sum(len(t.samples) for t in tasks), unit="img", desc="prepare") as progress:
         for task in tasks:
             results.append(write_one_shard(task, source, config.image, out_dir))
             progress.update(len(task.samples))
@@ -169,7 +169,7 @@ def _run_in_pool(tasks: list[ShardTask], source: Source, config: PrepareConfig, 
     results: list[ShardResult] = []
     try:
         futures = {pool.submit(_write_in_worker, t, config.image, out_dir): t for t in tasks}
-        with tqdm(total=sum(len(t.samples) for t in tasks), unit="img", desc="prepare", disable=None) as progress:
+        with progress_bar(total=sum(len(t.samples) for t in tasks), unit="img", desc="prepare") as progress:
             for future in as_completed(futures):
                 results.append(future.result())
                 progress.update(len(futures[future].samples))

@@ -15,11 +15,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from dml.config import DataConfig
 from dml.data.loader import EvalLoader
 from dml.errors import DataError
+from dml.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,8 @@ def extract_embeddings(model: nn.Module, data: DataConfig, split: str, device: t
     show = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     error: DataError | None = None
     try:
-        for batch_keys, images, batch_labels in tqdm(loader, desc=f"embed {split}", unit="batch",
-                                                     disable=None if show else True, leave=False):
+        for batch_keys, images, batch_labels in progress(loader, desc=f"embed {split}", unit="batch",
+                                                         show=show, leave=False):
             keys.extend(batch_keys)
             vectors.append(embed_batches(model, images.to(device), flip).cpu().numpy())
             labels.append(batch_labels.numpy())

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 
 from dml.config import DMLConfig
+from dml.tracking import require
 from dml.tracking.mlflow_run import StageRun, start_stage_run
+from dml.tracking.mlflow_store import mlflow_enabled
 from dml.tracking.tensorboard_log import PROJECTOR_MAX_POINTS, TENSORBOARD_SUBDIR, ScalarLog, write_projector
 
 log = logging.getLogger(__name__)
@@ -25,6 +27,15 @@ log = logging.getLogger(__name__)
 
 def tensorboard_enabled(config: DMLConfig) -> bool:
     return config.tracking.tensorboard or config.train.tensorboard
+
+
+def check_installed(config: DMLConfig) -> None:
+    """Raise the one-line ConfigError of a turned-on tracker whose package is missing. Called
+    on every rank before training starts, so no rank waits in a collective for one that failed."""
+    if tensorboard_enabled(config):
+        require("tensorboard", "tracking.tensorboard")
+    if mlflow_enabled(config):
+        require("mlflow", "tracking.mlflow")
 
 
 class TrainingTrackers:

@@ -10,12 +10,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from dml.config import DMLConfig
 from dml.data.loader import TrainLoader
 from dml.distributed import all_reduce_, get_rank, get_world_size
 from dml.errors import DMLError
+from dml.progress import progress as progress_bar
 from dml.train.checkpoint import save_checkpoint, set_aside_diverged
 from dml.train.metrics_log import MetricsLog, peak_memory_mb
 from dml.train.objective import Objective
@@ -168,8 +168,8 @@ class Trainer:
     def fit(self, state: TrainState) -> TrainState:
         cfg = self.config.train
         self.engine.train(True)
-        progress = tqdm(total=self.total_steps, initial=state.step, desc="train", unit="step",
-                        disable=None if get_rank() == 0 else True)
+        progress = progress_bar(total=self.total_steps, initial=state.step, desc="train", unit="step",
+                                show=get_rank() == 0)
         window_start, window_images = time.perf_counter(), 0
         while state.epoch < cfg.epochs and state.step < self.total_steps:
             self.loader.set_epoch(state.epoch, state.batch_in_epoch)
@@ -184,7 +184,7 @@ class Trainer:
                     self.metrics.write({"step": state.step, "epoch": state.epoch, **{f"loss_{k}": v for k, v in parts.items()},
                                         "lr": self.schedule.current_lr(), "images_per_s": window_images / elapsed,
                                         **self.skipped_samples(), **peak_memory_mb()})
-                    progress.set_postfix(loss=f"{parts['main']:.3f}")
+                    progress.set_postfix(loss=f"{parts['main']:.3f}", refresh=False)
                     window_start, window_images = time.perf_counter(), 0
                 if state.step % cfg.checkpoint_every == 0:
                     self.checkpoint(state)

@@ -30,10 +30,11 @@ class MetricsLog:
         self.active = active
         self.path = run_dir / "metrics.jsonl"
         self.trackers = None
-        if active and config is not None:  # MLflow / TensorBoard as configured (dml.tracking)
-            from dml.tracking.stage_hooks import TrainingTrackers
+        if config is not None:  # MLflow / TensorBoard as configured (dml.tracking)
+            from dml.tracking.stage_hooks import TrainingTrackers, check_installed
 
-            self.trackers = TrainingTrackers(config, stage, run_dir)
+            check_installed(config)  # on every rank: a missing package fails them all alike
+            self.trackers = TrainingTrackers(config, stage, run_dir) if active else None
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.active:
