@@ -114,6 +114,14 @@ def test_unreachable_tracker_keeps_the_run_and_sync_uploads_it_later(tmp_path, s
     assert metric_steps(client, run_id, "loss_main") == [(r["step"], pytest.approx(r["loss_main"])) for r in records]
     assert client.get_run(run_id).data.params["train.run_dir"] == str(tmp_path / "teacher")
     assert read_tracking_file(tmp_path / "teacher")["synced"] is True
+    from dml.eval.stage import run_evaluate
+
+    evaluated = run_evaluate(config)  # the evaluation folder syncs the same way
+    assert read_tracking_file(tmp_path / "teacher" / "eval")["synced"] is False
+    assert main(["track", "sync", str(tmp_path / "teacher" / "eval"), "--uri", server]) == 0
+    eval_run = client.get_run(capsys.readouterr().out.strip().rsplit(" ", 1)[-1])
+    assert eval_run.data.metrics["map_at_r"] == pytest.approx(evaluated.metrics["map_at_r"])
+    assert "report.json" in {a.path for a in client.list_artifacts(eval_run.info.run_id)}
 
 
 def test_default_store_is_sqlite_beside_the_run_folders(tmp_path, monkeypatch):

@@ -52,6 +52,9 @@ def sync_folder(folder: str | Path, uri: str | None = None) -> str:
     run = StageRun(client, created.info.run_id, uri, str(state.get("stage")), folder)
     for record in read_metrics(folder):
         run.log_metrics(record)
+    if (folder / "report.json").is_file():  # an evaluation folder: its headline metrics
+        headline = json.loads((folder / "report.json").read_text()).get("headline", {})
+        run.log_metrics({k: v for k, v in headline.items() if v is not None}, step=0)
     run.log_artifacts([folder / name for name in STAGE_FILES])
     run.finish()
     if run.error:
