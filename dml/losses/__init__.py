@@ -1,7 +1,5 @@
-"""Metric-learning losses: margin softmax heads, centre loss, pair losses and miners.
-
-`PartialFC` (the sharded head) lives in `dml.losses.partial_fc`.
-"""
+"""Metric-learning losses: margin softmax heads, the sharded partial-FC head, centre loss,
+pair losses and miners. Every name here is public API (see the design notes)."""
 
 from dml.losses.center import CenterLoss
 from dml.losses.margin_head import MarginHead, SubCenterArcFace
@@ -9,10 +7,11 @@ from dml.losses.margins import (ArcFace, CombinedMargin, CosFace, NormalizedSoft
                                 dynamic_margins)
 from dml.losses.miners import DistanceWeightedMiner, MultiSimilarityMiner, PairMasks, Triplets
 from dml.losses.pairs import ContrastiveLoss, MultiSimilarityLoss, TripletMarginLoss
+from dml.losses.partial_fc import PartialFC
 
 __all__ = [
     "ArcFace", "CosFace", "SphereFace", "CombinedMargin", "NormalizedSoftmax", "dynamic_margins",
-    "SubCenterArcFace", "MarginHead", "CenterLoss",
+    "SubCenterArcFace", "MarginHead", "PartialFC", "CenterLoss",
     "TripletMarginLoss", "ContrastiveLoss", "MultiSimilarityLoss",
     "MultiSimilarityMiner", "DistanceWeightedMiner", "PairMasks", "Triplets",
 ]
