@@ -20,12 +20,22 @@ from pipeline.summary import headline_line
 from pipeline.wiring import load_pipeline_config
 
 
+def ensure_prefect_home() -> None:
+    """Create ``PREFECT_HOME`` (with its parents) when it is set: Prefect makes one level only,
+    so ``runs/.prefect`` in a fresh clone (no ``runs/``) left its server unable to open its
+    database, and the run timed out five minutes later."""
+    home = os.environ.get("PREFECT_HOME")
+    if home:
+        Path(home).expanduser().mkdir(parents=True, exist_ok=True)
+
+
 def _quiet_prefect_defaults() -> None:
     # Prefect's temporary local server needs well over its default start-up time on a
     # loaded 2-core machine (seen: 35-65 s); a user's own setting wins.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
     # No telemetry: the machine may be offline, and its heartbeat contends for the SQLite lock.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    ensure_prefect_home()  # every command that starts Prefect comes through here
 
 
 def run_pipeline_command(config_path: str | Path | None, overrides: list[str] | None = None) -> int:

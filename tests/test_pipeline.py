@@ -371,3 +371,17 @@ def test_pipeline_command_rejects_bad_config_before_starting(tmp_path, capsys):
     assert run_pipeline_command(config, ["loss.margn=0.1"]) == 2
     assert "unknown config key 'loss.margn'; did you mean 'loss.margin'?" in capsys.readouterr().err
     assert not (tmp_path / "shards").exists()
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_pipeline_command_creates_a_missing_prefect_home_with_its_parents(tmp_path, monkeypatch, depth):
+    # `make quickstart` in a fresh clone sets PREFECT_HOME=runs/.prefect before runs/ exists;
+    # Prefect creates one level only and its server then cannot open its database.
+    from pipeline.cli import ensure_prefect_home
+
+    home = tmp_path.joinpath(*[f"level{i}" for i in range(depth)], ".prefect")
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    ensure_prefect_home()
+    assert home.is_dir()
+    ensure_prefect_home()  # an existing home is kept as it is
+    assert home.is_dir()
