@@ -13,6 +13,7 @@ import torch
 
 import dml.eval.index as index_module
 from dml.eval import build_index, knn_search
+from exact_reference import exact_inner_products, exact_order
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,10 +31,9 @@ def clustered(n: int, dim: int, classes: int, noise: float, seed: int) -> tuple[
 
 
 def exact_ranking(query: np.ndarray, gallery: np.ndarray, k: int, own: np.ndarray | None = None) -> np.ndarray:
-    """Reference: float64 scores, sorted by (score desc, index asc), own index removed."""
-    scores = query.astype(np.float64) @ gallery.astype(np.float64).T
-    ids = np.broadcast_to(np.arange(len(gallery)), scores.shape)
-    order = np.lexsort((ids, -scores), axis=-1)
+    """Reference: exactly rounded scores (integer arithmetic, no BLAS), sorted by (score desc,
+    index asc), own index removed."""
+    order = exact_order(exact_inner_products(query, gallery))
     if own is not None:
         order = np.array([row[row != i] for row, i in zip(order, own)])
     return order[:, :k]
@@ -51,7 +51,7 @@ def test_flat_search_matches_exact_float64_ranking():
     sims, ids = knn_search(query, gallery, k=12, batch_size=64)
     assert ids.dtype == np.int64 and sims.shape == (150, 12)
     np.testing.assert_array_equal(ids, exact_ranking(query, gallery, 12))
-    expected = np.take_along_axis(query.astype(np.float64) @ gallery.T.astype(np.float64), ids, 1)
+    expected = np.take_along_axis(exact_inner_products(query, gallery), ids, 1)
     np.testing.assert_allclose(sims, expected, atol=1e-6)
     assert (np.diff(sims, axis=1) <= 0).all()
 
@@ -75,6 +75,29 @@ def test_leave_one_out_drops_own_index_but_keeps_duplicates():
     np.testing.assert_array_equal(ids[has_twin, 0], twin[has_twin])
     np.testing.assert_allclose(sims[has_twin, 0], 1.0, atol=1e-6)
     np.testing.assert_array_equal(ids, exact_ranking(data, data, 5, own=np.arange(len(data))))
+
+
+def permuted_copies(dim: int, copies: int, rng) -> np.ndarray:
+    """Unit rows that are coordinate permutations of one positive row of mixed magnitudes."""
+    base = unit_rows(np.abs(rng.standard_normal((1, dim))) * 10.0 ** rng.integers(-6, 1, dim))[0]
+    return np.stack([base[rng.permutation(dim)] for _ in range(copies)])  # same float32 values
+
+
+@pytest.mark.parametrize("dim", [8, 32, 128])
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_rows_with_permuted_products_tie_exactly_whatever_the_summation_order(dim, seed, backend):
+    # Against a constant query, permuted rows have the same products in another order: their
+    # exact scores are equal, while any float sum (BLAS or numpy) may round them apart.
+    rng = np.random.default_rng(seed)
+    copies = permuted_copies(dim, 40, rng)
+    others = unit_rows(rng.standard_normal((60, dim)))
+    gallery = np.concatenate([others[:30], copies, others[30:]])
+    query = np.full((1, dim), dim**-0.5, np.float32)
+    _, ids = knn_search(query, gallery, k=45, backend=backend)
+    np.testing.assert_array_equal(ids, exact_ranking(query, gallery, 45))
+    in_copies = ids[0][(ids[0] >= 30) & (ids[0] < 70)]
+    np.testing.assert_array_equal(in_copies, np.sort(in_copies))
 
 
 def test_leave_one_out_with_more_duplicates_than_k():

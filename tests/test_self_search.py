@@ -6,6 +6,7 @@ import pytest
 import dml.eval.metrics
 from dml.eval import retrieval_metrics
 from dml.eval.self_search import block_bounds, min_block_rows, self_neighbour_lists
+from exact_reference import exact_inner_products, exact_order
 
 
 def unit_rows(n: int, dim: int, seed: int) -> np.ndarray:
@@ -14,10 +15,10 @@ def unit_rows(n: int, dim: int, seed: int) -> np.ndarray:
 
 
 def brute_force(units: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top ``width`` float64 inner products of each row with the others."""
-    scores = units.astype(np.float64) @ units.astype(np.float64).T
+    """Top ``width`` exact inner products of each row with the others (ties by smaller index)."""
+    scores = exact_inner_products(units, units)
     np.fill_diagonal(scores, -np.inf)
-    ids = np.argsort(-scores, axis=1, kind="stable")[:, :width]
+    ids = exact_order(scores)[:, :width]
     return np.take_along_axis(scores, ids, 1), ids
 
 

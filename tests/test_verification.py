@@ -6,6 +6,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from dml.eval import cmc_curve, pair_rows, pair_scores, read_pairs_file, verification_metrics
 from dml.eval.verification import VerificationPair
+from exact_reference import exact_inner_products
 
 
 def unit_rows(rows) -> np.ndarray:
@@ -21,10 +22,10 @@ def face_like_set(identities: int, per_identity: int, noise: float, seed: int):
 
 
 def all_pairs(embeddings: np.ndarray, labels: np.ndarray):
-    """Brute-force reference: every i < j pair's float64 cosine and same-identity flag."""
+    """Brute-force reference: every i < j pair's exact cosine (integer arithmetic, no BLAS)
+    and same-identity flag."""
     i, j = np.triu_indices(len(labels), k=1)
-    scores = np.einsum("ij,ij->i", embeddings[i].astype(np.float64), embeddings[j].astype(np.float64))
-    return scores, labels[i] == labels[j]
+    return exact_inner_products(embeddings, embeddings)[i, j], labels[i] == labels[j]
 
 
 def reference_tar_at_far(scores, same, far):
@@ -161,7 +162,7 @@ def test_cmc_hand_computed_and_against_brute_force():
     gallery_rows, probe_rows = np.arange(0, 120, 3), np.setdiff1d(np.arange(120), np.arange(0, 120, 3))
     result = cmc_curve(embeddings[probe_rows], labels[probe_rows], embeddings[gallery_rows],
                        labels[gallery_rows], max_rank=5, batch_size=7)
-    scores = embeddings[probe_rows].astype(np.float64) @ embeddings[gallery_rows].T.astype(np.float64)
+    scores = exact_inner_products(embeddings[probe_rows], embeddings[gallery_rows])
     correct = scores[np.arange(len(probe_rows)), labels[probe_rows]]  # gallery row c has identity c
     rank = (scores > correct[:, None]).sum(1) + 1
     assert result["cmc"] == pytest.approx([(rank <= r).mean() for r in range(1, 6)])
