@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dml.data.transforms import RESIZE_INTERPOLATION
 from dml.models import (
     BatchFeatureErasing,
     EmbeddingNeck,
@@ -184,8 +185,11 @@ def test_single_channel_input() -> None:
 
 
 def test_preprocessing_comes_from_timm_config_and_can_be_overridden() -> None:
+    # mean / std / size from timm; the resize filter is the pipeline's own (timm's pretrained
+    # default for this backbone is bicubic, which no transform of the pipeline uses)
     model = build_embedding_model("mobilenetv3_small_100", 16, input_size=(112, 96))
-    assert model.preprocessing == Preprocessing((3, 112, 96), IMAGENET_MEAN, IMAGENET_STD, "bicubic")
+    assert model.preprocessing == Preprocessing((3, 112, 96), IMAGENET_MEAN, IMAGENET_STD, RESIZE_INTERPOLATION)
+    assert RESIZE_INTERPOLATION == "bilinear"
     backbone = model.backbone
     assert resolve_preprocessing(backbone, 3).input_size == (3, 224, 224)
     assert resolve_preprocessing(backbone, 3, input_size=64).input_size == (3, 64, 64)
@@ -194,7 +198,7 @@ def test_preprocessing_comes_from_timm_config_and_can_be_overridden() -> None:
         "input_size": [1, 48, 48],
         "mean": [pytest.approx(sum(IMAGENET_MEAN) / 3)],
         "std": [pytest.approx(sum(IMAGENET_STD) / 3)],
-        "interpolation": "bicubic",
+        "interpolation": "bilinear",
     }
     with pytest.raises(ValueError, match="has 1 channels but in_chans is 3"):
         resolve_preprocessing(backbone, 3, input_size=(1, 64, 64))

@@ -1,9 +1,12 @@
 """Validate and encode one image for a shard.
 
 JPEG and PNG files within the size limit are stored byte-for-byte; everything else (arrays,
-PGM/BMP/TIFF/..., oversize images) is decoded and re-encoded. Decoding fully (``load``) is
-what catches truncated and corrupt files, so a bad input is rejected here, never later in a
-training worker.
+PGM/BMP/TIFF/..., oversize images) is decoded by the pipeline's one rule
+(`dml.data.pixels.faithful_pixels`: orientation applied, wide pixels scaled, transparency
+flattened) and re-encoded as 8-bit grey or RGB, so a stored image decodes to the same pixels
+as its source. Decoding fully (``load``) is what catches truncated and corrupt files, so a
+bad input is rejected here, never later in a training worker. Width and height are those of
+the decoded (oriented) pixels.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from dml.config import ImageConfig
+from dml.data.pixels import UnsupportedPixels, faithful_pixels
 from dml.data.sources import ImagePayload
 
 KEEP_AS_IS = {"JPEG": "jpg", "PNG": "png"}
@@ -34,16 +38,20 @@ class EncodedImage:
 
 
 def _encode(image: Image.Image, config: ImageConfig) -> tuple[bytes, str]:
+    """An ``L`` or ``RGB`` image (from `faithful_pixels`) -> JPEG or PNG bytes."""
     buffer = io.BytesIO()
     if config.reencode_format == "jpeg":
-        if image.mode not in ("L", "RGB"):
-            image = image.convert("RGB")
         image.save(buffer, format="JPEG", quality=config.jpeg_quality)
         return buffer.getvalue(), "jpg"
-    if image.mode not in ("1", "L", "LA", "RGB", "RGBA", "P", "I;16"):
-        image = image.convert("RGB")
     image.save(buffer, format="PNG")
     return buffer.getvalue(), "png"
+
+
+def _pixels(image: Image.Image) -> Image.Image:
+    try:
+        return faithful_pixels(image)
+    except UnsupportedPixels as exc:
+        raise RejectedImage(f"unsupported pixels: {exc}") from None
 
 
 def _shrink(image: Image.Image, max_side: int | None) -> tuple[Image.Image, bool]:
@@ -59,8 +67,12 @@ def encode_image(payload: ImagePayload, config: ImageConfig) -> EncodedImage:
     if isinstance(payload, np.ndarray):
         if payload.size == 0:
             raise RejectedImage("empty image array")
-        image = Image.fromarray(payload)
-        image, _ = _shrink(image, config.max_side)
+        try:
+            image = Image.fromarray(payload)
+        except TypeError as exc:  # e.g. complex or object arrays, or a shape Pillow cannot take
+            raise RejectedImage(f"array of dtype {payload.dtype} and shape {payload.shape} is not an image: "
+                                f"{exc}") from None
+        image, _ = _shrink(_pixels(image), config.max_side)
         data, ext = _encode(image, config)
         return EncodedImage(data, ext, image.width, image.height, image.mode)
     if len(payload) == 0:
@@ -76,8 +88,9 @@ def encode_image(payload: ImagePayload, config: ImageConfig) -> EncodedImage:
         raise RejectedImage(f"corrupt or unreadable image: {type(exc).__name__}: {exc}") from None
     if image.width == 0 or image.height == 0:
         raise RejectedImage("image has zero width or height")
-    shrunk, resized = _shrink(image, config.max_side)
-    if not resized and image_format in KEEP_AS_IS:
-        return EncodedImage(payload, KEEP_AS_IS[image_format], image.width, image.height, image.mode)
+    pixels = _pixels(image)
+    shrunk, resized = _shrink(pixels, config.max_side)
+    if not resized and image_format in KEEP_AS_IS:  # decoding applies the same rule at load time
+        return EncodedImage(payload, KEEP_AS_IS[image_format], pixels.width, pixels.height, image.mode)
     data, ext = _encode(shrunk, config)
-    return EncodedImage(data, ext, shrunk.width, shrunk.height, shrunk.mode)
+    return EncodedImage(data, ext, shrunk.width, shrunk.height, image.mode)

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from dml.data.pixels import faithful_pixels
+
 
 if TYPE_CHECKING:  # scikit-image (scipy) is imported on first use: most prepares never align
     from skimage.transform import SimilarityTransform
@@ -143,7 +145,7 @@ def _pixels(payload: bytes | np.ndarray) -> np.ndarray:
         image.load()
     except Exception as exc:  # PIL raises many types for bad files; all mean "unusable"
         raise ValueError(f"corrupt or unreadable image: {type(exc).__name__}") from None
-    return np.asarray(image if image.mode in ("L", "RGB") else image.convert("RGB"))
+    return np.asarray(faithful_pixels(image))  # the pipeline's one pixel rule (orientation, 16-bit, alpha)
 
 
 def align_face(payload: bytes | np.ndarray, marks: FaceMarks | None, config: "AlignConfig") -> bytes | np.ndarray:

@@ -30,6 +30,7 @@ from typing import Any, BinaryIO
 from PIL import Image
 
 from dml.data.manifest import split_shards
+from dml.data.pixels import faithful_pixels
 from dml.data.tario import TarMemberError, iter_tar_members, member_key
 from dml.errors import DataError
 
@@ -193,12 +194,13 @@ def read_shard(shard: ShardSpec, policy: BadSamplePolicy) -> Iterator[dict[str, 
 
 
 def decode_image(sample: dict[str, Any], policy: BadSamplePolicy) -> Image.Image | None:
-    """The sample's image, fully decoded; None (after telling ``policy``) when its bytes do not decode."""
+    """The sample's image, fully decoded by the pipeline's pixel rule (`dml.data.pixels`:
+    oriented, 8-bit L or RGB); None (after telling ``policy``) when its bytes do not decode."""
     data = next(sample[part] for part in IMAGE_PARTS if part in sample)
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
+        return faithful_pixels(image)
     except Exception as exc:  # Pillow raises many kinds on corrupt bytes; each means "does not decode"
         policy.bad(sample.get("__url__", "?"), sample["__key__"], f"image does not decode ({type(exc).__name__}: {exc})")
         return None
-    return image

@@ -14,15 +14,25 @@ from PIL import Image
 from torchvision import transforms as T
 
 from dml.config import DataConfig
+from dml.data.pixels import faithful_pixels
+
+# The one resize filter of the pipeline (training, evaluation, parity, export). On PIL images
+# torchvision's Resize is PIL's ``Image.resize((width, height), Image.Resampling.BILINEAR)``
+# (PIL filters always antialias). Model cards state this name (`dml.models.Preprocessing`).
+RESIZE_INTERPOLATION = "bilinear"
+_RESIZE_MODE = T.InterpolationMode(RESIZE_INTERPOLATION)
 
 
 class ConvertMode:
-    """Convert a PIL image to grey ("L") or RGB; a class so DataLoader workers can pickle it."""
+    """Any decoded PIL image -> grey ("L") or RGB for the model; a class so DataLoader workers
+    can pickle it. The pixels are first read by the pipeline's one rule
+    (`dml.data.pixels.faithful_pixels`: orientation, scaling of wide pixels, transparency)."""
 
     def __init__(self, channels: int):
         self.mode = "L" if channels == 1 else "RGB"
 
     def __call__(self, image: Image.Image) -> Image.Image:
+        image = faithful_pixels(image)
         return image if image.mode == self.mode else image.convert(self.mode)
 
 
@@ -37,9 +47,9 @@ def _train_pil_steps(config: DataConfig) -> list[Callable]:
     size = config.image_size
     steps: list[Callable] = [ConvertMode(config.channels)]
     if aug.random_resized_crop:
-        steps.append(T.RandomResizedCrop(size, scale=aug.crop_scale, antialias=True))
+        steps.append(T.RandomResizedCrop(size, scale=aug.crop_scale, interpolation=_RESIZE_MODE, antialias=True))
     else:
-        steps.append(T.Resize((size, size), antialias=True))
+        steps.append(T.Resize((size, size), interpolation=_RESIZE_MODE, antialias=True))
     if aug.horizontal_flip:
         steps.append(T.RandomHorizontalFlip())
     if aug.rotation_degrees > 0:
@@ -97,5 +107,5 @@ def build_eval_transform(config: DataConfig) -> Callable[[Image.Image], torch.Te
     parity checks; ``data.center_crop`` is recorded in the model's preprocessing and card."""
     crop = [CenterCropFraction(config.center_crop)] if config.center_crop is not None else []
     return T.Compose([ConvertMode(config.channels), *crop,
-                      T.Resize((config.image_size, config.image_size), antialias=True),
+                      T.Resize((config.image_size, config.image_size), interpolation=_RESIZE_MODE, antialias=True),
                       T.ToTensor(), _normalize(config)])

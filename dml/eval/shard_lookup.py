@@ -44,7 +44,7 @@ def read_images_by_key(shard_dir: str | Path, splits: Iterable[str], keys: Colle
             continue
         image = decode_image(sample, BadSamplePolicy("skip", warn=False))
         if image is not None:
-            images[key] = np.asarray(image.convert("L" if image.mode in ("1", "L", "I", "I;16") else "RGB"))
+            images[key] = np.asarray(image)  # oriented L or RGB (dml.data.pixels)
         if len(images) == len(wanted):
             break
     return images

@@ -1,8 +1,9 @@
 """``model_card.json``: what a deployment needs to know to feed an exported model and trust it.
 
 Sections: ``model`` (backbone, pooling, embedding dim, parameter counts), ``input`` / ``output``
-(tensor names, dtypes, layouts, shapes), ``preprocessing`` (resize, channel order, value range,
-mean / std, and whether the graph applies it), ``export`` (opset, formats), ``files`` (path,
+(tensor names, dtypes, layouts, shapes), ``preprocessing`` (the pipeline's own recipe: decoding
+rule, resize filter and call, channel order and conversion, value range, mean / std, and
+whether the graph applies the normalisation), ``export`` (opset, formats), ``files`` (path,
 bytes, sha256), ``parity`` per format, ``int8`` (None unless quantized), ``source`` (the
 teacher or run the model came from, may be None), ``metrics`` (its evaluation), ``created_at``
 and ``versions``. ``validate_model_card`` checks that every required field is there.
@@ -24,6 +25,7 @@ import onnxruntime
 import timm
 import torch
 
+from dml.data.pixels import DECODE_RULE
 from dml.errors import DMLError
 from dml.export.onnx_export import INPUT_NAME, OUTPUT_NAME
 from dml.models import Preprocessing
@@ -96,16 +98,24 @@ def io_sections(preprocessing: Preprocessing, embedding_dim: int, in_graph: bool
         applied = "the caller resizes, divides pixels by 255 and normalises with mean/std before the graph"
     if preprocessing.center_crop is not None:
         applied = f"the caller first keeps the central {preprocessing.center_crop:g} of each side; " + applied
+    filter_name = f"Image.Resampling.{preprocessing.interpolation.upper()}"
+    crop_note = (" (after keeping its central {:g} of each side)".format(preprocessing.center_crop)
+                 if preprocessing.center_crop is not None else " (no crop)")
     return {
         "input": {"name": INPUT_NAME, **graph_input},
         "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", embedding_dim], "l2_normalized": True},
         "preprocessing": {
             "in_graph": in_graph,
+            "decode": DECODE_RULE,
             "input_size": [channels, height, width],
             "resize_interpolation": preprocessing.interpolation,
             # Fraction of each side kept around the centre before resizing; null: no crop.
             "center_crop": preprocessing.center_crop,
+            "resize": f"PIL image.resize(({width}, {height}), {filter_name}) on the decoded 8-bit image"
+                      f"{crop_note}, straight to the input size: the aspect ratio is not kept",
             "channel_order": "RGB" if channels == 3 else "grey (L)",
+            "channel_conversion": ("grey images are repeated into R, G and B" if channels == 3 else
+                                   "colour images become grey as PIL's convert('L') does (ITU-R 601-2 luma)"),
             "value_range": [0.0, 1.0],
             "mean": list(preprocessing.mean),
             "std": list(preprocessing.std),

@@ -1,8 +1,10 @@
 """What an image must look like before it enters an embedding model.
 
 Evaluation, distillation and export read this from ``EmbeddingModel.preprocessing`` instead of
-guessing: resize to ``input_size`` with ``interpolation``, scale pixels to [0, 1], then
-``(x - mean) / std`` per channel.
+guessing: decode by the pipeline's rule (`dml.data.pixels`), resize to ``input_size`` with
+``interpolation``, scale pixels to [0, 1], then ``(x - mean) / std`` per channel. The resize
+filter is the one the pipeline's transforms use (`dml.data.transforms.RESIZE_INTERPOLATION`),
+not the backbone's pretrained default: a model card must describe how the model was fed.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any, Sequence
 from timm.data import resolve_data_config
 from torch import nn
 
+from dml.data.transforms import RESIZE_INTERPOLATION
+
 
 @dataclass(frozen=True)
 class Preprocessing:
@@ -21,7 +25,8 @@ class Preprocessing:
     Attributes:
         input_size: (channels, height, width) the model is trained and exported at.
         mean, std: per-channel normalisation of [0, 1] pixels; one value per channel.
-        interpolation: resize filter name as timm spells it ("bilinear", "bicubic", ...).
+        interpolation: resize filter name as timm spells it ("bilinear", "bicubic", ...);
+            the pipeline's own filter unless a caller states another.
         center_crop: fraction of each side kept around the centre before resizing (None: the
             whole image), e.g. to cut aligned face crops' borders at evaluation and export.
     """
@@ -29,7 +34,7 @@ class Preprocessing:
     input_size: tuple[int, int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    interpolation: str = "bilinear"
+    interpolation: str = RESIZE_INTERPOLATION
     center_crop: float | None = None
 
     def __post_init__(self) -> None:
@@ -60,9 +65,11 @@ def resolve_preprocessing(
 ) -> Preprocessing:
     """Derive the preprocessing of a timm backbone from its ``pretrained_cfg``.
 
-    mean / std / interpolation / default size come from ``timm.data.resolve_data_config``
-    (the config of the model's default pretrained tag, even though no weights are loaded).
-    With ``in_chans == 1`` the RGB mean and std are each averaged into one value.
+    mean / std / default size come from ``timm.data.resolve_data_config`` (the config of the
+    model's default pretrained tag, even though no weights are loaded). The interpolation is
+    the pipeline's (``RESIZE_INTERPOLATION``), which every transform resizes with, not timm's
+    pretrained default (bicubic for many backbones). With ``in_chans == 1`` the RGB mean and
+    std are each averaged into one value.
 
     Args:
         input_size: override of the spatial size: an int (square), (height, width), or
@@ -78,7 +85,7 @@ def resolve_preprocessing(
         input_size=(in_chans, int(height), int(width)),
         mean=mean,
         std=std,
-        interpolation=str(config.get("interpolation") or "bilinear"),
+        interpolation=RESIZE_INTERPOLATION,
     )
 
 
