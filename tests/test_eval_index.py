@@ -221,3 +221,14 @@ def test_bad_input_raises_one_line_value_error(call, message):
     x = np.random.default_rng(9).standard_normal((50, 8)).astype(np.float32)
     with pytest.raises(ValueError, match=message):
         call(x)
+
+
+@pytest.mark.parametrize("dim", [3, 16, 130])
+def test_exactly_rounded_scores_equal_integer_arithmetic(dim):
+    from dml.eval.exact_ranking import exactly_rounded_scores
+
+    rng = np.random.default_rng(dim)
+    rows = unit_rows(rng.standard_normal((40, dim)) * 10.0 ** rng.integers(-8, 1, (40, dim)))
+    pairs = rng.integers(0, 40, (2, 300))
+    got = exactly_rounded_scores(rows, rows, pairs[0], pairs[1])
+    np.testing.assert_array_equal(got, exact_inner_products(rows, rows)[pairs[0], pairs[1]])

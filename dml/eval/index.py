@@ -31,11 +31,12 @@ batch x gallery-block score matrix, batch x min(N_gallery, max(k, 2**26 / batch)
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import numpy as np
 import torch
+
+from dml.eval.exact_ranking import sort_exactly
 
 logger = logging.getLogger(__name__)
 
@@ -119,66 +120,6 @@ def _torch_search(gallery: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.
     return best_vals.numpy(), best_ids.numpy()
 
 
-def exact_scores(queries: np.ndarray, gallery: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Inner products of each query (B, D) with its candidate rows ``ids`` (B, c), in float64.
-
-    Products of float32 numbers are exact in float64; their sum (numpy's pairwise sum, not
-    BLAS) is within ``float64_score_error(D)`` of the exact value for unit rows, and identical
-    rows score bit-identically. Rows are gathered in blocks of ~2**21 values to bound memory.
-    """
-    out = np.empty(ids.shape, np.float64)
-    step = max(1, 2**21 // max(1, ids.shape[1] * gallery.shape[1]))
-    for start in range(0, len(ids), step):
-        cand = gallery[ids[start : start + step]].astype(np.float64)
-        out[start : start + step] = (cand * queries[start : start + step, None, :].astype(np.float64)).sum(-1)
-    return out
-
-
-def float64_score_error(dim: int) -> float:
-    """Bound on |float64 sum - exact| of ``dim`` exact products of two unit rows: each of the
-    dim - 1 additions rounds by at most 2**-53 of the running |sum| <= |q| |g| <= 1 + 2e-5;
-    doubled for safety."""
-    return dim * 2.0**-52
-
-
-def exactly_rounded_scores(queries: np.ndarray, gallery: np.ndarray, query_rows: np.ndarray,
-                           gallery_rows: np.ndarray) -> np.ndarray:
-    """``<queries[query_rows[i]], gallery[gallery_rows[i]]>`` (M,) rounded once from the exact
-    value (``math.fsum`` of the float64 products, which are exact): the same bits on every
-    machine, whatever the summation order, SIMD width or BLAS kernel. Products are formed in
-    blocks of ~2**20 values; ``math.fsum`` costs about 1 us per pair at D = 128."""
-    out = np.empty(len(query_rows), np.float64)
-    step = max(1, 2**20 // max(1, gallery.shape[1]))
-    for start in range(0, len(query_rows), step):
-        stop = start + step
-        products = queries[query_rows[start:stop]].astype(np.float64) * gallery[gallery_rows[start:stop]]
-        out[start:stop] = [math.fsum(row) for row in products.tolist()]
-    return out
-
-
-def _sort_exactly(queries: np.ndarray, gallery: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Candidates (B, c) of unit queries (B, D) sorted by (exactly rounded score descending,
-    gallery index ascending); returns (scores float64, ids).
-
-    Scores come from :func:`exact_scores`; a candidate within 2 x the float64 error bound of a
-    neighbour in that order is rescored exactly (:func:`exactly_rounded_scores`). Others keep
-    their float64 score: farther than the bound from every neighbour, their place is exact.
-    """
-    scores = exact_scores(queries, gallery, cand)
-    order = np.lexsort((cand, -scores), axis=-1)
-    scores, cand = np.take_along_axis(scores, order, 1), np.take_along_axis(cand, order, 1)
-    close_pair = scores[:, :-1] - scores[:, 1:] <= 2 * float64_score_error(gallery.shape[1])
-    close = np.zeros(scores.shape, dtype=bool)
-    close[:, :-1] |= close_pair
-    close[:, 1:] |= close_pair
-    rows, cols = np.nonzero(close)
-    if rows.size:
-        scores[rows, cols] = exactly_rounded_scores(queries, gallery, rows, cand[rows, cols])
-        order = np.lexsort((cand, -scores), axis=-1)
-        scores, cand = np.take_along_axis(scores, order, 1), np.take_along_axis(cand, order, 1)
-    return scores, cand
-
-
 def rerank_near_ties(queries: np.ndarray, gallery: np.ndarray, sims: np.ndarray, ids: np.ndarray,
                      need: int, error: float, complete: bool) -> np.ndarray:
     """Make the first ``need`` columns of float32 search results exact, in place.
@@ -187,7 +128,7 @@ def rerank_near_ties(queries: np.ndarray, gallery: np.ndarray, sims: np.ndarray,
     differ by more than 2 x ``error`` (the bound on a float32 score's error): no rounding
     can reorder them and nothing unseen can enter. Other rows are rescored in float64 and
     sorted by (exactly rounded score descending, gallery index ascending; see
-    :func:`_sort_exactly`), so the order never depends on the BLAS kernel.
+    :func:`dml.eval.exact_ranking.sort_exactly`), so the order never depends on the BLAS kernel.
     Returns a bool mask of rows whose exact top ``need`` may include items beyond the
     candidates (search those again wider); ``complete`` means the candidates are the
     whole gallery.
@@ -197,7 +138,7 @@ def rerank_near_ties(queries: np.ndarray, gallery: np.ndarray, sims: np.ndarray,
     unresolved = np.zeros(len(sims), dtype=bool)
     if near.size == 0:
         return unresolved
-    scores, cand = _sort_exactly(queries[near], gallery, ids[near])
+    scores, cand = sort_exactly(queries[near], gallery, ids[near])
     if not complete:  # every unseen item scores at most (last float32 score + error)
         unresolved[near] = scores[:, need - 1] <= sims[near, -1].astype(np.float64) + error
     sims[near], ids[near] = scores, cand
