@@ -51,14 +51,18 @@ def apply_card(card: dict, path: Path) -> np.ndarray:
     channels, height, width = pre["input_size"]
     with Image.open(path) as image:
         image = ImageOps.exif_transpose(image).convert("RGB" if pre["channel_order"] == "RGB" else "L")
+    if pre["center_crop"] is not None:  # the central fraction of each side, centred as torchvision rounds
+        keep_w, keep_h = (max(1, round(side * pre["center_crop"])) for side in image.size)
+        left, top = round((image.width - keep_w) / 2), round((image.height - keep_h) / 2)
+        image = image.crop((left, top, left + keep_w, top + keep_h))
     resized = image.resize((width, height), getattr(Image.Resampling, pre["resize_interpolation"].upper()))
     pixels = np.asarray(resized, np.float32).reshape(height, width, channels) / 255.0
     normalised = (pixels - np.asarray(pre["mean"], np.float32)) / np.asarray(pre["std"], np.float32)
     return normalised.transpose(2, 0, 1)[None].astype(np.float32)
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+@pytest.fixture(scope="module", params=[None, 0.8], ids=["whole-image", "center-crop"])
+def exported(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("card")
     for c in range(CLASSES):
         folder = root / "src" / f"class_{c}"
@@ -73,7 +77,8 @@ def exported(tmp_path_factory):
         "prepare": {"source": {"path": str(root / "src")}, "output_dir": str(root / "shards"),
                     "split": {"mode": "sample", "train_fraction": 0.2, "query_fraction": 0.5}},
         "data": {"shard_dir": str(root / "shards"), "image_size": 32, "channels": 3, "num_workers": 0,
-                 "mean": (0.45, 0.4, 0.35), "std": (0.25, 0.3, 0.2), "batch_size": 8},
+                 "mean": (0.45, 0.4, 0.35), "std": (0.25, 0.3, 0.2), "batch_size": 8,
+                 "center_crop": request.param},
         "model": {"backbone": "resnet18", "embedding_dim": 16},
         "evaluate": {"model_path": str(root / "run"), "output_dir": str(root / "eval")},
         "export": {"model_path": str(root / "run"), "output_dir": str(root / "export"), "formats": ["onnx"],
