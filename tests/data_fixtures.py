@@ -47,9 +47,13 @@ def make_folder_tree(root: Path, classes: int = 4, per_class: int = 6, bad: bool
     return {"good": good, "bad": bad_count}
 
 
-def write_idx(path: Path, array: np.ndarray, gz: bool) -> None:
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    data = header + array.astype(np.uint8).tobytes()
+IDX_CODES = {">u1": 0x08, ">i1": 0x09, ">i2": 0x0B, ">i4": 0x0C, ">f4": 0x0D, ">f8": 0x0E}
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool, dtype: str = ">u1") -> None:
+    """An IDX file holding ``array`` as ``dtype`` (one of `IDX_CODES`; uint8 by default)."""
+    header = struct.pack(">BBBB", 0, 0, IDX_CODES[dtype], array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(dtype).tobytes()
     if gz:
         with gzip.open(path, "wb") as handle:
             handle.write(data)

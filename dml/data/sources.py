@@ -17,6 +17,7 @@ from typing import Protocol, Union
 
 import numpy as np
 
+from dml.data.array_pixels import pixel_scale, to_uint8
 from dml.data.folder_listing import list_folder
 from dml.data.records import IMAGE_EXTENSIONS, Record, Rejection  # noqa: F401 (re-exported)
 from dml.data.table_listing import list_table
@@ -145,12 +146,28 @@ def _idx_header(data: bytes, path: Path) -> tuple[str, tuple[int, ...]]:
     return IDX_DTYPES[dtype_code], struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
 
 
-def idx_shape(path: Path) -> tuple[int, ...]:
-    """The array shape an IDX file declares, reading only its header."""
+def idx_header(path: Path) -> tuple[str, tuple[int, ...]]:
+    """The element dtype and array shape an IDX file declares, reading only its header."""
     with _parsing(path, "IDX file"), _open_maybe_gz(path) as handle:
         head = handle.read(4)
         head += handle.read(4 * head[3]) if len(head) == 4 else b""
-    return _idx_header(head, path)[1]
+    return _idx_header(head, path)
+
+
+def idx_shape(path: Path) -> tuple[int, ...]:
+    """The array shape an IDX file declares, reading only its header."""
+    return idx_header(path)[1]
+
+
+def _integer_labels(labels: np.ndarray, path: Path) -> np.ndarray:
+    """``labels`` as int64; a non-integral or non-finite value is a one-line `DataError`
+    (``int()`` truncated 0.5 to class 0 without a word)."""
+    if labels.dtype.kind == "f":
+        bad = ~np.isfinite(labels) | (labels != np.round(labels))
+        if bad.any():
+            first = int(np.argmax(bad))
+            raise DataError(f"{path}: label {first} is {labels[first]}, not an integer class")
+    return labels.astype(np.int64)
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -178,7 +195,7 @@ class IdxSource:
         if not self.pairs:
             raise DataError(f"no '*-images-idx3-ubyte[.gz]' files with matching labels in {self.root}")
         self.description = {"kind": "idx", "path": str(self.root), "files": sorted(self.pairs)}
-        self._images: dict[str, np.ndarray] = {}
+        self._images: dict[str, tuple[np.ndarray, str]] = {}  # prefix -> (images, pixel scale)
 
     def _find_pairs(self) -> dict[str, tuple[Path, Path]]:
         pairs = {}
@@ -199,20 +216,27 @@ class IdxSource:
     def records(self) -> list[Record]:
         out = []
         for prefix, (images_path, labels_path) in sorted(self.pairs.items()):
-            labels = read_idx(labels_path)
-            shape = idx_shape(images_path)
+            labels = _integer_labels(read_idx(labels_path), labels_path)
+            dtype, shape = idx_header(images_path)
             if len(shape) != 3 or labels.ndim != 1 or shape[0] != len(labels):
                 raise DataError(f"{images_path} holds images of shape {shape} but {labels_path.name} holds labels "
                                 f"of shape {labels.shape}; expected (N, H, W) images and N labels")
+            if dtype != ">u1":  # other types need their value range: fail here, before any shard
+                self._loaded(prefix)
             split = "train" if prefix == "train" else "test"
             out.extend(Record(f"{prefix}:{i}", self._label_name(int(v)), split) for i, v in enumerate(labels))
         return out
 
+    def _loaded(self, prefix: str) -> tuple[np.ndarray, str]:
+        if prefix not in self._images:  # loaded lazily, once per worker process
+            images = read_idx(self.pairs[prefix][0])
+            self._images[prefix] = images, pixel_scale(images, self.pairs[prefix][0])
+        return self._images[prefix]
+
     def read(self, record: Record) -> ImagePayload:
         prefix, index = record.source_id.rsplit(":", 1)
-        if prefix not in self._images:  # loaded lazily, once per worker process
-            self._images[prefix] = read_idx(self.pairs[prefix][0])
-        return np.ascontiguousarray(self._images[prefix][int(index)]).astype(np.uint8)
+        images, scale = self._loaded(prefix)
+        return to_uint8(images[int(index)], scale)
 
     def size_hint(self, record: Record) -> int:
         return 28 * 28  # raw bytes of one MNIST-sized image; PNG is rarely larger
@@ -221,7 +245,7 @@ class IdxSource:
 class OmniglotSource:
     """The Omniglot npz layout: ``images_background.npz`` / ``images_evaluation.npz`` holding
     ``images`` bool (classes, 20, 105, 105) with True = white background and ``labels``
-    (classes, 20). Background characters are the ``train`` hint, evaluation ones ``test``;
+    (classes, 20). Other image types are scaled by `dml.data.array_pixels` (uint8 as is). Background characters are the ``train`` hint, evaluation ones ``test``;
     class names are ``background/<i>`` and ``evaluation/<i>`` so the two sets stay disjoint.
     """
 
@@ -234,24 +258,31 @@ class OmniglotSource:
         if not self.files:
             raise DataError(f"no images_background.npz or images_evaluation.npz in {self.root}")
         self.description = {"kind": "omniglot", "path": str(self.root), "files": sorted(self.files)}
-        self._images: dict[str, np.ndarray] = {}
+        self._images: dict[str, tuple[np.ndarray, str]] = {}  # part -> (images, pixel scale)
 
     def records(self) -> list[Record]:
         out = []
         for part, path in sorted(self.files.items()):
-            num_classes, per_class = _omniglot_shape(path)
+            (num_classes, per_class), dtype = _omniglot_shape(path)
+            if dtype not in (np.bool_, np.uint8):  # other types need their value range: fail here
+                self._loaded(part)
             split = "train" if part == "background" else "test"
             for c in range(num_classes):
                 out.extend(Record(f"{part}:{c}:{j}", f"{part}/{c:04d}", split) for j in range(per_class))
         return out
 
+    def _loaded(self, part: str) -> tuple[np.ndarray, str]:
+        if part not in self._images:  # loaded lazily, once per worker process
+            with _parsing(self.files[part], "npz file"), np.load(self.files[part]) as npz:
+                images = npz["images"]
+            self._images[part] = images, pixel_scale(images, self.files[part])
+        return self._images[part]
+
     def read(self, record: Record) -> ImagePayload:
         part, c, j = record.source_id.split(":")
-        if part not in self._images:
-            with _parsing(self.files[part], "npz file"), np.load(self.files[part]) as npz:
-                self._images[part] = npz["images"]
-        # True = white background: map to 255 so strokes are dark, as on paper.
-        return self._images[part][int(c), int(j)].astype(np.uint8) * 255
+        images, scale = self._loaded(part)
+        # bool: True = white background maps to 255, so strokes are dark, as on paper.
+        return to_uint8(images[int(c), int(j)], scale)
 
     def size_hint(self, record: Record) -> int:
         return 105 * 105
@@ -260,8 +291,8 @@ class OmniglotSource:
 NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
-def _npy_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Shape of every array in an npz file, read from the headers (no array is loaded)."""
+def _npy_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of every array in an npz file, read from the headers (no array is loaded)."""
     shapes = {}
     with _parsing(path, "npz file"), zipfile.ZipFile(path) as archive:
         for name in archive.namelist():
@@ -269,21 +300,26 @@ def _npy_shapes(path: Path) -> dict[str, tuple[int, ...]]:
                 version = np.lib.format.read_magic(member)
                 header_reader = NPY_HEADER_READERS.get(version)
                 # Format 3.0 (rare: unicode field names) has no public header reader: load it.
-                shape = header_reader(member)[0] if header_reader else np.lib.format.read_array(member).shape
-            shapes[name.removesuffix(".npy")] = shape
+                if header_reader:
+                    shape, _, dtype = header_reader(member)
+                else:
+                    array = np.lib.format.read_array(member)
+                    shape, dtype = array.shape, array.dtype
+            shapes[name.removesuffix(".npy")] = shape, dtype
     return shapes
 
 
-def _omniglot_shape(path: Path) -> tuple[int, int]:
-    """(classes, samples per class) of an Omniglot npz, after checking its two arrays agree."""
+def _omniglot_shape(path: Path) -> tuple[tuple[int, int], np.dtype]:
+    """((classes, samples per class), image dtype) of an Omniglot npz, after checking its two
+    arrays agree."""
     shapes = _npy_shapes(path)
-    images, labels = shapes.get("images"), shapes.get("labels")
-    if images is None or labels is None:
+    if "images" not in shapes or "labels" not in shapes:
         raise DataError(f"{path} needs arrays 'images' and 'labels' (has: {', '.join(sorted(shapes)) or 'none'})")
+    (images, dtype), (labels, _) = shapes["images"], shapes["labels"]
     if len(labels) != 2 or len(images) != 4 or images[:2] != labels:
         raise DataError(f"{path}: 'images' {images} and 'labels' {labels} do not match; expected "
                         "(classes, per_class, H, W) images and (classes, per_class) labels")
-    return labels
+    return labels, dtype
 
 
 def open_source(kind: str, path: str, class_names: list[str] | None = None) -> Source:
