@@ -199,8 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         line = os_error_line(exc) if isinstance(exc, OSError) else str(exc)
         print(f"dml {args.command}: error: {printable(line)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"dml {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        said = f": {exc}" if str(exc) else ""  # e.g. prepare's "run ... with --resume to continue"
+        print(f"dml {args.command}: interrupted{said}", file=sys.stderr)
         return 130
 
 

@@ -14,21 +14,24 @@ import json
 import logging
 import multiprocessing
 import os
+import warnings
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from PIL import Image
 
 from dml.config import ImageConfig, PrepareConfig
-from dml.data.encode import RejectedImage, encode_image
+from dml.data.encode import EncodedImage, RejectedImage, encode_image
 from dml.data.face_align import align_face
 from dml.data.manifest import assemble_manifest, manifest_name, write_manifest
-from dml.data.plan import ShardTask, make_plan
-from dml.data.sources import Source, open_source
+from dml.data.output_lock import hold_output_dir
+from dml.data.plan import ShardPlan, ShardTask, make_plan
+from dml.data.sources import Record, Source, open_source
 from dml.data.tario import DeterministicTarWriter, atomic_path, sha256_file, write_json_atomic
-from dml.data.workers import die_with_parent
+from dml.data.workers import die_with_parent, ignore_interrupts, sigterm_as_interrupt
 from dml.errors import DataError
 from dml.progress import progress as progress_bar
 
@@ -56,7 +59,22 @@ _worker_source: Source | None = None
 def _init_worker(source: Source, parent_pid: int) -> None:
     global _worker_source
     die_with_parent(parent_pid)
+    ignore_interrupts()
     _worker_source = source
+
+
+def _read_and_encode(source: Source, record: Record, image_config: ImageConfig) -> EncodedImage:
+    """Read and encode one record; Pillow's large-image warning becomes a log line naming the file."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", Image.DecompressionBombWarning)
+        payload = align_face(source.read(record), record.face, image_config.align)
+        encoded = encode_image(payload, image_config)
+    for warning in caught:
+        if issubclass(warning.category, Image.DecompressionBombWarning):
+            log.warning("%s: %s", record.source_id, str(warning.message).split(", could be")[0])
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return encoded
 
 
 def write_one_shard(task: ShardTask, source: Source, image_config: ImageConfig, out_dir: Path) -> ShardResult:
@@ -71,8 +89,7 @@ def write_one_shard(task: ShardTask, source: Source, image_config: ImageConfig, 
         with DeterministicTarWriter(tmp) as writer:
             for sample in task.samples:
                 try:
-                    payload = align_face(source.read(sample.record), sample.record.face, image_config.align)
-                    encoded = encode_image(payload, image_config)
+                    encoded = _read_and_encode(source, sample.record, image_config)
                 except (RejectedImage, OSError, ValueError) as exc:
                     rejected.append({"key": sample.key, "source": sample.record.source_id, "reason": str(exc)})
                     continue
@@ -193,6 +210,12 @@ def write_shards(config: PrepareConfig, resume: bool = False,
     out_dir = Path(config.output_dir)
     _make_output_dir(out_dir)
     plan = make_plan(source, config)
+    with hold_output_dir(out_dir / PROGRESS_DIR, partition), sigterm_as_interrupt(f"no .tmp left in {out_dir}; run the same command with --resume to continue"):
+        return _write_planned(plan, source, config, out_dir, resume, partition)
+
+
+def _write_planned(plan: ShardPlan, source: Source, config: PrepareConfig, out_dir: Path, resume: bool,
+                   partition: tuple[int, int] | None) -> dict:
     _check_output_dir(out_dir, plan.digest, resume, partition)
     tasks = plan.for_partition(*partition) if partition else plan.tasks
     done = {t.name: r for t in tasks if resume and (r := _finished(t, out_dir)) is not None}

@@ -1,4 +1,4 @@
-"""Worker processes that end with the process that started them.
+"""Worker processes that end with the process that started them, and stop cleanly on Ctrl-C / SIGTERM.
 
 A parent killed with SIGKILL runs no clean-up, so its pool workers would live on as orphans
 and keep writing. Each worker therefore asks the kernel to kill it when its parent dies
@@ -14,6 +14,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 WATCH_INTERVAL_S = 1.0
@@ -48,3 +50,39 @@ def _watch_parent(parent_pid: int) -> None:
     while os.getppid() == parent_pid:
         time.sleep(WATCH_INTERVAL_S)
     os._exit(1)
+
+
+def ignore_interrupts() -> None:
+    """In a worker: leave Ctrl-C to the parent and restore SIGTERM's default action.
+
+    Ctrl-C reaches the whole process group; a worker that raised KeyboardInterrupt printed a
+    traceback and broke the pool while the parent was cleaning up. A forked worker also
+    inherits the parent's SIGTERM handler (`sigterm_as_interrupt`), which is not its own.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+class Interrupted(KeyboardInterrupt):
+    """The work was stopped (Ctrl-C or SIGTERM) after its clean-up; the message says what next."""
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def sigterm_as_interrupt(message: str) -> Iterator[None]:
+    """Within the block, SIGTERM (kill, timeout, Kubernetes) acts like Ctrl-C, so ``finally``
+    clean-ups run (SIGTERM's default action ends the process at once); either becomes
+    `Interrupted` with ``message``. Only the main thread can set handlers: elsewhere the block
+    runs as it is."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if main else None
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(message) from None
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
