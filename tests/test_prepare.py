@@ -184,6 +184,27 @@ def test_merge_refuses_missing_partition(tmp_path, capsys):
     assert "partitions [1] of 2 have not finished" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("old,new", [(4, 3), (2, 5), (3, 1)])
+def test_merge_refuses_parts_of_two_partition_counts(tmp_path, capsys, old, new):
+    # A cluster job re-run with another number of pods leaves the old count's parts behind:
+    # merging them all summed both sets (inputs counted twice, shards listed twice).
+    make_folder_tree(tmp_path / "src", classes=4, per_class=6, bad=False)
+    single = write_shards(prepare_config(tmp_path / "src", tmp_path / "single"))
+    config = prepare_config(tmp_path / "src", tmp_path / "parts")
+    for index in range(old - 1):  # the old job stopped before its last partition
+        write_shards(config, partition=(index, old))
+    for index in range(new):
+        write_shards(config, partition=(index, new))
+    assert main(["prepare", "--merge", str(tmp_path / "parts")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and "2 partition counts" in errors[0], errors
+    assert f"{old - 1} of {old} (" in errors[0] and f"{new} of {new} (" in errors[0], errors
+    for stale in (tmp_path / "parts").glob(f"manifest.part-*-of-{old:05d}.json"):
+        stale.unlink()
+    assert main(["prepare", "--merge", str(tmp_path / "parts")]) == 0
+    assert load_manifest(tmp_path / "parts")["counts"] == single["counts"]
+
+
 def test_verify_catches_flipped_byte_and_missing_shard(tmp_path, capsys):
     make_folder_tree(tmp_path / "src", classes=3, per_class=6, bad=False)
     write_shards(prepare_config(tmp_path / "src", tmp_path / "out"))

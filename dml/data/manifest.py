@@ -172,7 +172,13 @@ def merge_manifests(shard_dir: str | Path) -> dict:
     loaded = [_read_manifest_file(p) for p in parts]
     if foreign := [p.name for p, m in zip(parts, loaded) if not isinstance(m.get("partition"), dict)]:
         raise DataError(f"cannot merge: {foreign[0]} in {shard_dir} is not a partial manifest")
-    count = loaded[0]["partition"]["count"]
+    counts = sorted({m["partition"]["count"] for m in loaded})
+    if len(counts) > 1:  # a job re-run with another N leaves the old N's parts: both sets would be summed
+        per_count = Counter(m["partition"]["count"] for m in loaded)
+        held = ", ".join(f"{per_count[n]} of {n} (manifest.part-*-of-{n:05d}.json)" for n in counts)
+        raise DataError(f"cannot merge: {shard_dir} holds partial manifests of {len(counts)} partition counts: "
+                        f"{held}; remove those of the count no longer in use and merge again")
+    count = counts[0]
     have = {m["partition"]["index"] for m in loaded}
     if missing := sorted(set(range(count)) - have):
         raise DataError(f"cannot merge: partitions {missing} of {count} have not finished")
