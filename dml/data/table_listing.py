@@ -13,8 +13,11 @@ The rules (also in the README, "Input rules"):
 - The same path (after normalising ``./``, ``..`` and relative-to-table) listed again with the
   same label: the first row is the input, later ones are ``duplicate`` naming it. Listed with
   different labels: every row of that path is ``label_conflict``, since no label can be trusted.
-- A float label with an integral value (pandas stores integer labels with gaps as floats)
-  is read as that integer. The split cell is kept as given; `dml.data.plan` checks it.
+- A float or decimal label with an integral value (pandas stores integer labels with gaps as
+  floats) is read as that integer. Cells are read without surrounding spaces (``a.png, 3``).
+  A Parquet path column must hold text (or bytes: a file name as stored), a label column text
+  or numbers; other types (lists, structs, dates, ...) stop the run in one line. The split
+  cell is kept as given; `dml.data.plan` checks it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import io
 import math
 import os
 from collections import defaultdict
+from decimal import Decimal
 from pathlib import Path
 
 from dml.data.face_align import FACE_COLUMNS, face_marks
@@ -93,6 +97,7 @@ def _parquet_rows(path: Path) -> tuple[list[str], list[RawRow]]:
         header = list(schema.names)
         if not set(REQUIRED) <= set(header):
             return header, []
+        _check_column_types(schema, path)
         columns = [c for c in ("path", "label", "split", *FACE_COLUMNS) if c in header]
         data = pq.read_table(path, columns=columns).to_pydict()
     except (pa.ArrowException, OSError, ValueError) as exc:
@@ -103,14 +108,40 @@ def _parquet_rows(path: Path) -> tuple[list[str], list[RawRow]]:
                     for i, (p, lab, s, f) in enumerate(zip(data["path"], data["label"], splits, faces))]
 
 
+def _check_column_types(schema, path: Path) -> None:
+    """Raise DataError unless the path column holds text and the label column text or numbers.
+
+    A list, struct, map, date or binary label became a class named after its Python repr
+    (``'[1, 2]'``, ``"{'a': 1}"``); a binary path became ``"b'img/0.png'"``. Binary paths are
+    read as file names (bytes, as the file system stores them).
+    """
+    import pyarrow as pa
+
+    def kind(field_type):
+        return kind(field_type.value_type) if pa.types.is_dictionary(field_type) else field_type
+
+    text = (pa.types.is_string, pa.types.is_large_string)
+    allowed = {"path": (*text, pa.types.is_binary, pa.types.is_large_binary),
+               "label": (*text, pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean,
+                         pa.types.is_decimal)}
+    for name, checks in allowed.items():
+        if name in schema.names:
+            field_type = kind(schema.field(name).type)
+            if not any(check(field_type) for check in checks):
+                raise DataError(f"{path}: column '{name}' has type {schema.field(name).type}; expected "
+                                f"{'text or numbers' if name == 'label' else 'text'}")
+
+
 def _text(value: object) -> str | None:
-    """A cell as text; None for a null, NaN or blank cell."""
+    """A cell as text without surrounding spaces (``path, label`` CSVs put one before each
+    label); None for a null, NaN or blank cell. Bytes (a binary Parquet path) are a file name."""
     if _is_null(value):
         return None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    text = str(value)
-    return text if text.strip() else None
+    if (isinstance(value, float) and value.is_integer()) or (
+            isinstance(value, Decimal) and value.is_finite() and value == value.to_integral_value()):
+        value = int(value)  # 3.0 and Decimal('3.00') are class 3
+    text = os.fsdecode(value) if isinstance(value, bytes) else str(value)
+    return text.strip() or None
 
 
 def _is_null(value: object) -> bool:
