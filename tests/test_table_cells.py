@@ -88,3 +88,37 @@ def test_parquet_columns_of_other_types_are_one_line_errors(tmp_path, capsys, ca
     code, manifest, errors = _prepare(capsys, tmp_path / "t.parquet", tmp_path / "out")
     assert code == 2 and len(errors) == 1 and manifest is None, errors
     assert "t.parquet" in errors[0] and f"column '{name}' has type" in errors[0], errors
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+@pytest.mark.parametrize("column", ["path", "label", "split"])
+def test_a_column_named_twice_is_a_one_line_error(tmp_path, capsys, kind, column):
+    paths = _images(tmp_path, 2)
+    names = ["path", "label", "split", column]
+    values = [paths, ["a", "b"], ["train", "train"], list(reversed(paths)) if column == "path" else ["b", "a"]]
+    table = tmp_path / f"t.{kind}"
+    if kind == "csv":
+        table.write_text(",".join(names) + "\n" + "".join(",".join(row) + "\n" for row in zip(*values)))
+    else:
+        pq.write_table(pa.Table.from_arrays([pa.array(v) for v in values], names=names), table)
+    code, manifest, errors = _prepare(capsys, table, tmp_path / "out")
+    assert code == 2 and len(errors) == 1 and manifest is None, errors
+    assert table.name in errors[0] and f"column '{column}' appears 2 times" in errors[0], errors
+
+
+def test_rows_naming_a_fifo_a_folder_or_a_device_are_rejected_not_read(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    paths = _images(tmp_path, 2)
+    os.mkfifo(tmp_path / "img" / "fifo.png")  # reading it blocked the run for ever
+    rows = [*paths, "img/fifo.png", "img", "/dev/zero"]  # /dev/zero: read until memory ran out
+    (tmp_path / "t.csv").write_text("path,label\n" + "".join(f"{p},{i % 2}\n" for i, p in enumerate(rows)))
+    run = subprocess.run([sys.executable, "-m", "dml.cli", "prepare", f"prepare.source.path={tmp_path / 't.csv'}",
+                          f"prepare.output_dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    reasons = {r["source"]: r["reason"] for r in manifest["rejected"]}
+    assert manifest["counts"]["written"] == 2 and set(reasons) == set(rows[2:])
+    assert all(reason.startswith("not a regular file") for reason in reasons.values()), reasons

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import stat
 import struct
 import zipfile
 from collections.abc import Iterator
@@ -109,7 +110,10 @@ class TableSource:
         return list_table(self.table)
 
     def read(self, record: Record) -> ImagePayload:
-        return self._path(record).read_bytes()
+        path = self._path(record)
+        if not stat.S_ISREG(path.stat().st_mode):  # a fifo blocked the run for ever, a device filled memory
+            raise ValueError(f"not a regular file: {path}")
+        return path.read_bytes()
 
     def _path(self, record: Record) -> Path:
         path = Path(record.source_id)

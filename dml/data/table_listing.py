@@ -73,6 +73,7 @@ def _csv_rows(path: Path) -> tuple[list[str], list[RawRow]]:
     header = [c.strip() for c in next(reader, [])]
     if not set(REQUIRED) <= set(header):
         return header, []
+    _check_unique(header, path)
     where = {name: header.index(name) for name in ("path", "label", "split", *FACE_COLUMNS) if name in header}
     rows: list[RawRow] = []
     line = reader.line_num + 1
@@ -97,6 +98,7 @@ def _parquet_rows(path: Path) -> tuple[list[str], list[RawRow]]:
         header = list(schema.names)
         if not set(REQUIRED) <= set(header):
             return header, []
+        _check_unique(header, path)
         _check_column_types(schema, path)
         columns = [c for c in ("path", "label", "split", *FACE_COLUMNS) if c in header]
         data = pq.read_table(path, columns=columns).to_pydict()
@@ -106,6 +108,13 @@ def _parquet_rows(path: Path) -> tuple[list[str], list[RawRow]]:
     faces = [{c: data[c][i] for c in FACE_COLUMNS if c in data} for i in range(len(data["path"]))]
     return header, [(i, p, lab, s, None, f)
                     for i, (p, lab, s, f) in enumerate(zip(data["path"], data["label"], splits, faces))]
+
+
+def _check_unique(header: list[str], path: Path) -> None:
+    """Raise DataError when a column this reader uses is named twice (which one is meant?)."""
+    if twice := sorted({name for name in ("path", "label", "split", *FACE_COLUMNS) if header.count(name) > 1}):
+        raise DataError(f"{path}: column '{twice[0]}' appears {header.count(twice[0])} times in the header; "
+                        "which one holds the data is unclear")
 
 
 def _check_column_types(schema, path: Path) -> None:
