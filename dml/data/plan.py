@@ -174,6 +174,28 @@ def reject_bad_source_splits(records: list[Record]) -> list[Record]:
     return out
 
 
+def _not_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: bytes of a file name that are not UTF-8
+        return True
+    return False
+
+
+def reject_names_not_utf8(records: list[Record]) -> list[Record]:
+    """Records whose path or label holds bytes that are not UTF-8 (file names from another
+    system's encoding, read as surrogates) become rejected ``bad_name``: the shard metadata,
+    manifest, plan digest and reports are UTF-8 text (the digest raised UnicodeEncodeError)."""
+    out = []
+    for r in records:
+        if r.rejection is None and (_not_utf8(r.source_id) or _not_utf8(r.label)):
+            where = "path" if _not_utf8(r.source_id) else "class name"
+            r = r.rejected("bad_name", f"the {where} is not valid UTF-8 (another system's file name encoding?); "
+                                       "rename it")
+        out.append(r)
+    return out
+
+
 def rejection_entry(record: Record) -> dict:
     """A manifest ``rejected`` entry for a record refused before reading (no shard key)."""
     assert record.rejection is not None
@@ -203,7 +225,7 @@ def make_plan(source: Source, config: PrepareConfig) -> ShardPlan:
     split.mode "source") go to ``plan.rejected``. Raises DataError when no input is usable.
     """
     log.info("prepare: planning (listing %s)", source.description.get("path"))
-    listed = source.records()
+    listed = reject_names_not_utf8(source.records())
     if config.split.mode == "source":
         listed = reject_bad_source_splits(listed)
     rejected = [rejection_entry(r) for r in listed if r.rejection is not None]

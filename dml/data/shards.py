@@ -29,7 +29,7 @@ from dml.data.face_align import align_face
 from dml.data.manifest import assemble_manifest, manifest_name, write_manifest
 from dml.data.output_lock import hold_output_dir
 from dml.data.plan import ShardPlan, ShardTask, make_plan
-from dml.data.sources import Record, Source, open_source
+from dml.data.sources import FolderSource, Record, Source, open_source
 from dml.data.tario import DeterministicTarWriter, atomic_path, sha256_file, write_json_atomic
 from dml.data.workers import die_with_parent, ignore_interrupts, sigterm_as_interrupt
 from dml.errors import DataError
@@ -127,9 +127,13 @@ def _finished(task: ShardTask, out_dir: Path) -> ShardResult | None:
     return result
 
 
-def _make_output_dir(out_dir: Path) -> None:
+def _make_output_dir(out_dir: Path, source: Source) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"prepare.output_dir {out_dir} is a file, not a folder")
+    if isinstance(source, FolderSource) and out_dir.resolve().is_relative_to(source.root.resolve()):
+        # its shards would be listed as inputs of the next run (and --resume refused the changed plan)
+        raise DataError(f"prepare.output_dir {out_dir} is inside the image folder {source.root}; "
+                        "choose a folder outside the source")
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -208,7 +212,7 @@ def write_shards(config: PrepareConfig, resume: bool = False,
     """
     source = open_source(config.source.kind, config.source.path, config.source.class_names)
     out_dir = Path(config.output_dir)
-    _make_output_dir(out_dir)
+    _make_output_dir(out_dir, source)
     plan = make_plan(source, config)
     with hold_output_dir(out_dir / PROGRESS_DIR, partition), sigterm_as_interrupt(f"no .tmp left in {out_dir}; run the same command with --resume to continue"):
         return _write_planned(plan, source, config, out_dir, resume, partition)
