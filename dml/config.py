@@ -465,7 +465,8 @@ def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[st
     if path.resolve() in _chain:
         raise ConfigError(f"config file {path} extends itself through: {' -> '.join(map(str, _chain))}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        # bytes: PyYAML decodes UTF-8/16 itself and names bad bytes (read_text raised UnicodeDecodeError)
+        data = yaml.safe_load(path.read_bytes()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):

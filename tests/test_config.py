@@ -70,6 +70,20 @@ def test_missing_or_invalid_config_file(tmp_path):
         load_config(bad)
 
 
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "latin-1", "cp1252"])
+def test_config_file_in_any_encoding_is_read_or_one_line(tmp_path, capsys, encoding):
+    # Windows editors save UTF-16 with a BOM; latin-1 'é' in a comment raised UnicodeDecodeError
+    path = tmp_path / "c.yaml"
+    path.write_bytes("prepare:\n  workers: 3  # café\n".encode(encoding))
+    code = main(["config", "--config", str(path)])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if encoding in ("utf-8", "utf-8-sig", "utf-16"):
+        assert code == 0 and load_config(path).prepare.workers == 3
+    else:
+        assert code == 2 and len(err.strip().splitlines()) == 1 and str(path) in err, err
+
+
 def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):
     code = main(["prepare", "--config", write(tmp_path, {"prepare": {"wrkers": 1}})])
     err = capsys.readouterr().err.strip()
