@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from dml.config import load_config
-from dml.errors import DMLError, os_error_line, printable
+from dml.errors import ConfigError, DMLError, os_error_line, printable
 
 log = logging.getLogger("dml")
 
@@ -35,9 +35,21 @@ def _add_config_args(parser: argparse.ArgumentParser, required: bool = False) ->
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.batch_size=32")
 
 
+def _check_prepare_options(args: argparse.Namespace) -> None:
+    """--merge and --verify act on a shard folder alone; given with each other or with the
+    options of a run, the others were silently ignored. Raises `ConfigError` (one line)."""
+    action = "--verify" if args.verify else "--merge" if args.merge else None
+    run_options = [name for name, given in (("--merge", args.verify and args.merge), ("--config", args.config),
+                                            ("key=value overrides", args.overrides), ("--resume", args.resume),
+                                            ("--partition", args.partition is not None)) if given]
+    if action and run_options:
+        raise ConfigError(f"dml prepare {action} DIR takes no {' or '.join(run_options)}; run them separately")
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from dml.prepare import parse_partition, run_merge, run_prepare, run_verify
 
+    _check_prepare_options(args)
     if args.verify:
         problems = run_verify(args.verify)
         for problem in problems:

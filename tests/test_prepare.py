@@ -205,6 +205,23 @@ def test_merge_refuses_parts_of_two_partition_counts(tmp_path, capsys, old, new)
     assert load_manifest(tmp_path / "parts")["counts"] == single["counts"]
 
 
+RUN_OPTIONS = [["--resume"], ["--partition", "0/2"], ["prepare.workers=2"], ["--config", "c.yaml"]]
+
+
+@pytest.mark.parametrize("action,extra", [(a, e) for a in ("--merge", "--verify") for e in RUN_OPTIONS]
+                         + [("--merge", ["--verify", "x"]), ("--verify", ["--merge", "x"])])
+def test_merge_and_verify_refuse_the_options_of_a_run(tmp_path, capsys, action, extra):
+    # they were silently ignored: `--verify DIR --merge DIR` verified only, `--merge --partition` merged all
+    make_folder_tree(tmp_path / "src", classes=3, per_class=4, bad=False)
+    write_shards(prepare_config(tmp_path / "src", tmp_path / "out"))
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
+    assert main(["prepare", action, str(tmp_path / "out"), *extra]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    named = "key=value overrides" if "=" in extra[0] else extra[0]
+    assert len(errors) == 1 and "DIR takes no" in errors[0] and named in errors[0], errors
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()} == before
+
+
 def test_verify_catches_flipped_byte_and_missing_shard(tmp_path, capsys):
     make_folder_tree(tmp_path / "src", classes=3, per_class=6, bad=False)
     write_shards(prepare_config(tmp_path / "src", tmp_path / "out"))
