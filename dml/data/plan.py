@@ -63,9 +63,14 @@ class ShardPlan:
 
 
 def sorted_class_names(labels: set[str]) -> list[str]:
-    """Class names in a stable order: numeric when every label is an integer, else lexical."""
+    """Class names in a stable order: numeric when every label is an integer, else lexical.
+
+    Labels of equal value (``1`` and ``01``) are two classes, ordered by their text: sorting
+    by value alone left them in the set's order, which changes with Python's per-process
+    string hashing, so class indices, shards and the plan digest changed from run to run.
+    """
     if all(label.lstrip("-").isdigit() for label in labels):
-        return sorted(labels, key=int)
+        return sorted(labels, key=lambda label: (int(label), label))
     return sorted(labels)
 
 
