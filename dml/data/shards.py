@@ -214,7 +214,8 @@ def write_shards(config: PrepareConfig, resume: bool = False,
     out_dir = Path(config.output_dir)
     _make_output_dir(out_dir, source)
     plan = make_plan(source, config)
-    with hold_output_dir(out_dir / PROGRESS_DIR, partition), sigterm_as_interrupt(f"no .tmp left in {out_dir}; run the same command with --resume to continue"):
+    stopped = f"no .tmp left in {out_dir}; run the same command with --resume to continue"
+    with hold_output_dir(out_dir / PROGRESS_DIR, partition), sigterm_as_interrupt(stopped):
         return _write_planned(plan, source, config, out_dir, resume, partition)
 
 

@@ -249,8 +249,9 @@ class IdxSource:
 class OmniglotSource:
     """The Omniglot npz layout: ``images_background.npz`` / ``images_evaluation.npz`` holding
     ``images`` bool (classes, 20, 105, 105) with True = white background and ``labels``
-    (classes, 20). Other image types are scaled by `dml.data.array_pixels` (uint8 as is). Background characters are the ``train`` hint, evaluation ones ``test``;
-    class names are ``background/<i>`` and ``evaluation/<i>`` so the two sets stay disjoint.
+    (classes, 20); other image types are scaled by `dml.data.array_pixels` (uint8 as is).
+    Background characters are the ``train`` hint, evaluation ones ``test``; class names are
+    ``background/<i>`` and ``evaluation/<i>`` so the two sets stay disjoint.
     """
 
     FILES = {"background": "images_background.npz", "evaluation": "images_evaluation.npz"}
