@@ -144,6 +144,9 @@ def test_a_damaged_newest_checkpoint_falls_back_with_a_warning(trained, tmp_path
         point = find_resume_point(run, resume=True)
     assert point.path.name == "step-00000001" and point.state["train_state"]["step"] == 1
     assert "skipping step-00000002" in caplog.text
+    # Set aside, so keep_last pruning can never delete the good one and keep the damaged one.
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000001"]
+    assert (run / "checkpoints" / "step-00000002.unreadable" / "state.pt").is_file()
 
 
 def test_a_truncated_state_resumes_from_the_one_before(trained, tmp_path):

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 STATE = "state.pt"
 DIVERGED_SUFFIX = ".nonfinite"
+UNREADABLE_SUFFIX = ".unreadable"
 _STEP_DIR = re.compile(r"step-\d{8}")
 _REQUIRED = ("model", "train_state", "objective", "rng")
 
@@ -78,7 +79,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints of a run (``step-NNNNNNNN`` holding ``state.pt``), oldest first.
 
-    Partial (``*.tmp``) and set-aside (``*.nonfinite``) folders are not listed.
+    Partial (``*.tmp``) and set-aside (``*.nonfinite``, ``*.unreadable``) folders are not listed.
     """
     root = Path(run_dir) / CHECKPOINTS
     if not root.exists():
@@ -223,18 +224,30 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 
 def newest_resumable(run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint that `read_checkpoint` accepts, with its state; older ones are
-    tried in turn with a warning naming each bad one. None when the run has no checkpoint.
+    tried in turn with a warning naming each bad one, and once a good one is found the bad
+    newer ones are renamed ``step-N.unreadable`` (kept, never listed). Rank 0 only. None when
+    the run has no checkpoint.
 
     Raises `CheckpointError` when there are checkpoints but none can be resumed.
     """
     found = list_checkpoints(run_dir)
-    problems = []
+    problems, skipped = [], []
     for path in reversed(found):
         try:
-            return path, read_checkpoint(path)
+            state = read_checkpoint(path)
         except CheckpointError as exc:
             problems.append(str(exc))
+            skipped.append(path)
             log.warning("resume: skipping %s: %s; trying the one before", path.name, exc)
+            continue
+        # Damaged newer checkpoints are set aside: left in the listing they would count towards
+        # keep_last, and pruning would delete this good one before them.
+        for bad in skipped:
+            aside = bad.with_name(bad.name + UNREADABLE_SUFFIX)
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(bad, aside)
+            log.warning("resume: set %s aside as %s", bad.name, aside.name)
+        return path, state
     if problems:
         raise CheckpointError(f"no resumable checkpoint in {Path(run_dir) / CHECKPOINTS}: " + "; ".join(problems))
     return None
