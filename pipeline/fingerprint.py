@@ -45,7 +45,8 @@ def file_digest(path: str | Path) -> str:
 def source_fingerprint(path: str | Path) -> str:
     """A cheap fingerprint of raw input data: names, sizes and modification times of every
     file under ``path`` (or of ``path`` itself), not their bytes, so it costs one ``stat`` per
-    file. Touching or replacing a raw file changes it; a missing path is a ValueError."""
+    file. Touching or replacing a raw file changes it; a missing path is a ValueError. A
+    file that cannot be stat'ed (a broken link) counts by its link or its name, never raises."""
     root = Path(path)
     if root.is_file():
         stat = root.stat()
@@ -57,6 +58,13 @@ def source_fingerprint(path: str | Path) -> str:
         dirs.sort()
         for name in sorted(files):
             full = Path(folder) / name
-            stat = full.stat()
+            try:
+                stat = full.stat()
+            except OSError:  # a broken link, or a file gone mid-walk: prepare decides what it is
+                try:
+                    stat = full.lstat()
+                except OSError:
+                    entries.append([str(full.relative_to(root)), -1, -1])
+                    continue
             entries.append([str(full.relative_to(root)), stat.st_size, stat.st_mtime_ns])
     return canonical_digest(entries)

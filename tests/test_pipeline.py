@@ -107,6 +107,14 @@ def test_cache_keys_follow_relevant_sections_only(tmp_path):
     assert source_fingerprint(tmp_path / "src") != before
     with pytest.raises(ValueError, match="does not exist"):
         source_fingerprint(tmp_path / "missing")
+    # A broken link (which prepare lists as broken_link) is fingerprinted, not a crash, and
+    # pointing it somewhere changes the fingerprint.
+    link = tmp_path / "src" / "class_0" / "dangling.png"
+    link.symlink_to(tmp_path / "nowhere.png")
+    with_link = source_fingerprint(tmp_path / "src")
+    assert source_fingerprint(tmp_path / "src") == with_link
+    (tmp_path / "nowhere.png").write_bytes(b"x")
+    assert source_fingerprint(tmp_path / "src") != with_link
 
 
 # ---------------------------------------------------------------------------------------------
