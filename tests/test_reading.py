@@ -75,6 +75,9 @@ def test_every_cut_is_found_under_both_policies(clean, tmp_path):
         skip = BadSamplePolicy("skip", warn=False)
         assert [s["__key__"] for s in read_shard(spec, skip)] == keys, cut
         assert skip.skipped == len(spans) - len(keys), cut
+        # Read again (as the training stream does to fill its buffer): counted once, not twice.
+        assert [s["__key__"] for s in read_shard(spec, skip)] == keys, cut
+        assert skip.skipped == len(spans) - len(keys), cut
         if error is None:
             assert [s["__key__"] for s in read_shard(spec, BadSamplePolicy("stop"))] == keys
             continue

@@ -83,7 +83,8 @@ class BadSamplePolicy:
 
     @property
     def skipped(self) -> int:
-        """Samples dropped so far by this process and its DataLoader workers."""
+        """Distinct bad samples dropped so far by this process and its DataLoader workers (a
+        worker that reads the same bad sample again does not count it again)."""
         return int(self._skipped.value)
 
     def bad(self, shard: str, key: str, reason: str, count: int = 1) -> None:
@@ -91,10 +92,15 @@ class BadSamplePolicy:
         message = f"{shard}: sample {key}: {reason}"
         if self.mode == "stop":
             raise BadSampleError(f"{message} (data.bad_samples=skip drops bad samples instead)")
+        # Counted and warned once per (shard, key) in a process: the training stream draws
+        # shards again and again to fill its shuffle buffer, and a count per read told a user
+        # 10,035 skipped samples for a shard that lacked 15.
+        if (shard, key) in self._warned:
+            return
+        self._warned.add((shard, key))
         with self._skipped.get_lock():
             self._skipped.value += count
-        if self.warn and (shard, key) not in self._warned:
-            self._warned.add((shard, key))
+        if self.warn:
             log.warning("skipped %s", message)
 
 
