@@ -331,3 +331,24 @@ def spawn_local_group(fn: Callable, world_size: int, args: tuple = (), threads_p
     drain()
     results = {rank: value for kind, rank, value in messages if kind == "result"}
     return [results[r] for r in range(world_size)]
+
+
+def describe_lone_process_as_group_of_one() -> None:
+    """Give a process started without torchrun the env vars torchrun sets for one process
+    (RANK 0, WORLD_SIZE 1, LOCAL_RANK 0, a free loopback MASTER port), unless already set.
+
+    DeepSpeed initialises its own process group and, with no such variables, falls back to MPI
+    discovery (``ModuleNotFoundError: mpi4py`` for a plain ``dml train``); with them it takes
+    the same path as ``torchrun --nproc_per_node 1``.
+    """
+    if is_initialized() or "WORLD_SIZE" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
+        os.environ.setdefault(name, value)
+

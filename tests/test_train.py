@@ -151,3 +151,18 @@ def test_deepspeed_backend_trains_and_resumes(tmp_path):
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out
     assert "resumed from" in out and json.loads((tmp_path / "run" / "train_result.json").read_text())["steps"] == 5
+
+
+@pytest.mark.slow
+def test_deepspeed_backend_runs_as_a_plain_single_process(tmp_path):
+    """`dml train` without torchrun (which the README allows for one process): DeepSpeed used
+    to look for MPI (`ModuleNotFoundError: mpi4py`); it now runs as a group of one."""
+    shards = tiny_shards(tmp_path)
+    cfg = write_config(tmp_path / "c.yaml", tiny_train_config(
+        shards, tmp_path / "run", train={"backend": "deepspeed", "epochs": 1, "max_steps": 2, "checkpoint_every": 2}))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-m", "dml.cli", "train", "--config", str(cfg)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "train_result.json").read_text())["steps"] == 2

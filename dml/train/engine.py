@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dml.config import DMLConfig, OptimizerConfig
-from dml.distributed import get_rank, get_world_size
+from dml.distributed import describe_lone_process_as_group_of_one, get_rank, get_world_size
 from dml.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -154,6 +154,7 @@ class DeepSpeedEngine:
         })
         ds_config.pop("train_batch_size", None)
         optimizer = build_optimizer(model.parameters(), config.optimizer)
+        describe_lone_process_as_group_of_one()  # plain `dml train`: no MPI discovery
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.model = self.engine.module
         self.device = device
