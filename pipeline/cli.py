@@ -41,7 +41,7 @@ def _quiet_prefect_defaults() -> None:
 def run_pipeline_command(config_path: str | Path | None, overrides: list[str] | None = None) -> int:
     """Run `pipeline.flows.dml_pipeline`; prints the report / model card paths and the
     teacher's and student's MAP@R and P@1. Exit codes: 0 done, 1 a stage failed (stage,
-    reason and log path printed), 2 bad config."""
+    reason and log path printed), 2 bad config or a stage refused its input (not retried)."""
     overrides = list(overrides or [])
     if config_path is None:
         print("dml pipeline: error: --config FILE is required", file=sys.stderr)
@@ -58,7 +58,7 @@ def run_pipeline_command(config_path: str | Path | None, overrides: list[str] | 
         summary = dml_pipeline(config_path=str(config_path), overrides=overrides)
     except StageFailed as exc:
         print(f"dml pipeline: {exc}", file=sys.stderr)
-        return 1
+        return 2 if exc.input_error else 1  # bad input exits 2, as every dml command does
     ran = ", ".join(f"{name}: {info['status']}" for name, info in summary["stages"].items())
     print(f"pipeline: {ran}")
     print(f"pipeline: report: {summary['student']['report_path']}; model card: {summary['model_card']}")

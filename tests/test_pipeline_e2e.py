@@ -128,7 +128,7 @@ def test_second_run_skips_every_stage(workspace, first_run, capsys):
 def test_failing_stage_reports_stage_reason_and_log_and_keeps_outputs(workspace, first_run, capsys):
     root, config_path = workspace
     before = mtimes(root)
-    assert run_pipeline_command(config_path, FAILING) == 1
+    assert run_pipeline_command(config_path, FAILING) == 2  # a refused input: exit 2, not retried
     err = capsys.readouterr().err
     log_path = root / "student" / "logs" / "distill.log"
     assert "stage 'distill' failed: distill.student.embedding_dim is 8" in err and f"(log: {log_path})" in err
