@@ -343,12 +343,7 @@ def describe_lone_process_as_group_of_one() -> None:
     """
     if is_initialized() or "WORLD_SIZE" in os.environ:
         return
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
-                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
+                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_local_port()))):
         os.environ.setdefault(name, value)
 
