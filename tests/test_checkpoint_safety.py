@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from dml.train.checkpoint import (CheckpointError, NonFiniteState, list_checkpoi
                                   save_checkpoint)
 from dml.train.engine import DDPEngine
 from dml.train.objective import Objective
+from small_disk import mounted_tmpfs
 from train_fixtures import tiny_shards, tiny_train_config
 
 CLASSES = 6
@@ -82,16 +82,8 @@ def test_a_non_finite_state_is_not_written(tmp_path, shards, poison):
 @pytest.fixture
 def small_disk(tmp_path):
     """A 16 MiB tmpfs (needs root and mount); skipped with the reason where it cannot be made."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command: a full disk cannot be made here")
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({made.stderr.strip()}): a full disk cannot be made")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with mounted_tmpfs(tmp_path / "disk", "16m") as mount:
+        yield mount
 
 
 def fill_disk(mount: Path, leave_bytes: int) -> Path:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 from data_fixtures import image_bytes, make_folder_tree, make_idx_dir, make_omniglot_dir, write_idx
 from dml.cli import main
 from dml.data.manifest import load_manifest
+from small_disk import mounted_tmpfs
 
 LONG_NAME = "n" * 300  # one path component over the 255-byte limit of Linux file systems
 
@@ -283,16 +283,8 @@ def test_verify_refuses_manifests_not_written_by_prepare(tmp_path, capsys):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    mount_point = tmp_path / "small_disk"
-    mount_point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to fill (needs root): {done.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "small_disk", "256k") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "--lazy", str(mount_point)], check=True)  # lazy: a busy mount still goes
 
 
 @pytest.mark.parametrize("workers", [1, 2])
