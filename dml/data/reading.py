@@ -18,7 +18,6 @@ what it embedded with the manifest's count and says so in its report.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import multiprocessing
@@ -29,8 +28,8 @@ from typing import Any, BinaryIO
 
 from PIL import Image
 
+from dml.data import pixels
 from dml.data.manifest import split_shards
-from dml.data.pixels import faithful_pixels
 from dml.data.tario import TarMemberError, iter_tar_members, member_key
 from dml.errors import DataError
 
@@ -204,9 +203,7 @@ def decode_image(sample: dict[str, Any], policy: BadSamplePolicy) -> Image.Image
     oriented, 8-bit L or RGB); None (after telling ``policy``) when its bytes do not decode."""
     data = next(sample[part] for part in IMAGE_PARTS if part in sample)
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-        return faithful_pixels(image)
+        return pixels.decode_image(data)
     except Exception as exc:  # Pillow raises many kinds on corrupt bytes; each means "does not decode"
         policy.bad(sample.get("__url__", "?"), sample["__key__"], f"image does not decode ({type(exc).__name__}: {exc})")
         return None
