@@ -209,7 +209,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             traceback.print_exc()
         line = os_error_line(exc) if isinstance(exc, OSError) else str(exc)
-        print(f"dml {args.command}: error: {printable(line)}", file=sys.stderr)
+        # One write of line and newline: print() writes them separately, and two torchrun ranks
+        # failing together interleaved into "AB\n\n" (seen in a fresh clone's test run).
+        sys.stderr.write(f"dml {args.command}: error: {printable(line)}\n")
+        sys.stderr.flush()
         return 2
     except KeyboardInterrupt as exc:
         said = f": {exc}" if str(exc) else ""  # e.g. prepare's "run ... with --resume to continue"
