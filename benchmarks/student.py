@@ -73,7 +73,7 @@ from dml.data.manifest import load_manifest  # noqa: E402
 from dml.data.shards import write_shards  # noqa: E402
 from dml.distill.run import run_distill  # noqa: E402
 from dml.export import collect_images, export_model, onnx_cpu_latency  # noqa: E402
-from dml.train.artifacts import load_final_model  # noqa: E402
+from dml.models.model_file import load_final_model  # noqa: E402
 from dml.train.run import TrainResult, run_train  # noqa: E402
 
 OMNIGLOT = ROOT.parent / "shared" / "data" / "omniglot"

@@ -79,7 +79,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from dml.eval.stage import run_evaluate
+    from dml.eval.run import run_evaluate
 
     result = run_evaluate(load_config(args.config, args.overrides), embeddings_dir=args.embeddings)
     if _is_rank_zero():

@@ -494,7 +494,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
 
 def save_config(config: BaseModel, path: str | Path) -> Path:
     """Write the resolved config as YAML next to a stage's outputs."""
-    from dml.data.tario import atomic_path
+    from dml.files import atomic_path
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from dml.errors import ConfigError, DMLError
 from pipeline.errors import StageFailed
 from pipeline.schedules import DEPLOYMENT, FLOW_NAME, NIGHTLY_CRON
 from pipeline.summary import headline_line
-from pipeline.wiring import load_pipeline_config
+from pipeline.stage_paths import load_pipeline_config
 
 
 def ensure_prefect_home() -> None:

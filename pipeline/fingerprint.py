@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from dml.data.tario import sha256_file
+from dml.files import sha256_file
 
 
 def canonical_digest(payload: Any) -> str:

@@ -1,7 +1,7 @@
 """Prefect flows: one per stage, the chained pipeline, and the nightly data-driven retrain.
 
 Every flow takes ``config_path`` (a YAML file readable where the flow runs) and dotted
-``overrides``; stages are `pipeline.tasks.run_stage` tasks, so a flow re-run skips what its
+``overrides``; stages are `pipeline.prefect_tasks.run_stage` tasks, so a flow re-run skips what its
 stamps prove done and redoes what changed. Which launcher runs the stages
 (``pipeline.launcher``) does not change the flow code.
 """
@@ -15,14 +15,14 @@ from prefect.states import Completed, State
 
 from dml.config import DMLConfig
 from dml.tracking.pipeline_run import pipeline_run
-from pipeline.artifacts import publish_decision_artifact, publish_failure_artifact, publish_summary_artifacts
+from pipeline.prefect_artifacts import publish_decision_artifact, publish_failure_artifact, publish_summary_artifacts
 from pipeline.errors import StageFailed
 from pipeline.freshness import stale_reason
 from pipeline.schedules import FLOW_NAME
-from pipeline.stages import StageOutcome, chained_stages
+from pipeline.stage_specs import StageOutcome, chained_stages
 from pipeline.summary import summarize
-from pipeline.tasks import publish, run_stage
-from pipeline.wiring import load_pipeline_config
+from pipeline.prefect_tasks import publish, run_stage
+from pipeline.stage_paths import load_pipeline_config
 
 
 def run_stages(config: DMLConfig, stages: list[str]) -> dict[str, StageOutcome]:

@@ -2,7 +2,7 @@
 
 A scheduled run retrains only when some stage of the chain would do work: its outputs are
 missing, its last attempt did not finish (a crash: the chain resumes it), or one of its
-inputs (`pipeline.stages`: config sections, data manifest, upstream model files) differs from
+inputs (`pipeline.stage_specs`: config sections, data manifest, upstream model files) differs from
 the inputs its stamp records. Otherwise the run is skipped, with the reason.
 
 Prefect-free: the same answer in a flow, a test or a script.
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from dml.config import DMLConfig
 from dml.errors import DMLError
-from pipeline.stages import StageSpec, build_spec, chained_stages
-from pipeline.stamps import read_stamp
+from pipeline.stage_specs import StageSpec, build_spec, chained_stages
+from pipeline.stage_cache import read_stamp
 
-# What each cache input of `pipeline.stages` means, for the reason a user reads.
+# What each cache input of `pipeline.stage_specs` means, for the reason a user reads.
 INPUT_NAMES = {"config": "its config", "source": "the raw data", "manifest": "the data manifest",
                "teacher": "the teacher model", "model": "the model it reads", "report": "the student's report"}
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pipeline.stages import StageOutcome
+from pipeline.stage_specs import StageOutcome
 
 
 def release_files(outcomes: dict[str, StageOutcome]) -> dict[str, Path]:

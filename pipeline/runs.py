@@ -22,7 +22,7 @@ from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRu
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.client.schemas.sorting import DeploymentSort, FlowRunSort
 
-from pipeline.artifacts import HEADLINE_KEY, HEADLINE_METRICS
+from pipeline.prefect_artifacts import HEADLINE_KEY, HEADLINE_METRICS
 from pipeline.schedules import FLOW_NAME
 
 

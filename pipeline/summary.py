@@ -1,11 +1,11 @@
 """The pipeline's summary: headline metrics of teacher and student, where the report and the
-model card are, and each stage's status. Plain data; `pipeline.artifacts` renders it."""
+model card are, and each stage's status. Plain data; `pipeline.prefect_artifacts` renders it."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from pipeline.stages import StageOutcome
+from pipeline.stage_specs import StageOutcome
 
 HEADLINE = (("map_at_r", "MAP@R"), ("precision_at_1", "P@1"), ("r_precision", "R-precision"),
             ("recall_at_5", "Recall@5"), ("roc_auc", "ROC AUC"), ("eer", "EER"))

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dml.data.tario import DeterministicTarWriter, iter_tar_members, sha256_file
+from dml.data.tar_members import DeterministicTarWriter, iter_tar_members
+from dml.files import sha256_file
 
 
 def tiny_png(seed: int, size: int = 8) -> bytes:

@@ -14,7 +14,7 @@ import pytest
 from dml.cli import main
 from dml.config import DMLConfig
 from dml.data.manifest import load_manifest, manifest_digest
-from dml.train.artifacts import build_model, save_final_model
+from dml.models.model_file import build_model, save_final_model
 from dml.train.metrics_log import read_metrics
 from train_fixtures import tiny_shards, tiny_train_config, write_config
 

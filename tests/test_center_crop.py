@@ -12,7 +12,7 @@ from PIL import Image
 from dml.config import DataConfig, DMLConfig
 from dml.data.transforms import build_eval_transform
 from dml.export import export_model
-from dml.train.artifacts import build_model, load_final_model, save_final_model
+from dml.models.model_file import build_model, load_final_model, save_final_model
 
 
 def framed(size: int, inner: int) -> Image.Image:

@@ -17,7 +17,7 @@ import torch
 from dml.cli import main
 from dml.config import DMLConfig
 from dml.distributed import get_rank, spawn_local_group
-from dml.train.artifacts import build_model, save_final_model
+from dml.models.model_file import build_model, save_final_model
 from dml.train.checkpoint import (CheckpointError, NonFiniteState, list_checkpoints, read_checkpoint,
                                   save_checkpoint)
 from dml.train.engine import DDPEngine

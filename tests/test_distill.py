@@ -167,7 +167,7 @@ def teacher_view_embedding(model, data, shard_dir: Path, key: str) -> np.ndarray
 
     from dml.data.reading import IMAGE_PARTS as IMAGE_KEYS
     from dml.data.manifest import load_manifest, split_shards
-    from dml.data.tario import iter_tar_samples
+    from dml.data.tar_members import iter_tar_samples
     from dml.data.transforms import build_eval_transform
 
     manifest = load_manifest(shard_dir)
@@ -185,7 +185,7 @@ def test_cache_reused_and_rebuilt_when_stale(teacher_run, tmp_path):
     from dml.data.manifest import load_manifest
     from dml.distill.teacher import describe_teacher
     from dml.distill.teacher_cache import cache_dir, cache_meta, ensure_teacher_cache
-    from dml.train.artifacts import load_final_model, save_final_model
+    from dml.models.model_file import load_final_model, save_final_model
 
     shards_src, teacher_dir, base = teacher_run
     shards = Path(shutil.copytree(shards_src, tmp_path / "shards"))
@@ -231,10 +231,10 @@ def test_cache_reused_and_rebuilt_when_stale(teacher_run, tmp_path):
 
 # --- runs -------------------------------------------------------------------------------------
 def test_single_process_every_loss_on_the_fly(teacher_run, tmp_path):
-    from dml.data.tario import sha256_file
+    from dml.files import sha256_file
     from dml.distill.run import run_distill
     from dml.errors import ConfigError
-    from dml.train.artifacts import load_final_model
+    from dml.models.model_file import load_final_model
     from dml.train.checkpoint import STATE, latest_checkpoint
     from dml.train.metrics_log import read_metrics
 
@@ -267,11 +267,11 @@ def test_single_process_every_loss_on_the_fly(teacher_run, tmp_path):
 
 @pytest.mark.dist
 def test_two_process_cached_run(teacher_run, tmp_path):
-    from dml.data.tario import sha256_file
+    from dml.files import sha256_file
     from dml.distill.teacher import describe_teacher
     from dml.distill.teacher_cache import ensure_teacher_cache
     from dml.eval.embed import extract_embeddings
-    from dml.train.artifacts import load_final_model
+    from dml.models.model_file import load_final_model
     from dml.train.checkpoint import STATE, latest_checkpoint
     from train_fixtures import ROOT, write_config
 

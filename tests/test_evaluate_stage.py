@@ -17,15 +17,15 @@ from data_fixtures import make_folder_tree
 from dml.config import DataConfig, DMLConfig
 from dml.data.manifest import manifest_digest
 from dml.data.shards import write_shards
-from dml.data.tario import sha256_file
+from dml.files import sha256_file
 from dml.distributed import spawn_local_group
 from dml.errors import DMLError
 from dml.eval.embed import Embeddings, extract_embeddings
 from dml.eval.metrics import retrieval_metrics
 from dml.eval.shard_lookup import read_sample_metadata
-from dml.eval.stage import run_evaluate
+from dml.eval.run import run_evaluate
 from dml.eval.verification import cmc_curve, verification_metrics
-from dml.train.artifacts import build_model, load_final_model, save_final_model
+from dml.models.model_file import build_model, load_final_model, save_final_model
 
 FARS = (1e-1, 1e-2, 1e-4)
 KS = (1, 3, 5)

@@ -20,7 +20,7 @@ from dml.errors import ConfigError, DataError
 from dml.eval.bin_reader import read_verification_bin, write_verification_bin
 from dml.eval.face_verification import face_verification_metrics
 from dml.eval.verification_sets import embed_verification_set, load_verification_set
-from dml.train.artifacts import build_model, load_final_model
+from dml.models.model_file import build_model, load_final_model
 from dml.train.metrics_log import read_metrics
 from dml.train.run import run_train
 from face_fixtures import make_pair_sets
@@ -150,7 +150,7 @@ def evaluate_config(trained: dict, output: str, sets: list) -> dict:
 
 
 def test_evaluate_reports_sets_and_recomputes_them_from_saved_embeddings(trained):
-    from dml.eval.stage import run_evaluate
+    from dml.eval.run import run_evaluate
 
     config = DMLConfig.model_validate(evaluate_config(trained, "eval", [str(trained["bin"])]))
     result = run_evaluate(config)

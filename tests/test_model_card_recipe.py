@@ -20,9 +20,9 @@ from dml.data.shards import write_shards
 from dml.eval.embed import Embeddings
 from dml.data.transforms import build_eval_transform
 from dml.eval.shard_lookup import iter_split_samples, read_sample_metadata
-from dml.eval.stage import run_evaluate
+from dml.eval.run import run_evaluate
 from dml.export.run import run_export
-from dml.train.artifacts import build_model, save_final_model
+from dml.models.model_file import build_model, save_final_model
 
 pytestmark = pytest.mark.slow  # a prepare, an evaluation and an ONNX export: ~40 s on 2 cores
 CLASSES, PER_CLASS = 3, 6

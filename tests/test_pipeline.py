@@ -32,10 +32,10 @@ from pipeline.fingerprint import sections_digest, source_fingerprint  # noqa: E4
 from pipeline.launchers import InProcessLauncher, KubernetesLauncher, TorchrunLauncher  # noqa: E402
 from pipeline.launchers.kubernetes import job_condition, pod_problem  # noqa: E402
 from pipeline.launchers.logs import failure_reason  # noqa: E402
-from pipeline.runner import execute_stage  # noqa: E402
-from pipeline.stages import TRAIN_SECTIONS, StageSpec  # noqa: E402
-from pipeline.stamps import claim_output_dir, read_stamp, write_stamp  # noqa: E402
-from pipeline.wiring import evaluate_student_config, export_config, load_pipeline_config  # noqa: E402
+from pipeline.stage_execution import execute_stage  # noqa: E402
+from pipeline.stage_specs import TRAIN_SECTIONS, StageSpec  # noqa: E402
+from pipeline.stage_cache import claim_output_dir, read_stamp, write_stamp  # noqa: E402
+from pipeline.stage_paths import evaluate_student_config, export_config, load_pipeline_config  # noqa: E402
 from train_fixtures import tiny_train_config, write_config  # noqa: E402
 
 K8S_VERSION = "1.37.0"
@@ -337,7 +337,7 @@ def test_kubernetes_worker_turns_the_work_pool_template_into_a_valid_flow_run_jo
 def test_input_errors_are_not_retried_other_failures_are():
     from prefect.states import Failed
 
-    from pipeline.tasks import STAGE_RETRIES, retry_unless_input_error, run_stage
+    from pipeline.prefect_tasks import STAGE_RETRIES, retry_unless_input_error, run_stage
 
     assert run_stage.retries == STAGE_RETRIES >= 1
     assert run_stage.retry_condition_fn is retry_unless_input_error

@@ -32,9 +32,9 @@ from prefect.exceptions import ObjectNotFound  # noqa: E402
 
 from data_fixtures import image_bytes  # noqa: E402
 from live_prefect import PREFECT, LiveServer, ProcessTree, free_port, run_cli, start_server  # noqa: E402
-from pipeline.artifacts import DECISION_KEY, FAILURE_KEY, HEADLINE_KEY, METRICS_KEY  # noqa: E402
+from pipeline.prefect_artifacts import DECISION_KEY, FAILURE_KEY, HEADLINE_KEY, METRICS_KEY  # noqa: E402
 from pipeline.schedules import DEPLOYMENT, FLOW_NAME  # noqa: E402
-from pipeline.stamps import read_stamp  # noqa: E402
+from pipeline.stage_cache import read_stamp  # noqa: E402
 from train_fixtures import write_config  # noqa: E402
 
 pytestmark = pytest.mark.prefect_server

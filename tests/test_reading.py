@@ -185,7 +185,7 @@ def test_teacher_cache_under_both_policies(clean, tmp_path):
     from dml.data.manifest import manifest_digest
     from dml.distill.teacher import describe_teacher
     from dml.distill.teacher_cache import ensure_teacher_cache
-    from dml.train.artifacts import build_model, save_final_model
+    from dml.models.model_file import build_model, save_final_model
 
     shards, victims = damaged_copy(clean, tmp_path, "bad_image", "train")
     model_config = DMLConfig.model_validate({"data": {"shard_dir": str(shards), "image_size": 16},

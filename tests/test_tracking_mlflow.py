@@ -47,7 +47,7 @@ def metric_steps(client, run_id: str, key: str) -> list[tuple[int, float]]:
 @pytest.mark.slow
 def test_pipeline_stages_are_children_of_one_run_on_a_real_server(tmp_path, server):
     from dml.distill.run import run_distill
-    from dml.eval.stage import run_evaluate
+    from dml.eval.run import run_evaluate
     from dml.export.run import run_export
     from dml.tracking.pipeline_run import pipeline_run
     from dml.train.run import run_train
@@ -114,7 +114,7 @@ def test_unreachable_tracker_keeps_the_run_and_sync_uploads_it_later(tmp_path, s
     assert metric_steps(client, run_id, "loss_main") == [(r["step"], pytest.approx(r["loss_main"])) for r in records]
     assert client.get_run(run_id).data.params["train.run_dir"] == str(tmp_path / "teacher")
     assert read_tracking_file(tmp_path / "teacher")["synced"] is True
-    from dml.eval.stage import run_evaluate
+    from dml.eval.run import run_evaluate
 
     evaluated = run_evaluate(config)  # the evaluation folder syncs the same way
     assert read_tracking_file(tmp_path / "teacher" / "eval")["synced"] is False

@@ -22,7 +22,7 @@ pytest.importorskip("tensorboard")
 @pytest.fixture(scope="module")
 def tracked_run(tmp_path_factory):
     """A 4-step run and its evaluation, with TensorBoard on and all three maps."""
-    from dml.eval.stage import run_evaluate
+    from dml.eval.run import run_evaluate
     from dml.train.run import run_train
 
     root = tmp_path_factory.mktemp("tensorboard")

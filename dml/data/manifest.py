@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dml.data.tario import sha256_file, write_json_atomic
+from dml.files import sha256_file, write_json_atomic
 from dml.errors import DataError
 
 if TYPE_CHECKING:

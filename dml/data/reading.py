@@ -30,7 +30,7 @@ from PIL import Image
 
 from dml.data import pixels
 from dml.data.manifest import split_shards
-from dml.data.tario import TarMemberError, iter_tar_members, member_key
+from dml.data.tar_members import TarMemberError, iter_tar_members, member_key
 from dml.errors import DataError
 
 log = logging.getLogger(__name__)

@@ -30,9 +30,10 @@ from dml.data.manifest import assemble_manifest, manifest_name, write_manifest
 from dml.data.output_lock import hold_output_dir
 from dml.data.plan import ShardPlan, ShardTask, make_plan
 from dml.data.sources import FolderSource, Record, Source, open_source
-from dml.data.tario import DeterministicTarWriter, atomic_path, sha256_file, write_json_atomic
+from dml.data.tar_members import DeterministicTarWriter
 from dml.data.workers import die_with_parent, ignore_interrupts, sigterm_as_interrupt
 from dml.errors import DataError
+from dml.files import atomic_path, sha256_file, write_json_atomic
 from dml.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 It trains ``distill.student`` on the `dml train` trainer (same loop, engine, checkpoints,
 resume, evaluation), with `DistillObjective` in place of the label objective. Outputs in
 ``distill.run_dir``: as for `dml train`, and ``model.pt`` loads with
-`dml.train.artifacts.load_final_model`; it also records the teacher (path, sha256).
+`dml.models.model_file.load_final_model`; it also records the teacher (path, sha256).
 
 The student's width. The student is trained at the teacher's embedding dim: its embedding
 neck (pooling + linear projection) is the projection to the teacher's space, so the absolute
@@ -29,7 +29,7 @@ from dml.distill.objective import DistillObjective
 from dml.distill.teacher import OnTheFlyTeacher, TeacherRecord, describe_teacher
 from dml.distill.teacher_cache import CachedTeacher, ensure_teacher_cache
 from dml.errors import ConfigError
-from dml.train.artifacts import build_model, read_model_file
+from dml.models.model_file import build_model, read_model_file
 from dml.train.run import TrainingSpec, TrainResult, run_training
 
 log = logging.getLogger(__name__)

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from dml.config import DataConfig, ModelConfig
-from dml.data.tario import sha256_file
+from dml.files import sha256_file
 from dml.errors import DMLError
-from dml.train.artifacts import load_final_model, read_model_file
+from dml.models.model_file import load_final_model, read_model_file
 
 log = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ from dml.distributed import barrier, get_rank, get_world_size
 from dml.distill.teacher import TeacherRecord
 from dml.errors import DataError
 from dml.eval.embed import extract_embeddings
-from dml.train.artifacts import load_final_model
+from dml.models.model_file import load_final_model
 
 log = logging.getLogger(__name__)
 CACHE_ROOT = "teacher_cache"

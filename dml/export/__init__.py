@@ -21,7 +21,7 @@ from dml.export.onnx_export import export_onnx, onnx_embeddings, onnx_providers,
 from dml.export.parity import DEFAULT_MIN_COSINE, ExportParityError, ParityReport, compare_embeddings, require_parity
 from dml.export.pixel_input import PixelInputModel, collect_images, normalized_to_pixels
 from dml.export.quantize import ImageBatchReader, quantize_onnx_int8, retrieval_drop
-from dml.export.stage import CARD_NAME, FILE_NAMES, ExportResult, export_model
+from dml.export.checked_export import CARD_NAME, FILE_NAMES, ExportResult, export_model
 from dml.export.torchscript_export import export_torchscript, load_torchscript, torch_embeddings
 
 __all__ = [

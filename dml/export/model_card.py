@@ -11,11 +11,9 @@ and ``versions``. ``validate_model_card`` checks that every required field is th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -25,9 +23,11 @@ import onnxruntime
 import timm
 import torch
 
+from dml.clock import utc_now
 from dml.data.pixels import DECODE_RULE
 from dml.errors import DMLError
 from dml.export.onnx_export import INPUT_NAME, OUTPUT_NAME
+from dml.files import sha256_file
 from dml.models import Preprocessing
 
 CARD_SCHEMA_VERSION = 1
@@ -70,15 +70,6 @@ PARITY_FIELDS = ("max_abs_diff", "min_cosine", "mean_cosine", "num_images", "pas
 
 class ModelCardError(DMLError, ValueError):
     """A model card that lacks required fields or does not match its files."""
-
-
-def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for data in iter(lambda: handle.read(block), b""):
-            digest.update(data)
-    return digest.hexdigest()
 
 
 def file_entry(format: str, path: str | os.PathLike, name: str) -> dict[str, Any]:
@@ -152,7 +143,7 @@ def build_model_card(
     model = {key: value for key, value in summary.items() if key != "preprocessing"}
     card = {
         "schema_version": CARD_SCHEMA_VERSION,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": utc_now(),
         "model": model,
         **io,
         "export": {"opset": opset, "formats": [entry["format"] for entry in files]},

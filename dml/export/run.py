@@ -9,11 +9,11 @@ from pathlib import Path
 
 from dml.config import DataConfig, DMLConfig
 from dml.data.loader import EvalLoader
-from dml.data.tario import sha256_file
+from dml.files import sha256_file
 from dml.export.pixel_input import collect_images
-from dml.export.stage import ExportResult, export_model
+from dml.export.checked_export import ExportResult, export_model
 from dml.tracking.stage_hooks import track_export
-from dml.train.artifacts import load_final_model
+from dml.models.model_file import load_final_model
 
 log = logging.getLogger(__name__)
 MAX_EVAL_IMAGES = 2000  # int8 MAP@R drop is measured on at most this many query images

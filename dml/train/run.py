@@ -26,7 +26,7 @@ from dml.errors import DMLError
 from dml.eval.embed import extract_embeddings
 from dml.eval.metrics import retrieval_metrics
 from dml.eval.verification_sets import make_verification_evaluator
-from dml.train.artifacts import build_model, save_final_model
+from dml.models.model_file import build_model, save_final_model
 from dml.train.best import BestModelKeeper
 from dml.train.checkpoint import latest_checkpoint, list_checkpoints, restore_checkpoint
 from dml.train.engine import build_engine

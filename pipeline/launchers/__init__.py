@@ -10,7 +10,7 @@ from dml.config import PipelineConfig
 from pipeline.launchers.inprocess import InProcessLauncher
 from pipeline.launchers.kubernetes import KubernetesLauncher
 from pipeline.launchers.torchrun import TorchrunLauncher
-from pipeline.stages import StageSpec
+from pipeline.stage_specs import StageSpec
 
 
 class Launcher(Protocol):

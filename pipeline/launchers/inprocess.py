@@ -12,7 +12,7 @@ from dml.config import DMLConfig
 from dml.errors import DMLError
 from pipeline.errors import StageFailed
 from pipeline.launchers.logs import start_log
-from pipeline.stages import StageSpec
+from pipeline.stage_specs import StageSpec
 
 
 def _prepare(config: DMLConfig, resume: bool) -> Any:
@@ -28,7 +28,7 @@ def _train(config: DMLConfig, resume: bool) -> Any:
 
 
 def _evaluate(config: DMLConfig, resume: bool) -> Any:
-    from dml.eval.stage import run_evaluate
+    from dml.eval.run import run_evaluate
 
     return run_evaluate(config)
 

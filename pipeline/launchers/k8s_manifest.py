@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.stages import StageSpec
+from pipeline.stage_specs import StageSpec
 
 CONFIG_MOUNT = "/etc/dml"
 VOLUMES = (  # (volume name, claim, mount path, read-only)

@@ -24,7 +24,7 @@ import yaml
 from pipeline.errors import StageFailed
 from pipeline.launchers.k8s_manifest import job_name, render_stage_manifests
 from pipeline.launchers.logs import failure_reason, start_log, tail
-from pipeline.stages import StageSpec
+from pipeline.stage_specs import StageSpec
 
 # Waiting reasons that never resolve on their own: fail the stage instead of waiting forever.
 FATAL_WAITING = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",

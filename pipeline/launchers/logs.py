@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pipeline.stamps import utc_now
+from dml.clock import utc_now
 
 CLI_ERROR = re.compile(r"dml [a-z]+: error: (.+)$")
 # "ValueError: message" or a bare "KeyboardInterrupt" on its own line (a traceback's last

@@ -16,7 +16,7 @@ from pathlib import Path
 from dml.config import save_config
 from pipeline.errors import StageFailed
 from pipeline.launchers.logs import failure_reason, start_log, tail
-from pipeline.stages import StageSpec
+from pipeline.stage_specs import StageSpec
 
 
 def stage_config_file(spec: StageSpec) -> Path:

@@ -19,19 +19,15 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from dml.data.tario import write_json_atomic
+from dml.clock import utc_now, utc_stamp
+from dml.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 STAMP_NAME = "pipeline_stage.json"
 Decision = Literal["cached", "resume", "fresh"]
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def read_stamp(output_dir: str | Path) -> dict[str, Any] | None:
@@ -56,7 +52,7 @@ def write_stamp(output_dir: str | Path, stage: str, key: str, status: str, input
 
 def supersede(output_dir: Path) -> Path:
     """Rename ``output_dir`` to a free ``<name>.superseded-<UTC time>[-n]`` beside it."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = utc_stamp()
     target = output_dir.with_name(f"{output_dir.name}.superseded-{stamp}")
     counter = 1
     while target.exists():

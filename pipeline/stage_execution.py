@@ -1,5 +1,5 @@
 """Run one stage with its stamp: skip it when its inputs are unchanged, resume it after a
-failed attempt with the same inputs, otherwise start it fresh (see `pipeline.stamps`).
+failed attempt with the same inputs, otherwise start it fresh (see `pipeline.stage_cache`).
 
 Prefect-free, so the skip logic is the same under a flow, in a test, or from a script.
 """
@@ -12,8 +12,8 @@ from dml.config import DMLConfig
 from dml.errors import DMLError
 from pipeline.errors import StageFailed
 from pipeline.launchers import Launcher
-from pipeline.stages import StageOutcome, build_spec, read_result
-from pipeline.stamps import claim_output_dir, write_stamp
+from pipeline.stage_specs import StageOutcome, build_spec, read_result
+from pipeline.stage_cache import claim_output_dir, write_stamp
 
 log = logging.getLogger(__name__)
 

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from dml.clock import utc_now
 from dml.config import DataConfig, DMLConfig
 from dml.data.manifest import load_manifest, manifest_digest
-from dml.data.tario import sha256_file
+from dml.files import sha256_file
 from dml.distributed import cleanup, init_distributed, is_initialized
 from dml.errors import DataError, DMLError
 from dml.eval.embed import Embeddings, extract_embeddings
@@ -35,7 +35,7 @@ from dml.eval.report import build_report, write_report
 from dml.eval.stage_plots import draw_report_plots
 from dml.eval.verification_report import ROC_FILE, embed_sets, headline_entries, plot_verification_roc, score_sets
 from dml.tracking.stage_hooks import track_evaluation
-from dml.train.artifacts import load_final_model
+from dml.models.model_file import load_final_model
 
 log = logging.getLogger(__name__)
 EMBEDDINGS_SUBDIR = "embeddings"
@@ -53,10 +53,6 @@ class EvalResult:
     metrics: dict[str, float | None]
     embeddings_dir: str = ""
     plots: dict[str, str] = field(default_factory=dict)
-
-
-def now_utc() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def resolve_model_file(model_path: str | Path) -> Path:
@@ -111,7 +107,7 @@ def embed_with_model(config: DMLConfig, model_file: Path, device: Any) -> Embedd
     if evaluate.gallery_split is not None:
         gallery = _embed_split(model, data, evaluate.gallery_split, device, evaluate.flip)
     verification = embed_sets(model, data, evaluate, device)
-    meta = {"created_at": now_utc(), "flip": evaluate.flip,
+    meta = {"created_at": utc_now(), "flip": evaluate.flip,
             "model": {"path": str(model_file), "training_data_digest": payload.get("data_digest"),
                       "model": payload["model"], "data": data.model_dump(mode="json")},
             "data": {"shard_dir": config.data.shard_dir, "manifest_sha256": digest,
@@ -160,7 +156,7 @@ def run_evaluate(config: DMLConfig, embeddings_dir: str | Path | None = None) ->
     Peak memory on rank 0: the query and gallery embeddings (N x D x 4 bytes each), plus the
     metric passes (see `retrieval_metrics` and `verification_metrics`).
     """
-    started = now_utc()
+    started = utc_now()
     output_dir = Path(config.evaluate.output_dir)
     model_file = check_inputs(config) if embeddings_dir is None else None
     created_group = not is_initialized()
@@ -212,7 +208,7 @@ def report_on_embeddings(config: DMLConfig, embeddings: EmbeddingSet, embeddings
                           provenance=_provenance(embeddings, embeddings_dir),
                           counts=counts,
                           plots=plots, class_names=class_names, verification_sets=face_sets,
-                          timestamps={"started_at": started, "finished_at": now_utc(),
+                          timestamps={"started_at": started, "finished_at": utc_now(),
                                       "embedded_at": embeddings.meta.get("created_at")})
     report["notes"] = count_notes + report["notes"]
     report_path, markdown_path = write_report(output_dir, report, metrics, class_names)

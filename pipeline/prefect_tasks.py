@@ -1,7 +1,7 @@
 """Prefect tasks: one generic stage task (retried, skipped when its stamp matches) and the
 publish task.
 
-Caching is the stage stamps' job (`pipeline.stamps`), not Prefect's result cache: the stamp
+Caching is the stage stamps' job (`pipeline.stage_cache`), not Prefect's result cache: the stamp
 sits next to the outputs it vouches for, survives a throwaway or replaced Prefect server,
 is checked against the files actually on disk (a deleted model.pt means the stage runs
 again), and is readable by every launcher's stage process. Prefect's own cache is off
@@ -21,8 +21,8 @@ from dml.config import DMLConfig, PipelineConfig
 from pipeline.errors import StageFailed
 from pipeline.launchers import build_launcher
 from pipeline.publish import publish_release
-from pipeline.runner import execute_stage
-from pipeline.stages import StageOutcome
+from pipeline.stage_execution import execute_stage
+from pipeline.stage_specs import StageOutcome
 
 # Defaults of the task; `pipeline.flows.run_stages` applies ``pipeline.stage_retries`` and
 # ``pipeline.retry_delay_seconds`` of the run's config.

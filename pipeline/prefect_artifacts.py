@@ -8,7 +8,7 @@ from typing import Any
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from pipeline.errors import StageFailed
-from pipeline.stages import StageOutcome
+from pipeline.stage_specs import StageOutcome
 from pipeline.summary import metrics_markdown
 
 METRICS_KEY = "dml-pipeline-metrics"

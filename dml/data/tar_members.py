@@ -1,4 +1,4 @@
-"""Tar shard I/O: deterministic writing, fast reading, atomic file replacement.
+"""Tar shard members: deterministic writing and fast reading.
 
 Shards are plain USTAR archives that any tar tool (and webdataset) reads. Headers carry no
 time, owner or permissions of the writing machine, so the same samples always give
@@ -10,14 +10,10 @@ files only (what `dml prepare` writes) and says so on anything else.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
-
-from dml.errors import at_path
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar's record size; archives are padded to a multiple of it
@@ -147,37 +143,3 @@ def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
             sample[ext] = data
     if sample is not None:
         yield sample
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield ``<path>.tmp`` to write; when the block succeeds it replaces ``path``.
-
-    On any error (disk full, interrupt) the temporary file is removed, so no ``.tmp`` is left
-    behind, and an `OSError` that names no file is re-raised naming ``path``.
-    """
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise at_path(exc, path) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON to ``path`` via a temporary file and rename (readers never see half a file)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))

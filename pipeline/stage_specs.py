@@ -22,7 +22,7 @@ from typing import Any
 
 from dml.config import DMLConfig
 from dml.data.manifest import MANIFEST, load_manifest
-from pipeline import wiring
+from pipeline import stage_paths
 from pipeline.fingerprint import canonical_digest, file_digest, sections_digest, source_fingerprint
 
 TRAIN_SECTIONS = ["seed", "data", "model", "loss", "optimizer", "schedule", "swa", "train"]
@@ -82,7 +82,7 @@ def prepare_spec(config: DMLConfig) -> StageSpec:
 
 def train_spec(config: DMLConfig) -> StageSpec:
     inputs = {"config": sections_digest(config, TRAIN_SECTIONS), "manifest": _manifest_digest(config)}
-    return StageSpec("train", "train", config, Path(config.train.run_dir), wiring.MODEL_FILE, inputs,
+    return StageSpec("train", "train", config, Path(config.train.run_dir), stage_paths.MODEL_FILE, inputs,
                      distributed=True, resumable=True)
 
 
@@ -94,24 +94,24 @@ def _evaluate_spec(name: str, config: DMLConfig) -> StageSpec:
 
 
 def evaluate_teacher_spec(config: DMLConfig) -> StageSpec:
-    return _evaluate_spec("evaluate_teacher", wiring.evaluate_teacher_config(config))
+    return _evaluate_spec("evaluate_teacher", stage_paths.evaluate_teacher_config(config))
 
 
 def evaluate_student_spec(config: DMLConfig) -> StageSpec:
-    return _evaluate_spec("evaluate_student", wiring.evaluate_student_config(config))
+    return _evaluate_spec("evaluate_student", stage_paths.evaluate_student_config(config))
 
 
 def distill_spec(config: DMLConfig) -> StageSpec:
-    config = wiring.distill_config(config)
+    config = stage_paths.distill_config(config)
     inputs = {"config": sections_digest(config, [*TRAIN_SECTIONS, "distill"]), "manifest": _manifest_digest(config),
-              "teacher": file_digest(wiring.teacher_model_file(config))}
-    return StageSpec("distill", "distill", config, Path(config.distill.run_dir), wiring.MODEL_FILE, inputs,
+              "teacher": file_digest(stage_paths.teacher_model_file(config))}
+    return StageSpec("distill", "distill", config, Path(config.distill.run_dir), stage_paths.MODEL_FILE, inputs,
                      distributed=True, resumable=True)
 
 
 def export_spec(config: DMLConfig) -> StageSpec:
-    config = wiring.export_config(config)
-    student = wiring.student_model_file(config)
+    config = stage_paths.export_config(config)
+    student = stage_paths.student_model_file(config)
     report = student.parent / "eval" / "report.json"  # run_export copies its metrics into the card
     inputs = {"config": sections_digest(config, ["data", "export"]), "manifest": _manifest_digest(config),
               "model": file_digest(student), "report": file_digest(report) if report.is_file() else "none"}
@@ -151,7 +151,7 @@ def prepare_result(spec: StageSpec) -> dict[str, Any]:
 
 
 def training_result(spec: StageSpec) -> dict[str, Any]:
-    model = spec.output_dir / wiring.MODEL_FILE
+    model = spec.output_dir / stage_paths.MODEL_FILE
     result_file = spec.output_dir / "train_result.json"
     saved = _read_json(result_file) if result_file.is_file() else {}
     return {"model_path": str(model), "model_sha256": file_digest(model), "steps": saved.get("steps"),

@@ -15,7 +15,8 @@ from torch import nn
 
 from dml.config import DataConfig, DMLConfig, ModelConfig
 from dml.errors import DMLError, first_line
-from dml.models import Preprocessing, build_embedding_model
+from dml.models.embedder import build_embedding_model
+from dml.models.preprocessing import Preprocessing
 
 FORMAT = "dml.model/1"
 
