@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dml.config import DMLConfig
 from dml.errors import DMLError
-from pipeline.stage_specs import StageSpec, build_spec, chained_stages
 from pipeline.stage_cache import read_stamp
+from pipeline.stage_specs import StageSpec, build_spec, chained_stages
 
 # What each cache input of `pipeline.stage_specs` means, for the reason a user reads.
 INPUT_NAMES = {"config": "its config", "source": "the raw data", "manifest": "the data manifest",

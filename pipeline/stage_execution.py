@@ -12,8 +12,8 @@ from dml.config import DMLConfig
 from dml.errors import DMLError
 from pipeline.errors import StageFailed
 from pipeline.launchers import Launcher
-from pipeline.stage_specs import StageOutcome, build_spec, read_result
 from pipeline.stage_cache import claim_output_dir, write_stamp
+from pipeline.stage_specs import StageOutcome, build_spec, read_result
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ from prefect.client.schemas.sorting import FlowRunSort, TaskRunSort  # noqa: E40
 from prefect.settings import PREFECT_API_URL  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-from pipeline.prefect_artifacts import DECISION_KEY, FAILURE_KEY, METRICS_KEY  # noqa: E402
 from pipeline.cli import run_pipeline_command  # noqa: E402
 from pipeline.flows import dml_pipeline, nightly_retrain  # noqa: E402
 from pipeline.freshness import stale_reason  # noqa: E402
+from pipeline.prefect_artifacts import DECISION_KEY, FAILURE_KEY, METRICS_KEY  # noqa: E402
 from pipeline.stage_cache import read_stamp, write_stamp  # noqa: E402
 from pipeline.stage_paths import load_pipeline_config  # noqa: E402
 from train_fixtures import write_config  # noqa: E402

@@ -15,8 +15,8 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dml.files import sha256_file, write_json_atomic
 from dml.errors import DataError
+from dml.files import sha256_file, write_json_atomic
 
 if TYPE_CHECKING:
     from dml.config import PrepareConfig

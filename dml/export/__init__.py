@@ -17,11 +17,11 @@ from dml.export.model_card import (
     verify_card_files,
     write_model_card,
 )
+from dml.export.checked_export import CARD_NAME, FILE_NAMES, ExportResult, export_model
 from dml.export.onnx_export import export_onnx, onnx_embeddings, onnx_providers, open_onnx_session
 from dml.export.parity import DEFAULT_MIN_COSINE, ExportParityError, ParityReport, compare_embeddings, require_parity
 from dml.export.pixel_input import PixelInputModel, collect_images, normalized_to_pixels
 from dml.export.quantize import ImageBatchReader, quantize_onnx_int8, retrieval_drop
-from dml.export.checked_export import CARD_NAME, FILE_NAMES, ExportResult, export_model
 from dml.export.torchscript_export import export_torchscript, load_torchscript, torch_embeddings
 
 __all__ = [
