@@ -8,7 +8,7 @@ unknown names in name-valued keys (kinds, optimizers, poolings, timm backbones).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -17,7 +17,9 @@ from dml.config_errors import describe_error
 from dml.config_verification import (VerificationSetConfig, check_best_metric,  # noqa: F401 (re-exported)
                                      check_verification_sets)
 from dml.errors import ConfigError
-from dml.names import check_backbone, parse_pooling
+from dml.names import check_backbone
+from dml.registries import (LAUNCHERS, MARGINS, MINERS, PAIR_LOSSES, POOLINGS, SOURCES, RegisteredName,
+                            parse_pooling)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
@@ -35,7 +37,8 @@ class StrictModel(BaseModel):
 class SourceConfig(StrictModel):
     """Where raw labelled images come from."""
 
-    kind: Literal["auto", "folder", "csv", "parquet", "idx", "omniglot", "recordio"] = "auto"
+    # A registered source kind (`dml.registries.SOURCES`), or "auto" to guess it from the path.
+    kind: Annotated[str, RegisteredName(SOURCES, extra=("auto",))] = "auto"
     path: str = FASHION_MNIST_DIR
     # Optional display names for integer labels (IDX / npz sources): index -> name.
     class_names: list[str] | None = None
@@ -157,17 +160,12 @@ class ModelConfig(StrictModel):
 
     backbone: str = "resnet18"
     embedding_dim: int = Field(128, ge=2)
-    pooling: str = "gem"
+    # Registered poolings (`dml.registries.POOLINGS`), one or several joined by '+' (avg+max+gem).
+    pooling: Annotated[str, RegisteredName(POOLINGS, check=parse_pooling)] = "gem"
     pretrained_path: str | None = None
     embedding_bn: bool = True
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bfe: bool = False
-
-    @field_validator("pooling")
-    @classmethod
-    def _known_pooling(cls, value: str) -> str:
-        parse_pooling(value)
-        return value
 
     @field_validator("backbone")
     @classmethod
@@ -178,13 +176,15 @@ class ModelConfig(StrictModel):
         return value
 
 
-PAIR_LOSSES = ("triplet", "contrastive", "multisimilarity")
-
-
 class LossConfig(StrictModel):
-    """The training objective: a margin head (partial FC) or a pair loss, plus centre loss."""
+    """The training objective: a margin head (partial FC) or a pair loss, plus centre loss.
 
-    kind: Literal["arcface", "cosface", "sphereface", "combined", "normsoftmax", *PAIR_LOSSES] = "arcface"
+    ``kind`` is a registered margin (`dml.registries.MARGINS`, trained through partial FC) or
+    pair loss (`PAIR_LOSSES`); ``miner`` a registered miner (`MINERS`) for a pair loss that takes
+    what it mines (pairs or triplets), or "none".
+    """
+
+    kind: Annotated[str, RegisteredName(MARGINS, PAIR_LOSSES)] = "arcface"
     scale: float = Field(30.0, gt=0.0)
     margin: float = 0.3
     combined_margins: tuple[float, float, float] = (1.0, 0.3, 0.2)
@@ -198,11 +198,32 @@ class LossConfig(StrictModel):
     ms_alpha: float = 2.0
     ms_beta: float = 50.0
     ms_base: float = 0.5
+    miner: Annotated[str, RegisteredName(MINERS, extra=("none",))] = "none"
+    miner_epsilon: float = Field(0.1, ge=0.0)  # multisimilarity miner's slack on the similarity
+    miner_cutoff: float = Field(0.5, ge=0.0)  # distance_weighted: distances clamped below at this
+    miner_nonzero_cutoff: float = Field(1.4, gt=0.0)  # distance_weighted: farther negatives unused
     center_weight: float = Field(0.0, ge=0.0)
 
     @property
     def is_pair_loss(self) -> bool:
         return self.kind in PAIR_LOSSES
+
+    @model_validator(mode="after")
+    def _miner_fits(self) -> "LossConfig":
+        if self.miner == "none":
+            return self
+        if not self.is_pair_loss:
+            raise ValueError(f"loss.miner '{self.miner}' needs a pair loss, loss.kind is '{self.kind}' "
+                             f"(pair losses: {', '.join(PAIR_LOSSES.names())})")
+        yields, takes = MINERS.entry(self.miner).fits, PAIR_LOSSES.entry(self.kind).fits
+        if yields != takes:
+            fitting = [n for n in PAIR_LOSSES.names() if PAIR_LOSSES.entry(n).fits == yields]
+            raise ValueError(f"loss.miner '{self.miner}' mines {yields} but loss.kind '{self.kind}' takes {takes} "
+                             f"(use it with: {', '.join(fitting)})")
+        if self.miner == "distance_weighted" and self.miner_cutoff >= self.miner_nonzero_cutoff:
+            raise ValueError(f"loss.miner_cutoff ({self.miner_cutoff}) must be below loss.miner_nonzero_cutoff "
+                             f"({self.miner_nonzero_cutoff})")
+        return self
 
 
 class OptimizerConfig(StrictModel):
@@ -339,7 +360,7 @@ class ExportConfig(StrictModel):
 class PipelineConfig(StrictModel):
     """`dml pipeline run`: how distributed stages are launched and where the flow keeps state."""
 
-    launcher: Literal["inprocess", "torchrun", "kubernetes"] = "torchrun"
+    launcher: Annotated[str, RegisteredName(LAUNCHERS)] = "torchrun"  # `dml.registries.LAUNCHERS`
     nproc_per_node: int = Field(2, ge=1)
     max_restarts: int = Field(0, ge=0)
     namespace: str = "dml"

@@ -55,6 +55,8 @@ def describe_error(error: dict[str, Any], model: type[BaseModel]) -> str:
         hint = f"; did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
         return f"unknown config key '{dotted}'{hint} (valid here: {', '.join(valid)})"
     message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "unknown_name":  # a name not in its registry (`dml.registries.RegisteredName`)
+        return f"config key '{dotted}': {message}"
     choices = _literal_choices(model, loc) if error["type"] == "literal_error" else None
     if choices:
         return f"config key '{dotted}': {unknown_name(error.get('input'), choices, 'value')}"

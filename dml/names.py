@@ -1,5 +1,5 @@
-"""Name-valued settings (backbones, poolings, loss kinds, optimizers, ...) checked against the
-names that exist, so a typo fails when the config is loaded, with the closest valid name.
+"""Name-valued settings (backbones, and the registered names of `dml.registries`) checked against
+the names that exist, so a typo fails when the config is loaded, with the closest valid name.
 
 Torch-free on purpose: the config imports this module, and `dml prepare` never needs torch.
 Backbone names come from timm's registry, imported only when a backbone is checked.
@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 from collections.abc import Sequence
 
-POOLING_NAMES = ("avg", "max", "gem")
 MAX_LISTED = 20  # longer lists (timm's ~1,400 models) are described, not printed
 
 
@@ -22,26 +21,6 @@ def unknown_name(value: object, names: Sequence[str], what: str, listing: str | 
     if listing is None:
         listing = ", ".join(names) if len(names) <= MAX_LISTED else f"{', '.join(names[:MAX_LISTED])}, ..."
     return f"unknown {what} {value!r}{where}{hint} (valid: {listing})"
-
-
-def parse_pooling(spec: str) -> list[str]:
-    """Split a pooling spec such as ``"gem"`` or ``"avg+max+gem"`` into descriptor names.
-
-    Names are case-insensitive and must be distinct; the order is kept because in a
-    combination the first descriptor receives any leftover embedding dimensions.
-    Raises ValueError naming the closest valid name for an unknown part.
-    """
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"pooling must be a non-empty string like 'gem' or 'avg+max+gem', got {spec!r}")
-    names = [part.strip().lower() for part in spec.split("+")]
-    unknown = [name for name in names if name not in POOLING_NAMES]
-    if unknown:
-        raise ValueError(unknown_name(unknown[0], POOLING_NAMES, "pooling",
-                                      f"{', '.join(POOLING_NAMES)} or several joined by '+', e.g. 'avg+max+gem'",
-                                      f" in {spec!r}" if len(names) > 1 else ""))
-    if len(set(names)) != len(names):
-        raise ValueError(f"pooling {spec!r} repeats a descriptor; each of avg, max, gem may appear once")
-    return names
 
 
 def check_backbone(name: str) -> str:

@@ -8,23 +8,28 @@ import typing
 from typing import Literal
 
 import pytest
+from data_fixtures import make_folder_tree
 from pydantic import BaseModel
 
-from data_fixtures import make_folder_tree
 from dml.cli import build_parser, main, parse_args
 from dml.config import DMLConfig, load_config
 from dml.data.manifest import load_manifest
 from dml.errors import ConfigError
+from dml.registries import RegisteredName
 
 
 def literal_name_fields(model: type[BaseModel], prefix: str = "") -> dict[str, tuple[list[str], bool]]:
-    """Every key whose value is one of a fixed set of names: dotted key -> (names, is a tuple)."""
+    """Every key whose value is one of a fixed set of names (a Literal or registered names):
+    dotted key -> (names, is a tuple)."""
     found = {}
     for name, field in model.model_fields.items():
         annotation, many = field.annotation, False
         if typing.get_origin(annotation) is tuple:
             annotation, many = typing.get_args(annotation)[0], True
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        registered = [m for m in field.metadata if isinstance(m, RegisteredName)]
+        if registered:
+            found[f"{prefix}{name}"] = (registered[0].names(), many)
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
             found.update(literal_name_fields(annotation, f"{prefix}{name}."))
         elif typing.get_origin(annotation) is Literal:
             names = [v for v in typing.get_args(annotation) if isinstance(v, str)]
@@ -58,7 +63,8 @@ def test_every_unknown_name_is_refused_with_the_closest_one(key):
     for name in names:
         typo = name + "x"
         message = config_error(f"{key}=[{typo}]" if many else f"{key}={typo}", check_backbones=False)
-        assert f"unknown value '{typo}'" in message and f"did you mean '{name}'?" in message, message
+        assert f"'{key}" in message and f"'{typo}'" in message, message  # the key and the value
+        assert f"did you mean '{name}'?" in message, message
         assert all(n in message for n in names)  # the valid names are listed
 
 

@@ -23,6 +23,8 @@ from dml.data.folder_listing import list_folder
 from dml.data.records import IMAGE_EXTENSIONS, Record, Rejection  # noqa: F401 (re-exported)
 from dml.data.table_listing import list_table
 from dml.errors import DataError
+from dml.names import unknown_name
+from dml.registries import SOURCES
 
 ImagePayload = Union[bytes, np.ndarray]
 
@@ -343,16 +345,6 @@ def open_source(kind: str, path: str, class_names: list[str] | None = None) -> S
             kind = "omniglot"
         else:
             kind = "folder"
-    if kind == "folder":
-        return FolderSource(p)
-    if kind in ("csv", "parquet"):
-        return TableSource(p)
-    if kind == "idx":
-        return IdxSource(p, class_names)
-    if kind == "omniglot":
-        return OmniglotSource(p)
-    if kind == "recordio":
-        from dml.data.recordio import RecordIOSource  # it imports Record from here
-
-        return RecordIOSource(p)
-    raise DataError(f"unknown source kind '{kind}'")
+    if kind not in SOURCES:
+        raise DataError(unknown_name(kind, SOURCES.names(), "source kind"))
+    return SOURCES.build(kind, p, settings={"class_names": class_names})

@@ -78,16 +78,19 @@ class DistanceWeightedMiner(nn.Module):
     Output: `Triplets`, one per positive pair (T <= B^2). Peak memory O(B^2).
 
     Args:
-        generator: optional `torch.Generator` for reproducible draws.
+        generator: optional `torch.Generator` for reproducible draws (on the embeddings' device).
+        seed: without a generator, draws come from a generator seeded with ``seed`` and made on
+            the embeddings' device at the first call, so every rank of a job mining the same
+            gathered batch draws the same triplets; None: torch's global generator.
     """
 
     def __init__(self, cutoff: float = 0.5, nonzero_loss_cutoff: float = 1.4,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, seed: int | None = None):
         super().__init__()
         if not 0.0 <= cutoff < nonzero_loss_cutoff:
             raise ValueError(f"need 0 <= cutoff < nonzero_loss_cutoff, got {cutoff}, {nonzero_loss_cutoff}")
         self.cutoff, self.nonzero_loss_cutoff = float(cutoff), float(nonzero_loss_cutoff)
-        self.generator = generator
+        self.generator, self.seed = generator, seed
 
     def negative_weights(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(B, B) float64 sampling probabilities of each anchor's negatives (rows sum to 1,
@@ -118,6 +121,8 @@ class DistanceWeightedMiner(nn.Module):
             return Triplets(empty, empty.clone(), empty.clone())
         per_anchor = positive.sum(dim=1)
         sampled_rows = per_anchor > 0
+        if self.generator is None and self.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(self.seed)
         draws = torch.multinomial(weight[sampled_rows], int(per_anchor.max()), replacement=True,
                                   generator=self.generator)
         # the j-th positive of an anchor takes that anchor's j-th draw

@@ -46,11 +46,13 @@ class TripletMarginLoss(nn.Module):
     (B, B) tensors are alive at once (B = 1024: ~80 MB in float64, ~40 MB in float32).
     Time O(B^2 log B).
 
-    ``forward(embeddings, labels, triplets=None)``: given explicit `Triplets` (e.g. from
-    `DistanceWeightedMiner`), exactly those are used and ``mining`` is ignored.
+    ``forward(embeddings, labels, triplets=None)``: given explicit `Triplets`, exactly those
+    are used and ``mining`` is ignored; without them a triplet ``miner`` (e.g.
+    `DistanceWeightedMiner`), if given, picks them.
     """
 
-    def __init__(self, margin: float = 0.05, mining: str = "all", mining_margin: float | None = None):
+    def __init__(self, margin: float = 0.05, mining: str = "all", mining_margin: float | None = None,
+                 miner: nn.Module | None = None):
         super().__init__()
         if mining not in TRIPLET_MINING:
             raise ValueError(f"mining must be one of {TRIPLET_MINING}, got {mining!r}")
@@ -58,11 +60,14 @@ class TripletMarginLoss(nn.Module):
             raise ValueError(f"margin must be >= 0, got {margin}")
         self.margin, self.mining = float(margin), mining
         self.mining_margin = self.margin if mining_margin is None else float(mining_margin)
+        self.miner = miner
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
                 triplets: Triplets | None = None) -> torch.Tensor:
         check_embeddings_and_labels(embeddings, labels)
         distance = normalized_euclidean_matrix(embeddings)
+        if triplets is None and self.miner is not None:
+            triplets = self.miner(embeddings, labels)
         if triplets is not None:
             anchor, positive, negative = triplets
             losses = F.relu(distance[anchor, positive] - distance[anchor, negative] + self.margin)

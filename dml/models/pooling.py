@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dml.names import POOLING_NAMES, parse_pooling  # noqa: F401 (the spec parser is torch-free, for the config)
+from dml.registries import POOLINGS, parse_pooling  # noqa: F401 (the spec parser is torch-free, for the config)
 
 
 class AvgPool(nn.Module):
@@ -67,11 +67,5 @@ class GeM(nn.Module):
 
 
 def build_global_pool(name: str, gem_p: float = 3.0, gem_learnable: bool = True) -> nn.Module:
-    """Return the global pooling module called ``name`` (one of ``POOLING_NAMES``)."""
-    if name == "avg":
-        return AvgPool()
-    if name == "max":
-        return MaxPool()
-    if name == "gem":
-        return GeM(p=gem_p, learnable=gem_learnable)
-    raise ValueError(f"unknown pooling {name!r}; expected one of {', '.join(POOLING_NAMES)}")
+    """The global pooling registered as ``name`` (`dml.registries.POOLINGS`); ValueError if none is."""
+    return POOLINGS.build(name, settings={"gem_p": gem_p, "gem_learnable": gem_learnable})

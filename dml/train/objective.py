@@ -20,32 +20,20 @@ from torch import nn
 
 from dml.config import DMLConfig
 from dml.distributed import all_gather_rows, all_gather_with_grad, get_world_size
-from dml.losses import (ArcFace, CenterLoss, CombinedMargin, ContrastiveLoss, CosFace,
-                        MultiSimilarityLoss, NormalizedSoftmax, SphereFace, TripletMarginLoss)
+from dml.losses import CenterLoss
 from dml.losses.partial_fc import PartialFC
+from dml.registries import MARGINS, MINERS, PAIR_LOSSES
 
 
 def build_margin(config: DMLConfig) -> nn.Module:
-    loss = config.loss
-    if loss.kind == "arcface":
-        return ArcFace(s=loss.scale, m=loss.margin)
-    if loss.kind == "cosface":
-        return CosFace(s=loss.scale, m=loss.margin)
-    if loss.kind == "sphereface":
-        return SphereFace(s=loss.scale, m=loss.margin)
-    if loss.kind == "combined":
-        m1, m2, m3 = loss.combined_margins
-        return CombinedMargin(s=loss.scale, m1=m1, m2=m2, m3=m3)
-    return NormalizedSoftmax(s=loss.scale)
+    """The margin registered as ``loss.kind`` (`dml.registries.MARGINS`); ValueError if none is."""
+    return MARGINS.build(config.loss.kind, settings=config)
 
 
 def build_pair_loss(config: DMLConfig) -> nn.Module:
-    loss = config.loss
-    if loss.kind == "triplet":
-        return TripletMarginLoss(margin=loss.triplet_margin, mining=loss.mining)
-    if loss.kind == "contrastive":
-        return ContrastiveLoss(pos_margin=loss.pos_margin, neg_margin=loss.neg_margin)
-    return MultiSimilarityLoss(alpha=loss.ms_alpha, beta=loss.ms_beta, base=loss.ms_base)
+    """The pair loss registered as ``loss.kind`` with the miner ``loss.miner`` (if not "none")."""
+    miner = None if config.loss.miner == "none" else MINERS.build(config.loss.miner, settings=config)
+    return PAIR_LOSSES.build(config.loss.kind, settings=config, miner=miner)
 
 
 class ExtraOptimizers:

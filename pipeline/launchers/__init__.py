@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from dml.config import PipelineConfig
+from dml.registries import LAUNCHERS
 from pipeline.launchers.inprocess import InProcessLauncher
 from pipeline.launchers.kubernetes import KubernetesLauncher
 from pipeline.launchers.torchrun import TorchrunLauncher
@@ -21,14 +22,9 @@ class Launcher(Protocol):
 
 
 def build_launcher(settings: PipelineConfig) -> Launcher:
-    """The launcher named by ``pipeline.launcher``."""
-    if settings.launcher == "inprocess":
-        return InProcessLauncher()
-    if settings.launcher == "torchrun":
-        return TorchrunLauncher(settings.nproc_per_node, settings.max_restarts)
-    if settings.launcher == "kubernetes":
-        return KubernetesLauncher(settings.namespace, settings.image, settings.nproc_per_node, settings.max_restarts)
-    raise ValueError(f"unknown pipeline.launcher '{settings.launcher}'")
+    """The launcher registered as ``pipeline.launcher`` (`dml.registries.LAUNCHERS`); ValueError
+    if none is (the config refuses such a name when it loads)."""
+    return LAUNCHERS.build(settings.launcher, settings=settings)
 
 
 __all__ = ["InProcessLauncher", "KubernetesLauncher", "Launcher", "TorchrunLauncher", "build_launcher"]
