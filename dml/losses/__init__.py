@@ -2,7 +2,7 @@
 pair losses and miners. Every name here is public API (see the design notes)."""
 
 from dml.losses.center import CenterLoss
-from dml.losses.margin_head import MarginHead, SubCenterArcFace
+from dml.losses.full_fc import MarginHead, SubCenterArcFace
 from dml.losses.margins import (ArcFace, CombinedMargin, CosFace, NormalizedSoftmax, SphereFace,
                                 dynamic_margins)
 from dml.losses.miners import DistanceWeightedMiner, MultiSimilarityMiner, PairMasks, Triplets

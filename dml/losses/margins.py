@@ -1,4 +1,7 @@
-"""Margin functions for cosine-softmax heads: ArcFace, CosFace, SphereFace, combined, plain.
+"""Margin functions for cosine-softmax heads: ArcFace, CosFace, SphereFace, combined, plain
+(and per-class `dynamic_margins`). They hold no class centres: the heads that own the centres
+and apply a margin are `dml.losses.full_fc.MarginHead` (one process) and
+`dml.losses.partial_fc.PartialFC` (sharded).
 
 Each margin is an `nn.Module` mapping ``(cosine (N, C), labels (N,))`` to scaled logits
 ``(N, C)``: every column is multiplied by the scale ``s``, and the column of each row's

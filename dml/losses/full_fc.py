@@ -1,7 +1,10 @@
-"""Single-process margin-softmax heads: sub-centre class cosines and a full-FC margin head.
+"""The full-FC margin head for one process: the whole class-centre matrix (with K sub-centres
+per class, `SubCenterArcFace`) scored against every sample, a margin function from
+`dml.losses.margins`, and the softmax cross-entropy (`MarginHead`).
 
-For millions of classes or several processes use `dml.losses.partial_fc.PartialFC`; these
-modules hold the whole class-centre matrix and score every class for every sample.
+Its sharded, sampled counterpart for millions of classes or several processes is
+`dml.losses.partial_fc.PartialFC`; the margins themselves (cosine -> logits) are in
+`dml.losses.margins`.
 """
 
 from __future__ import annotations
