@@ -355,6 +355,9 @@ class ExportConfig(StrictModel):
     int8: bool = False
     int8_min_cosine: float = Field(0.98, gt=0.0, le=1.0)  # int8 vs fp32 ONNX, per image
     calibration_images: int = Field(256, ge=1)
+    # Bake the preprocessing into the graph (`dml.export.PixelInputModel`): the exported model
+    # takes decoded, resized uint8 pixels (N, H, W, C) instead of normalised float (N, C, H, W).
+    preprocessing_in_graph: bool = False
 
 
 class PipelineConfig(StrictModel):

@@ -1,4 +1,5 @@
-"""Prefect flows: one per stage, the chained pipeline, and the nightly data-driven retrain.
+"""Prefect flows: the chained pipeline and the nightly data-driven retrain (one stage alone is
+its `dml` command: `dml prepare`, `dml train`, ...).
 
 Every flow takes ``config_path`` (a YAML file readable where the flow runs) and dotted
 ``overrides``; stages are `pipeline.prefect_tasks.run_stage` tasks, so a flow re-run skips what its
@@ -8,7 +9,7 @@ stamps prove done and redoes what changed. Which launcher runs the stages
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.states import Completed, State
@@ -58,42 +59,6 @@ def dml_pipeline(config_path: str, overrides: list[str] | None = None) -> dict[s
     """prepare -> train teacher -> evaluate teacher -> distill -> evaluate student -> export
     -> publish; returns the summary (`pipeline.summary.summarize`)."""
     return run_chain(load_pipeline_config(config_path, overrides))
-
-
-def _single_stage(stage: str, config_path: str, overrides: list[str] | None) -> dict[str, Any]:
-    config = load_pipeline_config(config_path, overrides)
-    return run_stages(config, [stage])[stage].to_dict()
-
-
-@flow(name="dml-prepare")
-def prepare_flow(config_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Raw images -> shards (skipped when the prepare config and the raw files are unchanged)."""
-    return _single_stage("prepare", config_path, overrides)
-
-
-@flow(name="dml-train")
-def train_flow(config_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Train the teacher on the prepared shards."""
-    return _single_stage("train", config_path, overrides)
-
-
-@flow(name="dml-evaluate")
-def evaluate_flow(config_path: str, overrides: list[str] | None = None,
-                  model: Literal["teacher", "student"] = "teacher") -> dict[str, Any]:
-    """Evaluate the teacher (``train.run_dir``) or the student (``distill.run_dir``)."""
-    return _single_stage(f"evaluate_{model}", config_path, overrides)
-
-
-@flow(name="dml-distill")
-def distill_flow(config_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Distil the trained teacher into the student."""
-    return _single_stage("distill", config_path, overrides)
-
-
-@flow(name="dml-export")
-def export_flow(config_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Export the student (ONNX / TorchScript, parity-checked, model card)."""
-    return _single_stage("export", config_path, overrides)
 
 
 def _decision(config: DMLConfig, only_if_data_changed: bool) -> str | None:

@@ -49,7 +49,8 @@ def run_export(config: DMLConfig) -> ExportResult:
     result = export_model(model, cfg.output_dir, parity_images, formats=cfg.formats, opset=cfg.opset,
                           int8=cfg.int8, calibration_images=calibration, eval_images=eval_images,
                           eval_labels=eval_labels, source=source, metrics=_evaluation_metrics(model_file),
-                          min_cosine=cfg.min_cosine, int8_min_cosine=cfg.int8_min_cosine)
+                          min_cosine=cfg.min_cosine, int8_min_cosine=cfg.int8_min_cosine,
+                          preprocessing_in_graph=cfg.preprocessing_in_graph)
     log.info("export: done -> %s (card %s)", result.out_dir, result.card_path)
     track_export(config, result, model_file)
     return result
