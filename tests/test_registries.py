@@ -270,3 +270,35 @@ def test_the_config_stays_torch_free():
             "check_backbones=False); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def mined_objective_worker(info, config_json: str, embeddings: torch.Tensor, labels: torch.Tensor):
+    """One rank's share of a batch through the training objective (pair loss + miner)."""
+    config = DMLConfig.model_validate_json(config_json)
+    rows = torch.arange(embeddings.shape[0]).chunk(info.world_size)[info.rank]
+    mine = embeddings[rows].clone().requires_grad_()
+    loss, _ = Objective(config, num_classes=4, device=torch.device("cpu"))(mine, labels[rows])
+    loss.backward()
+    return float(loss), mine.grad
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("name", [n for r, n in ENTRIES if r.kind == "miner"])
+def test_miners_mine_the_gathered_batch_alike_on_every_rank(name):
+    """With two gloo processes each rank mines the same gathered batch (the distance-weighted
+    miner draws from the config's seed), so each rank's loss is the one-process loss over the
+    whole batch and its gradient that loss's, times the world size the engine divides by."""
+    from dml.distributed import spawn_local_group
+
+    registry = next(r for r in REGISTRIES if r.kind == "miner")
+    config = entry_config(registry, name, "seed=3")
+    embeddings, labels = _batch(seed=4)
+    embeddings = embeddings.float()
+    whole = embeddings.clone().requires_grad_()
+    expected, _ = Objective(config, num_classes=4, device=torch.device("cpu"))(whole, labels)
+    expected.backward()
+    results = spawn_local_group(mined_objective_worker, 2, args=(config.model_dump_json(), embeddings, labels))
+    for rank, (loss, grad) in enumerate(results):
+        assert loss == pytest.approx(float(expected.detach()), rel=1e-5), rank
+        rows = torch.arange(embeddings.shape[0]).chunk(2)[rank]
+        assert torch.allclose(grad, 2 * whole.grad[rows], atol=1e-6), rank
