@@ -58,6 +58,10 @@ class Registry:
         """The registered names, in registration order."""
         return tuple(self._entries)
 
+    def entries(self) -> tuple[Entry, ...]:
+        """The registered entries, in registration order."""
+        return tuple(self._entries.values())
+
     def __contains__(self, name: object) -> bool:
         return name in self._entries
 
@@ -202,5 +206,5 @@ def registry_table() -> str:
     """The Markdown table of every registered name (README section "Registered names")."""
     rows = ["| config key | name | what it is |", "|---|---|---|"]
     for registry in REGISTRIES:
-        rows += [f"| `{registry.key}` | `{e.name}` | {e.summary} |" for e in registry._entries.values()]
+        rows += [f"| `{registry.key}` | `{e.name}` | {e.summary} |" for e in registry.entries()]
     return "\n".join(rows)
