@@ -181,7 +181,7 @@ class LossConfig(StrictModel):
 
     ``kind`` is a registered margin (`dml.registries.MARGINS`, trained through partial FC) or
     pair loss (`PAIR_LOSSES`); ``miner`` a registered miner (`MINERS`) for a pair loss that takes
-    what it mines (pairs or triplets), or "none".
+    what it mines (pairs or triplets), or "none"; a triplet miner replaces ``mining``.
     """
 
     kind: Annotated[str, RegisteredName(MARGINS, PAIR_LOSSES)] = "arcface"
