@@ -13,7 +13,7 @@ from dml.config import DMLConfig
 from dml.data.manifest import manifest_digest
 from dml.data.shards import write_shards
 from dml.export.run import run_export
-from dml.train.artifacts import build_model, save_final_model
+from dml.models.model_file import build_model, save_final_model
 
 SIZE = 16
 
