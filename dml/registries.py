@@ -93,9 +93,12 @@ class RegisteredName:
         self.registries, self.extra, self.check = registries, tuple(extra), check
 
     def names(self) -> list[str]:
+        """The accepted values: ``extra`` first, then every registry's names in order."""
         return [*self.extra, *(n for registry in self.registries for n in registry.names())]
 
     def validate(self, value: str) -> str:
+        """``value`` if accepted (by ``check`` when given, else by membership); raises
+        PydanticCustomError ``unknown_name`` whose message names the closest valid value."""
         if self.check is not None:
             try:
                 self.check(value)
@@ -128,7 +131,7 @@ MARGINS.add("sphereface", "dml.losses.margins:SphereFace",
             lambda c: {"s": _loss(c).scale, "m": _loss(c).margin})
 MARGINS.add("combined", "dml.losses.margins:CombinedMargin",
             "cos(m1 theta + m2) - m3 (loss.scale, loss.combined_margins)",
-            lambda c: dict(zip(("s", "m1", "m2", "m3"), (_loss(c).scale, *_loss(c).combined_margins))))
+            lambda c: dict(zip(("s", "m1", "m2", "m3"), (_loss(c).scale, *_loss(c).combined_margins), strict=True)))
 MARGINS.add("normsoftmax", "dml.losses.margins:NormalizedSoftmax", "no margin, scaled cosine (loss.scale)",
             lambda c: {"s": _loss(c).scale})
 
@@ -136,7 +139,8 @@ PAIR_LOSSES = Registry("pair loss", "loss.kind")
 PAIR_LOSSES.add("triplet", "dml.losses.pairs:TripletMarginLoss",
                 "triplet margin loss (loss.triplet_margin, loss.mining)",
                 lambda c: {"margin": _loss(c).triplet_margin, "mining": _loss(c).mining}, fits="triplets")
-PAIR_LOSSES.add("contrastive", "dml.losses.pairs:ContrastiveLoss", "contrastive loss (loss.pos_margin, loss.neg_margin)",
+PAIR_LOSSES.add("contrastive", "dml.losses.pairs:ContrastiveLoss",
+                "contrastive loss (loss.pos_margin, loss.neg_margin)",
                 lambda c: {"pos_margin": _loss(c).pos_margin, "neg_margin": _loss(c).neg_margin}, fits="pairs")
 PAIR_LOSSES.add("multisimilarity", "dml.losses.pairs:MultiSimilarityLoss",
                 "multi-similarity loss (loss.ms_alpha, loss.ms_beta, loss.ms_base)",

@@ -14,9 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from data_fixtures import image_bytes, make_folder_tree, make_idx_dir, make_omniglot_dir
-from recordio_writer import pack_payload, write_recordio
 
+from data_fixtures import image_bytes, make_folder_tree, make_idx_dir, make_omniglot_dir
 from dml.config import DMLConfig, load_config
 from dml.data.sources import open_source
 from dml.errors import ConfigError
@@ -24,6 +23,7 @@ from dml.losses.miners import PairMasks, Triplets
 from dml.models.neck import EmbeddingNeck
 from dml.registries import REGISTRIES, RegisteredName, Registry, registry_table
 from dml.train.objective import Objective, build_margin, build_pair_loss
+from recordio_writer import pack_payload, write_recordio
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 ENTRIES = [(registry, name) for registry in REGISTRIES for name in registry.names()]
@@ -127,7 +127,7 @@ def test_distance_weighted_miner_draws_the_same_triplets_from_the_same_seed():
     config = entry_config(registry, "distance_weighted", "seed=7")
     embeddings, labels = _batch(seed=2)
     first, second = (registry.build("distance_weighted", settings=config)(embeddings, labels) for _ in range(2))
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
 @pytest.mark.parametrize("name", [n for r, n in ENTRIES if r.kind == "pooling"])
@@ -234,7 +234,7 @@ def test_a_misspelt_name_is_refused_at_load_with_the_closest_one(registry, name)
 def test_a_miner_must_fit_its_loss():
     with pytest.raises(ConfigError, match="needs a pair loss"):
         load_config(None, ["loss.miner=multisimilarity"], check_backbones=False)
-    with pytest.raises(ConfigError, match="mines triplets but loss.kind 'contrastive' takes pairs .*triplet"):
+    with pytest.raises(ConfigError, match=r"mines triplets but loss.kind 'contrastive' takes pairs .*triplet"):
         load_config(None, ["loss.kind=contrastive", "loss.miner=distance_weighted", "data.pk_classes=4"],
                     check_backbones=False)
 
