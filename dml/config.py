@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from dml.config_errors import describe_error
+from dml.config_reranking import RerankingConfig
 from dml.config_verification import (VerificationSetConfig, check_best_metric,  # noqa: F401 (re-exported)
                                      check_verification_sets)
 from dml.errors import ConfigError
@@ -310,6 +311,8 @@ class EvalConfig(StrictModel):
     map_samples: int = Field(3000, ge=10)
     # Face verification sets (.bin or pairs file + folder), scored with the 10-fold protocol.
     verification_sets: list[VerificationSetConfig] = []
+    # Retrieval post-processing (DBA, alpha-QE, k-reciprocal), reported beside the plain search.
+    reranking: RerankingConfig = RerankingConfig()
 
     @model_validator(mode="after")
     def _unique_sets(self) -> "EvalConfig":

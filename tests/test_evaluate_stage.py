@@ -15,6 +15,8 @@ from PIL import Image
 
 from data_fixtures import make_folder_tree
 from dml.config import DataConfig, DMLConfig
+from dml.config_reranking import RerankingConfig
+from dml.eval.query_expansion import alpha_query_expansion, database_side_augmentation
 from dml.data.manifest import manifest_digest
 from dml.data.shards import write_shards
 from dml.files import sha256_file
@@ -22,6 +24,7 @@ from dml.distributed import spawn_local_group
 from dml.errors import DMLError
 from dml.eval.embed import Embeddings, extract_embeddings
 from dml.eval.metrics import retrieval_metrics
+from dml.eval.reranking import nearest_neighbour_gap
 from dml.eval.shard_lookup import read_sample_metadata
 from dml.eval.run import run_evaluate
 from dml.eval.verification import cmc_curve, verification_metrics
@@ -86,7 +89,8 @@ def test_report_has_every_section_and_sane_values(workspace, first_run):
                                 "manifest_gallery": CLASSES * 3, "skipped_query": 0, "skipped_gallery": 0}
     assert report["num_queries"] == CLASSES * 3 and report["num_excluded_queries"] == 0
     headline = report["headline"]
-    assert set(headline) == {"precision_at_1", "map_at_r", "r_precision", "recall_at_1", "recall_at_3",
+    assert set(headline) == {"precision_at_1", "map_at_r", "r_precision", "global_average_precision",
+                             "recall_at_1", "recall_at_3",
                              "recall_at_5", "tar_at_far_1e-01", "tar_at_far_1e-02", "tar_at_far_1e-04",
                              "roc_auc", "eer", "cmc_rank_1"}
     assert all(0.0 <= v <= 1.0 for v in headline.values() if v is not None)
@@ -108,8 +112,11 @@ def test_metrics_equal_the_metric_functions_on_the_saved_embeddings(first_run):
     query, gallery = saved(result, "query"), saved(result, "gallery")
     assert len(query.keys) == len(query.labels) == query.vectors.shape[0] == CLASSES * 3
     direct = retrieval_metrics(query.vectors, query.labels, gallery.vectors, gallery.labels, ks=KS)
+    direct["global_average_precision"] = nearest_neighbour_gap(query.vectors, query.labels, gallery.vectors,
+                                                               gallery.labels)
     reported = {k: v for k, v in report["retrieval"].items() if k != "recall_curve"}
     assert reported == pytest.approx(direct, abs=1e-12)
+    assert report["reranking"] == {}  # none configured
     verification = verification_metrics(query.vectors, query.labels, fars=FARS)
     assert report["verification"]["tar_at_far"] == verification["tar_at_far"]
     assert report["verification"]["roc_auc"] == pytest.approx(verification["roc_auc"], abs=1e-12)
@@ -181,6 +188,7 @@ def test_leave_one_out_with_capped_verification(workspace, first_run, caplog):
     report = json.loads(Path(out.report_path).read_text())
     query = saved(result, "query")
     direct = retrieval_metrics(query.vectors, query.labels, ks=KS)
+    direct["global_average_precision"] = nearest_neighbour_gap(query.vectors, query.labels, None, None)
     assert {k: v for k, v in report["retrieval"].items() if k != "recall_curve"} == pytest.approx(direct, abs=1e-12)
     assert report["identification"] is None and "cmc_rank_1" not in report["headline"]
     rows = np.sort(np.random.default_rng(0).choice(len(query.keys), 8, replace=False))
@@ -192,6 +200,25 @@ def test_leave_one_out_with_capped_verification(workspace, first_run, caplog):
     assert any("verification uses 8 of 15" in r.getMessage() for r in caplog.records)
     assert any("verification uses 8 of 15" in note for note in report["notes"])
     assert any("index=ivfpq needs" in note and "flat" in note for note in report["notes"])
+
+
+def test_reranking_is_reported_beside_the_plain_search(workspace, first_run):
+    config, result, report = first_run
+    rerank = config.model_copy(deep=True)
+    rerank.evaluate.reranking = RerankingConfig(methods=("dba", "alpha_qe"), dba={"k": 2}, alpha_qe={"k": 2})
+    rerank.evaluate.output_dir = str(workspace["root"] / "eval-rerank")
+    rerank.evaluate.plots = False
+    out = run_evaluate(rerank, embeddings_dir=result.embeddings_dir)
+    reranked = json.loads(Path(out.report_path).read_text())
+    assert reranked["retrieval"] == report["retrieval"]  # the plain numbers stay as they were
+    assert list(reranked["reranking"]) == ["dba", "alpha_qe", "dba+alpha_qe"]
+    query, gallery = saved(result, "query"), saved(result, "gallery")
+    expanded = alpha_query_expansion(query.vectors, database_side_augmentation(gallery.vectors, 2, 3.0), 2, 3.0)
+    direct = retrieval_metrics(expanded, query.labels, database_side_augmentation(gallery.vectors, 2, 3.0),
+                               gallery.labels, ks=KS)
+    assert reranked["reranking"]["dba+alpha_qe"]["map_at_r"] == pytest.approx(direct["map_at_r"], abs=1e-12)
+    assert reranked["headline"]["map_at_r_dba+alpha_qe"] == pytest.approx(direct["map_at_r"], abs=1e-12)
+    assert "MAP@R after dba+alpha_qe" in Path(out.markdown_path).read_text()
 
 
 def _pairs_lines(workspace, query_keys: list[str]) -> tuple[list[str], list[tuple[int, int, bool]]]:

@@ -24,6 +24,7 @@ from dml.config import EvalConfig
 from dml.eval.embed import Embeddings
 from dml.eval.embedding_store import EmbeddingSet
 from dml.eval.metrics import retrieval_metrics
+from dml.eval.reranking import nearest_neighbour_gap, reranked_metrics
 from dml.eval.verification import cmc_curve, verification_metrics
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class EvaluationMetrics:
     verification: dict[str, Any] | None
     identification: dict[str, Any] | None
     notes: list[str] = field(default_factory=list)
+    # re-ranking variant ("dba", "alpha_qe", "k_reciprocal", "dba+alpha_qe", ...) -> its retrieval metrics
+    reranking: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def far_key(far: float) -> str:
@@ -146,6 +149,11 @@ def evaluate_embeddings(embeddings: EmbeddingSet, config: EvalConfig, *, seed: i
     notes: list[str] = []
     index = choose_index(config.index, len((query if gallery is None else gallery).keys), notes)
     retrieval, curve, per_class = retrieval_section(query, gallery, config.ks, index)
+    g_vectors, g_labels = (None, None) if gallery is None else (gallery.vectors, gallery.labels)
+    retrieval["global_average_precision"] = nearest_neighbour_gap(query.vectors, query.labels, g_vectors, g_labels)
+    reranking = reranked_metrics(query.vectors, query.labels, g_vectors, g_labels, config.reranking, config.ks)
+    notes.extend(f"re-ranking {name} skipped: {scores['skipped']}" for name, scores in reranking.items()
+                 if "skipped" in scores)
     if retrieval["num_excluded_queries"]:
         notes.append(f"{retrieval['num_excluded_queries']} queries have no relevant gallery item and are "
                      "left out of the retrieval metrics")
@@ -165,7 +173,7 @@ def evaluate_embeddings(embeddings: EmbeddingSet, config: EvalConfig, *, seed: i
     if gallery is not None:
         identification = cmc_curve(query.vectors, query.labels, gallery.vectors, gallery.labels,
                                    max_rank=max(CMC_MIN_RANK, *config.ks), index=index)
-    return EvaluationMetrics(retrieval, curve, per_class, verification, identification, notes)
+    return EvaluationMetrics(retrieval, curve, per_class, verification, identification, notes, reranking)
 
 
 def headline_metrics(metrics: EvaluationMetrics, config: EvalConfig) -> dict[str, float | None]:
@@ -173,7 +181,8 @@ def headline_metrics(metrics: EvaluationMetrics, config: EvalConfig) -> dict[str
     CMC rank 1. Values are floats, or None when not computed / not resolvable."""
     retrieval = metrics.retrieval
     headline: dict[str, float | None] = {name: retrieval[name]
-                                         for name in ("precision_at_1", "map_at_r", "r_precision")}
+                                         for name in ("precision_at_1", "map_at_r", "r_precision",
+                                                      "global_average_precision")}
     headline.update({f"recall_at_{k}": retrieval[f"recall_at_{k}"] for k in config.ks})
     verification = metrics.verification or {}
     for far in config.fars:
@@ -182,4 +191,9 @@ def headline_metrics(metrics: EvaluationMetrics, config: EvalConfig) -> dict[str
     headline["eer"] = verification.get("eer")
     if metrics.identification is not None:
         headline["cmc_rank_1"] = metrics.identification["cmc"][0]
+    for variant, scores in metrics.reranking.items():
+        if "skipped" in scores:
+            continue
+        headline[f"map_at_r_{variant}"] = scores["map_at_r"]
+        headline[f"precision_at_1_{variant}"] = scores["precision_at_1"]
     return headline

@@ -29,7 +29,8 @@ PLOT_TITLES = {"tar_at_far": "Verification: TAR against FAR", "recall_at_k": "Re
                "verification_sets_roc": "Face verification sets: ROC and 10-fold accuracy",
                "embedding_map_umap": "Embeddings, UMAP", "embedding_map_tsne": "Embeddings, t-SNE"}
 HEADLINE_NAMES = {"precision_at_1": "P@1", "map_at_r": "MAP@R", "r_precision": "R-precision",
-                  "roc_auc": "ROC AUC", "eer": "EER", "cmc_rank_1": "CMC rank 1"}
+                  "roc_auc": "ROC AUC", "eer": "EER", "cmc_rank_1": "CMC rank 1",
+                  "global_average_precision": "GAP"}
 
 
 def headline_label(name: str, verification_sets: Sequence[str] = ()) -> str:
@@ -42,6 +43,9 @@ def headline_label(name: str, verification_sets: Sequence[str] = ()) -> str:
         return f"R@{name.removeprefix('recall_at_')}"
     if name.startswith("tar_at_far_"):
         return f"TAR@FAR={name.removeprefix('tar_at_far_')}"
+    for metric in ("map_at_r", "precision_at_1"):  # re-ranked variants: map_at_r_dba+alpha_qe
+        if name.startswith(f"{metric}_") and not name.startswith("map_at_r_at"):
+            return f"{HEADLINE_NAMES[metric]} after {name.removeprefix(metric + '_')}"
     return HEADLINE_NAMES.get(name, name)
 
 
@@ -96,6 +100,7 @@ def build_report(metrics: EvaluationMetrics, headline: Mapping[str, Any], *, con
         "per_class": {"file": PER_CLASS_CSV, "num_classes": len(rows), "worst_by_map_at_r": worst},
         "verification": metrics.verification,
         "identification": metrics.identification,
+        "reranking": metrics.reranking,
         "verification_sets": dict(verification_sets or {}),
         "plots": dict(plots),
         "notes": list(metrics.notes),
