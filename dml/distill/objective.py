@@ -31,8 +31,9 @@ from dml.distributed import all_gather_rows, all_gather_with_grad, get_world_siz
 from dml.distill.losses import absolute_teacher_loss, relative_teacher_loss, rkd_angle_loss, rkd_distance_loss
 from dml.errors import DMLError
 from dml.losses.partial_fc import PartialFC
-from dml.train.checkpoint import STATE, latest_checkpoint
+from dml.train.checkpoint import HEAD_DIR, STATE, latest_checkpoint, sharded_head
 from dml.train.objective import ExtraOptimizers, build_margin, build_pair_loss
+from dml.train.row_shards import RowShardReader
 
 log = logging.getLogger(__name__)
 # Anchors per chunk of the RKD angle loss: bounds its O(B^3) memory to ~chunk x B^2 floats.
@@ -45,21 +46,27 @@ class TeacherEmbedder(Protocol):
     def embed(self, images: torch.Tensor, keys: list[str] | None) -> torch.Tensor: ...
 
 
-def teacher_head_state(teacher_run: str, num_classes: int, embedding_dim: int, seed: int) -> dict[str, Any]:
-    """The class centres (C, D) of the teacher run's last checkpoint as a fresh partial-FC
-    full state (teacher optimizer state and sampler position dropped). ``teacher_run`` may
-    also name the run's ``model.pt``."""
+def load_teacher_head(head: PartialFC, teacher_run: str, seed: int) -> None:
+    """Start ``head`` from the class centres (C, D) of the teacher run's last checkpoint (its
+    optimizer state and sampler position dropped; ``seed`` restarts the sampler). Each rank
+    reads only its rows of a row-sharded checkpoint. ``teacher_run`` may also name the
+    run's ``model.pt``. Raises `DMLError` for no checkpoint, no head, or another shape."""
     run_dir = Path(teacher_run)
     checkpoint = latest_checkpoint(run_dir.parent if run_dir.is_file() else run_dir)
     if checkpoint is None:
         raise DMLError(f"distill.init_head_from_teacher: no checkpoint in {teacher_run}")
-    head = torch.load(checkpoint / STATE, map_location="cpu", weights_only=False, mmap=True)["objective"].get("head")
-    if head is None:
+    state = torch.load(checkpoint / STATE, map_location="cpu", weights_only=True, mmap=True)
+    saved = state["objective"].get("head")
+    if saved is None:
         raise DMLError(f"distill.init_head_from_teacher: {checkpoint} has no partial-FC head (pair-loss teacher?)")
-    if (head["num_classes"], head["embedding_dim"]) != (num_classes, embedding_dim):
-        raise DMLError(f"distill.init_head_from_teacher: the teacher head is {head['num_classes']} classes x "
-                       f"{head['embedding_dim']} dims, the student needs {num_classes} x {embedding_dim}")
-    return {**head, "weight": head["weight"].clone(), "optimizer": None, "sampler": {"seed": seed, "step": 0}}
+    if (saved["num_classes"], saved["embedding_dim"]) != (head.num_classes, head.embedding_dim):
+        raise DMLError(f"distill.init_head_from_teacher: the teacher head is {saved['num_classes']} classes x "
+                       f"{saved['embedding_dim']} dims, the student needs {head.num_classes} x {head.embedding_dim}")
+    fresh = {"optimizer": None, "sampler": {"seed": seed, "step": 0}}
+    if sharded_head(state) is not None:
+        head.load_sharded_state_dict({**saved, **fresh}, RowShardReader(checkpoint / HEAD_DIR, saved["index"]).read)
+    else:
+        head.load_full_state_dict({**saved, **fresh})
 
 
 class _ScaleGradient(torch.autograd.Function):
@@ -107,8 +114,7 @@ class DistillObjective(ExtraOptimizers, nn.Module):
         self.head = PartialFC(self.embedding_dim, num_classes, build_margin(config), config.loss.sample_rate,
                               seed=config.seed).to(device)
         if self.cfg.init_head_from_teacher:
-            self.head.load_full_state_dict(teacher_head_state(self.cfg.teacher, num_classes, self.embedding_dim,
-                                                              config.seed))
+            load_teacher_head(self.head, self.cfg.teacher, config.seed)
         if self.cfg.freeze_head:
             self.head.weight.requires_grad_(False)
             return
@@ -155,9 +161,11 @@ class DistillObjective(ExtraOptimizers, nn.Module):
             return self.head(head_input, labels)
         return self.pair_loss(all_gather_with_grad(student), all_gather_rows(labels))
 
-    def full_state(self) -> dict[str, Any]:
-        """The label head's full matrix (any world size) or None; collective."""
-        return {"head": self.head.full_state_dict() if self.head is not None else None}
+    def full_state(self, include_head: bool = True) -> dict[str, Any]:
+        """The label head's full matrix (any world size) or None (also without ``include_head``,
+        for checkpoints that write its rows per rank); collective when the head is included."""
+        with_head = include_head and self.head is not None
+        return {"head": self.head.full_state_dict() if with_head else None}
 
     def load_full_state(self, state: dict[str, Any]) -> None:
         if self.head is not None and state.get("head") is not None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +30,14 @@ from dml.distributed import (ProcessGroup, all_gather_rows, all_gather_with_grad
                              get_world_size)
 from dml.losses.distributed_softmax import distributed_cross_entropy
 from dml.losses.sparse_optim import SparseRowOptimizer, build_sparse_optimizer
-from dml.losses.shard_state import (gather_shards_to_main, init_centre_shard, mix_seed,
-                                    shard_bounds)
+from dml.losses.shard_state import (RowShardedState, gather_shards_to_main, init_centre_shard,
+                                    mix_seed, shard_bounds)
 
 log = logging.getLogger(__name__)
 STATE_FORMAT = "dml.partial_fc/1"
+SHARDED_FORMAT = "dml.partial_fc.sharded/1"
+OPTIMIZER_PREFIX = "optimizer."
+RowReader = Callable[[str, int, int, "torch.Tensor | None"], torch.Tensor]
 
 
 class PartialFC(nn.Module):
@@ -232,9 +235,7 @@ class PartialFC(nn.Module):
         """
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"not a partial-FC full state (expected format {STATE_FORMAT!r})")
-        if (state["num_classes"], state["embedding_dim"]) != (self.num_classes, self.embedding_dim):
-            raise ValueError(f"saved head is {state['num_classes']} classes x {state['embedding_dim']} dims, "
-                             f"this one is {self.num_classes} x {self.embedding_dim}")
+        self._check_shape(state)
         rows = slice(self.class_start, self.class_end)
         with torch.no_grad():
             self.weight.copy_(state["weight"][rows])
@@ -247,6 +248,63 @@ class PartialFC(nn.Module):
             self.optimizer.reset_state()
         else:
             self.optimizer.load_row_state(local)
+
+    # --- row-sharded checkpoints (nothing gathered) --------------------------------------
+    def sharded_state_dict(self) -> RowShardedState:
+        """This rank's rows of the head, for a checkpoint that every rank writes in parallel.
+
+        ``tensors``: ``weight`` (shard_rows, D) and ``optimizer.<key>`` for each per-row
+        optimizer state tensor, all views of the live tensors (no copies). ``meta``: format,
+        shape, sampler (seed, step) and the optimizer's name and hyperparameters (or None);
+        the same on every rank. Not collective.
+        """
+        tensors = {"weight": self.weight.detach()}
+        optimizer = None
+        if self.optimizer is not None:
+            row_state = self.optimizer.row_state()
+            tensors.update({OPTIMIZER_PREFIX + k: v for k, v in row_state.items()})
+            optimizer = {"name": self.optimizer.name, "hyperparameters": self.optimizer.hyperparameters(),
+                         "state_keys": sorted(row_state)}
+        meta = {"format": SHARDED_FORMAT, "num_classes": self.num_classes, "embedding_dim": self.embedding_dim,
+                "sampler": {"seed": self.seed, "step": self.sample_step}, "optimizer": optimizer}
+        return RowShardedState(meta, self.num_classes, self.class_start, self.class_end, tensors)
+
+    def load_sharded_state_dict(self, meta: dict[str, Any], read_rows: RowReader) -> None:
+        """Take this rank's rows from a `sharded_state_dict` saved on any world size.
+
+        ``read_rows(name, start, end, out)`` fills ``out`` (or a new CPU tensor when None) with
+        global rows ``[start, end)`` of tensor ``name``; only this shard's rows are asked for
+        and the weight is read straight into the parameter. Raises ValueError when ``meta`` is
+        not a partial-FC head of this shape. Not collective.
+        """
+        if not isinstance(meta, dict) or meta.get("format") != SHARDED_FORMAT:
+            raise ValueError(f"not a sharded partial-FC state (expected format {SHARDED_FORMAT!r})")
+        self._check_shape(meta)
+        start, end = self.class_start, self.class_end
+        with torch.no_grad():
+            read_rows("weight", start, end, self.weight.data)
+        self.seed, self.sample_step = int(meta["sampler"]["seed"]), int(meta["sampler"]["step"])
+        saved = meta.get("optimizer")
+        if saved is None:
+            self._pending_optimizer_state = None
+            if self.optimizer is not None:
+                self.optimizer.reset_state()
+            return
+        if self.optimizer is None:  # kept until configure_optimizer; saved dtypes/shapes as they are
+            state = {key: read_rows(OPTIMIZER_PREFIX + key, start, end, None) for key in saved.get("state_keys", [])}
+            self._pending_optimizer_state = {**saved, "state": state}
+            return
+        if saved["name"] != self.optimizer.name:
+            raise ValueError(f"saved head optimizer is {saved['name']!r}, this one is {self.optimizer.name!r}")
+        self.optimizer.param_groups[0].update(saved["hyperparameters"])
+        self.optimizer.reset_state()
+        for key, tensor in self.optimizer.row_state().items():
+            read_rows(OPTIMIZER_PREFIX + key, start, end, tensor)
+
+    def _check_shape(self, state: dict[str, Any]) -> None:
+        if (state["num_classes"], state["embedding_dim"]) != (self.num_classes, self.embedding_dim):
+            raise ValueError(f"saved head is {state['num_classes']} classes x {state['embedding_dim']} dims, "
+                             f"this one is {self.num_classes} x {self.embedding_dim}")
 
 
 class _CentreCosine(torch.autograd.Function):

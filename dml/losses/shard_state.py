@@ -8,6 +8,8 @@ from identical centres).
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 import torch.distributed as dist
 
@@ -79,3 +81,16 @@ def gather_shards_to_main(shard: torch.Tensor, num_classes: int,
         dist.recv(buffer, src=to_global(source), group=group)
         full[start:end] = buffer.cpu()
     return full
+
+
+class RowShardedState(NamedTuple):
+    """What a row-sharded module hands a checkpoint: this rank's rows ``[start, end)`` of
+    ``num_rows``, per-row ``tensors`` (first dimension = ``end - start``; any trailing shape,
+    e.g. ``(rows, D)`` centres, ``(rows, k, D)`` sub-centres, ``(rows,)`` margins) and a small
+    ``meta`` dict that is the same on every rank (no tensors)."""
+
+    meta: dict[str, Any]
+    num_rows: int
+    start: int
+    end: int
+    tensors: dict[str, torch.Tensor]

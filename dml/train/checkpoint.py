@@ -1,10 +1,14 @@
 """Atomic, resumable, world-size independent checkpoints; only resumable ones are kept.
 
 A checkpoint is a folder ``<run>/checkpoints/step-NNNNNNNN/`` written as ``*.tmp`` and renamed
-when complete, so a crash never leaves a half checkpoint under a final name. ``state.pt``
-holds the model, the full partial-FC matrix with its optimizer state, the backbone optimizer
-(replicated under DDP), schedule, step, epoch, data position, the identity of the data and
-every rank's RNG state. DeepSpeed's ZeRO optimizer partitions go in ``optimizer-rank*.pt``
+when complete, so a crash never leaves a half checkpoint under a final name. Every rank
+writes its own rows of the partial-FC head (centres and their optimizer state) into
+``head/`` in parallel (`dml.train.row_shards`: nothing is gathered, and a resume on any world
+size reads only the rows each rank needs). ``state.pt`` is the commit record, written by
+rank 0 last, after every rank has finished: it holds which global rows each head file holds,
+the model, the backbone optimizer (replicated under DDP), schedule, step, epoch, data
+position, the identity of the data and every rank's RNG state. Checkpoints of the earlier
+gathered format (the full matrix inside ``state.pt``) still load. DeepSpeed's ZeRO optimizer partitions go in ``optimizer-rank*.pt``
 (same world size only). The last ``keep_last`` checkpoints are kept.
 
 Only a checkpoint that can be resumed is written or read back:
@@ -35,10 +39,13 @@ import torch
 
 from dml.distributed import barrier, gather_objects, get_rank, get_world_size
 from dml.errors import DMLError, first_line
+from dml.losses.shard_state import RowShardedState
+from dml.train.row_shards import RowShardReader, check_index, write_row_shard
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 STATE = "state.pt"
+HEAD_DIR = "head"
 DIVERGED_SUFFIX = ".nonfinite"
 UNREADABLE_SUFFIX = ".unreadable"
 _STEP_DIR = re.compile(r"step-\d{8}")
@@ -153,18 +160,54 @@ def _previous(run_dir: str | Path) -> str:
     return f"the previous checkpoint {last} is intact" if last else "there is no earlier checkpoint"
 
 
+def _write_rank_files(tmp: Path, rank: int, head: RowShardedState | None, engine_state: Any,
+                      per_rank: bool) -> dict[str, Any] | None:
+    """This rank's own files: its head rows (index record returned) and its ZeRO partition."""
+    if per_rank:
+        _write(engine_state, tmp / f"optimizer-rank{rank:05d}.pt")
+    if head is None:
+        return None
+    (tmp / HEAD_DIR).mkdir(exist_ok=True)
+    return write_row_shard(tmp / HEAD_DIR, rank, head.start, head.end, head.tensors)
+
+
+def _write_all(root: Path, tmp: Path, state: dict[str, Any] | None, head: RowShardedState | None,
+               engine_state: Any, per_rank: bool) -> str | None:
+    """Every rank writes its files in parallel; then rank 0 writes ``state.pt`` (with every
+    rank's row index) as the commit record, only once every rank has finished. Collective;
+    returns the first rank's problem or None."""
+    rank = get_rank()
+    problem = _first_problem(_attempt(lambda: _prepare_tmp(root, tmp), root) if rank == 0 else None)
+    if problem is not None:
+        return problem
+    record: list[Any] = [None]
+
+    def write_own() -> None:
+        record[0] = _write_rank_files(tmp, rank, head, engine_state, per_rank)
+
+    outcomes = gather_objects((_attempt(write_own, root), record[0]))
+    problem = next((p for p, _ in outcomes if p), None)
+    if problem is None and rank == 0:
+        if head is not None:
+            state["objective"]["head"] = {**head.meta, "index": [r for _, r in outcomes]}
+        problem = _attempt(lambda: _write(state, tmp / STATE), root)
+    return _first_problem(problem)
+
+
 def save_checkpoint(run_dir: str | Path, step: int, payload: dict[str, Any], objective, engine,
                     keep_last: int) -> Path:
     """Write a checkpoint (collective: every rank calls it). Returns the final folder.
 
-    Raises `NonFiniteState` (nothing written) when any tensor to save is NaN/inf on any rank,
-    and `CheckpointError` on every rank when any rank's write fails (the partial folder is
-    removed; earlier checkpoints are untouched).
+    The head's rows are written by the rank that holds them (nothing is gathered); the rest
+    goes in rank 0's ``state.pt``, written last. Raises `NonFiniteState` (nothing written)
+    when any tensor to save is NaN/inf on any rank, and `CheckpointError` on every rank when
+    any rank's write fails (the partial folder is removed; earlier checkpoints are untouched).
     """
     root = Path(run_dir) / CHECKPOINTS
     final, tmp = root / step_dir_name(step), root / (step_dir_name(step) + ".tmp")
     rank = get_rank()
-    objective_state = objective.full_state()  # collective; full matrix on rank 0
+    head = objective.head.sharded_state_dict() if getattr(objective, "head", None) is not None else None
+    objective_state = objective.full_state(include_head=False)  # collective
     rng_states = gather_objects(rng_state())
     engine_state = engine.optimizer_state()
     per_rank = engine.per_rank_optimizer_state
@@ -172,19 +215,13 @@ def save_checkpoint(run_dir: str | Path, step: int, payload: dict[str, Any], obj
     if rank == 0:
         state = {**payload, "objective": objective_state, "rng": rng_states, "world_size": get_world_size(),
                  "engine": None if per_rank else engine_state}
-    bad = first_non_finite(state) or (first_non_finite(engine_state, "engine") if per_rank else None)
+    bad = (first_non_finite(state) or (first_non_finite(engine_state, "engine") if per_rank else None)
+           or (first_non_finite(head.tensors, "objective.head") if head is not None else None))
     bad = _first_problem(f"{bad} (rank {rank})" if bad else None)
     if bad:
         raise NonFiniteState(f"checkpoint for step {step} not written: {bad} holds NaN or inf; "
                              f"{_previous(run_dir)}")
-    problem = _first_problem(_attempt(lambda: _prepare_tmp(root, tmp), root) if rank == 0 else None)
-    if problem is None:
-        writes = []
-        if per_rank:
-            writes.append(lambda: _write(engine_state, tmp / f"optimizer-rank{rank:05d}.pt"))
-        if rank == 0:
-            writes.append(lambda: _write(state, tmp / STATE))
-        problem = _first_problem(next((p for p in (_attempt(w, root) for w in writes) if p), None))
+    problem = _write_all(root, tmp, state, head, engine_state, per_rank)
     if problem is not None:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -200,6 +237,25 @@ def save_checkpoint(run_dir: str | Path, step: int, payload: dict[str, Any], obj
         log.info("checkpoint: step %d -> %s", step, final)
     barrier()
     return final
+
+
+def sharded_head(state: dict[str, Any]) -> dict[str, Any] | None:
+    """The head entry of a checkpoint written with row shards (None: gathered or no head)."""
+    head = (state.get("objective") or {}).get("head")
+    return head if isinstance(head, dict) and "index" in head else None
+
+
+def read_head_rows(path: Path, name: str = "weight", start: int = 0, end: int | None = None) -> torch.Tensor:
+    """Rows ``[start, end)`` (default: all) of head tensor ``name`` (``weight``, or
+    ``optimizer.<key>``) of the checkpoint folder ``path``, in either format, as a CPU tensor.
+    For inspection and export of small heads; training resumes read only their own rows."""
+    state = torch.load(Path(path) / STATE, map_location="cpu", weights_only=True, mmap=True)
+    head = state["objective"]["head"]
+    end = head["num_classes"] if end is None else end
+    if sharded_head(state) is not None:
+        return RowShardReader(Path(path) / HEAD_DIR, head["index"]).read(name, start, end)
+    tensor = head["weight"] if name == "weight" else head["optimizer"]["state"][name.removeprefix("optimizer.")]
+    return tensor[start:end].clone()
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
@@ -219,6 +275,10 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     bad = first_non_finite({key: state.get(key) for key in ("model", "objective", "engine", "swa")})
     if bad:
         raise CheckpointError(f"{file}: {bad} holds NaN or inf")
+    head = sharded_head(state)
+    problem = check_index(Path(path) / HEAD_DIR, head["index"], head["num_classes"]) if head else None
+    if problem:
+        raise CheckpointError(f"{path}: the head's row shards are not whole: {problem}")
     return state
 
 
@@ -260,8 +320,14 @@ def restore_checkpoint(path: Path, state: dict[str, Any], objective, engine, wit
     that did not exist when saving are left as seeded. ``with_head=False`` leaves the head
     (and centre loss) as freshly initialised. Returns ``state``.
     """
-    if with_head:
+    head = sharded_head(state)
+    if with_head and head is None:
         objective.load_full_state(state["objective"])
+    elif with_head:
+        objective.load_full_state({**state["objective"], "head": None})
+        if getattr(objective, "head", None) is not None:
+            reader = RowShardReader(Path(path) / HEAD_DIR, head["index"])
+            objective.head.load_sharded_state_dict(head, reader.read)
     if engine.per_rank_optimizer_state:
         parts = sorted(Path(path).glob("optimizer-rank*.pt"))
         engine.load_optimizer_state([torch.load(p, map_location="cpu", weights_only=False) for p in parts])
