@@ -151,6 +151,28 @@ def test_sparse_optimizer_leaves_unsampled_rows_and_state_untouched(name):
         assert optimizer.row_state()["row_step"].dtype == torch.float32
 
 
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+@pytest.mark.parametrize("chunk_rows", [1, 3, 1000])
+def test_sparse_step_in_chunks_changes_no_bit(monkeypatch, name, chunk_rows):
+    """The sampled rows are updated a bounded chunk at a time; any chunk size gives the bits of
+    one whole-sample update (the update is row-wise)."""
+    heads = {}
+    for chunked in (False, True):
+        row_bytes = DIM * 8  # float64 rows
+        monkeypatch.setattr("dml.losses.sparse_optim.STEP_CHUNK_BYTES", chunk_rows * row_bytes if chunked else 2**40)
+        head = PartialFC(DIM, 60, ArcFace(), sample_rate=0.3, seed=2).double()
+        optimizer = head.configure_optimizer(name, lr=0.1)
+        for step in range(3):
+            x, y = batch(step, 5, 60)
+            optimizer.zero_grad()
+            head(x, y).backward()
+            optimizer.step()
+        heads[chunked] = (head.weight.detach(), optimizer.row_state())
+    assert torch.equal(heads[False][0], heads[True][0])
+    for key, value in heads[False][1].items():
+        assert torch.equal(value, heads[True][1][key]), key
+
+
 @pytest.mark.parametrize("name, torch_optimizer", [
     ("sgd", lambda p: torch.optim.SGD([p], lr=0.5, momentum=0.9, weight_decay=5e-4)),
     ("adamw", lambda p: torch.optim.AdamW([p], lr=0.01, weight_decay=5e-4, betas=(0.9, 0.999))),

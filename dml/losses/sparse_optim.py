@@ -8,9 +8,10 @@ those ``k`` rows only and never a ``(shard, D)`` one. These optimizers are
 sampled, gathers those rows of the parameter and of every per-row state tensor, applies the
 update to the gathered copies and scatters them back. Rows that were not sampled, and their
 state (momentum buffer, Adam moments, step count) are never touched, weight decay included;
-the work per step is proportional to ``k x D``. With ``sample_rate = 1`` (or in eval mode)
-the head reports "all rows" and the update runs in place on the full shard; it then matches
-`torch.optim.SGD` / `torch.optim.AdamW` up to rounding.
+the work per step is proportional to ``k x D``, and the gathered copies are made
+`STEP_CHUNK_BYTES` of rows at a time, so their memory does not grow with ``k``. With
+``sample_rate = 1`` (or in eval mode) the head reports "all rows" and the update runs in
+place on the full shard; it then matches `torch.optim.SGD` / `torch.optim.AdamW` up to rounding.
 
 AdamW keeps a step count per row (``row_step``) because each row's bias correction
 (Loshchilov & Hutter, "Decoupled Weight Decay Regularization"; Kingma & Ba, "Adam") must
@@ -26,6 +27,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+STEP_CHUNK_BYTES = 32 * 1024 * 1024  # sampled rows are updated this many bytes of centres at a time
 
 if TYPE_CHECKING:  # imported only for hints: the head imports this module at run time
     from dml.losses.partial_fc import PartialFC
@@ -114,12 +117,15 @@ class SparseRowOptimizer(torch.optim.Optimizer):
         if index is None:  # every row: update in place, no copies
             self._update_rows(param.data, grad, {k: state[k] for k in keys}, group)
             return loss
-        rows = param.data.index_select(0, index)
-        state_rows = {k: state[k].index_select(0, index) for k in keys}
-        self._update_rows(rows, grad.to(rows.dtype), state_rows, group)
-        param.data.index_copy_(0, index, rows)
-        for key in keys:
-            state[key].index_copy_(0, index, state_rows[key])
+        step_rows = max(1, STEP_CHUNK_BYTES // max(1, param[0].numel() * param.element_size()))
+        for first in range(0, index.numel(), step_rows):  # row-wise updates: chunks change no bit
+            part = index[first: first + step_rows]
+            rows = param.data.index_select(0, part)
+            state_rows = {k: state[k].index_select(0, part) for k in keys}
+            self._update_rows(rows, grad[first: first + step_rows].to(rows.dtype), state_rows, group)
+            param.data.index_copy_(0, part, rows)
+            for key in keys:
+                state[key].index_copy_(0, part, state_rows[key])
         return loss
 
     def _update_rows(self, rows: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor],
