@@ -31,6 +31,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -205,7 +206,7 @@ def save_checkpoint(run_dir: str | Path, step: int, payload: dict[str, Any], obj
     """
     root = Path(run_dir) / CHECKPOINTS
     final, tmp = root / step_dir_name(step), root / (step_dir_name(step) + ".tmp")
-    rank = get_rank()
+    rank, started = get_rank(), time.perf_counter()
     head = objective.head.sharded_state_dict() if getattr(objective, "head", None) is not None else None
     objective_state = objective.full_state(include_head=False)  # collective
     rng_states = gather_objects(rng_state())
@@ -234,7 +235,7 @@ def save_checkpoint(run_dir: str | Path, step: int, payload: dict[str, Any], obj
         os.replace(tmp, final)
         for old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-        log.info("checkpoint: step %d -> %s", step, final)
+        log.info("checkpoint: step %d -> %s (%.1f s)", step, final, time.perf_counter() - started)
     barrier()
     return final
 
@@ -320,7 +321,7 @@ def restore_checkpoint(path: Path, state: dict[str, Any], objective, engine, wit
     that did not exist when saving are left as seeded. ``with_head=False`` leaves the head
     (and centre loss) as freshly initialised. Returns ``state``.
     """
-    head = sharded_head(state)
+    head, started = sharded_head(state), time.perf_counter()
     if with_head and head is None:
         objective.load_full_state(state["objective"])
     elif with_head:
@@ -336,6 +337,8 @@ def restore_checkpoint(path: Path, state: dict[str, Any], objective, engine, wit
     rank = get_rank()
     if rank < len(state["rng"]):
         set_rng_state(state["rng"][rank])
+    if rank == 0:
+        log.info("checkpoint: loaded %s in %.1f s", path, time.perf_counter() - started)
     return state
 
 
