@@ -39,7 +39,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dml.distributed import DistInfo, barrier, spawn_local_group  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from local_group import spawn_local_group  # noqa: E402
+
+from dml.distributed import DistInfo, barrier  # noqa: E402
 
 DIM, PER_RANK, WORLD = 512, 128, 2
 GLOBAL_BATCH = PER_RANK * WORLD

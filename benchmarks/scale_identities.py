@@ -46,9 +46,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "tests"))
 import partial_fc as head_bench  # noqa: E402
+from local_group import spawn_local_group  # noqa: E402
 
-from dml.distributed import spawn_local_group  # noqa: E402
 from dml.train.checkpoint import latest_checkpoint, read_head_rows  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scale_identities.json"

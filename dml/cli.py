@@ -127,9 +127,9 @@ def _headline(metrics: dict) -> str:
 
 
 def _is_rank_zero() -> bool:
-    import os
+    from dml.distributed import launched_rank  # imports torch: only after a stage ran
 
-    return os.environ.get("RANK", "0") == "0"
+    return launched_rank() == 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""Process-group setup, rank helpers and an autograd-aware all-gather.
+"""Process-group setup, rank helpers, object collectives and an autograd-aware all-gather.
 
 Distributed is a property of the process, not a separate code path: with no torchrun
 environment (or ``WORLD_SIZE=1``) no process group is created and every helper here answers
@@ -13,19 +13,13 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import socket
-import sys
-import traceback
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as torch_mp
-from torch.multiprocessing.spawn import ProcessException
 
 log = logging.getLogger(__name__)
 ProcessGroup = Any  # torch.distributed.ProcessGroup; kept loose so type hints never import it
@@ -139,6 +133,13 @@ def get_world_size(group: ProcessGroup | None = None) -> int:
 def is_main_process() -> bool:
     """True on global rank 0 (and in a single-process run)."""
     return get_rank() == 0
+
+
+def launched_rank() -> int:
+    """The global rank the launcher gave this process: the process group's while there is one,
+    else torchrun's ``RANK`` (0 when started alone), so it holds before joining and after
+    leaving the group. Raises `ValueError` when ``RANK`` is not an integer."""
+    return get_rank() if is_initialized() else _env_int("RANK", 0)
 
 
 def barrier(group: ProcessGroup | None = None) -> None:
@@ -272,65 +273,6 @@ def free_local_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def _local_worker(local_rank: int, fn: Callable, world_size: int, port: int, threads: int,
-                  queue: Any, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
-    torch.set_num_threads(threads)
-    try:
-        info = init_distributed(backend="gloo", timeout_s=300.0)
-        result = fn(info, *args)
-    except BaseException:
-        # Queued before this process dies, so the parent can name the first failure, not
-        # the "connection closed by peer" errors it causes on the other ranks.
-        queue.put(pickle.dumps(("error", local_rank, traceback.format_exc())))
-        raise
-    finally:
-        cleanup()
-    queue.put(pickle.dumps(("result", local_rank, result)))  # a pipe write: delivered on return
-    # Skip interpreter teardown. In about 1 of 10 runs of a 2-process test, a worker whose
-    # result was already delivered aborted while exiting ("terminate called without an
-    # active exception", SIGABRT: a native thread still joinable at static destruction);
-    # nothing is left to flush here, so leave without running native destructors.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def spawn_local_group(fn: Callable, world_size: int, args: tuple = (), threads_per_worker: int = 1) -> list:
-    """Run ``fn(info, *args)`` in ``world_size`` fresh gloo processes on 127.0.0.1; return results by rank.
-
-    ``fn`` must be importable (module level); results are pickled by value. If a worker
-    raises, the others are stopped and a RuntimeError carrying the first failing rank's
-    traceback is raised here. Meant for tests, benchmarks and single-machine CPU runs; use
-    torchrun for anything real.
-    """
-    ctx = torch_mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    port = free_local_port()
-    procs = torch_mp.start_processes(_local_worker, args=(fn, world_size, port, threads_per_worker, queue, args),
-                                     nprocs=world_size, join=False, start_method="spawn")
-    messages: list[tuple[str, int, Any]] = []
-
-    def drain() -> None:
-        while not queue.empty():
-            messages.append(pickle.loads(queue.get()))
-
-    try:
-        while not procs.join(timeout=0.2):
-            drain()
-    except ProcessException as err:
-        drain()
-        errors = [(rank, text) for kind, rank, text in messages if kind == "error"]
-        if not errors:
-            raise
-        rank, text = errors[0]
-        raise RuntimeError(f"rank {rank} of {world_size} failed:\n{text}") from err
-    drain()
-    results = {rank: value for kind, rank, value in messages if kind == "result"}
-    return [results[r] for r in range(world_size)]
 
 
 def describe_lone_process_as_group_of_one() -> None:

@@ -16,11 +16,11 @@ import torch.distributed as dist
 from dml.config import DataConfig, DMLConfig
 from dml.data.loader import EvalLoader, TrainLoader
 from dml.data.manifest import load_manifest
-from dml.distributed import spawn_local_group
 from dml.errors import DataError
 from dml.eval.embed import extract_embeddings
 from dml.train.checkpoint import list_checkpoints
 from dml.train.loop import moved_position, remaining_batches
+from local_group import spawn_local_group
 from shard_fixtures import split_keys, write_shard_set
 
 pytestmark = pytest.mark.dist

@@ -16,12 +16,13 @@ import torch
 
 from dml.cli import main
 from dml.config import DMLConfig
-from dml.distributed import get_rank, spawn_local_group
+from dml.distributed import get_rank
 from dml.models.model_file import build_model, save_final_model
 from dml.train.checkpoint import (CheckpointError, NonFiniteState, list_checkpoints, read_checkpoint,
                                   save_checkpoint)
 from dml.train.engine import DDPEngine
 from dml.train.objective import Objective
+from local_group import spawn_local_group
 from small_disk import mounted_tmpfs
 from train_fixtures import tiny_shards, tiny_train_config
 

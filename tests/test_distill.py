@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from dml.config import DMLConfig
 from dml.distill.losses import absolute_teacher_loss, relative_teacher_loss, rkd_angle_loss, rkd_distance_loss
 from dml.distill.objective import DistillObjective
-from dml.distributed import spawn_local_group
+from local_group import spawn_local_group
+
 
 # The rest (timm models, loaders, the trainer) is imported inside the tests that need it, so
 # the worker processes of the 2-rank gradient test import this module in a few seconds.
@@ -165,8 +166,8 @@ def teacher_view_embedding(model, data, shard_dir: Path, key: str) -> np.ndarray
     """The teacher's flip-averaged embedding of one training image, computed directly."""
     from PIL import Image
 
-    from dml.data.reading import IMAGE_PARTS as IMAGE_KEYS
     from dml.data.manifest import load_manifest, split_shards
+    from dml.data.reading import IMAGE_PARTS as IMAGE_KEYS
     from dml.data.tar_members import iter_tar_samples
     from dml.data.transforms import build_eval_transform
 
@@ -231,9 +232,9 @@ def test_cache_reused_and_rebuilt_when_stale(teacher_run, tmp_path):
 
 # --- runs -------------------------------------------------------------------------------------
 def test_single_process_every_loss_on_the_fly(teacher_run, tmp_path):
-    from dml.files import sha256_file
     from dml.distill.run import run_distill
     from dml.errors import ConfigError
+    from dml.files import sha256_file
     from dml.models.model_file import load_final_model
     from dml.train.checkpoint import latest_checkpoint, read_head_rows
     from dml.train.metrics_log import read_metrics
@@ -266,10 +267,10 @@ def test_single_process_every_loss_on_the_fly(teacher_run, tmp_path):
 
 @pytest.mark.dist
 def test_two_process_cached_run(teacher_run, tmp_path):
-    from dml.files import sha256_file
     from dml.distill.teacher import describe_teacher
     from dml.distill.teacher_cache import ensure_teacher_cache
     from dml.eval.embed import extract_embeddings
+    from dml.files import sha256_file
     from dml.models.model_file import load_final_model
     from dml.train.checkpoint import STATE, latest_checkpoint
     from train_fixtures import ROOT, write_config
@@ -281,7 +282,7 @@ def test_two_process_cached_run(teacher_run, tmp_path):
                             label_weight=0.1)
     path = write_config(tmp_path / "distill.yaml", config)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "dml.distill.run", "--config", str(path)]
+           "-m", "dml.cli", "distill", "--config", str(path)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

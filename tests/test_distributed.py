@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from local_group import spawn_local_group
 
 from dml import distributed as D
 
@@ -88,7 +89,7 @@ def check_gather(info: D.DistInfo, use_reduce_scatter: bool) -> dict:
 @pytest.mark.dist
 def test_all_gather_with_grad_unequal_sizes_three_ranks():
     """Both backward paths: padded reduce-scatter, and the all-reduce + slice fallback."""
-    results = D.spawn_local_group(gather_worker, 3)
+    results = spawn_local_group(gather_worker, 3)
     for use_reduce_scatter in (True, False):
         by_rank = [r[use_reduce_scatter] for r in results]
         assert [r["rank"] for r in by_rank] == [0, 1, 2]
@@ -105,4 +106,4 @@ def failing_worker(info: D.DistInfo) -> None:
 @pytest.mark.dist
 def test_spawn_local_group_reraises_a_worker_error():
     with pytest.raises(RuntimeError, match=r"rank 1 of 2 failed:(.|\n)*rank 1 fails on purpose"):
-        D.spawn_local_group(failing_worker, 2)
+        spawn_local_group(failing_worker, 2)

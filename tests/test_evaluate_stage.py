@@ -19,16 +19,16 @@ from dml.config_reranking import RerankingConfig
 from dml.eval.query_expansion import alpha_query_expansion, database_side_augmentation
 from dml.data.manifest import manifest_digest
 from dml.data.shards import write_shards
-from dml.files import sha256_file
-from dml.distributed import spawn_local_group
 from dml.errors import DMLError
 from dml.eval.embed import Embeddings, extract_embeddings
 from dml.eval.metrics import retrieval_metrics
 from dml.eval.reranking import nearest_neighbour_gap
-from dml.eval.shard_lookup import read_sample_metadata
 from dml.eval.run import run_evaluate
+from dml.eval.shard_lookup import read_sample_metadata
 from dml.eval.verification import cmc_curve, verification_metrics
+from dml.files import sha256_file
 from dml.models.model_file import build_model, load_final_model, save_final_model
+from local_group import spawn_local_group
 
 FARS = (1e-1, 1e-2, 1e-4)
 KS = (1, 3, 5)

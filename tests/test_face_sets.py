@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from dml.config import DMLConfig, VerificationSetConfig, load_config
-from dml.distributed import spawn_local_group
 from dml.errors import ConfigError, DataError
 from dml.eval.bin_reader import read_verification_bin, write_verification_bin
 from dml.eval.face_verification import face_verification_metrics
@@ -24,6 +23,7 @@ from dml.models.model_file import build_model, load_final_model
 from dml.train.metrics_log import read_metrics
 from dml.train.run import run_train
 from face_fixtures import make_pair_sets
+from local_group import spawn_local_group
 from test_bin_reader import RunsCommand
 from train_fixtures import ROOT, tiny_shards, tiny_train_config, write_config
 

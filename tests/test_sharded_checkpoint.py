@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from local_group import spawn_local_group
 
 from dml.config import DMLConfig
-from dml.distributed import spawn_local_group
 from dml.models.model_file import build_model
 from dml.train.checkpoint import (HEAD_DIR, STATE, CheckpointError, latest_checkpoint, load_checkpoint,
                                   read_checkpoint, save_checkpoint, step_dir_name)

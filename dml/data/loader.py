@@ -19,7 +19,6 @@ from itertools import islice
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -28,6 +27,7 @@ from dml.data.manifest import load_manifest
 from dml.data.reading import BadSampleError, BadSamplePolicy, ShardSpec, decode_image, read_shard, split_shard_specs
 from dml.data.sampling import EpochShardSampler, EpochShuffle, PKGroups, collate_pairs, worker_index
 from dml.data.transforms import BatchNormalize, build_eval_transform, build_train_uint8_transform
+from dml.distributed import get_rank, get_world_size
 from dml.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -37,9 +37,7 @@ def rank_and_world(rank: int | None = None, world_size: int | None = None) -> tu
     """Explicit values win; otherwise the initialised process group's; otherwise (0, 1)."""
     if rank is not None and world_size is not None:
         return rank, world_size
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return get_rank(), get_world_size()
 
 
 class ReadShards:

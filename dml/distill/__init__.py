@@ -13,7 +13,7 @@ from dml.distill.objective import DistillObjective
 
 
 def __getattr__(name: str):
-    # Lazy, so `python -m dml.distill.run` does not import the module twice.
+    # Lazy: the losses and the objective load without the trainer behind `run_distill`.
     if name == "run_distill":
         from dml.distill.run import run_distill
 

@@ -1,4 +1,4 @@
-"""The `distill` stage: one function for `dml distill`, `torchrun -m dml.distill.run` and Prefect.
+"""The `distill` stage: one function for `dml distill`, `torchrun -m dml.cli distill` and Prefect.
 
 It trains ``distill.student`` on the `dml train` trainer (same loop, engine, checkpoints,
 resume, evaluation), with `DistillObjective` in place of the label objective. Outputs in
@@ -16,8 +16,6 @@ value it is an error.
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ from dml.data.manifest import manifest_digest
 from dml.distill.objective import DistillObjective
 from dml.distill.teacher import OnTheFlyTeacher, TeacherRecord, describe_teacher
 from dml.distill.teacher_cache import CachedTeacher, ensure_teacher_cache
+from dml.distributed import launched_rank
 from dml.errors import ConfigError
 from dml.models.model_file import build_model, read_model_file
 from dml.train.run import TrainingSpec, TrainResult, run_training
@@ -95,20 +94,8 @@ def run_distill(config: DMLConfig, resume: bool = False) -> TrainResult:
     if config.distill.rkd_angle_weight > 0:
         log.info("distill: the RKD angle loss costs O(B^3) memory in the global batch B; it is chunked over anchors")
     result = run_training(config, resume, distill_spec(config, teacher))
-    # run_training has left the process group; RANK is torchrun's (unset: single process).
-    if int(os.environ.get("RANK", "0")) == 0:
+    if launched_rank() == 0:  # run_training has left the process group
         record_teacher(Path(result.model_path), teacher.provenance())
         log.info("distill: student %s (teacher %s, sha256 %s)", result.model_path, teacher.model_path,
                  teacher.sha256[:16])
     return result
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m dml.distill.run --config FILE [key=value ...] [--resume]`` (torchrun-able)."""
-    from dml.cli import main as cli_main
-
-    return cli_main(["distill", *(argv if argv is not None else sys.argv[1:])])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

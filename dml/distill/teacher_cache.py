@@ -39,12 +39,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from dml.config import DataConfig
 from dml.data.manifest import load_manifest, manifest_digest
-from dml.distributed import barrier, get_rank, get_world_size
 from dml.distill.teacher import TeacherRecord
+from dml.distributed import barrier, broadcast_object, get_rank
 from dml.errors import DataError
 from dml.eval.embed import extract_embeddings
 from dml.models.model_file import load_final_model
@@ -91,14 +90,6 @@ def cache_problem(directory: Path, expected: dict[str, Any]) -> str | None:
     if vectors.shape != (rows, expected["embedding_dim"]) or len(keys) != rows:
         return f"holds {len(keys)} keys / vectors {vectors.shape}, expected {rows}"
     return None
-
-
-def _broadcast_from_main(value: Any) -> Any:
-    if get_world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def build_cache(record: TeacherRecord, data: DataConfig, directory: Path, meta: dict[str, Any],
@@ -171,7 +162,7 @@ def ensure_teacher_cache(record: TeacherRecord, data: DataConfig, device: torch.
     """
     meta = cache_meta(record, data)
     directory = cache_dir(data.shard_dir, meta)
-    problem = _broadcast_from_main(cache_problem(directory, meta) if get_rank() == 0 else None)
+    problem = broadcast_object(cache_problem(directory, meta) if get_rank() == 0 else None)
     if problem is not None:
         if directory.exists():
             log.info("teacher cache: %s is stale (%s): rebuilding", directory, problem)

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from dml.config import DataConfig
 from dml.data.loader import EvalLoader
+from dml.distributed import gather_objects, get_rank
 from dml.errors import DataError
 from dml.progress import progress
 
@@ -59,10 +59,7 @@ def embed_batches(model: nn.Module, images: torch.Tensor, flip: bool = False) ->
 def _gather(keys: list[str], vectors: np.ndarray, labels: np.ndarray, error: DataError | None = None) -> Embeddings:
     """Every rank's part, in key order (collective). A rank that could not read its part sends
     its error instead, and every rank raises the first one, so none waits for the failed one."""
-    parts = [(keys, vectors, labels, error)]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, (keys, vectors, labels, error))
+    parts = gather_objects((keys, vectors, labels, error))
     errors = [p[3] for p in parts if p[3] is not None]
     if errors:
         raise errors[0]
@@ -87,7 +84,7 @@ def extract_embeddings(model: nn.Module, data: DataConfig, split: str, device: t
     loader = EvalLoader(data, split, batch_size=batch_size or max(64, data.batch_size))
     keys: list[str] = []
     vectors, labels = [], []
-    show = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    show = get_rank() == 0
     error: DataError | None = None
     try:
         for batch_keys, images, batch_labels in progress(loader, desc=f"embed {split}", unit="batch",

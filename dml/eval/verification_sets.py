@@ -23,11 +23,11 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 
 from dml.config import DataConfig, VerificationSetConfig
 from dml.data.transforms import build_eval_transform
+from dml.distributed import gather_objects, get_rank, get_world_size
 from dml.errors import DataError
 from dml.eval.bin_reader import read_verification_bin
 from dml.eval.embed import embed_batches
@@ -117,8 +117,7 @@ def embed_images(model: torch.nn.Module, images: Sequence[bytes], data: DataConf
     """Embeddings (N, D) float32 of encoded ``images``, preprocessed like evaluation
     (`build_eval_transform` of ``data``); collective over the process group when there is
     one. Raises `DataError` on every rank when any rank meets an undecodable image."""
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    rank = dist.get_rank() if world > 1 else 0
+    world, rank = get_world_size(), get_rank()
     start, stop = rank * len(images) // world, (rank + 1) * len(images) // world
     was_training = model.training
     model.eval()
@@ -130,10 +129,7 @@ def embed_images(model: torch.nn.Module, images: Sequence[bytes], data: DataConf
         mine = str(exc)
     finally:
         model.train(was_training)
-    parts = [mine]
-    if world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, mine)
+    parts = gather_objects(mine)
     errors = [part for part in parts if isinstance(part, str)]
     if errors:
         raise DataError(errors[0])
