@@ -350,6 +350,7 @@ class ExportConfig(StrictModel):
 
     model_path: str = "runs/student/model.pt"
     output_dir: str = "runs/student/export"
+    report_path: str | None = None  # `dml evaluate`'s report.json of this model: its headline goes on the card
     formats: tuple[Literal["onnx", "torchscript"], ...] = ("onnx", "torchscript")
     opset: int = Field(17, ge=17)
     min_cosine: float = Field(0.9999, gt=0.0, le=1.0)

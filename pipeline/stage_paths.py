@@ -19,7 +19,8 @@ from dml.config import DMLConfig, load_config, validate_config
 from dml.errors import ConfigError
 
 log = logging.getLogger(__name__)
-MODEL_FILE = "model.pt"
+MODEL_FILE = "model.pt"  # = dml.models.model_file.MODEL_FILE (a test checks; importing it loads torch)
+REPORT_FILE = "report.json"  # = dml.eval.report.REPORT_JSON
 
 
 def with_values(config: DMLConfig, values: dict[str, Any]) -> DMLConfig:
@@ -92,4 +93,5 @@ def distill_config(config: DMLConfig) -> DMLConfig:
 
 def export_config(config: DMLConfig) -> DMLConfig:
     run = Path(config.distill.run_dir)
-    return with_values(config, {"export.model_path": str(run / MODEL_FILE), "export.output_dir": str(run / "export")})
+    return with_values(config, {"export.model_path": str(run / MODEL_FILE), "export.output_dir": str(run / "export"),
+                                "export.report_path": str(run / "eval" / REPORT_FILE)})

@@ -112,7 +112,7 @@ def distill_spec(config: DMLConfig) -> StageSpec:
 def export_spec(config: DMLConfig) -> StageSpec:
     config = stage_paths.export_config(config)
     student = stage_paths.student_model_file(config)
-    report = student.parent / "eval" / "report.json"  # run_export copies its metrics into the card
+    report = Path(config.export.report_path)  # run_export copies its headline metrics into the card
     inputs = {"config": sections_digest(config, ["data", "export"]), "manifest": _manifest_digest(config),
               "model": file_digest(student), "report": file_digest(report) if report.is_file() else "none"}
     return StageSpec("export", "export", config, Path(config.export.output_dir), "model_card.json", inputs,

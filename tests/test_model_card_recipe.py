@@ -17,10 +17,11 @@ from PIL import Image, ImageOps
 from dml.config import DMLConfig
 from dml.data.manifest import manifest_digest
 from dml.data.shards import write_shards
-from dml.eval.embed import Embeddings
 from dml.data.transforms import build_eval_transform
-from dml.eval.shard_lookup import iter_split_samples, read_sample_metadata
+from dml.errors import DMLError
+from dml.eval.embed import Embeddings
 from dml.eval.run import run_evaluate
+from dml.eval.shard_lookup import iter_split_samples, read_sample_metadata
 from dml.export.run import run_export
 from dml.models.model_file import build_model, save_final_model
 
@@ -133,3 +134,21 @@ def test_card_recipe_gives_the_input_tensor_of_the_pipelines_transform(exported)
         assert np.abs(apply_card(export.card, source) - expected).max() < 1e-5, source
         compared += 1
     assert compared >= CLASSES * PER_CLASS * 0.6
+
+
+def test_export_puts_on_the_card_the_metrics_of_the_report_it_is_told(exported, tmp_path):
+    root, evaluation, export, config = exported
+    assert export.card["metrics"] == {}  # export.report_path unset: no report is guessed from the model's folder
+
+    def told(report_path: str) -> DMLConfig:
+        section = config.export.model_copy(update={"report_path": report_path, "output_dir": str(tmp_path / "out")})
+        return config.model_copy(update={"export": section})
+
+    card = run_export(told(evaluation.report_path)).card
+    assert card["metrics"] == json.loads(Path(evaluation.report_path).read_text())["headline"]
+    assert card["metrics"]["map_at_r"] == evaluation.metrics["map_at_r"]
+    with pytest.raises(DMLError, match=r"^export.report_path: no evaluation report at .*missing.json: run `dml evaluate`"):
+        run_export(told(str(tmp_path / "missing.json")))
+    (tmp_path / "other.json").write_text("[1, 2]")
+    with pytest.raises(DMLError, match=r"^export.report_path: .*other.json is not a `dml evaluate` report"):
+        run_export(told(str(tmp_path / "other.json")))

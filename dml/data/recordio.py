@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dml.data.sources import ImagePayload, Record
+from dml.data.records import ImagePayload, Record
 from dml.errors import DataError
 
 log = logging.getLogger(__name__)

@@ -14,19 +14,17 @@ import struct
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol, Union
+from typing import Protocol
 
 import numpy as np
 
 from dml.data.array_pixels import pixel_scale, to_uint8
 from dml.data.folder_listing import list_folder
-from dml.data.records import IMAGE_EXTENSIONS, Record, Rejection  # noqa: F401 (re-exported)
+from dml.data.records import IMAGE_EXTENSIONS, ImagePayload, Record, Rejection  # noqa: F401 (re-exported)
 from dml.data.table_listing import list_table
 from dml.errors import DataError
 from dml.names import unknown_name
 from dml.registries import SOURCES
-
-ImagePayload = Union[bytes, np.ndarray]
 
 
 class Source(Protocol):

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from dml.config import DataConfig, ModelConfig
-from dml.files import sha256_file
 from dml.errors import DMLError
-from dml.models.model_file import load_final_model, read_model_file
+from dml.files import sha256_file
+from dml.models.model_file import find_model_file, load_final_model, read_model_file
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +50,8 @@ def describe_teacher(teacher: str | Path) -> TeacherRecord:
 
     Raises `DMLError` with a one-line reason when there is no dml model file there.
     """
-    path = Path(teacher)
-    model_path = path / "model.pt" if path.is_dir() else path
-    if not model_path.is_file():
-        raise DMLError(f"distill.teacher: no trained model at {model_path}: run `dml train` first")
     try:
+        model_path = find_model_file(teacher)
         payload = read_model_file(model_path, mmap=True)
     except DMLError as exc:
         raise DMLError(f"distill.teacher: {exc}") from None

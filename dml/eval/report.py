@@ -10,14 +10,13 @@ the file is strict JSON.
 from __future__ import annotations
 
 import csv
-import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from dml.eval.evaluation import EvaluationMetrics
+from dml.files import write_json_atomic
 from dml.eval import verification_report
 
 FORMAT = "dml.eval_report/1"
@@ -110,14 +109,6 @@ def build_report(metrics: EvaluationMetrics, headline: Mapping[str, Any], *, con
     return strict_json(report)
 
 
-def write_json(path: Path, payload: Mapping[str, Any]) -> Path:
-    """Atomic strict-JSON write (readers never see half a report)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, allow_nan=False))
-    os.replace(tmp, path)
-    return path
-
-
 def _format(value: Any) -> str:
     if value is None:
         return "n/a"
@@ -157,7 +148,7 @@ def write_report(output_dir: Path, report: Mapping[str, Any], metrics: Evaluatio
                  class_names: Sequence[str] | None) -> tuple[Path, Path]:
     """Write ``report.json``, ``report.md`` and ``per_class.csv``; returns (json path, md path)."""
     write_per_class_csv(class_rows(metrics.per_class, class_names), output_dir / PER_CLASS_CSV)
-    json_path = write_json(output_dir / REPORT_JSON, report)
+    json_path = write_json_atomic(output_dir / REPORT_JSON, report, sort_keys=False, allow_nan=False)
     markdown_path = output_dir / REPORT_MD
     markdown_path.write_text(render_markdown(report))
     return json_path, markdown_path

@@ -24,7 +24,6 @@ from typing import Any
 from dml.clock import utc_now
 from dml.config import DataConfig, DMLConfig
 from dml.data.manifest import load_manifest, manifest_digest
-from dml.files import sha256_file
 from dml.distributed import cleanup, init_distributed, is_initialized
 from dml.errors import DataError, DMLError
 from dml.eval.embed import Embeddings, extract_embeddings
@@ -34,8 +33,9 @@ from dml.eval.pairs_lookup import resolve_pairs_file
 from dml.eval.report import build_report, write_report
 from dml.eval.stage_plots import draw_report_plots
 from dml.eval.verification_report import ROC_FILE, embed_sets, headline_entries, plot_verification_roc, score_sets
+from dml.files import sha256_file
+from dml.models.model_file import find_model_file, load_final_model
 from dml.tracking.stage_hooks import track_evaluation
-from dml.models.model_file import load_final_model
 
 log = logging.getLogger(__name__)
 EMBEDDINGS_SUBDIR = "embeddings"
@@ -55,16 +55,6 @@ class EvalResult:
     plots: dict[str, str] = field(default_factory=dict)
 
 
-def resolve_model_file(model_path: str | Path) -> Path:
-    """``model_path`` itself, or ``model.pt`` inside it when it is a run folder; must exist."""
-    path = Path(model_path)
-    if path.is_dir():
-        path = path / "model.pt"
-    if not path.is_file():
-        raise DMLError(f"no trained model at {path} (evaluate.model_path): run `dml train` first")
-    return path
-
-
 def check_split(manifest: dict, split: str, role: str, minimum: int = 1) -> int:
     """Number of samples of ``split``; a missing split or one smaller than ``minimum`` is a DMLError."""
     if split not in manifest["splits"]:
@@ -77,7 +67,7 @@ def check_split(manifest: dict, split: str, role: str, minimum: int = 1) -> int:
 
 def check_inputs(config: DMLConfig) -> Path:
     """Validate model file, manifest and splits before any collective; returns the model file."""
-    model_file = resolve_model_file(config.evaluate.model_path)
+    model_file = find_model_file(config.evaluate.model_path, "evaluate.model_path")
     manifest = load_manifest(config.data.shard_dir)
     leave_one_out = config.evaluate.gallery_split is None
     check_split(manifest, config.evaluate.query_split, "query", minimum=2 if leave_one_out else 1)

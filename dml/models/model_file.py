@@ -1,4 +1,4 @@
-"""Building models from config and saving / loading the final model of a run.
+"""Building models from config, and saving, finding and loading the final model of a run.
 
 ``model.pt`` holds the weights together with the model and data config that built them and
 the hash of the data manifest, so later stages (distill, evaluate, export) rebuild the exact
@@ -19,6 +19,7 @@ from dml.models.embedder import build_embedding_model
 from dml.models.preprocessing import Preprocessing
 
 FORMAT = "dml.model/1"
+MODEL_FILE = "model.pt"  # the final model inside a run folder
 
 
 def build_model(config: DMLConfig | None = None, model: ModelConfig | None = None,
@@ -37,6 +38,26 @@ def build_model(config: DMLConfig | None = None, model: ModelConfig | None = Non
                                         expand(data.mean), expand(data.std), built.preprocessing.interpolation,
                                         center_crop=data.center_crop)
     return built
+
+
+def model_file_in(run_dir: str | Path) -> Path:
+    """Where a run folder keeps its final model: ``<run_dir>/model.pt``."""
+    return Path(run_dir) / MODEL_FILE
+
+
+def find_model_file(path: str | Path, setting: str | None = None) -> Path:
+    """``path`` itself when it is a file, else ``model.pt`` inside that run folder.
+
+    Raises `DMLError` when there is no such file, naming ``setting`` (the config key that gave
+    ``path``, e.g. "evaluate.model_path") when given.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = model_file_in(path)
+    if not path.is_file():
+        where = f" ({setting})" if setting else ""
+        raise DMLError(f"no trained model at {path}{where}: run `dml train` first")
+    return path
 
 
 def save_final_model(model: nn.Module, config: DMLConfig, path: Path, data_digest: str,
@@ -63,9 +84,7 @@ def read_model_file(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     Loaded with ``weights_only=True``: no arbitrary unpickling. Raises `DMLError` naming the
     file when it is missing, unreadable (truncated, empty, random bytes) or not a dml model.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DMLError(f"no trained model at {path}: run `dml train` first")
+    path = find_model_file(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a damaged file
@@ -83,9 +102,7 @@ def load_final_model(path: str | Path, device: torch.device | str = "cpu") -> tu
     ``path`` is a ``model.pt`` or a run folder holding one. Raises `DMLError` (one line) when
     the file is missing, damaged, or its weights do not fit the model it describes.
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.pt"
+    path = find_model_file(path)
     payload = read_model_file(path)
     try:
         model = build_model(model=ModelConfig.model_validate(payload["model"]),

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,6 +20,8 @@ from torch import nn
 
 from dml.distributed import get_rank
 from dml.errors import DMLError
+from dml.files import write_json_atomic
+from dml.models.model_file import model_file_in
 
 log = logging.getLogger(__name__)
 BEST_DIR = "best"
@@ -61,9 +62,7 @@ class BestModelKeeper:
         if get_rank() == 0:
             self.folder.mkdir(parents=True, exist_ok=True)
             info = {"metric": self.metric, "value": value, "step": step, "mode": self.mode}
-            self.save(model, self.folder / "model.pt", {"best": info})
-            tmp = self.folder / "best.json.tmp"
-            tmp.write_text(json.dumps(info, indent=1))
-            os.replace(tmp, self.folder / "best.json")
-            log.info("train: best %s = %.4f at step %d -> %s", self.metric, value, step, self.folder / "model.pt")
+            self.save(model, model_file_in(self.folder), {"best": info})
+            write_json_atomic(self.folder / "best.json", info, sort_keys=False)
+            log.info("train: best %s = %.4f at step %d -> %s", self.metric, value, step, model_file_in(self.folder))
         return True

@@ -7,7 +7,6 @@ rebuild the model), plus ``train_result.json``.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from dataclasses import asdict, dataclass, field
@@ -26,7 +25,8 @@ from dml.errors import DMLError
 from dml.eval.embed import extract_embeddings
 from dml.eval.metrics import retrieval_metrics
 from dml.eval.verification_sets import make_verification_evaluator
-from dml.models.model_file import build_model, save_final_model
+from dml.files import write_json_atomic
+from dml.models.model_file import build_model, model_file_in, save_final_model
 from dml.train.best import BestModelKeeper
 from dml.train.checkpoint import latest_checkpoint, list_checkpoints, restore_checkpoint
 from dml.train.engine import build_engine
@@ -182,13 +182,13 @@ def _train(config: DMLConfig, resume: bool, device: torch.device, spec: Training
     if trainer.best and metrics:
         trainer.best.update(metrics, state.step, final_model)
     trainer.metrics.close()
-    model_path = run_dir / "model.pt"
+    model_path = model_file_in(run_dir)
     if rank == 0:
         save_final_model(final_model, config, model_path, data_digest=identity["manifest_sha256"],
                          model_section=spec.model_section)
     result = TrainResult(str(run_dir), str(model_path), str(final_checkpoint), state.step, metrics)
     if rank == 0:
-        (run_dir / "train_result.json").write_text(json.dumps(asdict(result), indent=1))
+        write_json_atomic(run_dir / "train_result.json", asdict(result), sort_keys=False)
         trainer.metrics.finish([run_dir / name for name in ("config.yaml", "metrics.jsonl", "train_result.json")])
         log.info("train: done -> %s (model %s, %d checkpoints kept)", run_dir, model_path, len(list_checkpoints(run_dir)))
     barrier()
