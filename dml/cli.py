@@ -1,5 +1,7 @@
 """The `dml` command: `dml <stage> --config FILE [key=value ...]`, and `dml config` to print
-the resolved config. ``key=value`` overrides may stand anywhere on the command line.
+the resolved config. ``key=value`` overrides may stand anywhere on the command line. Packages
+add commands of their own through entry points (`dml.cli_plugins`): `pipeline` adds
+`dml pipeline`, so the library never imports the orchestration built on it.
 
 Every command logs where its outputs went and exits non-zero with a one-line reason on bad
 input (any `DMLError`) and on a failing file operation (any `OSError`: disk full, a name
@@ -15,6 +17,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
+from dml.cli_plugins import add_plugin_commands
 from dml.config import load_config
 from dml.errors import ConfigError, DMLError, os_error_line, printable
 
@@ -177,10 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--uri", help="tracking URI (default: the one recorded in RUN_DIR/tracking.json)")
     sync.set_defaults(handler=_cmd_track)
 
-    from pipeline.cli import add_pipeline_commands  # argparse only: Prefect loads when a command runs
-
-    pipeline = sub.add_parser("pipeline", help="the chained Prefect flow: run now, serve or deploy on a schedule")
-    add_pipeline_commands(pipeline, _add_config_args)
+    add_plugin_commands(sub, _add_config_args)  # `dml pipeline`, registered by the pipeline package
     return parser
 
 

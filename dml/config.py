@@ -19,7 +19,7 @@ from dml.config_verification import (VerificationSetConfig, check_best_metric,  
                                      check_verification_sets)
 from dml.errors import ConfigError
 from dml.names import check_backbone
-from dml.registries import (LAUNCHERS, MARGINS, MINERS, PAIR_LOSSES, POOLINGS, SOURCES, RegisteredName,
+from dml.registries import (MARGINS, MINERS, PAIR_LOSSES, POOLINGS, SOURCES, RegisteredName,
                             parse_pooling)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -364,22 +364,6 @@ class ExportConfig(StrictModel):
     preprocessing_in_graph: bool = False
 
 
-class PipelineConfig(StrictModel):
-    """`dml pipeline run`: how distributed stages are launched and where the flow keeps state."""
-
-    launcher: Annotated[str, RegisteredName(LAUNCHERS)] = "torchrun"  # `dml.registries.LAUNCHERS`
-    nproc_per_node: int = Field(2, ge=1)
-    max_restarts: int = Field(0, ge=0)
-    namespace: str = "dml"
-    image: str = "dml-pipeline:latest"
-    evaluate_teacher: bool = True
-    publish_dir: str | None = None
-    # A failed stage is tried again this many times (infrastructure failures only: a bad
-    # config or missing input fails the same way again), after retry_delay_seconds.
-    stage_retries: int = Field(2, ge=0)
-    retry_delay_seconds: float = Field(30.0, ge=0)
-
-
 class MLflowConfig(StrictModel):
     """MLflow tracking (`dml.tracking`). ``enabled`` None: on when ``uri`` or the standard
     MLFLOW_TRACKING_URI is set. No uri anywhere: a SQLite store beside the run folders."""
@@ -413,7 +397,9 @@ class DMLConfig(StrictModel):
     evaluate: EvalConfig = EvalConfig()
     distill: DistillConfig = DistillConfig()
     export: ExportConfig = ExportConfig()
-    pipeline: PipelineConfig = PipelineConfig()
+    # `dml pipeline`'s settings: carried along unread here, checked by the pipeline package
+    # (pipeline.config.PipelineConfig), so one file serves every command.
+    pipeline: dict[str, Any] = Field(default_factory=dict)
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
@@ -508,16 +494,17 @@ def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[st
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None,
-                check_backbones: bool = True) -> DMLConfig:
+                check_backbones: bool = True, model: type[DMLConfig] = DMLConfig) -> Any:
     """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides.
 
     A file may start from another one with ``extends: base.yaml`` (a path relative to the
     file): its own keys are laid over the base's, nested sections merging key by key.
     Raises `ConfigError` (one line) on unknown keys, bad values and unknown names;
     ``check_backbones=False`` leaves timm backbone names unchecked (no torch import).
+    Returns a ``model`` (`DMLConfig` or a subclass with more checked sections).
     """
     data = {} if path is None else read_config_file(path)
-    return validate_config(apply_overrides(data, overrides or []), check_backbones=check_backbones)
+    return validate_config(apply_overrides(data, overrides or []), model, check_backbones=check_backbones)
 
 
 def save_config(config: BaseModel, path: str | Path) -> Path:

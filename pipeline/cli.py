@@ -1,8 +1,9 @@
 """`dml pipeline run|serve|deploy|runs`: the chained flow now, on a schedule from this machine,
 as a deployment on a work pool, and the recent scheduled runs.
 
-Importing this module does not import Prefect (`dml` builds its parser from it); each command
-imports it once its arguments and config are known to be good.
+`register` is the ``dml.commands`` entry point (pyproject.toml) that adds ``dml pipeline`` to
+the `dml` command. Importing this module does not import Prefect (`dml` builds its parser from
+it); each command imports it once its arguments and config are known to be good.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from dml.errors import ConfigError, DMLError
 from pipeline.errors import StageFailed
 from pipeline.schedules import DEPLOYMENT, FLOW_NAME, NIGHTLY_CRON
-from pipeline.summary import headline_line
 from pipeline.stage_paths import load_pipeline_config
+from pipeline.summary import headline_line
 
 
 def ensure_prefect_home() -> None:
@@ -212,3 +214,10 @@ def add_pipeline_commands(parser: argparse.ArgumentParser,
     runs.add_argument("--limit", type=int, default=10, help="how many runs (default 10)")
     runs.add_argument("--deployment", metavar="NAME", help="only this deployment's runs")
     runs.set_defaults(handler=_cmd_runs)
+
+
+def register(subparsers: Any, add_config_args: Callable[[argparse.ArgumentParser, bool], None]) -> None:
+    """Entry point of group ``dml.commands``: add ``dml pipeline`` and its subcommands to the
+    `dml` parser's ``subparsers``."""
+    pipeline = subparsers.add_parser("pipeline", help="the chained Prefect flow: run now, serve or deploy on a schedule")
+    add_pipeline_commands(pipeline, add_config_args)

@@ -16,17 +16,18 @@ from prefect.states import Completed, State
 
 from dml.config import DMLConfig
 from dml.tracking.pipeline_run import pipeline_run
-from pipeline.prefect_artifacts import publish_decision_artifact, publish_failure_artifact, publish_summary_artifacts
+from pipeline.config import PipelineRunConfig
 from pipeline.errors import StageFailed
 from pipeline.freshness import stale_reason
+from pipeline.prefect_artifacts import publish_decision_artifact, publish_failure_artifact, publish_summary_artifacts
+from pipeline.prefect_tasks import publish, run_stage
 from pipeline.schedules import FLOW_NAME
+from pipeline.stage_paths import load_pipeline_config
 from pipeline.stage_specs import StageOutcome, chained_stages
 from pipeline.summary import summarize
-from pipeline.prefect_tasks import publish, run_stage
-from pipeline.stage_paths import load_pipeline_config
 
 
-def run_stages(config: DMLConfig, stages: list[str]) -> dict[str, StageOutcome]:
+def run_stages(config: PipelineRunConfig, stages: list[str]) -> dict[str, StageOutcome]:
     """Run ``stages`` in order; on a failure publish the failure artifact and re-raise."""
     outcomes: dict[str, StageOutcome] = {}
     settings = config.pipeline
@@ -43,7 +44,7 @@ def run_stages(config: DMLConfig, stages: list[str]) -> dict[str, StageOutcome]:
     return outcomes
 
 
-def run_chain(config: DMLConfig) -> dict[str, Any]:
+def run_chain(config: PipelineRunConfig) -> dict[str, Any]:
     """The chained stages, then publish and the summary artifacts, inside the calling flow
     run (so its artifacts belong to that run); returns the summary."""
     with pipeline_run(config) as tracked:  # MLflow parent run, when tracking is on

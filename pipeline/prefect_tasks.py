@@ -17,7 +17,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
-from dml.config import DMLConfig, PipelineConfig
+from pipeline.config import PipelineConfig, PipelineRunConfig
 from pipeline.errors import StageFailed
 from pipeline.launchers import build_launcher
 from pipeline.publish import publish_release
@@ -38,7 +38,7 @@ def retry_unless_input_error(task: Any, task_run: Any, state: Any) -> bool:
 
 @task(name="stage", task_run_name="{stage}", retries=STAGE_RETRIES, retry_delay_seconds=RETRY_DELAY_SECONDS,
       retry_condition_fn=retry_unless_input_error, cache_policy=NO_CACHE, persist_result=False)
-def run_stage(stage: str, config: DMLConfig) -> StageOutcome:
+def run_stage(stage: str, config: PipelineRunConfig) -> StageOutcome:
     """Run or skip one stage with the launcher named in ``config.pipeline``."""
     logger = get_run_logger()
     outcome = execute_stage(stage, config, build_launcher(config.pipeline))

@@ -17,6 +17,7 @@ from typing import Any
 
 from dml.config import DMLConfig, load_config, validate_config
 from dml.errors import ConfigError
+from pipeline.config import PipelineRunConfig
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.pt"  # = dml.models.model_file.MODEL_FILE (a test checks; importing it loads torch)
@@ -32,7 +33,7 @@ def with_values(config: DMLConfig, values: dict[str, Any]) -> DMLConfig:
         for part in parents:
             node = node[part]
         node[leaf] = value
-    return validate_config(data)
+    return validate_config(data, type(config))
 
 
 def _nested(inner: Path, outer: Path) -> bool:
@@ -53,9 +54,9 @@ def check_layout(config: DMLConfig) -> None:
                 raise ConfigError(f"pipeline: {first} ({a}) and {second} ({b}) must be separate folders")
 
 
-def load_pipeline_config(config_path: str | Path | None, overrides: list[str] | None = None) -> DMLConfig:
+def load_pipeline_config(config_path: str | Path | None, overrides: list[str] | None = None) -> PipelineRunConfig:
     """Load the config and point training/evaluation at the shards the pipeline prepares."""
-    config = load_config(config_path, list(overrides or []))
+    config = load_config(config_path, list(overrides or []), model=PipelineRunConfig)
     if config.data.shard_dir != config.prepare.output_dir:
         log.info("pipeline: data.shard_dir %s replaced by prepare.output_dir %s",
                  config.data.shard_dir, config.prepare.output_dir)

@@ -23,6 +23,7 @@ from typing import Any
 from dml.config import DMLConfig
 from dml.data.manifest import MANIFEST, load_manifest
 from pipeline import stage_paths
+from pipeline.config import PipelineRunConfig
 from pipeline.fingerprint import canonical_digest, file_digest, sections_digest, source_fingerprint
 
 TRAIN_SECTIONS = ["seed", "data", "model", "loss", "optimizer", "schedule", "swa", "train"]
@@ -125,7 +126,7 @@ SPEC_BUILDERS: dict[str, Callable[[DMLConfig], StageSpec]] = {
 }
 
 
-def chained_stages(config: DMLConfig) -> list[str]:
+def chained_stages(config: PipelineRunConfig) -> list[str]:
     """The stages `dml pipeline run` chains, in order (the teacher's evaluation is optional)."""
     return [stage for stage in STAGE_ORDER if stage != "evaluate_teacher" or config.pipeline.evaluate_teacher]
 

@@ -12,10 +12,11 @@ from data_fixtures import make_folder_tree
 from pydantic import BaseModel
 
 from dml.cli import build_parser, main, parse_args
-from dml.config import DMLConfig, load_config
+from dml.config import load_config
 from dml.data.manifest import load_manifest
 from dml.errors import ConfigError
 from dml.registries import RegisteredName
+from pipeline.config import PipelineRunConfig
 
 
 def literal_name_fields(model: type[BaseModel], prefix: str = "") -> dict[str, tuple[list[str], bool]]:
@@ -38,12 +39,12 @@ def literal_name_fields(model: type[BaseModel], prefix: str = "") -> dict[str, t
     return found
 
 
-NAME_FIELDS = literal_name_fields(DMLConfig)
+NAME_FIELDS = literal_name_fields(PipelineRunConfig)  # every section, `pipeline` (checked by its package) too
 
 
 def config_error(*overrides: str, check_backbones: bool = True) -> str:
     with pytest.raises(ConfigError) as caught:
-        load_config(None, list(overrides), check_backbones=check_backbones)
+        load_config(None, list(overrides), check_backbones=check_backbones, model=PipelineRunConfig)
     message = str(caught.value)
     assert "\n" not in message
     return message

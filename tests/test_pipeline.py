@@ -24,18 +24,18 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from data_fixtures import make_folder_tree  # noqa: E402
-from dml.config import DMLConfig  # noqa: E402
 from dml.errors import ConfigError  # noqa: E402
 from dml.train.checkpoint import list_checkpoints  # noqa: E402
+from pipeline.config import PipelineRunConfig  # noqa: E402
 from pipeline.errors import StageFailed  # noqa: E402
 from pipeline.fingerprint import sections_digest, source_fingerprint  # noqa: E402
 from pipeline.launchers import InProcessLauncher, KubernetesLauncher, TorchrunLauncher  # noqa: E402
 from pipeline.launchers.kubernetes import job_condition, pod_problem  # noqa: E402
 from pipeline.launchers.logs import failure_reason  # noqa: E402
-from pipeline.stage_execution import execute_stage  # noqa: E402
-from pipeline.stage_specs import TRAIN_SECTIONS, StageSpec  # noqa: E402
 from pipeline.stage_cache import claim_output_dir, read_stamp, write_stamp  # noqa: E402
+from pipeline.stage_execution import execute_stage  # noqa: E402
 from pipeline.stage_paths import evaluate_student_config, export_config, load_pipeline_config  # noqa: E402
+from pipeline.stage_specs import TRAIN_SECTIONS, StageSpec  # noqa: E402
 from train_fixtures import tiny_train_config, write_config  # noqa: E402
 
 K8S_VERSION = "1.37.0"
@@ -95,9 +95,9 @@ def test_folder_without_stamp_is_kept_aside(tmp_path):
 
 def test_cache_keys_follow_relevant_sections_only(tmp_path):
     base = pipeline_config_dict(tmp_path)
-    config = DMLConfig.model_validate(base)
-    other_loss = DMLConfig.model_validate({**base, "loss": {**base["loss"], "margin": 0.25}})
-    other_launcher = DMLConfig.model_validate({**base, "pipeline": {**base["pipeline"], "launcher": "torchrun"}})
+    config = PipelineRunConfig.model_validate(base)
+    other_loss = PipelineRunConfig.model_validate({**base, "loss": {**base["loss"], "margin": 0.25}})
+    other_launcher = PipelineRunConfig.model_validate({**base, "pipeline": {**base["pipeline"], "launcher": "torchrun"}})
     assert sections_digest(config, TRAIN_SECTIONS) != sections_digest(other_loss, TRAIN_SECTIONS)
     assert sections_digest(config, ["prepare"]) == sections_digest(other_loss, ["prepare"])
     assert sections_digest(config, TRAIN_SECTIONS) == sections_digest(other_launcher, TRAIN_SECTIONS)
@@ -168,12 +168,12 @@ def test_failure_reason_prefers_the_cli_error_then_the_exception():
 
 
 def test_inprocess_failure_names_stage_reason_and_log(tmp_path):
-    config = DMLConfig.model_validate(pipeline_config_dict(tmp_path))
+    config = PipelineRunConfig.model_validate(pipeline_config_dict(tmp_path))
     with pytest.raises(StageFailed) as caught:
         execute_stage("train", config, InProcessLauncher())  # no shards yet
     assert caught.value.stage == "train" and "manifest" in caught.value.reason and caught.value.input_error
     execute_stage("prepare", config, InProcessLauncher())
-    bad = DMLConfig.model_validate({**pipeline_config_dict(tmp_path), "data": {
+    bad = PipelineRunConfig.model_validate({**pipeline_config_dict(tmp_path), "data": {
         **pipeline_config_dict(tmp_path)["data"], "train_split": "nosuch"}})
     with pytest.raises(StageFailed, match=r"stage 'train' failed: .*nosuch.* \(log: .*train\.log\)") as caught:
         execute_stage("train", bad, InProcessLauncher())
@@ -210,7 +210,7 @@ def test_torchrun_launcher_trains_on_two_processes_then_caches(tmp_path):
 
 
 def stage_spec(tmp_path: Path, name: str, command: str, distributed: bool) -> StageSpec:
-    config = DMLConfig.model_validate(pipeline_config_dict(tmp_path))
+    config = PipelineRunConfig.model_validate(pipeline_config_dict(tmp_path))
     return StageSpec(name, command, config, tmp_path / "teacher", "model.pt", {"manifest": "m" * 64},
                      distributed=distributed, resumable=command in ("prepare", "train", "distill"))
 
@@ -232,7 +232,7 @@ def test_kubernetes_job_for_a_distributed_stage_validates(tmp_path):
     assert claims == {"dml-raw", "dml-shards", "dml-runs"}
     assert {v["name"]: v for v in pod["volumes"]}["config"]["configMap"]["name"] == config_map["metadata"]["name"]
     assert job["spec"]["backoffLimit"] == 0 and pod["restartPolicy"] == "Never"
-    shipped = DMLConfig.model_validate(yaml.safe_load(config_map["data"]["config.yaml"]))
+    shipped = PipelineRunConfig.model_validate(yaml.safe_load(config_map["data"]["config.yaml"]))
     assert shipped == spec.config
 
 
@@ -351,7 +351,7 @@ def test_input_errors_are_not_retried_other_failures_are():
 def test_stage_reason_names_what_makes_a_stage_run_again(tmp_path):
     from pipeline.freshness import stage_reason
 
-    config = DMLConfig.model_validate(pipeline_config_dict(tmp_path))
+    config = PipelineRunConfig.model_validate(pipeline_config_dict(tmp_path))
     inputs = {"config": "c1", "manifest": "m1"}
     spec = StageSpec("train", "train", config, tmp_path / "teacher", "model.pt", inputs, distributed=True,
                      resumable=True)

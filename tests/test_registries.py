@@ -23,6 +23,7 @@ from dml.losses.miners import PairMasks, Triplets
 from dml.models.neck import EmbeddingNeck
 from dml.registries import REGISTRIES, RegisteredName, Registry, registry_table
 from dml.train.objective import Objective, build_margin, build_pair_loss
+from pipeline.config import PipelineRunConfig
 from recordio_writer import pack_payload, write_recordio
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -32,7 +33,8 @@ IDS = [f"{registry.key}={name}" for registry, name in ENTRIES]
 
 def entry_config(registry: Registry, name: str, *more: str) -> DMLConfig:
     """The default config with ``registry.key=name`` and what that entry needs beside it."""
-    return load_config(None, [f"{registry.key}={name}", *CASES[(registry.key, name)], *more], check_backbones=False)
+    return load_config(None, [f"{registry.key}={name}", *CASES[(registry.key, name)], *more], check_backbones=False,
+                       model=PipelineRunConfig)
 
 
 # (key, name) -> the other overrides its config needs
@@ -213,7 +215,7 @@ def _registered_fields(model, prefix=""):
 
 
 def test_each_registry_backs_its_config_key():
-    fields = _registered_fields(DMLConfig)
+    fields = _registered_fields(PipelineRunConfig)  # the pipeline section is checked by pipeline.config
     for registry in REGISTRIES:
         assert registry in fields[registry.key].registries, registry.key
     assert fields["distill.student.pooling"].registries == fields["model.pooling"].registries
@@ -223,7 +225,7 @@ def test_each_registry_backs_its_config_key():
 def test_a_misspelt_name_is_refused_at_load_with_the_closest_one(registry, name):
     typo = name + name[-1]
     with pytest.raises(ConfigError) as caught:
-        load_config(None, [f"{registry.key}={typo}"], check_backbones=False)
+        load_config(None, [f"{registry.key}={typo}"], check_backbones=False, model=PipelineRunConfig)
     message = str(caught.value)
     assert "\n" not in message and f"config key '{registry.key}'" in message and f"'{typo}'" in message
     assert f"did you mean '{name}'?" in message, message
@@ -288,7 +290,7 @@ def test_miners_mine_the_gathered_batch_alike_on_every_rank(name):
     """With two gloo processes each rank mines the same gathered batch (the distance-weighted
     miner draws from the config's seed), so each rank's loss is the one-process loss over the
     whole batch and its gradient that loss's, times the world size the engine divides by."""
-    from dml.distributed import spawn_local_group
+    from local_group import spawn_local_group
 
     registry = next(r for r in REGISTRIES if r.kind == "miner")
     config = entry_config(registry, name, "seed=3")

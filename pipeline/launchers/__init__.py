@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from dml.config import PipelineConfig
 from dml.registries import LAUNCHERS
+from pipeline.config import PipelineConfig
 from pipeline.launchers.inprocess import InProcessLauncher
 from pipeline.launchers.kubernetes import KubernetesLauncher
 from pipeline.launchers.torchrun import TorchrunLauncher
