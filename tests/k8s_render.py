@@ -7,19 +7,23 @@ other kustomization field, so a kustomization cannot silently drift outside what
 - ``resources``: YAML files (multi-document) and directories holding a kustomization.yaml
   (rendered recursively, their own transformers applied first, as kustomize does).
 - ``configMapGenerator`` with ``files`` (``key=path`` or ``path``) and ``literals``,
-  behaviours ``create`` and ``replace``; ``generatorOptions.disableNameSuffixHash`` must be
-  true (hash suffixes, and the reference rewriting they need, are not implemented).
+  behaviours ``create`` and ``replace`` (which keeps the replaced map's labels and
+  annotations); ``generatorOptions.disableNameSuffixHash`` must be true (hash suffixes, and
+  the reference rewriting they need, are not implemented).
 - ``patches`` given by ``path``: strategic-merge patches whose target is the patch's own
-  kind/name (and namespace, when it names one). Maps merge recursively, ``null`` deletes a
-  key, lists of objects merge by their merge key (``name``; ``mountPath`` for volumeMounts;
-  ``containerPort`` for ports), other lists are replaced, and a top-level
-  ``$patch: delete`` removes the target.
+  kind/name/namespace, where the namespace may also be one the object had before a
+  ``namespace`` transformer moved it (no namespace: an object that had none). Maps merge
+  recursively, ``null`` deletes a key, lists of objects merge by their merge key (``name``;
+  ``mountPath`` for volumeMounts; ``containerPort`` for ports), the patch's items first and
+  then the base's others, as kustomize orders them; other lists are replaced, and a
+  top-level ``$patch: delete`` removes the target.
 - ``namespace`` (set on every namespaced object), ``labels`` (``pairs`` on metadata only:
   ``includeSelectors`` / ``includeTemplates`` must be false), and ``images`` (``newName`` /
   ``newTag`` / ``digest`` for every ``containers`` / ``initContainers`` image).
 
 Transformers run in kustomize's order for these fields: patches, namespace, labels, images.
-The helpers at the end read rendered manifests (workload pod specs, a TrainJob's effective
+Where kubectl is installed, tests/test_k8s.py checks that every kustomization renders here as
+`kubectl kustomize` renders it. The helpers at the end read rendered manifests (workload pod specs, a TrainJob's effective
 pod, $(VAR) expansion, resource quantities) for the tests.
 """
 
@@ -45,6 +49,7 @@ CLUSTER_SCOPED_KINDS = {
 # x-kubernetes-patch-merge-key); any other list of objects merges by "name" when every item
 # has one, else it is replaced (kyaml's behaviour for lists without a schema).
 MERGE_KEYS = {"volumeMounts": "mountPath", "ports": "containerPort"}
+PREVIOUS_NAMESPACES = "__previous_namespaces__"  # kept on an object while rendering, as kustomize keeps old ids
 
 Manifest = dict[str, Any]
 
@@ -85,7 +90,7 @@ def _load_resources(directory: Path, entries: list[str]) -> list[Manifest]:
     for entry in entries:
         path = (directory / entry).resolve()
         if path.is_dir():
-            objects.extend(render(path))
+            objects.extend(_render(path))
         elif path.is_file():
             objects.extend(load_yaml_documents(_inside(directory, entry)))
         else:
@@ -110,6 +115,10 @@ def _generate_config_maps(directory: Path, data: dict[str, Any], objects: list[M
             if not match:
                 raise ValueError(f"{directory}: no ConfigMap {spec['name']} in namespace "
                                  f"'{spec.get('namespace', '')}' to replace")
+            old = objects[match[0]].get("metadata") or {}
+            for field in ("labels", "annotations"):
+                if old.get(field):
+                    config_map["metadata"][field] = {**old[field], **config_map["metadata"].get(field, {})}
             objects[match[0]] = config_map
         else:
             raise ValueError(f"{directory}: configMapGenerator behavior '{behavior}' is not supported")
@@ -150,17 +159,11 @@ def _merge_list(field: str, base: list[Any], patch: list[Any]) -> list[Any]:
     key = _merge_key(field, base + patch)
     if key is None:
         return copy.deepcopy(patch)
-    merged = copy.deepcopy(base)
-    for item in patch:
-        position = next((i for i, old in enumerate(merged) if old[key] == item[key]), None)
-        if item.get("$patch") == "delete":
-            if position is not None:
-                merged.pop(position)
-        elif position is None:
-            merged.append(copy.deepcopy(item))
-        else:
-            merged[position] = strategic_merge(merged[position], item)
-    return merged
+    olds = {old[key]: old for old in base}
+    merged = [strategic_merge(olds[item[key]], item) if item[key] in olds else copy.deepcopy(item)
+              for item in patch if item.get("$patch") != "delete"]
+    patched = {item[key] for item in patch}
+    return merged + [copy.deepcopy(old) for old in base if old[key] not in patched]
 
 
 def strategic_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
@@ -186,7 +189,7 @@ def _apply_patches(directory: Path, entries: list[dict[str, Any]], objects: list
             kind, namespace, name = object_id(patch)
             targets = [i for i, obj in enumerate(objects)
                        if object_id(obj)[0] == kind and object_id(obj)[2] == name
-                       and (not namespace or object_id(obj)[1] == namespace)]
+                       and namespace in {object_id(obj)[1], *obj.get(PREVIOUS_NAMESPACES, ())}]
             if len(targets) != 1:
                 raise ValueError(f"{directory}: patch {entry['path']} matches {len(targets)} objects "
                                  f"for {kind}/{name}; it must match exactly one")
@@ -205,6 +208,7 @@ def _apply_patches(directory: Path, entries: list[dict[str, Any]], objects: list
 def _set_namespace(namespace: str, objects: list[Manifest]) -> None:
     for obj in objects:
         if obj["kind"] not in CLUSTER_SCOPED_KINDS:
+            obj.setdefault(PREVIOUS_NAMESPACES, []).append(object_id(obj)[1])
             obj.setdefault("metadata", {})["namespace"] = namespace
 
 
@@ -254,8 +258,15 @@ def _set_images(rules: list[dict[str, Any]], node: Any) -> None:
 
 
 def render(directory: str | Path) -> list[Manifest]:
-    """Render the kustomization in ``directory`` to a list of manifests (plain dicts)."""
-    directory = Path(directory)
+    """Render the kustomization in ``directory`` to a list of manifests (plain dicts).
+    Raises `ValueError` on a kustomization field or patch this renderer does not support."""
+    objects = _render(Path(directory))
+    for obj in objects:
+        obj.pop(PREVIOUS_NAMESPACES, None)
+    return objects
+
+
+def _render(directory: Path) -> list[Manifest]:
     data = _read_kustomization(directory)
     objects = _load_resources(directory, data.get("resources") or [])
     _generate_config_maps(directory, data, objects)

@@ -1,6 +1,7 @@
 """k8s/: render every kustomization offline and check the manifests.
 
-No cluster and no kustomize binary here: tests/k8s_render.py renders, kubernetes-validate
+No cluster needed: tests/k8s_render.py renders (and, where kubectl is installed, must render
+exactly as `kubectl kustomize` does, so it cannot drift from kustomize), kubernetes-validate
 checks core kinds against the Kubernetes 1.37 schemas in strict mode (unknown fields fail),
 and the kubeflow-trainer-api models check the TrainJob. The rest checks that the pieces fit:
 partitions, rendezvous, volumes, config paths, resources, RBAC.
@@ -11,19 +12,22 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
 import yaml
-from k8s_render import (CLUSTER_SCOPED_KINDS, containers, expand, find, pods, quantity, render, split_image,
-                         strategic_merge)
+from k8s_render import (CLUSTER_SCOPED_KINDS, containers, expand, find, object_id, pods, quantity, render,
+                         split_image, strategic_merge)
 from kubeflow_trainer_api.models.trainer_v1alpha1_train_job import TrainerV1alpha1TrainJob
 
 from dml.cli import build_parser
 from dml.config import validate_config
 from dml.prepare import parse_partition
+from pipeline.config import PipelineRunConfig
 
 K8S = Path(__file__).resolve().parents[1] / "k8s"
 K8S_VERSION = "1.37.0"
@@ -64,7 +68,7 @@ def flag(argv: list[str], name: str) -> str:
 def run_config(objects: list[dict]) -> Any:
     """The run config in ConfigMap dml-run-config, validated by dml's own config models."""
     config_map = find(objects, "ConfigMap", "dml-run-config")
-    return validate_config(yaml.safe_load(config_map["data"]["config.yaml"]))
+    return validate_config(yaml.safe_load(config_map["data"]["config.yaml"]), PipelineRunConfig)
 
 
 def mount_of(pod: dict, container: dict, path: str) -> tuple[dict, dict]:
@@ -87,6 +91,23 @@ def test_kustomization_renders_into_the_dml_namespace(name):
     for obj in objects:
         namespace = obj["metadata"].get("namespace")
         assert namespace == (None if obj["kind"] in CLUSTER_SCOPED_KINDS else "dml"), obj["metadata"]
+
+
+KUBECTL = shutil.which("kubectl")
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed: the renderer is not compared with "
+                                            "`kubectl kustomize` on this machine")
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_renderer_output_equals_kubectl_kustomize(name):
+    """Offline (`kubectl kustomize` reads only the folder): same objects, same content, same list order."""
+    done = subprocess.run([KUBECTL, "kustomize", str(K8S / name)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"kubectl kustomize {name} failed: {done.stderr.strip()}"
+    theirs = {object_id(obj): obj for obj in yaml.safe_load_all(done.stdout) if obj}
+    ours = {object_id(obj): obj for obj in rendered(name)}
+    assert sorted(ours) == sorted(theirs)
+    for key, obj in theirs.items():
+        assert ours[key] == obj, f"{name}: {'/'.join(key)} differs from kubectl kustomize"
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
@@ -152,7 +173,8 @@ def test_renderer_merges_like_strategic_merge_patch():
     patch = {"containers": [{"name": "a", "env": [{"name": "B", "value": "2"}, {"name": "A", "value": "3"}],
                              "volumeMounts": [{"name": "w", "mountPath": "/m"}], "args": ["r"], "image": None}]}
     merged = strategic_merge(base, patch)["containers"]
-    assert merged == [{"name": "a", "env": [{"name": "A", "value": "3"}, {"name": "B", "value": "2"}],
+    # the patch's items first, then the base's others: kubectl kustomize (kustomize v5.5.0) orders them so
+    assert merged == [{"name": "a", "env": [{"name": "B", "value": "2"}, {"name": "A", "value": "3"}],
                        "volumeMounts": [{"name": "w", "mountPath": "/m"}], "args": ["r"]}]
     assert split_image("localhost:5000/dml:dev@sha256:ab") == ("localhost:5000/dml", "dev", "sha256:ab")
     assert split_image("localhost:5000/dml") == ("localhost:5000/dml", None, None)
