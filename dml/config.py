@@ -414,6 +414,8 @@ class DMLConfig(StrictModel):
 
 # ---------------------------------------------------------------------------------------------
 # Loading, overrides and error messages
+# Own helpers, not jsonargparse/tyro/typer: those parse `--data.batch_size 32` flags, not the bare
+# `data.batch_size=32` tokens anywhere on the line that the CLI promises, nor `extends:` chains.
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
