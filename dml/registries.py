@@ -1,5 +1,6 @@
 """Name -> class registries: every name a config may give for a margin, a pair loss, a miner, a
-pooling, a data source or a stage launcher is an entry here, and nothing else is accepted.
+pooling or a data source is an entry here, and nothing else is accepted (stage launchers, which
+live in `pipeline`, are registered the same way in `pipeline.registries`).
 
 An entry names its class by import path (``"dml.losses.margins:ArcFace"``), resolved on first
 use, so this module and the config that reads its names stay torch-free (`dml prepare` never
@@ -192,23 +193,13 @@ SOURCES.add("idx", "dml.data.sources:IdxSource", "IDX files (MNIST / Fashion-MNI
 SOURCES.add("omniglot", "dml.data.sources:OmniglotSource", "Omniglot npz arrays (images_*.npz)")
 SOURCES.add("recordio", "dml.data.recordio:RecordIOSource", "an insightface RecordIO set (.rec/.idx)")
 
-# Launchers live in pipeline/, which dml never imports: only pipeline code resolves these.
-LAUNCHERS = Registry("launcher", "pipeline.launcher")
-LAUNCHERS.add("inprocess", "pipeline.launchers.inprocess:InProcessLauncher", "stages in the flow's own process")
-LAUNCHERS.add("torchrun", "pipeline.launchers.torchrun:TorchrunLauncher",
-              "local torchrun processes (pipeline.nproc_per_node, pipeline.max_restarts)",
-              lambda p: {"nproc_per_node": p.nproc_per_node, "max_restarts": p.max_restarts})
-LAUNCHERS.add("kubernetes", "pipeline.launchers.kubernetes:KubernetesLauncher",
-              "a Kubernetes Job per stage (pipeline.namespace, pipeline.image, ...)",
-              lambda p: {"namespace": p.namespace, "image": p.image, "nproc_per_node": p.nproc_per_node,
-                         "max_restarts": p.max_restarts})
-
-REGISTRIES = (MARGINS, PAIR_LOSSES, MINERS, POOLINGS, SOURCES, LAUNCHERS)
+REGISTRIES = (MARGINS, PAIR_LOSSES, MINERS, POOLINGS, SOURCES)  # pipeline.registries adds LAUNCHERS
 
 
-def registry_table() -> str:
-    """The Markdown table of every registered name (README section "Registered names")."""
+def registry_table(registries: Sequence[Registry] = REGISTRIES) -> str:
+    """The Markdown table of the names in ``registries`` (the README's "Registered names" lists
+    these and `pipeline.registries.LAUNCHERS`)."""
     rows = ["| config key | name | what it is |", "|---|---|---|"]
-    for registry in REGISTRIES:
+    for registry in registries:
         rows += [f"| `{registry.key}` | `{e.name}` | {e.summary} |" for e in registry.entries()]
     return "\n".join(rows)

@@ -14,13 +14,14 @@ from typing import Annotated
 from pydantic import Field
 
 from dml.config import DMLConfig, StrictModel
-from dml.registries import LAUNCHERS, RegisteredName
+from dml.registries import RegisteredName
+from pipeline.registries import LAUNCHERS
 
 
 class PipelineConfig(StrictModel):
     """`dml pipeline run`: how distributed stages are launched and where the flow keeps state."""
 
-    launcher: Annotated[str, RegisteredName(LAUNCHERS)] = "torchrun"  # `dml.registries.LAUNCHERS`
+    launcher: Annotated[str, RegisteredName(LAUNCHERS)] = "torchrun"  # `pipeline.registries.LAUNCHERS`
     nproc_per_node: int = Field(2, ge=1)
     max_restarts: int = Field(0, ge=0)
     namespace: str = "dml"

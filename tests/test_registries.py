@@ -24,10 +24,12 @@ from dml.models.neck import EmbeddingNeck
 from dml.registries import REGISTRIES, RegisteredName, Registry, registry_table
 from dml.train.objective import Objective, build_margin, build_pair_loss
 from pipeline.config import PipelineRunConfig
+from pipeline.registries import LAUNCHERS
 from recordio_writer import pack_payload, write_recordio
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-ENTRIES = [(registry, name) for registry in REGISTRIES for name in registry.names()]
+ALL_REGISTRIES = (*REGISTRIES, LAUNCHERS)  # dml's and the pipeline's
+ENTRIES = [(registry, name) for registry in ALL_REGISTRIES for name in registry.names()]
 IDS = [f"{registry.key}={name}" for registry, name in ENTRIES]
 
 
@@ -72,7 +74,7 @@ def _batch(seed: int = 0, classes: int = 4, per_class: int = 4, dim: int = 8) ->
 
 @pytest.mark.parametrize("name", [n for r, n in ENTRIES if r.kind == "margin"])
 def test_margins_are_built_from_loss_kind(name):
-    registry = next(r for r in REGISTRIES if r.kind == "margin")
+    registry = next(r for r in ALL_REGISTRIES if r.kind == "margin")
     config = entry_config(registry, name)
     margin = build_margin(config)
     assert type(margin) is registry.get(name) and margin.s == config.loss.scale
@@ -90,7 +92,7 @@ def test_margins_are_built_from_loss_kind(name):
 
 @pytest.mark.parametrize("name", [n for r, n in ENTRIES if r.kind == "pair loss"])
 def test_pair_losses_are_built_from_loss_kind(name):
-    registry = next(r for r in REGISTRIES if r.kind == "pair loss")
+    registry = next(r for r in ALL_REGISTRIES if r.kind == "pair loss")
     config = entry_config(registry, name)
     loss = build_pair_loss(config)
     assert type(loss) is registry.get(name) and loss.miner is None
@@ -103,7 +105,7 @@ def test_pair_losses_are_built_from_loss_kind(name):
 def test_miners_are_wired_into_the_pair_loss(name):
     """`loss.miner` reaches the pair loss the objective trains with: its loss is the loss over
     exactly the mined pairs or triplets, which differs from the loss over all of them."""
-    registry = next(r for r in REGISTRIES if r.kind == "miner")
+    registry = next(r for r in ALL_REGISTRIES if r.kind == "miner")
     config = entry_config(registry, name, "loss.miner_epsilon=0.05")
     loss = build_pair_loss(config)
     assert type(loss.miner) is registry.get(name)
@@ -125,7 +127,7 @@ def test_miners_are_wired_into_the_pair_loss(name):
 
 def test_distance_weighted_miner_draws_the_same_triplets_from_the_same_seed():
     # every rank mines the same gathered batch: the seed must make their draws equal
-    registry = next(r for r in REGISTRIES if r.kind == "miner")
+    registry = next(r for r in ALL_REGISTRIES if r.kind == "miner")
     config = entry_config(registry, "distance_weighted", "seed=7")
     embeddings, labels = _batch(seed=2)
     first, second = (registry.build("distance_weighted", settings=config)(embeddings, labels) for _ in range(2))
@@ -134,7 +136,7 @@ def test_distance_weighted_miner_draws_the_same_triplets_from_the_same_seed():
 
 @pytest.mark.parametrize("name", [n for r, n in ENTRIES if r.kind == "pooling"])
 def test_poolings_are_built_from_model_pooling(name):
-    registry = next(r for r in REGISTRIES if r.kind == "pooling")
+    registry = next(r for r in ALL_REGISTRIES if r.kind == "pooling")
     config = entry_config(registry, name)
     neck = EmbeddingNeck(6, 8, pooling=config.model.pooling)
     assert [type(branch.pool) for branch in neck.branches] == [registry.get(name)]
@@ -142,7 +144,7 @@ def test_poolings_are_built_from_model_pooling(name):
 
 
 def test_compound_pooling_specs_build_one_branch_per_name():
-    registry = next(r for r in REGISTRIES if r.kind == "pooling")
+    registry = next(r for r in ALL_REGISTRIES if r.kind == "pooling")
     names = list(registry.names())
     config = load_config(None, [f"model.pooling={'+'.join(reversed(names))}"], check_backbones=False)
     neck = EmbeddingNeck(6, 9, pooling=config.model.pooling)
@@ -180,7 +182,7 @@ def _source_data(kind: str, root: Path) -> Path:
 
 @pytest.mark.parametrize("name", [n for r, n in ENTRIES if r.kind == "source kind"])
 def test_sources_are_opened_from_prepare_source_kind(name, tmp_path):
-    registry = next(r for r in REGISTRIES if r.kind == "source kind")
+    registry = next(r for r in ALL_REGISTRIES if r.kind == "source kind")
     path = _source_data(name, tmp_path / name)
     config = entry_config(registry, name, f"prepare.source.path={path}")
     source = open_source(config.prepare.source.kind, config.prepare.source.path, config.prepare.source.class_names)
@@ -193,7 +195,7 @@ def test_sources_are_opened_from_prepare_source_kind(name, tmp_path):
 def test_launchers_are_built_from_pipeline_launcher(name):
     from pipeline.launchers import build_launcher
 
-    registry = next(r for r in REGISTRIES if r.kind == "launcher")
+    registry = next(r for r in ALL_REGISTRIES if r.kind == "launcher")
     config = entry_config(registry, name)
     launcher = build_launcher(config.pipeline)
     assert type(launcher) is registry.get(name) and launcher.name == name
@@ -216,7 +218,7 @@ def _registered_fields(model, prefix=""):
 
 def test_each_registry_backs_its_config_key():
     fields = _registered_fields(PipelineRunConfig)  # the pipeline section is checked by pipeline.config
-    for registry in REGISTRIES:
+    for registry in ALL_REGISTRIES:
         assert registry in fields[registry.key].registries, registry.key
     assert fields["distill.student.pooling"].registries == fields["model.pooling"].registries
 
@@ -261,7 +263,8 @@ def test_the_readme_lists_every_registered_name():
     begin, end = "<!-- registry-table:begin -->", "<!-- registry-table:end -->"
     assert begin in text and end in text, "README lacks the generated registry table"
     table = text.split(begin, 1)[1].split(end, 1)[0].strip()
-    assert table == registry_table(), "README's registry table is stale: paste dml.registries.registry_table()"
+    assert table == registry_table(ALL_REGISTRIES), ("README's registry table is stale: paste "
+                                                     "dml.registries.registry_table((*REGISTRIES, LAUNCHERS))")
 
 
 def test_the_config_stays_torch_free():
@@ -292,7 +295,7 @@ def test_miners_mine_the_gathered_batch_alike_on_every_rank(name):
     whole batch and its gradient that loss's, times the world size the engine divides by."""
     from local_group import spawn_local_group
 
-    registry = next(r for r in REGISTRIES if r.kind == "miner")
+    registry = next(r for r in ALL_REGISTRIES if r.kind == "miner")
     config = entry_config(registry, name, "seed=3")
     embeddings, labels = _batch(seed=4)
     embeddings = embeddings.float()

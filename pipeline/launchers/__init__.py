@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from dml.registries import LAUNCHERS
 from pipeline.config import PipelineConfig
 from pipeline.launchers.inprocess import InProcessLauncher
 from pipeline.launchers.kubernetes import KubernetesLauncher
 from pipeline.launchers.torchrun import TorchrunLauncher
+from pipeline.registries import LAUNCHERS
 from pipeline.stage_specs import StageSpec
 
 
@@ -22,7 +22,7 @@ class Launcher(Protocol):
 
 
 def build_launcher(settings: PipelineConfig) -> Launcher:
-    """The launcher registered as ``pipeline.launcher`` (`dml.registries.LAUNCHERS`); ValueError
+    """The launcher registered as ``pipeline.launcher`` (`pipeline.registries.LAUNCHERS`); ValueError
     if none is (the config refuses such a name when it loads)."""
     return LAUNCHERS.build(settings.launcher, settings=settings)
 
