@@ -177,6 +177,24 @@ class ModelConfig(StrictModel):
         return value
 
 
+PER_CLASS_MARGIN_LOSSES = ("arcface", "cosface")
+
+
+class DynamicMarginConfig(StrictModel):
+    """Per-class margins from the training split's class counts (`dml.losses.dynamic_margins`):
+    the most frequent class gets ``m_min``, the rarest ``m_max``, ``m ~ n ** -power`` between."""
+
+    m_min: float = Field(0.05, ge=0.0)
+    m_max: float = Field(0.5, ge=0.0)
+    power: float = Field(0.25, gt=0.0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "DynamicMarginConfig":
+        if self.m_min > self.m_max:
+            raise ValueError(f"m_min ({self.m_min}) must be <= m_max ({self.m_max})")
+        return self
+
+
 class LossConfig(StrictModel):
     """The training objective: a margin head (partial FC) or a pair loss, plus centre loss.
 
@@ -204,6 +222,8 @@ class LossConfig(StrictModel):
     miner_cutoff: float = Field(0.5, ge=0.0)  # distance_weighted: distances clamped below at this
     miner_nonzero_cutoff: float = Field(1.4, gt=0.0)  # distance_weighted: farther negatives unused
     center_weight: float = Field(0.0, ge=0.0)
+    sub_centers: int = Field(1, ge=1)  # centres per class of the margin head (sub-center ArcFace)
+    dynamic_margin: DynamicMarginConfig | None = None  # per-class margins replacing `margin`
 
     @property
     def is_pair_loss(self) -> bool:
@@ -224,6 +244,14 @@ class LossConfig(StrictModel):
         if self.miner == "distance_weighted" and self.miner_cutoff >= self.miner_nonzero_cutoff:
             raise ValueError(f"loss.miner_cutoff ({self.miner_cutoff}) must be below loss.miner_nonzero_cutoff "
                              f"({self.miner_nonzero_cutoff})")
+        return self
+
+    @model_validator(mode="after")
+    def _margin_head_options(self) -> "LossConfig":
+        if self.dynamic_margin is not None and self.kind not in PER_CLASS_MARGIN_LOSSES:
+            raise ValueError(f"loss.dynamic_margin needs loss.kind arcface or cosface, got '{self.kind}'")
+        if self.sub_centers > 1 and self.is_pair_loss:
+            raise ValueError(f"loss.sub_centers needs a margin head, loss.kind is '{self.kind}'")
         return self
 
 

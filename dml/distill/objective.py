@@ -32,7 +32,7 @@ from dml.distill.losses import absolute_teacher_loss, relative_teacher_loss, rkd
 from dml.errors import DMLError
 from dml.losses.partial_fc import PartialFC
 from dml.train.checkpoint import HEAD_DIR, STATE, latest_checkpoint, sharded_head
-from dml.train.objective import ExtraOptimizers, build_margin, build_pair_loss
+from dml.train.objective import ExtraOptimizers, build_margin_head, build_pair_loss
 from dml.train.row_shards import RowShardReader
 
 log = logging.getLogger(__name__)
@@ -111,8 +111,7 @@ class DistillObjective(ExtraOptimizers, nn.Module):
                 raise DMLError(f"distill.init_head_from_teacher needs a margin head, loss.kind is '{config.loss.kind}'")
             self.pair_loss = build_pair_loss(config)
             return
-        self.head = PartialFC(self.embedding_dim, num_classes, build_margin(config), config.loss.sample_rate,
-                              seed=config.seed).to(device)
+        self.head = build_margin_head(config, self.embedding_dim, num_classes, device)
         if self.cfg.init_head_from_teacher:
             load_teacher_head(self.head, self.cfg.teacher, config.seed)
         if self.cfg.freeze_head:

@@ -48,8 +48,8 @@ def dynamic_margins(class_counts: torch.Tensor | list[int], m_min: float = 0.05,
     gets ``m_min`` and the rarest gets ``m_max``. Counts of 0 are treated as 1. If every
     class has the same count, every margin is ``m_max``. The default values are ours.
 
-    Per-class margins need the full class axis: use them with `MarginHead` /
-    `SubCenterArcFace`, not on a sharded or sampled head (the margin raises ValueError).
+    Use them as ``ArcFace(m=...)`` / ``CosFace(m=...)`` in a `MarginHead`, or pass them to
+    `PartialFC` as ``class_margins`` (sharded with its centres, remapped when sampling).
 
     Args:
         class_counts: (C,) number of training samples per class.
@@ -98,7 +98,8 @@ class _TargetMargin(nn.Module):
     """Shared plumbing: input checks, dtype handling, target gather/scatter and scaling.
 
     Subclasses implement `target_logit(target_cosine, labels)` returning the unscaled,
-    margin-penalised target values for rows with a target (labels >= 0).
+    margin-penalised target values for rows with a target (labels >= 0). Margins that can
+    take one margin per row (`_PerClassMargin`) also implement `margin_logit`.
     """
 
     def __init__(self, s: float):
@@ -110,15 +111,31 @@ class _TargetMargin(nn.Module):
     def target_logit(self, target_cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Scaled logits (N, C) in the dtype of ``cosine``; see the module docstring."""
+    def margin_logit(self, target_cosine: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        raise ValueError(f"{type(self).__name__} has no per-class margin: row_margins (dynamic "
+                         "margins) need ArcFace or CosFace")
+
+    def forward(self, cosine: torch.Tensor, labels: torch.Tensor,
+                row_margins: torch.Tensor | None = None) -> torch.Tensor:
+        """Scaled logits (N, C) in the dtype of ``cosine``; see the module docstring.
+
+        ``row_margins`` (N,), optional: the margin of each row's target, replacing the
+        module's own ``m`` (how a sharded or sampled head applies per-class margins whose
+        class axis is not ``cosine``'s columns). ArcFace and CosFace only; others raise
+        ValueError.
+        """
         _check_margin_inputs(cosine, labels)
         work = cosine.to(_compute_dtype(cosine.dtype))
         labels = labels.to(device=cosine.device, dtype=torch.long)
         has_target = labels >= 0
         column = torch.where(has_target, labels, torch.zeros_like(labels)).unsqueeze(1)
         target = work.gather(1, column).squeeze(1)
-        penalised = self.target_logit(target, column.squeeze(1))
+        if row_margins is None:
+            penalised = self.target_logit(target, column.squeeze(1))
+        else:
+            if row_margins.shape != labels.shape:
+                raise ValueError(f"row_margins must have shape {tuple(labels.shape)}, got {tuple(row_margins.shape)}")
+            penalised = self.margin_logit(target, row_margins.to(device=work.device, dtype=work.dtype))
         new_target = torch.where(has_target, penalised.to(work.dtype), target)
         logits = work.scatter(1, column, new_target.unsqueeze(1))
         return (logits * self.s).to(cosine.dtype)
@@ -162,13 +179,20 @@ class _PerClassMargin(_TargetMargin):
             return self.m
         return self.class_margins.to(device=like.device, dtype=like.dtype)[labels]
 
-    def forward(self, cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.class_margins is not None and cosine.dim() == 2 and cosine.shape[1] != self.class_margins.numel():
+    def target_logit(self, target_cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        m = self.row_margins(labels, target_cosine)
+        return self.margin_logit(target_cosine, torch.as_tensor(m, dtype=target_cosine.dtype,
+                                                                device=target_cosine.device))
+
+    def forward(self, cosine: torch.Tensor, labels: torch.Tensor,
+                row_margins: torch.Tensor | None = None) -> torch.Tensor:
+        if (row_margins is None and self.class_margins is not None and cosine.dim() == 2
+                and cosine.shape[1] != self.class_margins.numel()):
             raise ValueError(
                 f"per-class margins cover {self.class_margins.numel()} classes but cosine has "
                 f"{cosine.shape[1]} columns: per-class margins need the full class axis "
-                "(they cannot be used on a sharded or sampled head)")
-        return super().forward(cosine, labels)
+                "(on a sharded or sampled head pass them to PartialFC as class_margins)")
+        return super().forward(cosine, labels, row_margins)
 
     def extra_repr(self) -> str:
         m = "per-class" if self.class_margins is not None else self.m
@@ -201,9 +225,7 @@ class ArcFace(_PerClassMargin):
             raise ValueError(f"boundary must be one of {ARCFACE_BOUNDARIES}, got {boundary!r}")
         self.boundary = boundary
 
-    def target_logit(self, target_cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        m = self.row_margins(labels, target_cosine)
-        m = torch.as_tensor(m, dtype=target_cosine.dtype, device=target_cosine.device)
+    def margin_logit(self, target_cosine: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         cosine = target_cosine.clamp(-1.0, 1.0)
         # cos(theta + m) = cos*cos(m) - sin(theta)*sin(m); the floor keeps sqrt's gradient finite
         sine = torch.sqrt((1.0 - cosine * cosine).clamp_min(1e-12))
@@ -229,8 +251,8 @@ class CosFace(_PerClassMargin):
     def __init__(self, s: float = 64.0, m: float | torch.Tensor = 0.35):
         super().__init__(s, m, 0.0, 2.0)
 
-    def target_logit(self, target_cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return target_cosine - self.row_margins(labels, target_cosine)
+    def margin_logit(self, target_cosine: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return target_cosine - m
 
 
 class CombinedMargin(_TargetMargin):

@@ -11,6 +11,13 @@ sum of exponentials) plus one for the target logit, so no rank ever holds the
 step, every class centre of its shard that is a positive in the global batch plus uniformly
 drawn negatives, and `configure_optimizer` returns an optimizer that updates only those rows.
 
+Landmark-recognition additions (both optional, both exact under sharding and sampling):
+sub-centres (Deng et al., "Sub-center ArcFace", ECCV 2020): each class has k centres, rows
+``c*k .. c*k + k - 1`` of the matrix, always on the rank that owns class c and sampled
+together; a class's cosine is the largest of its k. Per-class margins ("dynamic margins",
+`dynamic_margins`): a (C,) vector sharded like the classes, each row's target getting its
+own class's margin through the margin's ``row_margins`` argument.
+
 Differences from the insightface reference: any device/backend (gloo on CPU, NCCL on GPU),
 unequal per-rank batch sizes, optimizer state touched only on sampled rows, and checkpoints
 (`full_state_dict`) that load on any world size.
@@ -23,11 +30,11 @@ import math
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dml.distributed import (ProcessGroup, all_gather_rows, all_gather_with_grad, get_rank,
                              get_world_size)
+from dml.losses.centre_cosine import centre_cosine
 from dml.losses.distributed_softmax import distributed_cross_entropy
 from dml.losses.sparse_optim import SparseRowOptimizer, build_sparse_optimizer
 from dml.losses.shard_state import (RowShardedState, gather_shards_to_main, init_centre_shard,
@@ -53,10 +60,16 @@ class PartialFC(nn.Module):
         process_group: group the classes are sharded over (default: the world; none at all
             in a single-process run).
         seed: seeds the world-size-independent centre initialisation and the sampling.
+        sub_centers: k >= 1 centres per class; a class's cosine is the max over its k.
+        class_margins: optional (C,) per-class margins (e.g. `dynamic_margins`) replacing
+            the margin's ``m``; needs a margin with ``row_margins`` support (ArcFace, CosFace).
+            A margin built with a (C,) ``m`` has its vector taken over the same way.
 
-    Attributes: ``weight`` (shard_rows, D) is this rank's shard, rows
-    ``[class_start, class_end)`` of the full matrix (the first ``C % world`` ranks hold one
-    extra row). ``optimizer`` is the optimizer made by `configure_optimizer` (None before);
+    Attributes: ``weight`` (shard_classes * k, D) is this rank's shard, rows
+    ``[class_start * k, class_end * k)`` of the full (C * k, D) matrix: classes
+    ``[class_start, class_end)`` (the first ``C % world`` ranks hold one extra class).
+    ``class_margin`` (shard_classes,) float64 buffer or None: this rank's rows of the
+    per-class margins, aligned with the classes of ``weight``. ``optimizer`` is the optimizer made by `configure_optimizer` (None before);
     `full_state_dict` reaches its state through this reference.
 
     All ranks of the group must call `forward`, `full_state_dict` and
@@ -64,30 +77,52 @@ class PartialFC(nn.Module):
     """
 
     def __init__(self, embedding_dim: int, num_classes: int, margin: nn.Module, sample_rate: float = 1.0,
-                 process_group: ProcessGroup | None = None, seed: int = 0):
+                 process_group: ProcessGroup | None = None, seed: int = 0, sub_centers: int = 1,
+                 class_margins: torch.Tensor | None = None):
         super().__init__()
         if embedding_dim < 1:
             raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        if sub_centers < 1:
+            raise ValueError(f"sub_centers must be >= 1, got {sub_centers}")
         self.group = process_group
         self.rank, self.world_size = get_rank(process_group), get_world_size(process_group)
         if num_classes < self.world_size:
             raise ValueError(f"num_classes ({num_classes}) must be >= the world size ({self.world_size})")
         self.embedding_dim, self.num_classes = embedding_dim, num_classes
         self.margin, self.sample_rate, self.seed = margin, sample_rate, seed
+        self.sub_centers = k = sub_centers
         self.class_start, self.class_end = shard_bounds(num_classes, self.world_size, self.rank)
-        self.weight = nn.Parameter(init_centre_shard(num_classes, embedding_dim, self.class_start,
-                                                     self.class_end, seed))
+        self.weight = nn.Parameter(init_centre_shard(num_classes * k, embedding_dim, self.class_start * k,
+                                                     self.class_end * k, seed))
+        self.register_buffer("class_margin", self._margin_shard(margin, class_margins))
         self.sample_step = 0  # sampled forwards so far: with the seed, fixes every sample drawn
         self.optimizer: SparseRowOptimizer | None = None
         self._pending_optimizer_state: dict[str, Any] | None = None
         self._sampled_index: torch.Tensor | None = None
+        self._sampled_rows: torch.Tensor | None = None
         self._sampled_weight: torch.Tensor | None = None
         self._generator: torch.Generator | None = None
 
+    def _margin_shard(self, margin: nn.Module, class_margins: torch.Tensor | None) -> torch.Tensor | None:
+        """This rank's slice of the per-class margins (float64), or None when there are none."""
+        if class_margins is None:
+            class_margins = getattr(margin, "class_margins", None)
+        if class_margins is None:
+            return None
+        class_margins = torch.as_tensor(class_margins).detach()
+        if class_margins.shape != (self.num_classes,):
+            raise ValueError(f"class_margins must have shape ({self.num_classes},), got {tuple(class_margins.shape)}")
+        if not hasattr(margin, "class_margins"):  # only ArcFace / CosFace take a margin per row
+            raise ValueError(f"per-class margins need ArcFace or CosFace, got {type(margin).__name__}")
+        if not bool(torch.isfinite(class_margins).all()) or bool((class_margins < 0).any()):
+            raise ValueError("class_margins must be finite and >= 0")
+        return class_margins[self.class_start: self.class_end].to(torch.float64).clone()
+
     @property
     def shard_size(self) -> int:
+        """Classes held by this rank (``weight`` has ``shard_size * sub_centers`` rows)."""
         return self.class_end - self.class_start
 
     @property
@@ -98,7 +133,8 @@ class PartialFC(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, "
-                f"shard=[{self.class_start}, {self.class_end}), sample_rate={self.sample_rate}")
+                f"shard=[{self.class_start}, {self.class_end}), sample_rate={self.sample_rate}, "
+                f"sub_centers={self.sub_centers}, class_margins={self.class_margin is not None}")
 
     # --- forward -------------------------------------------------------------------------
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -109,7 +145,8 @@ class PartialFC(nn.Module):
         embeddings, the exact gradient of the global-mean loss (a DDP backbone then averages
         them over ranks, i.e. sees 1/world of it); w.r.t. the centres, on ``weight.grad`` or,
         when sampling, on the sampled rows (see `last_sampled_rows`).
-        Peak extra memory per rank: a few ``(N_global, k)`` score matrices, k = scored centres.
+        Peak extra memory per rank: a few ``(N_global, k)`` score matrices, k = scored centres
+        (sub-centres included).
         """
         self._check_inputs(embeddings, labels)
         global_embeddings = all_gather_with_grad(embeddings, self.group)
@@ -121,17 +158,33 @@ class PartialFC(nn.Module):
             raise ValueError(f"labels must be in [0, {self.num_classes}), got values in [{low}, {high}]")
         local = global_labels - self.class_start
         in_shard = (local >= 0) & (local < self.shard_size)
+        no_target = torch.full_like(local, -1)
         if self.training and self.sample_rate < 1.0:
-            index = self._sample_rows(local[in_shard])
-            weight = self.weight.detach().index_select(0, index).requires_grad_(True)
-            targets = torch.where(in_shard, torch.searchsorted(index, local), torch.full_like(local, -1))
+            classes = self._sample_rows(local[in_shard])
+            rows = self._centre_rows(classes)
+            weight = self.weight.detach().index_select(0, rows).requires_grad_(True)
+            targets = torch.where(in_shard, torch.searchsorted(classes, local), no_target)
         else:
-            index, weight = None, self.weight
-            targets = torch.where(in_shard, local, torch.full_like(local, -1))
-        self._sampled_index, self._sampled_weight = index, (weight if index is not None else None)
-        cosine = _cosine(global_embeddings.to(weight.dtype), weight)
-        logits = self.margin(cosine, targets)
+            classes, rows, weight = None, None, self.weight
+            targets = torch.where(in_shard, local, no_target)
+        self._sampled_index, self._sampled_rows = classes, rows
+        self._sampled_weight = weight if rows is not None else None
+        cosine = centre_cosine(global_embeddings.to(weight.dtype), weight)
+        if self.sub_centers > 1:  # class cosine: the closest of its k sub-centres
+            cosine = cosine.view(cosine.shape[0], -1, self.sub_centers).amax(dim=2)
+        if self.class_margin is None:
+            logits = self.margin(cosine, targets)
+        else:
+            own = self.class_margin[torch.where(in_shard, local, torch.zeros_like(local))]
+            logits = self.margin(cosine, targets, row_margins=torch.where(in_shard, own, torch.zeros_like(own)))
         return distributed_cross_entropy(logits, targets, self.group)
+
+    def _centre_rows(self, classes: torch.Tensor) -> torch.Tensor:
+        """Sorted shard rows of the centres of sorted shard ``classes``: every sub-centre of each."""
+        k = self.sub_centers
+        if k == 1:
+            return classes
+        return (classes.unsqueeze(1) * k + torch.arange(k, device=classes.device)).reshape(-1)
 
     def _check_inputs(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_dim:
@@ -142,7 +195,7 @@ class PartialFC(nn.Module):
             raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
 
     def _sample_rows(self, positives: torch.Tensor) -> torch.Tensor:
-        """Sorted shard rows to score: all positives plus uniform negatives up to `num_sampled`.
+        """Sorted shard classes to score: all positives plus uniform negatives up to `num_sampled`.
 
         If the batch holds more positive classes than `num_sampled`, all of them are kept
         (the sample is then larger than asked). The draw depends only on (seed, sample_step,
@@ -169,15 +222,17 @@ class PartialFC(nn.Module):
 
     # --- what the optimizer needs --------------------------------------------------------
     def last_sampled_rows(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``(index, grad)`` of the last forward: sorted shard rows and their ``(k, D)`` gradient,
-        or ``(None, weight.grad)`` when that forward scored every row."""
-        if self._sampled_index is None:
+        """``(index, grad)`` of the last forward: sorted rows of ``weight`` (every sub-centre of
+        each sampled class) and their ``(k, D)`` gradient, or ``(None, weight.grad)`` when that
+        forward scored every row."""
+        if self._sampled_rows is None:
             return None, self.weight.grad
-        return self._sampled_index, self._sampled_weight.grad
+        return self._sampled_rows, self._sampled_weight.grad
 
     @property
     def sampled_index(self) -> torch.Tensor | None:
-        """Shard rows scored by the last training forward (None: all rows)."""
+        """Shard classes scored by the last training forward (None: all). With one
+        sub-centre per class these are also the rows of ``weight``."""
         return self._sampled_index
 
     def clear_sampled_grad(self, set_to_none: bool = True) -> None:
@@ -208,23 +263,31 @@ class PartialFC(nn.Module):
     def full_state_dict(self) -> dict[str, Any] | None:
         """The whole head, gathered to rank 0 of the group as CPU tensors; None on other ranks.
 
-        Keys: ``format``, ``num_classes``, ``embedding_dim``, ``weight`` (C, D), ``sampler``
-        (seed, step), ``optimizer`` (None, or name, hyperparameters and per-row ``state``
-        tensors with C rows). Collective. Peak memory on rank 0: the full matrix plus its
+        Keys: ``format``, ``num_classes``, ``embedding_dim``, ``sub_centers`` (k),
+        ``weight`` (C * k, D), ``class_margins`` ((C,) float64 or None), ``sampler`` (seed,
+        step), ``optimizer`` (None, or name, hyperparameters and per-row ``state`` tensors
+        with C * k rows). Collective. Peak memory on rank 0: the full matrix plus its
         optimizer state in host RAM, and one shard on the device at a time.
         """
-        weight = gather_shards_to_main(self.weight.detach(), self.num_classes, self.group)
+        weight = self._gather_rows(self.weight.detach())
+        margins = None
+        if self.class_margin is not None:
+            margins = gather_shards_to_main(self.class_margin, self.num_classes, self.group)
         optimizer = None
         if self.optimizer is not None:
-            state = {key: gather_shards_to_main(value, self.num_classes, self.group)
-                     for key, value in self.optimizer.row_state().items()}
+            state = {key: self._gather_rows(value) for key, value in self.optimizer.row_state().items()}
             optimizer = {"name": self.optimizer.name, "hyperparameters": self.optimizer.hyperparameters(),
                          "state": state}
         if self.rank != 0:
             return None
         return {"format": STATE_FORMAT, "num_classes": self.num_classes, "embedding_dim": self.embedding_dim,
-                "weight": weight, "sampler": {"seed": self.seed, "step": self.sample_step},
-                "optimizer": optimizer}
+                "sub_centers": self.sub_centers, "weight": weight, "class_margins": margins,
+                "sampler": {"seed": self.seed, "step": self.sample_step}, "optimizer": optimizer}
+
+    def _gather_rows(self, shard: torch.Tensor) -> torch.Tensor | None:
+        """A (shard_classes * k, ...) tensor gathered as (C * k, ...) on rank 0 (None elsewhere)."""
+        full = gather_shards_to_main(self._per_class(shard), self.num_classes, self.group)
+        return None if full is None else full.reshape(self.num_classes * self.sub_centers, *shard.shape[1:])
 
     def load_full_state_dict(self, state: dict[str, Any]) -> None:
         """Take this rank's rows of a `full_state_dict` saved on any world size.
@@ -232,16 +295,23 @@ class PartialFC(nn.Module):
         Every rank passes the full dict (``torch.load(path, mmap=True)`` keeps that cheap).
         Optimizer state is installed into the configured optimizer, or kept until
         `configure_optimizer` is called; a state without optimizer resets the optimizer.
+        States saved before sub-centres and per-class margins existed load as k = 1 and no
+        margins. Raises ValueError when the shapes, k, or the presence of per-class margins
+        differ from this head's.
         """
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"not a partial-FC full state (expected format {STATE_FORMAT!r})")
-        self._check_shape(state)
-        rows = slice(self.class_start, self.class_end)
+        self._check_shape(state, state.get("class_margins") is not None)
+        margins = state.get("class_margins")
+        k = self.sub_centers
+        rows = slice(self.class_start * k, self.class_end * k)
         with torch.no_grad():
             self.weight.copy_(state["weight"][rows])
+            if margins is not None:
+                self.class_margin.copy_(margins[self.class_start: self.class_end])
         self.seed, self.sample_step = int(state["sampler"]["seed"]), int(state["sampler"]["step"])
         saved = state.get("optimizer")
-        local = None if saved is None else {**saved, "state": {k: v[rows] for k, v in saved["state"].items()}}
+        local = None if saved is None else {**saved, "state": {key: v[rows] for key, v in saved["state"].items()}}
         if self.optimizer is None:
             self._pending_optimizer_state = local
         elif local is None:
@@ -253,19 +323,25 @@ class PartialFC(nn.Module):
     def sharded_state_dict(self) -> RowShardedState:
         """This rank's rows of the head, for a checkpoint that every rank writes in parallel.
 
-        ``tensors``: ``weight`` (shard_rows, D) and ``optimizer.<key>`` for each per-row
-        optimizer state tensor, all views of the live tensors (no copies). ``meta``: format,
-        shape, sampler (seed, step) and the optimizer's name and hyperparameters (or None);
-        the same on every rank. Not collective.
+        ``tensors``, one row per class of the shard: ``weight`` (shard_classes, D), or
+        (shard_classes, k, D) with k sub-centres; ``class_margins`` (shard_classes,) when the
+        head has per-class margins; ``optimizer.<key>`` for each per-row optimizer state
+        tensor, shaped like the weight; all views of the live tensors (no copies). ``meta``:
+        format, shape, sub-centres, whether there are per-class margins, sampler (seed, step)
+        and the optimizer's name and hyperparameters (or None); the same on every rank.
+        Not collective.
         """
-        tensors = {"weight": self.weight.detach()}
+        tensors = {"weight": self._per_class(self.weight.detach())}
+        if self.class_margin is not None:
+            tensors["class_margins"] = self.class_margin
         optimizer = None
         if self.optimizer is not None:
             row_state = self.optimizer.row_state()
-            tensors.update({OPTIMIZER_PREFIX + k: v for k, v in row_state.items()})
+            tensors.update({OPTIMIZER_PREFIX + k: self._per_class(v) for k, v in row_state.items()})
             optimizer = {"name": self.optimizer.name, "hyperparameters": self.optimizer.hyperparameters(),
                          "state_keys": sorted(row_state)}
         meta = {"format": SHARDED_FORMAT, "num_classes": self.num_classes, "embedding_dim": self.embedding_dim,
+                "sub_centers": self.sub_centers, "class_margins": self.class_margin is not None,
                 "sampler": {"seed": self.seed, "step": self.sample_step}, "optimizer": optimizer}
         return RowShardedState(meta, self.num_classes, self.class_start, self.class_end, tensors)
 
@@ -279,10 +355,12 @@ class PartialFC(nn.Module):
         """
         if not isinstance(meta, dict) or meta.get("format") != SHARDED_FORMAT:
             raise ValueError(f"not a sharded partial-FC state (expected format {SHARDED_FORMAT!r})")
-        self._check_shape(meta)
+        self._check_shape(meta, bool(meta.get("class_margins")))
         start, end = self.class_start, self.class_end
         with torch.no_grad():
-            read_rows("weight", start, end, self.weight.data)
+            read_rows("weight", start, end, self._per_class(self.weight.data))
+            if self.class_margin is not None:
+                read_rows("class_margins", start, end, self.class_margin)
         self.seed, self.sample_step = int(meta["sampler"]["seed"]), int(meta["sampler"]["step"])
         saved = meta.get("optimizer")
         if saved is None:
@@ -292,6 +370,7 @@ class PartialFC(nn.Module):
             return
         if self.optimizer is None:  # kept until configure_optimizer; saved dtypes/shapes as they are
             state = {key: read_rows(OPTIMIZER_PREFIX + key, start, end, None) for key in saved.get("state_keys", [])}
+            state = {key: value.flatten(0, 1) if self.sub_centers > 1 else value for key, value in state.items()}
             self._pending_optimizer_state = {**saved, "state": state}
             return
         if saved["name"] != self.optimizer.name:
@@ -299,43 +378,24 @@ class PartialFC(nn.Module):
         self.optimizer.param_groups[0].update(saved["hyperparameters"])
         self.optimizer.reset_state()
         for key, tensor in self.optimizer.row_state().items():
-            read_rows(OPTIMIZER_PREFIX + key, start, end, tensor)
+            read_rows(OPTIMIZER_PREFIX + key, start, end, self._per_class(tensor))
 
-    def _check_shape(self, state: dict[str, Any]) -> None:
+    def _per_class(self, rows: torch.Tensor) -> torch.Tensor:
+        """A (shard_classes * k, ...) tensor as a (shard_classes, k, ...) view (itself when k = 1)."""
+        if self.sub_centers == 1:
+            return rows
+        return rows.view(self.shard_size, self.sub_centers, *rows.shape[1:])
+
+    def _check_shape(self, state: dict[str, Any], has_margins: bool) -> None:
+        """Raise ValueError unless a saved head has this one's classes, width, sub-centres
+        (1 when the state predates them) and presence of per-class margins."""
         if (state["num_classes"], state["embedding_dim"]) != (self.num_classes, self.embedding_dim):
             raise ValueError(f"saved head is {state['num_classes']} classes x {state['embedding_dim']} dims, "
                              f"this one is {self.num_classes} x {self.embedding_dim}")
+        if state.get("sub_centers", 1) != self.sub_centers:
+            raise ValueError(f"saved head has {state.get('sub_centers', 1)} sub-centres per class, "
+                             f"this one has {self.sub_centers}")
+        if has_margins != (self.class_margin is not None):
+            have = "has" if self.class_margin is not None else "has no"
+            raise ValueError(f"saved head {'has' if has_margins else 'has no'} per-class margins, this one {have}")
 
-
-class _CentreCosine(torch.autograd.Function):
-    """Cosine of unit embeddings (N, D) with raw centres (k, D), without normalised centres.
-
-    cos = (x @ W^T) * r with r_j = 1 / ||w_j||. Written out by hand because autograd through
-    the norm costs several (k, D) temporaries; here backward needs one:
-    dL/dx = (G * r) @ W and dL/dw_j = ((G * r)^T x)_j - (sum_i G_ij cos_ij) r_j^2 w_j.
-    Saved for backward: x, W (no copies), r and the (N, k) output.
-    """
-
-    @staticmethod
-    def forward(ctx, unit: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-        inv_norm = torch.linalg.vector_norm(centres, dim=1).clamp_min_(1e-12).reciprocal_()
-        cosine = (unit @ centres.t()).mul_(inv_norm)
-        ctx.save_for_backward(unit, centres, inv_norm, cosine)
-        return cosine
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        unit, centres, inv_norm, cosine = ctx.saved_tensors
-        scaled = grad * inv_norm
-        grad_unit = scaled @ centres if ctx.needs_input_grad[0] else None
-        grad_centres = None
-        if ctx.needs_input_grad[1]:
-            grad_centres = scaled.t() @ unit
-            coef = (grad * cosine).sum(dim=0).mul_(inv_norm.square()).neg_()
-            grad_centres.addcmul_(centres, coef.unsqueeze(1))
-        return grad_unit, grad_centres
-
-
-def _cosine(embeddings: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity (N, k) of embeddings (N, D) with centres (k, D), rows L2-normalised."""
-    return _CentreCosine.apply(F.normalize(embeddings, dim=1), centres)

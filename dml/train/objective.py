@@ -19,8 +19,10 @@ import torch
 from torch import nn
 
 from dml.config import DMLConfig
+from dml.data.manifest import load_manifest
 from dml.distributed import all_gather_rows, all_gather_with_grad, get_world_size
-from dml.losses import CenterLoss
+from dml.errors import ConfigError
+from dml.losses import CenterLoss, dynamic_margins
 from dml.losses.partial_fc import PartialFC
 from dml.registries import MARGINS, MINERS, PAIR_LOSSES
 
@@ -28,6 +30,36 @@ from dml.registries import MARGINS, MINERS, PAIR_LOSSES
 def build_margin(config: DMLConfig) -> nn.Module:
     """The margin registered as ``loss.kind`` (`dml.registries.MARGINS`); ValueError if none is."""
     return MARGINS.build(config.loss.kind, settings=config)
+
+
+def train_class_margins(config: DMLConfig, num_classes: int) -> torch.Tensor | None:
+    """(num_classes,) per-class margins from the training split's class counts in the shard
+    manifest (``loss.dynamic_margin``), or None when that is not set. Classes absent from
+    the training split (never a target) get ``m_max`` and do not stretch the range.
+    Raises ConfigError when the manifest has no such split."""
+    settings = config.loss.dynamic_margin
+    if settings is None:
+        return None
+    splits = load_manifest(config.data.shard_dir).get("splits", {})
+    split = config.data.train_split
+    if split not in splits or not splits[split].get("class_counts"):
+        raise ConfigError(f"loss.dynamic_margin: the manifest in {config.data.shard_dir} has no class counts "
+                          f"for the training split '{split}'")
+    present = {int(label): int(count) for label, count in splits[split]["class_counts"].items()}
+    labels = torch.tensor(sorted(present))
+    if int(labels.max()) >= num_classes:
+        raise ConfigError(f"loss.dynamic_margin: the manifest counts class {int(labels.max())} of {num_classes}")
+    margins = torch.full((num_classes,), settings.m_max, dtype=torch.float32)
+    margins[labels] = dynamic_margins([present[int(c)] for c in labels], settings.m_min, settings.m_max,
+                                      settings.power)
+    return margins
+
+
+def build_margin_head(config: DMLConfig, embedding_dim: int, num_classes: int, device: torch.device) -> PartialFC:
+    """The partial-FC head of ``config.loss`` (margin, sampling, sub-centres, dynamic margins)."""
+    return PartialFC(embedding_dim, num_classes, build_margin(config), config.loss.sample_rate, seed=config.seed,
+                     sub_centers=config.loss.sub_centers,
+                     class_margins=train_class_margins(config, num_classes)).to(device)
 
 
 def build_pair_loss(config: DMLConfig) -> nn.Module:
@@ -65,8 +97,7 @@ class Objective(ExtraOptimizers, nn.Module):
         if config.loss.is_pair_loss:
             self.pair_loss = build_pair_loss(config)
         else:
-            self.head = PartialFC(dim, num_classes, build_margin(config), config.loss.sample_rate,
-                                  seed=config.seed).to(device)
+            self.head = build_margin_head(config, dim, num_classes, device)
             self.optimizers.append(self.head.configure_optimizer(
                 config.loss.head_optimizer, lr=head_lr, momentum=config.optimizer.momentum,
                 weight_decay=config.optimizer.weight_decay))
