@@ -261,6 +261,10 @@ class OptimizerConfig(StrictModel):
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(5e-4, ge=0.0)
     grad_clip: float | None = Field(5.0, gt=0.0)
+    # Fine-tuning (dml.train.param_groups): layer-wise LR decay of the backbone (None: off)
+    # and optimizer steps during which the backbone stays frozen while neck and head train.
+    layer_decay: float | None = Field(None, gt=0.0, le=1.0)
+    freeze_backbone_steps: int = Field(0, ge=0)
 
 
 class ScheduleConfig(StrictModel):

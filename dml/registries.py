@@ -162,6 +162,8 @@ POOLINGS.add("avg", "dml.models.pooling:AvgPool", "global average pooling (SPoC)
 POOLINGS.add("max", "dml.models.pooling:MaxPool", "global max pooling (MAC)")
 POOLINGS.add("gem", "dml.models.pooling:GeM", "generalised-mean pooling, learnable exponent",
              lambda s: {"p": s["gem_p"], "learnable": s["gem_learnable"]})
+POOLINGS.add("cls", "dml.models.tokens:ClassTokenPool",
+             "class token of a ViT-family backbone (there the others pool its patch tokens)")
 
 def parse_pooling(spec: str) -> list[str]:
     """Split a pooling spec such as ``"gem"`` or ``"avg+max+gem"`` into registered pooling names.

@@ -48,6 +48,7 @@ CASES: dict[tuple[str, str], list[str]] = {
     ("loss.miner", "multisimilarity"): ["loss.kind=multisimilarity", "data.pk_classes=4"],
     ("loss.miner", "distance_weighted"): ["loss.kind=triplet", "loss.mining=all", "data.pk_classes=4"],
     ("model.pooling", "avg"): [], ("model.pooling", "max"): [], ("model.pooling", "gem"): [],
+    ("model.pooling", "cls"): ["model.backbone=test_vit"],
     ("prepare.source.kind", "folder"): [], ("prepare.source.kind", "csv"): [],
     ("prepare.source.kind", "parquet"): [], ("prepare.source.kind", "idx"): [],
     ("prepare.source.kind", "omniglot"): [], ("prepare.source.kind", "recordio"): [],
@@ -138,14 +139,19 @@ def test_distance_weighted_miner_draws_the_same_triplets_from_the_same_seed():
 def test_poolings_are_built_from_model_pooling(name):
     registry = next(r for r in ALL_REGISTRIES if r.kind == "pooling")
     config = entry_config(registry, name)
-    neck = EmbeddingNeck(6, 8, pooling=config.model.pooling)
+    if name == "cls":  # a class token exists only in ViT-family tokens (N, T, C)
+        neck = EmbeddingNeck(6, 8, pooling=config.model.pooling, layout="tokens", prefix_tokens=1,
+                             has_class_token=True)
+        features = torch.rand(2, 10, 6)
+    else:
+        neck, features = EmbeddingNeck(6, 8, pooling=config.model.pooling), torch.rand(2, 6, 3, 3)
     assert [type(branch.pool) for branch in neck.branches] == [registry.get(name)]
-    assert neck(torch.rand(2, 6, 3, 3)).shape == (2, 8)
+    assert neck(features).shape == (2, 8)
 
 
 def test_compound_pooling_specs_build_one_branch_per_name():
     registry = next(r for r in ALL_REGISTRIES if r.kind == "pooling")
-    names = list(registry.names())
+    names = [name for name in registry.names() if name != "cls"]  # cls: token backbones only
     config = load_config(None, [f"model.pooling={'+'.join(reversed(names))}"], check_backbones=False)
     neck = EmbeddingNeck(6, 9, pooling=config.model.pooling)
     assert [type(branch.pool) for branch in neck.branches] == [registry.get(n) for n in reversed(names)]

@@ -8,8 +8,11 @@ timm's ``conv_head`` (a 1x1 conv + activation normally run after pooling) is kep
 per position, so every backbone parameter takes part in the loss (DDP needs that) and C is
 ``head_hidden_size``.
 
-Backbones whose unpooled output is not NCHW (ViT tokens, Swin NHWC) are built but rejected by
-the neck at the first forward with a one-line error.
+Backbones whose unpooled output is not NCHW (ViT-family tokens (N, T, C), Swin's NHWC map)
+are brought to a map by the neck (`dml.models.tokens`). Models whose layers depend on the
+input size (ViTs, CoAtNet, MaxViT, Swin) are built for the configured ``image_size`` (timm's
+``img_size``); ViT-family models also get ``dynamic_img_size=True``, so they accept other
+sizes too (position embeddings interpolated), as far as the patch size divides them.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ RESERVED_TIMM_ARGS = frozenset({"pretrained", "num_classes", "global_pool", "in_
 SUPPORTED_IN_CHANS = (1, 3)
 
 
-def create_backbone(name: str, in_chans: int = 3, timm_kwargs: Mapping[str, Any] | None = None) -> nn.Module:
+def create_backbone(name: str, in_chans: int = 3, timm_kwargs: Mapping[str, Any] | None = None,
+                    image_size: tuple[int, int] | None = None) -> nn.Module:
     """Create timm model ``name`` as a randomly initialised feature-map extractor.
 
     Args:
@@ -33,9 +37,11 @@ def create_backbone(name: str, in_chans: int = 3, timm_kwargs: Mapping[str, Any]
             the tag only selects the preprocessing config, weights are never fetched.
         in_chans: 1 (grey) or 3 (RGB) input channels, passed to timm as ``in_chans``.
         timm_kwargs: extra ``timm.create_model`` arguments such as ``drop_path_rate``.
+        image_size: (H, W) the model is built for, passed as ``img_size`` (with
+            ``dynamic_img_size=True``) to models that take it; ignored by the others.
 
     Returns the timm module; ``forward`` maps (N, in_chans, H, W) to (N, C, h, w), with
-    C = ``backbone_out_channels(model)``.
+    C = ``backbone_out_channels(model)`` (or to tokens / NHWC, see `dml.models.tokens`).
     """
     if in_chans not in SUPPORTED_IN_CHANS:
         raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
@@ -45,7 +51,17 @@ def create_backbone(name: str, in_chans: int = 3, timm_kwargs: Mapping[str, Any]
     clashing = sorted(RESERVED_TIMM_ARGS & extra.keys())
     if clashing:
         raise ValueError(f"backbone_kwargs may not set {', '.join(clashing)}; they are fixed by dml.models")
-    return timm.create_model(name, pretrained=False, num_classes=0, global_pool="", in_chans=in_chans, **extra)
+    sizing = {} if image_size is None else {"dynamic_img_size": True, "img_size": tuple(image_size)}
+    sizing = {k: v for k, v in sizing.items() if k not in extra}
+    while True:
+        try:
+            return timm.create_model(name, pretrained=False, num_classes=0, global_pool="", in_chans=in_chans,
+                                     **sizing, **extra)
+        except TypeError as exc:  # a constructor without this size argument (CNNs): drop it, retry
+            refused = [key for key in sizing if f"'{key}'" in str(exc)]
+            if not refused:
+                raise
+            sizing.pop(refused[0])
 
 
 def backbone_out_channels(backbone: nn.Module) -> int:

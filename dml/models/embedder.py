@@ -19,6 +19,7 @@ from dml.models.backbone import backbone_out_channels, create_backbone
 from dml.models.erasing import BatchFeatureErasing
 from dml.models.neck import EmbeddingNeck
 from dml.models.preprocessing import Preprocessing, resolve_preprocessing
+from dml.models.tokens import backbone_layout, class_token_count
 from dml.models.weights import load_backbone_weights, load_matching_state_dict, read_state_dict
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ class EmbeddingModel(nn.Module):
     """Backbone feature map -> neck -> L2-normalised embedding.
 
     Attributes:
-        backbone: timm module returning an NCHW feature map.
+        backbone: timm module returning a feature map or tokens (see `dml.models.tokens`).
         neck: ``EmbeddingNeck`` pooling and projecting it.
         embedding_dim: size D of the output embedding.
         preprocessing: ``Preprocessing`` the inputs are expected to have had.
@@ -80,7 +81,8 @@ def build_embedding_model(
         backbone: timm model name, e.g. ``"resnet50"``, ``"efficientnet_b0"``,
             ``"mobilenetv3_large_100"``; built with ``pretrained=False``.
         embedding_dim: output size D.
-        pooling: ``"avg"``, ``"max"``, ``"gem"`` (Radenovic et al.) or a ``+``-joined
+        pooling: ``"avg"``, ``"max"``, ``"gem"`` (Radenovic et al.), ``"cls"`` (class token
+            of a ViT-family backbone; the others then pool its patch tokens) or a ``+``-joined
             combination such as ``"avg+max+gem"`` (Jun et al. CGD; see ``dml.models.neck``).
         in_chans: 1 or 3 input channels.
         pretrained_path: optional local weights file (.pt/.pth/.bin/.ckpt state_dict or
@@ -88,8 +90,9 @@ def build_embedding_model(
             ``EmbeddingModel`` state_dict; anything else as timm backbone weights (classifier
             keys ignored, first conv adapted to ``in_chans``). Mismatches raise ValueError.
         input_size: spatial size recorded in ``preprocessing`` (int, (H, W) or (C, H, W));
-            default: the timm pretrained config's size. The model itself accepts any size the
-            backbone can handle.
+            default: the timm pretrained config's size. Size-bound backbones (ViT family,
+            CoAtNet, MaxViT, Swin) are built for it; the model accepts any size the backbone
+            can handle (ViTs: any multiple of the patch size).
         gem_p, gem_learnable: GeM's initial exponent and whether it is trained.
         feature_bn, dropout, embedding_bn: neck options (BatchNorm1d on the pooled features,
             dropout before the projection, BatchNorm1d on the embedding).
@@ -99,7 +102,9 @@ def build_embedding_model(
     """
     if not isinstance(embedding_dim, int) or embedding_dim < 1:
         raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
-    trunk = create_backbone(backbone, in_chans=in_chans, timm_kwargs=backbone_kwargs)
+    trunk = create_backbone(backbone, in_chans=in_chans, timm_kwargs=backbone_kwargs,
+                            image_size=_spatial_size(input_size))
+    layout = backbone_layout(trunk)
     neck = EmbeddingNeck(
         in_channels=backbone_out_channels(trunk),
         embedding_dim=embedding_dim,
@@ -110,12 +115,24 @@ def build_embedding_model(
         erasing=BatchFeatureErasing(bfe_height_ratio, bfe_width_ratio) if bfe else None,
         gem_p=gem_p,
         gem_learnable=gem_learnable,
+        layout=layout,
+        prefix_tokens=int(getattr(trunk, "num_prefix_tokens", 0)) if layout == "tokens" else 0,
+        has_class_token=bool(class_token_count(trunk)),
     )
     preprocessing = resolve_preprocessing(trunk, in_chans, input_size)
     model = EmbeddingModel(trunk, neck, preprocessing, backbone_name=backbone)
     if pretrained_path is not None:
         load_weights_file(model, pretrained_path)
     return model
+
+
+def _spatial_size(input_size: int | Sequence[int] | None) -> tuple[int, int] | None:
+    """(H, W) of an ``input_size`` given as int, (H, W) or (C, H, W); None stays None."""
+    if input_size is None:
+        return None
+    if isinstance(input_size, int):
+        return (input_size, input_size)
+    return tuple(int(v) for v in input_size)[-2:]
 
 
 def load_weights_file(model: EmbeddingModel, path: str | os.PathLike) -> None:

@@ -1,5 +1,9 @@
 """Embedding neck: backbone feature map (N, C, H, W) -> L2-normalised embedding (N, D).
 
+Backbones without an NCHW map (ViT tokens, Swin's NHWC map) are first brought to one by
+`dml.models.tokens` (``layout``); for tokens each descriptor pools the class token
+(``"cls"``) or the patch tokens.
+
 Single descriptor (``pooling`` is ``"avg"``, ``"max"`` or ``"gem"``)::
 
     [batch feature erasing, train only] -> pool -> [BatchNorm1d(C)] -> [Dropout]
@@ -26,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dml.models.pooling import build_global_pool, parse_pooling
+from dml.models.pooling import parse_pooling
+from dml.models.tokens import ToFeatureMap, build_descriptor_pool
 
 
 def split_embedding_dim(embedding_dim: int, parts: int) -> list[int]:
@@ -72,6 +77,9 @@ class EmbeddingNeck(nn.Module):
         erasing: optional training-time module applied to the feature map first
             (``BatchFeatureErasing``); must be the identity in eval mode.
         gem_p, gem_learnable: initial exponent of GeM and whether it is trained.
+        layout: the backbone output's layout, ``"nchw"``, ``"nhwc"`` or ``"tokens"``
+            ((N, T, C) with ``prefix_tokens`` class / register tokens first; ``has_class_token``
+            says whether the first is a class token, which ``"cls"`` pooling needs).
 
     Note: BatchNorm1d in training mode needs more than one sample per batch.
     """
@@ -87,8 +95,13 @@ class EmbeddingNeck(nn.Module):
         erasing: nn.Module | None = None,
         gem_p: float = 3.0,
         gem_learnable: bool = True,
+        layout: str = "nchw",
+        prefix_tokens: int = 0,
+        has_class_token: bool = False,
     ) -> None:
         super().__init__()
+        if layout == "tokens" and erasing is not None:
+            raise ValueError("batch feature erasing (bfe) needs a feature-map backbone, not ViT tokens")
         if in_channels < 1:
             raise ValueError(f"in_channels must be positive, got {in_channels}")
         if not 0.0 <= dropout < 1.0:
@@ -98,19 +111,22 @@ class EmbeddingNeck(nn.Module):
         self.in_channels = in_channels
         self.embedding_dim = embedding_dim
         self.pooling = "+".join(names)
+        self.to_map = ToFeatureMap(layout)
         self.erasing = erasing if erasing is not None else nn.Identity()
         self.branches = nn.ModuleList(
-            DescriptorBranch(build_global_pool(name, gem_p, gem_learnable), in_channels, dim, feature_bn, dropout)
+            DescriptorBranch(build_descriptor_pool(name, layout, prefix_tokens, has_class_token, gem_p, gem_learnable),
+                             in_channels, dim, feature_bn, dropout)
             for name, dim in zip(names, part_dims)
         )
         self.embedding_bn = nn.BatchNorm1d(embedding_dim) if embedding_bn else nn.Identity()
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        features = self.to_map(features)
         # Skipped under jit tracing (ONNX export), where shape entries are traced values.
         if not torch.jit.is_tracing() and (features.dim() != 4 or features.shape[1] != self.in_channels):
             raise ValueError(
-                f"embedding neck expects a feature map (N, {self.in_channels}, H, W), got shape "
-                f"{tuple(features.shape)}; only backbones with convolutional (NCHW) outputs are supported"
+                f"embedding neck expects a feature map (N, {self.in_channels}, H, W) (backbone output "
+                f"layout {self.to_map.layout!r}), got shape {tuple(features.shape)}"
             )
         features = self.erasing(features)
         parts = [branch(features) for branch in self.branches]

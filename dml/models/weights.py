@@ -12,6 +12,7 @@ line that gives their counts and a few examples.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from pathlib import Path
@@ -21,6 +22,7 @@ from timm.models import adapt_input_conv
 from torch import nn
 
 from dml.models.backbone import classifier_names, first_conv_names
+from dml.models.tokens import backbone_layout
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +108,15 @@ def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], s
     Classifier weights (timm's ``pretrained_cfg["classifier"]``) are dropped, since the backbone
     has no classifier. If the backbone has 1 input channel and the file's first conv has 3 (or
     the reverse), that conv is adapted with timm's ``adapt_input_conv`` (channel sum / repeat).
+    ViT-family files first pass through the model module's own timm ``checkpoint_filter_fn``,
+    which resamples position embeddings to this backbone's image size (a 518 px DINOv2 file
+    into a 224 px model) and converts the original DINOv2 / CLIP / EVA layouts.
     """
     state = dict(state)
+    if backbone_layout(backbone) == "tokens":
+        convert = getattr(importlib.import_module(type(backbone).__module__), "checkpoint_filter_fn", None)
+        if convert is not None:
+            state = dict(convert(state, backbone))
     head_prefixes = tuple(f"{name}." for name in classifier_names(backbone))
     expected = backbone.state_dict()
     dropped = [k for k in state if head_prefixes and k.startswith(head_prefixes) and k not in expected]

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dml.config import DMLConfig, OptimizerConfig
 from dml.distributed import describe_lone_process_as_group_of_one, get_rank, get_world_size
 from dml.errors import ConfigError
+from dml.train.param_groups import backbone_param_groups
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,9 @@ def resolve_precision(requested: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16
 
 
-def build_optimizer(parameters, config: OptimizerConfig) -> torch.optim.Optimizer:
-    """SGD (momentum) or AdamW for the backbone + neck."""
-    params = [p for p in parameters if p.requires_grad]
+def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
+    """SGD (momentum) or AdamW for the backbone + neck (param groups: `backbone_param_groups`)."""
+    params = backbone_param_groups(model, config)
     if config.name == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -69,7 +70,7 @@ class DDPEngine:
         if get_world_size() > 1:
             device_ids = [device.index] if device.type == "cuda" else None
             self.wrapped = DistributedDataParallel(model, device_ids=device_ids)
-        self.optimizer = build_optimizer(model.parameters(), config.optimizer)
+        self.optimizer = build_optimizer(model, config.optimizer)
         self.accum = config.train.grad_accum
         self.clip = config.optimizer.grad_clip
         self.autocast_dtype = resolve_precision(config.train.precision, device)
@@ -153,7 +154,7 @@ class DeepSpeedEngine:
             "zero_allow_untested_optimizer": True,
         })
         ds_config.pop("train_batch_size", None)
-        optimizer = build_optimizer(model.parameters(), config.optimizer)
+        optimizer = build_optimizer(model, config.optimizer)
         describe_lone_process_as_group_of_one()  # plain `dml train`: no MPI discovery
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.model = self.engine.module

@@ -19,6 +19,7 @@ from dml.progress import progress as progress_bar
 from dml.train.checkpoint import save_checkpoint, set_aside_diverged
 from dml.train.metrics_log import MetricsLog, peak_memory_mb
 from dml.train.objective import Objective
+from dml.train.param_groups import freeze_backbone
 from dml.train.schedules import LRSchedule
 from dml.train.swa import WeightAverager
 
@@ -84,6 +85,7 @@ class Trainer:
         self.evaluate, self.best = evaluate, best  # best: a BestModelKeeper or None
         self.total_steps = self._total_steps()
         self.schedule = LRSchedule([engine.optimizer, *objective.optimizers], self.total_steps, config.schedule)
+        self.freeze = freeze_backbone(engine, config.optimizer)
         self.swa = WeightAverager(engine.model, config.swa, self.total_steps) if config.swa.enabled else None
         self.metrics = MetricsLog(run_dir, get_rank() == 0, config,
                                  "train" if Path(config.train.run_dir) == Path(run_dir) else "distill")
@@ -104,6 +106,8 @@ class Trainer:
         self.engine.model.load_state_dict(saved["model"])
         state = self.resume_position(saved)
         self.schedule.load_state_dict(saved["schedule"])
+        if self.freeze:
+            self.freeze.steps_done = state.step
         if self.swa and saved.get("swa"):
             self.swa.load_state_dict(saved["swa"])
         return state
