@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data_fixtures import make_folder_tree
-from dml.config import DMLConfig
+from dml.config import DMLConfig, load_config
 from dml.data.manifest import load_manifest
 from dml.data.shards import write_shards
 from dml.errors import ConfigError
@@ -18,7 +18,7 @@ from dml.train.checkpoint import HEAD_DIR, list_checkpoints, read_checkpoint
 from dml.train.row_shards import RowShardReader
 from dml.train.objective import train_class_margins
 from dml.train.run import run_train
-from train_fixtures import tiny_train_config
+from train_fixtures import ROOT, tiny_train_config
 
 DYNAMIC = {"m_min": 0.1, "m_max": 0.45, "power": 0.5}
 
@@ -73,3 +73,10 @@ def test_classes_outside_the_training_split_do_not_stretch_the_margins(tmp_path)
 def test_bad_landmark_options_are_refused_when_the_config_loads(loss, message):
     with pytest.raises(Exception, match=message):
         DMLConfig.model_validate({"loss": loss})
+
+
+def test_the_landmark_recipe_loads_with_its_options():
+    config = load_config(ROOT / "configs" / "landmark.yaml")
+    assert config.loss.sub_centers == 3 and config.loss.dynamic_margin is not None
+    assert config.model.pooling == "gem" and config.optimizer.freeze_backbone_steps > 0
+    assert config.evaluate.reranking.methods == ("dba", "alpha_qe")
