@@ -81,6 +81,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from dml.tune.run import run_tune
+
+    result = run_tune(args.config, args.space, args.overrides, resume=args.resume)
+    for line in result.lines:
+        print(f"tune: {line}")
+    print(f"tune: best config: {result.best_config}; report: {result.report_path}")
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from dml.eval.run import run_evaluate
 
@@ -154,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--allow-new-data", action="store_true",
                        help="with --resume: continue on other shards (a fine-tune; see README)")
     train.set_defaults(handler=_cmd_train)
+
+    tune = sub.add_parser("tune", help="fair hyperparameter search: class-disjoint folds, Optuna, seeds on test")
+    _add_config_args(tune, required=True)
+    tune.add_argument("--space", required=True, help="search-space YAML: dotted config keys with ranges/choices")
+    tune.add_argument("--resume", action="store_true", help="continue the study; killed trials are retried")
+    tune.set_defaults(handler=_cmd_tune)
 
     evaluate = sub.add_parser("evaluate", help="faiss retrieval / verification metrics and a report")
     _add_config_args(evaluate)

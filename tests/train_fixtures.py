@@ -13,13 +13,15 @@ from dml.data.shards import write_shards
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_shards(tmp_path: Path, classes: int = 6, per_class: int = 12) -> Path:
+def tiny_shards(tmp_path: Path, classes: int = 6, per_class: int = 12, split: dict | None = None,
+                max_samples: int = 9) -> Path:
+    """``split``: the prepare split section (default: per sample, 3/4 train, leave-one-out query)."""
     make_folder_tree(tmp_path / "src", classes=classes, per_class=per_class, bad=False)
     out = tmp_path / "shards"
     config = DMLConfig.model_validate({"prepare": {
         "source": {"path": str(tmp_path / "src")}, "output_dir": str(out),
-        "split": {"mode": "sample", "train_fraction": 0.75, "query_fraction": 1.0},
-        "shards": {"max_samples": 9}}}).prepare
+        "split": split or {"mode": "sample", "train_fraction": 0.75, "query_fraction": 1.0},
+        "shards": {"max_samples": max_samples}}}).prepare
     write_shards(config)
     return out
 

@@ -205,13 +205,15 @@ def _run_in_pool(tasks: list[ShardTask], source: Source, config: PrepareConfig, 
 
 
 def write_shards(config: PrepareConfig, resume: bool = False,
-                 partition: tuple[int, int] | None = None) -> dict:
+                 partition: tuple[int, int] | None = None, source: Source | None = None) -> dict:
     """Prepare shards as configured and return the manifest (also written to disk).
 
     ``partition=(i, n)`` writes only partition ``i`` of ``n`` and a partial manifest; run
-    `merge_manifests` once all partitions are done. Returns the (partial) manifest dict.
+    `merge_manifests` once all partitions are done. ``source`` replaces the configured one
+    (`dml.tune.folds` re-shards a prepared split). Returns the (partial) manifest dict.
     """
-    source = open_source(config.source.kind, config.source.path, config.source.class_names)
+    if source is None:
+        source = open_source(config.source.kind, config.source.path, config.source.class_names)
     out_dir = Path(config.output_dir)
     _make_output_dir(out_dir, source)
     plan = make_plan(source, config)

@@ -1,0 +1,112 @@
+"""Run one `dml train` as a child process (torchrun when a trial trains on several
+processes), watching its ``metrics.jsonl`` while it runs so a trial can report and prune.
+
+The child's output goes to a log file beside its run folder; it is stopped with the tuner
+(the kernel's parent-death signal), so a killed study leaves no training behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+POLL_SECONDS = 1.0
+STOP_GRACE_SECONDS = 20.0
+
+
+class TrainFailed(Exception):
+    """A training child exited non-zero; the message names its log's last line and path."""
+
+
+def train_command(config_path: Path, nproc_per_node: int) -> list[str]:
+    """The argv of `dml train --config CONFIG`, under torchrun when ``nproc_per_node`` > 1."""
+    train = ["-m", "dml.cli", "train", "--config", str(config_path)]
+    if nproc_per_node == 1:
+        return [sys.executable, *train]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
+            *train]
+
+
+def _resolve_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_PRCTL = _resolve_prctl()  # looked up here: the child between fork and exec only calls it
+
+
+def _arm_parent_death() -> None:
+    """In the child before exec: SIGTERM when the tuner's thread that started it dies."""
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+
+
+def _new_records(path: Path, seen: int) -> tuple[list[dict[str, Any]], int]:
+    """Complete JSON lines of ``path`` after the first ``seen`` bytes, and the new offset."""
+    if not path.exists():
+        return [], seen
+    with path.open("rb") as handle:
+        handle.seek(seen)
+        data = handle.read()
+    end = data.rfind(b"\n") + 1
+    records = [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+    return records, seen + end
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(STOP_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _last_line(log_path: Path) -> str:
+    lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def run_training(config_path: Path, run_dir: Path, nproc_per_node: int,
+                 on_record: Callable[[dict[str, Any]], bool]) -> bool:
+    """Train with ``config_path`` (whose ``train.run_dir`` is ``run_dir``), passing each new
+    metrics record to ``on_record``; ``on_record`` returning True stops the child at once.
+
+    Returns True when it ran to the end, False when stopped by ``on_record``. Raises
+    `TrainFailed` when the child exits non-zero (log: ``run_dir`` + ``.log``).
+    """
+    log_path = run_dir.with_name(run_dir.name + ".log")
+    metrics, seen = run_dir / "metrics.jsonl", 0
+    with log_path.open("ab") as log_file:
+        process = subprocess.Popen(train_command(config_path, nproc_per_node), stdout=log_file,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   preexec_fn=_arm_parent_death)  # noqa: PLW1509 (one prctl call, resolved before)
+        try:
+            while True:
+                finished = process.poll() is not None
+                records, seen = _new_records(metrics, seen)
+                stops = [on_record(record) for record in records]  # every record reported, then stop
+                if any(stops):
+                    _stop(process)
+                    return False
+                if finished:
+                    break
+                time.sleep(POLL_SECONDS)
+        except BaseException:
+            _stop(process)
+            raise
+    if process.returncode != 0:
+        raise TrainFailed(f"dml train exited {process.returncode}: {_last_line(log_path)} (log: {log_path})")
+    return True

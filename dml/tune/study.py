@@ -1,0 +1,142 @@
+"""The Optuna study: RDB storage, sampler, pruner, resuming a killed study, parallel trials.
+
+A study killed mid-way leaves its running trials in the RUNNING state; resuming marks each
+of them FAILED (never counted) and queues its values again, so the trial is retried. The
+search ends when ``n_trials`` trials are complete or pruned.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from dml.errors import ConfigError, DMLError
+from dml.progress import progress
+from dml.tune.launch import TrainFailed
+from dml.tune.settings import StudySettings
+from dml.tune.space import SearchSpace
+
+log = logging.getLogger(__name__)
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+SPACE_ATTR = "search_space"
+
+
+def storage_url(settings: StudySettings) -> str:
+    """The SQLAlchemy URL of the study: ``settings.storage``, or SQLite ``<study_dir>/study.db``."""
+    if settings.storage:
+        return settings.storage
+    return f"sqlite:///{(Path(settings.study_dir) / 'study.db').resolve()}"
+
+
+def make_sampler(settings: StudySettings, space: SearchSpace) -> optuna.samplers.BaseSampler:
+    if settings.sampler == "grid":
+        return optuna.samplers.GridSampler(space.grid(), seed=settings.sampler_seed)
+    if settings.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=settings.sampler_seed)
+    return optuna.samplers.TPESampler(seed=settings.sampler_seed, n_startup_trials=max(2, settings.startup_trials))
+
+
+def make_pruner(settings: StudySettings) -> optuna.pruners.BasePruner:
+    if settings.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=settings.startup_trials, n_warmup_steps=settings.warmup_steps)
+    if settings.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, settings.warmup_steps))
+    return optuna.pruners.NopPruner()
+
+
+def attach_study(settings: StudySettings, space: SearchSpace) -> optuna.Study:
+    """The study in its storage, created when missing; its killed trials are left alone (other
+    processes may be running trials of it). Raises `ConfigError` when the stored search space
+    differs from ``space``."""
+    url = storage_url(settings)
+    Path(settings.study_dir).mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(storage=optuna.storages.RDBStorage(url), study_name=settings.name,
+                                direction="maximize", sampler=make_sampler(settings, space),
+                                pruner=make_pruner(settings), load_if_exists=True)
+    stored = study.user_attrs.get(SPACE_ATTR)
+    if stored is None:
+        study.set_user_attr(SPACE_ATTR, space.as_dict())
+    elif stored != space.as_dict():
+        raise ConfigError(f"study '{settings.name}' in {url} searched another space ({sorted(stored)}); "
+                          "resume it with its own space file, or set study.name")
+    return study
+
+
+def open_study(settings: StudySettings, space: SearchSpace, resume: bool) -> optuna.Study:
+    """Create the study, or with ``resume`` load it and retry the trials a killed run left
+    behind. Raises `ConfigError` when a study of that name exists and ``resume`` is off, or
+    when the stored search space differs from ``space``."""
+    url = storage_url(settings)
+    Path(settings.study_dir).mkdir(parents=True, exist_ok=True)
+    exists = settings.name in optuna.study.get_all_study_names(storage=url)
+    if exists and not resume:
+        raise ConfigError(f"study '{settings.name}' already exists in {url}; pass --resume to continue it, "
+                          "or set study.name / study.study_dir")
+    study = attach_study(settings, space)
+    if exists:
+        retry_killed_trials(study)
+    return study
+
+
+def retry_killed_trials(study: optuna.Study) -> list[int]:
+    """Mark the trials a killed run left RUNNING as FAILED and queue their values again;
+    returns their numbers."""
+    killed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
+    for trial in killed:
+        study._storage.set_trial_system_attr(trial._trial_id, "fail_reason", "killed while running; retried")
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        log.info("tune: trial %d was killed while running: marked failed, its values queued again", trial.number)
+    finished = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
+    log.info("tune: resuming study '%s': %d trials finished, %d retried", study.study_name, finished, len(killed))
+    return [t.number for t in killed]
+
+
+def finished_count(study: optuna.Study) -> int:
+    return sum(t.state in FINISHED for t in study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def _best_text(study: optuna.Study) -> str:
+    try:
+        return f"{study.best_value:.4f}"
+    except ValueError:  # no complete trial yet
+        return "-"
+
+
+def run_trials(study: optuna.Study, objective: Any, settings: StudySettings) -> None:
+    """Run trials, ``settings.parallel`` at a time, until ``n_trials`` are complete or pruned;
+    a progress bar shows the best mean validation MAP@R so far. Raises `DMLError` once
+    ``max_failed_trials`` trials failed in this call."""
+    failures: list[str] = []
+    bar = progress(total=settings.n_trials, initial=finished_count(study), desc="tune", unit="trial")
+    bar.set_postfix_str(f"best MAP@R {_best_text(study)}")
+
+    def on_trial_end(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state == TrialState.FAIL:
+            failures.append(f"trial {trial.number}: {trial.system_attrs.get('fail_reason', '?')}")
+            if len(failures) >= settings.max_failed_trials:
+                study.stop()
+        bar.n = finished_count(study)
+        bar.set_postfix_str(f"best MAP@R {_best_text(study)}")
+        if bar.n >= settings.n_trials or _grid_done(study):
+            study.stop()
+
+    while finished_count(study) < settings.n_trials and len(failures) < settings.max_failed_trials:
+        remaining = settings.n_trials - finished_count(study)
+        study.optimize(objective, n_trials=remaining, n_jobs=settings.parallel, catch=(TrainFailed,),
+                       callbacks=[on_trial_end], gc_after_trial=False)
+        if _grid_done(study):
+            break
+    bar.close()
+    if len(failures) >= settings.max_failed_trials:
+        raise DMLError(f"tune: {len(failures)} trials failed ({failures[-1]}); study kept in {storage_url(settings)}")
+
+
+def _grid_done(study: optuna.Study) -> bool:
+    sampler = study.sampler
+    return isinstance(sampler, optuna.samplers.GridSampler) and finished_count(study) >= len(sampler._all_grids)

@@ -1,0 +1,100 @@
+"""`dml tune` inputs: the search-space file against the config schema, the study settings,
+class-disjoint folds and their shard folders, the 95% interval."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import yaml
+from tune_fixtures import class_split_shards, write_tune_files
+
+from dml.cli import main
+from dml.config import DMLConfig
+from dml.data.manifest import load_manifest
+from dml.errors import ConfigError
+from dml.tune.final import mean_ci95
+from dml.tune.folds import class_folds, training_classes, write_fold_shards
+from dml.tune.settings import load_settings
+from dml.tune.space import config_keys, load_space, with_values
+
+
+def test_unknown_key_is_one_line_naming_the_closest(tmp_path, capsys):
+    class_split_shards(tmp_path)
+    run, space = write_tune_files(tmp_path, {"loss.scael": {"low": 8, "high": 64}})
+    assert main(["tune", "--config", str(run), "--space", str(space)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert str(space) in err and "unknown config key 'loss.scael'; did you mean 'loss.scale'?" in err
+    assert not (tmp_path / "study").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("spec, problem", [
+    ({"loss.scale": {"low": 0, "high": 8}}, "makes an invalid config"),      # scale must be > 0
+    ({"loss.kind": {"choices": ["arcface", "arcfase"]}}, "makes an invalid config"),
+    ({"loss.margin": {"low": 0.5, "high": 0.1}}, "must be below high"),
+    ({"optimizer.lr": {"low": 0.1, "high": 1, "log": True, "step": 0.1}}, "log range"),
+    ({"train.epochs": {"low": 1, "high": 2.5}}, "whole numbers"),
+    ({"loss.margin": {"lo": 0.1, "high": 0.5}}, "unknown field 'lo'"),
+    ({"study": {"n_trails": 3}, "loss.margin": [0.1, 0.2]}, "did you mean 'n_trials'"),
+])
+def test_bad_space_refused(tmp_path, spec, problem):
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match=problem):
+        load_settings(load_space(path).study, str(path))
+
+
+def test_every_schema_key_is_accepted_and_types_follow_the_schema(tmp_path):
+    keys = config_keys()
+    assert {"loss.scale", "loss.margin", "optimizer.lr", "train.epochs"} <= set(keys)
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({"train.epochs": {"low": 1, "high": 3, "step": 1}, "loss.scale": {"low": 8, "high": 64},
+                                    "optimizer.name": ["sgd", "adamw"]}))
+    params = {p.key: p for p in load_space(path).params}
+    assert params["train.epochs"].is_int and not params["loss.scale"].is_int
+    assert params["train.epochs"].grid_values() == [1, 2, 3]
+    assert params["optimizer.name"].grid_values() == ["sgd", "adamw"]
+
+
+def test_values_land_in_the_config():
+    data = with_values({"loss": {"kind": "arcface"}}, {"loss.scale": 12.5, "optimizer.lr": 0.01, "seed": 3})
+    config = DMLConfig.model_validate(data)
+    assert (config.loss.scale, config.optimizer.lr, config.seed, config.loss.kind) == (12.5, 0.01, 3, "arcface")
+
+
+@pytest.mark.parametrize("n, k, seed", [(n, k, s) for n, k, s in itertools.product([2, 3, 7, 10, 33], [2, 3, 4], [0, 5])
+                                         if n >= k])
+def test_class_folds_partition_the_classes_evenly(n, k, seed):
+    """Disjoint, covering, sizes within one, the same for the same seed."""
+    classes = [f"c{i}" for i in range(n)]
+    folds = class_folds(classes, k, seed)
+    assert len(folds) == k and sorted(itertools.chain(*folds)) == sorted(classes)
+    assert max(map(len, folds)) - min(map(len, folds)) <= 1
+    assert folds == class_folds(classes, k, seed)
+
+
+def test_fold_shards_hold_training_classes_only(tmp_path):
+    """Each fold: the other folds' classes train, its own are the query split; no test class."""
+    shards = class_split_shards(tmp_path)
+    classes = training_classes(shards)
+    test_classes = {c for c in load_manifest(shards)["classes"]} - set(classes)
+    folds = class_folds(classes, 2, 0)
+    dirs = write_fold_shards(shards, "train", folds, tmp_path / "folds")
+    for held_out, fold_dir in zip(folds, dirs):
+        manifest = load_manifest(fold_dir)
+        names = manifest["classes"]
+        query, train = ({names[int(i)] for i in manifest["splits"][split]["class_counts"]} for split in ("query", "train"))
+        assert set(manifest["splits"]) == {"train", "query"}
+        assert query == set(held_out) and train == set(classes) - set(held_out)
+        assert not (train | query) & test_classes
+        assert manifest["counts"]["written"] == 8 * len(classes)
+    assert write_fold_shards(shards, "train", folds, tmp_path / "folds") == dirs  # kept, not rewritten
+
+
+def test_mean_ci95_is_the_student_t_interval():
+    summary = mean_ci95([1.0, 2.0, 3.0])
+    assert summary["mean"] == 2.0
+    assert math.isclose(summary["ci95"], 4.302652729911275 / math.sqrt(3), rel_tol=1e-9)
+    assert mean_ci95([0.5])["ci95"] == 0.0
