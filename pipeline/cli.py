@@ -74,6 +74,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run_pipeline_command(args.config, args.overrides)
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    """`dml tune` as a Prefect flow (`pipeline.tune_flow`); exit codes as `dml pipeline run`."""
+    from dml.tune.run import load_plan
+
+    try:
+        load_plan(args.config, args.space, args.overrides)  # fail in a second, before Prefect starts
+    except DMLError as exc:
+        print(f"dml pipeline: error: {exc}", file=sys.stderr)
+        return 2
+    _quiet_prefect_defaults()
+    from pipeline.tune_flow import run_tune_flow
+
+    try:
+        result = run_tune_flow(str(args.config), str(args.space), list(args.overrides), args.resume)
+    except ConfigError as exc:
+        print(f"dml pipeline: error: {exc}", file=sys.stderr)
+        return 2
+    except DMLError as exc:
+        print(f"dml pipeline: tune failed: {exc}", file=sys.stderr)
+        return 1
+    for line in result["lines"]:
+        print(f"pipeline tune: {line}")
+    print(f"pipeline tune: best config: {result['best_config']}; report: {result['report']}")
+    return 0
+
+
 def _server_url() -> str:
     """The configured Prefect API URL; a `ConfigError` when there is none (a schedule needs a
     server that keeps running: Prefect's temporary one has no scheduler)."""
@@ -195,6 +221,12 @@ def add_pipeline_commands(parser: argparse.ArgumentParser,
     run = sub.add_parser("run", help="prepare -> train -> evaluate -> distill -> export, now")
     add_config_args(run, True)
     run.set_defaults(handler=_cmd_run)
+
+    tune = sub.add_parser("tune", help="the dml tune study as a flow: trials as mapped tasks, then seeds on test")
+    add_config_args(tune, True)
+    tune.add_argument("--space", required=True, help="search-space YAML (see dml tune)")
+    tune.add_argument("--resume", action="store_true", help="continue the study; killed trials are retried")
+    tune.set_defaults(handler=_cmd_tune)
 
     serve = sub.add_parser("serve", help="run the chain on a schedule from this machine (blocks); retrains "
                                          "only when the data or the config changed")

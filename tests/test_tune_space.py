@@ -98,3 +98,13 @@ def test_mean_ci95_is_the_student_t_interval():
     assert summary["mean"] == 2.0
     assert math.isclose(summary["ci95"], 4.302652729911275 / math.sqrt(3), rel_tol=1e-9)
     assert mean_ci95([0.5])["ci95"] == 0.0
+
+
+def test_space_survives_the_study_storage(tmp_path):
+    """A resumed study compares the stored space with the file's: choices and ranges alike."""
+    import json
+
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({"loss.margin": [0.1, 0.3], "loss.scale": {"low": 8, "high": 64, "log": True}}))
+    space = load_space(path)
+    assert json.loads(json.dumps(space.as_dict())) == space.as_dict()

@@ -78,9 +78,9 @@ class SearchSpace:
         return {p.key: p.grid_values() for p in self.params}
 
     def as_dict(self) -> dict[str, Any]:
-        """The space as plain data (stored with the study to refuse resuming another space)."""
-        return {p.key: {k: v for k, v in vars(p).items() if k != "key" and v not in (None, False)}
-                for p in self.params}
+        """The space as JSON-like data (stored with the study to refuse resuming another space)."""
+        return {p.key: {k: list(v) if isinstance(v, tuple) else v for k, v in vars(p).items()
+                        if k != "key" and v not in (None, False)} for p in self.params}
 
 
 def config_keys(model: type[BaseModel] = DMLConfig, prefix: str = "") -> list[str]:

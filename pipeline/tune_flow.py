@@ -1,0 +1,69 @@
+"""`dml pipeline tune`: the `dml tune` study as a Prefect flow whose trials are mapped tasks.
+
+The flow checks the inputs and opens the study (retrying trials a killed run left behind),
+writes the fold shards, maps one ``tune-trial`` task per missing trial (``study.parallel``
+at a time; each task asks the shared RDB study for its values, so tasks on several
+machines against one ``study.storage`` URL cooperate), then one ``tune-finish`` task retrains
+the best values with the seeds and writes best.yaml and the report. No ML here: every step is
+a `dml.tune` call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from dml.errors import DMLError
+from dml.tune.launch import TrainFailed
+from dml.tune.run import finish_study, load_plan, trial_runner
+from dml.tune.study import attach_study, finished_count, open_study
+
+
+@task(name="tune-trial", task_run_name="trial-{index}", cache_policy=NO_CACHE, persist_result=False)
+def tune_trial(config_path: str, space_path: str, overrides: list[str], index: int) -> dict[str, Any]:
+    """Run one trial of the study (all its folds); returns its number, state and value. A
+    pruned or failed trial is recorded in the study, as `dml tune` records it."""
+    plan = load_plan(config_path, space_path, overrides)
+    study = attach_study(plan.settings, plan.space)
+    ended = []
+    study.optimize(trial_runner(plan), n_trials=1, catch=(TrainFailed,),
+                   callbacks=[lambda study, trial: ended.append(trial)])
+    trial = ended[0]
+    get_run_logger().info("trial %d: %s %s", trial.number, trial.state.name, trial.value)
+    return {"number": trial.number, "state": trial.state.name, "value": trial.value}
+
+
+@task(name="tune-finish", cache_policy=NO_CACHE, persist_result=False)
+def tune_finish(config_path: str, space_path: str, overrides: list[str]) -> dict[str, Any]:
+    """best.yaml, the seeds' retrain and single test, plots and report.json."""
+    plan = load_plan(config_path, space_path, overrides)
+    result = finish_study(plan, attach_study(plan.settings, plan.space))
+    return {"best_config": result.best_config, "report": result.report_path, "lines": result.lines}
+
+
+@flow(name="dml-tune")
+def dml_tune(config_path: str, space_path: str, overrides: list[str] | None = None,
+             resume: bool = False) -> dict[str, Any]:
+    """The study: trials as mapped tasks until ``study.n_trials`` are complete or pruned."""
+    overrides = list(overrides or [])
+    plan = load_plan(config_path, space_path, overrides)
+    study = open_study(plan.settings, plan.space, resume)
+    trial_runner(plan)  # writes the fold shards once, before the trials share them
+    rounds = 0
+    while (missing := plan.settings.n_trials - finished_count(study)) > 0:
+        rounds += 1
+        if rounds > plan.settings.max_failed_trials:
+            raise DMLError(f"trials keep failing (see the tune-trial task logs); study kept in {plan.settings.study_dir}")
+        futures = tune_trial.map(unmapped(config_path), unmapped(space_path), unmapped(overrides), list(range(missing)))
+        futures.wait()
+    return tune_finish(config_path, space_path, overrides)
+
+
+def run_tune_flow(config_path: str, space_path: str, overrides: list[str], resume: bool) -> dict[str, Any]:
+    """`dml_tune` with ``study.parallel`` trial tasks at a time."""
+    plan = load_plan(config_path, space_path, overrides)
+    runner = ThreadPoolTaskRunner(max_workers=plan.settings.parallel)
+    return dml_tune.with_options(task_runner=runner)(config_path, space_path, overrides, resume)
