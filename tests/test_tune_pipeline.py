@@ -15,7 +15,7 @@ from tune_fixtures import class_split_shards, write_tune_files
 
 from dml.config import load_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.dist]
+pytestmark = [pytest.mark.slow, pytest.mark.dist, pytest.mark.timeout(1500)]  # minutes under a loaded machine
 
 
 def test_pipeline_tune_runs_the_study_as_mapped_tasks(tmp_path):

@@ -22,7 +22,7 @@ from tune_fixtures import class_split_shards, write_tune_files
 
 from dml.config import load_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.dist]
+pytestmark = [pytest.mark.slow, pytest.mark.dist, pytest.mark.timeout(1500)]  # minutes under a loaded machine
 
 SPACE = {"loss.scale": {"low": 8, "high": 32, "log": True}, "loss.margin": {"low": 0.1, "high": 0.4}}
 
