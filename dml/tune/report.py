@@ -10,7 +10,7 @@ from typing import Any
 
 import optuna
 
-from dml.data.tario import write_json_atomic
+from dml.files import write_json_atomic
 from dml.tune.space import with_values
 from dml.tune.study import FINISHED
 from dml.tune.trial import write_run_config
