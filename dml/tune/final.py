@@ -67,8 +67,8 @@ def _embed(model_dir: Path, config: DMLConfig, split: str) -> tuple[np.ndarray, 
     import torch
 
     from dml.eval.embed import extract_embeddings
-    from dml.eval.stage import model_data_config
-    from dml.train.artifacts import load_final_model
+    from dml.eval.run import model_data_config
+    from dml.models.model_file import load_final_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, payload = load_final_model(model_dir, device)
