@@ -1,35 +1,41 @@
-"""Benchmark: leave-one-out retrieval metrics, dml.eval vs pytorch-metric-learning.
+"""Benchmark: leave-one-out retrieval metrics, dml.eval vs pytorch-metric-learning, across
+class sizes.
 
 Claim checked: on clustered synthetic embeddings (N x 128, L2-normalised) dml.eval's
 ``retrieval_metrics`` gives the same precision_at_1, r_precision and map_at_r as PML's
-``AccuracyCalculator`` (faiss flat search, k="max_bin_count"), at least 1.5x faster, and the
-1M case stays within 8 GiB peak resident memory.
+``AccuracyCalculator`` (faiss flat search, k="max_bin_count") and is at least 1.5x faster on
+every shape of class sizes: mean 2, 5, 20, 100 and 500 items per class (labels drawn
+uniformly over N // mean classes, so sizes ~Poisson(mean) and some classes of 1 item that
+both leave out), and a long-tailed mix like identity data (``longtail``: sizes ~Pareto(1.1)
+from 1, capped at 1000: most classes have 1-3 items, most items are in classes of hundreds).
+The 1M case (mean 20) stays within 8 GiB peak resident memory.
 
-Data: N // 20 classes, labels drawn uniformly (class sizes ~Poisson(20), some classes of
-size 1 are left out by both as having no relevant item), unit class centres plus Gaussian
-noise whose scale varies per class (0.06..0.16 per dimension), so metrics are well below 1.
-Every measurement runs in a fresh subprocess that builds the same data from the seed, so
-``ru_maxrss`` (peak RSS) is that contender's own; RSS after building the data is reported
-too. Wall time covers the metric call only.
+Data: unit class centres plus Gaussian noise whose scale varies per class (0.06..0.16 per
+dimension), so metrics are well below 1. Every measurement runs in a fresh subprocess that
+builds the same data from the seed, so ``ru_maxrss`` (peak RSS) is that contender's own.
+Times cover the metric call only: wall seconds, and CPU seconds of the process (all its
+threads), which on a machine shared with other work says more about the work done.
 
-Exact-search floor: N * N * D * 2 FLOPs (one N x N x D product) divided by this machine's
-fp32 GEMM rate, measured with numpy and torch on 4096 x D x 4096 products (best of both).
-That is the floor of a per-query search (PML's). dml's leave-one-out uses the symmetry of
-the score matrix and computes each score once (dml.eval.self_search): half of that product,
-so its own floor is half the printed one.
+Exact-search floor, per row: ``floor``, a bare faiss ``IndexFlatIP`` search of every row at
+the depth PML's metrics need (the largest class), without metrics; and from this machine's
+fp32 GEMM rate (numpy and torch on 4096 x D x 4096 products, best of both) the time of one
+N x N x D product (``gemm_floor``, the bound of any per-query exact search) and of half of it
+(``symmetric_floor``: dml's leave-one-out scores each pair once, dml.eval.self_search).
 
 Values: dml ranks by the exact inner product (float64 re-check of near-ties, ties by index).
 PML ranks by faiss' float32 L2 distance, whose rounding (~2.4e-7 absolute) can swap
-near-tied neighbours, so on continuous data the two can differ around 1e-7..1e-6. When they
-differ at all (> 1e-12) an extra PML run is made whose knn function re-sorts faiss' L2
-candidates by the exact inner product; it should then equal dml (``pml_exact_order``).
+near-tied neighbours, so on continuous data the two can differ around 1e-7..1e-6. A row
+whose values differ by more than 1e-6 is marked failed (``values_equal`` false). With
+``--exact-order-check`` a difference above 1e-12 gets an extra PML run whose knn function
+re-sorts faiss' L2 candidates by the exact inner product; it should then equal dml.
 
 The machine is shared and noisy: contenders run alternately in one invocation, the load
-average is recorded, and with --repeats the fastest run of each is kept. Results of sizes
-not run this time are kept in the JSON file (each row records its own GEMM rate and time).
+average is recorded, and with --repeats the fastest run of each is kept (all are listed).
+Rows not run this time are kept in the JSON file.
 
-Usage: python benchmarks/eval_knn.py [--sizes 100000 1000000] [--skip-pml-above 200000]
-       [--repeats 1] [--dim 128]
+Usage: python benchmarks/eval_knn.py [--workloads mean2 mean5 mean20 mean100 mean500 longtail]
+       [--sizes 100000] [--repeats 1] [--skip-pml-above 200000] [--dim 128]
+       (the 1M memory check: --workloads mean20 --sizes 1000000)
 """
 
 from __future__ import annotations
@@ -57,14 +63,30 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def clustered_embeddings(n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(n, dim) float32 unit rows and int64 labels, built in chunks to keep RSS near n*dim*4."""
+WORKLOADS = ("mean2", "mean5", "mean20", "mean100", "mean500", "longtail")
+LONGTAIL_ALPHA, LONGTAIL_CAP = 1.1, 1000
+
+
+def draw_labels(workload: str, n: int, classes: int, rng: np.random.Generator) -> np.ndarray:
+    """Labels of ``n`` rows for a workload (see the module docstring)."""
+    if workload != "longtail":
+        return rng.integers(0, classes, n)
+    sizes = np.minimum(np.floor(rng.random(n) ** (-1 / LONGTAIL_ALPHA)), LONGTAIL_CAP).astype(np.int64)
+    used = int(np.searchsorted(np.cumsum(sizes), n)) + 1
+    sizes = sizes[:used]
+    sizes[-1] -= sizes.sum() - n  # the last class takes what is left
+    return rng.permutation(np.repeat(np.arange(used), sizes))
+
+
+def clustered_embeddings(n: int, dim: int, seed: int, workload: str = "mean20") -> tuple[np.ndarray, np.ndarray]:
+    """(n, dim) float32 unit rows and int64 labels, built in chunks to keep RSS near n*dim*4.
+    ``mean20`` draws the same data as this benchmark did before it swept class sizes."""
     rng = np.random.default_rng(seed)
-    classes = max(2, n // 20)
+    classes = n if workload == "longtail" else max(2, n // int(workload.removeprefix("mean")))
     centres = rng.standard_normal((classes, dim), dtype=np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     spread = rng.uniform(0.06, 0.16, classes).astype(np.float32)
-    labels = rng.integers(0, classes, n)
+    labels = draw_labels(workload, n, classes, rng)
     data = np.empty((n, dim), np.float32)
     for start in range(0, n, 65536):
         part = labels[start : start + 65536]
@@ -111,50 +133,59 @@ def exact_order_knn(query, k, reference, ref_includes_query):
     return torch.from_numpy(np.take_along_axis(scores, order, 1)), torch.from_numpy(ids)
 
 
-def run_worker(contender: str, n: int, dim: int, seed: int, progress_log: Path | None = None) -> dict:
-    """Build the data, time one metric computation, report values and memory."""
+def run_worker(contender: str, workload: str, n: int, dim: int, seed: int,
+               progress_log: Path | None = None) -> dict:
+    """Build the data, time one metric computation (or the bare search), report values and memory."""
     import logging
 
     import torch
 
     if progress_log is not None:  # dml logs each searched batch at DEBUG level
         logging.basicConfig(filename=progress_log, level=logging.DEBUG, format="%(asctime)s %(message)s")
-        logging.getLogger("dml.eval.metrics").setLevel(logging.DEBUG)
+        logging.getLogger("dml.eval").setLevel(logging.DEBUG)
 
-    data, labels = clustered_embeddings(n, dim, seed)
+    data, labels = clustered_embeddings(n, dim, seed, workload)
     rss_data = peak_rss_bytes()
+    values: dict = {}
+    extra: dict = {}
+    start, cpu_start = time.perf_counter(), time.process_time()
     if contender == "dml":
         from dml.eval import retrieval_metrics
 
-        start = time.perf_counter()
         result = retrieval_metrics(data, labels)
-        seconds = time.perf_counter() - start
         values = {m: result[m] for m in METRICS}
         extra = {"num_queries": result["num_queries"], "num_excluded_queries": result["num_excluded_queries"]}
+    elif contender == "floor":  # what PML's search does, without its metrics
+        import faiss
+
+        index = faiss.IndexFlatIP(dim)
+        index.add(data)
+        depth = int(np.bincount(labels).max())
+        index.search(data, depth)
+        extra = {"depth": depth}
     else:
         from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
         knn = {"knn_func": exact_order_knn} if contender == "pml_exact_order" else {}
         calculator = AccuracyCalculator(include=tuple(PML_NAMES.values()), k="max_bin_count",
                                         device=torch.device("cpu"), **knn)
-        start = time.perf_counter()
         result = calculator.get_accuracy(torch.from_numpy(data), torch.from_numpy(labels))
-        seconds = time.perf_counter() - start
         values = {m: result[PML_NAMES[m]] for m in METRICS}
-        extra = {}
-    return {"contender": contender, "n": n, "dim": dim, "seconds": seconds, "values": values,
-            "peak_rss_gib": peak_rss_bytes() / GIB, "rss_after_data_gib": rss_data / GIB, **extra}
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    return {"contender": contender, "workload": workload, "n": n, "dim": dim, "seconds": seconds,
+            "cpu_seconds": cpu_seconds, "values": values, "peak_rss_gib": peak_rss_bytes() / GIB,
+            "rss_after_data_gib": rss_data / GIB, **extra}
 
 
-def measure(contender: str, n: int, dim: int, seed: int, progress_log: Path | None = None) -> dict:
+def measure(contender: str, workload: str, n: int, args) -> dict:
     """Run one contender in a fresh subprocess so its peak RSS is its own."""
-    command = [sys.executable, __file__, "--worker", contender, "--sizes", str(n), "--dim", str(dim),
-               "--seed", str(seed)]
-    if progress_log is not None:
-        command += ["--progress-log", str(progress_log)]
+    command = [sys.executable, __file__, "--worker", contender, "--workloads", workload, "--sizes", str(n),
+               "--dim", str(args.dim), "--seed", str(args.seed)]
+    if args.progress_log is not None:
+        command += ["--progress-log", str(args.progress_log)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:  # negative: killed by that signal (e.g. -9 from an OOM killer)
-        raise RuntimeError(f"{contender} N={n} exited with {done.returncode}:\n{done.stderr[-2000:]}")
+        raise RuntimeError(f"{contender} {workload} N={n} exited with {done.returncode}:\n{done.stderr[-2000:]}")
     record = json.loads(done.stdout.strip().splitlines()[-1])
     record["load_average"] = os.getloadavg()[0]
     return record
@@ -163,29 +194,38 @@ def measure(contender: str, n: int, dim: int, seed: int, progress_log: Path | No
 def best_of(records: list[dict]) -> dict:
     best = dict(min(records, key=lambda r: r["seconds"]))
     best["all_seconds"] = [round(r["seconds"], 2) for r in records]
+    best["all_cpu_seconds"] = [round(r["cpu_seconds"], 2) for r in records]
     best["peak_rss_gib"] = max(r["peak_rss_gib"] for r in records)
     return best
 
 
-def benchmark_size(n: int, args) -> dict:
-    gflops = gemm_gflops(args.dim)  # re-measured per size: the machine's load drifts
-    runs: dict[str, list[dict]] = {"dml": [], "pml": []}
+def class_shape(workload: str, n: int, dim: int, seed: int) -> dict:
+    sizes = np.bincount(clustered_embeddings(n, dim, seed, workload)[1])
+    sizes = sizes[sizes > 0]
+    return {"classes": int(len(sizes)), "mean_size": float(sizes.mean()), "max_size": int(sizes.max()),
+            "singleton_classes": int((sizes == 1).sum())}
+
+
+def benchmark_row(workload: str, n: int, args) -> dict:
+    gflops = gemm_gflops(args.dim)  # re-measured per row: the machine's load drifts
     run_pml = n <= args.skip_pml_above
-    for repeat in range(args.repeats):  # alternate the order to share the machine's moods
-        order = ["dml", "pml"] if repeat % 2 == 0 else ["pml", "dml"]
-        for contender in order:
-            if contender == "dml" or run_pml:
-                runs[contender].append(measure(contender, n, args.dim, args.seed, args.progress_log))
-    row = {"n": n, "dim": args.dim, "gemm_gflops": gflops, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-           "floor_seconds": n * n * args.dim * 2 / (gflops * 1e9),
-           "symmetric_floor_seconds": n * n * args.dim / (gflops * 1e9),
-           "dml": best_of(runs["dml"])}
+    contenders = ["dml", "pml", "floor"] if run_pml else ["dml"]
+    runs: dict[str, list[dict]] = {c: [] for c in contenders}
+    for repeat in range(args.repeats):  # rotate the order to share the machine's moods
+        for contender in contenders[repeat % len(contenders):] + contenders[: repeat % len(contenders)]:
+            runs[contender].append(measure(contender, workload, n, args))
+    row = {"workload": workload, "n": n, "dim": args.dim, **class_shape(workload, n, args.dim, args.seed),
+           "gemm_gflops": gflops, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "gemm_floor_seconds": n * n * args.dim * 2 / (gflops * 1e9),
+           "symmetric_floor_seconds": n * n * args.dim / (gflops * 1e9)}
+    row.update({c: best_of(runs[c]) for c in contenders})
     if run_pml:
-        row["pml"] = best_of(runs["pml"])
         row["speedup"] = row["pml"]["seconds"] / row["dml"]["seconds"]
+        row["speedup_cpu"] = row["pml"]["cpu_seconds"] / row["dml"]["cpu_seconds"]
         row["max_abs_diff"] = max(abs(row["dml"]["values"][m] - row["pml"]["values"][m]) for m in METRICS)
-        if row["max_abs_diff"] > 1e-12:  # explain any difference beyond float64 summation noise
-            row["pml_exact_order"] = measure("pml_exact_order", n, args.dim, args.seed)
+        row["values_equal"] = row["max_abs_diff"] <= 1e-6
+        if args.exact_order_check and row["max_abs_diff"] > 1e-12:
+            row["pml_exact_order"] = measure("pml_exact_order", workload, n, args)
             row["max_abs_diff_exact_order"] = max(
                 abs(row["dml"]["values"][m] - row["pml_exact_order"]["values"][m]) for m in METRICS)
     else:
@@ -194,64 +234,73 @@ def benchmark_size(n: int, args) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("floor = N*N*D*2 / fp32 GEMM rate (best of numpy / torch, measured before each size)")
-    header = f"{'N':>9} {'who':>5} {'time s':>8} {'peak GiB':>9} {'data GiB':>9} {'P@1':>8} {'R-prec':>8} {'MAP@R':>8}"
-    print(header + f" {'vs floor':>9}")
+    print("time: best wall s of the repeats (cpu s of that run); floor: bare faiss IndexFlatIP search at "
+          "depth max class size; x floor = time / floor time")
+    print(f"{'workload':>9} {'N':>8} {'classes':>7} {'max':>5} {'dml s':>13} {'pml s':>13} {'floor s':>13} "
+          f"{'dml/pml':>7} {'cpu':>5} {'dml xfl':>7} {'pml xfl':>7} {'|diff|':>8} {'MAP@R':>7} {'dml GiB':>7}")
     for row in rows:
-        for who in ("dml", "pml"):
-            rec = row[who]
-            if isinstance(rec, str):
-                print(f"{row['n']:>9} {who:>5} {rec}")
-                continue
-            vals = rec["values"]
-            print(f"{row['n']:>9} {who:>5} {rec['seconds']:>8.1f} {rec['peak_rss_gib']:>9.2f} "
-                  f"{rec['rss_after_data_gib']:>9.2f} {vals['precision_at_1']:>8.5f} "
-                  f"{vals['r_precision']:>8.5f} {vals['map_at_r']:>8.5f} "
-                  f"{rec['seconds'] / row['floor_seconds']:>8.2f}x")
-        summary = (f"{row['n']:>9} floor {row['floor_seconds']:.1f} s at {row['gemm_gflops']:.1f} GFLOP/s "
-                   f"(symmetric: {row['symmetric_floor_seconds']:.1f} s)")
-        if "speedup" in row:
-            summary += f"; dml {row['speedup']:.2f}x faster than PML; max |diff| {row['max_abs_diff']:.2e}"
-        if "max_abs_diff_exact_order" in row:
-            summary += f"; vs PML with exact-order knn {row['max_abs_diff_exact_order']:.2e}"
-        print(summary)
+        def cell(who: str) -> str:
+            rec = row.get(who)
+            return f"{rec['seconds']:6.1f} ({rec['cpu_seconds']:5.1f})" if isinstance(rec, dict) else f"{'-':>13}"
+
+        line = (f"{row.get('workload', 'mean20'):>9} {row['n']:>8} {row.get('classes', 0):>7} "
+                f"{row.get('max_size', 0):>5} {cell('dml')} {cell('pml')} {cell('floor')}")
+        if "speedup" in row and isinstance(row.get("floor"), dict):
+            floor = row["floor"]["seconds"]
+            line += (f" {row['speedup']:>6.2f}x {row['speedup_cpu']:>4.2f}x {row['dml']['seconds'] / floor:>6.2f}x "
+                     f"{row['pml']['seconds'] / floor:>6.2f}x {row['max_abs_diff']:>8.1e}")
+        else:
+            line += f" {'':>7} {'':>5} {'':>7} {'':>7} {'':>8}"
+        line += f" {row['dml']['values']['map_at_r']:>7.4f} {row['dml']['peak_rss_gib']:>7.2f}"
+        print(line)
+        print(f"{'':>9} GEMM {row.get('gemm_gflops', 0):.0f} GFLOP/s: N*N*D product "
+              f"{row.get('gemm_floor_seconds', row.get('floor_seconds', 0)):.1f} s, symmetric half "
+              f"{row.get('symmetric_floor_seconds', 0):.1f} s; all wall s dml {row['dml'].get('all_seconds')}"
+              + (f" pml {row['pml'].get('all_seconds')}" if isinstance(row.get("pml"), dict) else ""))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000])
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--skip-pml-above", type=int, default=200_000)
-    parser.add_argument("--worker", choices=["dml", "pml", "pml_exact_order"], help=argparse.SUPPRESS)
+    parser.add_argument("--exact-order-check", action="store_true")
+    parser.add_argument("--worker", choices=["dml", "pml", "pml_exact_order", "floor"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--progress-log", type=Path, help="file for the workers' progress lines (dml: per batch)")
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(run_worker(args.worker, args.sizes[0], args.dim, args.seed, args.progress_log)))
+        print(json.dumps(run_worker(args.worker, args.workloads[0], args.sizes[0], args.dim, args.seed,
+                                    args.progress_log)))
         return
     rows = []
-    for n in args.sizes:  # each size is printed and saved as soon as it is done
-        rows.append(benchmark_size(n, args))
-        print(f"done N={n} ({time.strftime('%H:%M:%S')})", flush=True)
-        print_table(rows[-1:])
-        write_report(args, rows)
-    print("\nall sizes of this run:")
+    for n in args.sizes:
+        for workload in args.workloads:  # each row is printed and saved as soon as it is done
+            rows.append(benchmark_row(workload, n, args))
+            print(f"done {workload} N={n} ({time.strftime('%H:%M:%S')}, load {os.getloadavg()[0]:.1f})", flush=True)
+            print_table(rows[-1:])
+            write_report(args, rows)
+    print("\nall rows of this run:")
     print_table(rows)
     print(f"wrote {args.out}")
 
 
 def write_report(args, rows: list[dict]) -> None:
-    """Write the JSON report; rows of sizes not run this time are kept from the old file."""
+    """Write the JSON report; rows (workload, N) not run this time are kept from the old file."""
+    def key(row: dict) -> tuple[str, int]:
+        return row.get("workload", "mean20"), row["n"]
+
     kept = []
     if args.out.exists():
-        kept = [r for r in json.loads(args.out.read_text()).get("results", []) if r["n"] not in {x["n"] for x in rows}]
+        kept = [r for r in json.loads(args.out.read_text()).get("results", []) if key(r) not in {key(x) for x in rows}]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"cpus": os.cpu_count(),
-              "load_average_now": os.getloadavg(), "seed": args.seed, "repeats": args.repeats,
-              "skip_pml_above": args.skip_pml_above,
-              "results": sorted(kept + rows, key=lambda r: r["n"])}
+    report = {"cpus": os.cpu_count(), "load_average_now": os.getloadavg(), "seed": args.seed,
+              "repeats": args.repeats, "skip_pml_above": args.skip_pml_above,
+              "command": "python benchmarks/eval_knn.py " + " ".join(sys.argv[1:]),
+              "results": sorted(kept + rows, key=lambda r: (r["n"], WORKLOADS.index(key(r)[0])))}
     args.out.write_text(json.dumps(report, indent=2))
 
 

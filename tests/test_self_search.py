@@ -5,7 +5,7 @@ import pytest
 
 import dml.eval.metrics
 from dml.eval import retrieval_metrics
-from dml.eval.self_search import block_bounds, min_block_rows, self_neighbour_lists
+from dml.eval.self_search import block_bounds, min_block_rows, self_neighbour_lists, sweep_neighbour_lists
 from exact_reference import exact_inner_products, exact_order
 
 
@@ -32,10 +32,12 @@ def test_block_bounds_cover_the_rows_in_near_equal_blocks():
 
 
 @pytest.mark.parametrize("n, block", [(40, 4096), (257, 64), (500, 100)])
-def test_lists_equal_brute_force_top_k(n, block):
+@pytest.mark.parametrize("permuted", [False, True])
+def test_lists_equal_brute_force_top_k(n, block, permuted):
     units = unit_rows(n, 8, seed=n)
     widths = np.random.default_rng(0).integers(1, min(12, min_block_rows(n, block) - 1), n)
-    scores, ids = self_neighbour_lists(units, widths, block)
+    order = np.random.default_rng(1).permutation(n) if permuted else None  # swept in that order
+    scores, ids = self_neighbour_lists(units, widths, block, order)
     want_scores, want_ids = brute_force(units, int(widths.max()))
     for row, width in enumerate(widths):
         # continuous random data: no float32 near-ties, so the order is the exact one
@@ -68,10 +70,10 @@ def test_bad_widths_raise(widths, message):
 def test_metrics_fall_back_to_per_query_search_when_lists_do_not_fit(monkeypatch):
     rng = np.random.default_rng(5)
     units, labels = unit_rows(300, 8, seed=5), rng.integers(0, 10, 300)  # R about 30
-    monkeypatch.setattr(dml.eval.metrics, "SELF_SEARCH_BLOCK", 32)  # lists need > 31 entries
+    monkeypatch.setattr(dml.eval.metrics, "SELF_SEARCH_BLOCK", 16)  # lists need > 15 entries
     calls = []
-    monkeypatch.setattr(dml.eval.metrics, "self_neighbour_lists",
-                        lambda *args: calls.append(args) or self_neighbour_lists(*args))
+    monkeypatch.setattr(dml.eval.metrics, "sweep_neighbour_lists",
+                        lambda *args: calls.append(args) or sweep_neighbour_lists(*args))
     fallback = retrieval_metrics(units, labels)
     assert calls == []
     monkeypatch.setattr(dml.eval.metrics, "SELF_SEARCH_BLOCK", 300)
@@ -124,12 +126,12 @@ def test_symmetric_and_per_query_search_agree_on_tied_inputs(kind, seed, monkeyp
     n = int(rng.integers(60, 220))
     data = awkward_embeddings(kind, n, int(rng.choice([3, 8, 33])), rng)
     # mixed class sizes, one class large enough that its lists do not fit 32-row blocks
-    labels = np.concatenate([rng.integers(0, n // 4, n - 40), np.full(40, n)])
+    labels = np.concatenate([rng.integers(0, n // 4, n - 50), np.full(50, n)])
     rng.shuffle(labels)
     monkeypatch.setattr(dml.eval.metrics, "SELF_SEARCH_BLOCK", int(rng.choice([32, 45])))
     sweeps = []
-    monkeypatch.setattr(dml.eval.metrics, "self_neighbour_lists",
-                        lambda *args: sweeps.append(args[1]) or self_neighbour_lists(*args))
+    monkeypatch.setattr(dml.eval.metrics, "sweep_neighbour_lists",
+                        lambda *args: sweeps.append(args[1]) or sweep_neighbour_lists(*args))
     # batches of 25 queries sorted by R: only the last ones (the large class) need long lists
     swept = retrieval_metrics(data, labels, ks=(1, 3), per_class=True, symmetric=True, batch_size=25)
     per_query = retrieval_metrics(data, labels, ks=(1, 3), per_class=True, symmetric=False, batch_size=25)

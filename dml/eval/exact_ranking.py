@@ -4,7 +4,8 @@ candidates come closer than the float64 sum's error bound.
 Products of float32 numbers are exact in float64, so a candidate's score is exact up to the
 rounding of one D-term sum; ``math.fsum`` removes even that. Ranking by (exactly rounded
 score descending, index ascending) is therefore the same on every machine: it never depends
-on summation order, SIMD width or the BLAS kernel. Used by `dml.eval.index.rerank_near_ties`.
+on summation order, SIMD width or the BLAS kernel. Used by `dml.eval.index.rerank_near_ties`,
+which rescores only the runs of candidates whose float32 scores came too close to order.
 """
 
 from __future__ import annotations
@@ -12,21 +13,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
-
-def exact_scores(queries: np.ndarray, gallery: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Inner products of each query (B, D) with its candidate rows ``ids`` (B, c), in float64.
-
-    Products of float32 numbers are exact in float64; their sum (numpy's pairwise sum, not
-    BLAS) is within ``float64_score_error(D)`` of the exact value for unit rows, and identical
-    rows score bit-identically. Rows are gathered in blocks of ~2**21 values to bound memory.
-    """
-    out = np.empty(ids.shape, np.float64)
-    step = max(1, 2**21 // max(1, ids.shape[1] * gallery.shape[1]))
-    for start in range(0, len(ids), step):
-        cand = gallery[ids[start : start + step]].astype(np.float64)
-        out[start : start + step] = (cand * queries[start : start + step, None, :].astype(np.float64)).sum(-1)
-    return out
 
 
 def float64_score_error(dim: int) -> float:
@@ -51,24 +37,52 @@ def exactly_rounded_scores(queries: np.ndarray, gallery: np.ndarray, query_rows:
     return out
 
 
-def sort_exactly(queries: np.ndarray, gallery: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Candidates (B, c) of unit queries (B, D) sorted by (exactly rounded score descending,
-    gallery index ascending); returns (scores float64, ids).
+def pair_scores(queries: np.ndarray, gallery: np.ndarray, query_rows: np.ndarray,
+                gallery_rows: np.ndarray) -> np.ndarray:
+    """``<queries[query_rows[i]], gallery[gallery_rows[i]]>`` (M,) in float64: products of
+    float32 numbers are exact in float64, their sum (numpy's pairwise sum, not BLAS) is within
+    ``float64_score_error(D)`` of the exact value, and identical rows score bit-identically.
+    Pairs are gathered in blocks of ~2**21 values to bound memory."""
+    out = np.empty(len(query_rows), np.float64)
+    step = max(1, 2**21 // max(1, gallery.shape[1]))
+    for start in range(0, len(query_rows), step):
+        stop = start + step
+        cand = gallery[gallery_rows[start:stop]].astype(np.float64)
+        out[start:stop] = (cand * queries[query_rows[start:stop]].astype(np.float64)).sum(-1)
+    return out
 
-    Scores come from :func:`exact_scores`; a candidate within 2 x the float64 error bound of a
-    neighbour in that order is rescored exactly (:func:`exactly_rounded_scores`). Others keep
-    their float64 score: farther than the bound from every neighbour, their place is exact.
+
+def _order(group: np.ndarray, scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    return np.lexsort((ids, -scores, group), axis=-1)
+
+
+def sort_runs_exactly(queries: np.ndarray, gallery: np.ndarray, scores: np.ndarray, ids: np.ndarray,
+                      group: np.ndarray, rescore: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort each row's candidates by (group ascending, exactly rounded score descending,
+    gallery index ascending); returns (scores float64, ids), both (B, c).
+
+    ``queries`` (B, D) unit rows; ``ids`` (B, c) their candidates; ``group`` (B, c)
+    non-decreasing along each row: runs of candidates whose float32 scores ``scores`` came
+    too close to order them, the groups themselves already in exact order. Only the entries
+    of ``rescore`` (B, c) bool, whole groups, get float64 scores (:func:`pair_scores`); a
+    rescored entry within 2 x the float64 error bound of its neighbour in the same group is
+    rescored exactly (:func:`exactly_rounded_scores`). Other entries keep their given score
+    and place (singletons, or groups past the depth the caller needs).
     """
-    scores = exact_scores(queries, gallery, cand)
-    order = np.lexsort((cand, -scores), axis=-1)
-    scores, cand = np.take_along_axis(scores, order, 1), np.take_along_axis(cand, order, 1)
-    close_pair = scores[:, :-1] - scores[:, 1:] <= 2 * float64_score_error(gallery.shape[1])
+    scores = scores.astype(np.float64)
+    rows, cols = np.nonzero(rescore)
+    scores[rows, cols] = pair_scores(queries, gallery, rows, ids[rows, cols])
+    order = _order(group, scores, ids)
+    scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+    rescore = np.take_along_axis(rescore, order, 1)  # groups keep their columns: same mask
+    close_pair = ((scores[:, :-1] - scores[:, 1:] <= 2 * float64_score_error(gallery.shape[1]))
+                  & (group[:, :-1] == group[:, 1:]) & rescore[:, 1:])
     close = np.zeros(scores.shape, dtype=bool)
     close[:, :-1] |= close_pair
     close[:, 1:] |= close_pair
     rows, cols = np.nonzero(close)
     if rows.size:
-        scores[rows, cols] = exactly_rounded_scores(queries, gallery, rows, cand[rows, cols])
-        order = np.lexsort((cand, -scores), axis=-1)
-        scores, cand = np.take_along_axis(scores, order, 1), np.take_along_axis(cand, order, 1)
-    return scores, cand
+        scores[rows, cols] = exactly_rounded_scores(queries, gallery, rows, ids[rows, cols])
+        order = _order(group, scores, ids)
+        scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+    return scores, ids

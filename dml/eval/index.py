@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dml.eval.exact_ranking import sort_exactly
+from dml.eval.exact_ranking import sort_runs_exactly
 
 logger = logging.getLogger(__name__)
 
@@ -124,23 +124,34 @@ def rerank_near_ties(queries: np.ndarray, gallery: np.ndarray, sims: np.ndarray,
                      need: int, error: float, complete: bool) -> np.ndarray:
     """Make the first ``need`` columns of float32 search results exact, in place.
 
-    The top of a row is trusted when neighbouring float32 scores among the first need+1
-    differ by more than 2 x ``error`` (the bound on a float32 score's error): no rounding
-    can reorder them and nothing unseen can enter. Other rows are rescored in float64 and
-    sorted by (exactly rounded score descending, gallery index ascending; see
-    :func:`dml.eval.exact_ranking.sort_exactly`), so the order never depends on the BLAS kernel.
-    Returns a bool mask of rows whose exact top ``need`` may include items beyond the
-    candidates (search those again wider); ``complete`` means the candidates are the
-    whole gallery.
+    Neighbouring float32 scores that differ by more than 2 x ``error`` (the bound on a float32
+    score's error) are in exact order whatever the rounding. So each row splits into runs of
+    candidates whose neighbours came closer than that; only the runs that reach into the top
+    ``need`` are rescored in float64 and sorted by (exactly rounded score descending, gallery
+    index ascending; see :func:`dml.eval.exact_ranking.sort_runs_exactly`), so the order never
+    depends on the BLAS kernel. Rescoring runs instead of whole rows matters for deep lists:
+    at need ~100 about half of all rows hold some close pair (measured in
+    benchmarks/eval_knn.py). Returns a bool mask of rows whose exact top ``need`` may include
+    items beyond the candidates: the run holding the need-th item reaches the last candidate,
+    so an unseen item (float32 score at most the last one's) might belong (search those again
+    wider); ``complete`` means the candidates are the whole gallery.
     """
-    head = sims[:, : need + 1]
-    near = np.flatnonzero((head[:, :-1] - head[:, 1:] <= 2 * error).any(axis=1))
+    close = sims[:, :-1] - sims[:, 1:] <= 2 * error  # (B, c - 1): columns p and p + 1 may swap
+    near = np.flatnonzero(close[:, :need].any(axis=1))
     unresolved = np.zeros(len(sims), dtype=bool)
     if near.size == 0:
         return unresolved
-    scores, cand = sort_exactly(queries[near], gallery, ids[near])
-    if not complete:  # every unseen item scores at most (last float32 score + error)
-        unresolved[near] = scores[:, need - 1] <= sims[near, -1].astype(np.float64) + error
+    close = close[near]
+    starts = np.ones((len(near), sims.shape[1]), dtype=bool)
+    starts[:, 1:] = ~close
+    group = np.cumsum(starts, axis=1)
+    run_start = np.maximum.accumulate(np.where(starts, np.arange(sims.shape[1]), 0), axis=1)
+    in_run = ~starts
+    in_run[:, :-1] |= close
+    scores, cand = sort_runs_exactly(queries[near], gallery, sims[near], ids[near], group,
+                                     in_run & (run_start < need))
+    if not complete:
+        unresolved[near] = group[:, need - 1] == group[:, -1]
     sims[near], ids[near] = scores, cand
     return unresolved
 

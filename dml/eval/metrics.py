@@ -32,14 +32,15 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from dml.eval.index import KnnIndex, as_unit_float32, build_index, candidate_width, rerank_near_ties
-from dml.eval.self_search import DEFAULT_BLOCK, min_block_rows, self_neighbour_lists
+from dml.eval.index import KnnIndex, as_unit_float32, build_index, faiss, rerank_near_ties
+from dml.eval.self_search import DEFAULT_BLOCK, SweptLists, min_block_rows, sweep_neighbour_lists
 
 logger = logging.getLogger(__name__)
 
 RESULT_BUDGET = 2**22  # neighbour entries per batch (B x k); ~50 bytes each, ~200 MB
 SELF_SEARCH_BUDGET = 2**27  # list entries (N x width) of the symmetric sweep; 12 bytes each
 SELF_SEARCH_BLOCK = DEFAULT_BLOCK  # rows per block of the sweep (tests shrink it)
+SWEEP_MARGIN = 2  # sweep list entries past the k + 1 that the near-tie check reads
 
 
 def as_label_array(labels: Any, length: int, name: str) -> np.ndarray:
@@ -100,29 +101,32 @@ def _batches_by_relevance(num_relevant: np.ndarray, k_floor: int, k_cap: int, ba
         start = stop
 
 
-def leave_one_out_width(k: int, k_cap: int) -> int:
-    """Neighbours listed per query to rank its exact top ``k`` among the ``k_cap`` other
-    gallery items: the margin of :meth:`KnnIndex.search`, which fetches k + 1 including the
-    query itself, less that one."""
-    return candidate_width(k + 1, k_cap + 1) - 1
+def sweep_width(k: int, k_cap: int) -> int:
+    """Entries listed per query by the symmetric sweep to rank its exact top ``k`` among the
+    ``k_cap`` other gallery items: k + 1 for the near-tie check of :func:`rerank_near_ties`,
+    plus ``SWEEP_MARGIN``; a row whose near-tied run still reaches the list's end is searched
+    again per query."""
+    return min(k + SWEEP_MARGIN, k_cap)
 
 
 def _self_search_lists(knn: KnnIndex, plan: list[tuple[np.ndarray, int]], k_cap: int,
-                       symmetric: bool | None) -> tuple[np.ndarray, np.ndarray] | None:
+                       symmetric: bool | None, order: np.ndarray) -> SweptLists | None:
     """Neighbour lists from one symmetric sweep for the planned batches whose lists fit, or
-    None when every batch is to be searched per query (GPU, IVF-PQ, ``symmetric=False``).
+    None when every batch is to be searched per query (GPU, IVF-PQ, ``symmetric=False``, or
+    no faiss, whose heaps the sweep keeps its lists in).
 
     A batch fits when its list width is below the smallest sweep block and N lists of that
     width stay within ``SELF_SEARCH_BUDGET``; queries of larger classes (wider lists) are
-    searched per query, the rest still come from the sweep.
+    searched per query, the rest still come from the sweep. Rows are swept in ``order``
+    (classmates together: see :func:`self_neighbour_lists`).
     """
-    if symmetric is False or knn.kind != "flat" or knn.backend == "faiss-gpu" or not plan:
+    if symmetric is False or knn.kind != "flat" or knn.backend == "faiss-gpu" or not plan or faiss is None:
         return None
     limit = min(min_block_rows(knn.ntotal, SELF_SEARCH_BLOCK) - 1, SELF_SEARCH_BUDGET // knn.ntotal)
     widths = np.ones(knn.ntotal, dtype=np.int64)  # rows never queried still serve as items
     swept = 0
     for rows, k in plan:
-        width = leave_one_out_width(k, k_cap)
+        width = sweep_width(k, k_cap)
         if width <= limit:
             widths[rows], swept = width, swept + len(rows)
     if swept < sum(len(rows) for rows, _ in plan):
@@ -130,15 +134,15 @@ def _self_search_lists(knn: KnnIndex, plan: list[tuple[np.ndarray, int]], k_cap:
                     "searched per query", swept, limit)
     if not swept:
         return None
-    return self_neighbour_lists(knn.gallery, widths, SELF_SEARCH_BLOCK)
+    return sweep_neighbour_lists(knn.gallery, widths, SELF_SEARCH_BLOCK, order)
 
 
 def _exact_from_lists(knn: KnnIndex, batch: np.ndarray, rows: np.ndarray, k: int, width: int,
-                      lists: tuple[np.ndarray, np.ndarray], k_cap: int) -> np.ndarray:
+                      lists: SweptLists, k_cap: int) -> np.ndarray:
     """Exact top-``k`` ids of queries ``rows`` from the first ``width`` entries of their
     float32 lists: near ties rescored in float64, and the rare row whose exact top k may lie
     past its list searched again."""
-    sims, ids = lists[0][rows, :width].copy(), lists[1][rows, :width].copy()
+    sims, ids = lists.take(rows, width)
     retry = rerank_near_ties(batch, knn.gallery, sims, ids, k, knn.score_error, complete=width == k_cap)
     if retry.any():  # exact ties beyond the list (duplicates, collapsed embeddings)
         logger.debug("%d of %d queries (k=%d) searched again past their lists", int(retry.sum()), len(rows), k)
@@ -153,13 +157,16 @@ def _search_and_score(knn: KnnIndex, queries: np.ndarray, query_labels: np.ndarr
     """Search every query with R >= 1 and return (their rows, per-query score arrays)."""
     k_cap = knn.ntotal - (1 if leave_one_out else 0)
     plan = list(_batches_by_relevance(num_relevant, max(ks), k_cap, batch_size))
-    lists = _self_search_lists(knn, plan, k_cap, symmetric) if leave_one_out else None
+    lists = None
+    if leave_one_out:  # sweep classmates together, in the order of the plan (by R, then label)
+        order = np.lexsort((query_labels, num_relevant))
+        lists = _self_search_lists(knn, plan, k_cap, symmetric, order)
     parts: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
     searched = 0
     for rows, k in plan:
         batch = np.ascontiguousarray(queries[rows])
-        width = leave_one_out_width(k, k_cap) if lists is not None else 0
-        if lists is not None and width <= lists[0].shape[1]:
+        width = sweep_width(k, k_cap) if lists is not None else 0
+        if lists is not None and (lists.widths[rows] >= width).all():
             ids = _exact_from_lists(knn, batch, rows, k, width, lists, k_cap)
         else:
             _, ids = knn.search(batch, k, rows if leave_one_out else None)

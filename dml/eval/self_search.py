@@ -6,21 +6,23 @@ every score twice; this sweep computes each block pair once and offers its score
 sides: to the rows of block i as gallery items of block j, and to the rows of block j as
 gallery items of block i. That halves the N x N x D product, which bounds exact search.
 
-Selection is by threshold. Row r keeps its ``widths[r]`` best float32 scores so far; its
-threshold is the last of them. The diagonal blocks are ranked first with ``topk`` (each row
-then has a full list, from its own block). For every other block pair, a chunked compare
-against the row and column thresholds picks the few candidate scores (see
-:func:`scores_above`); those are offered to each side's lists. Thresholds
-only rise, so a dropped score never belongs to a row's final list.
+Selection is by threshold. Each block's rows keep their best float32 scores so far in
+faiss min-heaps (as many as the widest list of the block; the root is the row's
+threshold). The diagonal blocks are offered whole first (each row then has a full heap, from
+its own block). For every other block pair, a chunked compare against the row and column
+thresholds picks the few candidate scores (see :func:`scores_above`); those are offered to
+each side's heaps. Thresholds only rise, so a dropped score never belongs to a row's final
+list. A heap insert costs log(width), not a re-sort of the row's list: with lists of ~100
+to ~500 (classes of that size) a sorted merge per block pair cost more than the product.
 
 The output has the same meaning as a float32 search of ``widths[r]`` neighbours that leaves
 each row's own index out: the best float32 scores, best first (order among exact float32
 ties unspecified), and every item not listed scores at most the last listed score. Exact
 ranking is applied afterwards by :func:`dml.eval.index.rerank_near_ties`.
 
-Memory: N x max(widths) x 12 bytes for the lists, plus one score block (block² x 4 bytes),
-the candidates of a block pair (at most block² x 16 bytes, in practice a few per row) and a
-merge table of at most 2 x block x 2 x max(widths) x 12 bytes.
+Memory: N x max(widths) x 12 bytes for the heaps and as much for the returned lists, plus
+one score block (block² x 4 bytes), the candidates of a block pair (at most block² x 16 bytes,
+in practice a few per row) and their per-row table (at most 2**22 entries x 12 bytes).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import logging
 
 import numpy as np
 import torch
+
+from dml.eval.index import faiss
 
 logger = logging.getLogger(__name__)
 
@@ -85,65 +89,131 @@ def scores_above(scores: torch.Tensor, row_floor: torch.Tensor,
     return a, b, v
 
 
-class _NeighbourLists:
-    """Per-row best-so-far lists (N, W) of float32 scores and int64 ids, best first."""
+class _BlockHeaps:
+    """Per block of rows, faiss min-heaps (rows, k) of float32 scores and int64 ids; k is the
+    widest list of the block. ``thresholds`` (N,) holds each row's heap root."""
 
-    def __init__(self, n: int, widths: torch.Tensor):
-        self.widths = widths
-        self.scores = torch.full((n, int(widths.max())), float("-inf"))
-        self.ids = torch.full((n, int(widths.max())), -1, dtype=torch.int64)
-        self.thresholds = torch.full((n,), float("-inf"))
+    def __init__(self, bounds: list[tuple[int, int]], widths: torch.Tensor):
+        self.bounds = bounds
+        self.thresholds = torch.full((int(bounds[-1][1]),), float("-inf"))
+        self.blocks = []
+        for start, stop in bounds:
+            k = int(widths[start:stop].max())
+            scores, ids = np.empty((stop - start, k), np.float32), np.empty((stop - start, k), np.int64)
+            heap = faiss.float_minheap_array_t()
+            heap.nh, heap.k, heap.val, heap.ids = stop - start, k, faiss.swig_ptr(scores), faiss.swig_ptr(ids)
+            heap.heapify()
+            self.blocks.append((heap, scores, ids))
 
-    def refresh_thresholds(self, rows: torch.Tensor) -> None:
-        last = (self.widths[rows] - 1).unsqueeze(1)
-        self.thresholds[rows] = self.scores[rows].gather(1, last).squeeze(1)
+    def _refresh(self, block: int, rows: np.ndarray | None = None) -> None:
+        start = self.bounds[block][0]
+        roots = self.blocks[block][1][:, 0]
+        if rows is None:
+            self.thresholds[start:start + len(roots)] = torch.from_numpy(roots)
+        else:
+            self.thresholds[torch.from_numpy(rows + start)] = torch.from_numpy(roots[rows])
 
-    def set_block(self, start: int, scores: torch.Tensor, ids: torch.Tensor) -> None:
-        """Fill rows ``start..`` from (B, w) sorted lists; columns past a row's width stay."""
-        stop, width = start + scores.shape[0], scores.shape[1]
-        self.scores[start:stop, :width], self.ids[start:stop, :width] = scores, ids
-        self.refresh_thresholds(torch.arange(start, stop))
+    def offer_dense(self, block: int, scores: torch.Tensor, first_id: int) -> None:
+        """Offer a C-contiguous (rows of ``block``, C) float32 score block, columns
+        ``first_id..`` as ids."""
+        heap = self.blocks[block][0]
+        heap.addn(scores.shape[1], faiss.swig_ptr(scores.numpy()), first_id, 0, scores.shape[0])
+        self._refresh(block)
 
-    def merge(self, rows: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor) -> None:
-        """Offer candidate (row, id, score) triples; each row keeps its best ``width``."""
+    def offer(self, block: int, rows: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor) -> None:
+        """Offer candidates (row within ``block``, id, score); each heap keeps its best k."""
         if rows.numel() == 0:
             return
-        width = self.scores.shape[1]
-        sorted_rows, order = torch.sort(rows, stable=True)
-        touched, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
-        most = int(counts.max())
-        if most > width:  # rare: order best first within each row, so its best `width` lead
-            order = torch.argsort(scores, descending=True)
-            order = order[torch.sort(rows[order], stable=True)[1]]
-        ids, scores = ids[order], scores[order]
-        starts = torch.cumsum(counts, 0) - counts
-        slot = torch.arange(rows.numel()) - torch.repeat_interleave(starts, counts)
-        row_of = torch.repeat_interleave(torch.arange(touched.numel()), counts)
-        if most > width:  # the padded merge stays within (touched rows) x 2 x width
-            kept = slot < width
-            slot, row_of, ids, scores = slot[kept], row_of[kept], ids[kept], scores[kept]
-        pad = min(most, width)
-        all_scores = torch.full((touched.numel(), width + pad), float("-inf"))
-        all_ids = torch.full((touched.numel(), width + pad), -1, dtype=torch.int64)
-        all_scores[:, :width], all_ids[:, :width] = self.scores[touched], self.ids[touched]
-        all_scores[row_of, width + slot], all_ids[row_of, width + slot] = scores, ids
-        best, position = all_scores.topk(width, dim=1)
-        self.scores[touched], self.ids[touched] = best, all_ids.gather(1, position)
-        self.refresh_thresholds(touched)
+        order = torch.argsort(rows, stable=True)
+        rows, ids, scores = rows[order].numpy(), ids[order].numpy(), scores[order].numpy()
+        touched, first, counts = np.unique(rows, return_index=True, return_counts=True)
+        slot = np.arange(len(rows)) - np.repeat(first, counts)
+        row_of = np.repeat(np.arange(len(touched)), counts)
+        heap = self.blocks[block][0]
+        step = max(64, 2**22 // len(touched))  # columns per call bound the table
+        for low in range(0, int(counts.max()), step):
+            keep = (slot >= low) & (slot < low + step)
+            width = min(step, int(counts.max()) - low)
+            table = np.full((len(touched), width), -np.inf, np.float32)
+            table_ids = np.full((len(touched), width), -1, np.int64)
+            table[row_of[keep], slot[keep] - low] = scores[keep]
+            table_ids[row_of[keep], slot[keep] - low] = ids[keep]
+            subset = np.ascontiguousarray(touched, dtype=np.int64)
+            heap.addn_query_subset_with_ids(len(subset), faiss.swig_ptr(subset), width,
+                                            faiss.swig_ptr(table), faiss.swig_ptr(table_ids), width)
+        self._refresh(block, touched)
+
+    def finish(self) -> None:
+        """Sort every heap, best first; slots never filled keep id -1."""
+        for heap, _, _ in self.blocks:
+            heap.reorder()
 
 
-def self_neighbour_lists(units: np.ndarray, widths: np.ndarray,
-                         block: int = DEFAULT_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+class SweptLists:
+    """The sorted lists of one sweep, kept per block (each as wide as its widest row), so
+    memory follows the sum of the widths, not N x the largest."""
+
+    def __init__(self, heaps: _BlockHeaps, widths: np.ndarray, order: np.ndarray | None):
+        self.widths = widths  # per row, in the caller's row order
+        self._heaps, self._order = heaps, order
+        n = len(widths)
+        self._position = np.arange(n) if order is None else np.empty(n, np.int64)
+        if order is not None:
+            self._position[order] = np.arange(n)
+        self._starts = np.array([start for start, _ in heaps.bounds])
+
+    def take(self, rows: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Lists of ``rows`` (B,) cut to ``width`` columns: (scores (B, width) float32, ids
+        (B, width) int64), best first; entries past a row's own width are -inf / -1."""
+        position = self._position[rows]
+        block_of = np.searchsorted(self._starts, position, side="right") - 1
+        out_scores = np.full((len(rows), width), -np.inf, np.float32)
+        out_ids = np.full((len(rows), width), -1, np.int64)
+        for block in np.unique(block_of):
+            mine = np.flatnonzero(block_of == block)
+            _, scores, ids = self._heaps.blocks[block]
+            local = position[mine] - self._starts[block]
+            cols = min(width, scores.shape[1])
+            out_scores[mine, :cols], out_ids[mine, :cols] = scores[local, :cols], ids[local, :cols]
+        beyond = (np.arange(width) >= self.widths[rows][:, None]) | (out_ids < 0)
+        out_scores[beyond], out_ids[beyond] = -np.inf, -1
+        if self._order is not None:
+            out_ids[~beyond] = self._order[out_ids[~beyond]]
+        return out_scores, out_ids
+
+
+def self_neighbour_lists(units: np.ndarray, widths: np.ndarray, block: int = DEFAULT_BLOCK,
+                         order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Each row's ``widths[r]`` highest float32 inner products with the other rows.
 
     ``units``: (N, D) float32 unit rows (the query set, which is also the gallery).
     ``widths``: (N,) ints in [1, N - 1] and at most the smallest block size minus one (see
     :func:`min_block_rows`). Returns (scores (N, W) float32, ids (N, W) int64), W =
     max(widths), best first; a row's own index never appears; columns past ``widths[r]``
-    are -inf / -1. Only float32 order is guaranteed (see the module docstring).
+    are -inf / -1. Only float32 order is guaranteed (see the module docstring). ``order``:
+    see :func:`sweep_neighbour_lists`, which keeps the lists per block instead.
+    """
+    lists = sweep_neighbour_lists(units, widths, block, order)
+    return lists.take(np.arange(len(units)), int(np.max(widths)))
+
+
+def sweep_neighbour_lists(units: np.ndarray, widths: np.ndarray, block: int = DEFAULT_BLOCK,
+                          order: np.ndarray | None = None) -> SweptLists:
+    """The lists of :func:`self_neighbour_lists`, read with :meth:`SweptLists.take`.
+
+    ``order`` (N,), a permutation, sweeps the rows in that order (lists still by original
+    row and id). Rows likely to be each other's neighbours placed together (e.g. sorted by
+    label) share their diagonal block, so the first pass already finds most of each list and
+    later block pairs offer few candidates; rows of similar width together keep the blocks'
+    heaps narrow. Raises ValueError for widths out of range. Memory: a permuted copy of
+    ``units`` and the lists (see the module docstring).
     """
     n = len(units)
-    widths_t = torch.as_tensor(np.asarray(widths, dtype=np.int64))
+    widths = np.asarray(widths, dtype=np.int64)
+    if order is not None:
+        order = np.asarray(order, dtype=np.int64)
+        units = units[order]
+    widths_t = torch.as_tensor(widths if order is None else widths[order])
     if widths_t.shape != (n,) or n < 2:
         raise ValueError(f"need one width per row of at least 2 rows, got {tuple(widths_t.shape)} for {n} rows")
     bounds = block_bounds(n, block)
@@ -152,34 +222,33 @@ def self_neighbour_lists(units: np.ndarray, widths: np.ndarray,
         raise ValueError(f"widths must be in [1, {smallest - 1}] for {n} rows in blocks of {block}, "
                          f"got [{int(widths_t.min())}, {int(widths_t.max())}]")
     x = torch.from_numpy(np.ascontiguousarray(units, dtype=np.float32))
-    lists = _NeighbourLists(n, widths_t)
-    for start, stop in bounds:  # diagonal blocks: every row gets a full list from its own block
-        scores = x[start:stop] @ x[start:stop].T
-        scores.fill_diagonal_(float("-inf"))  # leave-one-out: identity, not score, decides
-        best, position = scores.topk(int(widths_t[start:stop].max()), dim=1)
-        lists.set_block(start, best, position + start)
-    pairs = len(bounds) * (len(bounds) - 1) // 2
-    done = offered = 0
+    heaps = _BlockHeaps(bounds, widths_t)
+    largest = max(b - a for a, b in bounds)
     # one score buffer for all pairs: a fresh 64 MiB tensor per pair would be mapped and
     # page-faulted anew each time (large allocations bypass malloc's pool), ~1.8x the GEMM
-    largest = max(b - a for a, b in bounds)
-    score_buffer = torch.empty(largest * largest if pairs else 0)
+    score_buffer = torch.empty(largest * largest)
+    for i, (start, stop) in enumerate(bounds):  # diagonal blocks: a full heap from its own block
+        scores = score_buffer[: (stop - start) ** 2].view(stop - start, stop - start)
+        torch.mm(x[start:stop], x[start:stop].T, out=scores)
+        scores.fill_diagonal_(float("-inf"))  # leave-one-out: identity, not score, decides
+        heaps.offer_dense(i, scores, start)
+    pairs = len(bounds) * (len(bounds) - 1) // 2
+    done = offered = 0
     for i, (row_start, row_stop) in enumerate(bounds):
         rows = x[row_start:row_stop]
-        for col_start, col_stop in bounds[i + 1:]:
+        for j, (col_start, col_stop) in enumerate(bounds[i + 1:], start=i + 1):
             shape = (row_stop - row_start, col_stop - col_start)
             scores = score_buffer[: shape[0] * shape[1]].view(shape)
             torch.mm(rows, x[col_start:col_stop].T, out=scores)
-            a, b, values = scores_above(scores, lists.thresholds[row_start:row_stop],
-                                        lists.thresholds[col_start:col_stop])
+            a, b, values = scores_above(scores, heaps.thresholds[row_start:row_stop],
+                                        heaps.thresholds[col_start:col_stop])
             offered += values.numel()
-            a, b = a + row_start, b + col_start
-            # rows of block i see block j, and back; one merge for both (their rows differ)
-            to_rows, to_cols = values > lists.thresholds[a], values > lists.thresholds[b]
-            lists.merge(torch.cat([a[to_rows], b[to_cols]]), torch.cat([b[to_rows], a[to_cols]]),
-                        torch.cat([values[to_rows], values[to_cols]]))
+            # rows of block i see block j, and back
+            to_rows = values > heaps.thresholds[a + row_start]
+            to_cols = values > heaps.thresholds[b + col_start]
+            heaps.offer(i, a[to_rows], b[to_rows] + col_start, values[to_rows])
+            heaps.offer(j, b[to_cols], a[to_cols] + row_start, values[to_cols])
             done += 1
         logger.debug("self search: %d of %d block pairs, %d candidate scores so far", done, pairs, offered)
-    beyond = torch.arange(lists.scores.shape[1]) >= widths_t[:, None]  # entries no threshold guarded
-    lists.scores[beyond], lists.ids[beyond] = float("-inf"), -1
-    return lists.scores.numpy(), lists.ids.numpy()
+    heaps.finish()
+    return SweptLists(heaps, widths, order)
