@@ -52,37 +52,37 @@ def pair_scores(queries: np.ndarray, gallery: np.ndarray, query_rows: np.ndarray
     return out
 
 
-def _order(group: np.ndarray, scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    return np.lexsort((ids, -scores, group), axis=-1)
-
-
 def sort_runs_exactly(queries: np.ndarray, gallery: np.ndarray, scores: np.ndarray, ids: np.ndarray,
                       group: np.ndarray, rescore: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sort each row's candidates by (group ascending, exactly rounded score descending,
-    gallery index ascending); returns (scores float64, ids), both (B, c).
+    """Sort the candidates of each marked run by (exactly rounded score descending, gallery
+    index ascending); returns (scores float64, ids), both (B, c), other entries unchanged.
 
     ``queries`` (B, D) unit rows; ``ids`` (B, c) their candidates; ``group`` (B, c)
     non-decreasing along each row: runs of candidates whose float32 scores ``scores`` came
-    too close to order them, the groups themselves already in exact order. Only the entries
-    of ``rescore`` (B, c) bool, whole groups, get float64 scores (:func:`pair_scores`); a
-    rescored entry within 2 x the float64 error bound of its neighbour in the same group is
-    rescored exactly (:func:`exactly_rounded_scores`). Other entries keep their given score
-    and place (singletons, or groups past the depth the caller needs).
+    too close to order them, the runs themselves already in exact order. The entries of
+    ``rescore`` (B, c) bool, whole runs, get float64 scores (:func:`pair_scores`) and are
+    sorted within their run (a run keeps its columns); a rescored entry within 2 x the
+    float64 error bound of its neighbour in the same run is rescored exactly
+    (:func:`exactly_rounded_scores`). Only the marked entries are gathered and sorted.
     """
     scores = scores.astype(np.float64)
-    rows, cols = np.nonzero(rescore)
-    scores[rows, cols] = pair_scores(queries, gallery, rows, ids[rows, cols])
-    order = _order(group, scores, ids)
-    scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
-    rescore = np.take_along_axis(rescore, order, 1)  # groups keep their columns: same mask
-    close_pair = ((scores[:, :-1] - scores[:, 1:] <= 2 * float64_score_error(gallery.shape[1]))
-                  & (group[:, :-1] == group[:, 1:]) & rescore[:, 1:])
-    close = np.zeros(scores.shape, dtype=bool)
-    close[:, :-1] |= close_pair
-    close[:, 1:] |= close_pair
-    rows, cols = np.nonzero(close)
-    if rows.size:
-        scores[rows, cols] = exactly_rounded_scores(queries, gallery, rows, ids[rows, cols])
-        order = _order(group, scores, ids)
-        scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+    rows, cols = np.nonzero(rescore)  # row-major: each run's entries are contiguous, in order
+    if rows.size == 0:
+        return scores, ids
+    ids = ids.copy()
+    cand = ids[rows, cols]
+    exact = pair_scores(queries, gallery, rows, cand)
+    run = rows * (group.shape[1] + 1) + group[rows, cols]  # one key per (row, run), ascending
+    order = np.lexsort((cand, -exact, run))
+    exact, cand = exact[order], cand[order]  # runs keep their places: run[order] == run
+    close_pair = (run[:-1] == run[1:]) & (exact[:-1] - exact[1:] <= 2 * float64_score_error(gallery.shape[1]))
+    close = np.zeros(len(exact), dtype=bool)
+    close[:-1] |= close_pair
+    close[1:] |= close_pair
+    if close.any():
+        at = np.flatnonzero(close)
+        exact[at] = exactly_rounded_scores(queries, gallery, rows[at], cand[at])
+        order = np.lexsort((cand, -exact, run))
+        exact, cand = exact[order], cand[order]
+    scores[rows, cols], ids[rows, cols] = exact, cand
     return scores, ids

@@ -121,7 +121,7 @@ def _torch_search(gallery: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.
 
 
 def rerank_near_ties(queries: np.ndarray, gallery: np.ndarray, sims: np.ndarray, ids: np.ndarray,
-                     need: int, error: float, complete: bool) -> np.ndarray:
+                     need: int, error: float, complete: bool, same_label: np.ndarray | None = None) -> np.ndarray:
     """Make the first ``need`` columns of float32 search results exact, in place.
 
     Neighbouring float32 scores that differ by more than 2 x ``error`` (the bound on a float32
@@ -135,6 +135,11 @@ def rerank_near_ties(queries: np.ndarray, gallery: np.ndarray, sims: np.ndarray,
     items beyond the candidates: the run holding the need-th item reaches the last candidate,
     so an unseen item (float32 score at most the last one's) might belong (search those again
     wider); ``complete`` means the candidates are the whole gallery.
+
+    ``same_label`` (B, c) bool, for label-based metrics only: whether each candidate shares
+    its query's label. A run whose candidates all agree is left in float32 order, as its
+    order cannot change a metric that reads only labels (in deep lists of large classes
+    most runs are of classmates alone); the ids are then exact up to such runs.
     """
     close = sims[:, :-1] - sims[:, 1:] <= 2 * error  # (B, c - 1): columns p and p + 1 may swap
     near = np.flatnonzero(close[:, :need].any(axis=1))
@@ -148,12 +153,23 @@ def rerank_near_ties(queries: np.ndarray, gallery: np.ndarray, sims: np.ndarray,
     run_start = np.maximum.accumulate(np.where(starts, np.arange(sims.shape[1]), 0), axis=1)
     in_run = ~starts
     in_run[:, :-1] |= close
-    scores, cand = sort_runs_exactly(queries[near], gallery, sims[near], ids[near], group,
-                                     in_run & (run_start < need))
+    rescore = in_run & (run_start < need)
+    if same_label is not None:
+        rescore &= _mixed_runs(starts, same_label[near])
+    scores, cand = sort_runs_exactly(queries[near], gallery, sims[near], ids[near], group, rescore)
     if not complete:
         unresolved[near] = group[:, need - 1] == group[:, -1]
     sims[near], ids[near] = scores, cand
     return unresolved
+
+
+def _mixed_runs(starts: np.ndarray, flags: np.ndarray) -> np.ndarray:
+    """(B, c) bool: entries of runs (each begins where ``starts`` is True; every row begins
+    one) holding both True and False ``flags``."""
+    first = np.flatnonzero(starts.ravel())
+    sizes = np.diff(np.append(first, starts.size))
+    true = np.add.reduceat(flags.ravel().astype(np.int64), first)
+    return np.repeat((true > 0) & (true < sizes), sizes).reshape(starts.shape)
 
 
 class KnnIndex:

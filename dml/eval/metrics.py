@@ -138,12 +138,15 @@ def _self_search_lists(knn: KnnIndex, plan: list[tuple[np.ndarray, int]], k_cap:
 
 
 def _exact_from_lists(knn: KnnIndex, batch: np.ndarray, rows: np.ndarray, k: int, width: int,
-                      lists: SweptLists, k_cap: int) -> np.ndarray:
-    """Exact top-``k`` ids of queries ``rows`` from the first ``width`` entries of their
-    float32 lists: near ties rescored in float64, and the rare row whose exact top k may lie
-    past its list searched again."""
+                      lists: SweptLists, k_cap: int, labels: np.ndarray) -> np.ndarray:
+    """Top-``k`` ids of queries ``rows`` from the first ``width`` entries of their float32
+    lists, exact up to the order of near-tied runs whose items all do or all do not share the
+    query's label (``labels``: of the query set): other near ties rescored in float64, and
+    the rare row whose exact top k may lie past its list searched again."""
     sims, ids = lists.take(rows, width)
-    retry = rerank_near_ties(batch, knn.gallery, sims, ids, k, knn.score_error, complete=width == k_cap)
+    same_label = labels[ids] == labels[rows][:, None]
+    retry = rerank_near_ties(batch, knn.gallery, sims, ids, k, knn.score_error, complete=width == k_cap,
+                             same_label=same_label)
     if retry.any():  # exact ties beyond the list (duplicates, collapsed embeddings)
         logger.debug("%d of %d queries (k=%d) searched again past their lists", int(retry.sum()), len(rows), k)
         _, ids[retry, :k] = knn.search(np.ascontiguousarray(batch[retry]), k, rows[retry])
@@ -167,7 +170,7 @@ def _search_and_score(knn: KnnIndex, queries: np.ndarray, query_labels: np.ndarr
         batch = np.ascontiguousarray(queries[rows])
         width = sweep_width(k, k_cap) if lists is not None else 0
         if lists is not None and (lists.widths[rows] >= width).all():
-            ids = _exact_from_lists(knn, batch, rows, k, width, lists, k_cap)
+            ids = _exact_from_lists(knn, batch, rows, k, width, lists, k_cap, query_labels)
         else:
             _, ids = knn.search(batch, k, rows if leave_one_out else None)
         matches = (gallery_labels[ids] == query_labels[rows][:, None]) & (ids >= 0)
