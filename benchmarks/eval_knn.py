@@ -202,7 +202,7 @@ def best_of(records: list[dict]) -> dict:
 def class_shape(workload: str, n: int, dim: int, seed: int) -> dict:
     sizes = np.bincount(clustered_embeddings(n, dim, seed, workload)[1])
     sizes = sizes[sizes > 0]
-    return {"classes": int(len(sizes)), "mean_size": float(sizes.mean()), "max_size": int(sizes.max()),
+    return {"classes": len(sizes), "mean_size": float(sizes.mean()), "max_size": int(sizes.max()),
             "singleton_classes": int((sizes == 1).sum())}
 
 
@@ -233,18 +233,22 @@ def benchmark_row(workload: str, n: int, args) -> dict:
     return row
 
 
+def time_cell(record) -> str:
+    if not isinstance(record, dict):
+        return f"{'-':>13}"
+    cpu = f"({record['cpu_seconds']:5.1f})" if "cpu_seconds" in record else f"{'':7}"
+    return f"{record['seconds']:6.1f} {cpu}"
+
+
 def print_table(rows: list[dict]) -> None:
     print("time: best wall s of the repeats (cpu s of that run); floor: bare faiss IndexFlatIP search at "
           "depth max class size; x floor = time / floor time")
     print(f"{'workload':>9} {'N':>8} {'classes':>7} {'max':>5} {'dml s':>13} {'pml s':>13} {'floor s':>13} "
           f"{'dml/pml':>7} {'cpu':>5} {'dml xfl':>7} {'pml xfl':>7} {'|diff|':>8} {'MAP@R':>7} {'dml GiB':>7}")
     for row in rows:
-        def cell(who: str) -> str:
-            rec = row.get(who)
-            return f"{rec['seconds']:6.1f} ({rec['cpu_seconds']:5.1f})" if isinstance(rec, dict) else f"{'-':>13}"
-
         line = (f"{row.get('workload', 'mean20'):>9} {row['n']:>8} {row.get('classes', 0):>7} "
-                f"{row.get('max_size', 0):>5} {cell('dml')} {cell('pml')} {cell('floor')}")
+                f"{row.get('max_size', 0):>5} {time_cell(row.get('dml'))} {time_cell(row.get('pml'))} "
+                f"{time_cell(row.get('floor'))}")
         if "speedup" in row and isinstance(row.get("floor"), dict):
             floor = row["floor"]["seconds"]
             line += (f" {row['speedup']:>6.2f}x {row['speedup_cpu']:>4.2f}x {row['dml']['seconds'] / floor:>6.2f}x "

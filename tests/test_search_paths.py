@@ -9,10 +9,10 @@ the metric definitions of dml.eval.metrics one query at a time.
 
 import numpy as np
 import pytest
+from exact_reference import exact_inner_products, exact_order
 
 import dml.eval.metrics
 from dml.eval import retrieval_metrics
-from exact_reference import exact_inner_products, exact_order
 
 KS = (1, 3, 7)
 
