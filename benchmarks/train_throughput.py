@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -89,6 +90,7 @@ def window_rates(rates: list[float]) -> float:
 
 def run_dml(nproc: int, threads: int, steps: int, work: Path, tag: str) -> dict:
     run_dir = work / f"run-{tag}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl of an earlier run would be read too
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "dml.cli", "train", "--config", str(CONFIG), f"train.run_dir={run_dir}", *overrides(work, steps)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
