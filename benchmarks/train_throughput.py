@@ -187,13 +187,17 @@ def main() -> None:
     plan = [("dml-1p", lambda: run_dml(1, cores, args.steps, work, "1p")),
             ("bare-1p", lambda: run_bare(cores, args.steps, work)),
             ("dml-2p", lambda: run_dml(2, max(1, cores // 2), args.steps, work, "2p")),
-            ("dml-1p-1t", lambda: run_dml(1, max(1, cores // 2), args.steps, work, "1p1t"))]
+            ("dml-1p-1t", lambda: run_dml(1, max(1, cores // 2), args.steps, work, "1p1t")),
+            ("bare-1p-1t", lambda: run_bare(max(1, cores // 2), args.steps, work))]
     repeats = []
     for repeat in range(args.repeats):  # rotate the order so no contender always runs first
         shift = repeat % len(plan)
         rows = {name: run() for name, run in plan[shift:] + plan[:shift]}
         rows["ratio_dml_vs_bare"] = rows["dml-1p"]["images_per_s"] / rows["bare-1p"]["images_per_s"]
         rows["ratio_2p_vs_1p"] = rows["dml-2p"]["images_per_s"] / rows["dml-1p"]["images_per_s"]
+        # with other work on the cores, 2 OpenMP threads per process can stall at every op's
+        # barrier (one thread descheduled): the 1-thread pair shows the loop without that
+        rows["ratio_dml_vs_bare_1t"] = rows["dml-1p-1t"]["images_per_s"] / rows["bare-1p-1t"]["images_per_s"]
         repeats.append(rows)
         print(f"repeat {repeat + 1}: " + ", ".join(f"{n} {rows[n]['images_per_s']:.1f}" for n, _ in plan)
               + f"; dml/bare {rows['ratio_dml_vs_bare']:.3f}, 2p/1p {rows['ratio_2p_vs_1p']:.2f}", flush=True)
@@ -203,7 +207,7 @@ def main() -> None:
         runs = [r[name] for r in repeats]
         print(f"{name:>10} {runs[0]['processes']:>5} {runs[0]['threads_per_process']:>7} "
               f"{' '.join(format(r['images_per_s'], '.1f') for r in runs):>30} {runs[-1]['load_average']:>5.1f}")
-    for key in ("ratio_dml_vs_bare", "ratio_2p_vs_1p"):
+    for key in ("ratio_dml_vs_bare", "ratio_dml_vs_bare_1t", "ratio_2p_vs_1p"):
         values = [r[key] for r in repeats]
         print(f"{key}: median {statistics.median(values):.3f} (range {min(values):.3f}-{max(values):.3f})")
     RESULTS.mkdir(exist_ok=True)
