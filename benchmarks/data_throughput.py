@@ -30,11 +30,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dml.config import DataConfig, DMLConfig  # noqa: E402
-from dml.data.loader import TrainLoader  # noqa: E402
-from dml.data.shards import write_shards  # noqa: E402
-from dml.data.sources import read_idx  # noqa: E402
-from dml.data.transforms import build_train_transform  # noqa: E402
+from dml.config import DataConfig, DMLConfig
+from dml.data.loader import TrainLoader
+from dml.data.shards import write_shards
+from dml.data.sources import read_idx
+from dml.data.transforms import build_train_transform
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -43,7 +43,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def make_jpeg_folder(root: Path, count: int) -> None:
     images = read_idx(FASHION / "train-images-idx3-ubyte.gz")[:count]
     labels = read_idx(FASHION / "train-labels-idx1-ubyte.gz")[:count]
-    for i, (pixels, label) in enumerate(zip(images, labels)):
+    for i, (pixels, label) in enumerate(zip(images, labels, strict=True)):
         folder = root / f"class_{label}"
         folder.mkdir(parents=True, exist_ok=True)
         image = Image.fromarray(np.stack([pixels] * 3, axis=-1)).resize((96, 96), Image.Resampling.BILINEAR)
@@ -119,10 +119,18 @@ def main() -> None:
     for name, value in ratios.items():
         print(f"{name:<28}{value:>6.2f}x")
     RESULTS.mkdir(exist_ok=True)
-    payload = {"images": args.images, "image_size": "96x96 JPEG -> 64x64 crop", "read_workers": args.workers,
-               "images_per_second": rows, "ratios": ratios,
-               "rounds": rounds, "load_average_after": os.getloadavg(), "cpus": os.cpu_count(), "machine": platform.machine(),
-               "command": "python benchmarks/data_throughput.py " + " ".join(sys.argv[1:])}
+    payload = {
+        "images": args.images,
+        "image_size": "96x96 JPEG -> 64x64 crop",
+        "read_workers": args.workers,
+        "images_per_second": rows,
+        "ratios": ratios,
+        "rounds": rounds,
+        "load_average_after": os.getloadavg(),
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "command": "python benchmarks/data_throughput.py " + " ".join(sys.argv[1:]),
+    }
     (RESULTS / "data_throughput.json").write_text(json.dumps(payload, indent=2))
     print(f"wrote {RESULTS / 'data_throughput.json'}")
 

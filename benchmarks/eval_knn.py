@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "eval_knn.json"
 GIB = 1024**3
 METRICS = ("precision_at_1", "r_precision", "map_at_r")
-PML_NAMES = dict(zip(METRICS, ("precision_at_1", "r_precision", "mean_average_precision_at_r")))
+PML_NAMES = dict(zip(METRICS, ("precision_at_1", "r_precision", "mean_average_precision_at_r"), strict=True))
 
 
 def peak_rss_bytes() -> int:

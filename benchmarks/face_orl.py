@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 RESULTS = ROOT / "benchmarks" / "results" / "face_orl.json"
 
-from face_fixtures import ORL, jpeg_of, orl_bin_content, orl_pairs, orl_path  # noqa: E402
+from face_fixtures import ORL, jpeg_of, orl_bin_content, orl_pairs, orl_path
 
 
 def write_sources(work: Path, source: str) -> Path:
@@ -107,10 +107,10 @@ def main() -> None:
     bin_path = write_bin(args.work)
     config = write_config(args.work, write_sources(args.work, args.source), args.source, bin_path, args.steps)
     dml = [sys.executable, "-m", "dml.cli"]
-    seconds = {"prepare": run(dml + ["prepare", "--config", str(config)], args.work / "prepare.log"),
+    seconds = {"prepare": run([*dml, "prepare", "--config", str(config)], args.work / "prepare.log"),
                "train": run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              "-m", "dml.cli", "train", "--config", str(config)], args.work / "train.log"),
-               "evaluate": run(dml + ["evaluate", "--config", str(config)], args.work / "evaluate.log")}
+               "evaluate": run([*dml, "evaluate", "--config", str(config)], args.work / "evaluate.log")}
     name = bin_path.stem
     report = json.loads((args.work / "eval" / "report.json").read_text())
     face = report["verification_sets"][name]

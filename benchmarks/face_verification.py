@@ -34,10 +34,22 @@ sys.path.insert(0, str(ROOT / "tests"))
 RESULTS = ROOT / "benchmarks" / "results" / "face_verification.json"
 FARS = (1e-2, 1e-3)
 
-from dml.eval.face_verification import pair_distances, ten_fold_accuracy, unit_rows, val_at_far  # noqa: E402
-from dml.eval.verification import verification_metrics  # noqa: E402
-from face_fixtures import (ORL, eigenface_table, orl_pairs, reference_tar_at_far,  # noqa: E402
-                           reference_ten_fold, reference_val)
+from face_fixtures import (
+    ORL,
+    eigenface_table,
+    orl_pairs,
+    reference_tar_at_far,
+    reference_ten_fold,
+    reference_val,
+)
+
+from dml.eval.face_verification import (
+    pair_distances,
+    ten_fold_accuracy,
+    unit_rows,
+    val_at_far,
+)
+from dml.eval.verification import verification_metrics
 
 
 def pair_embeddings(num_pairs: int, table: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -87,7 +99,7 @@ def run(sizes: list[int], repeats: int) -> list[dict]:
         embeddings, same = pair_embeddings(size, table, seed=size)
         ours, our_s = timed(dml_numbers, embeddings, same, repeats=repeats)
         ref, ref_s = timed(reference_numbers, embeddings, same)
-        rows.append({"pairs": int(len(same)), "dml_s": our_s, "reference_s": ref_s,
+        rows.append({"pairs": len(same), "dml_s": our_s, "reference_s": ref_s,
                      "dml_ms_per_1000_pairs": 1000 * our_s / len(same) * 1000,
                      "reference_ms_per_1000_pairs": 1000 * ref_s / len(same) * 1000,
                      "speedup": ref_s / our_s, "max_abs_difference": largest_difference(ours, ref),

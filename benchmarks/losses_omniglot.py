@@ -70,8 +70,8 @@ import math
 import os
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -81,10 +81,18 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dml.eval import retrieval_metrics  # noqa: E402
-from dml.losses import (ArcFace, ContrastiveLoss, CosFace, MarginHead, MultiSimilarityLoss,  # noqa: E402
-                        MultiSimilarityMiner, SphereFace, TripletMarginLoss)
-from dml.models import build_embedding_model  # noqa: E402
+from dml.eval import retrieval_metrics
+from dml.losses import (
+    ArcFace,
+    ContrastiveLoss,
+    CosFace,
+    MarginHead,
+    MultiSimilarityLoss,
+    MultiSimilarityMiner,
+    SphereFace,
+    TripletMarginLoss,
+)
+from dml.models import build_embedding_model
 
 RESULTS = ROOT / "benchmarks" / "results" / "losses_omniglot.json"
 DATA_DIR = ROOT.parent / "shared" / "data" / "omniglot"
@@ -268,7 +276,9 @@ def print_table(rows: list[dict]) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per loss (default 300; 20 with --quick)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps per loss (default 300; 20 with --quick)"
+    )
     parser.add_argument("--quick", action="store_true", help="20 steps, 50 evaluation characters, no JSON")
     parser.add_argument("--losses", nargs="+", default=list(LOSS_NAMES), choices=LOSS_NAMES)
     parser.add_argument("--backbone", default="test_resnet", help="timm model name")
@@ -316,8 +326,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def write_results(args: argparse.Namespace, data: dict, rows: list[dict], total: float,
                   load_start: tuple[float, float, float]) -> None:
-    import timm
     import pytorch_metric_learning
+    import timm
 
     model = build_model(args)
     result = {

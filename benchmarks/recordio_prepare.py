@@ -13,6 +13,7 @@ Prints a table and writes benchmarks/results/recordio_prepare.json (median of th
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -26,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dml.data.recordio import RecordIOSource, read_index  # noqa: E402
+from dml.data.recordio import RecordIOSource, read_index
 
 ORL_REC = ROOT.parent / "shared" / "data" / "recordio_orl"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -37,7 +38,7 @@ def make_repeated_set(folder: Path, records: int) -> None:
     keys, offsets = read_index(ORL_REC / "train.idx")
     blob = (ORL_REC / "train.rec").read_bytes()
     bounds = [int(offsets[keys == k][0]) for k in range(1, 102)]
-    frames = [blob[start:end] for start, end in zip(bounds, bounds[1:])]
+    frames = [blob[start:end] for start, end in itertools.pairwise(bounds)]
     folder.mkdir(parents=True)
     with open(folder / "train.rec", "wb") as rec, open(folder / "train.idx", "w") as idx:
         for i in range(records):
@@ -72,9 +73,14 @@ def main() -> None:
             rows["listing"].append(time.perf_counter() - start)
             for workers in (1, 2):
                 rows[f"prepare_w{workers}"].append(time_prepare(folder, Path(tmp) / f"out{r}_{workers}", workers))
-    result = {"records": args.records, "rounds": args.rounds, "cpus": os.cpu_count(), "python": platform.python_version(),
-              "seconds": {k: statistics.median(v) for k, v in rows.items()},
-              "records_per_s": {k: args.records / statistics.median(v) for k, v in rows.items()}}
+    result = {
+        "records": args.records,
+        "rounds": args.rounds,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "seconds": {k: statistics.median(v) for k, v in rows.items()},
+        "records_per_s": {k: args.records / statistics.median(v) for k, v in rows.items()},
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "recordio_prepare.json").write_text(json.dumps(result, indent=2) + "\n")
     for name, rate in result["records_per_s"].items():

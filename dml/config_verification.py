@@ -27,7 +27,7 @@ class VerificationSetConfig(BaseModel):
         return {"path": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
-    def _bin_or_pairs(self) -> "VerificationSetConfig":
+    def _bin_or_pairs(self) -> VerificationSetConfig:
         if self.folder is None and not self.path.endswith(".bin"):
             raise ValueError(f"verification set {self.path}: a pairs file needs 'folder' (the images it names); "
                              "an insightface set is a .bin file")

@@ -209,7 +209,7 @@ def all_gather_rows(tensor: torch.Tensor, group: ProcessGroup | None = None,
     padded[: tensor.shape[0]] = tensor
     buckets = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(buckets, padded.contiguous(), group=group)
-    return torch.cat([bucket[:n] for bucket, n in zip(buckets, sizes)], dim=0)
+    return torch.cat([bucket[:n] for bucket, n in zip(buckets, sizes, strict=True)], dim=0)
 
 
 def sum_own_rows(grad: torch.Tensor, sizes: list[int], group: ProcessGroup | None = None,
@@ -229,7 +229,7 @@ def sum_own_rows(grad: torch.Tensor, sizes: list[int], group: ProcessGroup | Non
         return total[starts[rank]: starts[rank] + sizes[rank]]
     longest = max(sizes)
     chunks = []
-    for start, n in zip(starts, sizes):
+    for start, n in zip(starts, sizes, strict=True):
         chunk = grad.new_zeros((longest, *grad.shape[1:]))
         chunk[:n] = grad[start: start + n]
         chunks.append(chunk)

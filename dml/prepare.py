@@ -62,7 +62,9 @@ def check_outcome(manifest: dict, path: Path) -> None:
         raise DataError(f"all {counts['inputs']} inputs were rejected, none written{example}; "
                         f"every reason is listed in {path}")
     split = manifest["config"]["split"]
-    settings = f"split.mode {split['mode']}, train_fraction {split['train_fraction']}, {len(manifest['classes'])} classes"
+    settings = (
+        f"split.mode {split['mode']}, train_fraction {split['train_fraction']}, {len(manifest['classes'])} classes"
+    )
     for name, purpose in (("train", "`dml train` has nothing to train on"),
                           ("query", "`dml evaluate` has no queries")):
         if manifest["splits"].get(name, {}).get("count", 0) == 0:

@@ -54,7 +54,9 @@ def run_pipeline_command(config_path: str | Path | None, overrides: list[str] | 
         print(f"dml pipeline: error: {exc}", file=sys.stderr)
         return 2
     _quiet_prefect_defaults()
-    from pipeline.flows import dml_pipeline  # imports prefect: only once the config is good
+    from pipeline.flows import (
+        dml_pipeline,  # imports prefect: only once the config is good
+    )
 
     try:
         summary = dml_pipeline(config_path=str(config_path), overrides=overrides)
@@ -117,8 +119,8 @@ def _schedule_text(cron: str | None, interval: float | None) -> str:
     """The schedule in words; a `ConfigError` for a cron expression Prefect rejects."""
     if interval:
         return f"every {interval:g} s"
-    from pydantic import ValidationError
     from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
 
     try:
         CronSchedule(cron=cron)
@@ -161,7 +163,11 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     load_pipeline_config(args.config, args.overrides)
     when = _schedule_text(args.cron, args.interval)
     url = _server_url()
-    from pipeline.deployments import ensure_work_pool, kubernetes_deployment, process_deployment
+    from pipeline.deployments import (
+        ensure_work_pool,
+        kubernetes_deployment,
+        process_deployment,
+    )
 
     pool_type = ensure_work_pool(args.work_pool, kubernetes=args.image is not None)
     schedule = {"cron": args.cron, "interval": args.interval, "overrides": args.overrides, "work_pool": args.work_pool}

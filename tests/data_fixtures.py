@@ -75,7 +75,7 @@ def make_omniglot_dir(root: Path, classes: tuple[int, int] = (6, 4), per_class: 
     """The Omniglot npz layout with small random strokes."""
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(1)
-    for name, n in zip(("images_background.npz", "images_evaluation.npz"), classes):
+    for name, n in zip(("images_background.npz", "images_evaluation.npz"), classes, strict=True):
         images = rng.random((n, per_class, 105, 105)) > 0.1
         labels = np.repeat(np.arange(n)[:, None], per_class, axis=1)
         np.savez(root / name, images=images, labels=labels)

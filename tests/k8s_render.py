@@ -336,6 +336,6 @@ def quantity(value: str | int) -> float:
     units = {"m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
              "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
     match = re.fullmatch(r"([0-9.]+)([a-zA-Z]*)", str(value))
-    if match is None or match[2] not in units and match[2]:
+    if match is None or (match[2] not in units and match[2]):
         raise ValueError(f"not a resource quantity: '{value}'")
     return float(match[1]) * units.get(match[2], 1)

@@ -40,7 +40,7 @@ def frame(payload: bytes) -> bytes:
         start = cut + 4
     pieces.append(payload[start:])
     flags = [1] + [2] * (len(pieces) - 2) + [3]
-    return b"".join(_part(f, p) for f, p in zip(flags, pieces))
+    return b"".join(_part(f, p) for f, p in zip(flags, pieces, strict=True))
 
 
 def write_recordio(folder: Path, payloads: Sequence[bytes], keys: Sequence[int] | None = None,
@@ -53,7 +53,7 @@ def write_recordio(folder: Path, payloads: Sequence[bytes], keys: Sequence[int] 
         offsets.append(len(blob))
         blob += frame(payload)
     (folder / f"{name}.rec").write_bytes(bytes(blob))
-    (folder / f"{name}.idx").write_text("".join(f"{k}\t{o}\n" for k, o in zip(keys, offsets)))
+    (folder / f"{name}.idx").write_text("".join(f"{k}\t{o}\n" for k, o in zip(keys, offsets, strict=True)))
     if prop is not None:
         (folder / "property").write_text(prop)
     return offsets

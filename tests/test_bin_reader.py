@@ -9,7 +9,6 @@ import pickle
 import numpy as np
 import pytest
 
-from data_fixtures import image_bytes
 from dml.errors import DataError
 from dml.eval.bin_reader import read_verification_bin, write_verification_bin
 

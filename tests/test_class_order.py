@@ -10,8 +10,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from data_fixtures import image_bytes
 
 LABEL_SETS = [["1", "01", "001", "2"], ["0", "-0", "00", "-1", "-01", "10"], ["7", "07", "007", "0007", "3"]]
@@ -27,7 +25,7 @@ def test_class_order_is_the_same_under_every_hash_seed():
                              text=True, check=True)
         orders.add(run.stdout.strip())
     assert len(orders) == 1, orders
-    for order, labels in zip(json.loads(orders.pop()), LABEL_SETS):
+    for order, labels in zip(json.loads(orders.pop()), LABEL_SETS, strict=True):
         assert [int(x) for x in order] == sorted(int(x) for x in labels)
 
 

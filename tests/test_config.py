@@ -92,8 +92,15 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):
 
 
 def test_extends_merges_sections_key_by_key(tmp_path):
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump({
-        "seed": 3, "data": {"batch_size": 32, "image_size": 64}, "distill": {"teacher": "runs/t", "label_weight": 0.5}}))
+    (tmp_path / "base.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "seed": 3,
+                "data": {"batch_size": 32, "image_size": 64},
+                "distill": {"teacher": "runs/t", "label_weight": 0.5},
+            }
+        )
+    )
     child = tmp_path / "sub" / "child.yaml"
     child.parent.mkdir()
     child.write_text(yaml.safe_dump({"extends": "../base.yaml", "data": {"batch_size": 8},
@@ -120,8 +127,9 @@ def test_extends_errors_name_the_files(tmp_path):
 def test_student_configs_extend_the_quickstart(student):
     from pathlib import Path
 
-    from dml.models import build_embedding_model
     import torch
+
+    from dml.models import build_embedding_model
 
     config = load_config(Path(__file__).parents[1] / "configs" / "students" / f"{student}.yaml")
     quickstart = load_config(Path(__file__).parents[1] / "configs" / "quickstart.yaml")

@@ -95,7 +95,9 @@ def test_train_refuses_an_unknown_backbone_in_one_line(capsys):
     assert len(err) == 1 and "did you mean 'resnet18'" in err[0] and "Traceback" not in err[0]
 
 
-def subcommands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], argparse.ArgumentParser]:
+def subcommands(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> dict[tuple[str, ...], argparse.ArgumentParser]:
     """Every leaf subcommand ("prepare", "pipeline run", ...) and its parser."""
     found = {}
     for action in parser._actions:
@@ -108,7 +110,15 @@ def subcommands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> 
 def test_overrides_are_accepted_anywhere_for_every_subcommand():
     parser = build_parser()
     leaves = subcommands(parser)
-    assert {("prepare",), ("train",), ("evaluate",), ("distill",), ("export",), ("config",), ("pipeline", "run")} <= set(leaves)
+    assert {
+        ("prepare",),
+        ("train",),
+        ("evaluate",),
+        ("distill",),
+        ("export",),
+        ("config",),
+        ("pipeline", "run"),
+    } <= set(leaves)
     for command, sub in leaves.items():
         if not any(action.dest == "overrides" for action in sub._actions):
             continue  # e.g. `pipeline runs` reads a server, it takes no config
@@ -125,7 +135,7 @@ def test_overrides_are_accepted_anywhere_for_every_subcommand():
         argv = [*command, "a.b=1", "--config", "c.yaml", "c.d=2"]
         for i, option in enumerate(options):
             argv += [*option, f"o.k{i}=3"]
-        args = parse_args(parser, argv + ["e.f=4"])
+        args = parse_args(parser, [*argv, "e.f=4"])
         assert args.overrides == ["a.b=1", "c.d=2", *[f"o.k{i}=3" for i in range(len(options))], "e.f=4"], command
         assert args.config == "c.yaml"
         with pytest.raises(SystemExit):

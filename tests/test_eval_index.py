@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from exact_reference import exact_inner_products, exact_order
 
 import dml.eval.index as index_module
 from dml.eval import build_index, knn_search
-from exact_reference import exact_inner_products, exact_order
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def exact_ranking(query: np.ndarray, gallery: np.ndarray, k: int, own: np.ndarra
     index asc), own index removed."""
     order = exact_order(exact_inner_products(query, gallery))
     if own is not None:
-        order = np.array([row[row != i] for row, i in zip(order, own)])
+        order = np.array([row[row != i] for row, i in zip(order, own, strict=True)])
     return order[:, :k]
 
 
@@ -161,7 +161,7 @@ def test_ivfpq_reports_recall_against_exact_search(caplog, one_faiss_thread):
     logged = float(lines[0].rsplit(":", 1)[1])
     # all 300 queries are sampled (sample=1000 > 300): recompute the recall from the results
     exact = exact_ranking(data[:300], data, 10)
-    recall = np.mean([np.intersect1d(a, e).size for a, e in zip(ids, exact)]) / 10
+    recall = np.mean([np.intersect1d(a, e).size for a, e in zip(ids, exact, strict=True)]) / 10
     assert logged == pytest.approx(recall, abs=1e-4)
     assert 0.6 < recall < 1.0  # product quantisation loses some neighbours, not most
     fewer_bits = build_index(data, "ivfpq", **{**options, "pq_m": 8})

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from data_fixtures import make_folder_tree
+
 from dml.config import DataConfig, DMLConfig
 from dml.data.loader import EvalLoader
 from dml.data.shards import write_shards
@@ -166,14 +166,14 @@ def test_card_validation_names_missing_fields(exported):
     del card["preprocessing"]["std"]
     card["files"][0]["sha256"] = "abc"
     del card["parity"]["torchscript"]
-    with pytest.raises(ModelCardError, match="missing preprocessing.std.*sha256.*missing parity.torchscript"):
+    with pytest.raises(ModelCardError, match=r"missing preprocessing\.std.*sha256.*missing parity\.torchscript"):
         validate_model_card(card)
 
 
 def test_tampered_file_fails_verification(exported, tmp_path):
     card = json.loads(exported[1].card_path.read_text())
     (tmp_path / "model.onnx").write_bytes(b"not the model")
-    with pytest.raises(ModelCardError, match="model.onnx does not match the sha256"):
+    with pytest.raises(ModelCardError, match=r"model\.onnx does not match the sha256"):
         verify_card_files(card, tmp_path)
 
 

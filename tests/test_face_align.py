@@ -8,14 +8,21 @@ import json
 
 import numpy as np
 import pytest
+from data_fixtures import SHARED_DATA
 from PIL import Image
 from skimage.transform import SimilarityTransform, warp
-
-from data_fixtures import SHARED_DATA
-from dml.config import AlignConfig
-from dml.data.face_align import (FaceMarks, LANDMARK_COLUMNS, align_face, box_transform, landmark_transform,
-                                 template, warp_face)
 from test_prepare import all_samples, prepare_config
+
+from dml.config import AlignConfig
+from dml.data.face_align import (
+    LANDMARK_COLUMNS,
+    FaceMarks,
+    align_face,
+    box_transform,
+    landmark_transform,
+    template,
+    warp_face,
+)
 from dml.data.shards import write_shards
 from dml.data.sources import open_source
 from dml.errors import DataError
@@ -128,9 +135,9 @@ def test_prepare_stores_aligned_crops_from_table_columns(tmp_path):
     for person in (1, 2, 3):
         for image in (1, 2):
             row = {"path": str(ORL / f"s{person}" / f"{image}.pgm"), "label": f"s{person}"}
-            row.update(zip(LANDMARK_COLUMNS, points.ravel().tolist()))
+            row.update(zip(LANDMARK_COLUMNS, points.ravel().tolist(), strict=True))
             rows.append(row)
-    rows[-1].update({c: "" for c in LANDMARK_COLUMNS})  # a face without landmarks
+    rows[-1].update(dict.fromkeys(LANDMARK_COLUMNS, ""))  # a face without landmarks
     _write_table(tmp_path / "faces.csv", rows)
     config = prepare_config(tmp_path / "faces.csv", tmp_path / "out", split={"mode": "sample", "train_fraction": 1.0},
                             image={"align": {"mode": "landmarks"}})
@@ -138,7 +145,10 @@ def test_prepare_stores_aligned_crops_from_table_columns(tmp_path):
     assert manifest["counts"]["written"] == 5 and manifest["counts"]["rejected"] == 1
     assert "no face landmarks" in manifest["rejected"][0]["reason"]
     expected = warp_face(orl_face(1, 1), landmark_transform(points, SIZE), SIZE)
-    stored = {json.loads(s["json"])["source"]: np.asarray(Image.open(io.BytesIO(s["png"]))) for s in all_samples(tmp_path / "out")}
+    stored = {
+        json.loads(s["json"])["source"]: np.asarray(Image.open(io.BytesIO(s["png"])))
+        for s in all_samples(tmp_path / "out")
+    }
     assert all(image.shape == (SIZE, SIZE) for image in stored.values())
     np.testing.assert_array_equal(stored[rows[0]["path"]], expected)  # PNG: lossless
     rows[0]["lm_x1"] = float(rows[0]["lm_x1"]) + 1  # moved marks: the old crops must not be resumed

@@ -3,15 +3,30 @@ KFold + a brute-force threshold loop) on real embeddings, and its edge cases."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
+from face_fixtures import (
+    ORL,
+    eigenface_embeddings,
+    orl_pairs,
+    reference_tar_at_far,
+    reference_ten_fold,
+    reference_val,
+)
 from scipy.interpolate import interp1d
 from sklearn.model_selection import KFold
 
-from dml.eval.face_verification import (ACCURACY_THRESHOLDS, VAL_THRESHOLDS, face_verification_metrics,
-                                        fold_bounds, pair_distances, ten_fold_accuracy, val_at_far)
-from face_fixtures import (ORL, eigenface_embeddings, orl_pairs, reference_tar_at_far, reference_ten_fold,
-                           reference_val)
+from dml.eval.face_verification import (
+    ACCURACY_THRESHOLDS,
+    VAL_THRESHOLDS,
+    face_verification_metrics,
+    fold_bounds,
+    pair_distances,
+    ten_fold_accuracy,
+    val_at_far,
+)
 
 needs_orl = pytest.mark.skipif(not ORL.is_dir(), reason=f"ORL faces not found at {ORL}")
 
@@ -66,7 +81,7 @@ def test_matches_kfold_reference_for_any_pair_count(num_pairs):
 def test_fold_bounds_are_kfold_test_splits(num_pairs):
     bounds = fold_bounds(num_pairs)
     expected = [(test[0], test[-1] + 1) for _, test in KFold(n_splits=10, shuffle=False).split(np.arange(num_pairs))]
-    assert list(zip(bounds[:-1], bounds[1:])) == expected
+    assert list(itertools.pairwise(bounds)) == expected
 
 
 def test_val_matches_scipy_interp1d_when_far_is_strictly_increasing():

@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from data_fixtures import make_folder_tree, make_idx_dir
+
 from dml.config import DataConfig, DMLConfig
 from dml.data.loader import EvalLoader, TrainLoader
 from dml.data.manifest import load_manifest
@@ -51,9 +51,9 @@ def test_train_loader_batches_and_epochs(tmp_path):
     assert images.shape == (5, 3, 16, 16) and labels.dtype == torch.long
     # Same seed and epoch -> same stream; next epoch -> a different one.
     again = TrainLoader(data_config(shards, batch_size=5, num_workers=2), seed=3)
-    assert all(torch.equal(a[1], b[1]) for a, b in zip(batches, again))
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(batches, again, strict=True))
     again.set_epoch(1)
-    assert not all(torch.equal(a[1], b[1]) for a, b in zip(batches, again))
+    assert not all(torch.equal(a[1], b[1]) for a, b in zip(batches, again, strict=True))
 
 
 def test_pk_batches_hold_p_classes_of_k(tmp_path):
@@ -114,7 +114,9 @@ def test_resume_after_killed_writer(tmp_path):
         time.sleep(0.01)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    finished = {p.name[:-5]: (tmp_path / "killed" / p.name[:-5]).stat().st_mtime_ns for p in progress.glob("*.tar.json")}
+    finished = {
+        p.name[:-5]: (tmp_path / "killed" / p.name[:-5]).stat().st_mtime_ns for p in progress.glob("*.tar.json")
+    }
     assert 3 <= len(finished) < 60, "the writer should have been killed mid-way"
     assert not (tmp_path / "killed" / "manifest.json").exists()
     subprocess.run([*args, f"prepare.output_dir={tmp_path / 'killed'}", "--resume"], env=env, check=True,
@@ -131,7 +133,11 @@ def test_batch_normalisation_equals_the_per_image_transform():
     """TrainLoader's uint8 decode + per-batch normalise gives the numbers of the one-image transform."""
     from PIL import Image
 
-    from dml.data.transforms import BatchNormalize, build_train_transform, build_train_uint8_transform
+    from dml.data.transforms import (
+        BatchNormalize,
+        build_train_transform,
+        build_train_uint8_transform,
+    )
 
     config = DataConfig(shard_dir="unused", image_size=24, channels=3, mean=(0.2, 0.4, 0.6), std=(0.3, 0.2, 0.1),
                         augment={"horizontal_flip": True, "random_resized_crop": True, "color_jitter": 0.3})

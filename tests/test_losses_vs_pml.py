@@ -6,8 +6,17 @@ import math
 import pytest
 import torch
 
-from dml.losses import (ArcFace, ContrastiveLoss, CosFace, MarginHead, MultiSimilarityLoss, MultiSimilarityMiner,
-                        NormalizedSoftmax, SphereFace, TripletMarginLoss)
+from dml.losses import (
+    ArcFace,
+    ContrastiveLoss,
+    CosFace,
+    MarginHead,
+    MultiSimilarityLoss,
+    MultiSimilarityMiner,
+    NormalizedSoftmax,
+    SphereFace,
+    TripletMarginLoss,
+)
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
 pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
@@ -113,7 +122,7 @@ def test_sphereface_differs_from_pml_only_by_the_feature_norm():
     ours = value_and_grad(lambda e: head(e, labels), unit)
     reference = value_and_grad(lambda e: pml(e, labels), unit)
     torch.testing.assert_close(ours[0], reference[0], **TOLERANCE)
-    tangential = lambda g: g - (g * unit).sum(1, keepdim=True) * unit  # noqa: E731
+    tangential = lambda g: g - (g * unit).sum(1, keepdim=True) * unit
     torch.testing.assert_close(tangential(ours[1]), tangential(reference[1]), **TOLERANCE)
     assert (ours[1] * unit).sum(1).abs().max() < 1e-8  # ours is scale-invariant, PML is not
     assert (reference[1] * unit).sum(1).abs().max() > 1e-4

@@ -6,8 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dml.losses import (ArcFace, CenterLoss, CombinedMargin, CosFace, MarginHead, NormalizedSoftmax,
-                        SphereFace, SubCenterArcFace, dynamic_margins)
+from dml.losses import (
+    ArcFace,
+    CenterLoss,
+    CombinedMargin,
+    CosFace,
+    MarginHead,
+    NormalizedSoftmax,
+    SphereFace,
+    SubCenterArcFace,
+    dynamic_margins,
+)
 
 ALL_MARGINS = {
     "arcface": lambda s: ArcFace(s=s, m=0.5),
@@ -53,7 +62,7 @@ def test_arcface_boundary_variants_past_pi_minus_m():
     torch.testing.assert_close(fallback, s * (torch.tensor(past, dtype=torch.float64) - m * math.sin(m)))
     easy = target_logit(ArcFace(s=s, m=m, boundary="easy"), [-0.3, 0.3])
     torch.testing.assert_close(easy, torch.tensor([s * -0.3, s * math.cos(math.acos(0.3) + m)], dtype=torch.float64))
-    straight = target_logit(ArcFace(s=s, m=m, boundary="straight_through"), past + [0.3])
+    straight = target_logit(ArcFace(s=s, m=m, boundary="straight_through"), [*past, 0.3])
     expected = [-s] * 3 + [s * math.cos(math.acos(0.3) + m)]
     torch.testing.assert_close(straight, torch.tensor(expected, dtype=torch.float64))
 
@@ -151,7 +160,7 @@ def test_gradcheck_away_from_the_boundaries():
     cosine = (torch.rand(4, 5, dtype=torch.float64) * 1.2 - 0.6).requires_grad_(True)
     labels = torch.tensor([0, 3, -1, 4])
     for margin in (ArcFace(4.0, 0.4), SphereFace(4.0, 1.7), CombinedMargin(4.0, 1.2, 0.2, 0.1), CosFace(4.0)):
-        assert torch.autograd.gradcheck(lambda c: margin(c, labels), (cosine,))
+        assert torch.autograd.gradcheck(lambda c, margin=margin: margin(c, labels), (cosine,))
 
 
 def test_per_class_margins_use_each_rows_own_class():
@@ -160,7 +169,9 @@ def test_per_class_margins_use_each_rows_own_class():
     labels = torch.tensor([2, 0, 3, -1, 1])
     logits = ArcFace(s=10.0, m=margins)(cosine, labels)
     for row, label in enumerate(labels.tolist()):
-        single = ArcFace(s=10.0, m=float(margins[label]) if label >= 0 else 0.0)(cosine[row:row + 1], labels[row:row + 1])
+        single = ArcFace(s=10.0, m=float(margins[label]) if label >= 0 else 0.0)(
+            cosine[row : row + 1], labels[row : row + 1]
+        )
         torch.testing.assert_close(logits[row], single[0])
     cosface = CosFace(s=10.0, m=margins)(cosine, labels)
     assert cosface[0, 2].item() == pytest.approx(10.0 * (cosine[0, 2].item() - 0.5))

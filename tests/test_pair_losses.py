@@ -9,8 +9,15 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from dml.losses import (ContrastiveLoss, DistanceWeightedMiner, MultiSimilarityLoss, MultiSimilarityMiner,
-                        PairMasks, TripletMarginLoss, Triplets)
+from dml.losses import (
+    ContrastiveLoss,
+    DistanceWeightedMiner,
+    MultiSimilarityLoss,
+    MultiSimilarityMiner,
+    PairMasks,
+    TripletMarginLoss,
+    Triplets,
+)
 
 
 def batch(size=24, dim=6, classes=5, seed=0, dtype=torch.float64):
@@ -85,7 +92,7 @@ def test_explicit_triplets_override_mining():
     labels = torch.tensor([0, 0, 1, 1, 0, 1])
     triplets = Triplets(torch.tensor([0, 2]), torch.tensor([1, 3]), torch.tensor([2, 4]))
     unit = F.normalize(x, dim=1)
-    d = lambda i, j: (unit[i] - unit[j]).norm()  # noqa: E731
+    d = lambda i, j: (unit[i] - unit[j]).norm()
     terms = torch.stack([d(0, 1) - d(0, 2) + 1.5, d(2, 3) - d(2, 4) + 1.5]).clamp_min(0)
     value = TripletMarginLoss(1.5, mining="hard")(x, labels, triplets=triplets)
     assert value.item() == pytest.approx(terms[terms > 0].mean().item())

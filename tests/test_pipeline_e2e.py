@@ -6,27 +6,33 @@ deployment. The tests share one workspace and run in file order (each builds on 
 
 from __future__ import annotations
 
-from test_pipeline import pipeline_config_dict  # first: sets PREFECT_HOME before prefect loads
+import json
+from pathlib import Path
 
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
+import httpx
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.filters import (
+    FlowFilter,
+    FlowFilterName,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
+from prefect.client.schemas.sorting import FlowRunSort, TaskRunSort
+from prefect.settings import PREFECT_API_URL
+from prefect.testing.utilities import prefect_test_harness
+from test_pipeline import (
+    pipeline_config_dict,  # first: sets PREFECT_HOME before prefect loads
+)
+from train_fixtures import write_config
 
-import pytest  # noqa: E402
-from prefect.client.orchestration import get_client  # noqa: E402
-from prefect.client.schemas.actions import WorkPoolCreate  # noqa: E402
-import httpx  # noqa: E402
-from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId  # noqa: E402
-from prefect.client.schemas.sorting import FlowRunSort, TaskRunSort  # noqa: E402
-from prefect.settings import PREFECT_API_URL  # noqa: E402
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
-
-from pipeline.cli import run_pipeline_command  # noqa: E402
-from pipeline.flows import dml_pipeline, nightly_retrain  # noqa: E402
-from pipeline.freshness import stale_reason  # noqa: E402
-from pipeline.prefect_artifacts import DECISION_KEY, FAILURE_KEY, METRICS_KEY  # noqa: E402
-from pipeline.stage_cache import read_stamp, write_stamp  # noqa: E402
-from pipeline.stage_paths import load_pipeline_config  # noqa: E402
-from train_fixtures import write_config  # noqa: E402
+from pipeline.cli import run_pipeline_command
+from pipeline.flows import dml_pipeline, nightly_retrain
+from pipeline.freshness import stale_reason
+from pipeline.prefect_artifacts import DECISION_KEY, FAILURE_KEY, METRICS_KEY
+from pipeline.stage_cache import read_stamp, write_stamp
+from pipeline.stage_paths import load_pipeline_config
 
 STAGES = ["prepare", "train", "evaluate_teacher", "distill", "evaluate_student", "export"]
 FAILING = ["distill.student.embedding_dim=8"]  # the teacher embeds in 16 dims: distill refuses
@@ -186,7 +192,11 @@ def test_nightly_retrain_skips_when_nothing_changed_and_resumes_after_a_crash(wo
 
 
 def test_kubernetes_work_pool_deployment_is_registered(prefect_server):
-    from pipeline.deployments import NIGHTLY_CRON, kubernetes_deployment, work_pool_base_job_template
+    from pipeline.deployments import (
+        NIGHTLY_CRON,
+        kubernetes_deployment,
+        work_pool_base_job_template,
+    )
 
     with get_client(sync_client=True) as client:
         client.create_work_pool(WorkPoolCreate(name="dml-k8s", type="kubernetes",

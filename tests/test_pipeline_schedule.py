@@ -12,30 +12,49 @@ stopped at the end (`live_prefect.ProcessTree`), also when a test fails.
 
 from __future__ import annotations
 
-from test_pipeline import pipeline_config_dict  # first: sets PREFECT_HOME before prefect loads
+import contextlib
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
 
-import contextlib  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from datetime import datetime, timezone  # noqa: E402
-from pathlib import Path  # noqa: E402
+import httpx
+import pytest
+from data_fixtures import image_bytes
+from live_prefect import (
+    PREFECT,
+    LiveServer,
+    ProcessTree,
+    free_port,
+    run_cli,
+    start_server,
+)
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterId,
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.sorting import FlowRunSort, TaskRunSort
+from prefect.exceptions import ObjectNotFound
+from test_pipeline import (
+    pipeline_config_dict,  # first: sets PREFECT_HOME before prefect loads
+)
+from train_fixtures import write_config
 
-import httpx  # noqa: E402
-import pytest  # noqa: E402
-from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,  # noqa: E402
-                                            FlowRunFilterId, FlowRunFilterState, FlowRunFilterStateType)
-from prefect.client.schemas.objects import FlowRun, StateType  # noqa: E402
-from prefect.client.schemas.sorting import FlowRunSort, TaskRunSort  # noqa: E402
-from prefect.exceptions import ObjectNotFound  # noqa: E402
-
-from data_fixtures import image_bytes  # noqa: E402
-from live_prefect import PREFECT, LiveServer, ProcessTree, free_port, run_cli, start_server  # noqa: E402
-from pipeline.prefect_artifacts import DECISION_KEY, FAILURE_KEY, HEADLINE_KEY, METRICS_KEY  # noqa: E402
-from pipeline.schedules import DEPLOYMENT, FLOW_NAME  # noqa: E402
-from pipeline.stage_cache import read_stamp  # noqa: E402
-from train_fixtures import write_config  # noqa: E402
+from pipeline.prefect_artifacts import (
+    DECISION_KEY,
+    FAILURE_KEY,
+    HEADLINE_KEY,
+    METRICS_KEY,
+)
+from pipeline.schedules import DEPLOYMENT, FLOW_NAME
+from pipeline.stage_cache import read_stamp
 
 pytestmark = pytest.mark.prefect_server
 
@@ -230,7 +249,11 @@ def test_runs_never_overlap_and_dml_pipeline_runs_lists_them(server, processes, 
 
 
 def test_cluster_deploy_creates_the_kubernetes_pool_with_the_base_job_template(server, tmp_path_factory):
-    from pipeline.deployments import NIGHTLY_CRON, POD_CONFIG, work_pool_base_job_template
+    from pipeline.deployments import (
+        NIGHTLY_CRON,
+        POD_CONFIG,
+        work_pool_base_job_template,
+    )
 
     config = Path(__file__).resolve().parents[1] / "k8s" / "overlays" / "gpu-prod" / "run-config.yaml"
     done = run_cli(["pipeline", "deploy", "--config", str(config), "--work-pool", "dml-k8s",

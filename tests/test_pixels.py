@@ -49,7 +49,7 @@ def source(mode: str, rng) -> tuple[Image.Image, np.ndarray, str]:
         values = rng.integers(0, 256, shape + ((3,) if mode == "RGB" else ()), dtype=np.uint8)
         return Image.fromarray(values, mode), values, "PNG"
     if mode in ("LA", "RGBA"):
-        values = rng.integers(0, 256, shape + (len(mode),), dtype=np.uint8)
+        values = rng.integers(0, 256, (*shape, len(mode)), dtype=np.uint8)
         values[0, 0, -1], values[0, 1, -1] = 0, 255  # fully transparent and fully opaque pixels
         expected = white_composite(values[..., :-1], values[..., -1:])
         return Image.fromarray(values, mode), expected[..., 0] if mode == "LA" else expected, "PNG"
@@ -67,8 +67,8 @@ def source(mode: str, rng) -> tuple[Image.Image, np.ndarray, str]:
         image.putpalette(palette.ravel().tolist())
         return image, white_composite(palette[index], alpha[..., None]), None
     if mode in ("La", "RGBa"):  # premultiplied: stored colour = c * a / 255 <= a
-        alpha = rng.integers(0, 256, shape + (1,), dtype=np.uint8)
-        premultiplied = (rng.random(shape + (len(mode) - 1,)) * alpha).astype(np.uint8)
+        alpha = rng.integers(0, 256, (*shape, 1), dtype=np.uint8)
+        premultiplied = (rng.random((*shape, len(mode) - 1)) * alpha).astype(np.uint8)
         image = Image.frombytes(mode, (WIDTH, HEIGHT), np.concatenate([premultiplied, alpha], -1).tobytes())
         expected = (premultiplied.astype(np.int64) + 255 - alpha).astype(np.uint8)
         return image, expected[..., 0] if mode == "La" else expected, None
@@ -86,7 +86,7 @@ def source(mode: str, rng) -> tuple[Image.Image, np.ndarray, str]:
         values.flat[:2] = [0.0, 1.0]
         return Image.fromarray(values, "F"), np.floor(values.astype(np.float64) * 255 + 0.5).astype(np.uint8), "TIFF"
     if mode == "CMYK":
-        values = rng.integers(0, 256, shape + (4,), dtype=np.uint8)
+        values = rng.integers(0, 256, (*shape, 4), dtype=np.uint8)
         ink = (255 - values[..., :3].astype(np.int64)) * (255 - values[..., 3:].astype(np.int64))
         return Image.fromarray(values, "CMYK"), np.rint(ink / 255).astype(np.uint8), "TIFF"
     if mode == "HSV":  # hue and saturation 0: grey of the value channel
@@ -159,7 +159,9 @@ def test_jpeg_orientation_is_applied_once_kept_or_reencoded(orientation):
 
     shrunk = encode_image(data, ImageConfig(max_side=24))  # re-encoded by prepare: oriented there
     want = Image.fromarray(expected).resize((shrunk.width, shrunk.height), Image.Resampling.BILINEAR)
-    assert max(shrunk.width, shrunk.height) == 24 and (shrunk.height > shrunk.width) == (expected.shape[0] > expected.shape[1])
+    assert max(shrunk.width, shrunk.height) == 24 and (shrunk.height > shrunk.width) == (
+        expected.shape[0] > expected.shape[1]
+    )
     assert_pixels(decode_image(shrunk.data), np.asarray(want), "RGB")
 
     transform = build_eval_transform(DataConfig(image_size=16, channels=3, mean=(0.0,), std=(1.0,)))

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_prepare_workers import big_idx, prepare_argv, wait_for  # noqa: F401 (fixture)
 
 from dml.cli import main
 from dml.data.manifest import load_manifest
-from test_prepare_workers import big_idx, prepare_argv, wait_for  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="flock and process groups")
 
@@ -34,7 +34,7 @@ def _errors(capsys) -> list[str]:
 def _hold(path: Path, mode: int):
     """Take ``path``'s lock the way a running prepare holds it (in this process)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+b")
+    handle = open(path, "a+b")  # noqa: SIM115 - returned to the caller, who closes it
     fcntl.flock(handle, mode | fcntl.LOCK_NB)
     return handle
 
@@ -78,7 +78,7 @@ def test_two_real_runs_into_one_folder_end_with_one_complete_set(tmp_path, big_i
     for code, err in results:
         assert "Traceback" not in err
         if code == 2:
-            assert "--resume" in [line for line in err.splitlines() if ": error: " in line][0]
+            assert "--resume" in next(line for line in err.splitlines() if ": error: " in line)
     assert load_manifest(out)["counts"]["written"] == 1500
     assert main(["prepare", "--verify", str(out)]) == 0
     assert not list(out.glob("*.tmp"))

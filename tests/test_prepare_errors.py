@@ -9,11 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from data_fixtures import (
+    image_bytes,
+    make_folder_tree,
+    make_idx_dir,
+    make_omniglot_dir,
+    write_idx,
+)
+from small_disk import mounted_tmpfs
 
-from data_fixtures import image_bytes, make_folder_tree, make_idx_dir, make_omniglot_dir, write_idx
 from dml.cli import main
 from dml.data.manifest import load_manifest
-from small_disk import mounted_tmpfs
 
 LONG_NAME = "n" * 300  # one path component over the 255-byte limit of Linux file systems
 
@@ -34,7 +40,7 @@ def assert_one_line_error(code: int, errors: list[str], *names: str) -> None:
 
 
 def tmp_files(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*.tmp")] if root.is_dir() else []
+    return list(root.rglob("*.tmp")) if root.is_dir() else []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,7 +77,9 @@ def test_class_split_without_training_class_warns(tmp_path, capsys, caplog, clas
 def test_split_with_training_classes_does_not_warn(tmp_path, capsys, caplog):
     make_folder_tree(tmp_path / "src", classes=4, per_class=4, bad=False)
     with caplog.at_level(logging.WARNING, logger="dml"):
-        code, _ = run_prepare(capsys, f"prepare.source.path={tmp_path / 'src'}", f"prepare.output_dir={tmp_path / 'out'}")
+        code, _ = run_prepare(
+            capsys, f"prepare.source.path={tmp_path / 'src'}", f"prepare.output_dir={tmp_path / 'out'}"
+        )
     assert code == 0 and not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
@@ -147,12 +155,25 @@ def broken_sources(tmp: Path) -> list[tuple[str, Path, str, str]]:
     # IDX pairs
     images, labels = rng.integers(0, 256, (6, 8, 8)), np.arange(6) % 3
     cases += [
-        ("idx with more labels than images", _idx(tmp / "idx_more", images, np.arange(9) % 3), "idx",
-         "train-images-idx3-ubyte"),
-        ("idx with fewer labels than images", _idx(tmp / "idx_fewer", images, labels[:4]), "idx",
-         "train-images-idx3-ubyte"),
+        (
+            "idx with more labels than images",
+            _idx(tmp / "idx_more", images, np.arange(9) % 3),
+            "idx",
+            "train-images-idx3-ubyte",
+        ),
+        (
+            "idx with fewer labels than images",
+            _idx(tmp / "idx_fewer", images, labels[:4]),
+            "idx",
+            "train-images-idx3-ubyte",
+        ),
         ("idx with 2-D labels", _idx(tmp / "idx_2d", images, labels.reshape(2, 3)), "idx", "train-images-idx3-ubyte"),
-        ("idx with 2-D images", _idx(tmp / "idx_flat", images.reshape(6, 64), labels), "idx", "train-images-idx3-ubyte"),
+        (
+            "idx with 2-D images",
+            _idx(tmp / "idx_flat", images.reshape(6, 64), labels),
+            "idx",
+            "train-images-idx3-ubyte",
+        ),
     ]
     bad_magic = _idx(tmp / "idx_magic", images, labels)
     (bad_magic / "train-labels-idx1-ubyte").write_bytes(b"\x01\x02\x03\x04garbage")

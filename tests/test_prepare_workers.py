@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from data_fixtures import make_folder_tree, write_idx
+from test_prepare import prepare_config, shard_hashes
+
 from dml.cli import main
 from dml.data.manifest import load_manifest
 from dml.data.shards import write_shards
-from test_prepare import prepare_config, shard_hashes
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads process state from /proc")
 
@@ -86,7 +86,9 @@ def start_and_find_workers(source: Path, out: Path, log: Path) -> tuple[subproce
     workers = children(run.pid)
     if run.poll() is not None or len(workers) != 2:
         run.kill()
-        raise AssertionError(f"prepare finished before the kill or has no 2 workers ({workers}): {log.read_text()[-2000:]}")
+        raise AssertionError(
+            f"prepare finished before the kill or has no 2 workers ({workers}): {log.read_text()[-2000:]}"
+        )
     return run, workers
 
 

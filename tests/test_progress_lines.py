@@ -9,19 +9,18 @@ import subprocess
 import sys
 
 import pytest
-
 from data_fixtures import make_folder_tree
+
 from dml.progress import progress
 
 
 @pytest.mark.parametrize("total", [1, 7, 250])
 def test_lines_end_at_the_total_and_name_the_work(total, caplog, monkeypatch):
     monkeypatch.setenv("DML_PROGRESS_SECONDS", "0")
-    with caplog.at_level(logging.INFO, logger="dml.progress"):
-        with progress(total=total, desc="train", unit="step") as bar:
-            for step in range(total):
-                bar.update(1)
-                bar.set_postfix(loss=f"{1.0 / (step + 1):.3f}", refresh=False)
+    with caplog.at_level(logging.INFO, logger="dml.progress"), progress(total=total, desc="train", unit="step") as bar:
+        for step in range(total):
+            bar.update(1)
+            bar.set_postfix(loss=f"{1.0 / (step + 1):.3f}", refresh=False)
     lines = [r.getMessage() for r in caplog.records if r.name == "dml.progress"]
     assert lines[0].startswith("train: 0/") and lines[-1].startswith(f"train: {total}/{total} step (100%)")
     counts = [int(line.split(": ")[1].split("/")[0]) for line in lines]

@@ -119,7 +119,7 @@ def check_signature(qualified: str, documented: list[tuple[str, object]] | None)
     names = [p.name for p in params[: len(documented)]]
     if names != [name for name, _ in documented]:
         problems.append(f"{qualified}: parameters {names}, documented {[n for n, _ in documented]}")
-    for param, (_, default) in zip(params, documented):
+    for param, (_, default) in zip(params, documented, strict=True):
         actual = NO_DEFAULT if param.default is inspect.Parameter.empty else param.default
         if default is not NO_DEFAULT and default is not UNCHECKED and actual != default:
             problems.append(f"{qualified}: {param.name} defaults to {actual!r}, documented {default!r}")

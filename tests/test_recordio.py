@@ -8,17 +8,17 @@ import struct
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from data_fixtures import SHARED_DATA, image_bytes
+from PIL import Image
+from recordio_writer import MAGIC_BYTES, pack_payload, write_recordio
+from test_prepare import all_samples, shard_hashes
+
 from dml.cli import main
 from dml.config import DMLConfig
 from dml.data.manifest import load_manifest
 from dml.data.recordio import RecordIOSource
 from dml.data.shards import write_shards
 from dml.data.sources import open_source
-from recordio_writer import MAGIC_BYTES, pack_payload, write_recordio
-from test_prepare import all_samples, shard_hashes
 
 ORL_REC = SHARED_DATA / "recordio_orl"
 
@@ -80,7 +80,7 @@ def test_variants_round_trip_bytes_and_labels(tmp_path, seed):
         payloads.append(pack_payload([label, 7.0] if as_array else label, image))
         expected[f"train.rec:{key}"] = (str(label), image)
     if header:  # record 0: image range; after the images, identity records without image
-        payloads = [pack_payload([n + 1, n + 3])] + payloads + [pack_payload([1, 2]), pack_payload([2, 3])]
+        payloads = [pack_payload([n + 1, n + 3]), *payloads, pack_payload([1, 2]), pack_payload([2, 3])]
     write_recordio(tmp_path / "rec", payloads, prop="4,16,20")
     manifest = write_shards(config_for(tmp_path / "rec", tmp_path / "out"))
     counts = manifest["counts"]
@@ -111,7 +111,7 @@ def _good_set(folder, n=6):
 
 
 def _past_end(folder, offsets):
-    (folder / "train.idx").write_text("".join(f"{i}\t{o}\n" for i, o in enumerate(offsets + [offsets[-1] + 10**6])))
+    (folder / "train.idx").write_text("".join(f"{i}\t{o}\n" for i, o in enumerate([*offsets, offsets[-1] + 10 ** 6])))
 
 
 def _truncated(folder, offsets):
@@ -176,5 +176,5 @@ def test_damaged_files_are_one_line_errors(tmp_path, capsys, damage, file_name, 
 def test_header_record_naming_missing_images_is_an_error(tmp_path):
     payloads = [pack_payload([5, 6])] + [pack_payload(0, image_bytes(i, fmt="JPEG")) for i in range(3)]
     write_recordio(tmp_path / "rec", payloads)
-    with pytest.raises(Exception, match="images are records 1..4, but the index lists 3"):
+    with pytest.raises(Exception, match=r"images are records 1\.\.4, but the index lists 3"):
         RecordIOSource(tmp_path / "rec").records()

@@ -16,16 +16,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_fixtures import ROOT, tiny_shards, tiny_train_config, write_config
 
 from dml.config import DMLConfig
 from dml.errors import DMLError
-from dml.train.checkpoint import (DIVERGED_SUFFIX, NonFiniteState, list_checkpoints, read_checkpoint,
-                                  step_dir_name)
+from dml.train.checkpoint import (
+    DIVERGED_SUFFIX,
+    NonFiniteState,
+    list_checkpoints,
+    read_checkpoint,
+    step_dir_name,
+)
 from dml.train.loop import NonFiniteLoss
 from dml.train.metrics_log import read_metrics
 from dml.train.resume import find_resume_point, fixed_changes
 from dml.train.run import run_train
-from train_fixtures import ROOT, tiny_shards, tiny_train_config, write_config
 
 BASE_LR = 0.01
 
@@ -107,7 +112,7 @@ def test_a_changed_model_key_is_refused_in_one_line(trained, tmp_path):
 
 def test_other_data_is_refused_unless_asked_for(trained, tmp_path):
     other = tiny_shards(tmp_path / "other", classes=5)
-    run, config = copy_run(trained, tmp_path, data={"shard_dir": str(other)}, train={"max_steps": 3})
+    _run, config = copy_run(trained, tmp_path, data={"shard_dir": str(other)}, train={"max_steps": 3})
     with pytest.raises(DMLError, match=r"manifest.json is not the data .* \(6 classes then, 5 now\).*--allow-new-data"):
         run_train(DMLConfig.model_validate(config), resume=True)
     same_count = tiny_shards(tmp_path / "same", classes=6, per_class=10)

@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from data_fixtures import image_bytes
+
 from dml.cli import main
 
 
@@ -39,7 +39,7 @@ def test_spaces_around_csv_cells_do_not_change_paths_or_classes(tmp_path, capsys
     paths = _images(tmp_path, 8)
     labels = [str(rng.integers(0, 3)) for _ in paths]
     pad = [[" " * int(n) for n in row] for row in rng.integers(0, 3, (len(paths), 4))]
-    rows = [f"{a}{p}{b},{c}{lab}{d}" for p, lab, (a, b, c, d) in zip(paths, labels, pad)]
+    rows = [f"{a}{p}{b},{c}{lab}{d}" for p, lab, (a, b, c, d) in zip(paths, labels, pad, strict=True)]
     (tmp_path / "t.csv").write_text("path, label\n" + "\n".join(rows) + "\n")
     code, manifest, errors = _prepare(capsys, tmp_path / "t.csv", tmp_path / "out")
     assert code == 0 and not errors
@@ -98,7 +98,7 @@ def test_a_column_named_twice_is_a_one_line_error(tmp_path, capsys, kind, column
     values = [paths, ["a", "b"], ["train", "train"], list(reversed(paths)) if column == "path" else ["b", "a"]]
     table = tmp_path / f"t.{kind}"
     if kind == "csv":
-        table.write_text(",".join(names) + "\n" + "".join(",".join(row) + "\n" for row in zip(*values)))
+        table.write_text(",".join(names) + "\n" + "".join(",".join(row) + "\n" for row in zip(*values, strict=True)))
     else:
         pq.write_table(pa.Table.from_arrays([pa.array(v) for v in values], names=names), table)
     code, manifest, errors = _prepare(capsys, table, tmp_path / "out")

@@ -6,15 +6,16 @@ from __future__ import annotations
 import json
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from train_fixtures import tiny_shards, tiny_train_config
 
 from dml.config import DMLConfig
 from dml.eval.maps import draw_embedding_maps, map_rows
 from dml.train.metrics_log import read_metrics
-from train_fixtures import tiny_shards, tiny_train_config
 
 pytest.importorskip("tensorboard")
 
@@ -52,7 +53,7 @@ def test_projector_has_the_embeddings_labels_and_sprite(tracked_run):
     from google.protobuf import text_format
     from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 
-    run_dir, result = tracked_run
+    run_dir, _result = tracked_run
     folder = run_dir / "eval" / "tensorboard"
     config = text_format.Parse((folder / "projector_config.pbtxt").read_text(), ProjectorConfig())
     [embedding] = config.embeddings
@@ -70,9 +71,9 @@ def test_projector_has_the_embeddings_labels_and_sprite(tracked_run):
 
 def test_report_shows_every_configured_map(tracked_run):
     run_dir, result = tracked_run
-    report = json.loads(open(result.report_path).read())
+    report = json.loads(Path(result.report_path).read_text())
     assert {"embedding_map", "embedding_map_umap", "embedding_map_tsne"} <= set(report["plots"])
-    markdown = open(result.markdown_path).read()
+    markdown = Path(result.markdown_path).read_text()
     for file in ("embedding_map.png", "embedding_map_umap.png", "embedding_map_tsne.png"):
         assert (run_dir / "eval" / file).is_file() and f"]({file})" in markdown
 

@@ -8,17 +8,16 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from train_fixtures import ROOT, tiny_shards, tiny_train_config, write_config
 
 from dml.config import DMLConfig
 from dml.train.checkpoint import list_checkpoints
 from dml.train.metrics_log import read_metrics
 from dml.train.run import run_train
 from dml.train.schedules import lr_factor
-from train_fixtures import ROOT, tiny_shards, tiny_train_config, write_config
 
 
 def torchrun(args: list[str], nproc: int, max_restarts: int = 0, **popen) -> subprocess.Popen:
@@ -26,7 +25,9 @@ def torchrun(args: list[str], nproc: int, max_restarts: int = 0, **popen) -> sub
            "--max-restarts", str(max_restarts), "--standalone",
            "-m", "dml.cli", *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
+    )
 
 
 def test_single_process_run_writes_everything(tmp_path):
@@ -56,7 +57,9 @@ def test_killed_run_resumes_where_it_stopped(tmp_path):
         time.sleep(0.05)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    saved_step = torch.load(list_checkpoints(tmp_path / "run")[-1] / "state.pt", weights_only=False)["train_state"]["step"]
+    saved_step = torch.load(list_checkpoints(tmp_path / "run")[-1] / "state.pt", weights_only=False)["train_state"][
+        "step"
+    ]
     result = run_train(DMLConfig.model_validate(base), resume=True)
     records = [r for r in read_metrics(tmp_path / "run") if "loss_main" in r]
     resumed = [r for r in records if r["time"] >= records[-1]["time"] - 1e9][-(result.steps - saved_step):]
@@ -130,7 +133,7 @@ def test_killed_worker_restarts_from_checkpoint(tmp_path):
     result = json.loads((tmp_path / "run" / "train_result.json").read_text())
     assert result["steps"] == 14
     steps = [r["step"] for r in read_metrics(tmp_path / "run") if "loss_main" in r]
-    assert steps[-1] == 14 and len(steps) > len(set(steps)) or steps == sorted(steps)
+    assert (steps[-1] == 14 and len(steps) > len(set(steps))) or steps == sorted(steps)
     assert "resumed from" in out
 
 

@@ -44,7 +44,7 @@ def pixel_scale(array: np.ndarray, path: Path) -> str:
             return TOP_BYTE
     elif kind == "f":
         low, high = float(np.min(array)), float(np.max(array))
-        if 0.0 <= low and high <= 1.0:  # NaN fails both comparisons
+        if low >= 0.0 and high <= 1.0:  # NaN fails both comparisons
             return UNIT_FLOAT
     else:
         raise DataError(f"{path}: images of type {array.dtype} are not pixel values")

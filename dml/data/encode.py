@@ -84,7 +84,7 @@ def encode_image(payload: ImagePayload, config: ImageConfig) -> EncodedImage:
     except UnidentifiedImageError:
         # PIL's own message embeds an object address; keep the manifest deterministic.
         raise RejectedImage("corrupt or unreadable image: not a recognised image format") from None
-    except Exception as exc:  # PIL raises many types for bad files; all mean "unusable"
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files; all mean "unusable"
         raise RejectedImage(f"corrupt or unreadable image: {type(exc).__name__}: {exc}") from None
     if image.width == 0 or image.height == 0:
         raise RejectedImage("image has zero width or height")

@@ -29,7 +29,6 @@ from PIL import Image
 
 from dml.data.pixels import faithful_pixels
 
-
 if TYPE_CHECKING:  # scikit-image (scipy) is imported on first use: most prepares never align
     from skimage.transform import SimilarityTransform
 
@@ -64,7 +63,7 @@ def _numbers(row: Mapping, columns: tuple[str, ...]) -> list[float] | None:
     try:
         values = [float(v) for v in raw]  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        bad = next(c for c, v in zip(columns, raw) if not _is_number(v))
+        bad = next(c for c, v in zip(columns, raw, strict=True) if not _is_number(v))
         raise ValueError(f"face column {bad} is not a number: {row.get(bad)!r}") from None
     if not all(math.isfinite(v) for v in values):
         return None
@@ -89,7 +88,7 @@ def face_marks(row: Mapping) -> FaceMarks | None:
     points = _numbers(row, LANDMARK_COLUMNS)
     if box is None and points is None:
         return None
-    landmarks = tuple(zip(points[0::2], points[1::2])) if points is not None else None
+    landmarks = tuple(zip(points[0::2], points[1::2], strict=True)) if points is not None else None
     return FaceMarks(tuple(box) if box is not None else None, landmarks)
 
 
@@ -98,7 +97,7 @@ def template(size: int) -> np.ndarray:
     return ARCFACE_TEMPLATE * (size / TEMPLATE_SIZE)
 
 
-def landmark_transform(landmarks: np.ndarray, size: int) -> "SimilarityTransform":
+def landmark_transform(landmarks: np.ndarray, size: int) -> SimilarityTransform:
     """The least-squares similarity taking ``landmarks`` (5, 2) onto the template at ``size``.
 
     Raises ValueError when no similarity exists (e.g. all points equal).
@@ -111,7 +110,7 @@ def landmark_transform(landmarks: np.ndarray, size: int) -> "SimilarityTransform
     return tform
 
 
-def box_transform(box: tuple[float, float, float, float], size: int, margin: float) -> "SimilarityTransform":
+def box_transform(box: tuple[float, float, float, float], size: int, margin: float) -> SimilarityTransform:
     """Scale + translation taking the margin-expanded square around ``box`` onto ``size`` pixels.
 
     Raises ValueError for a box with a non-positive width or height.
@@ -128,7 +127,7 @@ def box_transform(box: tuple[float, float, float, float], size: int, margin: flo
     return SimilarityTransform(scale=scale, translation=(-left * scale - 0.5, -top * scale - 0.5))
 
 
-def warp_face(image: np.ndarray, tform: "SimilarityTransform", size: int) -> np.ndarray:
+def warp_face(image: np.ndarray, tform: SimilarityTransform, size: int) -> np.ndarray:
     """Warp ``image`` (H, W) or (H, W, C) uint8 by ``tform`` into a (size, size[, C]) uint8 crop."""
     from skimage.transform import warp
 
@@ -143,12 +142,12 @@ def _pixels(payload: bytes | np.ndarray) -> np.ndarray:
     try:
         image = Image.open(io.BytesIO(payload))
         image.load()
-    except Exception as exc:  # PIL raises many types for bad files; all mean "unusable"
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files; all mean "unusable"
         raise ValueError(f"corrupt or unreadable image: {type(exc).__name__}") from None
     return np.asarray(faithful_pixels(image))  # the pipeline's one pixel rule (orientation, 16-bit, alpha)
 
 
-def align_face(payload: bytes | np.ndarray, marks: FaceMarks | None, config: "AlignConfig") -> bytes | np.ndarray:
+def align_face(payload: bytes | np.ndarray, marks: FaceMarks | None, config: AlignConfig) -> bytes | np.ndarray:
     """Return ``payload`` aligned as ``config`` says: unchanged for mode ``none``, else a
     (size, size[, 3]) uint8 array. Raises ValueError (the record's rejection reason) when the
     marks the mode needs are missing or degenerate, or the image cannot be decoded."""

@@ -115,7 +115,7 @@ class _Walker:
             self.reject(rel, "duplicate", f"same folder as {self.walked_dirs[real]}, already read")
             return
         self.walked_dirs[real] = rel
-        self.walk(path, rel, class_name, stack + (real,), defer_links)
+        self.walk(path, rel, class_name, (*stack, real), defer_links)
 
     def file(self, rel: str, path: str, class_name: str | None, st: os.stat_result) -> None:
         if class_name is None:

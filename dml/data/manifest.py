@@ -75,8 +75,8 @@ def _build(classes: list[str], shards: list[dict], rejected: list[dict], *, sour
     return manifest
 
 
-def assemble_manifest(plan: "ShardPlan", results: list["ShardResult"], source: dict,
-                      config: "PrepareConfig", partition: tuple[int, int] | None) -> dict:
+def assemble_manifest(plan: ShardPlan, results: list[ShardResult], source: dict,
+                      config: PrepareConfig, partition: tuple[int, int] | None) -> dict:
     """Build the manifest for the shards in ``results`` and check no input went missing."""
     from dataclasses import asdict
 
@@ -89,7 +89,9 @@ def assemble_manifest(plan: "ShardPlan", results: list["ShardResult"], source: d
     planned = {t.name: len(t.samples) for t in plan.tasks}
     for r in results:
         if r.count + len(r.rejected) != planned[r.name]:
-            raise DataError(f"shard {r.name}: {planned[r.name]} planned, {r.count} written + {len(r.rejected)} rejected")
+            raise DataError(
+                f"shard {r.name}: {planned[r.name]} planned, {r.count} written + {len(r.rejected)} rejected"
+            )
     return _build(plan.classes, shards, rejected, source=source,
                   config=config.model_dump(mode="json"), digest=plan.digest,
                   skipped=plan.skipped_over_cap if partition is None or partition[0] == 0 else 0,
@@ -170,7 +172,7 @@ def merge_manifests(shard_dir: str | Path) -> dict:
     if not parts:
         raise DataError(f"no partial manifests (manifest.part-*.json) in {shard_dir}")
     loaded = [_read_manifest_file(p) for p in parts]
-    if foreign := [p.name for p, m in zip(parts, loaded) if not isinstance(m.get("partition"), dict)]:
+    if foreign := [p.name for p, m in zip(parts, loaded, strict=True) if not isinstance(m.get("partition"), dict)]:
         raise DataError(f"cannot merge: {foreign[0]} in {shard_dir} is not a partial manifest")
     counts = sorted({m["partition"]["count"] for m in loaded})
     if len(counts) > 1:  # a job re-run with another N leaves the old N's parts: both sets would be summed

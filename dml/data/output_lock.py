@@ -20,7 +20,7 @@ from dml.errors import DataError
 
 
 def _lock(path: Path, mode: int, stack: contextlib.ExitStack, who: str) -> None:
-    handle = stack.enter_context(open(path, "a+b"))
+    handle = stack.enter_context(open(path, "a+b"))  # noqa: SIM115 - the stack closes it
     try:
         fcntl.flock(handle, mode | fcntl.LOCK_NB)
     except BlockingIOError:

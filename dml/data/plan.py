@@ -122,14 +122,14 @@ def assign_splits(records: list[Record], config: PrepareConfig) -> dict[int, str
         train_classes = _train_classes(classes, split_cfg, rng)
         for name in classes:
             if name in train_classes:
-                assignment.update({i: "train" for i in by_class[name]})
+                assignment.update(dict.fromkeys(by_class[name], "train"))
             else:
                 _split_held_out(by_class[name], split_cfg.query_fraction, rng, assignment)
     elif split_cfg.mode == "sample":
         for name in classes:
             members = [by_class[name][i] for i in rng.permutation(len(by_class[name]))]
             n_train = round(split_cfg.train_fraction * len(members))
-            assignment.update({i: "train" for i in members[:n_train]})
+            assignment.update(dict.fromkeys(members[:n_train], "train"))
             if members[n_train:]:
                 _split_held_out(members[n_train:], split_cfg.query_fraction, rng, assignment)
     else:  # source: train / query / gallery as given; HELD_OUT drawn per class
@@ -149,7 +149,7 @@ def _chunk(samples: list[PlannedSample], sizes: list[int], split: str, config: P
     tasks: list[ShardTask] = []
     current: ShardTask | None = None
     current_bytes = 0
-    for sample, size in zip(samples, sizes):
+    for sample, size in zip(samples, sizes, strict=True):
         full = current is not None and (
             len(current.samples) >= config.shards.max_samples
             or current_bytes + size > config.shards.max_bytes)

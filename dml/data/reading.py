@@ -63,7 +63,10 @@ class ShardSpec:
 def split_shard_specs(manifest: dict, shard_dir: str | Path, split: str) -> list[ShardSpec]:
     """The shards of ``split`` with their manifest counts (unknown split: one-line `DataError`)."""
     urls = split_shards(manifest, shard_dir, split)
-    return [ShardSpec(url, int(entry["count"])) for url, entry in zip(urls, manifest["splits"][split]["shards"])]
+    return [
+        ShardSpec(url, int(entry["count"]))
+        for url, entry in zip(urls, manifest["splits"][split]["shards"], strict=True)
+    ]
 
 
 class BadSamplePolicy:
@@ -204,6 +207,8 @@ def decode_image(sample: dict[str, Any], policy: BadSamplePolicy) -> Image.Image
     data = next(sample[part] for part in IMAGE_PARTS if part in sample)
     try:
         return pixels.decode_image(data)
-    except Exception as exc:  # Pillow raises many kinds on corrupt bytes; each means "does not decode"
-        policy.bad(sample.get("__url__", "?"), sample["__key__"], f"image does not decode ({type(exc).__name__}: {exc})")
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many kinds on corrupt bytes; each means "does not decode"
+        policy.bad(
+            sample.get("__url__", "?"), sample["__key__"], f"image does not decode ({type(exc).__name__}: {exc})"
+        )
         return None

@@ -57,7 +57,7 @@ class RecordIOPaths:
     prop: Path | None
 
     @classmethod
-    def find(cls, path: str | Path) -> "RecordIOPaths":
+    def find(cls, path: str | Path) -> RecordIOPaths:
         """Accept a folder holding ``train.rec`` or a ``.rec`` file; raise `DataError` if parts lack."""
         path = Path(path)
         rec = path / "train.rec" if path.is_dir() else path
@@ -86,7 +86,9 @@ def read_index(path: Path) -> tuple[np.ndarray, np.ndarray]:
                 if len(parts) != 2 or key < 0 or offset < 0:
                     raise ValueError
             except (ValueError, IndexError):
-                raise DataError(f"{path}: line {number} is not 'index<TAB>byte offset': {line.strip()[:60]!r}") from None
+                raise DataError(
+                    f"{path}: line {number} is not 'index<TAB>byte offset': {line.strip()[:60]!r}"
+                ) from None
             keys.append(key)
             offsets.append(offset)
     if not keys:
@@ -202,7 +204,7 @@ class RecordIOSource:
             names[int(np.searchsorted(images, i))] = label_name(labels_i[0])
         self._check_property(set(names))
         prefix = self.paths.rec.name
-        return [Record(f"{prefix}:{int(k)}", name) for k, name in zip(keys[images].tolist(), names)]
+        return [Record(f"{prefix}:{int(k)}", name) for k, name in zip(keys[images].tolist(), names, strict=True)]
 
     def _image_positions(self, p: RecordPrefixes) -> np.ndarray:
         """Positions (into the index arrays) of the image records, using record 0's header if any."""

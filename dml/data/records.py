@@ -39,6 +39,6 @@ class Record:
     row: int | None = None
     face: FaceMarks | None = None  # face box / landmarks from a table's columns, for alignment
 
-    def rejected(self, code: str, reason: str) -> "Record":
+    def rejected(self, code: str, reason: str) -> Record:
         """This record refused with ``code`` and ``reason``."""
         return replace(self, rejection=Rejection(code, reason))

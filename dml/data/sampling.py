@@ -131,6 +131,6 @@ def pk_groups(samples: Iterable[dict[str, Any]], classes_per_batch: int, samples
 
 def collate_pairs(items: list[tuple]) -> tuple:
     """Stack (image, label[, key]) items into (images, labels[, keys])."""
-    images, labels, *rest = zip(*items)
+    images, labels, *rest = zip(*items, strict=True)
     batch = (torch.stack(images), torch.tensor(labels, dtype=torch.long))
-    return batch + (list(rest[0]),) if rest else batch
+    return (*batch, list(rest[0])) if rest else batch

@@ -107,7 +107,7 @@ def _parquet_rows(path: Path) -> tuple[list[str], list[RawRow]]:
     splits = data.get("split", [None] * len(data["path"]))
     faces = [{c: data[c][i] for c in FACE_COLUMNS if c in data} for i in range(len(data["path"]))]
     return header, [(i, p, lab, s, None, f)
-                    for i, (p, lab, s, f) in enumerate(zip(data["path"], data["label"], splits, faces))]
+                    for i, (p, lab, s, f) in enumerate(zip(data["path"], data["label"], splits, faces, strict=True))]
 
 
 def _check_unique(header: list[str], path: Path) -> None:

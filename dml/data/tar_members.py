@@ -55,10 +55,10 @@ class DeterministicTarWriter:
     """
 
     def __init__(self, path: Path):
-        self._file = open(path, "wb")
+        self._file = open(path, "wb")  # noqa: SIM115 - closed by __exit__ / close()
         self._written = 0
 
-    def __enter__(self) -> "DeterministicTarWriter":
+    def __enter__(self) -> DeterministicTarWriter:
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> None:

@@ -66,12 +66,12 @@ def build_train_transform(config: DataConfig) -> Callable[[Image.Image], torch.T
     One image in, one normalised float tensor out. `TrainLoader` uses the equivalent split
     form (`build_train_uint8_transform` + `BatchNormalize`), which gives the same numbers.
     """
-    return T.Compose(_train_pil_steps(config) + [T.ToTensor(), _normalize(config)])
+    return T.Compose([*_train_pil_steps(config), T.ToTensor(), _normalize(config)])
 
 
 def build_train_uint8_transform(config: DataConfig) -> Callable[[Image.Image], torch.Tensor]:
     """The augmentations of `build_train_transform`, ending in a uint8 (C, H, W) tensor."""
-    return T.Compose(_train_pil_steps(config) + [T.PILToTensor()])
+    return T.Compose([*_train_pil_steps(config), T.PILToTensor()])
 
 
 class BatchNormalize:

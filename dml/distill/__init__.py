@@ -7,8 +7,13 @@
 - `run`: `run_distill(config, resume)`, the stage function.
 """
 
-from dml.distill.losses import (absolute_teacher_loss, pairwise_distances, relative_teacher_loss, rkd_angle_loss,
-                                rkd_distance_loss)
+from dml.distill.losses import (
+    absolute_teacher_loss,
+    pairwise_distances,
+    relative_teacher_loss,
+    rkd_angle_loss,
+    rkd_distance_loss,
+)
 from dml.distill.objective import DistillObjective
 
 

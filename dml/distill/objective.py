@@ -27,8 +27,13 @@ import torch
 from torch import nn
 
 from dml.config import DMLConfig
+from dml.distill.losses import (
+    absolute_teacher_loss,
+    relative_teacher_loss,
+    rkd_angle_loss,
+    rkd_distance_loss,
+)
 from dml.distributed import all_gather_rows, all_gather_with_grad, get_world_size
-from dml.distill.losses import absolute_teacher_loss, relative_teacher_loss, rkd_angle_loss, rkd_distance_loss
 from dml.errors import DMLError
 from dml.losses.partial_fc import PartialFC
 from dml.train.checkpoint import HEAD_DIR, STATE, latest_checkpoint, sharded_head

@@ -28,7 +28,7 @@ class RestrictedUnpickler(pickle.Unpickler):
     """An unpickler that refuses every global: no class, function or reducer is looked up,
     so no code named by the file runs. Plain containers and scalars still load."""
 
-    def find_class(self, module: str, name: str):  # noqa: D401 - pickle's hook
+    def find_class(self, module: str, name: str):
         raise pickle.UnpicklingError(f"refuses global {module}.{name} (a verification .bin holds only "
                                      "lists of image bytes and bools)")
 
@@ -72,7 +72,7 @@ def read_verification_bin(path: str | Path) -> BinPairs:
         loaded = restricted_loads(path.read_bytes())
     except pickle.UnpicklingError as exc:
         raise DataError(f"{path}: not a verification .bin: unpickling {exc}") from None
-    except Exception as exc:  # truncated or garbled streams raise EOFError, ValueError, ...
+    except Exception as exc:  # noqa: BLE001 - truncated or garbled streams raise EOFError, ValueError, ...
         raise DataError(f"{path}: not a verification .bin: {type(exc).__name__}: {exc}") from None
     if not (isinstance(loaded, (tuple, list)) and len(loaded) == 2):
         raise DataError(f"{path}: expected a pickled (images, is_same) pair, got {type(loaded).__name__}")

@@ -41,7 +41,7 @@ class Embeddings:
         return directory / f"{name}.npy"
 
     @classmethod
-    def load(cls, directory: str | Path, name: str) -> "Embeddings":
+    def load(cls, directory: str | Path, name: str) -> Embeddings:
         directory = Path(directory)
         return cls(json.loads((directory / f"{name}_keys.json").read_text()),
                    np.load(directory / f"{name}.npy"), np.load(directory / f"{name}_labels.npy"))

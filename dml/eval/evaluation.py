@@ -15,8 +15,9 @@ asked for TAR at the configured FARs plus a log grid of FARs (the plotted TAR@FA
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 IVFPQ_MIN_GALLERY = 39 * 256  # faiss wants ~39 training points per PQ centroid (2**8 of them)
 CURVE_POINTS = 24  # recall@k curve: at most this many k values
 CMC_MIN_RANK = 10
-FAR_GRID = tuple(m * 10.0**e for e in range(-9, 0) for m in range(1, 10)) + (1.0,)
+FAR_GRID = (*(m * 10.0**e for e in range(-9, 0) for m in range(1, 10)), 1.0)
 
 
 @dataclass
@@ -64,7 +65,7 @@ def recall_curve_ks(ks: Sequence[int], searchable: int) -> list[int]:
         grid = np.arange(1, top + 1)
     else:
         grid = np.unique(np.round(np.geomspace(1, top, num=CURVE_POINTS)).astype(int))
-    return sorted(set(int(k) for k in grid) | set(int(k) for k in ks))
+    return sorted({int(k) for k in grid} | {int(k) for k in ks})
 
 
 def choose_index(kind: str, gallery_size: int, notes: list[str]) -> str:
@@ -133,7 +134,7 @@ def all_pairs_verification(query: Embeddings, config: EvalConfig, seed: int, not
         vectors, labels = vectors[rows], labels[rows]
     result = verification_section(vectors, labels, config.fars)
     result["source"] = "all pairs of the query split"
-    result["num_samples"] = int(len(labels))
+    result["num_samples"] = len(labels)
     return result
 
 

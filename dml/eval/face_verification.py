@@ -31,8 +31,9 @@ O(P log P + folds x thresholds) instead of O(P x thresholds).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -85,7 +86,7 @@ class FoldCounts:
     same: np.ndarray
     different: np.ndarray
 
-    def train(self) -> "FoldCounts":
+    def train(self) -> FoldCounts:
         """The counts of all folds but each one (row f: every fold except f)."""
         return FoldCounts(self.accepted_same.sum(0) - self.accepted_same,
                           self.accepted_different.sum(0) - self.accepted_different,
@@ -194,7 +195,7 @@ def face_verification_metrics(embeddings: Any, is_same: Any, *, fars: Sequence[f
     same = np.asarray(is_same, bool).reshape(-1)
     if same.shape != distances.shape:
         raise ValueError(f"{len(distances)} pairs of embeddings but {len(same)} same/different flags")
-    result = {"num_pairs": int(len(same)), "num_same": int(same.sum()), "num_different": int((~same).sum()),
+    result = {"num_pairs": len(same), "num_same": int(same.sum()), "num_different": int((~same).sum()),
               "n_folds": n_folds, **ten_fold_accuracy(distances, same, n_folds)}
     result["val_at_far"] = val_at_far(distances, same, val_far, n_folds)
     notes = [result["val_at_far"]["note"]] if "note" in result["val_at_far"] else []

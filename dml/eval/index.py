@@ -241,7 +241,7 @@ class KnnIndex:
             _, exact = faiss.knn(subset, self.gallery, k, metric=faiss.METRIC_INNER_PRODUCT)
         else:
             _, exact = _torch_search(self.gallery, subset, k)
-        found = [np.intersect1d(a[a >= 0], e).size for a, e in zip(approx, exact)]
+        found = [np.intersect1d(a[a >= 0], e).size for a, e in zip(approx, exact, strict=True)]
         return float(np.mean(found) / k)
 
 

@@ -127,7 +127,7 @@ def plot_class_map(points: np.ndarray, labels: np.ndarray, path: str | Path, cla
         axes.scatter(points[others, 0], points[others, 1], s=6, color="0.75",
                      label=f"{len(classes) - len(coloured)} other classes")
     colours = _class_colours(len(coloured))
-    for colour, label in zip(colours, sorted(coloured)):
+    for colour, label in zip(colours, sorted(coloured), strict=True):
         mine = labels == label
         name = class_names[int(label)] if class_names is not None and 0 <= int(label) < len(class_names) else str(label)
         axes.scatter(points[mine, 0], points[mine, 1], s=10, color=colour, label=name)

@@ -27,6 +27,7 @@ in practice a few per row) and their per-row table (at most 2**22 entries x 12 b
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import numpy as np
@@ -47,7 +48,7 @@ def block_bounds(n: int, block: int) -> list[tuple[int, int]]:
     """
     count = max(1, -(-n // block))
     edges = np.linspace(0, n, count + 1).round().astype(np.int64)
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+    return [(int(a), int(b)) for a, b in itertools.pairwise(edges)]
 
 
 def min_block_rows(n: int, block: int) -> int:
@@ -72,7 +73,7 @@ def scores_above(scores: torch.Tensor, row_floor: torch.Tensor,
     compared directly. Per-row and per-chunk floors keep one loose row (an outlier, or a
     query of a large class with a long list) from opening the filter for a whole block.
     """
-    rows, cols = scores.shape
+    _rows, cols = scores.shape
     main = cols - cols % CHUNK
     chunked = scores[:, :main].unflatten(1, (main // CHUNK, CHUNK))  # a view: (R, C // 32, 32)
     chunk_floor = torch.minimum(row_floor[:, None], col_floor[:main].view(-1, CHUNK).amin(1)[None, :])

@@ -16,8 +16,12 @@ from typing import Any
 import numpy as np
 
 from dml.data.manifest import load_manifest
-from dml.data.reading import BadSamplePolicy, decode_image, read_shard, split_shard_specs
-
+from dml.data.reading import (
+    BadSamplePolicy,
+    decode_image,
+    read_shard,
+    split_shard_specs,
+)
 
 
 def iter_split_samples(shard_dir: str | Path, splits: Iterable[str]) -> Iterator[dict[str, Any]]:

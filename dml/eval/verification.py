@@ -20,9 +20,10 @@ bound of the exact value that misses at most the positives of one bin.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -67,7 +68,9 @@ def read_pairs_file(path: str | Path) -> list[VerificationPair]:
     return pairs
 
 
-def pair_rows(pairs: Sequence[VerificationPair], row_of: Mapping[tuple[str, int], int]) -> tuple[np.ndarray, np.ndarray]:
+def pair_rows(
+    pairs: Sequence[VerificationPair], row_of: Mapping[tuple[str, int], int]
+) -> tuple[np.ndarray, np.ndarray]:
     """Map pairs to embedding rows via ``row_of[(name, index)]``: ((P, 2) int64, is_same (P,) bool)."""
     rows = np.empty((len(pairs), 2), np.int64)
     for i, pair in enumerate(pairs):
@@ -248,4 +251,4 @@ def cmc_curve(
         hits_by_rank += np.bincount(first, minlength=max_rank + 1)[:max_rank]
     cmc = np.cumsum(hits_by_rank) / max(len(rows), 1)
     return {"ranks": list(range(1, max_rank + 1)), "cmc": cmc.tolist(),
-            "num_probes": int(len(rows)), "num_excluded_probes": int(len(probes) - len(rows))}
+            "num_probes": len(rows), "num_excluded_probes": int(len(probes) - len(rows))}

@@ -20,8 +20,13 @@ import torch
 from dml.config import DataConfig, EvalConfig
 from dml.eval.face_verification import pair_distances
 from dml.eval.plots import new_figure, save_figure
-from dml.eval.verification_sets import (PairEmbeddings, embed_verification_set, flat_metrics,
-                                        load_verification_set, score_pair_embeddings)
+from dml.eval.verification_sets import (
+    PairEmbeddings,
+    embed_verification_set,
+    flat_metrics,
+    load_verification_set,
+    score_pair_embeddings,
+)
 
 log = logging.getLogger(__name__)
 ROC_POINTS = 2000
@@ -30,7 +35,9 @@ HEADLINE_SUFFIXES = {"accuracy": "10-fold accuracy", "accuracy_std": "10-fold ac
                      "best_threshold_accuracy": "best-threshold accuracy", "roc_auc": "ROC AUC", "eer": "EER"}
 
 
-def embed_sets(model: torch.nn.Module, data: DataConfig, config: EvalConfig, device: torch.device) -> list[PairEmbeddings]:
+def embed_sets(
+    model: torch.nn.Module, data: DataConfig, config: EvalConfig, device: torch.device
+) -> list[PairEmbeddings]:
     """Read and embed every ``config.verification_sets`` (collective; all ranks get all)."""
     out = []
     for spec in config.verification_sets:
@@ -95,16 +102,29 @@ def markdown_section(scored: Mapping[str, Mapping[str, Any]], fars: Sequence[flo
                 if any((m.get("tar_at_far") or {}).get(f"{f:.0e}") is not None for m in scored.values())]
     head = ["set", "pairs (same / different)", "10-fold accuracy (mean ± std)", "best-threshold accuracy",
             "val@FAR=1e-03 (insightface)", *[f"TAR@FAR={k}" for k in far_keys], "ROC AUC", "EER"]
-    lines = ["", "## Face verification sets", "",
-             "insightface's protocol: squared L2 distance of normalised embeddings, thresholds 0..4 step "
-             "0.01 chosen on 9 folds and applied to the 10th (folds in file order); TAR@FAR is exact over "
-             f"each set's pairs. (The TAR@FAR, ROC AUC and EER above are over split `{query_split}`.)", "", "| " + " | ".join(head) + " |", "| " + " | ".join(["---"] + ["---:"] * (len(head) - 1)) + " |"]
+    lines = [
+        "",
+        "## Face verification sets",
+        "",
+        "insightface's protocol: squared L2 distance of normalised embeddings, thresholds 0..4 step "
+        "0.01 chosen on 9 folds and applied to the 10th (folds in file order); TAR@FAR is exact over "
+        f"each set's pairs. (The TAR@FAR, ROC AUC and EER above are over split `{query_split}`.)",
+        "",
+        "| " + " | ".join(head) + " |",
+        "| " + " | ".join(["---"] + ["---:"] * (len(head) - 1)) + " |",
+    ]
     for name, m in scored.items():
         val = m["val_at_far"]
-        row = [f"`{name}`", f"{m['num_pairs']} ({m['num_same']} / {m['num_different']})",
-               f"{m['accuracy']:.4f} ± {m['accuracy_std']:.4f}", _number(m["best_threshold_accuracy"]),
-               "n/a" if val["val"] is None else f"{val['val']:.4f} ± {val['val_std']:.4f}",
-               *[_number((m.get("tar_at_far") or {}).get(k)) for k in far_keys], _number(m["roc_auc"]), _number(m["eer"])]
+        row = [
+            f"`{name}`",
+            f"{m['num_pairs']} ({m['num_same']} / {m['num_different']})",
+            f"{m['accuracy']:.4f} ± {m['accuracy_std']:.4f}",
+            _number(m["best_threshold_accuracy"]),
+            "n/a" if val["val"] is None else f"{val['val']:.4f} ± {val['val_std']:.4f}",
+            *[_number((m.get("tar_at_far") or {}).get(k)) for k in far_keys],
+            _number(m["roc_auc"]),
+            _number(m["eer"]),
+        ]
         lines.append("| " + " | ".join(row) + " |")
     return lines
 

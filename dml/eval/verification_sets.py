@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -97,7 +98,7 @@ def _decode(data: bytes, transform, where: str) -> torch.Tensor:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
             return transform(image)
-    except Exception as exc:  # PIL raises several types for undecodable bytes
+    except Exception as exc:  # noqa: BLE001 - PIL raises several types for undecodable bytes
         raise DataError(f"{where}: cannot decode image: {type(exc).__name__}: {exc}") from None
 
 

@@ -7,6 +7,7 @@ them against PyTorch), ``quantize`` (ORT static int8 and its MAP@R cost), ``mode
 preprocessing inside the graph), ``staging`` (temporary names until every check passed).
 """
 
+from dml.export.checked_export import CARD_NAME, FILE_NAMES, ExportResult, export_model
 from dml.export.latency import onnx_cpu_latency
 from dml.export.model_card import (
     ModelCardError,
@@ -17,19 +18,33 @@ from dml.export.model_card import (
     verify_card_files,
     write_model_card,
 )
-from dml.export.checked_export import CARD_NAME, FILE_NAMES, ExportResult, export_model
-from dml.export.onnx_export import export_onnx, onnx_embeddings, onnx_providers, open_onnx_session
-from dml.export.parity import DEFAULT_MIN_COSINE, ExportParityError, ParityReport, compare_embeddings, require_parity
+from dml.export.onnx_export import (
+    export_onnx,
+    onnx_embeddings,
+    onnx_providers,
+    open_onnx_session,
+)
+from dml.export.parity import (
+    DEFAULT_MIN_COSINE,
+    ExportParityError,
+    ParityReport,
+    compare_embeddings,
+    require_parity,
+)
 from dml.export.pixel_input import PixelInputModel, collect_images, normalized_to_pixels
 from dml.export.quantize import ImageBatchReader, quantize_onnx_int8, retrieval_drop
-from dml.export.torchscript_export import export_torchscript, load_torchscript, torch_embeddings
+from dml.export.torchscript_export import (
+    export_torchscript,
+    load_torchscript,
+    torch_embeddings,
+)
 
 __all__ = [
     "CARD_NAME",
     "DEFAULT_MIN_COSINE",
+    "FILE_NAMES",
     "ExportParityError",
     "ExportResult",
-    "FILE_NAMES",
     "ImageBatchReader",
     "ModelCardError",
     "ParityReport",

@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import onnx
@@ -90,7 +91,7 @@ def io_sections(preprocessing: Preprocessing, embedding_dim: int, in_graph: bool
     if preprocessing.center_crop is not None:
         applied = f"the caller first keeps the central {preprocessing.center_crop:g} of each side; " + applied
     filter_name = f"Image.Resampling.{preprocessing.interpolation.upper()}"
-    crop_note = (" (after keeping its central {:g} of each side)".format(preprocessing.center_crop)
+    crop_note = (f" (after keeping its central {preprocessing.center_crop:g} of each side)"
                  if preprocessing.center_crop is not None else " (no crop)")
     return {
         "input": {"name": INPUT_NAME, **graph_input},

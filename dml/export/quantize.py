@@ -19,12 +19,18 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from dml.eval.metrics import retrieval_metrics
@@ -105,7 +111,7 @@ def _prepare_for_quantization(source: Path, target: Path) -> Path:
         try:
             quant_pre_process(os.fspath(source), os.fspath(target), skip_symbolic_shape=skip_symbolic)
             return target
-        except Exception as error:  # ORT's pre-processing raises whatever its passes hit
+        except Exception as error:  # noqa: BLE001 - ORT's pre-processing raises whatever its passes hit
             failure = error
     logger.info("onnxruntime quantization pre-processing failed (%s); quantizing the graph as exported", failure)
     return source

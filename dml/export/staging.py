@@ -54,7 +54,7 @@ class StagedFiles:
             temporary.unlink(missing_ok=True)
         self._staged.clear()
 
-    def __enter__(self) -> "StagedFiles":
+    def __enter__(self) -> StagedFiles:
         return self
 
     def __exit__(

@@ -14,8 +14,12 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from dml.losses.distances import (check_embeddings_and_labels, cosine_similarity_matrix,
-                                  label_masks, normalized_euclidean_matrix)
+from dml.losses.distances import (
+    check_embeddings_and_labels,
+    cosine_similarity_matrix,
+    label_masks,
+    normalized_euclidean_matrix,
+)
 
 
 class PairMasks(NamedTuple):

@@ -13,8 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dml.losses.distances import (check_embeddings_and_labels, cosine_similarity_matrix,
-                                  label_masks, mean_of_nonzero, normalized_euclidean_matrix)
+from dml.losses.distances import (
+    check_embeddings_and_labels,
+    cosine_similarity_matrix,
+    label_masks,
+    mean_of_nonzero,
+    normalized_euclidean_matrix,
+)
 from dml.losses.miners import PairMasks, Triplets
 
 TRIPLET_MINING = ("all", "hard", "semihard", "easy", "batch_hard")

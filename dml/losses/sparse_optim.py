@@ -39,7 +39,7 @@ class SparseRowOptimizer(torch.optim.Optimizer):
 
     name = "base"
 
-    def __init__(self, head: "PartialFC", defaults: dict[str, Any]):
+    def __init__(self, head: PartialFC, defaults: dict[str, Any]):
         if defaults["lr"] < 0:
             raise ValueError(f"learning rate must be >= 0, got {defaults['lr']}")
         if defaults["weight_decay"] < 0:
@@ -139,7 +139,7 @@ class SparseRowSGD(SparseRowOptimizer):
 
     name = "sgd"
 
-    def __init__(self, head: "PartialFC", lr: float, momentum: float = 0.9, weight_decay: float = 5e-4,
+    def __init__(self, head: PartialFC, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4,
                  nesterov: bool = False):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
@@ -174,7 +174,7 @@ class SparseRowAdamW(SparseRowOptimizer):
 
     name = "adamw"
 
-    def __init__(self, head: "PartialFC", lr: float, weight_decay: float = 5e-4,
+    def __init__(self, head: PartialFC, lr: float, weight_decay: float = 5e-4,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
@@ -202,7 +202,7 @@ class SparseRowAdamW(SparseRowOptimizer):
         rows.sub_(exp_avg * step_size / denom)
 
 
-def build_sparse_optimizer(head: "PartialFC", name: str, lr: float, momentum: float = 0.9,
+def build_sparse_optimizer(head: PartialFC, name: str, lr: float, momentum: float = 0.9,
                            weight_decay: float = 5e-4, **kwargs: Any) -> SparseRowOptimizer:
     """``name`` "sgd" (uses ``momentum``) or "adamw" (``momentum`` is beta1 unless ``betas`` given)."""
     key = name.lower()

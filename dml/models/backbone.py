@@ -17,7 +17,8 @@ sizes too (position embeddings interpolated), as far as the patch size divides t
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import timm
 from torch import nn

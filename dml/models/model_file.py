@@ -33,7 +33,9 @@ def build_model(config: DMLConfig | None = None, model: ModelConfig | None = Non
                                   embedding_bn=model.embedding_bn, dropout=model.dropout, bfe=model.bfe)
     # The model is trained on the data config's normalisation, not timm's pretrained one:
     # record that, so evaluation and export feed it what it learned on.
-    expand = (lambda v: tuple(v) * data.channels if len(v) == 1 else tuple(v))
+    def expand(v: tuple[float, ...]) -> tuple[float, ...]:
+        return tuple(v) * data.channels if len(v) == 1 else tuple(v)
+
     built.preprocessing = Preprocessing((data.channels, data.image_size, data.image_size),
                                         expand(data.mean), expand(data.std), built.preprocessing.interpolation,
                                         center_crop=data.center_crop)

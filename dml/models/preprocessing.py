@@ -9,8 +9,9 @@ not the backbone's pretrained default: a model card must describe how the model 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from timm.data import resolve_data_config
 from torch import nn

@@ -15,8 +15,14 @@ from typing import Any
 
 from dml.config import DMLConfig
 from dml.errors import ConfigError
-from dml.tracking.mlflow_store import (experiment_id, flat_params, make_client, mlflow_enabled, numeric_metrics,
-                                       tracking_uri)
+from dml.tracking.mlflow_store import (
+    experiment_id,
+    flat_params,
+    make_client,
+    mlflow_enabled,
+    numeric_metrics,
+    tracking_uri,
+)
 
 log = logging.getLogger(__name__)
 TRACKING_FILE = "tracking.json"

@@ -11,7 +11,12 @@ import yaml
 
 from dml.config import DMLConfig, validate_config
 from dml.errors import DMLError
-from dml.tracking.mlflow_run import TRACKING_FILE, StageRun, log_params, read_tracking_file
+from dml.tracking.mlflow_run import (
+    TRACKING_FILE,
+    StageRun,
+    log_params,
+    read_tracking_file,
+)
 from dml.tracking.mlflow_store import experiment_id, flat_params, make_client
 from dml.train.metrics_log import read_metrics
 
@@ -43,9 +48,14 @@ def sync_folder(folder: str | Path, uri: str | None = None) -> str:
     config = saved_config(folder)
     client = make_client(uri)
     try:
-        created = client.create_run(experiment_id(client, config.tracking.mlflow.experiment, uri),
-                                    tags={"mlflow.runName": f"{state.get('stage', 'stage')} ({folder.name}, synced)",
-                                          "dml.stage": str(state.get("stage")), "dml.synced_from": str(folder.resolve())})
+        created = client.create_run(
+            experiment_id(client, config.tracking.mlflow.experiment, uri),
+            tags={
+                "mlflow.runName": f"{state.get('stage', 'stage')} ({folder.name}, synced)",
+                "dml.stage": str(state.get("stage")),
+                "dml.synced_from": str(folder.resolve()),
+            },
+        )
         log_params(client, created.info.run_id, flat_params(config))
     except Exception as exc:  # noqa: BLE001 - say why in one line
         raise DMLError(f"track sync: mlflow at {uri} cannot be reached: {type(exc).__name__}") from None

@@ -185,9 +185,17 @@ class Trainer:
                 progress.update(1)
                 if state.step % cfg.log_every == 0 or state.step == self.total_steps:
                     elapsed = time.perf_counter() - window_start
-                    self.metrics.write({"step": state.step, "epoch": state.epoch, **{f"loss_{k}": v for k, v in parts.items()},
-                                        "lr": self.schedule.current_lr(), "images_per_s": window_images / elapsed,
-                                        **self.skipped_samples(), **peak_memory_mb()})
+                    self.metrics.write(
+                        {
+                            "step": state.step,
+                            "epoch": state.epoch,
+                            **{f"loss_{k}": v for k, v in parts.items()},
+                            "lr": self.schedule.current_lr(),
+                            "images_per_s": window_images / elapsed,
+                            **self.skipped_samples(),
+                            **peak_memory_mb(),
+                        }
+                    )
                     progress.set_postfix(loss=f"{parts['main']:.3f}", refresh=False)
                     window_start, window_images = time.perf_counter(), 0
                 if state.step % cfg.checkpoint_every == 0:

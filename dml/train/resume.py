@@ -36,7 +36,12 @@ from dml.config import DMLConfig
 from dml.data.manifest import manifest_digest
 from dml.distributed import broadcast_object, gather_objects, get_rank
 from dml.errors import DMLError
-from dml.train.checkpoint import CHECKPOINTS, list_checkpoints, newest_resumable, read_checkpoint
+from dml.train.checkpoint import (
+    CHECKPOINTS,
+    list_checkpoints,
+    newest_resumable,
+    read_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +80,7 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def fixed_changes(saved: dict[str, Any], config: DMLConfig, model_section: str = "model") -> list[str]:
     """``key (old -> new)`` for every key that a resume may not change; [] when none changed."""
     fixed = FIXED + (("distill.",) if model_section != "model" else ())
-    changeable = CHANGEABLE + ("distill.run_dir",)
+    changeable = (*CHANGEABLE, "distill.run_dir")
     now, before = _flatten(config.model_dump(mode="json")), _flatten(saved)
     changed = []
     for key in sorted(now.keys() & before.keys()):

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -96,7 +96,7 @@ def combine_evaluators(*evaluators):
     return evaluate
 
 
-def make_best_keeper(config: DMLConfig, run_dir: Path, spec: "TrainingSpec", digest: str) -> BestModelKeeper | None:
+def make_best_keeper(config: DMLConfig, run_dir: Path, spec: TrainingSpec, digest: str) -> BestModelKeeper | None:
     """A keeper of ``<run_dir>/best/model.pt`` by ``train.best_metric`` (None when unset);
     ``digest`` is the training manifest's sha256, recorded in the saved model."""
     metric = config.train.resolved_best_metric
@@ -190,6 +190,8 @@ def _train(config: DMLConfig, resume: bool, device: torch.device, spec: Training
     if rank == 0:
         write_json_atomic(run_dir / "train_result.json", asdict(result), sort_keys=False)
         trainer.metrics.finish([run_dir / name for name in ("config.yaml", "metrics.jsonl", "train_result.json")])
-        log.info("train: done -> %s (model %s, %d checkpoints kept)", run_dir, model_path, len(list_checkpoints(run_dir)))
+        log.info(
+            "train: done -> %s (model %s, %d checkpoints kept)", run_dir, model_path, len(list_checkpoints(run_dir))
+        )
     barrier()
     return result

@@ -34,7 +34,9 @@ def _evaluate(config: DMLConfig, resume: bool) -> Any:
 
 
 def _distill(config: DMLConfig, resume: bool) -> Any:
-    from dml.distill.run import run_distill  # written separately; may be missing in old installs
+    from dml.distill.run import (
+        run_distill,  # written separately; may be missing in old installs
+    )
 
     return run_distill(config, resume=resume)
 
@@ -58,7 +60,7 @@ class _StageLog:
         self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         self.logger = logging.getLogger("dml")
 
-    def __enter__(self) -> "_StageLog":
+    def __enter__(self) -> _StageLog:
         self.level = self.logger.level
         if self.logger.getEffectiveLevel() > logging.INFO:
             self.logger.setLevel(logging.INFO)
