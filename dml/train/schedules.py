@@ -72,7 +72,7 @@ class LRSchedule:
         """Continue at the saved step, with the current config's base LRs and hyperparameters
         (call it after the optimizers' states were restored)."""
         self.step_count = int(state["step_count"])
-        for optimizer, configured in zip(self.optimizers, self._configured, strict=True):
-            for group, settings in zip(optimizer.param_groups, configured, strict=True):
+        for optimizer, configured in zip(self.optimizers, self._configured, strict=False):
+            for group, settings in zip(optimizer.param_groups, configured, strict=False):
                 group.update(settings)
         self._apply()
