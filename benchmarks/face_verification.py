@@ -80,7 +80,7 @@ def reference_numbers(embeddings: np.ndarray, same: np.ndarray) -> dict:
 
 
 def timed(function, *args, repeats: int = 1) -> tuple[dict, float]:
-    best, result = float("inf"), None
+    best, result = float("inf"), {}
     for _ in range(repeats):
         start = time.perf_counter()
         result = function(*args)

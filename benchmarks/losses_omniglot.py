@@ -61,6 +61,7 @@ losses at one budget only. Usage:
 from __future__ import annotations
 
 import time
+from typing import Any
 
 PROCESS_START = time.perf_counter()  # before the heavy imports: the total covers them too
 
@@ -103,7 +104,7 @@ ARCFACE_MARGIN = 0.3
 NETWORK_LR, CENTRE_LR = 1e-3, 1e-2
 EVAL_BATCH = 1024
 
-HYPERPARAMETERS = {
+HYPERPARAMETERS: dict[str, dict[str, Any]] = {
     "arcface": {"s": MARGIN_SCALE, "m": ARCFACE_MARGIN},
     "cosface": {"s": MARGIN_SCALE, "m": 0.35},
     "sphereface": {"s": MARGIN_SCALE, "m": 1.35},
@@ -215,7 +216,7 @@ def train(name: str, args: argparse.Namespace, data: dict, batches: torch.Tensor
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=len(batches))
     model.train()
     tail = max(1, len(batches) // 10)
-    losses = []
+    losses: list[float] = []
     for rows in batches:
         images = normalise(data["train_images"][rows], data["mean"], data["std"])
         loss = criterion(model(images), data["train_labels"][rows])
@@ -240,7 +241,7 @@ def evaluate(model: nn.Module, data: dict) -> dict:
     return {key: float(metrics[key]) for key in ("precision_at_1", "map_at_r", "r_precision")}
 
 
-def timed(function: Callable, *args) -> tuple[object, float]:
+def timed(function: Callable, *args) -> tuple[Any, float]:
     start = time.perf_counter()
     result = function(*args)
     return result, time.perf_counter() - start

@@ -210,7 +210,8 @@ def main() -> int:
     if not OMNIGLOT.exists():
         print(f"skipped: Omniglot not found at {OMNIGLOT}")
         return 0
-    start, timings = time.perf_counter(), {}
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
     work = args.work_dir
     shards = timed("prepare shards", lambda: prepare_shards(work, max(args.image_size, args.student_image_size)),
                    timings)

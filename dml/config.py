@@ -357,7 +357,7 @@ class StudentConfig(ModelConfig):
     in the teacher's embedding space, so a different value is an error at start."""
 
     backbone: str = "mobilenetv3_large_100"
-    embedding_dim: int | None = Field(None, ge=2)
+    embedding_dim: int | None = Field(None, ge=2)  # type: ignore[assignment]  # None: the teacher's
 
 
 class DistillConfig(StrictModel):

@@ -9,6 +9,7 @@ import typing
 from typing import Any, Literal
 
 from pydantic import BaseModel
+from pydantic_core import ErrorDetails
 
 from dml.names import unknown_name
 
@@ -45,7 +46,7 @@ def _literal_choices(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return [str(v) for v in typing.get_args(current) if isinstance(v, str)]
 
 
-def describe_error(error: dict[str, Any], model: type[BaseModel]) -> str:
+def describe_error(error: ErrorDetails, model: type[BaseModel]) -> str:
     """One clause for one entry of ``ValidationError.errors()`` raised by ``model``."""
     loc = tuple(error["loc"])
     dotted = ".".join(str(p) for p in loc)

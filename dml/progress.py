@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 from typing import Any
 
 from tqdm import tqdm
@@ -54,7 +54,7 @@ def progress(iterable: Iterable | None = None, *, total: float | None = None, de
         return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, disable=True, **kwargs)
     if sys.stderr.isatty():
         return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, leave=leave, **kwargs)
-    if total is None and iterable is not None and hasattr(iterable, "__len__"):
+    if total is None and isinstance(iterable, Sized):
         total = len(iterable)
     return tqdm(iterable, total=total, desc=desc, unit=f" {unit}", initial=initial, file=LogLines(),
                 mininterval=interval_seconds(), ascii=True, leave=True,

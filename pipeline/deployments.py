@@ -19,7 +19,7 @@ API only, never to a cluster.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
@@ -39,6 +39,11 @@ def _parameters(config_path: str, overrides: list[str] | None) -> dict[str, Any]
     return {"config_path": config_path, "overrides": list(overrides or []), "only_if_data_changed": True}
 
 
+def _to_deployment(**kwargs: Any) -> RunnerDeployment:
+    """``nightly_retrain.to_deployment``: called from sync code it returns the deployment, not a coroutine."""
+    return cast(RunnerDeployment, nightly_retrain.to_deployment(**kwargs))
+
+
 def _schedule(cron: str | None, interval: float | None) -> dict[str, Any]:
     """``to_deployment`` schedule arguments: every ``interval`` seconds, else ``cron``
     (the nightly default when neither is given)."""
@@ -48,7 +53,7 @@ def _schedule(cron: str | None, interval: float | None) -> dict[str, Any]:
 def serve_deployment(config_path: str | Path, cron: str | None = NIGHTLY_CRON, overrides: list[str] | None = None,
                      name: str = DEPLOYMENT, interval: float | None = None) -> RunnerDeployment:
     """The scheduled retrain as a deployment for `prefect.serve` on this machine."""
-    return nightly_retrain.to_deployment(name=name, **_schedule(cron, interval), concurrency_limit=ONE_AT_A_TIME,
+    return _to_deployment(name=name, **_schedule(cron, interval), concurrency_limit=ONE_AT_A_TIME,
                                          parameters=_parameters(str(Path(config_path).resolve()), overrides),
                                          tags=["dml", "nightly"])
 
@@ -68,7 +73,7 @@ def process_deployment(config_path: str | Path, work_pool: str, cron: str | None
     this installed package (module-path entrypoint, no code pull) and runs it in the current
     directory, so ``config_path`` (made absolute) and the config's relative paths mean what
     they mean to `dml pipeline run` here: a worker on this machine, or one with the same paths."""
-    return nightly_retrain.to_deployment(
+    return _to_deployment(
         name=name, **_schedule(cron, interval), concurrency_limit=ONE_AT_A_TIME,
         parameters=_parameters(str(Path(config_path).resolve()), overrides), work_pool_name=work_pool,
         entrypoint_type=EntrypointType.MODULE_PATH, tags=["dml", "nightly"],
@@ -83,7 +88,7 @@ def kubernetes_deployment(image: str, config_path: str = POD_CONFIG, cron: str |
     has this package installed: module-path entrypoint, no code pull) and launches each stage
     as its own Job (``pipeline.launcher=kubernetes`` with the same image and namespace)."""
     launcher = ["pipeline.launcher=kubernetes", f"pipeline.image={image}", f"pipeline.namespace={namespace}"]
-    return nightly_retrain.to_deployment(
+    return _to_deployment(
         name=name, **_schedule(cron, interval), concurrency_limit=ONE_AT_A_TIME,
         parameters=_parameters(config_path, [*launcher, *(overrides or [])]),
         work_pool_name=work_pool, entrypoint_type=EntrypointType.MODULE_PATH, tags=["dml", "nightly", "kubernetes"],

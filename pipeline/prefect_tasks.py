@@ -44,7 +44,9 @@ def run_stage(stage: str, config: PipelineRunConfig) -> StageOutcome:
     outcome = execute_stage(stage, config, build_launcher(config.pipeline))
     if outcome.status == "cached":
         logger.info("%s: inputs unchanged, outputs in %s", stage, outcome.output_dir)
-        return Completed(name="Cached", message=f"inputs unchanged (key {outcome.key[:12]})", data=outcome)
+        # Prefect hands the caller the state's data (the outcome); the state only names the run "Cached".
+        return Completed(  # type: ignore[return-value]
+            name="Cached", message=f"inputs unchanged (key {outcome.key[:12]})", data=outcome)
     logger.info("%s: done -> %s (log %s)", stage, outcome.output_dir, outcome.log_path)
     return outcome
 

@@ -96,7 +96,8 @@ def recent_runs(limit: int = 10, deployment: str | None = None) -> list[RunRecor
                                      sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=limit)
         names = _deployment_names(client, runs)
         headlines = _headlines(client, runs)
-    return [RunRecord(name=run.name, deployment=names.get(run.deployment_id), state=run.state_name or "",
+    return [RunRecord(name=run.name, deployment=names.get(run.deployment_id) if run.deployment_id else None,
+                      state=run.state_name or "",
                       state_type=run.state_type.value if run.state_type else "", expected_start=run.expected_start_time,
                       duration_s=_duration(run), message=(run.state.message or "") if run.state else "",
                       models=headlines.get(run.id, []))

@@ -26,6 +26,7 @@ def execute_stage(stage: str, config: DMLConfig, launcher: Launcher) -> StageOut
         raise StageFailed(stage, f"cannot start: {exc}", None, input_error=True) from None
     decision, stamp = claim_output_dir(spec.output_dir, spec.name, spec.key, spec.done_file)
     if decision == "cached":
+        assert stamp is not None  # a cached output dir has its stamp
         log.info("%s: inputs unchanged (key %s): using %s", stage, spec.key[:12], spec.output_dir)
         return StageOutcome(stage, "cached", spec.key, str(spec.output_dir), str(spec.log_path), stamp["result"])
     log.info("%s: %s run via %s -> %s", stage, "resuming" if decision == "resume" else "fresh", launcher.name,

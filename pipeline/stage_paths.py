@@ -60,7 +60,7 @@ def load_pipeline_config(config_path: str | Path | None, overrides: list[str] | 
     if config.data.shard_dir != config.prepare.output_dir:
         log.info("pipeline: data.shard_dir %s replaced by prepare.output_dir %s",
                  config.data.shard_dir, config.prepare.output_dir)
-    values = {"data.shard_dir": config.prepare.output_dir, "distill.teacher": config.train.run_dir}
+    values: dict[str, Any] = {"data.shard_dir": config.prepare.output_dir, "distill.teacher": config.train.run_dir}
     if config.distill.student.embedding_dim is None:
         # The student is trained in the teacher's embedding space (dml.distill.run); the
         # teacher here is this pipeline's own train stage: say it explicitly in the config.

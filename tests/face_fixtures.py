@@ -5,6 +5,7 @@ embeddings, `.bin` verification sets, and the independent reference computation 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ def orl_path(person: int, image: int) -> Path:
     return ORL / f"s{person}" / f"{image}.pgm"
 
 
-def orl_pairs(people: range, pairs_per_fold: int = 30, folds: int = 10,
+def orl_pairs(people: Iterable[int], pairs_per_fold: int = 30, folds: int = 10,
               seed: int = 0) -> list[tuple[tuple[int, int], tuple[int, int], bool]]:
     """Pairs ((person, image), (person, image), same) laid out like LFW's pairs file: each of
     ``folds`` consecutive blocks holds ``pairs_per_fold`` same pairs then as many different

@@ -41,9 +41,11 @@ def write_shard_set(root: Path, shapes: dict[str, list[int]], classes: int = 3) 
     root.mkdir(parents=True, exist_ok=True)
     splits = {}
     for split, sizes in shapes.items():
-        shards, class_counts, index = [], Counter(), 0
+        shards, index = [], 0
+        class_counts: Counter[int] = Counter()
         for number, size in enumerate(sizes):
-            members, counts = [], Counter()
+            members = []
+            counts: Counter[int] = Counter()
             for _ in range(size):
                 label = index % classes
                 members += sample_members(f"{split}-{index:05d}", label, seed=index)

@@ -138,9 +138,9 @@ def resume_and_reduce(info, shard_dir: str) -> dict:
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
     splits = {}
     for split in ("s1n1", "s2n2", "s3n11", "s5n11"):
-        loader = EvalLoader(data(Path(shard_dir)), split)
+        eval_loader = EvalLoader(data(Path(shard_dir)), split)
         embedded = extract_embeddings(model, data(Path(shard_dir)), split, torch.device("cpu"))
-        splits[split] = {"mine": [k for batch, _, _ in loader for k in batch], "all": embedded.keys}
+        splits[split] = {"mine": [k for batch, _, _ in eval_loader for k in batch], "all": embedded.keys}
     return {"steps": steps, "splits": splits}
 
 

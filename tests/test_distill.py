@@ -122,6 +122,7 @@ def objective_gradient(rows: list[int], world: int) -> torch.Tensor:
     objective = DistillObjective(config, 5, torch.device("cpu"), FixedTeacher(table))
     loss, _ = objective(F.normalize(x[rows] @ w, dim=1).float(), labels[rows], keys=[str(i) for i in rows])
     loss.backward()
+    assert w.grad is not None
     grad = w.grad.clone()
     if world > 1:
         torch.distributed.all_reduce(grad)

@@ -80,7 +80,7 @@ def check_gather(info: D.DistInfo, use_reduce_scatter: bool) -> dict:
     ((info.rank + 1) * coeff * gathered).sum().backward()
     start = sum(rank_rows(r).shape[0] for r in range(info.rank))
     want = world * (world + 1) / 2 * coeff[start: start + mine.shape[0]]
-    assert torch.equal(mine.grad, want)
+    assert mine.grad is not None and torch.equal(mine.grad, want)
     labels = D.all_gather_rows(torch.full((mine.shape[0],), info.rank, dtype=torch.long))
     assert labels.tolist() == [r for r in range(world) for _ in range(rank_rows(r).shape[0])]
     return {"rank": info.rank, "rows": int(mine.shape[0]), "grad_sum": float(mine.grad.sum())}

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -128,7 +129,8 @@ def check_project_command(argv: list[str]) -> bool:
         module, _, function = scripts[argv[0]].partition(":")
         assert callable(getattr(importlib.import_module(module), function)), scripts[argv[0]]
         if len(argv) > 1 and not argv[1].startswith("-"):
-            assert argv[1] in build_parser()._subparsers._group_actions[0].choices
+            subparsers: Any = build_parser()._subparsers
+            assert argv[1] in subparsers._group_actions[0].choices
         return True
     if Path(argv[0]).name.startswith("python") and argv[1:2] == ["-m"] and argv[2].startswith("dml"):
         assert importlib.util.find_spec(argv[2]) is not None, f"no module {argv[2]}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -112,7 +113,7 @@ def test_parse_pooling_accepts_combinations_and_rejects_bad_specs() -> None:
 def test_single_pooling_neck_is_pool_project_normalise() -> None:
     neck = EmbeddingNeck(in_channels=8, embedding_dim=4, pooling="avg", embedding_bn=False).eval()
     features = torch.randn(3, 8, 5, 5)
-    projection = neck.branches[0].projection
+    projection: Any = neck.branches[0].projection
     expected = F.normalize(projection(features.mean(dim=(2, 3))), dim=1)
     assert torch.allclose(neck(features), expected, atol=1e-6)
 
@@ -175,7 +176,8 @@ def test_batch_feature_erasing_is_identity_in_eval() -> None:
 
 def test_single_channel_input() -> None:
     model = build_embedding_model("resnet10t", 16, in_chans=1).eval()
-    assert model.backbone.conv1[0].in_channels == 1
+    backbone: Any = model.backbone
+    assert backbone.conv1[0].in_channels == 1
     assert_unit_rows(model(torch.randn(2, 1, 32, 32)))
     assert model.preprocessing.input_size == (1, 176, 176)  # resnet10t's timm default size
     assert model.preprocessing.mean == pytest.approx((sum(IMAGENET_MEAN) / 3,))
@@ -241,10 +243,12 @@ def test_backbone_only_weights_drop_classifier_and_adapt_first_conv(tmp_path) ->
     path = tmp_path / "resnet10t_timm.pth"
     torch.save({"state_dict": timm_style}, path)
     rgb = build_embedding_model("resnet10t", 16, pretrained_path=path)
-    assert torch.equal(rgb.backbone.layer4[0].conv2.weight, timm_style["layer4.0.conv2.weight"])
+    rgb_backbone: Any = rgb.backbone
+    assert torch.equal(rgb_backbone.layer4[0].conv2.weight, timm_style["layer4.0.conv2.weight"])
     grey = build_embedding_model("resnet10t", 16, in_chans=1, pretrained_path=path)
     # resnet10t's first conv (timm pretrained_cfg "first_conv") is conv1.0; RGB filters are summed.
-    assert torch.allclose(grey.backbone.conv1[0].weight, timm_style["conv1.0.weight"].sum(dim=1, keepdim=True))
+    grey_backbone: Any = grey.backbone
+    assert torch.allclose(grey_backbone.conv1[0].weight, timm_style["conv1.0.weight"].sum(dim=1, keepdim=True))
 
 
 def test_mismatched_weights_report_counts(tmp_path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -52,6 +53,13 @@ def local_slice(n: int, world: int, rank: int) -> slice:
 
 def full_weight(num_classes: int, seed: int = 7) -> torch.Tensor:
     return torch.randn(num_classes, DIM, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def whole_head(head: PartialFC) -> dict:
+    """``head.full_state_dict()`` in one process (where it is never None)."""
+    state = head.full_state_dict()
+    assert state is not None
+    return state
 
 
 def head_with_weight(weight: torch.Tensor, margin, sample_rate: float = 1.0, seed: int = 0) -> PartialFC:
@@ -125,6 +133,7 @@ def sampled_step_checks(head: PartialFC, optimizer, x, y) -> torch.Tensor:
     head(x, y).backward()
     optimizer.step()
     index = head.sampled_index
+    assert index is not None  # sample_rate < 1 samples rows
     untouched = torch.ones(head.shard_size, dtype=torch.bool)
     untouched[index] = False
     assert untouched.any()
@@ -280,7 +289,7 @@ def test_centre_init_is_independent_of_the_world_size():
     (lambda: PartialFC(DIM, 10, ArcFace())(torch.randn(0, DIM), torch.zeros(0, dtype=torch.long)),
      "global batch is empty"),
     (lambda: PartialFC(DIM, 10, ArcFace()).configure_optimizer("lamb", lr=0.1), "unknown head optimizer 'lamb'"),
-    (lambda: PartialFC(DIM, 10, ArcFace()).load_full_state_dict(PartialFC(DIM, 11, ArcFace()).full_state_dict()),
+    (lambda: PartialFC(DIM, 10, ArcFace()).load_full_state_dict(whole_head(PartialFC(DIM, 11, ArcFace()))),
      "saved head is 11 classes"),
 ])
 def test_bad_input_is_a_clear_value_error(make, message):
@@ -311,6 +320,7 @@ def check_equivalence(info: DistInfo, num_classes: int = 11, global_n: int = 13)
     assert head.shard_size == num_classes // world + (rank < num_classes % world)
     initial = head.full_state_dict()
     if rank == 0:  # the sharded init is the single-process init
+        assert initial is not None
         assert torch.equal(initial["weight"], init_centre_shard(num_classes, DIM, 0, num_classes, seed=3))
     head.double()
     weight = full_weight(num_classes)
@@ -323,6 +333,7 @@ def check_equivalence(info: DistInfo, num_classes: int = 11, global_n: int = 13)
     loss.backward()
     ref_loss, ref_dx, ref_dw = reference_ce(weight, x, y, margin)
     assert_near(loss.detach(), ref_loss)
+    assert emb.grad is not None and head.weight.grad is not None
     assert_near(emb.grad, ref_dx[part])
     assert_near(head.weight.grad, ref_dw[head.class_start: head.class_end])
     losses = [None] * world
@@ -333,7 +344,7 @@ def check_equivalence(info: DistInfo, num_classes: int = 11, global_n: int = 13)
 def sparse_worker(info: DistInfo, tmp: str) -> dict:
     check_equivalence(info)
     num_classes, global_n = 101, 9
-    sampled = {}
+    sampled: dict[str, Any] = {}
     for name in ("sgd", "adamw"):
         head = PartialFC(DIM, num_classes, ArcFace(), sample_rate=0.1, seed=8).double()
         optimizer = head.configure_optimizer(name, lr=0.1)
@@ -367,6 +378,7 @@ def sparse_worker(info: DistInfo, tmp: str) -> dict:
     train(resumed, resumed.configure_optimizer("adamw", lr=0.05), range(1, 3))
     final = resumed.full_state_dict()
     if info.rank == 0:
+        assert final is not None and uninterrupted is not None
         assert torch.equal(final["weight"], uninterrupted["weight"])
         for key, value in uninterrupted["optimizer"]["state"].items():
             assert torch.equal(final["optimizer"]["state"][key], value), key

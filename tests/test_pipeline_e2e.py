@@ -66,7 +66,7 @@ def task_states(flow_state) -> dict[str, list]:
             sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200)
     found: dict[str, list] = {}
     for run in runs:
-        found.setdefault(run.name, []).append((run.state.name, run.run_count))
+        found.setdefault(run.name, []).append((run.state.name if run.state else None, run.run_count))
     return found
 
 

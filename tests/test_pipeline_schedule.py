@@ -126,7 +126,9 @@ def wait_for_run(server, processes, deployment_id, started_after: datetime | Non
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for run in runs_of(server, deployment_id):
-            if run.state_type in FINISHED and (started_after is None or run.start_time > started_after):
+            started = run.start_time
+            later = started_after is None or (started is not None and started > started_after)
+            if run.state_type in FINISHED and later:
                 return run
         time.sleep(2)
     raise AssertionError(f"no finished run of {deployment_id} in {timeout:.0f} s\n{processes.tails()}")
@@ -145,7 +147,7 @@ def artifacts_of(server: LiveServer, run: FlowRun) -> dict[str, object]:
 
 
 def describe(run: FlowRun, processes: ProcessTree) -> str:
-    return f"run {run.name}: {run.state_name} {run.state.message!r}\n{processes.tails()}"
+    return f"run {run.name}: {run.state_name} {run.state.message if run.state else None!r}\n{processes.tails()}"
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,7 @@ def orient(array: np.ndarray, orientation: int) -> np.ndarray:
     }[orientation](array)
 
 
-def source(mode: str, rng) -> tuple[Image.Image, np.ndarray, str]:
+def source(mode: str, rng) -> tuple[Image.Image, np.ndarray, str | None]:
     """(image in ``mode``, the 8-bit pixels it must decode to, a lossless format that stores it)."""
     shape = (HEIGHT, WIDTH)
     if mode == "1":

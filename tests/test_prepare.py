@@ -35,7 +35,9 @@ def read_split(out: Path, split: str) -> list[dict]:
         with tarfile.open(out / shard["name"]) as tar:
             for member in tar.getmembers():
                 key, ext = member.name.split(".", 1)
-                samples.setdefault(key, {"key": key})[ext] = tar.extractfile(member).read()
+                data = tar.extractfile(member)
+                assert data is not None, member.name  # shards hold regular files only
+                samples.setdefault(key, {"key": key})[ext] = data.read()
     return list(samples.values())
 
 

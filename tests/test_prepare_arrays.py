@@ -49,7 +49,9 @@ def _pixels_by_source(out: Path) -> dict[str, np.ndarray]:
         with tarfile.open(tar_path) as tar:
             for member in tar.getmembers():
                 key, ext = member.name.split(".", 1)
-                found.setdefault(key, {})[ext] = tar.extractfile(member).read()
+                data = tar.extractfile(member)
+                assert data is not None, member.name  # shards hold regular files only
+                found.setdefault(key, {})[ext] = data.read()
     return {json.loads(s["json"])["source"]: np.asarray(Image.open(io.BytesIO(s["png"]))) for s in found.values()}
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -116,7 +117,7 @@ def _idx(root: Path, images: np.ndarray, labels: np.ndarray, gz: bool = False) -
     return root
 
 
-def _npz(root: Path, **arrays: np.ndarray) -> Path:
+def _npz(root: Path, **arrays: Any) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     np.savez(root / "images_background.npz", **arrays)
     return root

@@ -20,7 +20,8 @@ UNCHECKED = object()  # a documented default that is a choice ("sgd"|"adamw"), n
 
 def split_top_level(text: str) -> list[str]:
     """Split ``text`` on commas that are not inside brackets or quotes."""
-    parts, depth, quote, current = [], 0, "", []
+    parts, depth, quote = [], 0, ""
+    current: list[str] = []
     for char in text:
         if quote:
             quote = "" if char == quote else quote
@@ -50,7 +51,9 @@ def documented_parameters(args: str) -> list[tuple[str, object]] | None:
     params = []
     for part in split_top_level(args):
         name, _, default = part.partition("=")
-        identifier = re.match(r"\s*(\w+)", name).group(1)
+        found = re.match(r"\s*(\w+)", name)
+        assert found is not None, part
+        identifier = found.group(1)
         if not default:
             params.append((identifier, NO_DEFAULT))
             continue
@@ -70,7 +73,7 @@ def matching_paren(text: str, start: int) -> int:
     raise ValueError(f"unbalanced parentheses in {text!r}")
 
 
-def documented_api(markdown: str) -> list[tuple[str, list[tuple[str, object]]]]:
+def documented_api(markdown: str) -> list[tuple[str, list[tuple[str, object]] | None]]:
     """(qualified name, parameters) for every call-like code span of the Public API section.
 
     A span ``dml.mod.Name(...)`` sets the module; a bare capitalised ``Name(...)`` is in the
@@ -119,7 +122,7 @@ def check_signature(qualified: str, documented: list[tuple[str, object]] | None)
     names = [p.name for p in params[: len(documented)]]
     if names != [name for name, _ in documented]:
         problems.append(f"{qualified}: parameters {names}, documented {[n for n, _ in documented]}")
-    for param, (_, default) in zip(params, documented, strict=True):
+    for param, (_, default) in zip(params, documented, strict=False):  # params may go on past the documented ones
         actual = NO_DEFAULT if param.default is inspect.Parameter.empty else param.default
         if default is not NO_DEFAULT and default is not UNCHECKED and actual != default:
             problems.append(f"{qualified}: {param.name} defaults to {actual!r}, documented {default!r}")

@@ -46,7 +46,11 @@ def written_samples(out: Path) -> list[dict]:
     for split in manifest["splits"].values():
         for shard in split["shards"]:
             with tarfile.open(out / shard["name"]) as tar:
-                metas += [json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")]
+                for member in tar.getmembers():
+                    if member.name.endswith(".json"):
+                        data = tar.extractfile(member)
+                        assert data is not None, member.name  # shards hold regular files only
+                        metas.append(json.loads(data.read()))
     return metas
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -28,7 +29,7 @@ def tiny_shards(tmp_path: Path, classes: int = 6, per_class: int = 12, split: di
 
 def tiny_train_config(shards: Path, run_dir: Path, **sections) -> dict:
     """A config dict for a seconds-long run; ``sections`` update top-level sections."""
-    config = {
+    config: dict[str, Any] = {
         "seed": 0,
         "data": {"shard_dir": str(shards), "image_size": 32, "channels": 3, "batch_size": 6,
                  "num_workers": 0, "shuffle_buffer": 20},

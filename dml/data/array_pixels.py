@@ -36,6 +36,8 @@ def pixel_scale(array: np.ndarray, path: Path) -> str:
         return BOOL
     if array.dtype == np.uint8 or array.size == 0:
         return AS_IS
+    low: float  # an int for integer arrays
+    high: float
     if kind in "iu":
         low, high = int(array.min()), int(array.max())
         if low >= 0 and high <= 255:

@@ -89,7 +89,7 @@ def face_marks(row: Mapping) -> FaceMarks | None:
     if box is None and points is None:
         return None
     landmarks = tuple(zip(points[0::2], points[1::2], strict=True)) if points is not None else None
-    return FaceMarks(tuple(box) if box is not None else None, landmarks)
+    return FaceMarks((box[0], box[1], box[2], box[3]) if box is not None else None, landmarks)
 
 
 def template(size: int) -> np.ndarray:
@@ -105,7 +105,7 @@ def landmark_transform(landmarks: np.ndarray, size: int) -> SimilarityTransform:
     from skimage.transform import SimilarityTransform
 
     tform = SimilarityTransform.from_estimate(np.asarray(landmarks, dtype=np.float64), template(size))
-    if not tform or not np.isfinite(tform.params).all() or tform.scale <= 0:
+    if not isinstance(tform, SimilarityTransform) or not np.isfinite(tform.params).all() or tform.scale <= 0:
         raise ValueError("landmarks are degenerate: no similarity takes them to the template")
     return tform
 

@@ -126,8 +126,9 @@ class TrainLoader:
         manifest = load_manifest(config.shard_dir)
         shards = split_shard_specs(manifest, config.shard_dir, config.train_split)
         count = manifest["splits"][config.train_split]["count"]
-        self.pk = config.pk_classes is not None
-        self.batch_size = config.pk_classes * config.pk_samples if self.pk else config.batch_size
+        pk_classes = config.pk_classes
+        self.pk = pk_classes is not None
+        self.batch_size = pk_classes * config.pk_samples if pk_classes is not None else config.batch_size
         self.batches_per_epoch = batches_per_epoch or count // (self.world_size * self.batch_size)
         if self.batches_per_epoch < 1:
             raise DataError(f"split '{config.train_split}' has {count} samples: too few for "
@@ -139,9 +140,9 @@ class TrainLoader:
         collate = NormalizedCollate(BatchNormalize(config))
         stages: list[Any] = [self.sampler, ReadShards(shards, self.policy),
                              EpochShuffle(self.sampler, config.shuffle_buffer)]
-        if self.pk:
-            self._check_pk(manifest, config)
-            stages += [PKGroups(self.sampler, config.pk_classes, config.pk_samples),
+        if pk_classes is not None:
+            self._check_pk(manifest, config, pk_classes)
+            stages += [PKGroups(self.sampler, pk_classes, config.pk_samples),
                        wds.map(DecodeGroup(transform, collate, self.policy, with_keys))]
         else:
             stages += [wds.map(DecodeSample(transform, self.policy, with_keys)), wds.select(is_decoded),
@@ -150,11 +151,11 @@ class TrainLoader:
                                     num_workers=config.num_workers, persistent_workers=False)
 
     @staticmethod
-    def _check_pk(manifest: dict, config: DataConfig) -> None:
+    def _check_pk(manifest: dict, config: DataConfig, pk_classes: int) -> None:
         counts = manifest["splits"][config.train_split]["class_counts"]
         usable = sum(1 for n in counts.values() if n >= config.pk_samples)
-        if usable < config.pk_classes:
-            raise DataError(f"P x K sampling needs {config.pk_classes} classes with >= {config.pk_samples} "
+        if usable < pk_classes:
+            raise DataError(f"P x K sampling needs {pk_classes} classes with >= {config.pk_samples} "
                             f"samples; split '{config.train_split}' has {usable}")
         if usable < len(counts):
             log.info("P x K: %d classes have fewer than %d samples and are never sampled",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dml.errors import DataError
 from dml.files import sha256_file, write_json_atomic
@@ -122,7 +122,7 @@ def _read_manifest_file(path: Path) -> dict:
     return manifest
 
 
-def _check_ours(manifest: object, path: Path) -> None:
+def _check_ours(manifest: Any, path: Path) -> None:
     """Raise unless ``manifest`` has the layout `dml prepare` writes (down to each shard entry)."""
     ours = isinstance(manifest, dict) and manifest.get("created_by") == "dml prepare"
     if ours and manifest.get("format_version") != FORMAT_VERSION:

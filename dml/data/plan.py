@@ -12,6 +12,7 @@ import json
 import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -136,10 +137,12 @@ def assign_splits(records: list[Record], config: PrepareConfig) -> dict[int, str
         for name in classes:
             held = []
             for i in by_class[name]:
-                if records[i].split == HELD_OUT:
+                split = records[i].split
+                if split == HELD_OUT:
                     held.append(i)
                 else:
-                    assignment[i] = records[i].split
+                    assert split is not None  # reject_bad_source_splits refused records without one
+                    assignment[i] = split
             if held:
                 _split_held_out(held, split_cfg.query_fraction, rng, assignment)
     return assignment
@@ -204,7 +207,7 @@ def reject_names_not_utf8(records: list[Record]) -> list[Record]:
 def rejection_entry(record: Record) -> dict:
     """A manifest ``rejected`` entry for a record refused before reading (no shard key)."""
     assert record.rejection is not None
-    entry = {"key": None, "source": record.source_id, "code": record.rejection.code,
+    entry: dict[str, Any] = {"key": None, "source": record.source_id, "code": record.rejection.code,
              "reason": record.rejection.reason}
     if record.row is not None:
         entry["row"] = record.row

@@ -27,6 +27,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -181,7 +182,7 @@ class RecordIOSource:
     def __init__(self, path: str | Path):
         self.paths = RecordIOPaths.find(path)
         self.property = read_property(self.paths.prop) if self.paths.prop else None
-        self.description = {"kind": "recordio", "path": str(self.paths.rec), "property": self.property}
+        self.description: dict[str, Any] = {"kind": "recordio", "path": str(self.paths.rec), "property": self.property}
         self._keys = np.empty(0, np.int64)
         self._offsets = np.empty(0, np.int64)
         self._lengths = np.empty(0, np.int64)

@@ -118,7 +118,7 @@ def pk_groups(samples: Iterable[dict[str, Any]], classes_per_batch: int, samples
                 ready.discard(fullest)
         if len(ready) >= classes_per_batch:
             chosen = rng.sample(sorted(ready), classes_per_batch)
-            group = []
+            group: list[Any] = []
             for label in chosen:
                 group.extend(queues[label].popleft() for _ in range(samples_per_class))
                 held -= samples_per_class

@@ -218,7 +218,7 @@ class IdxSource:
         return str(value)
 
     def records(self) -> list[Record]:
-        out = []
+        out: list[Record] = []
         for prefix, (images_path, labels_path) in sorted(self.pairs.items()):
             labels = _integer_labels(read_idx(labels_path), labels_path)
             dtype, shape = idx_header(images_path)
@@ -266,7 +266,7 @@ class OmniglotSource:
         self._images: dict[str, tuple[np.ndarray, str]] = {}  # part -> (images, pixel scale)
 
     def records(self) -> list[Record]:
-        out = []
+        out: list[Record] = []
         for part, path in sorted(self.files.items()):
             (num_classes, per_class), dtype = _omniglot_shape(path)
             if dtype not in (np.bool_, np.uint8):  # other types need their value range: fail here

@@ -171,6 +171,7 @@ def _row_record(row: RawRow) -> Record:
         problem = "null label" if _is_null(label) else "empty label"
     if problem:
         return Record(path_text or "", "", None, Rejection("bad_row", problem), number)
+    assert path_text is not None and label_text is not None  # else problem is set above
     return Record(path_text, label_text, split_text.strip().lower() if split_text else None, row=number, face=face)
 
 

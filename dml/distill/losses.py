@@ -15,7 +15,7 @@ Sources:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -144,6 +144,7 @@ def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor, anchor_chunk: i
     else:
         if anchor_chunk < 1:
             raise ValueError(f"anchor_chunk must be >= 1, got {anchor_chunk}")
-        total = sum(checkpoint(_angle_chunk_loss, student, teacher, part, use_reentrant=False)
-                    for part in anchors.split(anchor_chunk))
+        chunks = (checkpoint(_angle_chunk_loss, student, teacher, part, use_reentrant=False)
+                  for part in anchors.split(anchor_chunk))
+        total = cast(torch.Tensor, sum(chunks))  # >= 1 chunk, so a tensor, never the start value 0
     return total / (b * (b - 1) * (b - 2))

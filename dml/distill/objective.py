@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -48,7 +48,7 @@ ANGLE_ANCHOR_CHUNK = 64
 class TeacherEmbedder(Protocol):
     embedding_dim: int
 
-    def embed(self, images: torch.Tensor, keys: list[str] | None) -> torch.Tensor: ...
+    def embed(self, images: torch.Tensor | None, keys: list[str] | None) -> torch.Tensor: ...
 
 
 def load_teacher_head(head: PartialFC, teacher_run: str, seed: int) -> None:
@@ -101,7 +101,9 @@ class DistillObjective(ExtraOptimizers, nn.Module):
         self.cfg = config.distill
         self.teacher = teacher
         self.world_size = get_world_size()
-        self.embedding_dim = config.distill.student.embedding_dim
+        if config.distill.student.embedding_dim is None:
+            raise ValueError("set distill.student.embedding_dim (to the teacher's) before building the objective")
+        self.embedding_dim: int = config.distill.student.embedding_dim
         self.optimizers: list[torch.optim.Optimizer] = []
         self.head: PartialFC | None = None
         self.pair_loss: nn.Module | None = None
@@ -148,7 +150,7 @@ class DistillObjective(ExtraOptimizers, nn.Module):
         if not terms:
             raise DMLError("distill: every loss weight is 0; set absolute_weight, relative_weight, "
                            "rkd_distance_weight, rkd_angle_weight or label_weight")
-        loss = sum(weight * value for _, weight, value in terms)
+        loss = cast(torch.Tensor, sum(weight * value for _, weight, value in terms))  # terms is not empty
         parts = {name: float(value.detach()) for name, _, value in terms}
         parts["main"] = float(loss.detach())
         return loss, parts
@@ -163,6 +165,7 @@ class DistillObjective(ExtraOptimizers, nn.Module):
             if self.world_size > 1 and student.requires_grad:
                 head_input = _ScaleGradient.apply(student, float(self.world_size))
             return self.head(head_input, labels)
+        assert self.pair_loss is not None  # _build_label_loss builds a head or a pair loss
         return self.pair_loss(all_gather_with_grad(student), all_gather_rows(labels))
 
     def full_state(self, include_head: bool = True) -> dict[str, Any]:

@@ -61,6 +61,7 @@ def distill_spec(config: DMLConfig, teacher: TeacherRecord) -> TrainingSpec:
 
     def build_objective(cfg: DMLConfig, num_classes: int, device: torch.device) -> DistillObjective:
         # Inside the process group: building the cache is collective.
+        source: CachedTeacher | OnTheFlyTeacher
         if cached:
             source = CachedTeacher(ensure_teacher_cache(teacher, cfg.data, device), device)
         else:

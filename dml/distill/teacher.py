@@ -103,7 +103,12 @@ class OnTheFlyTeacher:
         self.embedding_dim = record.embedding_dim
 
     @torch.no_grad()
-    def embed(self, images: torch.Tensor, keys: list[str] | None = None) -> torch.Tensor:
-        """(B, C, H, W) student-normalised images -> (B, D_teacher) float32 unit embeddings."""
+    def embed(self, images: torch.Tensor | None, keys: list[str] | None = None) -> torch.Tensor:
+        """(B, C, H, W) student-normalised images -> (B, D_teacher) float32 unit embeddings.
+
+        Raises ValueError when the batch has no images (the teacher runs on them).
+        """
+        if images is None:
+            raise ValueError("the on-the-fly teacher needs the batch's images")
         self.model.eval()
         return self.model(self.adapt(images)).float()

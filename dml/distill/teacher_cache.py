@@ -179,7 +179,7 @@ class CachedTeacher:
         self.cache, self.device = cache, device
         self.embedding_dim = cache.vectors.shape[1]
 
-    def embed(self, images: torch.Tensor, keys: list[str] | None) -> torch.Tensor:
+    def embed(self, images: torch.Tensor | None, keys: list[str] | None) -> torch.Tensor:
         """(B, D_teacher) float32 teacher embeddings of the batch's samples, on the device."""
         if keys is None:
             raise ValueError("cached teacher embeddings need the batch's sample keys (TrainLoader with_keys=True)")

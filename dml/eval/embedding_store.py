@@ -38,6 +38,12 @@ class EmbeddingSet:
     meta: dict[str, Any] = field(default_factory=dict)
     verification: list[PairEmbeddings] = field(default_factory=list)
 
+    def splits(self) -> list[str]:
+        """The embedded splits: the query split, then the gallery split when there is a gallery."""
+        if self.gallery is not None and self.gallery_split is not None:
+            return [self.query_split, self.gallery_split]
+        return [self.query_split]
+
     def save(self, directory: str | Path) -> Path:
         """Write every split and ``meta.json`` (rank 0 only); returns the directory."""
         directory = Path(directory)

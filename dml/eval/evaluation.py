@@ -104,7 +104,7 @@ def verification_section(embeddings: np.ndarray, labels: np.ndarray | None, fars
     """
     configured = [far_key(f) for f in fars]
     grid = [f for f in FAR_GRID if far_key(f) not in configured]
-    kwargs = {"pairs": pairs[0], "is_same": pairs[1]} if pairs is not None else {}
+    kwargs: dict[str, Any] = {"pairs": pairs[0], "is_same": pairs[1]} if pairs is not None else {}
     result = verification_metrics(embeddings, labels, fars=[*grid, *fars], **kwargs)
     curve = sorted((f, result["tar_at_far"][far_key(f)]) for f in [*grid, *fars]
                    if result["tar_at_far"][far_key(f)] is not None)

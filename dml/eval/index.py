@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 try:  # faiss is a hard dependency of the package, but evaluation must survive without it
     import faiss
 except ImportError as _error:  # pragma: no cover - exercised in a subprocess test
-    faiss = None
+    faiss = None  # type: ignore[assignment]  # callers check it and say why it is missing
     _FAISS_IMPORT_ERROR = repr(_error)
 else:
     _FAISS_IMPORT_ERROR = ""
@@ -108,15 +108,17 @@ def _torch_search(gallery: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.
     """Inner-product top k with torch (any order among ties), the gallery scanned in blocks."""
     query_t, gallery_t = torch.from_numpy(queries), torch.from_numpy(gallery)
     block = max(k, TORCH_SCORE_BLOCK // max(1, len(queries)))
-    best_vals = best_ids = None
+    best_vals: torch.Tensor | None = None
+    best_ids: torch.Tensor | None = None
     for start in range(0, len(gallery_t), block):
         scores = query_t @ gallery_t[start : start + block].T
         vals, idx = scores.topk(min(k, scores.shape[1]), dim=1)
         idx = idx + start
-        if best_vals is not None:
+        if best_vals is not None and best_ids is not None:
             vals, pos = torch.cat([best_vals, vals], 1).topk(k, dim=1)
             idx = torch.cat([best_ids, idx], 1).gather(1, pos)
         best_vals, best_ids = vals, idx
+    assert best_vals is not None and best_ids is not None  # callers pass a non-empty gallery
     return best_vals.numpy(), best_ids.numpy()
 
 
@@ -254,7 +256,8 @@ def _faiss_ivfpq(gallery: np.ndarray, nlist: int | None, pq_m: int | None, pq_nb
     if dim % pq_m:
         raise ValueError(f"pq_m={pq_m} must divide the embedding dimension {dim}")
     index = faiss.index_factory(dim, f"IVF{nlist},PQ{pq_m}x{pq_nbits}", faiss.METRIC_INNER_PRODUCT)
-    index.do_polysemous_training = False  # only serves Hamming pre-filtering, which we do not use
+    # the factory returns an IndexIVFPQ, typed as its base Index
+    index.do_polysemous_training = False  # type: ignore[attr-defined]  # only serves Hamming pre-filtering, which we do not use
     train_size = min(n, max(256 * nlist, 2**pq_nbits * 64))
     rows = np.random.default_rng(seed).choice(n, size=train_size, replace=False)
     index.train(np.ascontiguousarray(gallery[np.sort(rows)]))

@@ -190,7 +190,7 @@ def _per_class(labels: np.ndarray, scores: dict[str, np.ndarray]) -> dict[Any, d
     table: dict[Any, dict[str, float]] = {}
     means = {n: np.bincount(inverse, weights=v, minlength=len(classes)) / counts for n, v in scores.items()}
     for i, label in enumerate(classes):
-        entry = {"num_queries": int(counts[i])}
+        entry: dict[str, float] = {"num_queries": int(counts[i])}
         entry.update({n: float(m[i]) for n, m in means.items()})
         table[label.item() if hasattr(label, "item") else label] = entry
     return table

@@ -82,7 +82,7 @@ def write_per_class_csv(rows: list[dict[str, Any]], path: Path) -> Path:
 
 def build_report(metrics: EvaluationMetrics, headline: Mapping[str, Any], *, config: Mapping[str, Any],
                  provenance: Mapping[str, Any], counts: Mapping[str, Any], plots: Mapping[str, str],
-                 class_names: Sequence[str] | None, timestamps: Mapping[str, str],
+                 class_names: Sequence[str] | None, timestamps: Mapping[str, str | None],
                  verification_sets: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The ``report.json`` payload (see module docstring); ``verification_sets`` maps a face
     verification set's name to its numbers (`dml.eval.verification_report`)."""

@@ -78,8 +78,7 @@ def plot_retrieval_grid(embeddings: EmbeddingSet, shard_dir: str | Path, path: s
     sims, ids = grid_neighbours(embeddings, rows, k)
     target = gallery if gallery is not None else query
     wanted = {query.keys[r] for r in rows} | {target.keys[i] for i in ids.ravel() if i >= 0}
-    splits = [embeddings.query_split] + ([embeddings.gallery_split] if gallery is not None else [])
-    images = read_images_by_key(shard_dir, splits, wanted)
+    images = read_images_by_key(shard_dir, embeddings.splits(), wanted)
     figure = new_figure(1.3 * (k + 1), 1.7 * len(rows))
     cells = figure.subplots(len(rows), k + 1, squeeze=False)
     for line, row in enumerate(rows):

@@ -69,10 +69,10 @@ def check_inputs(config: DMLConfig) -> Path:
     """Validate model file, manifest and splits before any collective; returns the model file."""
     model_file = find_model_file(config.evaluate.model_path, "evaluate.model_path")
     manifest = load_manifest(config.data.shard_dir)
-    leave_one_out = config.evaluate.gallery_split is None
-    check_split(manifest, config.evaluate.query_split, "query", minimum=2 if leave_one_out else 1)
-    if not leave_one_out:
-        check_split(manifest, config.evaluate.gallery_split, "gallery")
+    gallery_split = config.evaluate.gallery_split
+    check_split(manifest, config.evaluate.query_split, "query", minimum=2 if gallery_split is None else 1)
+    if gallery_split is not None:
+        check_split(manifest, gallery_split, "gallery")
     return model_file
 
 
@@ -153,6 +153,7 @@ def run_evaluate(config: DMLConfig, embeddings_dir: str | Path | None = None) ->
     info = init_distributed()
     try:
         if embeddings_dir is None:
+            assert model_file is not None  # check_inputs found it
             embeddings = embed_with_model(config, model_file, info.device)
     finally:
         if created_group:
@@ -161,6 +162,7 @@ def run_evaluate(config: DMLConfig, embeddings_dir: str | Path | None = None) ->
         return EvalResult(str(output_dir), str(output_dir / "report.json"), str(output_dir / "report.md"), {})
     output_dir.mkdir(parents=True, exist_ok=True)
     if embeddings_dir is None:
+        assert model_file is not None  # check_inputs found it
         embeddings.meta["model"]["sha256"] = sha256_file(model_file)
         embeddings_dir = embeddings.save(output_dir / EMBEDDINGS_SUBDIR)
         log.info("evaluate: embeddings saved to %s", embeddings_dir)
@@ -181,8 +183,7 @@ def report_on_embeddings(config: DMLConfig, embeddings: EmbeddingSet, embeddings
     pairs = None
     if evaluate.pairs_file is not None:
         keys = embeddings.query.keys + (embeddings.gallery.keys if embeddings.gallery is not None else [])
-        splits = [embeddings.query_split] + ([embeddings.gallery_split] if embeddings.gallery is not None else [])
-        pairs = resolve_pairs_file(evaluate.pairs_file, keys, config.data.shard_dir, splits)
+        pairs = resolve_pairs_file(evaluate.pairs_file, keys, config.data.shard_dir, embeddings.splits())
     metrics = evaluate_embeddings(embeddings, evaluate, seed=config.seed, pairs=pairs)
     counts, count_notes = count_summary(embeddings)
     for note in count_notes:

@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -134,11 +134,13 @@ def export_model(
     int8_min_cosine = check_min_cosine(int8_min_cosine, "int8_min_cosine")
     job = _prepare_job(model, parity_images, opset, min_cosine, preprocessing_in_graph, preprocessing, batch_size)
     with StagedFiles(out_dir) as staged:
-        files, parity = [], {}
+        files: list[dict[str, Any]] = []
+        parity: dict[str, Any] = {}
         for fmt in formats:
             files.append(file_entry(fmt, _export_checked(job, fmt, staged, parity), FILE_NAMES[fmt]))
         int8_section = None
         if int8:
+            assert calibration_images is not None and eval_images is not None  # _check_formats requires them
             int8_section = _export_int8(job, staged, calibration_images, eval_images, eval_labels,
                                         int8_min_cosine, int8_op_types)
             files.append(file_entry("onnx_int8", staged.path(FILE_NAMES["onnx_int8"]), FILE_NAMES["onnx_int8"]))
@@ -174,7 +176,7 @@ def _check_formats(formats: Sequence[str], int8: bool, calibration_images: Any, 
 def _prepare_job(model: nn.Module, parity_images: ImageInput, opset: int, min_cosine: float, in_graph: bool,
                  preprocessing: Preprocessing | None, batch_size: int) -> _ExportJob:
     summary = model_summary(model)  # raises ValueError unless an EmbeddingModel
-    inner: EmbeddingModel = getattr(model, "module", model)
+    inner = cast(EmbeddingModel, getattr(model, "module", model))
     preprocessing = preprocessing or inner.preprocessing
     if preprocessing.input_size[0] != inner.preprocessing.input_size[0]:
         raise ValueError(f"preprocessing has {preprocessing.input_size[0]} channels, the model "

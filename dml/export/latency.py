@@ -37,6 +37,7 @@ def onnx_cpu_latency(
     latency = {}
     for batch in batch_sizes:
         shape = (int(batch), *fixed)
+        data: np.ndarray
         if graph_input.type == "tensor(uint8)":
             data = rng.integers(0, 256, shape, dtype=np.uint8)
         else:

@@ -26,6 +26,9 @@ class PixelInputModel(nn.Module):
     ``model``. ``mean`` / ``std`` are buffers, so they are exported as graph constants.
     """
 
+    mean: torch.Tensor  # (1, C, 1, 1) buffers
+    std: torch.Tensor
+
     def __init__(self, model: nn.Module, preprocessing: Preprocessing) -> None:
         super().__init__()
         self.model = model

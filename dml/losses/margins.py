@@ -175,9 +175,10 @@ class _PerClassMargin(_TargetMargin):
 
     def row_margins(self, labels: torch.Tensor, like: torch.Tensor) -> torch.Tensor | float:
         """Margin of each row's own class (a float when the margin is shared)."""
-        if self.class_margins is None:
-            return self.m
-        return self.class_margins.to(device=like.device, dtype=like.dtype)[labels]
+        if self.class_margins is not None:
+            return self.class_margins.to(device=like.device, dtype=like.dtype)[labels]
+        assert self.m is not None  # __init__ sets one of the two
+        return self.m
 
     def target_logit(self, target_cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         m = self.row_margins(labels, target_cosine)

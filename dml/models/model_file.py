@@ -24,9 +24,14 @@ MODEL_FILE = "model.pt"  # the final model inside a run folder
 
 def build_model(config: DMLConfig | None = None, model: ModelConfig | None = None,
                 data: DataConfig | None = None) -> nn.Module:
-    """The embedding model of ``config`` (or of explicit model/data sections)."""
-    model = model or config.model
-    data = data or config.data
+    """The embedding model of ``config`` (or of explicit model/data sections).
+
+    Raises TypeError when neither ``config`` nor both sections are given.
+    """
+    if config is not None:
+        model, data = model or config.model, data or config.data
+    if model is None or data is None:
+        raise TypeError("build_model needs a config, or both the model and the data section")
     built = build_embedding_model(model.backbone, embedding_dim=model.embedding_dim, pooling=model.pooling,
                                   in_chans=data.channels, pretrained_path=model.pretrained_path,
                                   input_size=(data.channels, data.image_size, data.image_size),

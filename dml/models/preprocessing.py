@@ -91,6 +91,7 @@ def resolve_preprocessing(
 
 
 def _spatial_size(input_size: int | Sequence[int], in_chans: int) -> tuple[int, int]:
+    size: tuple[int, ...]
     if isinstance(input_size, int):
         size = (input_size, input_size)
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,7 @@ class StageRun:
         except Exception as exc:  # noqa: BLE001 - any tracker failure must not end training
             self.fail("logging metrics", exc)
 
-    def log_artifacts(self, paths: list[str | Path], subdir: str | None = None) -> None:
+    def log_artifacts(self, paths: Sequence[str | Path], subdir: str | None = None) -> None:
         """Upload existing files (missing ones are skipped) under ``subdir`` of the run."""
         if not self.active:
             return

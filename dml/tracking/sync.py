@@ -67,7 +67,7 @@ def sync_folder(folder: str | Path, uri: str | None = None) -> str:
         run.log_metrics({k: v for k, v in headline.items() if v is not None}, step=0)
     run.log_artifacts([folder / name for name in STAGE_FILES])
     run.finish()
-    if run.error:
-        raise DMLError(f"track sync: {run.error}")
+    if run.error or run.run_id is None:
+        raise DMLError(f"track sync: {run.error or 'no MLflow run was created'}")
     log.info("track sync: %s -> mlflow %s run %s", folder, uri, run.run_id)
     return run.run_id

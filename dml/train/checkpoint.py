@@ -67,7 +67,9 @@ def step_dir_name(step: int) -> str:
 
 def rng_state() -> dict[str, Any]:
     """This process's RNG states as tensors and plain values (loadable with ``weights_only``)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = np.random.get_state()
+    assert isinstance(numpy_state, tuple)  # the legacy MT19937 tuple, numpy's default
+    kind, keys, pos, has_gauss, cached = numpy_state
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),
              "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
     if torch.cuda.is_available():

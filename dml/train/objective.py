@@ -117,6 +117,7 @@ class Objective(ExtraOptimizers, nn.Module):
         else:
             global_embeddings = all_gather_with_grad(embeddings.float())
             global_labels = all_gather_rows(labels)
+            assert self.pair_loss is not None  # __init__ builds a head or a pair loss
             loss = self.pair_loss(global_embeddings, global_labels)
         parts["main"] = float(loss.detach())
         if self.center is not None:
