@@ -6,7 +6,7 @@ VENV := .venv
 DEPS_HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
 STAMP := $(VENV)/.deps-$(DEPS_HASH)
 
-.PHONY: setup fashion-mnist quickstart test test-fast
+.PHONY: setup fashion-mnist quickstart lint test test-fast
 
 setup: $(STAMP)
 
@@ -23,8 +23,15 @@ fashion-mnist:
 quickstart: setup fashion-mnist
 	env -u PREFECT_API_URL PREFECT_HOME=$(CURDIR)/runs/.prefect $(VENV)/bin/dml pipeline run --config configs/quickstart.yaml $(ARGS)
 
+# Lint (ruff) and type check (mypy) the library, the flows, the tests and the benchmarks;
+# settings in pyproject.toml. `make test` runs it first.
+LINT_PATHS := dml pipeline tests benchmarks
+lint: setup
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/mypy $(LINT_PATHS)
+
 # Prefect gets a throwaway home and no API URL, so tests never touch a real server.
-test: setup
+test: setup lint
 	env -u PREFECT_API_URL PREFECT_HOME=$$(mktemp -d) $(VENV)/bin/pytest -q
 
 test-fast: setup
