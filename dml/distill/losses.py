@@ -40,6 +40,8 @@ def absolute_teacher_loss(student: torch.Tensor, teacher: torch.Tensor,
     ``l2``: mean over rows of the squared Euclidean distance ``||s_i - t_i||^2``.
     ``cosine``: mean over rows of ``1 - cos(s_i, t_i)`` (scale-free; for unit vectors it is
     half the ``l2`` value). An empty batch gives 0. Memory: O(B D).
+
+    Raises ValueError for a ``kind`` other than 'l2' or 'cosine'.
     """
     _check_pair(student, teacher)
     teacher = teacher.detach().to(student.dtype)
@@ -132,6 +134,8 @@ def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor, anchor_chunk: i
     processed ``anchor_chunk`` at a time under activation checkpointing (recomputed in
     backward), so the peak is O(anchor_chunk * B * (B + D)) at the cost of a second forward.
     Same value and gradient either way.
+
+    Raises ValueError for an ``anchor_chunk`` below 1.
     """
     _check_pair(student, teacher, same_dim=False)
     b = student.shape[0]

@@ -31,6 +31,11 @@ class CenterLoss(nn.Module):
         self.centres = nn.Parameter(torch.randn(num_classes, embedding_dim) * 0.01)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Half the mean squared distance of each embedding (B, D) to its class centre; a scalar.
+
+        Raises ValueError for embeddings not (B, embedding_dim), labels not an integer (B,) tensor,
+        an empty batch, or a label outside [0, num_classes).
+        """
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_dim:
             raise ValueError(f"embeddings must have shape (B, {self.embedding_dim}), got {tuple(embeddings.shape)}")
         if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:

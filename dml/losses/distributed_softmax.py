@@ -58,6 +58,8 @@ def distributed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
     each row's class must be held by exactly one rank. Returns the same scalar on every rank.
     Gradient flows to ``logits`` only. Memory: one extra (N, k_local) buffer (the softmax),
     reused for the gradient. In a world of 1 this is ordinary cross-entropy.
+
+    Raises ValueError for logits not (N, k) with k >= 1 or targets not (N,).
     """
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(f"expected logits (N, k) and targets (N,), got {tuple(logits.shape)} "

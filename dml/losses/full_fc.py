@@ -36,6 +36,11 @@ class SubCenterArcFace(nn.Module):
         nn.init.normal_(self.weight, std=0.01)  # the scale is irrelevant: rows are normalised
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Cosine (N, num_classes) of the embeddings (N, D) to each class: the max over its k
+        sub-centres, both sides L2-normalised, in the embeddings' dtype.
+
+        Raises ValueError for embeddings not (N, embedding_dim).
+        """
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_dim:
             raise ValueError(f"embeddings must have shape (N, {self.embedding_dim}), got {tuple(embeddings.shape)}")
         weight = self.weight.to(embeddings.dtype)
@@ -48,7 +53,10 @@ class SubCenterArcFace(nn.Module):
     def dominant_subcenters(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(num_classes,) index in [0, k) of the sub-centre closest to most of each class's
         samples (classes absent from ``labels`` get 0). The paper keeps these after training
-        and drops the rest together with samples far from them."""
+        and drops the rest together with samples far from them.
+
+        Raises ValueError for labels not (N,).
+        """
         if labels.shape != embeddings.shape[:1]:
             raise ValueError(f"labels must have shape ({embeddings.shape[0]},), got {tuple(labels.shape)}")
         weight = F.normalize(self.weight.to(embeddings.dtype), dim=1).view(self.num_classes, self.k, -1)
@@ -82,12 +90,18 @@ class MarginHead(nn.Module):
 
     @property
     def weight(self) -> nn.Parameter:
+        """The class centres (num_classes * sub_centers, D), not normalised."""
         return self.centres.weight
 
     def logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Scaled logits (N, C) with the margin on each row's target column (see the margin module)."""
         return self.margin(self.centres(embeddings), labels)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean softmax cross-entropy of the margin logits; embeddings (N, D), labels (N,) -> scalar.
+
+        Raises ValueError for labels not (N,) or outside [0, num_classes).
+        """
         if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
             raise ValueError(f"labels must have shape ({embeddings.shape[0]},), got {tuple(labels.shape)}")
         if labels.numel() and bool(((labels < 0) | (labels >= self.centres.num_classes)).any()):

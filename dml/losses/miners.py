@@ -56,6 +56,11 @@ class MultiSimilarityMiner(nn.Module):
 
     @torch.no_grad()
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> PairMasks:
+        """Pair masks (B, B) of the informative pairs: positives less similar than the hardest
+        negative plus epsilon, negatives more similar than the hardest positive minus epsilon.
+
+        Embeddings (B, D), labels (B,); raises ValueError for mismatched shapes. No gradient.
+        """
         check_embeddings_and_labels(embeddings, labels)
         similarity = cosine_similarity_matrix(embeddings.detach())
         positive, negative = label_masks(labels)
@@ -114,6 +119,11 @@ class DistanceWeightedMiner(nn.Module):
 
     @torch.no_grad()
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> Triplets:
+        """One (anchor, positive, negative) index triplet per positive pair of a usable anchor,
+        each (T,); its negative is drawn by `negative_weights` (inverse distance density).
+
+        Embeddings (B, D), labels (B,); raises ValueError for mismatched shapes. No gradient.
+        """
         check_embeddings_and_labels(embeddings, labels)
         device = embeddings.device
         weight = self.negative_weights(embeddings, labels)

@@ -69,6 +69,11 @@ class TripletMarginLoss(nn.Module):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
                 triplets: Triplets | None = None) -> torch.Tensor:
+        """Mean hinge ``max(0, d(a, p) - d(a, n) + margin)`` over the mined (or given) triplets;
+        distances between L2-normalised embeddings (B, D), labels (B,). A scalar (0 with no triplet).
+
+        Raises ValueError for mismatched shapes.
+        """
         check_embeddings_and_labels(embeddings, labels)
         distance = normalized_euclidean_matrix(embeddings)
         if triplets is None and self.miner is not None:
@@ -145,6 +150,11 @@ class ContrastiveLoss(nn.Module):
         self.pos_margin, self.neg_margin, self.miner = float(pos_margin), float(neg_margin), miner
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, pairs: PairMasks | None = None) -> torch.Tensor:
+        """Mean of the positive-pair hinge ``max(0, d - pos_margin)`` and the negative-pair hinge
+        ``max(0, neg_margin - d)`` over the used pairs; embeddings (B, D), labels (B,) -> scalar.
+
+        Raises ValueError for mismatched shapes.
+        """
         check_embeddings_and_labels(embeddings, labels)
         positive, negative = _pairs_to_use(embeddings, labels, pairs, self.miner)
         distance = normalized_euclidean_matrix(embeddings)
@@ -177,6 +187,11 @@ class MultiSimilarityLoss(nn.Module):
         self.alpha, self.beta, self.base, self.miner = float(alpha), float(beta), float(base), miner
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, pairs: PairMasks | None = None) -> torch.Tensor:
+        """Multi-similarity loss (Wang et al. 2019) averaged over anchors; cosine similarities of
+        embeddings (B, D), labels (B,) -> scalar.
+
+        Raises ValueError for mismatched shapes.
+        """
         check_embeddings_and_labels(embeddings, labels)
         positive, negative = _pairs_to_use(embeddings, labels, pairs, self.miner)
         similarity = cosine_similarity_matrix(embeddings)

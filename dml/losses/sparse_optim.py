@@ -54,6 +54,7 @@ class SparseRowOptimizer(torch.optim.Optimizer):
 
     @property
     def param(self) -> torch.nn.Parameter:
+        """The head's (shard_size, D) centre parameter this optimizer updates."""
         return self.param_groups[0]["params"][0]
 
     def row_state(self) -> dict[str, torch.Tensor]:
@@ -73,7 +74,10 @@ class SparseRowOptimizer(torch.optim.Optimizer):
         return {k: v for k, v in self.param_groups[0].items() if k != "params"}
 
     def load_row_state(self, saved: dict[str, Any]) -> None:
-        """Install ``{"name", "hyperparameters", "state": {key: rows}}`` for this shard's rows."""
+        """Install ``{"name", "hyperparameters", "state": {key: rows}}`` for this shard's rows.
+
+        Raises ValueError for another optimizer's state or state tensors of the wrong keys or shape.
+        """
         if saved.get("name") != self.name:
             raise ValueError(f"saved head optimizer is {saved.get('name')!r}, this one is {self.name!r}")
         self.param_groups[0].update(saved["hyperparameters"])
@@ -98,6 +102,7 @@ class SparseRowOptimizer(torch.optim.Optimizer):
 
     # --- stepping ------------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the parameter's gradient and the head's sampled-row gradient."""
         super().zero_grad(set_to_none)
         self.head.clear_sampled_grad(set_to_none)
 
@@ -148,6 +153,7 @@ class SparseRowSGD(SparseRowOptimizer):
         super().__init__(head, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov))
 
     def row_state_shapes(self):
+        """Per-row state: ``momentum_buffer`` (shard_size, D), none without momentum."""
         if self.param_groups[0]["momentum"] == 0:
             return {}
         return {"momentum_buffer": (tuple(self.param.shape), self.param.dtype)}
@@ -183,6 +189,7 @@ class SparseRowAdamW(SparseRowOptimizer):
         super().__init__(head, dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps))
 
     def row_state_shapes(self):
+        """Per-row state: ``exp_avg`` and ``exp_avg_sq`` (shard_size, D), ``row_step`` (shard_size,)."""
         shape, dtype = tuple(self.param.shape), self.param.dtype
         # float32 counts are exact up to 2**24 updates of one row.
         return {"exp_avg": (shape, dtype), "exp_avg_sq": (shape, dtype), "row_step": (shape[:1], torch.float32)}
@@ -204,7 +211,10 @@ class SparseRowAdamW(SparseRowOptimizer):
 
 def build_sparse_optimizer(head: PartialFC, name: str, lr: float, momentum: float = 0.9,
                            weight_decay: float = 5e-4, **kwargs: Any) -> SparseRowOptimizer:
-    """``name`` "sgd" (uses ``momentum``) or "adamw" (``momentum`` is beta1 unless ``betas`` given)."""
+    """``name`` "sgd" (uses ``momentum``) or "adamw" (``momentum`` is beta1 unless ``betas`` given).
+
+    Raises ValueError for any other ``name``.
+    """
     key = name.lower()
     if key == "sgd":
         return SparseRowSGD(head, lr=lr, momentum=momentum, weight_decay=weight_decay, **kwargs)

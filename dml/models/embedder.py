@@ -49,7 +49,10 @@ class EmbeddingModel(nn.Module):
         self.embedding_dim = neck.embedding_dim
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images (N, C, H, W) float -> embeddings (N, embedding_dim) with unit L2 norm."""
+        """images (N, C, H, W) float -> embeddings (N, embedding_dim) with unit L2 norm.
+
+        Raises ValueError for images of another shape (checked outside jit tracing).
+        """
         channels = self.preprocessing.input_size[0]
         # Skipped under jit tracing (ONNX export), where shape entries are traced values.
         if not torch.jit.is_tracing() and (images.dim() != 4 or images.shape[1] != channels):
@@ -152,6 +155,8 @@ def model_summary(model: nn.Module) -> dict[str, Any]:
 
     Returns a JSON-ready dict: backbone, pooling, embedding_dim, num_parameters,
     num_trainable_parameters, backbone_parameters, neck_parameters, preprocessing.
+
+    Raises ValueError for a model that is not an ``EmbeddingModel``.
     """
     inner = getattr(model, "module", model)  # unwrap DistributedDataParallel
     if not isinstance(inner, EmbeddingModel):

@@ -40,6 +40,9 @@ class BatchFeatureErasing(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         # Eval mode returns before any shape-dependent Python, so export sees no branches here.
+        """Features (N, C, H, W) with one random block, the same for the whole batch, set to zero
+        in training; unchanged in eval mode.
+        """
         if not self.training:
             return features
         height, width = features.shape[-2], features.shape[-1]

@@ -35,7 +35,10 @@ from dml.models.tokens import ToFeatureMap, build_descriptor_pool
 
 
 def split_embedding_dim(embedding_dim: int, parts: int) -> list[int]:
-    """Split ``embedding_dim`` into ``parts`` sizes that differ by at most one, largest first."""
+    """Split ``embedding_dim`` into ``parts`` sizes that differ by at most one, largest first.
+
+    Raises ValueError when ``parts`` < 1 or exceeds ``embedding_dim``.
+    """
     if parts < 1 or embedding_dim < parts:
         raise ValueError(f"embedding_dim {embedding_dim} cannot be split among {parts} descriptors")
     base, extra = divmod(embedding_dim, parts)
@@ -60,6 +63,7 @@ class DescriptorBranch(nn.Module):
         self.projection = nn.Linear(in_channels, out_dim)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Pool, batch-norm, dropout and project a feature map (N, C, H, W) to (N, out_dim)."""
         pooled = self.pool(features)
         return self.projection(self.dropout(self.feature_bn(pooled)))
 
@@ -123,6 +127,10 @@ class EmbeddingNeck(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         features = self.to_map(features)
         # Skipped under jit tracing (ONNX export), where shape entries are traced values.
+        """L2-normalised embedding (N, embedding_dim) of a feature map (N, in_channels, H, W).
+
+        Raises ValueError for a feature map of another shape (checked outside jit tracing).
+        """
         if not torch.jit.is_tracing() and (features.dim() != 4 or features.shape[1] != self.in_channels):
             raise ValueError(
                 f"embedding neck expects a feature map (N, {self.in_channels}, H, W) (backbone output "

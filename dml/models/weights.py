@@ -37,7 +37,10 @@ class WeightsFileNotFoundError(FileNotFoundError, ValueError):
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a flat ``{name: tensor}`` mapping from a local weights file onto the CPU."""
+    """Read a flat ``{name: tensor}`` mapping from a local weights file onto the CPU.
+
+    Raises WeightsFileNotFoundError for a missing file, ValueError for one that cannot be read as weights.
+    """
     file = Path(path)
     if not file.is_file():
         raise WeightsFileNotFoundError(f"weights file not found: {file}")
