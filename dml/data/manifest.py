@@ -77,7 +77,10 @@ def _build(classes: list[str], shards: list[dict], rejected: list[dict], *, sour
 
 def assemble_manifest(plan: ShardPlan, results: list[ShardResult], source: dict,
                       config: PrepareConfig, partition: tuple[int, int] | None) -> dict:
-    """Build the manifest for the shards in ``results`` and check no input went missing."""
+    """Build the manifest for the shards in ``results`` and check no input went missing.
+
+    Raises DataError when a shard's written and rejected samples do not add up to its plan.
+    """
     from dataclasses import asdict
 
     shards = [asdict(r) for r in results]
@@ -99,6 +102,7 @@ def assemble_manifest(plan: ShardPlan, results: list[ShardResult], source: dict,
 
 
 def write_manifest(out_dir: Path, manifest: dict, partition: tuple[int, int] | None = None) -> Path:
+    """Write ``manifest`` atomically as ``manifest.json`` (or the partition's part file); returns its path."""
     path = Path(out_dir) / manifest_name(partition)
     write_json_atomic(path, manifest)
     return path
@@ -145,7 +149,10 @@ def manifest_digest(shard_dir: str | Path) -> str:
 
 
 def split_shards(manifest: dict, shard_dir: str | Path, split: str) -> list[str]:
-    """Paths of a split's shards; an unknown split is a one-line error naming the known ones."""
+    """Paths of a split's shards; an unknown split is a one-line error naming the known ones.
+
+    Raises DataError for an unknown split.
+    """
     if split not in manifest["splits"]:
         raise DataError(f"split '{split}' not in manifest (has: {', '.join(manifest['splits'])})")
     return [str(Path(shard_dir) / s["name"]) for s in manifest["splits"][split]["shards"]]
@@ -166,7 +173,10 @@ def verify_shards(shard_dir: str | Path) -> list[str]:
 
 
 def merge_manifests(shard_dir: str | Path) -> dict:
-    """Combine all partial manifests of a partitioned run into ``manifest.json``."""
+    """Combine all partial manifests of a partitioned run into ``manifest.json``.
+
+    Raises DataError when parts are missing, foreign, or from other partition counts or plans.
+    """
     shard_dir = Path(shard_dir)
     parts = sorted(shard_dir.glob("manifest.part-*-of-*.json"))
     if not parts:

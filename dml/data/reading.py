@@ -90,7 +90,10 @@ class BadSamplePolicy:
         return int(self._skipped.value)
 
     def bad(self, shard: str, key: str, reason: str, count: int = 1) -> None:
-        """Report ``count`` bad samples at ``key`` of ``shard``: raise, or warn once and count."""
+        """Report ``count`` bad samples at ``key`` of ``shard``: raise, or warn once and count.
+
+        Raises BadSampleError in ``stop`` mode.
+        """
         message = f"{shard}: sample {key}: {reason}"
         if self.mode == "stop":
             raise BadSampleError(f"{message} (data.bad_samples=skip drops bad samples instead)")

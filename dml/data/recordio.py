@@ -190,6 +190,7 @@ class RecordIOSource:
         self._fd_pid: int | None = None
 
     def records(self) -> list[Record]:
+        """Every image record of the ``.rec`` file in index order, labelled by its header."""
         keys, offsets = read_index(self.paths.idx)
         prefixes = read_prefixes(self.paths, keys, offsets)
         images = self._image_positions(prefixes)
@@ -269,9 +270,11 @@ class RecordIOSource:
         return lrec & LENGTH_MASK
 
     def read(self, record: Record) -> ImagePayload:
+        """The encoded image bytes of ``record``."""
         return split_payload(self.payload(record_key(record)))[1]
 
     def size_hint(self, record: Record) -> int:
+        """The record's length in bytes."""
         return int(self._lengths[self._position_of(record_key(record))])
 
 

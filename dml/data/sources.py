@@ -36,9 +36,11 @@ class Source(Protocol):
         """Every listed input in a stable order, refused ones carrying their `Rejection`."""
         ...
 
-    def read(self, record: Record) -> ImagePayload: ...
+    def read(self, record: Record) -> ImagePayload:
+        """The encoded image bytes (or a uint8 array) of ``record``."""
 
-    def size_hint(self, record: Record) -> int: ...
+    def size_hint(self, record: Record) -> int:
+        """About how many bytes ``record``'s image takes in a shard, for planning shard sizes."""
 
 
 def _require(path: Path, what: str, folder: bool) -> None:
@@ -80,14 +82,17 @@ class FolderSource:
     def records(self) -> list[Record]:
         # One scandir per folder and one stat per file (pathlib's rglob + is_file + a later
         # stat cost three syscalls and Path objects per file).
+        """Every image file under the root, one class per first-level folder."""
         listing = list_folder(self.root)
         self._sizes = listing.sizes
         return listing.records
 
     def read(self, record: Record) -> ImagePayload:
+        """The file's bytes."""
         return (self.root / record.source_id).read_bytes()
 
     def size_hint(self, record: Record) -> int:
+        """The file's size in bytes (from the listing when it has it)."""
         size = self._sizes.get(record.source_id)
         return size if size is not None else _file_size(self.root / record.source_id)
 
@@ -107,9 +112,11 @@ class TableSource:
                             "path": str(self.table)}
 
     def records(self) -> list[Record]:
+        """Every row of the table, bad ones rejected (see `dml.data.table_listing`)."""
         return list_table(self.table)
 
     def read(self, record: Record) -> ImagePayload:
+        """The file's bytes; raises ValueError when the path is not a regular file."""
         path = self._path(record)
         if not stat.S_ISREG(path.stat().st_mode):  # a fifo blocked the run for ever, a device filled memory
             raise ValueError(f"not a regular file: {path}")
@@ -120,6 +127,7 @@ class TableSource:
         return path if path.is_absolute() else self.base / path
 
     def size_hint(self, record: Record) -> int:
+        """The file's size in bytes."""
         return _file_size(self._path(record))
 
 
@@ -175,7 +183,7 @@ def _integer_labels(labels: np.ndarray, path: Path) -> np.ndarray:
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (MNIST format, gzipped or not) into a numpy array."""
+    """Read an IDX file (MNIST format, gzipped or not) into a numpy array. Raises DataError for a truncated file."""
     with _parsing(path, "IDX file"), _open_maybe_gz(path) as handle:
         data = handle.read()
     dtype, shape = _idx_header(data, path)
@@ -218,6 +226,10 @@ class IdxSource:
         return str(value)
 
     def records(self) -> list[Record]:
+        """Every image of the IDX pairs (train split for ``train``, test otherwise).
+
+        Raises DataError when images and labels do not match or a label has no class name.
+        """
         out: list[Record] = []
         for prefix, (images_path, labels_path) in sorted(self.pairs.items()):
             labels = _integer_labels(read_idx(labels_path), labels_path)
@@ -238,11 +250,13 @@ class IdxSource:
         return self._images[prefix]
 
     def read(self, record: Record) -> ImagePayload:
+        """The image as a uint8 array (H, W)."""
         prefix, index = record.source_id.rsplit(":", 1)
         images, scale = self._loaded(prefix)
         return to_uint8(images[int(index)], scale)
 
     def size_hint(self, record: Record) -> int:
+        """28 * 28: the raw bytes of one MNIST-sized image."""
         return 28 * 28  # raw bytes of one MNIST-sized image; PNG is rarely larger
 
 
@@ -266,6 +280,7 @@ class OmniglotSource:
         self._images: dict[str, tuple[np.ndarray, str]] = {}  # part -> (images, pixel scale)
 
     def records(self) -> list[Record]:
+        """Every character image, classes named ``background/<i>`` / ``evaluation/<i>``."""
         out: list[Record] = []
         for part, path in sorted(self.files.items()):
             (num_classes, per_class), dtype = _omniglot_shape(path)
@@ -284,12 +299,14 @@ class OmniglotSource:
         return self._images[part]
 
     def read(self, record: Record) -> ImagePayload:
+        """The image as a uint8 array (105, 105), strokes dark on white."""
         part, c, j = record.source_id.split(":")
         images, scale = self._loaded(part)
         # bool: True = white background maps to 255, so strokes are dark, as on paper.
         return to_uint8(images[int(c), int(j)], scale)
 
     def size_hint(self, record: Record) -> int:
+        """105 * 105: the raw bytes of one image."""
         return 105 * 105
 
 
@@ -328,7 +345,10 @@ def _omniglot_shape(path: Path) -> tuple[tuple[int, int], np.dtype]:
 
 
 def open_source(kind: str, path: str, class_names: list[str] | None = None) -> Source:
-    """Build the reader for ``kind`` (``auto`` guesses from the path) or raise a one-line error."""
+    """Build the reader for ``kind`` (``auto`` guesses from the path) or raise a one-line error.
+
+    Raises DataError for a missing path or an unknown kind.
+    """
     p = Path(path)
     if not p.exists():
         raise DataError(f"source path not found: {p}")

@@ -28,7 +28,10 @@ def _octal(value: int, width: int) -> bytes:
 
 
 def ustar_header(name: str, size: int) -> bytes:
-    """A 512-byte USTAR header for a regular file with fixed mode/owner/time."""
+    """A 512-byte USTAR header for a regular file with fixed mode/owner/time.
+
+    Raises ValueError for a name longer than 100 bytes.
+    """
     encoded = name.encode()
     if len(encoded) > 100:
         raise ValueError(f"tar member name longer than 100 bytes: {name}")
@@ -69,11 +72,13 @@ class DeterministicTarWriter:
             self._file.close()
 
     def add(self, name: str, data: bytes) -> None:
+        """Append member ``name`` holding ``data``, padded to whole 512-byte blocks."""
         padding = -len(data) % BLOCK
         self._file.write(ustar_header(name, len(data)) + data + b"\0" * padding)
         self._written += BLOCK + len(data) + padding
 
     def close(self) -> None:
+        """Write the end-of-archive blocks, fsync and close the file."""
         end = 2 * BLOCK
         end += -(self._written + end) % RECORD
         self._file.write(b"\0" * end)
