@@ -29,10 +29,12 @@ class RestrictedUnpickler(pickle.Unpickler):
     so no code named by the file runs. Plain containers and scalars still load."""
 
     def find_class(self, module: str, name: str):
+        """Refuse every global: raises pickle.UnpicklingError."""
         raise pickle.UnpicklingError(f"refuses global {module}.{name} (a verification .bin holds only "
                                      "lists of image bytes and bools)")
 
     def persistent_load(self, pid):
+        """Refuse persistent ids: raises pickle.UnpicklingError."""
         raise pickle.UnpicklingError("refuses persistent ids")
 
 
@@ -96,7 +98,10 @@ def read_verification_bin(path: str | Path) -> BinPairs:
 
 def write_verification_bin(path: str | Path, images: list[bytes], is_same: list[bool]) -> Path:
     """Write ``(images, is_same)`` as a `.bin` (pickle protocol 4), atomically; for making
-    verification sets from own pairs (and for tests)."""
+    verification sets from own pairs (and for tests).
+
+    Raises ValueError unless there are two images per pair.
+    """
     if len(images) != 2 * len(is_same):
         raise ValueError(f"{len(images)} images for {len(is_same)} pairs (expected {2 * len(is_same)})")
     path = Path(path)

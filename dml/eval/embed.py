@@ -33,6 +33,7 @@ class Embeddings:
     labels: np.ndarray
 
     def save(self, directory: str | Path, name: str) -> Path:
+        """Write ``<name>.npy`` (N, D), ``<name>_labels.npy`` (N,) and ``<name>_keys.json``; returns the first path."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         np.save(directory / f"{name}.npy", self.vectors)
@@ -42,6 +43,7 @@ class Embeddings:
 
     @classmethod
     def load(cls, directory: str | Path, name: str) -> Embeddings:
+        """Read the three files `save` wrote for ``name``."""
         directory = Path(directory)
         return cls(json.loads((directory / f"{name}_keys.json").read_text()),
                    np.load(directory / f"{name}.npy"), np.load(directory / f"{name}_labels.npy"))

@@ -46,7 +46,10 @@ VAL_FAR = 1e-3
 
 
 def unit_rows(embeddings: Any) -> np.ndarray:
-    """Rows divided by their L2 norm, in float64 (rows of norm 0 are left as they are)."""
+    """Rows divided by their L2 norm, in float64 (rows of norm 0 are left as they are).
+
+    Raises ValueError for an array that is not 2-D.
+    """
     values = np.asarray(embeddings.detach().cpu() if hasattr(embeddings, "detach") else embeddings, np.float64)
     if values.ndim != 2:
         raise ValueError(f"embeddings must be (N, D), got shape {values.shape}")
@@ -56,7 +59,10 @@ def unit_rows(embeddings: Any) -> np.ndarray:
 
 
 def pair_distances(embeddings: Any) -> np.ndarray:
-    """Squared L2 distance of each pair of L2-normalised rows, (2P, D) -> (P,) float64."""
+    """Squared L2 distance of each pair of L2-normalised rows, (2P, D) -> (P,) float64.
+
+    Raises ValueError for an odd number of rows.
+    """
     units = unit_rows(embeddings)
     if len(units) % 2:
         raise ValueError(f"pair embeddings need an even number of rows (2 per pair), got {len(units)}")
@@ -65,7 +71,10 @@ def pair_distances(embeddings: Any) -> np.ndarray:
 
 def fold_bounds(num_pairs: int, n_folds: int = N_FOLDS) -> np.ndarray:
     """Start of each fold and the end, (n_folds + 1,): contiguous folds in file order, the
-    first ``num_pairs % n_folds`` one pair larger (scikit-learn KFold without shuffling)."""
+    first ``num_pairs % n_folds`` one pair larger (scikit-learn KFold without shuffling).
+
+    Raises ValueError for fewer than 2 folds or fewer pairs than folds.
+    """
     if n_folds < 2 or num_pairs < n_folds:
         raise ValueError(f"{n_folds}-fold verification needs at least {max(n_folds, 2)} pairs, got {num_pairs}")
     sizes = np.full(n_folds, num_pairs // n_folds, np.int64)

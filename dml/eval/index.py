@@ -199,6 +199,8 @@ class KnnIndex:
         to leave out (leave-one-out). Exact indexes rank by the exact inner product, ties by
         smaller gallery index (see :func:`rerank_near_ties`); IVF-PQ returns faiss' order and
         id -1 for missing results. Memory: B x (k + margin) x 12 bytes plus index scratch.
+
+        Raises ValueError for k outside [1, gallery size (less one for leave-one-out)].
         """
         extra = 0 if own_ids is None else 1
         need = k + extra
@@ -300,6 +302,8 @@ def build_index(
     ``use_gpu``: None means whenever faiss reports GPUs; ``fp16`` stores the GPU copy in
     half precision. Memory: the gallery as unit float32 (a copy unless already unit float32),
     plus the index's own copy (flat) or codes (IVF-PQ).
+
+    Raises ValueError for an unknown index or backend, or the faiss backend without faiss.
     """
     if index not in INDEX_KINDS:
         raise ValueError(f"index must be one of {INDEX_KINDS}, got {index!r}")
@@ -349,6 +353,8 @@ def knn_search(
     batch x (k+1) x 12 bytes (plus batch x gallery-block scores on the torch fallback),
     plus the returned Nq x k x 12 bytes. IVF-PQ logs its recall@k against exact search on
     1000 sampled queries. Other options go to :func:`build_index`.
+
+    Raises ValueError for a bad batch_size, mismatched dimensions, or exclude_self with another gallery.
     """
     queries = as_unit_float32(query, "query")
     if gallery is None:

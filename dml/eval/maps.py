@@ -48,6 +48,8 @@ def project(kind: str, vectors: np.ndarray, seed: int) -> np.ndarray:
     """``vectors`` (N, D) laid out in 2-D (N, 2) by ``kind``: "pca", "umap" or "tsne".
 
     Raises ConfigError naming the extra when umap-learn / openTSNE is not installed.
+
+    Raises ValueError for an unknown ``kind``.
     """
     data = np.asarray(vectors, np.float32)
     if kind == "pca":

@@ -44,7 +44,10 @@ SWEEP_MARGIN = 2  # sweep list entries past the k + 1 that the near-tie check re
 
 
 def as_label_array(labels: Any, length: int, name: str) -> np.ndarray:
-    """Labels (numpy or torch, 1-D, one per embedding row) as a numpy array."""
+    """Labels (numpy or torch, 1-D, one per embedding row) as a numpy array.
+
+    Raises ValueError unless 1-D with ``length`` labels.
+    """
     if isinstance(labels, torch.Tensor):
         labels = labels.detach().cpu().numpy()
     array = np.asarray(labels)
@@ -227,6 +230,9 @@ def retrieval_metrics(
     most max(R, max ks), batches shrunk to 2**22 entries), plus ~8 bytes x Nq per metric;
     the symmetric sweep adds its lists (at most 2**27 entries, 12 bytes each) and one 4096 x
     4096 score block.
+
+    Raises ValueError for bad ``ks``, a gallery without labels (or the reverse), mismatched
+    dimensions or shapes, or fewer than 2 leave-one-out queries.
     """
     ks = tuple(dict.fromkeys(int(k) for k in ks))
     if not ks or min(ks) < 1:

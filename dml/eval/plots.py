@@ -32,6 +32,7 @@ def new_figure(width: float, height: float) -> Figure:
 
 
 def save_figure(figure: Figure, path: str | Path) -> Path:
+    """Save ``figure`` as a PNG at ``path`` (tight bounding box); returns the path."""
     path = Path(path)
     figure.savefig(path, format="png", bbox_inches="tight")
     log.debug("wrote %s", path)

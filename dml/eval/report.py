@@ -72,6 +72,7 @@ def class_rows(per_class: Mapping[Any, Mapping[str, float]], class_names: Sequen
 
 
 def write_per_class_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Write the per-class rows as CSV (header only when there are none); returns ``path``."""
     columns = list(rows[0]) if rows else ["label", "class_name", "num_queries"]
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)

@@ -43,13 +43,17 @@ class VerificationPair:
 
     @property
     def is_same(self) -> bool:
+        """True when both images are of the same person."""
         return self.name1 == self.name2
 
 
 def read_pairs_file(path: str | Path) -> list[VerificationPair]:
     """Parse an LFW-style pairs file: 'name idx1 idx2' (same person) or
     'name1 idx1 name2 idx2' (different people), whitespace separated. A first line of only
-    integers (LFW's 'folds pairs_per_fold') and blank lines are skipped."""
+    integers (LFW's 'folds pairs_per_fold') and blank lines are skipped.
+
+    Raises ValueError (file and line) for a line of another layout.
+    """
     pairs = []
     lines = Path(path).read_text().splitlines()
     for number, line in enumerate(lines, start=1):
@@ -71,7 +75,10 @@ def read_pairs_file(path: str | Path) -> list[VerificationPair]:
 def pair_rows(
     pairs: Sequence[VerificationPair], row_of: Mapping[tuple[str, int], int]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Map pairs to embedding rows via ``row_of[(name, index)]``: ((P, 2) int64, is_same (P,) bool)."""
+    """Map pairs to embedding rows via ``row_of[(name, index)]``: ((P, 2) int64, is_same (P,) bool).
+
+    Raises ValueError for a pair naming an image with no embedding.
+    """
     rows = np.empty((len(pairs), 2), np.int64)
     for i, pair in enumerate(pairs):
         for side, key in enumerate(((pair.name1, pair.index1), (pair.name2, pair.index2))):
@@ -153,7 +160,10 @@ def _summarise(roc: RocCounts, fars: Sequence[float], method: str) -> dict[str, 
 
 
 def pair_scores(embeddings: Any, rows: np.ndarray, block_size: int = 65536) -> np.ndarray:
-    """Cosine similarity of each pair of embedding rows, (P, 2) -> (P,) float32, in blocks."""
+    """Cosine similarity of each pair of embedding rows, (P, 2) -> (P,) float32, in blocks.
+
+    Raises ValueError unless ``rows`` is (P, 2) row indices into ``units``.
+    """
     units = as_unit_float32(embeddings)
     rows = np.asarray(rows, np.int64)
     if rows.ndim != 2 or rows.shape[1] != 2 or (rows.size and (rows.min() < 0 or rows.max() >= len(units))):
@@ -186,6 +196,8 @@ def verification_metrics(
     Peak memory: all-pairs uses block_size x N x ~10 bytes per block, plus ~30 bytes per pair
     when exact (<= ``exact_max_pairs`` = 2**23 pairs, N ~ 4096: ~250 MB) or 16 bytes x
     ``num_bins`` (16 MiB) with histograms.
+
+    Raises ValueError when neither labels nor pairs with is_same are given, or their shapes do not match the rows.
     """
     units = as_unit_float32(embeddings)
     if labels is not None:
@@ -230,6 +242,8 @@ def cmc_curve(
     index). Probes whose identity is absent from the gallery are left out and counted.
     Returns {"ranks", "cmc", "num_probes", "num_excluded_probes"}. Peak memory: the index's
     gallery copy plus batch_size x max_rank x 13 bytes.
+
+    Raises ValueError for ``max_rank`` < 1 or labels not one per row.
     """
     if max_rank < 1:
         raise ValueError(f"max_rank must be >= 1, got {max_rank}")

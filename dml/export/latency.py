@@ -25,6 +25,8 @@ def onnx_cpu_latency(
     uint8 pixels) with the batch axis set to each batch size. Each batch size gets
     ``warmup`` untimed runs, then ``runs`` timed ones. ``intra_op_threads`` None leaves ORT's
     default (all cores); pin it for comparable numbers on a shared machine.
+
+    Raises ValueError for runs < 1, warmup < 0, or an empty or non-positive batch size.
     """
     if runs < 1 or warmup < 0:
         raise ValueError(f"runs must be >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")

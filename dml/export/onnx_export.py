@@ -32,7 +32,7 @@ CUDA_PROVIDER = "CUDAExecutionProvider"
 
 
 def check_opset(opset: int) -> int:
-    """Validate the ONNX opset: an int in [MIN_OPSET, MAX_OPSET]."""
+    """Validate the ONNX opset: an int in [MIN_OPSET, MAX_OPSET]. Raises ValueError otherwise."""
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"opset must be an int from {MIN_OPSET} to {MAX_OPSET}, got {opset!r}")
     return opset

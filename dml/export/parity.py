@@ -44,14 +44,19 @@ class ParityReport:
 
     @property
     def passed(self) -> bool:
+        """True when the smallest cosine reaches the required one (False for NaN)."""
         return bool(self.min_cosine >= self.required_min_cosine)  # False for NaN
 
     def to_dict(self) -> dict[str, Any]:
+        """The report's fields and ``passed``, JSON-ready."""
         return {**asdict(self), "passed": self.passed}
 
 
 def check_min_cosine(min_cosine: float, name: str = "min_cosine") -> float:
-    """Validate a cosine threshold: a number in (-1, 1]; above 1 no export could ever pass."""
+    """Validate a cosine threshold: a number in (-1, 1]; above 1 no export could ever pass.
+
+    Raises ValueError otherwise.
+    """
     value = float(min_cosine)
     if not -1.0 < value <= 1.0:
         raise ValueError(f"{name} must be in (-1, 1], got {min_cosine}")

@@ -37,6 +37,7 @@ class PixelInputModel(nn.Module):
         self.register_buffer("std", torch.tensor(preprocessing.std, dtype=torch.float32).view(1, channels, 1, 1))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels (N, H, W, C) -> the wrapped model's embeddings (N, D)."""
         images = pixels.permute(0, 3, 1, 2).to(torch.float32) / 255.0
         return self.model((images - self.mean) / self.std)
 
@@ -81,6 +82,8 @@ def collect_images(batches: Iterable[tuple], max_images: int | None = None) -> t
     """Concatenate loader batches into (images (N, C, H, W), labels (N,)), stopping at ``max_images``.
 
     Accepts ``EvalLoader`` batches ``(keys, images, labels)`` and ``(images, labels)`` pairs.
+
+    Raises ValueError when the loader yields no batch.
     """
     images, labels, count = [], [], 0
     for batch in batches:

@@ -54,10 +54,12 @@ class ImageBatchReader(CalibrationDataReader):
         self.rewind()
 
     def get_next(self) -> dict[str, np.ndarray] | None:
+        """The next ``{input_name: (B, C, H, W) float32}`` batch, or None when all were given."""
         batch = next(self._batches, None)
         return None if batch is None else {self.input_name: batch.numpy()}
 
     def rewind(self) -> None:
+        """Start again from the first batch."""
         self._batches = chunks(self.inputs, self.batch_size)
 
 

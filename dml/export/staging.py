@@ -37,6 +37,7 @@ class StagedFiles:
         return self._staged[name]
 
     def final(self, name: str) -> Path:
+        """Where ``name`` will be after `commit`: ``directory / name``."""
         return self.directory / name
 
     def commit(self) -> dict[str, Path]:
