@@ -36,7 +36,10 @@ STUDENT_SECTION = "distill.student"
 
 
 def student_config(config: DMLConfig, teacher: TeacherRecord) -> DMLConfig:
-    """``config`` with ``distill.student.embedding_dim`` set to the teacher's (see module doc)."""
+    """``config`` with ``distill.student.embedding_dim`` set to the teacher's (see module doc).
+
+    Raises ConfigError when the student's embedding_dim or the data channels differ from the teacher's.
+    """
     student = config.distill.student
     if student.embedding_dim is not None and student.embedding_dim != teacher.embedding_dim:
         raise ConfigError(f"distill.student.embedding_dim is {student.embedding_dim} but the teacher embeds in "

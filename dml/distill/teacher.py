@@ -37,6 +37,7 @@ class TeacherRecord:
 
     @property
     def embedding_dim(self) -> int:
+        """The teacher model's embedding size D_teacher."""
         return self.model.embedding_dim
 
     def provenance(self) -> dict[str, Any]:

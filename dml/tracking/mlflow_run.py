@@ -37,6 +37,7 @@ def read_tracking_file(folder: str | Path) -> dict[str, Any]:
 
 
 def write_tracking_file(folder: str | Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` as the folder's tracking.json (creating the folder)."""
     Path(folder).mkdir(parents=True, exist_ok=True)
     (Path(folder) / TRACKING_FILE).write_text(json.dumps(payload, indent=1))
 
@@ -50,6 +51,7 @@ class StageRun:
 
     @property
     def active(self) -> bool:
+        """True while the run exists and no tracker call has failed."""
         return self.run_id is not None and self.error is None
 
     def _record(self) -> None:
@@ -57,6 +59,7 @@ class StageRun:
                                           "synced": self.error is None, "error": self.error})
 
     def fail(self, what: str, exc: Exception) -> None:
+        """Record the tracker failure ``what`` (one warning naming `dml track sync`); later calls do nothing."""
         self.error = f"{what}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         log.warning("mlflow at %s cannot be reached (%s); metrics stay in %s, upload them later with "
                     "`dml track sync %s`", self.uri, self.error, self.folder, self.folder)
@@ -89,6 +92,7 @@ class StageRun:
             self.fail("uploading artifacts", exc)
 
     def set_tags(self, tags: dict[str, str]) -> None:
+        """Set each tag on the run."""
         if not self.active:
             return
         try:
@@ -98,6 +102,7 @@ class StageRun:
             self.fail("setting tags", exc)
 
     def finish(self, status: str = "FINISHED") -> None:
+        """End the run with ``status`` (FINISHED or FAILED) and record the outcome in tracking.json."""
         if self.active:
             try:
                 self.client.set_terminated(self.run_id, status)
@@ -134,6 +139,7 @@ def start_stage_run(config: DMLConfig, stage: str, folder: str | Path) -> StageR
 
 
 def log_params(client: Any, run_id: str, params: dict[str, str]) -> None:
+    """Log ``params`` on ``run_id`` in batches of PARAMS_PER_BATCH."""
     from mlflow.entities import Param
 
     items = [Param(key, value) for key, value in params.items()]

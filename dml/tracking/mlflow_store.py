@@ -40,6 +40,7 @@ def tracking_uri(config: DMLConfig) -> str:
 
 
 def local_store_dir(config: DMLConfig) -> Path:
+    """The folder that holds the runs folder: where a local MLflow store lives by default."""
     return Path(config.train.run_dir).resolve().parent
 
 

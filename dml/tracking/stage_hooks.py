@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def tensorboard_enabled(config: DMLConfig) -> bool:
+    """True when ``tracking.tensorboard`` (or the older ``train.tensorboard``) is on."""
     return config.tracking.tensorboard or config.train.tensorboard
 
 
@@ -47,6 +48,7 @@ class TrainingTrackers:
         self.mlflow: StageRun | None = start_stage_run(config, stage, run_dir)
 
     def write(self, record: dict[str, Any]) -> None:
+        """Send one metrics record to TensorBoard and MLflow, whichever are on."""
         if self.scalars is not None:
             self.scalars.write(record)
         if self.mlflow is not None:

@@ -25,7 +25,10 @@ STAGE_FILES = ("config.yaml", "metrics.jsonl", "train_result.json", "report.json
 
 
 def saved_config(folder: Path) -> DMLConfig:
-    """The resolved config a stage saved in ``folder`` (config.yaml, or report.json's)."""
+    """The resolved config a stage saved in ``folder`` (config.yaml, or report.json's).
+
+    Raises DMLError when the folder has neither file.
+    """
     if (folder / "config.yaml").is_file():
         return validate_config(yaml.safe_load((folder / "config.yaml").read_text()) or {})
     if (folder / "report.json").is_file():
@@ -36,7 +39,10 @@ def saved_config(folder: Path) -> DMLConfig:
 def sync_folder(folder: str | Path, uri: str | None = None) -> str:
     """Upload ``folder``'s parameters, every metrics.jsonl record (with its step) and its
     files to a new MLflow run at ``uri`` (default: the one recorded in tracking.json);
-    returns the run id. A folder already synced returns its run id without uploading."""
+    returns the run id. A folder already synced returns its run id without uploading.
+
+    Raises DMLError when the folder was not tracked, MLflow cannot be reached, or the run fails.
+    """
     folder = Path(folder)
     state = read_tracking_file(folder)
     if not state:

@@ -41,12 +41,14 @@ class ScalarLog:
         self.writer = summary_writer(folder)
 
     def write(self, record: dict[str, Any]) -> None:
+        """Write the record's numeric values as scalars at its ``step`` (records without one are skipped)."""
         if "step" not in record:
             return
         for key, value in numeric_metrics(record).items():
             self.writer.add_scalar(key, value, int(record["step"]))
 
     def close(self) -> None:
+        """Flush and close the event file."""
         self.writer.close()
 
 
