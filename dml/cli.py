@@ -146,6 +146,7 @@ def _is_rank_zero() -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``dml`` argument parser: one subcommand per stage, plus ``config`` and ``pipeline``."""
     parser = argparse.ArgumentParser(prog="dml", description="Distributed deep metric learning pipeline.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -227,6 +227,7 @@ class LossConfig(StrictModel):
 
     @property
     def is_pair_loss(self) -> bool:
+        """True for a pair loss (triplet, contrastive, multi-similarity), False for a margin head."""
         return self.kind in PAIR_LOSSES
 
     @model_validator(mode="after")
@@ -318,6 +319,7 @@ class TrainConfig(StrictModel):
 
     @property
     def resolved_best_metric(self) -> str | None:
+        """``best_metric``, or the first verification set's accuracy when unset and sets are configured."""
         if self.best_metric is None and self.verification_sets:
             return f"ver_{self.verification_sets[0].set_name}_accuracy"
         return self.best_metric
@@ -451,7 +453,10 @@ class DMLConfig(StrictModel):
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split ``a.b.c=value`` into (["a", "b", "c"], parsed value); values are parsed as YAML."""
+    """Split ``a.b.c=value`` into (["a", "b", "c"], parsed value); values are parsed as YAML.
+
+    Raises ConfigError for text that is not ``key=value``.
+    """
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override '{text}' is not of the form key=value (e.g. data.batch_size=32)")
@@ -505,7 +510,10 @@ def merge_config(base: dict[str, Any], override: dict[str, Any]) -> dict[str, An
 
 
 def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """The mapping in a YAML config file, with its ``extends`` chain of base files resolved."""
+    """The mapping in a YAML config file, with its ``extends`` chain of base files resolved.
+
+    Raises ConfigError for a missing or non-YAML file, a non-mapping, a bad or cyclic ``extends``.
+    """
     path = Path(path)
     if not path.is_file():
         where = f" (extended by {_chain[-1]})" if _chain else ""

@@ -35,6 +35,7 @@ class VerificationSetConfig(BaseModel):
 
     @property
     def set_name(self) -> str:
+        """``name``, else the file's stem (or the folder's name): it names the set's metrics."""
         return self.name or (Path(self.path).stem if self.folder is None else Path(self.folder).name)
 
 
@@ -42,7 +43,7 @@ VERIFICATION_METRICS = ("accuracy", "accuracy_std", "best_threshold_accuracy", "
 
 
 def check_verification_sets(sets: list[VerificationSetConfig]) -> None:
-    """Set names must be unique (they name the metrics)."""
+    """Set names must be unique (they name the metrics). Raises ValueError for a repeated name."""
     names = [s.set_name for s in sets]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:

@@ -66,6 +66,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> D
     Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (defaults to ``RANK``: one node),
     ``MASTER_ADDR`` and ``MASTER_PORT``. ``WORLD_SIZE`` unset or 1 creates no process group.
     Calling it again after the group exists just describes the current process.
+
+    Raises ValueError for an inconsistent RANK / WORLD_SIZE, a missing variable or an unknown backend.
     """
     if is_initialized():
         return _describe_current()
@@ -173,7 +175,10 @@ def cleanup() -> None:
 
 
 def all_reduce_(tensor: torch.Tensor, op: str = "sum", group: ProcessGroup | None = None) -> torch.Tensor:
-    """In-place all-reduce (``op`` "sum" or "max"); the identity in a world of 1. Not autograd-aware."""
+    """In-place all-reduce (``op`` "sum" or "max"); the identity in a world of 1. Not autograd-aware.
+
+    Raises ValueError for another ``op``.
+    """
     if op not in ("sum", "max"):
         raise ValueError(f"op must be 'sum' or 'max', got {op!r}")
     if get_world_size(group) > 1:

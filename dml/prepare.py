@@ -26,7 +26,10 @@ class PrepareResult:
 
 
 def parse_partition(text: str | None) -> tuple[int, int] | None:
-    """Parse ``i/N`` (0-based ``i``) into a tuple, with a one-line error on bad input."""
+    """Parse ``i/N`` (0-based ``i``) into a tuple, with a one-line error on bad input.
+
+    Raises DataError for text that is not ``i/N`` with 0 <= i < N.
+    """
     if text is None:
         return None
     try:

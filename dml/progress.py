@@ -29,13 +29,14 @@ class LogLines:
         self.last = ""
 
     def write(self, text: str) -> None:
+        """Log one redraw of the bar as an INFO line, unless it repeats the last one."""
         line = text.strip("\r\n ")
         if line and line != self.last:
             self.last = line
             log.info("%s", line)
 
     def flush(self) -> None:
-        pass
+        """Nothing to flush: every line is logged as it is written."""
 
 
 def interval_seconds() -> float:

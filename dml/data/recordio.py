@@ -190,7 +190,10 @@ class RecordIOSource:
         self._fd_pid: int | None = None
 
     def records(self) -> list[Record]:
-        """Every image record of the ``.rec`` file in index order, labelled by its header."""
+        """Every image record of the ``.rec`` file in index order, labelled by its header.
+
+        Raises DataError for a record whose header cannot be split.
+        """
         keys, offsets = read_index(self.paths.idx)
         prefixes = read_prefixes(self.paths, keys, offsets)
         images = self._image_positions(prefixes)
