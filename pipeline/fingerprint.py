@@ -26,7 +26,10 @@ def canonical_digest(payload: Any) -> str:
 
 
 def sections_digest(config: BaseModel, sections: list[str]) -> str:
-    """sha256 of the named top-level config sections (scalars such as ``seed`` included)."""
+    """sha256 of the named top-level config sections (scalars such as ``seed`` included).
+
+    Raises ValueError naming the sections the config lacks.
+    """
     dumped = config.model_dump(mode="json")
     missing = [name for name in sections if name not in dumped]
     if missing:

@@ -52,6 +52,7 @@ def publish_summary_artifacts(summary: dict[str, Any]) -> None:
 
 
 def failure_markdown(error: StageFailed, done: dict[str, StageOutcome]) -> str:
+    """Markdown naming the failed stage, its reason and log, and the outputs of the stages before it."""
     lines = [f"## Stage `{error.stage}` failed", "", f"- reason: {error.reason}",
              f"- log: `{error.log_path or 'no log (the stage did not start)'}`", "",
              "Outputs of the stages before it are kept:", ""]
@@ -60,6 +61,7 @@ def failure_markdown(error: StageFailed, done: dict[str, StageOutcome]) -> str:
 
 
 def publish_failure_artifact(error: StageFailed, done: dict[str, StageOutcome]) -> None:
+    """Publish `failure_markdown` as the flow run's failure artifact."""
     create_markdown_artifact(failure_markdown(error, done), key=FAILURE_KEY,
                              description=f"stage {error.stage} failed")
 

@@ -43,7 +43,10 @@ def _nested(inner: Path, outer: Path) -> bool:
 
 def check_layout(config: DMLConfig) -> None:
     """The shard folder and the two run folders must be distinct and not inside each other,
-    since a stage whose inputs changed renames its whole output folder aside."""
+    since a stage whose inputs changed renames its whole output folder aside.
+
+    Raises ConfigError naming the two folders that overlap.
+    """
     folders = {"prepare.output_dir": Path(config.prepare.output_dir), "train.run_dir": Path(config.train.run_dir),
                "distill.run_dir": Path(config.distill.run_dir)}
     names = list(folders)
@@ -71,28 +74,34 @@ def load_pipeline_config(config_path: str | Path | None, overrides: list[str] | 
 
 
 def teacher_model_file(config: DMLConfig) -> Path:
+    """The teacher's ``model.pt`` in ``train.run_dir``."""
     return Path(config.train.run_dir) / MODEL_FILE
 
 
 def student_model_file(config: DMLConfig) -> Path:
+    """The student's ``model.pt`` in ``distill.run_dir``."""
     return Path(config.distill.run_dir) / MODEL_FILE
 
 
 def evaluate_teacher_config(config: DMLConfig) -> DMLConfig:
+    """``config`` set to evaluate the teacher's model into ``<train.run_dir>/eval``."""
     run = Path(config.train.run_dir)
     return with_values(config, {"evaluate.model_path": str(run / MODEL_FILE), "evaluate.output_dir": str(run / "eval")})
 
 
 def evaluate_student_config(config: DMLConfig) -> DMLConfig:
+    """``config`` set to evaluate the student's model into ``<distill.run_dir>/eval``."""
     run = Path(config.distill.run_dir)
     return with_values(config, {"evaluate.model_path": str(run / MODEL_FILE), "evaluate.output_dir": str(run / "eval")})
 
 
 def distill_config(config: DMLConfig) -> DMLConfig:
+    """``config`` with the teacher set to this pipeline's training run."""
     return with_values(config, {"distill.teacher": config.train.run_dir})
 
 
 def export_config(config: DMLConfig) -> DMLConfig:
+    """``config`` set to export the student's model into ``<distill.run_dir>/export``."""
     run = Path(config.distill.run_dir)
     return with_values(config, {"export.model_path": str(run / MODEL_FILE), "export.output_dir": str(run / "export"),
                                 "export.report_path": str(run / "eval" / REPORT_FILE)})

@@ -47,10 +47,12 @@ class StageSpec:
 
     @property
     def key(self) -> str:
+        """sha256 of the stage name and its inputs: equal keys mean the outputs are current."""
         return canonical_digest({"stage": self.name, "inputs": self.inputs})
 
     @property
     def log_path(self) -> Path:
+        """The stage's log file, ``<output_dir>/logs/<name>.log``."""
         return self.output_dir / "logs" / f"{self.name}.log"
 
 
@@ -67,6 +69,7 @@ class StageOutcome:
     result: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """The outcome as a JSON-ready dict."""
         return asdict(self)
 
 
@@ -75,6 +78,7 @@ def _manifest_digest(config: DMLConfig) -> str:
 
 
 def prepare_spec(config: DMLConfig) -> StageSpec:
+    """The prepare stage: keyed by the prepare section and the source's fingerprint."""
     inputs = {"config": sections_digest(config, ["prepare"]),
               "source": source_fingerprint(config.prepare.source.path)}
     return StageSpec("prepare", "prepare", config, Path(config.prepare.output_dir), MANIFEST, inputs,
@@ -82,6 +86,7 @@ def prepare_spec(config: DMLConfig) -> StageSpec:
 
 
 def train_spec(config: DMLConfig) -> StageSpec:
+    """The teacher's training: keyed by the training sections and the data manifest."""
     inputs = {"config": sections_digest(config, TRAIN_SECTIONS), "manifest": _manifest_digest(config)}
     return StageSpec("train", "train", config, Path(config.train.run_dir), stage_paths.MODEL_FILE, inputs,
                      distributed=True, resumable=True)
@@ -95,14 +100,17 @@ def _evaluate_spec(name: str, config: DMLConfig) -> StageSpec:
 
 
 def evaluate_teacher_spec(config: DMLConfig) -> StageSpec:
+    """The teacher's evaluation into ``<train.run_dir>/eval``."""
     return _evaluate_spec("evaluate_teacher", stage_paths.evaluate_teacher_config(config))
 
 
 def evaluate_student_spec(config: DMLConfig) -> StageSpec:
+    """The student's evaluation into ``<distill.run_dir>/eval``."""
     return _evaluate_spec("evaluate_student", stage_paths.evaluate_student_config(config))
 
 
 def distill_spec(config: DMLConfig) -> StageSpec:
+    """The student's distillation from this pipeline's teacher, keyed by the teacher's model file too."""
     config = stage_paths.distill_config(config)
     inputs = {"config": sections_digest(config, [*TRAIN_SECTIONS, "distill"]), "manifest": _manifest_digest(config),
               "teacher": file_digest(stage_paths.teacher_model_file(config))}
@@ -111,6 +119,7 @@ def distill_spec(config: DMLConfig) -> StageSpec:
 
 
 def export_spec(config: DMLConfig) -> StageSpec:
+    """The student's export, keyed by its model file and evaluation report (when there is one)."""
     config = stage_paths.export_config(config)
     student = stage_paths.student_model_file(config)
     report = Path(config.export.report_path)  # run_export copies its headline metrics into the card
@@ -132,7 +141,10 @@ def chained_stages(config: PipelineRunConfig) -> list[str]:
 
 
 def build_spec(stage: str, config: DMLConfig) -> StageSpec:
-    """The spec of ``stage`` (one of `STAGE_ORDER`) for the pipeline config ``config``."""
+    """The spec of ``stage`` (one of `STAGE_ORDER`) for the pipeline config ``config``.
+
+    Raises ValueError for an unknown stage.
+    """
     if stage not in SPEC_BUILDERS:
         raise ValueError(f"unknown pipeline stage '{stage}' (known: {', '.join(STAGE_ORDER)})")
     return SPEC_BUILDERS[stage](config)
@@ -147,11 +159,13 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def prepare_result(spec: StageSpec) -> dict[str, Any]:
+    """The manifest's path, sha256 and counts."""
     manifest, path = load_manifest(spec.output_dir), spec.output_dir / MANIFEST
     return {"manifest_path": str(path), "manifest_sha256": file_digest(path), "counts": manifest.get("counts", {})}
 
 
 def training_result(spec: StageSpec) -> dict[str, Any]:
+    """The model's path and sha256, and the steps, checkpoint and metrics the run saved."""
     model = spec.output_dir / stage_paths.MODEL_FILE
     result_file = spec.output_dir / "train_result.json"
     saved = _read_json(result_file) if result_file.is_file() else {}
@@ -160,12 +174,14 @@ def training_result(spec: StageSpec) -> dict[str, Any]:
 
 
 def evaluate_result(spec: StageSpec) -> dict[str, Any]:
+    """The report paths, the evaluated model and the headline metrics."""
     report = _read_json(spec.output_dir / "report.json")
     return {"report_path": str(spec.output_dir / "report.json"), "markdown_path": str(spec.output_dir / "report.md"),
             "model_path": spec.config.evaluate.model_path, "metrics": report.get("headline", {})}
 
 
 def export_result(spec: StageSpec) -> dict[str, Any]:
+    """The model card's path and each exported file by format."""
     card = _read_json(spec.output_dir / "model_card.json")
     files = {entry["format"]: str(spec.output_dir / entry["path"]) for entry in card.get("files", [])}
     return {"card_path": str(spec.output_dir / "model_card.json"), "files": files}

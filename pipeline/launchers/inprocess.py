@@ -80,6 +80,10 @@ class InProcessLauncher:
     name: str = "inprocess"
 
     def launch(self, spec: StageSpec, resume: bool) -> None:
+        """Run the stage function in this process, its log lines copied to the stage log.
+
+        Raises StageFailed when the stage raises.
+        """
         log_path = start_log(spec.log_path, spec.name, self.name, spec.key)
         with _StageLog(log_path) as stage_log:
             try:

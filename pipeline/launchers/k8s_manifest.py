@@ -29,7 +29,10 @@ MAX_NAME = 63
 
 
 def job_name(spec: StageSpec, suffix: str) -> str:
-    """``dml-<stage>-<key>-<suffix>``: a valid DNS-1123 label (Job names become pod labels)."""
+    """``dml-<stage>-<key>-<suffix>``: a valid DNS-1123 label (Job names become pod labels).
+
+    Raises ValueError when the stage and suffix make no valid label.
+    """
     stage = re.sub(r"[^a-z0-9-]", "-", spec.name.lower())
     name = f"dml-{stage}-{spec.key[:8]}-{suffix}".lower()
     if len(name) > MAX_NAME or not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name):

@@ -89,6 +89,10 @@ class KubernetesLauncher:
         return done.stdout
 
     def launch(self, spec: StageSpec, resume: bool) -> None:
+        """Apply the stage's Job manifests with kubectl and wait for the Job, its pod logs in the stage log.
+
+        Raises StageFailed when the Job fails or cannot be started.
+        """
         log_path = start_log(spec.log_path, spec.name, self.name, spec.key)
         manifests = self.manifests(spec, resume)
         name = manifests[-1]["metadata"]["name"]

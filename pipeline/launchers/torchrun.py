@@ -45,6 +45,10 @@ class TorchrunLauncher:
                 "-m", "dml.cli", *stage_args]
 
     def launch(self, spec: StageSpec, resume: bool) -> None:
+        """Run the stage under local torchrun with its saved config, output in the stage log.
+
+        Raises StageFailed when torchrun exits non-zero.
+        """
         log_path = start_log(spec.log_path, spec.name, self.name, spec.key)
         config_file = save_config(spec.config, stage_config_file(spec))
         argv = self.command(spec, config_file, resume)
