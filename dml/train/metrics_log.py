@@ -37,6 +37,7 @@ class MetricsLog:
             self.trackers = TrainingTrackers(config, stage, run_dir) if active else None
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append ``record`` (with a ``time`` stamp, seconds) to metrics.jsonl and the trackers; rank 0 only."""
         if not self.active:
             return
         record = {"time": round(time.time(), 3), **record}
@@ -46,6 +47,7 @@ class MetricsLog:
             self.trackers.write(record)
 
     def close(self) -> None:
+        """Close the trackers (TensorBoard flushes; the MLflow run stays open for `finish`)."""
         if self.trackers is not None:
             self.trackers.close()
 

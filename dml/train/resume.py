@@ -92,7 +92,10 @@ def fixed_changes(saved: dict[str, Any], config: DMLConfig, model_section: str =
 
 
 def check_config(point: ResumePoint, config: DMLConfig, model_section: str) -> None:
-    """Refuse (one line, every key named) a resume whose config changes what a run keeps."""
+    """Refuse (one line, every key named) a resume whose config changes what a run keeps.
+
+    Raises DMLError naming every changed key.
+    """
     changed = fixed_changes(point.state.get("config") or {}, config, model_section)
     if changed:
         raise DMLError(f"--resume from {point.path}: {', '.join(changed)} cannot change when resuming (the model, "
@@ -101,7 +104,10 @@ def check_config(point: ResumePoint, config: DMLConfig, model_section: str) -> N
 
 
 def check_data(point: ResumePoint, identity: dict[str, Any], shard_dir: str, allow_new_data: bool) -> None:
-    """Refuse other data than the checkpoint's, unless ``allow_new_data``; then decide the head."""
+    """Refuse other data than the checkpoint's, unless ``allow_new_data``; then decide the head.
+
+    Raises DMLError for other data without ``allow_new_data``.
+    """
     saved = point.state.get("data_identity")
     if saved is None:
         log.warning("resume: %s does not record its data; the data cannot be checked", point.path)

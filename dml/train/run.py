@@ -49,6 +49,7 @@ class TrainResult:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's (modulo 2**32) and torch's generators with ``seed``."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -132,7 +133,10 @@ class TrainingSpec:
 
 
 def run_training(config: DMLConfig, resume: bool, spec: TrainingSpec, allow_new_data: bool = False) -> TrainResult:
-    """The shared training stage: process group, model, engine, objective, loop, outputs."""
+    """The shared training stage: process group, model, engine, objective, loop, outputs.
+
+    Raises DMLError for ``allow_new_data`` without ``resume``.
+    """
     if allow_new_data and not resume:
         raise DMLError("--allow-new-data only applies with --resume")
     info = init_distributed()

@@ -26,6 +26,7 @@ class WeightAverager:
         self.averaged = AveragedModel(model, use_buffers=False)
 
     def update(self, model: nn.Module, step: int) -> None:
+        """Fold ``model``'s weights into the average once ``step`` reaches ``start_step``."""
         if step >= self.start_step:
             self.averaged.update_parameters(model)
 
@@ -52,7 +53,9 @@ class WeightAverager:
         return model
 
     def state_dict(self) -> dict:
+        """The averaged model's state (weights and the number averaged), for checkpoints."""
         return self.averaged.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the average from `state_dict`."""
         self.averaged.load_state_dict(state)
