@@ -21,8 +21,6 @@ from dml.cli_plugins import add_plugin_commands
 from dml.config import load_config
 from dml.errors import ConfigError, DMLError, os_error_line, printable
 
-log = logging.getLogger("dml")
-
 
 def setup_logging(verbose: bool = False) -> None:
     """One compact line per event on stderr (progress bars share the stream)."""

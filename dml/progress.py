@@ -16,7 +16,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-log = logging.getLogger("dml.progress")
+log = logging.getLogger(__name__)
 INTERVAL_ENV, DEFAULT_SECONDS = "DML_PROGRESS_SECONDS", 30.0
 LINE_FORMAT = "{desc}: {n_fmt}/{total_fmt}{unit} ({percentage:.0f}%) [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
 OPEN_FORMAT = "{desc}: {n_fmt}{unit} [{elapsed}, {rate_fmt}{postfix}]"  # total unknown

@@ -38,7 +38,7 @@ import torch
 
 from dml.eval.exact_ranking import sort_runs_exactly
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 try:  # faiss is a hard dependency of the package, but evaluation must survive without it
     import faiss
@@ -58,7 +58,7 @@ _announced: set[str] = set()
 def _log_once(key: str, message: str, *args: Any, level: int = logging.WARNING) -> None:
     if key not in _announced:
         _announced.add(key)
-        logger.log(level, message, *args)
+        log.log(level, message, *args)
 
 
 def as_unit_float32(embeddings: Any, name: str = "embeddings") -> np.ndarray:
@@ -369,7 +369,7 @@ def knn_search(
         raise ValueError(f"query dimension {queries.shape[1]} != gallery dimension {knn.dim}")
     if knn.kind == "ivfpq":
         recall = knn.measure_recall(queries, k)
-        logger.info("IVF-PQ recall@%d against exact search on sampled queries: %.4f", k, recall)
+        log.info("IVF-PQ recall@%d against exact search on sampled queries: %.4f", k, recall)
     sims = np.empty((len(queries), k), np.float32)
     ids = np.empty((len(queries), k), np.int64)
     for start in range(0, len(queries), batch_size):

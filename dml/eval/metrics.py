@@ -35,7 +35,7 @@ import torch
 from dml.eval.index import KnnIndex, as_unit_float32, build_index, faiss, rerank_near_ties
 from dml.eval.self_search import DEFAULT_BLOCK, SweptLists, min_block_rows, sweep_neighbour_lists
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 RESULT_BUDGET = 2**22  # neighbour entries per batch (B x k); ~50 bytes each, ~200 MB
 SELF_SEARCH_BUDGET = 2**27  # list entries (N x width) of the symmetric sweep; 12 bytes each
@@ -133,7 +133,7 @@ def _self_search_lists(knn: KnnIndex, plan: list[tuple[np.ndarray, int]], k_cap:
         if width <= limit:
             widths[rows], swept = width, swept + len(rows)
     if swept < sum(len(rows) for rows, _ in plan):
-        logger.info("symmetric self-search covers %d queries; those with lists wider than %d are "
+        log.info("symmetric self-search covers %d queries; those with lists wider than %d are "
                     "searched per query", swept, limit)
     if not swept:
         return None
@@ -151,7 +151,7 @@ def _exact_from_lists(knn: KnnIndex, batch: np.ndarray, rows: np.ndarray, k: int
     retry = rerank_near_ties(batch, knn.gallery, sims, ids, k, knn.score_error, complete=width == k_cap,
                              same_label=same_label)
     if retry.any():  # exact ties beyond the list (duplicates, collapsed embeddings)
-        logger.debug("%d of %d queries (k=%d) searched again past their lists", int(retry.sum()), len(rows), k)
+        log.debug("%d of %d queries (k=%d) searched again past their lists", int(retry.sum()), len(rows), k)
         _, ids[retry, :k] = knn.search(np.ascontiguousarray(batch[retry]), k, rows[retry])
     return ids[:, :k]
 
@@ -179,7 +179,7 @@ def _search_and_score(knn: KnnIndex, queries: np.ndarray, query_labels: np.ndarr
         matches = (gallery_labels[ids] == query_labels[rows][:, None]) & (ids >= 0)
         parts.append((rows, per_query_scores(matches, num_relevant[rows], ks)))
         searched += len(rows)
-        logger.debug("searched %d queries (k=%d)", searched, k)
+        log.debug("searched %d queries (k=%d)", searched, k)
     rows = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int64)
     names = ["precision_at_1", "r_precision", "map_at_r"]
     names += [f"{m}_at_{k}" for k in ks for m in ("recall", "map")]
@@ -260,7 +260,7 @@ def retrieval_metrics(
     result["num_queries"] = int(len(rows))
     result["num_excluded_queries"] = int(len(queries) - len(rows))
     if not len(rows):
-        logger.warning("no query has a relevant gallery item; metrics are NaN")
+        log.warning("no query has a relevant gallery item; metrics are NaN")
     if knn.kind == "ivfpq":
         result[f"knn_recall_at_{max(ks)}"] = knn.measure_recall(queries, max(ks))
     if per_class:

@@ -39,7 +39,7 @@ from dml.export.staging import StagedFiles
 from dml.export.torchscript_export import export_torchscript, load_torchscript, torch_embeddings
 from dml.models import EmbeddingModel, Preprocessing, model_summary
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "torchscript")
 FILE_NAMES = {"onnx": "model.onnx", "torchscript": "model.pt", "onnx_int8": "model.int8.onnx"}
@@ -150,7 +150,7 @@ def export_model(
             source=source, metrics=metrics)
         write_model_card(card, staged.path(CARD_NAME))
         committed = staged.commit()
-    logger.info("exported %s to %s", ", ".join(entry["format"] for entry in files), staged.directory)
+    log.info("exported %s to %s", ", ".join(entry["format"] for entry in files), staged.directory)
     return ExportResult(
         out_dir=staged.directory,
         files={entry["format"]: committed[entry["path"]] for entry in files},
@@ -217,7 +217,7 @@ def _export_checked(job: _ExportJob, fmt: str, staged: StagedFiles, parity: dict
         candidate = torch_embeddings(load_torchscript(path), job.parity_inputs, job.batch_size)
         reports[fmt] = compare_embeddings(job.reference, candidate, fmt, "torch.jit", job.min_cosine)
     for key, report in reports.items():
-        logger.info("parity %s: min cosine %.6f, max abs diff %.3g on %d images",
+        log.info("parity %s: min cosine %.6f, max abs diff %.3g on %d images",
                     key, report.min_cosine, report.max_abs_diff, report.num_images)
         parity[key] = require_parity(report).to_dict()
     return path
@@ -239,6 +239,6 @@ def _export_int8(job: _ExportJob, staged: StagedFiles, calibration_images: Image
     require_parity(report)
     retrieval = retrieval_drop(onnx_embeddings(fp32_session, evaluation, job.batch_size),
                                onnx_embeddings(int8_session, evaluation, job.batch_size), eval_labels)
-    logger.info("int8: min cosine to fp32 %.4f, MAP@R %.4f -> %.4f (drop %.4f)", report.min_cosine,
+    log.info("int8: min cosine to fp32 %.4f, MAP@R %.4f -> %.4f (drop %.4f)", report.min_cosine,
                 retrieval["fp32"]["map_at_r"], retrieval["int8"]["map_at_r"], retrieval["map_at_r_drop"])
     return {**facts, "file": FILE_NAMES["onnx_int8"], "parity": report.to_dict(), "retrieval": retrieval}

@@ -21,7 +21,7 @@ from torch import nn
 
 from dml.export.pixel_input import chunks
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "embeddings"
@@ -70,7 +70,7 @@ def onnx_providers() -> list[str]:
     available = ort.get_available_providers()
     if CUDA_PROVIDER in available:
         return [CPU_PROVIDER, CUDA_PROVIDER]
-    logger.info("onnxruntime has no %s here; ONNX parity is checked on %s only", CUDA_PROVIDER, CPU_PROVIDER)
+    log.info("onnxruntime has no %s here; ONNX parity is checked on %s only", CUDA_PROVIDER, CPU_PROVIDER)
     return [CPU_PROVIDER]
 
 

@@ -37,7 +37,7 @@ from dml.eval.metrics import retrieval_metrics
 from dml.export.onnx_export import INPUT_NAME
 from dml.export.pixel_input import chunks
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 DEFAULT_QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -92,7 +92,7 @@ def quantize_onnx_int8(
         except Exception as error:  # ORT raises plain exceptions for graphs it cannot quantize per channel
             if not per_channel:
                 raise
-            logger.info("per-channel int8 quantization failed (%s); using per-tensor scales", error)
+            log.info("per-channel int8 quantization failed (%s); using per-tensor scales", error)
             per_channel = False
             _quantize(prepared, int8_path, ImageBatchReader(calibration_inputs, batch_size), per_channel, ops)
     return {
@@ -115,7 +115,7 @@ def _prepare_for_quantization(source: Path, target: Path) -> Path:
             return target
         except Exception as error:  # noqa: BLE001 - ORT's pre-processing raises whatever its passes hit
             failure = error
-    logger.info("onnxruntime quantization pre-processing failed (%s); quantizing the graph as exported", failure)
+    log.info("onnxruntime quantization pre-processing failed (%s); quantizing the graph as exported", failure)
     return source
 
 

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from types import TracebackType
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 class StagedFiles:
@@ -62,5 +62,5 @@ class StagedFiles:
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
         if kind is not None:
-            logger.info("export failed; removing %d unfinished file(s) in %s", len(self._staged), self.directory)
+            log.info("export failed; removing %d unfinished file(s) in %s", len(self._staged), self.directory)
         self.discard()

@@ -22,7 +22,7 @@ from dml.models.preprocessing import Preprocessing, resolve_preprocessing
 from dml.models.tokens import backbone_layout, class_token_count
 from dml.models.weights import load_backbone_weights, load_matching_state_dict, read_state_dict
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 MODEL_KEY_PREFIXES = ("backbone.", "neck.")
 
@@ -144,10 +144,10 @@ def load_weights_file(model: EmbeddingModel, path: str | os.PathLike) -> None:
     source = os.fspath(path)
     if state and all(key.startswith(MODEL_KEY_PREFIXES) for key in state):
         load_matching_state_dict(model, state, source, f"an EmbeddingModel({model.backbone_name})")
-        logger.info("loaded embedding-model weights from %s", source)
+        log.info("loaded embedding-model weights from %s", source)
     else:
         load_backbone_weights(model.backbone, state, source)
-        logger.info("loaded %s backbone weights from %s", model.backbone_name, source)
+        log.info("loaded %s backbone weights from %s", model.backbone_name, source)
 
 
 def model_summary(model: nn.Module) -> dict[str, Any]:

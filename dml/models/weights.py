@@ -24,7 +24,7 @@ from torch import nn
 from dml.models.backbone import classifier_names, first_conv_names
 from dml.models.tokens import backbone_layout
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
@@ -126,14 +126,14 @@ def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], s
     for key in dropped:
         del state[key]
     if dropped:
-        logger.info("ignored %d classifier keys in %s", len(dropped), source)
+        log.info("ignored %d classifier keys in %s", len(dropped), source)
     for conv_name in first_conv_names(backbone):
         key = f"{conv_name}.weight"
         if key in state and key in expected and state[key].shape != expected[key].shape:
             wanted, found = expected[key].shape, state[key].shape
             if wanted[0] == found[0] and wanted[2:] == found[2:]:
                 state[key] = adapt_input_conv(wanted[1], state[key], base_chans=found[1])
-                logger.info("adapted %s from %d to %d input channels", key, found[1], wanted[1])
+                log.info("adapted %s from %d to %d input channels", key, found[1], wanted[1])
     load_matching_state_dict(backbone, state, source, "the backbone")
 
 
