@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 RESULTS = ROOT / "benchmarks" / "results" / "face_orl.json"
 
-from face_fixtures import ORL, jpeg_of, orl_bin_content, orl_pairs, orl_path
+from face_fixtures import ORL, jpeg_of, orl_bin_content, orl_pairs, orl_path  # noqa: E402
 
 
 def write_sources(work: Path, source: str) -> Path:

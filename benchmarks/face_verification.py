@@ -34,7 +34,14 @@ sys.path.insert(0, str(ROOT / "tests"))
 RESULTS = ROOT / "benchmarks" / "results" / "face_verification.json"
 FARS = (1e-2, 1e-3)
 
-from face_fixtures import (
+from dml.eval.face_verification import (  # noqa: E402
+    pair_distances,
+    ten_fold_accuracy,
+    unit_rows,
+    val_at_far,
+)
+from dml.eval.verification import verification_metrics  # noqa: E402
+from face_fixtures import (  # noqa: E402
     ORL,
     eigenface_table,
     orl_pairs,
@@ -42,14 +49,6 @@ from face_fixtures import (
     reference_ten_fold,
     reference_val,
 )
-
-from dml.eval.face_verification import (
-    pair_distances,
-    ten_fold_accuracy,
-    unit_rows,
-    val_at_far,
-)
-from dml.eval.verification import verification_metrics
 
 
 def pair_embeddings(num_pairs: int, table: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dml.data.recordio import RecordIOSource, read_index
+from dml.data.recordio import RecordIOSource, read_index  # noqa: E402
 
 ORL_REC = ROOT.parent / "shared" / "data" / "recordio_orl"
 RESULTS = Path(__file__).resolve().parent / "results"

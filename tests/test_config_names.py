@@ -8,9 +8,9 @@ import typing
 from typing import Literal
 
 import pytest
-from data_fixtures import make_folder_tree
 from pydantic import BaseModel
 
+from data_fixtures import make_folder_tree
 from dml.cli import build_parser, main, parse_args
 from dml.config import load_config
 from dml.data.manifest import load_manifest

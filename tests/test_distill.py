@@ -70,7 +70,7 @@ def test_rkd_distance_quadratic_and_linear_huber():
     student, teacher = t([[0, 0], [0, 0], [0, 0], [1, 0]]), t([[0, 0], [1, 0], [0, 1], [1, 1]])
     mu = (4 + 2 * SQRT2) / 6
     psi_t = [1 / mu, 1 / mu, SQRT2 / mu, SQRT2 / mu, 1 / mu, 1 / mu]
-    diffs = [s - q for s, q in zip([0, 0, 2, 0, 2, 2], psi_t)]
+    diffs = [s - q for s, q in zip([0, 0, 2, 0, 2, 2], psi_t, strict=True)]
     assert sum(abs(d) > 1 for d in diffs) == 3
     assert rkd_distance_loss(student, teacher).item() == pytest.approx(sum(huber(d) for d in diffs) / 6)
 
@@ -240,7 +240,7 @@ def test_single_process_every_loss_on_the_fly(teacher_run, tmp_path):
     from dml.train.checkpoint import latest_checkpoint, read_head_rows
     from dml.train.metrics_log import read_metrics
 
-    shards, teacher_dir, base = teacher_run
+    _shards, teacher_dir, base = teacher_run
     config = DMLConfig.model_validate(distill_config(
         base, teacher_dir, tmp_path / "student", teacher_embeddings="on_the_fly", absolute_weight=1.0,
         absolute_kind="l2", relative_weight=0.5, rkd_distance_weight=1.0, rkd_angle_weight=2.0, label_weight=0.1,

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from exact_reference import exact_inner_products, exact_order
 
 import dml.eval.index as index_module
 from dml.eval import build_index, knn_search
+from exact_reference import exact_inner_products, exact_order
 
 ROOT = Path(__file__).resolve().parents[1]
 

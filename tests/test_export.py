@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from data_fixtures import make_folder_tree
 
+from data_fixtures import make_folder_tree
 from dml.config import DataConfig, DMLConfig
 from dml.data.loader import EvalLoader
 from dml.data.shards import write_shards

@@ -8,11 +8,10 @@ import json
 
 import numpy as np
 import pytest
-from data_fixtures import SHARED_DATA
 from PIL import Image
 from skimage.transform import SimilarityTransform, warp
-from test_prepare import all_samples, prepare_config
 
+from data_fixtures import SHARED_DATA
 from dml.config import AlignConfig
 from dml.data.face_align import (
     LANDMARK_COLUMNS,
@@ -26,6 +25,7 @@ from dml.data.face_align import (
 from dml.data.shards import write_shards
 from dml.data.sources import open_source
 from dml.errors import DataError
+from test_prepare import all_samples, prepare_config
 
 ORL = SHARED_DATA / "orl_faces"
 needs_orl = pytest.mark.skipif(not ORL.is_dir(), reason=f"ORL faces absent: {ORL}")

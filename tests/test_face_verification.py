@@ -7,14 +7,6 @@ import itertools
 
 import numpy as np
 import pytest
-from face_fixtures import (
-    ORL,
-    eigenface_embeddings,
-    orl_pairs,
-    reference_tar_at_far,
-    reference_ten_fold,
-    reference_val,
-)
 from scipy.interpolate import interp1d
 from sklearn.model_selection import KFold
 
@@ -26,6 +18,14 @@ from dml.eval.face_verification import (
     pair_distances,
     ten_fold_accuracy,
     val_at_far,
+)
+from face_fixtures import (
+    ORL,
+    eigenface_embeddings,
+    orl_pairs,
+    reference_tar_at_far,
+    reference_ten_fold,
+    reference_val,
 )
 
 needs_orl = pytest.mark.skipif(not ORL.is_dir(), reason=f"ORL faces not found at {ORL}")

@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from data_fixtures import make_folder_tree, make_idx_dir
 
+from data_fixtures import make_folder_tree, make_idx_dir
 from dml.config import DataConfig, DMLConfig
 from dml.data.loader import EvalLoader, TrainLoader
 from dml.data.manifest import load_manifest

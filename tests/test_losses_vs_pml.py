@@ -122,7 +122,10 @@ def test_sphereface_differs_from_pml_only_by_the_feature_norm():
     ours = value_and_grad(lambda e: head(e, labels), unit)
     reference = value_and_grad(lambda e: pml(e, labels), unit)
     torch.testing.assert_close(ours[0], reference[0], **TOLERANCE)
-    tangential = lambda g: g - (g * unit).sum(1, keepdim=True) * unit
+
+    def tangential(g):
+        return g - (g * unit).sum(1, keepdim=True) * unit
+
     torch.testing.assert_close(tangential(ours[1]), tangential(reference[1]), **TOLERANCE)
     assert (ours[1] * unit).sum(1).abs().max() < 1e-8  # ours is scale-invariant, PML is not
     assert (reference[1] * unit).sum(1).abs().max() > 1e-4

@@ -92,7 +92,10 @@ def test_explicit_triplets_override_mining():
     labels = torch.tensor([0, 0, 1, 1, 0, 1])
     triplets = Triplets(torch.tensor([0, 2]), torch.tensor([1, 3]), torch.tensor([2, 4]))
     unit = F.normalize(x, dim=1)
-    d = lambda i, j: (unit[i] - unit[j]).norm()
+
+    def d(i, j):
+        return (unit[i] - unit[j]).norm()
+
     terms = torch.stack([d(0, 1) - d(0, 2) + 1.5, d(2, 3) - d(2, 4) + 1.5]).clamp_min(0)
     value = TripletMarginLoss(1.5, mining="hard")(x, labels, triplets=triplets)
     assert value.item() == pytest.approx(terms[terms > 0].mean().item())

@@ -6,6 +6,10 @@ deployment. The tests share one workspace and run in file order (each builds on 
 
 from __future__ import annotations
 
+from test_pipeline import pipeline_config_dict  # first: sets PREFECT_HOME before prefect loads
+
+# isort: split
+
 import json
 from pathlib import Path
 
@@ -13,19 +17,10 @@ import httpx
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
-from prefect.client.schemas.filters import (
-    FlowFilter,
-    FlowFilterName,
-    FlowRunFilter,
-    FlowRunFilterId,
-)
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.sorting import FlowRunSort, TaskRunSort
 from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
-from test_pipeline import (
-    pipeline_config_dict,  # first: sets PREFECT_HOME before prefect loads
-)
-from train_fixtures import write_config
 
 from pipeline.cli import run_pipeline_command
 from pipeline.flows import dml_pipeline, nightly_retrain
@@ -33,6 +28,7 @@ from pipeline.freshness import stale_reason
 from pipeline.prefect_artifacts import DECISION_KEY, FAILURE_KEY, METRICS_KEY
 from pipeline.stage_cache import read_stamp, write_stamp
 from pipeline.stage_paths import load_pipeline_config
+from train_fixtures import write_config
 
 STAGES = ["prepare", "train", "evaluate_teacher", "distill", "evaluate_student", "export"]
 FAILING = ["distill.student.embedding_dim=8"]  # the teacher embeds in 16 dims: distill refuses
@@ -53,7 +49,7 @@ def workspace(tmp_path_factory, prefect_server):
 
 @pytest.fixture(scope="module")
 def first_run(workspace):
-    root, config_path = workspace
+    _root, config_path = workspace
     state = dml_pipeline(str(config_path), [], return_state=True)
     return state.result(), state
 
@@ -177,7 +173,10 @@ def test_nightly_retrain_skips_when_nothing_changed_and_resumes_after_a_crash(wo
     state = nightly_retrain(str(config_path), CHANGED, return_state=True)
     manifest = read_stamp(root / "shards")["result"]["manifest_sha256"]
     assert state.is_completed() and state.name == "Skipped"
-    assert state.message == f"skipped: data manifest {manifest[:12]} and config unchanged, every stage's outputs are current"
+    assert (
+        state.message
+        == f"skipped: data manifest {manifest[:12]} and config unchanged, every stage's outputs are current"
+    )
     assert state.result()["retrained"] is False and mtimes(root) == before
     assert artifact(DECISION_KEY).startswith("## Skipped")
     # A crash in the middle of distillation: the student's stamp still says "running".

@@ -12,7 +12,12 @@ stopped at the end (`live_prefect.ProcessTree`), also when a test fails.
 
 from __future__ import annotations
 
+from test_pipeline import pipeline_config_dict  # first: sets PREFECT_HOME before prefect loads
+
+# isort: split
+
 import contextlib
+import itertools
 import json
 import os
 import sys
@@ -22,15 +27,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from data_fixtures import image_bytes
-from live_prefect import (
-    PREFECT,
-    LiveServer,
-    ProcessTree,
-    free_port,
-    run_cli,
-    start_server,
-)
 from prefect.client.schemas.filters import (
     DeploymentFilter,
     DeploymentFilterId,
@@ -42,19 +38,13 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.client.schemas.sorting import FlowRunSort, TaskRunSort
 from prefect.exceptions import ObjectNotFound
-from test_pipeline import (
-    pipeline_config_dict,  # first: sets PREFECT_HOME before prefect loads
-)
-from train_fixtures import write_config
 
-from pipeline.prefect_artifacts import (
-    DECISION_KEY,
-    FAILURE_KEY,
-    HEADLINE_KEY,
-    METRICS_KEY,
-)
+from data_fixtures import image_bytes
+from live_prefect import PREFECT, LiveServer, ProcessTree, free_port, run_cli, start_server
+from pipeline.prefect_artifacts import DECISION_KEY, FAILURE_KEY, HEADLINE_KEY, METRICS_KEY
 from pipeline.schedules import DEPLOYMENT, FLOW_NAME
 from pipeline.stage_cache import read_stamp
+from train_fixtures import write_config
 
 pytestmark = pytest.mark.prefect_server
 
@@ -231,7 +221,7 @@ def test_runs_never_overlap_and_dml_pipeline_runs_lists_them(server, processes, 
     root = workspace[0]
     runs = runs_of(server, deployed[0].id)
     worked = [run for run in runs if run.start_time is not None and run.state_type != StateType.CANCELLED]
-    for earlier, later in zip(worked, worked[1:]):
+    for earlier, later in itertools.pairwise(worked):
         assert earlier.end_time is None or earlier.end_time <= later.start_time, (earlier.name, later.name)
     for run in runs:
         if run.state_type == StateType.CANCELLED:

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_prepare_workers import big_idx, prepare_argv, wait_for  # noqa: F401 (fixture)
 
 from dml.cli import main
 from dml.data.manifest import load_manifest
+from test_prepare_workers import big_idx, prepare_argv, wait_for  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="flock and process groups")
 

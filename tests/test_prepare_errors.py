@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from data_fixtures import (
     image_bytes,
     make_folder_tree,
@@ -17,10 +18,9 @@ from data_fixtures import (
     make_omniglot_dir,
     write_idx,
 )
-from small_disk import mounted_tmpfs
-
 from dml.cli import main
 from dml.data.manifest import load_manifest
+from small_disk import mounted_tmpfs
 
 LONG_NAME = "n" * 300  # one path component over the 255-byte limit of Linux file systems
 

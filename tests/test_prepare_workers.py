@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_fixtures import make_folder_tree, write_idx
-from test_prepare import prepare_config, shard_hashes
 
+from data_fixtures import make_folder_tree, write_idx
 from dml.cli import main
 from dml.data.manifest import load_manifest
 from dml.data.shards import write_shards
+from test_prepare import prepare_config, shard_hashes
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads process state from /proc")
 

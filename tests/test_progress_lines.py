@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 import pytest
-from data_fixtures import make_folder_tree
 
+from data_fixtures import make_folder_tree
 from dml.progress import progress
 
 

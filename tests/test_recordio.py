@@ -8,17 +8,17 @@ import struct
 
 import numpy as np
 import pytest
-from data_fixtures import SHARED_DATA, image_bytes
 from PIL import Image
-from recordio_writer import MAGIC_BYTES, pack_payload, write_recordio
-from test_prepare import all_samples, shard_hashes
 
+from data_fixtures import SHARED_DATA, image_bytes
 from dml.cli import main
 from dml.config import DMLConfig
 from dml.data.manifest import load_manifest
 from dml.data.recordio import RecordIOSource
 from dml.data.shards import write_shards
 from dml.data.sources import open_source
+from recordio_writer import MAGIC_BYTES, pack_payload, write_recordio
+from test_prepare import all_samples, shard_hashes
 
 ORL_REC = SHARED_DATA / "recordio_orl"
 

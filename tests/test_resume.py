@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_fixtures import ROOT, tiny_shards, tiny_train_config, write_config
 
 from dml.config import DMLConfig
 from dml.errors import DMLError
@@ -31,6 +30,7 @@ from dml.train.loop import NonFiniteLoss
 from dml.train.metrics_log import read_metrics
 from dml.train.resume import find_resume_point, fixed_changes
 from dml.train.run import run_train
+from train_fixtures import ROOT, tiny_shards, tiny_train_config, write_config
 
 BASE_LR = 0.01
 

@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from data_fixtures import image_bytes
 
+from data_fixtures import image_bytes
 from dml.cli import main
 
 

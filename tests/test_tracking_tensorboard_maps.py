@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from train_fixtures import tiny_shards, tiny_train_config
 
 from dml.config import DMLConfig
 from dml.eval.maps import draw_embedding_maps, map_rows
 from dml.train.metrics_log import read_metrics
+from train_fixtures import tiny_shards, tiny_train_config
 
 pytest.importorskip("tensorboard")
 

@@ -11,13 +11,13 @@ import time
 
 import pytest
 import torch
-from train_fixtures import ROOT, tiny_shards, tiny_train_config, write_config
 
 from dml.config import DMLConfig
 from dml.train.checkpoint import list_checkpoints
 from dml.train.metrics_log import read_metrics
 from dml.train.run import run_train
 from dml.train.schedules import lr_factor
+from train_fixtures import ROOT, tiny_shards, tiny_train_config, write_config
 
 
 def torchrun(args: list[str], nproc: int, max_restarts: int = 0, **popen) -> subprocess.Popen:
