@@ -25,6 +25,7 @@ class AvgPool(nn.Module):
     """Global average pooling: (N, C, H, W) -> (N, C)."""
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Mean over H and W: (N, C, H, W) -> (N, C)."""
         return features.mean(dim=(2, 3))
 
 
@@ -32,6 +33,7 @@ class MaxPool(nn.Module):
     """Global max pooling: (N, C, H, W) -> (N, C)."""
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Max over H and W: (N, C, H, W) -> (N, C)."""
         return features.amax(dim=(2, 3))
 
 
@@ -59,6 +61,7 @@ class GeM(nn.Module):
         self.eps = eps
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Generalised mean ``mean(clamp(x, eps)^p)^(1/p)`` over H and W: (N, C, H, W) -> (N, C)."""
         powered = features.clamp(min=self.eps).pow(self.p)
         return powered.mean(dim=(2, 3)).pow(1.0 / self.p)
 

@@ -107,7 +107,9 @@ class Objective(ExtraOptimizers, nn.Module):
             self.center = CenterLoss(num_classes, dim).to(device)
             self.optimizers.append(torch.optim.SGD(self.center.parameters(), lr=head_lr))
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, **batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, **batch: Any
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of one micro-batch; ``batch`` (images, keys) is for objectives that need more."""
         parts: dict[str, float] = {}
         if self.head is not None:
