@@ -44,7 +44,7 @@ class RerankingConfig(_Strict):
     k_reciprocal: KReciprocalConfig = KReciprocalConfig()
 
     @model_validator(mode="after")
-    def _valid_chain(self) -> "RerankingConfig":
+    def _valid_chain(self) -> RerankingConfig:
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"evaluate.reranking.methods lists a method twice: {list(self.methods)}")
         if "k_reciprocal" in self.methods and self.methods[-1] != "k_reciprocal":

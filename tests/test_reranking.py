@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from dml.config import load_config
+from dml.config_reranking import RerankingConfig
 from dml.errors import ConfigError
 from dml.eval import k_reciprocal
 from dml.eval.gap import global_average_precision
@@ -18,7 +19,6 @@ from dml.eval.metrics import retrieval_metrics
 from dml.eval.query_expansion import alpha_query_expansion, database_side_augmentation
 from dml.eval.ranked_metrics import score_rankings
 from dml.eval.reranking import nearest_neighbour_gap, reranked_metrics, vector_ranker
-from dml.config_reranking import RerankingConfig
 from reranking_reference import dense_expand, dense_gap, dense_k_reciprocal
 
 
@@ -145,7 +145,9 @@ def test_every_variant_is_reported_and_the_chain_too():
         assert 0 <= scores["map_at_r"] <= 1 and 0 <= scores["global_average_precision"] <= 1
         assert scores["num_queries"] == 120 - sum(np.bincount(labels) == 1)
     too_big = RerankingConfig(methods=("k_reciprocal",), k_reciprocal={"k1": 500})
-    assert "needs at least" in reranked_metrics(vectors, labels, None, None, too_big, ks=(1,))["k_reciprocal"]["skipped"]
+    assert (
+        "needs at least" in reranked_metrics(vectors, labels, None, None, too_big, ks=(1,))["k_reciprocal"]["skipped"]
+    )
 
 
 @pytest.mark.parametrize("methods,message", [

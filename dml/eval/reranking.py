@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -87,7 +88,7 @@ def reranked_metrics(queries: Any, query_labels: np.ndarray, gallery: Any | None
     units = as_unit_float32(queries, "queries")
     base = None if gallery is None else as_unit_float32(gallery, "gallery")
     labels = query_labels if gallery_labels is None else gallery_labels
-    variants = [(m,) for m in config.methods]
+    variants: list[tuple[str, ...]] = [(m,) for m in config.methods]
     if len(config.methods) > 1:
         variants.append(tuple(config.methods))
     results: dict[str, dict[str, Any]] = {}
