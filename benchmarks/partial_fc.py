@@ -2,7 +2,8 @@
 
 Claim checked: at 1M classes, partial FC with sample_rate 0.1 takes >= 5x less time per step
 and <= 1/3 of the peak resident memory per process of a full FC head, 2M classes fit in
-24 GiB, and 4M classes (``--classes 4000000 --rates 0.1``) in 20 GiB for both processes. A step is forward + backward + the head's optimizer step (SGD, momentum 0.9, weight
+24 GiB, and 4M classes (``--classes 4000000 --rates 0.1``) in 20 GiB for both processes. A step
+is forward + backward + the head's optimizer step (SGD, momentum 0.9, weight
 decay 5e-4) on synthetic L2-normalised embeddings (D=512, 128 per rank = global batch 256);
 no backbone. Every variant runs in fresh processes so ``ru_maxrss`` is its own peak.
 
@@ -40,9 +41,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from local_group import spawn_local_group  # noqa: E402
+import contextlib
 
-from dml.distributed import DistInfo, barrier  # noqa: E402
+from dml.distributed import DistInfo, barrier
+from local_group import spawn_local_group
 
 DIM, PER_RANK, WORLD = 512, 128, 2
 GLOBAL_BATCH = PER_RANK * WORLD
@@ -63,10 +65,8 @@ def synthetic_batch(step: int, rows: int, num_classes: int, offset: int = 0):
 
 
 def volunteer_for_oom_killer() -> None:
-    try:
+    with contextlib.suppress(OSError):
         Path("/proc/self/oom_score_adj").write_text("1000")
-    except OSError:
-        pass
 
 
 def partial_fc_worker(info: DistInfo, num_classes: int, rate: float, warmup: int, steps: int) -> dict:
@@ -170,7 +170,7 @@ def run_variant(variant: str, num_classes: int, rate: float, args, rates: dict) 
         results = spawn_local_group(partial_fc_worker, WORLD, args=(num_classes, rate, args.warmup, args.steps))
         scored = max(r["scored_rows"] for r in results)
         flops, gemm = 6 * GLOBAL_BATCH * DIM * scored, rates[1]  # per rank, ranks run side by side
-    step_times = [max(ts) for ts in zip(*(r["times"] for r in results))]
+    step_times = [max(ts) for ts in zip(*(r["times"] for r in results), strict=True)]
     median_s = statistics.median(step_times)
     bound_s = flops / gemm
     return {**row, "ms_per_step": 1000 * median_s, "step_times_ms": [1000 * t for t in step_times],
@@ -213,8 +213,15 @@ def extrapolated_baseline(rows: list[dict], variant: str, classes: int) -> dict 
     def line(key):
         slope = (b[key] - a[key]) / (b["classes"] - a["classes"])
         return b[key] + slope * (classes - b["classes"])
-    return {"variant": variant, "classes": classes, "sample_rate": 1.0, "extrapolated_from": [a["classes"], b["classes"]],
-            "ms_per_step": line("ms_per_step"), "peak_rss_gib_per_process": line("peak_rss_gib_per_process")}
+
+    return {
+        "variant": variant,
+        "classes": classes,
+        "sample_rate": 1.0,
+        "extrapolated_from": [a["classes"], b["classes"]],
+        "ms_per_step": line("ms_per_step"),
+        "peak_rss_gib_per_process": line("peak_rss_gib_per_process"),
+    }
 
 
 def claims(rows: list[dict]) -> dict:

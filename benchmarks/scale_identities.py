@@ -50,10 +50,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "tests"))
 import partial_fc as head_bench  # noqa: E402
-from local_group import spawn_local_group  # noqa: E402
 
 from dml.distributed import barrier  # noqa: E402
 from dml.train.checkpoint import latest_checkpoint, read_head_rows  # noqa: E402
+from local_group import spawn_local_group  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scale_identities.json"
 SIDE, DIM, PER_RANK, RATE = 16, 512, 128, 0.1
@@ -109,7 +109,7 @@ class RssWatch:
         self.thread.start()
 
     def _hwm(self) -> dict[int, int]:
-        out = {}
+        out: dict[int, int] = {}
         try:
             procs = [self.root, *self.root.children(recursive=True)]
         except psutil.Error:
@@ -117,7 +117,10 @@ class RssWatch:
         for proc in procs:
             try:
                 text = Path(f"/proc/{proc.pid}/status").read_text()
-                out[proc.pid] = int(re.search(r"VmHWM:\s+(\d+) kB", text).group(1)) * 1024
+                found = re.search(r"VmHWM:\s+(\d+) kB", text)
+                if found is None:
+                    continue
+                out[proc.pid] = int(found.group(1)) * 1024
                 self.names.setdefault(proc.pid, " ".join(proc.cmdline()[-4:])[-60:])
             except (OSError, AttributeError, psutil.Error):
                 continue
@@ -222,6 +225,7 @@ def head_worker(info, classes: int, warmup: int, steps: int) -> dict:
         optimizer.step()
         barrier()
         elapsed = time.perf_counter() - started
+        assert head.sampled_index is not None  # sample_rate < 1 samples rows
         k = head.sampled_index.numel()
         w = head.weight.detach()[:k]
         g = torch.randn(rows, k) if g is None or g.shape[1] != k else g
@@ -237,8 +241,8 @@ def head_floor(identities: int, steps: int) -> dict:
     FLOPs at the best square-GEMM rate, partial_fc.py's floor."""
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as benchmarks/partial_fc.py runs its workers
     results = spawn_local_group(head_worker, 2, args=(identities, 1, steps))
-    step_s = statistics.median(max(ts) for ts in zip(*(r["step_s"] for r in results)))
-    floor = statistics.median(max(ts) for ts in zip(*(r["floor_s"] for r in results)))
+    step_s = statistics.median(max(ts) for ts in zip(*(r["step_s"] for r in results), strict=True))
+    floor = statistics.median(max(ts) for ts in zip(*(r["floor_s"] for r in results), strict=True))
     scored = max(r["scored"] for r in results)
     rate_1 = head_bench.gemm_flops_per_s(1)
     peak_floor = 6 * 2 * PER_RANK * DIM * scored / rate_1
@@ -259,9 +263,12 @@ def resume(work: Path, config_path: Path, nproc: int, steps: int, resume_steps: 
     seconds, watch, output = run_logged(torchrun(nproc, "train", "--config", str(config_path), "--resume",
                                                  *overrides), work / f"resume-{nproc}.log",
                                         run_dir / "checkpoints")
+    assert watch is not None  # run_logged watches when given a checkpoints folder
     logged, _, _ = step_times(run_dir, skip_first=0)
     saved = read_head_rows(work / "run" / "checkpoints" / f"step-{steps:08d}")
-    after = read_head_rows(latest_checkpoint(run_dir))
+    latest = latest_checkpoint(run_dir)
+    assert latest is not None, f"no checkpoint in {run_dir}"
+    after = read_head_rows(latest)
     return {"processes": nproc, "first_step_after_resume": min(s for s in logged if s > 0),
             "resumed_from_step": int(re.findall(r"resumed from \S+ \(step (\d+)\)", output)[-1]),
             "load_s": seconds_in(output, r"checkpoint: loaded \S+ in ([\d.]+) s"),
@@ -284,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.head_only:
-        report = head_floor(args.identities, args.head_steps)
+        report: dict | None = head_floor(args.identities, args.head_steps)
         print(json.dumps(report, indent=1))
         args.out.write_text(json.dumps({"identities": args.identities, "head_alone": report}, indent=2))
         return
@@ -315,6 +322,7 @@ def prepare(args, work: Path, config_path: Path) -> dict:
     generate_s = time.perf_counter() - started
     prepare_s, watch, _ = run_logged(dml("prepare", "--config", str(config_path)), work / "prepare.log",
                                      work / "no-checkpoints")
+    assert watch is not None  # run_logged watches when given a checkpoints folder
     print(f"prepare: {images} images in {prepare_s:.0f} s", flush=True)
     result = {"identities": args.identities, "images": images, "generate_s": generate_s, "seconds": prepare_s,
               "images_per_s": images / prepare_s, "peak_rss_gib": max(watch.peak.values()) / GIB,
@@ -333,6 +341,7 @@ def measure(args, work: Path) -> dict | None:
                                         work / "run" / "checkpoints")
     logged, ms_per_step, images_per_s = step_times(work / "run")
     checkpoint = latest_checkpoint(work / "run")
+    assert watch is not None and checkpoint is not None, f"no checkpoint in {work / 'run'}"
     size = sum(p.stat().st_size for p in checkpoint.rglob("*") if p.is_file())
     print(f"train: {len(logged)} steps, {ms_per_step:.0f} ms/step", flush=True)
     report = {

@@ -89,13 +89,18 @@ def main() -> None:
         print(f"  {c['classes']:>9,} classes: measured {c['measured_gib']:.2f} GiB, model {c['model_gib']:.2f} GiB "
               f"(x{c['model_over_measured']:.2f}); step {c['measured_ms']:.0f} ms = "
               f"{c['measured_over_matmul_floor']:.1f}x its matmul floor")
-    print(f"\n| GPU | identities | GPUs | rows/GPU | head GB/GPU (state + temporaries) | fits (<= mem - {RESERVE_GB:.0f} GB) "
-          "| GEMM ms | elementwise ms | NCCL ms | head step ms |")
+    print(
+        "\n| GPU | identities | GPUs | rows/GPU | head GB/GPU (state + temporaries) "
+        f"| fits (<= mem - {RESERVE_GB:.0f} GB) "
+        "| GEMM ms | elementwise ms | NCCL ms | head step ms |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in table:
-        print(f"| {r['gpu']} | {r['classes'] / 1e6:.0f}M | {r['gpus']} | {r['rows_per_gpu'] / 1e6:.3g}M | "
-              f"{r['head_gb']:.1f} ({r['state_gb']:.1f} + {r['temporaries_gb']:.1f}) | {'yes' if r['fits'] else 'no'} | "
-              f"{r['gemm_ms']:.1f} | {r['elementwise_ms']:.1f} | {r['comm_ms']:.2f} | {r['step_ms']:.1f} |")
+        print(
+            f"| {r['gpu']} | {r['classes'] / 1e6:.0f}M | {r['gpus']} | {r['rows_per_gpu'] / 1e6:.3g}M | "
+            f"{r['head_gb']:.1f} ({r['state_gb']:.1f} + {r['temporaries_gb']:.1f}) | {'yes' if r['fits'] else 'no'} | "
+            f"{r['gemm_ms']:.1f} | {r['elementwise_ms']:.1f} | {r['comm_ms']:.2f} | {r['step_ms']:.1f} |"
+        )
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "scale_plan.json"
     out.write_text(json.dumps({"assumptions": {"dim": D, "per_gpu_batch": PER_GPU, "sample_rate": RATE,

@@ -41,11 +41,11 @@ class WebDatasetWriter:
     members of one sample are collected and written as one sample dict."""
 
     def __init__(self, path: Path):
-        self._file = open(path, "wb")
+        self._file = open(path, "wb")  # noqa: SIM115 - closed by __exit__
         self._writer = wds.TarWriter(self._file, user="", group="", mtime=0, encoder=False)
         self._sample: dict[str, Any] | None = None
 
-    def __enter__(self) -> "WebDatasetWriter":
+    def __enter__(self) -> WebDatasetWriter:
         return self
 
     def add(self, name: str, data: bytes) -> None:
@@ -68,7 +68,7 @@ class WebDatasetWriter:
 
 def prepare_once(writer: type, per_class: int) -> tuple[int, float]:
     """(samples written, seconds) of one `write_shards` run with ``writer``."""
-    shards.DeterministicTarWriter = writer  # the name write_one_shard looks up
+    shards.DeterministicTarWriter = writer  # type: ignore[misc,assignment]  # the name write_one_shard looks up
     out = tempfile.mkdtemp(prefix="shard-writer-")
     try:
         config = load_config(ROOT / "configs" / "quickstart.yaml",

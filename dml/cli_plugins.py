@@ -27,7 +27,7 @@ def _checkout_entry_points(pyproject: Path) -> list[EntryPoint]:
     """The ``[project.entry-points."dml.commands"]`` table of a source checkout's pyproject.toml."""
     if not pyproject.is_file() or sys.version_info < (3, 11):
         return []
-    import tomllib
+    import tomllib  # type: ignore[import-not-found,unused-ignore]  # 3.11+ only: the line above returns on 3.10
 
     try:
         table = tomllib.loads(pyproject.read_text())["project"]["entry-points"][GROUP]

@@ -15,12 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from dml.config_errors import describe_error
 from dml.config_reranking import RerankingConfig
-from dml.config_verification import (VerificationSetConfig, check_best_metric,  # noqa: F401 (re-exported)
-                                     check_verification_sets)
+from dml.config_verification import VerificationSetConfig, check_best_metric, check_verification_sets
 from dml.errors import ConfigError
 from dml.names import check_backbone
-from dml.registries import (MARGINS, MINERS, PAIR_LOSSES, POOLINGS, SOURCES, RegisteredName,
-                            parse_pooling)
+from dml.registries import MARGINS, MINERS, PAIR_LOSSES, POOLINGS, SOURCES, RegisteredName, parse_pooling
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
@@ -145,7 +143,7 @@ class DataConfig(StrictModel):
     bad_samples: Literal["stop", "skip"] = "stop"
 
     @model_validator(mode="after")
-    def _mean_std_match_channels(self) -> "DataConfig":
+    def _mean_std_match_channels(self) -> DataConfig:
         for name in ("mean", "std"):
             value = getattr(self, name)
             if len(value) not in (1, self.channels):
@@ -231,7 +229,7 @@ class LossConfig(StrictModel):
         return self.kind in PAIR_LOSSES
 
     @model_validator(mode="after")
-    def _miner_fits(self) -> "LossConfig":
+    def _miner_fits(self) -> LossConfig:
         if self.miner == "none":
             return self
         if not self.is_pair_loss:
@@ -312,7 +310,7 @@ class TrainConfig(StrictModel):
     best_mode: Literal["max", "min"] = "max"
 
     @model_validator(mode="after")
-    def _best_metric_known(self) -> "TrainConfig":
+    def _best_metric_known(self) -> TrainConfig:
         check_verification_sets(self.verification_sets)
         check_best_metric(self.best_metric, self.verification_sets)
         return self
@@ -349,7 +347,7 @@ class EvalConfig(StrictModel):
     reranking: RerankingConfig = RerankingConfig()
 
     @model_validator(mode="after")
-    def _unique_sets(self) -> "EvalConfig":
+    def _unique_sets(self) -> EvalConfig:
         check_verification_sets(self.verification_sets)
         return self
 
@@ -437,7 +435,7 @@ class DMLConfig(StrictModel):
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
-    def _consistent(self) -> "DMLConfig":
+    def _consistent(self) -> DMLConfig:
         if self.loss.sample_rate < 1.0 and self.train.grad_accum > 1:
             raise ValueError("loss.sample_rate < 1 cannot be combined with train.grad_accum > 1: "
                              "each micro-batch samples different class centres")

@@ -257,5 +257,7 @@ def add_pipeline_commands(parser: argparse.ArgumentParser,
 def register(subparsers: Any, add_config_args: Callable[[argparse.ArgumentParser, bool], None]) -> None:
     """Entry point of group ``dml.commands``: add ``dml pipeline`` and its subcommands to the
     `dml` parser's ``subparsers``."""
-    pipeline = subparsers.add_parser("pipeline", help="the chained Prefect flow: run now, serve or deploy on a schedule")
+    pipeline = subparsers.add_parser(
+        "pipeline", help="the chained Prefect flow: run now, serve or deploy on a schedule"
+    )
     add_pipeline_commands(pipeline, add_config_args)

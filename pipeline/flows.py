@@ -14,7 +14,6 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.states import Completed, State
 
-from dml.config import DMLConfig
 from dml.tracking.pipeline_run import pipeline_run
 from pipeline.config import PipelineRunConfig
 from pipeline.errors import StageFailed
@@ -62,7 +61,7 @@ def dml_pipeline(config_path: str, overrides: list[str] | None = None) -> dict[s
     return run_chain(load_pipeline_config(config_path, overrides))
 
 
-def _decision(config: DMLConfig, only_if_data_changed: bool) -> str | None:
+def _decision(config: PipelineRunConfig, only_if_data_changed: bool) -> str | None:
     """Why this scheduled run retrains, or None to skip it (`pipeline.freshness`)."""
     if not only_if_data_changed:
         return "asked to run the chain (only_if_data_changed=False)"

@@ -10,8 +10,8 @@ Prefect-free: the same answer in a flow, a test or a script.
 
 from __future__ import annotations
 
-from dml.config import DMLConfig
 from dml.errors import DMLError
+from pipeline.config import PipelineRunConfig
 from pipeline.stage_cache import read_stamp
 from pipeline.stage_specs import StageSpec, build_spec, chained_stages
 
@@ -40,7 +40,7 @@ def stage_reason(spec: StageSpec) -> str | None:
     return None
 
 
-def stale_reason(config: DMLConfig) -> str | None:
+def stale_reason(config: PipelineRunConfig) -> str | None:
     """The first stage of the chained run that would do work, and why; None when every
     stage's outputs are current (a scheduled run then skips). Stages are checked in order,
     so a later stage's inputs (upstream model hashes) are only read once they exist."""

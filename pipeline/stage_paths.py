@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from dml.config import DMLConfig, load_config, validate_config
 from dml.errors import ConfigError
 from pipeline.config import PipelineRunConfig
+
+ConfigT = TypeVar("ConfigT", bound=DMLConfig)
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.pt"  # = dml.models.model_file.MODEL_FILE (a test checks; importing it loads torch)
 REPORT_FILE = "report.json"  # = dml.eval.report.REPORT_JSON
 
 
-def with_values(config: DMLConfig, values: dict[str, Any]) -> DMLConfig:
+def with_values(config: ConfigT, values: dict[str, Any]) -> ConfigT:
     """A validated copy of ``config`` with dotted keys set (``{"evaluate.output_dir": ...}``)."""
     data = config.model_dump(mode="json")
     for dotted, value in values.items():

@@ -122,6 +122,7 @@ def export_spec(config: DMLConfig) -> StageSpec:
     """The student's export, keyed by its model file and evaluation report (when there is one)."""
     config = stage_paths.export_config(config)
     student = stage_paths.student_model_file(config)
+    assert config.export.report_path is not None  # export_config sets it
     report = Path(config.export.report_path)  # run_export copies its headline metrics into the card
     inputs = {"config": sections_digest(config, ["data", "export"]), "manifest": _manifest_digest(config),
               "model": file_digest(student), "report": file_digest(report) if report.is_file() else "none"}

@@ -23,7 +23,8 @@ other kustomization field, so a kustomization cannot silently drift outside what
 
 Transformers run in kustomize's order for these fields: patches, namespace, labels, images.
 Where kubectl is installed, tests/test_k8s.py checks that every kustomization renders here as
-`kubectl kustomize` renders it. The helpers at the end read rendered manifests (workload pod specs, a TrainJob's effective
+`kubectl kustomize` renders it. The helpers at the end read rendered manifests (workload pod specs,
+a TrainJob's effective
 pod, $(VAR) expansion, resource quantities) for the tests.
 """
 

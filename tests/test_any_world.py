@@ -132,7 +132,7 @@ def resume_and_reduce(info, shard_dir: str) -> dict:
             loader = TrainLoader(data(Path(shard_dir), batch_size=6))
             state = moved_position(fields, saved_world, loader)
             loader.set_epoch(state.epoch, state.batch_in_epoch)
-            for images, labels in loader:
+            for _images, _labels in loader:
                 dist.all_reduce(torch.ones(1))
             steps.append(len(loader))
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))

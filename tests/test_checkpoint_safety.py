@@ -18,8 +18,7 @@ from dml.cli import main
 from dml.config import DMLConfig
 from dml.distributed import get_rank
 from dml.models.model_file import build_model, save_final_model
-from dml.train.checkpoint import (CheckpointError, NonFiniteState, list_checkpoints, read_checkpoint,
-                                  save_checkpoint)
+from dml.train.checkpoint import CheckpointError, NonFiniteState, list_checkpoints, read_checkpoint, save_checkpoint
 from dml.train.engine import DDPEngine
 from dml.train.objective import Objective
 from local_group import spawn_local_group

@@ -21,7 +21,6 @@ from dml.distill.losses import absolute_teacher_loss, relative_teacher_loss, rkd
 from dml.distill.objective import DistillObjective
 from local_group import spawn_local_group
 
-
 # The rest (timm models, loaders, the trainer) is imported inside the tests that need it, so
 # the worker processes of the 2-rank gradient test import this module in a few seconds.
 

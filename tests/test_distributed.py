@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from local_group import spawn_local_group
 
 from dml import distributed as D
+from local_group import spawn_local_group
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 

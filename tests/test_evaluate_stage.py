@@ -16,12 +16,12 @@ from PIL import Image
 from data_fixtures import make_folder_tree
 from dml.config import DataConfig, DMLConfig
 from dml.config_reranking import RerankingConfig
-from dml.eval.query_expansion import alpha_query_expansion, database_side_augmentation
 from dml.data.manifest import manifest_digest
 from dml.data.shards import write_shards
 from dml.errors import DMLError
 from dml.eval.embed import Embeddings, extract_embeddings
 from dml.eval.metrics import retrieval_metrics
+from dml.eval.query_expansion import alpha_query_expansion, database_side_augmentation
 from dml.eval.reranking import nearest_neighbour_gap
 from dml.eval.run import run_evaluate
 from dml.eval.shard_lookup import read_sample_metadata
@@ -78,7 +78,7 @@ def saved(result, split: str) -> Embeddings:
 
 
 def test_report_has_every_section_and_sane_values(workspace, first_run):
-    config, result, report = first_run
+    _config, result, report = first_run
     for key in ("headline", "retrieval", "verification", "identification", "per_class", "config", "model",
                 "data", "num_queries", "num_excluded_queries", "started_at", "finished_at", "plots", "notes"):
         assert key in report, key
@@ -108,7 +108,7 @@ def test_report_has_every_section_and_sane_values(workspace, first_run):
 
 
 def test_metrics_equal_the_metric_functions_on_the_saved_embeddings(first_run):
-    config, result, report = first_run
+    _config, result, report = first_run
     query, gallery = saved(result, "query"), saved(result, "gallery")
     assert len(query.keys) == len(query.labels) == query.vectors.shape[0] == CLASSES * 3
     direct = retrieval_metrics(query.vectors, query.labels, gallery.vectors, gallery.labels, ks=KS)
@@ -231,7 +231,7 @@ def _pairs_lines(workspace, query_keys: list[str]) -> tuple[list[str], list[tupl
         by_class.setdefault(label, []).append((number, row))
     lines, expected = ["2 3"], []
     labels = sorted(by_class)
-    for a, b in zip(labels, labels[1:] + labels[:1]):
+    for a, b in zip(labels, labels[1:] + labels[:1], strict=True):
         (n1, r1), (n2, r2) = by_class[a][0], by_class[a][1]
         lines.append(f"{a} {n1} {n2}")
         expected.append((r1, r2, True))

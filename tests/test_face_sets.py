@@ -9,6 +9,8 @@ import os
 import pickle
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -39,7 +41,7 @@ def small_model_and_data():
 def _embed_on_rank(info, paths: list[str]) -> list:
     """Each set's embeddings, or the DataError it raised, as one line."""
     model, data = small_model_and_data()
-    out = []
+    out: list[Any] = []
     for path in paths:
         try:
             loaded = load_verification_set(VerificationSetConfig.model_validate(path))
@@ -85,7 +87,9 @@ def test_face_recipe_config_loads():
 
 
 def test_config_forms_and_errors(tmp_path):
-    train = DMLConfig.model_validate({"train": {"verification_sets": ["a/lfw.bin", {"path": "p.txt", "folder": "x/orl"}]}}).train
+    train = DMLConfig.model_validate(
+        {"train": {"verification_sets": ["a/lfw.bin", {"path": "p.txt", "folder": "x/orl"}]}}
+    ).train
     assert [s.set_name for s in train.verification_sets] == ["lfw", "orl"]
     assert train.resolved_best_metric == "ver_lfw_accuracy"
     for bad, message in [({"verification_sets": ["pairs.txt"]}, "needs 'folder'"),
@@ -113,7 +117,7 @@ def test_training_logs_sets_and_keeps_the_best_model(tmp_path):
     values = [r["ver_faces_accuracy"] for r in evaluations]
     assert best["metric"] == "ver_faces_accuracy" and best["value"] == max(values)
     assert best["step"] == evaluations[values.index(max(values))]["step"]
-    model, payload = load_final_model(tmp_path / "run" / "best" / "model.pt")
+    _model, payload = load_final_model(tmp_path / "run" / "best" / "model.pt")
     assert payload["best"]["value"] == best["value"]
 
 
@@ -154,7 +158,7 @@ def test_evaluate_reports_sets_and_recomputes_them_from_saved_embeddings(trained
 
     config = DMLConfig.model_validate(evaluate_config(trained, "eval", [str(trained["bin"])]))
     result = run_evaluate(config)
-    report = json.loads(open(result.report_path).read())
+    report = json.loads(Path(result.report_path).read_text())
     faces = report["verification_sets"]["faces"]
     saved = np.load(trained["root"] / "eval" / "embeddings" / "verification_faces.npy")
     expected = face_verification_metrics(saved, read_verification_bin(trained["bin"]).is_same, fars=(0.1, 0.001))
@@ -162,12 +166,14 @@ def test_evaluate_reports_sets_and_recomputes_them_from_saved_embeddings(trained
     assert report["headline"]["ver_faces_accuracy"] == faces["accuracy"]
     assert report["plots"]["verification_sets_roc"] == "verification_sets_roc.png"
     assert (trained["root"] / "eval" / "verification_sets_roc.png").stat().st_size > 10_000
-    markdown = open(result.markdown_path).read()
+    markdown = Path(result.markdown_path).read_text()
     assert "## Face verification sets" in markdown and "| `faces` | 20 (10 / 10) |" in markdown
     assert any("FAR 1e-03 not resolvable" in note for note in report["notes"])  # 10 different pairs
     again = run_evaluate(DMLConfig.model_validate(evaluate_config(trained, "eval2", [str(trained["bin"])])),
                          embeddings_dir=result.embeddings_dir)
-    assert json.loads(open(again.report_path).read())["verification_sets"]["faces"]["accuracy"] == faces["accuracy"]
+    assert (
+        json.loads(Path(again.report_path).read_text())["verification_sets"]["faces"]["accuracy"] == faces["accuracy"]
+    )
 
 
 def test_cli_evaluate_refuses_a_malicious_bin_with_one_line(trained, tmp_path):

@@ -16,8 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_without_a_gpu_it_says_so_and_exits_0(tmp_path):
     out = tmp_path / "gpu_check.json"
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out)], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable})
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable},
+    )
     assert done.returncode == 0, done.stderr
     assert "needs a CUDA GPU" in done.stdout
     assert not out.exists()

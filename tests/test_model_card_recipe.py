@@ -110,7 +110,7 @@ def test_card_recipe_with_pil_and_numpy_reproduces_dml_evaluate(exported):
     for split in ("query", "gallery"):
         embedded = Embeddings.load(Path(evaluation.embeddings_dir), split)
         assert len(embedded.keys) > 0
-        for key, vector in zip(embedded.keys, embedded.vectors):
+        for key, vector in zip(embedded.keys, embedded.vectors, strict=True):
             path = root / "src" / metadata[key]["source"]
             assert path.is_file(), path
             inputs = apply_card(card, path)
@@ -137,7 +137,7 @@ def test_card_recipe_gives_the_input_tensor_of_the_pipelines_transform(exported)
 
 
 def test_export_puts_on_the_card_the_metrics_of_the_report_it_is_told(exported, tmp_path):
-    root, evaluation, export, config = exported
+    _root, evaluation, export, config = exported
     assert export.card["metrics"] == {}  # export.report_path unset: no report is guessed from the model's folder
 
     def told(report_path: str) -> DMLConfig:
@@ -147,7 +147,9 @@ def test_export_puts_on_the_card_the_metrics_of_the_report_it_is_told(exported, 
     card = run_export(told(evaluation.report_path)).card
     assert card["metrics"] == json.loads(Path(evaluation.report_path).read_text())["headline"]
     assert card["metrics"]["map_at_r"] == evaluation.metrics["map_at_r"]
-    with pytest.raises(DMLError, match=r"^export.report_path: no evaluation report at .*missing.json: run `dml evaluate`"):
+    with pytest.raises(
+        DMLError, match=r"^export.report_path: no evaluation report at .*missing.json: run `dml evaluate`"
+    ):
         run_export(told(str(tmp_path / "missing.json")))
     (tmp_path / "other.json").write_text("[1, 2]")
     with pytest.raises(DMLError, match=r"^export.report_path: .*other.json is not a `dml evaluate` report"):

@@ -13,30 +13,29 @@ os.environ["PREFECT_HOME"] = os.environ["DML_TEST_PREFECT_HOME"]
 os.environ.pop("PREFECT_API_URL", None)
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
-import json  # noqa: E402
-import re  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import re
+import time
+from pathlib import Path
 
-import kubernetes_validate  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import yaml  # noqa: E402
+import kubernetes_validate
+import pytest
+import torch
+import yaml
 
-from data_fixtures import make_folder_tree  # noqa: E402
-from dml.errors import ConfigError  # noqa: E402
-from dml.train.checkpoint import list_checkpoints  # noqa: E402
-from pipeline.config import PipelineRunConfig  # noqa: E402
-from pipeline.errors import StageFailed  # noqa: E402
-from pipeline.fingerprint import sections_digest, source_fingerprint  # noqa: E402
-from pipeline.launchers import InProcessLauncher, KubernetesLauncher, TorchrunLauncher  # noqa: E402
-from pipeline.launchers.kubernetes import job_condition, pod_problem  # noqa: E402
-from pipeline.launchers.logs import failure_reason  # noqa: E402
-from pipeline.stage_cache import claim_output_dir, read_stamp, write_stamp  # noqa: E402
-from pipeline.stage_execution import execute_stage  # noqa: E402
-from pipeline.stage_paths import evaluate_student_config, export_config, load_pipeline_config  # noqa: E402
-from pipeline.stage_specs import TRAIN_SECTIONS, StageSpec  # noqa: E402
-from train_fixtures import tiny_train_config, write_config  # noqa: E402
+from data_fixtures import make_folder_tree
+from dml.errors import ConfigError
+from dml.train.checkpoint import list_checkpoints
+from pipeline.config import PipelineRunConfig
+from pipeline.errors import StageFailed
+from pipeline.fingerprint import sections_digest, source_fingerprint
+from pipeline.launchers import InProcessLauncher, KubernetesLauncher, TorchrunLauncher
+from pipeline.launchers.kubernetes import job_condition, pod_problem
+from pipeline.launchers.logs import failure_reason
+from pipeline.stage_cache import claim_output_dir, read_stamp, write_stamp
+from pipeline.stage_execution import execute_stage
+from pipeline.stage_paths import evaluate_student_config, export_config, load_pipeline_config
+from pipeline.stage_specs import TRAIN_SECTIONS, StageSpec
+from train_fixtures import tiny_train_config, write_config
 
 K8S_VERSION = "1.37.0"
 
@@ -97,7 +96,9 @@ def test_cache_keys_follow_relevant_sections_only(tmp_path):
     base = pipeline_config_dict(tmp_path)
     config = PipelineRunConfig.model_validate(base)
     other_loss = PipelineRunConfig.model_validate({**base, "loss": {**base["loss"], "margin": 0.25}})
-    other_launcher = PipelineRunConfig.model_validate({**base, "pipeline": {**base["pipeline"], "launcher": "torchrun"}})
+    other_launcher = PipelineRunConfig.model_validate(
+        {**base, "pipeline": {**base["pipeline"], "launcher": "torchrun"}}
+    )
     assert sections_digest(config, TRAIN_SECTIONS) != sections_digest(other_loss, TRAIN_SECTIONS)
     assert sections_digest(config, ["prepare"]) == sections_digest(other_loss, ["prepare"])
     assert sections_digest(config, TRAIN_SECTIONS) == sections_digest(other_launcher, TRAIN_SECTIONS)
@@ -132,7 +133,7 @@ def test_pipeline_config_wires_stage_paths(tmp_path):
     assert student.evaluate.model_path == str(tmp_path / "student" / "model.pt")
     assert student.evaluate.output_dir == str(tmp_path / "student" / "eval")
     assert export_config(config).export.output_dir == str(tmp_path / "student" / "export")
-    with pytest.raises(ConfigError, match="train.run_dir .* and distill.run_dir .* must be separate"):
+    with pytest.raises(ConfigError, match=r"train\.run_dir .* and distill\.run_dir .* must be separate"):
         load_pipeline_config(tmp_path / "c.yaml", [f"distill.run_dir={tmp_path / 'teacher' / 'student'}"])
 
 
@@ -154,7 +155,7 @@ Traceback (most recent call last):
 torch.distributed.elastic.multiprocessing.errors.ChildFailedError: 
 ============================================================
 dml.cli FAILED
-"""
+"""  # noqa: W291 - torchrun's ChildFailedError line ends in a space
 
 
 def test_failure_reason_prefers_the_cli_error_then_the_exception():
@@ -298,10 +299,10 @@ def test_kubernetes_worker_turns_the_work_pool_template_into_a_valid_flow_run_jo
     import asyncio
     import uuid
 
-    from k8s_render import find, render
     from prefect.client.schemas.objects import FlowRun
     from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
 
+    from k8s_render import find, render
     from pipeline.deployments import kubernetes_deployment, work_pool_base_job_template
 
     deployment = kubernetes_deployment("registry.example/dml:0.1.0")
@@ -315,7 +316,11 @@ def test_kubernetes_worker_turns_the_work_pool_template_into_a_valid_flow_run_jo
     job["metadata"]["name"] = job["metadata"].pop("generateName") + "x1"
     kubernetes_validate.validate(job, K8S_VERSION, strict=True)
     [container] = pod["containers"]
-    assert container["image"] == "registry.example/dml:0.1.0" and container["args"] == ["prefect", "flow-run", "execute"]
+    assert container["image"] == "registry.example/dml:0.1.0" and container["args"] == [
+        "prefect",
+        "flow-run",
+        "execute",
+    ]
     assert {"name": "OMP_NUM_THREADS", "value": "1"} in container["env"]
     assert job["metadata"]["namespace"] == "dml" and job["spec"]["backoffLimit"] == 0
     base = render(Path(__file__).resolve().parents[1] / "k8s" / "base")

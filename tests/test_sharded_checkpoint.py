@@ -17,15 +17,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from local_group import spawn_local_group
 
 from dml.config import DMLConfig
 from dml.models.model_file import build_model
-from dml.train.checkpoint import (HEAD_DIR, STATE, CheckpointError, latest_checkpoint, load_checkpoint,
-                                  read_checkpoint, save_checkpoint, step_dir_name)
+from dml.train.checkpoint import (
+    HEAD_DIR,
+    STATE,
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+    step_dir_name,
+)
 from dml.train.engine import DDPEngine
 from dml.train.objective import Objective
 from dml.train.row_shards import RowShardReader, write_row_shard
+from local_group import spawn_local_group
 from train_fixtures import tiny_train_config
 
 CLASSES = 11  # 3 ranks hold 4, 4, 3 rows; 2 ranks 6, 5; 4 ranks 3, 3, 3, 2: every boundary moves
@@ -72,8 +80,9 @@ def save_worker(info, run_dir: str, head_optimizer: str):
 
 
 def load_worker(info, run_dir: str, head_optimizer: str):
-    config, engine, objective = build_parts(Path(run_dir), head_optimizer)
+    _config, engine, objective = build_parts(Path(run_dir), head_optimizer)
     path = latest_checkpoint(run_dir)
+    assert path is not None
     state = load_checkpoint(path, objective, engine)
     return {"head": full_head(objective), "step": state["train_state"]["step"],
             "rows": (objective.head.class_start, objective.head.class_end)}

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 if TYPE_CHECKING:
     from dml.data.face_align import FaceMarks
 
-ImagePayload = Union[bytes, np.ndarray]  # what reading a record gives: encoded file bytes or uint8 pixels
+ImagePayload = bytes | np.ndarray  # what reading a record gives: encoded file bytes or uint8 pixels
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".pbm", ".gif", ".tif", ".tiff", ".webp"}
 
 

@@ -14,7 +14,7 @@ import struct
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 
@@ -61,7 +61,7 @@ def _parsing(path: Path, what: str) -> Iterator[None]:
         yield
     except DataError:
         raise
-    except Exception as exc:  # parsers raise many types for bad files; all mean "unreadable"
+    except Exception as exc:  # noqa: BLE001 - parsers raise many types for bad files; all mean "unreadable"
         reason = (str(exc).splitlines() or [""])[0] or type(exc).__name__
         raise DataError(f"{path}: not a readable {what}: {reason}") from None
 
@@ -213,7 +213,7 @@ class IdxSource:
         pairs = {}
         for images in sorted(self.root.glob("*-images-idx3-ubyte*")):
             prefix = images.name.split("-images-")[0]
-            labels = [p for p in self.root.glob(f"{prefix}-labels-idx1-ubyte*")]
+            labels = list(self.root.glob(f"{prefix}-labels-idx1-ubyte*"))
             if labels:
                 pairs[prefix] = (images, labels[0])
         return pairs
@@ -268,7 +268,7 @@ class OmniglotSource:
     ``background/<i>`` and ``evaluation/<i>`` so the two sets stay disjoint.
     """
 
-    FILES = {"background": "images_background.npz", "evaluation": "images_evaluation.npz"}
+    FILES: ClassVar[dict[str, str]] = {"background": "images_background.npz", "evaluation": "images_evaluation.npz"}
 
     def __init__(self, root: str | Path):
         self.root = Path(root)

@@ -48,7 +48,8 @@ ANGLE_ANCHOR_CHUNK = 64
 class TeacherEmbedder(Protocol):
     embedding_dim: int
 
-    def embed(self, images: torch.Tensor | None, keys: list[str] | None) -> torch.Tensor: ...
+    def embed(self, images: torch.Tensor | None, keys: list[str] | None) -> torch.Tensor:
+        """(B, D_teacher) float32 teacher embeddings of a batch: its images (B, C, H, W) or its sample keys."""
 
 
 def load_teacher_head(head: PartialFC, teacher_run: str, seed: int) -> None:
@@ -131,7 +132,10 @@ class DistillObjective(ExtraOptimizers, nn.Module):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, images: torch.Tensor | None = None,
                 keys: list[str] | None = None, **batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         """Weighted sum of the enabled losses of one micro-batch; ``parts`` holds each term
-        (unweighted) and ``main`` (the weighted total)."""
+        (unweighted) and ``main`` (the weighted total).
+
+        Raises DMLError when every loss weight is 0.
+        """
         cfg = self.cfg
         student = embeddings.float()
         teacher = self.teacher.embed(images, keys).to(student.device)
@@ -171,9 +175,9 @@ class DistillObjective(ExtraOptimizers, nn.Module):
     def full_state(self, include_head: bool = True) -> dict[str, Any]:
         """The label head's full matrix (any world size) or None (also without ``include_head``,
         for checkpoints that write its rows per rank); collective when the head is included."""
-        with_head = include_head and self.head is not None
-        return {"head": self.head.full_state_dict() if with_head else None}
+        return {"head": self.head.full_state_dict() if include_head and self.head is not None else None}
 
     def load_full_state(self, state: dict[str, Any]) -> None:
+        """Load the label head's full matrix from `full_state` (any world size); no-op without a head."""
         if self.head is not None and state.get("head") is not None:
             self.head.load_full_state_dict(state["head"])

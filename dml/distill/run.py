@@ -31,7 +31,7 @@ from dml.errors import ConfigError
 from dml.models.model_file import build_model, read_model_file
 from dml.train.run import TrainingSpec, TrainResult, run_training
 
-log = logging.getLogger("dml.distill.run")  # not __name__: `python -m dml.distill.run` runs it as __main__
+log = logging.getLogger(__name__)
 STUDENT_SECTION = "distill.student"
 
 

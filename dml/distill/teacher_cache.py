@@ -54,7 +54,10 @@ CACHE_FORMAT = "dml.teacher_cache/1"
 
 
 def cache_meta(record: TeacherRecord, data: DataConfig) -> dict[str, Any]:
-    """What a valid cache for this teacher and these shards must declare in meta.json."""
+    """What a valid cache for this teacher and these shards must declare in meta.json.
+
+    Raises DataError when the manifest has no ``data.train_split``.
+    """
     manifest = load_manifest(data.shard_dir)
     if data.train_split not in manifest["splits"]:
         raise DataError(f"split '{data.train_split}' not in manifest (has: {', '.join(manifest['splits'])})")
@@ -98,6 +101,8 @@ def build_cache(record: TeacherRecord, data: DataConfig, directory: Path, meta: 
 
     Every rank embeds its share of the shards (`extract_embeddings`), the parts are gathered,
     rank 0 writes under a temporary name and renames; all ranks leave after a barrier.
+
+    Raises DataError when the embedded keys repeat or do not account for every sample.
     """
     teacher, _ = load_final_model(record.model_path, device)
     view = record.data.model_copy(update={"shard_dir": data.shard_dir, "train_split": data.train_split,
@@ -139,7 +144,8 @@ class TeacherCache:
     rebuilt: bool
 
     @classmethod
-    def open(cls, directory: Path, rebuilt: bool) -> "TeacherCache":
+    def open(cls, directory: Path, rebuilt: bool) -> TeacherCache:
+        """Open a cache folder: ``keys.json`` and ``vectors.npy`` (N, D_teacher) memory-mapped."""
         keys = np.asarray(json.loads((directory / "keys.json").read_text()), dtype=str)
         return cls(directory, keys, np.load(directory / "vectors.npy", mmap_mode="r"), rebuilt)
 
@@ -180,7 +186,10 @@ class CachedTeacher:
         self.embedding_dim = cache.vectors.shape[1]
 
     def embed(self, images: torch.Tensor | None, keys: list[str] | None) -> torch.Tensor:
-        """(B, D_teacher) float32 teacher embeddings of the batch's samples, on the device."""
+        """(B, D_teacher) float32 teacher embeddings of the batch's samples, on the device.
+
+        Raises ValueError without ``keys``.
+        """
         if keys is None:
             raise ValueError("cached teacher embeddings need the batch's sample keys (TrainLoader with_keys=True)")
         return torch.from_numpy(self.cache.lookup(list(keys))).to(self.device)

@@ -15,9 +15,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from dml.eval import verification_report
 from dml.eval.evaluation import EvaluationMetrics
 from dml.files import write_json_atomic
-from dml.eval import verification_report
 
 FORMAT = "dml.eval_report/1"
 REPORT_JSON, REPORT_MD, PER_CLASS_CSV = "report.json", "report.md", "per_class.csv"

@@ -175,7 +175,10 @@ def run_evaluate(config: DMLConfig, embeddings_dir: str | Path | None = None) ->
 
 def report_on_embeddings(config: DMLConfig, embeddings: EmbeddingSet, embeddings_dir: Path,
                          started: str) -> EvalResult:
-    """Metrics, plots and report files for ``embeddings`` (rank 0 only)."""
+    """Metrics, plots and report files for ``embeddings`` (rank 0 only).
+
+    Raises DMLError for leave-one-out over fewer than 2 samples.
+    """
     evaluate, output_dir = config.evaluate, Path(config.evaluate.output_dir)
     if evaluate.gallery_split is None and len(embeddings.query.keys) < 2:
         raise DMLError(f"leave-one-out needs at least 2 samples in split '{evaluate.query_split}'")

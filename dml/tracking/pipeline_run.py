@@ -7,16 +7,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 from dml.config import DMLConfig
 from dml.tracking.mlflow_run import log_params
 from dml.tracking.mlflow_store import experiment_id, flat_params, make_client, mlflow_enabled, tracking_uri
 
 log = logging.getLogger(__name__)
+ConfigT = TypeVar("ConfigT", bound=DMLConfig)
 
 
 @contextmanager
-def pipeline_run(config: DMLConfig) -> Iterator[DMLConfig]:
+def pipeline_run(config: ConfigT) -> Iterator[ConfigT]:
     """Open the pipeline's parent run and yield ``config`` pointing the stages at it (the
     same config when MLflow is off, already has a parent, or cannot be reached: one warning).
     The run ends FINISHED, or FAILED when the body raises."""

@@ -8,7 +8,8 @@ size reads only the rows each rank needs). ``state.pt`` is the commit record, wr
 rank 0 last, after every rank has finished: it holds which global rows each head file holds,
 the model, the backbone optimizer (replicated under DDP), schedule, step, epoch, data
 position, the identity of the data and every rank's RNG state. Checkpoints of the earlier
-gathered format (the full matrix inside ``state.pt``) still load. DeepSpeed's ZeRO optimizer partitions go in ``optimizer-rank*.pt``
+gathered format (the full matrix inside ``state.pt``) still load. DeepSpeed's ZeRO optimizer
+partitions go in ``optimizer-rank*.pt``
 (same world size only). The last ``keep_last`` checkpoints are kept.
 
 Only a checkpoint that can be resumed is written or read back:
@@ -191,6 +192,7 @@ def _write_all(root: Path, tmp: Path, state: dict[str, Any] | None, head: RowSha
     outcomes = gather_objects((_attempt(write_own, root), record[0]))
     problem = next((p for p, _ in outcomes if p), None)
     if problem is None and rank == 0:
+        assert state is not None  # rank 0 builds the state
         if head is not None:
             state["objective"]["head"] = {**head.meta, "index": [r for _, r in outcomes]}
         problem = _attempt(lambda: _write(state, tmp / STATE), root)
@@ -326,7 +328,7 @@ def restore_checkpoint(path: Path, state: dict[str, Any], objective, engine, wit
     head, started = sharded_head(state), time.perf_counter()
     if with_head and head is None:
         objective.load_full_state(state["objective"])
-    elif with_head:
+    elif with_head and head is not None:
         objective.load_full_state({**state["objective"], "head": None})
         if getattr(objective, "head", None) is not None:
             reader = RowShardReader(Path(path) / HEAD_DIR, head["index"])

@@ -131,8 +131,7 @@ class Objective(ExtraOptimizers, nn.Module):
     def full_state(self, include_head: bool = True) -> dict[str, Any]:
         """Head (full matrix, any world size; None without ``include_head``, for checkpoints that
         write its rows per rank) and centre-loss state; collective when the head is included."""
-        with_head = include_head and self.head is not None
-        return {"head": self.head.full_state_dict() if with_head else None,
+        return {"head": self.head.full_state_dict() if include_head and self.head is not None else None,
                 "center": self.center.state_dict() if self.center is not None else None,
                 "center_optimizer": self.optimizers[-1].state_dict() if self.center is not None else None}
 

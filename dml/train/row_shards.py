@@ -52,10 +52,12 @@ def _chunk_rows(row_bytes: int) -> int:
 
 def _as_bytes(block: torch.Tensor) -> memoryview:
     """A byte view of a contiguous CPU tensor (any dtype, bf16 included), no copy."""
-    return memoryview(block.reshape(-1).view(torch.uint8).numpy())
+    # ndarray has the buffer protocol; numpy's stubs declare it for Python >= 3.12 only
+    return memoryview(block.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def file_name(name: str, rank: int) -> str:
+    """File of tensor ``name``'s rows written by ``rank``: ``<name>.rank<rank:05d>.bin``."""
     return f"{name}.rank{rank:05d}.bin"
 
 
@@ -105,7 +107,7 @@ def check_index(folder: Path, index: list[dict[str, Any]], num_rows: int) -> str
         expected_start = record["end"]
         if set(record["tensors"]) != names:
             return f"rank {record['rank']} saved {sorted(record['tensors'])}, rank 0 saved {sorted(names)}"
-        for name, entry in record["tensors"].items():
+        for _name, entry in record["tensors"].items():
             shape, dtype = tuple(entry["shape"]), _dtype(entry["dtype"])
             path = folder / entry["file"]
             want = (record["end"] - record["start"]) * _row_bytes(shape, dtype)
@@ -136,6 +138,7 @@ class RowShardReader:
         self.records = sorted(index, key=lambda r: r["start"])
 
     def names(self) -> list[str]:
+        """The names of the tensors saved (those of the first rank's record)."""
         return sorted(self.records[0]["tensors"]) if self.records else []
 
     def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
@@ -166,7 +169,7 @@ class RowShardReader:
             with open(self.folder / record["tensors"][name]["file"], "rb", buffering=0) as handle:
                 for first in range(lo, hi, step):
                     last = min(hi, first + step)
-                    target = out[first - start: last - start] if direct else buffer[: last - first]
+                    target = out[first - start: last - start] if buffer is None else buffer[: last - first]
                     handle.seek((first - record["start"]) * row_bytes)
                     _read_fully(handle, _as_bytes(target), name)
                     if not direct:
