@@ -52,9 +52,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import losses_omniglot as base  # noqa: E402
-from dml.eval import retrieval_metrics  # noqa: E402
-from dml.losses import ArcFace, PartialFC, dynamic_margins  # noqa: E402
+import losses_omniglot as base
+
+from dml.eval import retrieval_metrics
+from dml.losses import ArcFace, PartialFC, dynamic_margins
 
 RESULTS = ROOT / "benchmarks" / "results" / "landmark_omniglot.json"
 SAVE_DIR = ROOT.parent / "landmark_omniglot_models"
@@ -94,6 +95,7 @@ def build_head(row: str, num_classes: int, counts: np.ndarray, seed: int) -> Par
                      class_margins=margins, seed=seed)
     centres = torch.randn(num_classes * k, base.EMBEDDING_DIM, generator=torch.Generator().manual_seed(seed + 1))
     state = head.full_state_dict()
+    assert state is not None  # one process
     head.load_full_state_dict({**state, "weight": centres})
     return head
 
@@ -105,7 +107,7 @@ def train(row: str, args: argparse.Namespace, data: dict, batches: torch.Tensor,
     centres = head.configure_optimizer("adamw", lr=base.CENTRE_LR, momentum=0.9, weight_decay=0.0)
     schedules = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=len(batches)) for o in (network, centres)]
     model.train()
-    losses = []
+    losses: list[float] = []
     for rows in batches:
         images = base.normalise(data["train_images"][rows], data["mean"], data["std"])
         loss = head(model(images), data["train_labels"][rows])
@@ -134,9 +136,15 @@ def run_row(row: str, args: argparse.Namespace, data: dict, batches: torch.Tenso
     (model, final_loss), train_seconds = base.timed(train, row, args, data, batches, counts)
     vectors, eval_seconds = base.timed(embed, model, data)
     metrics = retrieval_metrics(vectors, data["eval_labels"].numpy(), ks=(1,))
-    result = {"row": row, "sub_centers": ROWS[row][0], "dynamic_margins": ROWS[row][1],
-              **{key: float(metrics[key]) for key in ("precision_at_1", "map_at_r", "r_precision")},
-              "final_loss": final_loss, "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1)}
+    result = {
+        "row": row,
+        "sub_centers": ROWS[row][0],
+        "dynamic_margins": ROWS[row][1],
+        **{key: float(metrics[key]) for key in ("precision_at_1", "map_at_r", "r_precision")},
+        "final_loss": final_loss,
+        "train_seconds": round(train_seconds, 1),
+        "eval_seconds": round(eval_seconds, 1),
+    }
     if args.save_dir is not None:
         args.save_dir.mkdir(parents=True, exist_ok=True)
         weights, embeddings = args.save_dir / f"{row}.pt", args.save_dir / f"{row}.npz"
@@ -152,7 +160,9 @@ def run_row(row: str, args: argparse.Namespace, data: dict, batches: torch.Tenso
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per row (default 300; 20 with --quick)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps per row (default 300; 20 with --quick)"
+    )
     parser.add_argument("--quick", action="store_true", help="20 steps, 50 evaluation characters, no JSON")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--seed", type=int, default=0)

@@ -6,7 +6,8 @@ per 10,000 queries, measured side by side on the same embeddings in one run.
 
 Protocol: the embeddings are those of benchmarks/losses_omniglot.py's ArcFace model (its
 defaults: timm ``test_resnet``, 28 px, 300 steps of 32 x 4 on the 964 background characters,
-s=30, m=0.3), trained here (``--loss`` picks another of its losses), or any (N, D) embeddings given with ``--embeddings file.npz``
+s=30, m=0.3), trained here (``--loss`` picks another of its losses), or any (N, D) embeddings
+given with ``--embeddings file.npz``
 (arrays ``vectors`` and ``labels``, e.g. a sub-center model's). Retrieval is leave-one-out
 over the 13,180 evaluation-character images (R = 19), as in the losses benchmark; each
 method goes through `dml.eval.reranking.reranked_metrics`, exactly as `dml evaluate` runs it.
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     if output is not None:
         output.write_text(json.dumps({
             "command": "python benchmarks/reranking.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "source": source, "num_embeddings": int(len(vectors)), "ks_reported": list(KS),
+            "source": source, "num_embeddings": len(vectors), "ks_reported": list(KS),
             "threads": args.threads, "machine": platform.processor() or platform.machine(),
             "load_average_at_start": load_start, "load_average_at_end": os.getloadavg(),
             "rows": rows}, indent=1))

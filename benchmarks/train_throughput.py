@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -58,7 +59,9 @@ def make_jpegs(source: Path, out: Path) -> int:
         (out / pgm.parent.name).mkdir(parents=True, exist_ok=True)
         for copy in range(COPIES):
             dx, dy = copy % 4, (copy // 4) % 4
-            crop = face.crop((dx, dy, face.width - 3 + dx, face.height - 3 + dy)).resize((SIZE, SIZE), Image.BILINEAR)
+            crop = face.crop((dx, dy, face.width - 3 + dx, face.height - 3 + dy)).resize(
+                (SIZE, SIZE), Image.Resampling.BILINEAR
+            )
             crop.save(out / pgm.parent.name / f"{pgm.stem}_{copy:02d}.jpg", quality=90)
             count += 1
     return count
@@ -149,7 +152,7 @@ def bare_loop(steps: int, work: Path) -> list[float]:
                         num_workers=config.data.num_workers, persistent_workers=True)
     model = build_model(config)
     objective = Objective(config, len(classes), torch.device("cpu"))
-    optimizer = build_optimizer(model.parameters(), config.optimizer)
+    optimizer = build_optimizer(model, config.optimizer)
     model.train()
     rates, done, start = [], 0, time.perf_counter()
     while done < steps:
@@ -192,7 +195,7 @@ def main() -> None:
     repeats = []
     for repeat in range(args.repeats):  # rotate the order so no contender always runs first
         shift = repeat % len(plan)
-        rows = {name: run() for name, run in plan[shift:] + plan[:shift]}
+        rows: dict[str, Any] = {name: run() for name, run in plan[shift:] + plan[:shift]}
         rows["ratio_dml_vs_bare"] = rows["dml-1p"]["images_per_s"] / rows["bare-1p"]["images_per_s"]
         rows["ratio_2p_vs_1p"] = rows["dml-2p"]["images_per_s"] / rows["dml-1p"]["images_per_s"]
         # with other work on the cores, 2 OpenMP threads per process can stall at every op's

@@ -110,10 +110,10 @@ def main() -> None:
         "sampler": "tpe", "pruner": "median", "startup_trials": 2, "seeds": seeds}}, sort_keys=False))
     dml = [sys.executable, "-m", "dml.cli"]
     if not (args.work / "shards" / "manifest.json").exists():
-        run(dml + ["prepare", "--config", str(config_path)], args.work / "prepare.log")
+        run([*dml, "prepare", "--config", str(config_path)], args.work / "prepare.log")
     prepared = time.perf_counter()
     resume = ["--resume"] if (study_dir / "study.db").exists() else []
-    run(dml + ["tune", "--config", str(config_path), "--space", str(space_path), *resume], args.work / "tune.log")
+    run([*dml, "tune", "--config", str(config_path), "--space", str(space_path), *resume], args.work / "tune.log")
     tuned_at = time.perf_counter()
 
     from dml.tune.final import retrain_and_test
@@ -127,17 +127,36 @@ def main() -> None:
     result = {
         "command": "python benchmarks/tune_arcface.py" + (" --quick" if args.quick else ""),
         "protocol": "Omniglot: search on 964 background characters (class-disjoint folds, mean validation "
-                    "MAP@R); test: 659 evaluation characters, leave-one-out, retrained with each seed",
-        "budget": {"trials": trials, "folds": folds, "parallel": 2, "steps_per_training": steps, "batch_size": 64,
-                   "seeds": seeds, "sampler": "tpe", "pruner": "median"},
-        "space": SPACE, "model": config["model"],
-        "trials": [{k: t[k] for k in ("number", "state", "value", "params", "fold_map_at_r")} for t in report["trials"]],
-        "best": report["best"], "default": rows["default"], "tuned": rows["tuned"],
+        "MAP@R); test: 659 evaluation characters, leave-one-out, retrained with each seed",
+        "budget": {
+            "trials": trials,
+            "folds": folds,
+            "parallel": 2,
+            "steps_per_training": steps,
+            "batch_size": 64,
+            "seeds": seeds,
+            "sampler": "tpe",
+            "pruner": "median",
+        },
+        "space": SPACE,
+        "model": config["model"],
+        "trials": [
+            {k: t[k] for k in ("number", "state", "value", "params", "fold_map_at_r")} for t in report["trials"]
+        ],
+        "best": report["best"],
+        "default": rows["default"],
+        "tuned": rows["tuned"],
         "tuned_fold_models_concatenated": report.get("concatenated"),
-        "seconds": {"prepare": round(prepared - PROCESS_START, 1), "tune": round(tuned_at - prepared, 1),
-                    "default_retrain_and_test": round(time.perf_counter() - tuned_at, 1), "total": round(wall, 1)},
-        "load_average": {"start": load_start, "end": os.getloadavg()}, "cpu_count": os.cpu_count(),
-        "python": platform.python_version(), "study_dir": str(study_dir),
+        "seconds": {
+            "prepare": round(prepared - PROCESS_START, 1),
+            "tune": round(tuned_at - prepared, 1),
+            "default_retrain_and_test": round(time.perf_counter() - tuned_at, 1),
+            "total": round(wall, 1),
+        },
+        "load_average": {"start": load_start, "end": os.getloadavg()},
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "study_dir": str(study_dir),
     }
     print("\n".join(lines))
     print(f"wall {wall / 60:.1f} min; load average start {load_start[0]:.1f}, end {os.getloadavg()[0]:.1f}")

@@ -187,7 +187,7 @@ class DynamicMarginConfig(StrictModel):
     power: float = Field(0.25, gt=0.0)
 
     @model_validator(mode="after")
-    def _ordered(self) -> "DynamicMarginConfig":
+    def _ordered(self) -> DynamicMarginConfig:
         if self.m_min > self.m_max:
             raise ValueError(f"m_min ({self.m_min}) must be <= m_max ({self.m_max})")
         return self
@@ -246,7 +246,7 @@ class LossConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
-    def _margin_head_options(self) -> "LossConfig":
+    def _margin_head_options(self) -> LossConfig:
         if self.dynamic_margin is not None and self.kind not in PER_CLASS_MARGIN_LOSSES:
             raise ValueError(f"loss.dynamic_margin needs loss.kind arcface or cosface, got '{self.kind}'")
         if self.sub_centers > 1 and self.is_pair_loss:

@@ -47,7 +47,10 @@ def tune_finish(config_path: str, space_path: str, overrides: list[str]) -> dict
 @flow(name="dml-tune")
 def dml_tune(config_path: str, space_path: str, overrides: list[str] | None = None,
              resume: bool = False) -> dict[str, Any]:
-    """The study: trials as mapped tasks until ``study.n_trials`` are complete or pruned."""
+    """The study: trials as mapped tasks until ``study.n_trials`` are complete or pruned.
+
+    Raises DMLError when more than ``study.max_failed_trials`` rounds of trials fail.
+    """
     overrides = list(overrides or [])
     plan = load_plan(config_path, space_path, overrides)
     study = open_study(plan.settings, plan.space, resume)
@@ -56,7 +59,9 @@ def dml_tune(config_path: str, space_path: str, overrides: list[str] | None = No
     while (missing := plan.settings.n_trials - finished_count(study)) > 0:
         rounds += 1
         if rounds > plan.settings.max_failed_trials:
-            raise DMLError(f"trials keep failing (see the tune-trial task logs); study kept in {plan.settings.study_dir}")
+            raise DMLError(
+                f"trials keep failing (see the tune-trial task logs); study kept in {plan.settings.study_dir}"
+            )
         futures = tune_trial.map(unmapped(config_path), unmapped(space_path), unmapped(overrides), list(range(missing)))
         futures.wait()
     return tune_finish(config_path, space_path, overrides)
@@ -65,5 +70,7 @@ def dml_tune(config_path: str, space_path: str, overrides: list[str] | None = No
 def run_tune_flow(config_path: str, space_path: str, overrides: list[str], resume: bool) -> dict[str, Any]:
     """`dml_tune` with ``study.parallel`` trial tasks at a time."""
     plan = load_plan(config_path, space_path, overrides)
-    runner = ThreadPoolTaskRunner(max_workers=plan.settings.parallel)
-    return dml_tune.with_options(task_runner=runner)(config_path, space_path, overrides, resume)
+    runner: ThreadPoolTaskRunner[Any] = ThreadPoolTaskRunner(max_workers=plan.settings.parallel)
+    # prefect types task_runner as TaskRunner[PrefectFuture]; the thread pool's futures are those
+    return dml_tune.with_options(task_runner=runner)(  # type: ignore[arg-type]
+        config_path, space_path, overrides, resume)

@@ -68,7 +68,7 @@ def test_frozen_warm_up_keeps_the_backbone_and_its_optimizer_state_untouched():
         assert all(p.grad is not None for p in backbone.parameters())  # computed, then dropped
         frozen = freeze.frozen
         engine.step()
-        assert any(not torch.equal(a, b) for a, b in zip(neck_before, neck.parameters()))
+        assert any(not torch.equal(a, b) for a, b in zip(neck_before, neck.parameters(), strict=True))
         unchanged = all(torch.equal(v, backbone.state_dict()[k]) for k, v in initial.items())
         state_of_backbone = [engine.optimizer.state.get(p) for p in backbone.parameters()]
         if step < 2:
@@ -99,5 +99,5 @@ def test_frozen_warm_up_is_refused_on_deepspeed():
     class Engine:
         name = "deepspeed"
 
-    with pytest.raises(ConfigError, match="not supported with train.backend deepspeed"):
+    with pytest.raises(ConfigError, match=r"not supported with train\.backend deepspeed"):
         freeze_backbone(Engine(), config.optimizer)

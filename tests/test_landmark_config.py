@@ -15,8 +15,8 @@ from dml.data.shards import write_shards
 from dml.errors import ConfigError
 from dml.losses import dynamic_margins
 from dml.train.checkpoint import HEAD_DIR, list_checkpoints, read_checkpoint
-from dml.train.row_shards import RowShardReader
 from dml.train.objective import train_class_margins
+from dml.train.row_shards import RowShardReader
 from dml.train.run import run_train
 from train_fixtures import ROOT, tiny_train_config
 
@@ -61,7 +61,9 @@ def test_classes_outside_the_training_split_do_not_stretch_the_margins(tmp_path)
     assert margins[5:].tolist() == [pytest.approx(0.45)] * 2
     assert margins[:5].min() == pytest.approx(0.1) and margins[:5].max() == pytest.approx(0.45)
     with pytest.raises(ConfigError, match="no class counts for the training split 'nope'"):
-        train_class_margins(config.model_copy(update={"data": config.data.model_copy(update={"train_split": "nope"})}), 7)
+        train_class_margins(
+            config.model_copy(update={"data": config.data.model_copy(update={"train_split": "nope"})}), 7
+        )
 
 
 @pytest.mark.parametrize("loss, message", [

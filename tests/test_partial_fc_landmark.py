@@ -4,17 +4,19 @@ reference on 1, 2 and 3 gloo processes, sampled exactly, checkpoints free of the
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dml.distributed import DistInfo, barrier, spawn_local_group
+from dml.distributed import DistInfo, barrier
 from dml.losses.margins import ArcFace, CosFace, SphereFace, dynamic_margins
 from dml.losses.partial_fc import PartialFC
 from dml.losses.shard_state import init_centre_shard
 from dml.train.row_shards import RowShardReader, write_row_shard
-from test_partial_fc import DIM, assert_near, batch, local_slice
+from local_group import spawn_local_group
+from test_partial_fc import DIM, assert_near, batch, local_slice, whole_head
 
 CASES = [(1, True), (2, False), (3, True)]  # (sub-centres, per-class margins)
 CASE_IDS = ["k1-dynamic", "k2", "k3-dynamic"]
@@ -68,6 +70,7 @@ def check_rate_one_equivalence(world: int, rank: int, num_classes: int, global_n
         ref_loss, ref_dx, ref_dw = reference(weight, x, y, k, margins)
         assert loss.item() > 0.1
         assert_near(loss.detach(), ref_loss)
+        assert emb.grad is not None and head.weight.grad is not None
         assert_near(emb.grad, ref_dx[part])
         assert_near(head.weight.grad, ref_dw[head.class_start * k: head.class_end * k])
 
@@ -158,9 +161,9 @@ def test_sub_centre_init_is_the_flat_matrix_init():
     (lambda: PartialFC(DIM, 4, ArcFace(), class_margins=torch.full((5,), 0.2)), r"must have shape \(4,\)"),
     (lambda: PartialFC(DIM, 4, ArcFace(), class_margins=torch.tensor([0.1, -0.1, 0.2, 0.2])), "finite and >= 0"),
     (lambda: PartialFC(DIM, 4, ArcFace(), sub_centers=2).load_full_state_dict(
-        PartialFC(DIM, 4, ArcFace()).full_state_dict()), "1 sub-centres per class, this one has 2"),
+        whole_head(PartialFC(DIM, 4, ArcFace()))), "1 sub-centres per class, this one has 2"),
     (lambda: PartialFC(DIM, 4, ArcFace()).load_full_state_dict(
-        PartialFC(DIM, 4, ArcFace(), class_margins=torch.full((4,), 0.2)).full_state_dict()),
+        whole_head(PartialFC(DIM, 4, ArcFace(), class_margins=torch.full((4,), 0.2)))),
      "has per-class margins, this one has no"),
 ])
 def test_bad_input_is_a_clear_value_error(make, message):
@@ -183,24 +186,26 @@ def landmark_worker(info: DistInfo, tmp: str) -> None:
         optimizer.zero_grad()
         head(x[part], y[part]).backward()
         rows, _ = head.last_sampled_rows()
+        assert rows is not None and head.sampled_index is not None
         assert rows.numel() == 3 * head.sampled_index.numel()
         optimizer.step()
     state = head.full_state_dict()
-    rows = head.sharded_state_dict()  # the row-sharded checkpoint: (classes, k, D) and (classes,) margins
-    assert rows.tensors["weight"].shape == (head.shard_size, 3, DIM)
-    assert rows.tensors["class_margins"].shape == (head.shard_size,)
-    record = write_row_shard(Path(tmp) / f"rows-{info.world_size}", info.rank, rows.start, rows.end, rows.tensors)
-    records = [None] * info.world_size
+    shard = head.sharded_state_dict()  # the row-sharded checkpoint: (classes, k, D) and (classes,) margins
+    assert shard.tensors["weight"].shape == (head.shard_size, 3, DIM)
+    assert shard.tensors["class_margins"].shape == (head.shard_size,)
+    record = write_row_shard(Path(tmp) / f"rows-{info.world_size}", info.rank, shard.start, shard.end, shard.tensors)
+    records: list[Any] = [None] * info.world_size
     torch.distributed.all_gather_object(records, record)
     if info.rank == 0:
         torch.save(state, f"{tmp}/head-{info.world_size}.pt")
-        torch.save({"meta": rows.meta, "index": records}, f"{tmp}/rows-{info.world_size}.pt")
+        torch.save({"meta": shard.meta, "index": records}, f"{tmp}/rows-{info.world_size}.pt")
     barrier()
     other = make_head(17, 3, torch.zeros(17), seed=9)
     other.load_full_state_dict(torch.load(f"{tmp}/head-{info.world_size}.pt", mmap=True))
     other.configure_optimizer("adamw", lr=0.05)
     again = other.full_state_dict()
     if info.rank == 0:
+        assert again is not None and state is not None
         assert torch.equal(again["weight"], state["weight"])
         assert torch.equal(again["class_margins"], state["class_margins"])
 
@@ -222,7 +227,9 @@ def test_sharded_heads_equal_the_reference_and_reload_on_one_process(world, tmp_
         assert torch.equal(reloaded["optimizer"]["state"][key], value), key
     sharded = torch.load(tmp_path / f"rows-{world}.pt")  # row-sharded on `world` ranks, read on 1
     from_rows = make_head(17, 3, torch.zeros(17))
-    from_rows.load_sharded_state_dict(sharded["meta"], RowShardReader(tmp_path / f"rows-{world}", sharded["index"]).read)
+    from_rows.load_sharded_state_dict(
+        sharded["meta"], RowShardReader(tmp_path / f"rows-{world}", sharded["index"]).read
+    )
     from_rows.configure_optimizer("adamw", lr=0.05)
     again = from_rows.full_state_dict()
     for key in ("weight", "class_margins"):

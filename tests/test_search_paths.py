@@ -9,10 +9,10 @@ the metric definitions of dml.eval.metrics one query at a time.
 
 import numpy as np
 import pytest
-from exact_reference import exact_inner_products, exact_order
 
 import dml.eval.metrics
 from dml.eval import retrieval_metrics
+from exact_reference import exact_inner_products, exact_order
 
 KS = (1, 3, 7)
 
@@ -62,8 +62,9 @@ def reference_metrics(data: np.ndarray, labels: np.ndarray, ks=KS) -> dict:
 
 
 def path_options(path: str) -> dict:
-    return {"sweep": {"symmetric": True}, "per-query": {"symmetric": False},
-            "torch": {"symmetric": False, "backend": "torch"}}[path]
+    options: dict[str, dict] = {"sweep": {"symmetric": True}, "per-query": {"symmetric": False},
+            "torch": {"symmetric": False, "backend": "torch"}}
+    return options[path]
 
 
 @pytest.mark.parametrize("path", ["sweep", "per-query", "torch"])

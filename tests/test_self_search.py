@@ -1,5 +1,7 @@
 """dml.eval.self_search: symmetric leave-one-out neighbour lists against brute force."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -25,7 +27,7 @@ def brute_force(units: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
 def test_block_bounds_cover_the_rows_in_near_equal_blocks():
     bounds = block_bounds(1000, 300)
     assert bounds[0][0] == 0 and bounds[-1][1] == 1000
-    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
     assert [b - a for a, b in bounds] == [250, 250, 250, 250]
     assert block_bounds(5, 300) == [(0, 5)]
     assert min_block_rows(1001, 300) == 250
@@ -94,7 +96,10 @@ def test_scores_above_finds_every_entry_over_its_floor(cols):
     col_floor = torch.from_numpy(rng.uniform(1.0, 2.5, cols).astype(np.float32))
     rows, columns, values = scores_above(scores, row_floor, col_floor)
     floor = np.minimum(row_floor.numpy()[:, None], col_floor.numpy()[None, :])
-    got, want = set(zip(rows.tolist(), columns.tolist())), set(zip(*np.nonzero(scores.numpy() > floor)))
+    got, want = (
+        set(zip(rows.tolist(), columns.tolist(), strict=True)),
+        set(zip(*np.nonzero(scores.numpy() > floor), strict=True)),
+    )
     assert want <= got and len(got) == len(rows)  # each entry once; extras only from passing chunks
     chunk_min = np.minimum.reduceat(col_floor.numpy(), np.arange(0, cols, 32))[columns.numpy() // 32]
     assert (values.numpy() > np.minimum(row_floor.numpy()[rows.numpy()], chunk_min)).all()
@@ -148,5 +153,5 @@ def test_one_loose_row_does_not_open_the_filter_for_its_block():
     row_floor, col_floor = torch.full((64,), 0.9), torch.full((96,), 0.9)
     row_floor[5] = -2.0  # this row takes every score, the others only those above 0.9
     rows, columns, _ = scores_above(scores, row_floor, col_floor)
-    want = set(zip(*np.nonzero((scores.numpy() > 0.9) | (np.arange(64) == 5)[:, None])))
-    assert set(zip(rows.tolist(), columns.tolist())) == want  # not every score of the block
+    want = set(zip(*np.nonzero((scores.numpy() > 0.9) | (np.arange(64) == 5)[:, None]), strict=True))
+    assert set(zip(rows.tolist(), columns.tolist(), strict=True)) == want  # not every score of the block

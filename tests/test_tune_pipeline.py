@@ -11,9 +11,9 @@ import tempfile
 
 import optuna
 import pytest
-from tune_fixtures import class_split_shards, write_tune_files
 
 from dml.config import load_config
+from tune_fixtures import class_split_shards, write_tune_files
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist, pytest.mark.timeout(1500)]  # minutes under a loaded machine
 

@@ -8,7 +8,6 @@ import math
 
 import pytest
 import yaml
-from tune_fixtures import class_split_shards, write_tune_files
 
 from dml.cli import main
 from dml.config import DMLConfig
@@ -18,6 +17,7 @@ from dml.tune.final import mean_ci95
 from dml.tune.folds import class_folds, training_classes, write_fold_shards
 from dml.tune.settings import load_settings
 from dml.tune.space import config_keys, load_space, with_values
+from tune_fixtures import class_split_shards, write_tune_files
 
 
 def test_unknown_key_is_one_line_naming_the_closest(tmp_path, capsys):
@@ -50,8 +50,15 @@ def test_every_schema_key_is_accepted_and_types_follow_the_schema(tmp_path):
     keys = config_keys()
     assert {"loss.scale", "loss.margin", "optimizer.lr", "train.epochs"} <= set(keys)
     path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump({"train.epochs": {"low": 1, "high": 3, "step": 1}, "loss.scale": {"low": 8, "high": 64},
-                                    "optimizer.name": ["sgd", "adamw"]}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "train.epochs": {"low": 1, "high": 3, "step": 1},
+                "loss.scale": {"low": 8, "high": 64},
+                "optimizer.name": ["sgd", "adamw"],
+            }
+        )
+    )
     params = {p.key: p for p in load_space(path).params}
     assert params["train.epochs"].is_int and not params["loss.scale"].is_int
     assert params["train.epochs"].grid_values() == [1, 2, 3]
@@ -79,13 +86,15 @@ def test_fold_shards_hold_training_classes_only(tmp_path):
     """Each fold: the other folds' classes train, its own are the query split; no test class."""
     shards = class_split_shards(tmp_path)
     classes = training_classes(shards)
-    test_classes = {c for c in load_manifest(shards)["classes"]} - set(classes)
+    test_classes = set(load_manifest(shards)["classes"]) - set(classes)
     folds = class_folds(classes, 2, 0)
     dirs = write_fold_shards(shards, "train", folds, tmp_path / "folds")
-    for held_out, fold_dir in zip(folds, dirs):
+    for held_out, fold_dir in zip(folds, dirs, strict=True):
         manifest = load_manifest(fold_dir)
         names = manifest["classes"]
-        query, train = ({names[int(i)] for i in manifest["splits"][split]["class_counts"]} for split in ("query", "train"))
+        query, train = (
+            {names[int(i)] for i in manifest["splits"][split]["class_counts"]} for split in ("query", "train")
+        )
         assert set(manifest["splits"]) == {"train", "query"}
         assert query == set(held_out) and train == set(classes) - set(held_out)
         assert not (train | query) & test_classes

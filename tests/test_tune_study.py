@@ -18,9 +18,9 @@ from pathlib import Path
 
 import optuna
 import pytest
-from tune_fixtures import class_split_shards, write_tune_files
 
 from dml.config import load_config
+from tune_fixtures import class_split_shards, write_tune_files
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist, pytest.mark.timeout(1500)]  # minutes under a loaded machine
 
@@ -37,7 +37,7 @@ def _tune(run: Path, space: Path, *extra: str, **kwargs) -> subprocess.Popen:
 def _wait_for_training(metrics: Path, process: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not (metrics.exists() and "eval_map_at_r" in metrics.read_text()):
-        assert process.poll() is None, process.stdout.read()
+        assert process.poll() is None, process.stdout.read() if process.stdout else ""
         assert time.monotonic() < deadline, "the first fold never logged a validation MAP@R"
         time.sleep(0.5)
 
@@ -74,7 +74,9 @@ def test_study_killed_mid_trial_resumes_and_reports(tmp_path):
     for trial in trials[1:]:  # every trial fold is an ordinary run folder
         for fold in (0, 1):
             run_dir = Path(trial.user_attrs["trial_dir"]) / f"fold-{fold}"
-            assert {"config.yaml", "metrics.jsonl", "model.pt", "train_result.json"} <= {p.name for p in run_dir.iterdir()}
+            assert {"config.yaml", "metrics.jsonl", "model.pt", "train_result.json"} <= {
+                p.name for p in run_dir.iterdir()
+            }
     report = json.loads((study_dir / "report.json").read_text())
     best = max((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
     assert report["best"]["number"] == best.number and report["trials_finished"] == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+
 from train_fixtures import tiny_shards, tiny_train_config
 
 

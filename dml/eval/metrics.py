@@ -27,7 +27,8 @@ the multiply-adds of a per-query search) for the queries whose lists fit (see
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -257,7 +258,7 @@ def retrieval_metrics(
     result: dict[str, Any] = {}
     for name, values in scores.items():
         result[name] = float(values.mean()) if len(values) else float("nan")
-    result["num_queries"] = int(len(rows))
+    result["num_queries"] = len(rows)
     result["num_excluded_queries"] = int(len(queries) - len(rows))
     if not len(rows):
         log.warning("no query has a relevant gallery item; metrics are NaN")

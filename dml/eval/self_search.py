@@ -35,7 +35,7 @@ import torch
 
 from dml.eval.index import faiss
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK = 4096  # rows per block: a 4096 x 4096 fp32 score block is 64 MiB
 
@@ -132,7 +132,8 @@ class _BlockHeaps:
             for cols in (band, (0, band[0]), (band[1], rows)):
                 if cols[1] > cols[0]:
                     part = np.ascontiguousarray(scores[low:high, cols[0]:cols[1]].numpy())
-                    heap.addn(cols[1] - cols[0], faiss.swig_ptr(part), first_id + cols[0], low, high - low)
+                    # faiss's stubs list only addn's two-argument overload
+                    heap.addn(cols[1] - cols[0], faiss.swig_ptr(part), first_id + cols[0], low, high - low)  # type: ignore[call-arg]
         self._refresh(block)
 
     def offer(self, block: int, rows: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor) -> None:
@@ -140,9 +141,10 @@ class _BlockHeaps:
         if rows.numel() == 0:
             return
         order = torch.argsort(rows, stable=True)
-        rows, ids, scores = rows[order].numpy(), ids[order].numpy(), scores[order].numpy()
-        touched, first, counts = np.unique(rows, return_index=True, return_counts=True)
-        slot = np.arange(len(rows)) - np.repeat(first, counts)
+        row_of_candidate = rows[order].numpy()
+        id_of_candidate, score_of_candidate = ids[order].numpy(), scores[order].numpy()
+        touched, first, counts = np.unique(row_of_candidate, return_index=True, return_counts=True)
+        slot = np.arange(len(row_of_candidate)) - np.repeat(first, counts)
         row_of = np.repeat(np.arange(len(touched)), counts)
         heap = self.blocks[block][0]
         step = max(64, 2**22 // len(touched))  # columns per call bound the table
@@ -151,8 +153,8 @@ class _BlockHeaps:
             width = min(step, int(counts.max()) - low)
             table = np.full((len(touched), width), -np.inf, np.float32)
             table_ids = np.full((len(touched), width), -1, np.int64)
-            table[row_of[keep], slot[keep] - low] = scores[keep]
-            table_ids[row_of[keep], slot[keep] - low] = ids[keep]
+            table[row_of[keep], slot[keep] - low] = score_of_candidate[keep]
+            table_ids[row_of[keep], slot[keep] - low] = id_of_candidate[keep]
             subset = np.ascontiguousarray(touched, dtype=np.int64)
             heap.addn_query_subset_with_ids(len(subset), faiss.swig_ptr(subset), width,
                                             faiss.swig_ptr(table), faiss.swig_ptr(table_ids), width)
@@ -264,6 +266,6 @@ def sweep_neighbour_lists(units: np.ndarray, widths: np.ndarray, block: int = DE
             heaps.offer(i, a[to_rows], b[to_rows] + col_start, values[to_rows])
             heaps.offer(j, b[to_cols], a[to_cols] + row_start, values[to_cols])
             done += 1
-        logger.debug("self search: %d of %d block pairs, %d candidate scores so far", done, pairs, offered)
+        log.debug("self search: %d of %d block pairs, %d candidate scores so far", done, pairs, offered)
     heaps.finish()
     return SweptLists(heaps, widths, order)

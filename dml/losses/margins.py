@@ -55,6 +55,8 @@ def dynamic_margins(class_counts: torch.Tensor | list[int], m_min: float = 0.05,
         class_counts: (C,) number of training samples per class.
     Returns:
         (C,) float32 tensor of margins in [m_min, m_max], for ``ArcFace(m=...)``.
+
+    Raises ValueError for counts that are empty, not 1-D or negative, or margins outside 0 <= m_min <= m_max.
     """
     counts = torch.as_tensor(class_counts, dtype=torch.float64)
     if counts.dim() != 1 or counts.numel() == 0:
@@ -227,6 +229,9 @@ class ArcFace(_PerClassMargin):
         self.boundary = boundary
 
     def margin_logit(self, target_cosine: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """Unscaled target logit (N,) from target cosines (N,) and margins m (N,) or scalar: cos(theta + m),
+        with the configured ``boundary`` behaviour past theta = pi - m.
+        """
         cosine = target_cosine.clamp(-1.0, 1.0)
         # cos(theta + m) = cos*cos(m) - sin(theta)*sin(m); the floor keeps sqrt's gradient finite
         sine = torch.sqrt((1.0 - cosine * cosine).clamp_min(1e-12))
@@ -253,6 +258,7 @@ class CosFace(_PerClassMargin):
         super().__init__(s, m, 0.0, 2.0)
 
     def margin_logit(self, target_cosine: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """Unscaled target logit (N,) from target cosines (N,) and margins m (N,) or scalar: cos(theta) - m."""
         return target_cosine - m
 
 
@@ -275,6 +281,9 @@ class CombinedMargin(_TargetMargin):
         self.m1, self.m2, self.m3 = float(m1), float(m2), float(m3)
 
     def target_logit(self, target_cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Unscaled target logit (N,) from the target cosines (N,): cos(m1 * theta + m2) - m3,
+        continued monotonically past pi.
+        """
         angle = self.m1 * _safe_acos(target_cosine) + self.m2
         return _monotone_cos(angle) - self.m3
 
@@ -306,6 +315,7 @@ class SphereFace(_TargetMargin):
         self.m, self.blend = float(m), float(blend)
 
     def target_logit(self, target_cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Unscaled target logit (N,) from the target cosines (N,): psi(theta) blended with cos(theta) by ``blend``."""
         psi = _monotone_cos(self.m * _safe_acos(target_cosine))
         return (self.blend * target_cosine + psi) / (1.0 + self.blend)
 
@@ -321,6 +331,7 @@ class NormalizedSoftmax(_TargetMargin):
         super().__init__(s)
 
     def target_logit(self, target_cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Unscaled target logit (N,) from the target cosines (N,): the cosine itself (no margin)."""
         return target_cosine
 
     def extra_repr(self) -> str:

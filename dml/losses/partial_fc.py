@@ -27,18 +27,17 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from dml.distributed import (ProcessGroup, all_gather_rows, all_gather_with_grad, get_rank,
-                             get_world_size)
+from dml.distributed import ProcessGroup, all_gather_rows, all_gather_with_grad, get_rank, get_world_size
 from dml.losses.centre_cosine import centre_cosine
 from dml.losses.distributed_softmax import distributed_cross_entropy
+from dml.losses.shard_state import RowShardedState, gather_shards_to_main, init_centre_shard, mix_seed, shard_bounds
 from dml.losses.sparse_optim import SparseRowOptimizer, build_sparse_optimizer
-from dml.losses.shard_state import (RowShardedState, gather_shards_to_main, init_centre_shard,
-                                    mix_seed, shard_bounds)
 
 log = logging.getLogger(__name__)
 STATE_FORMAT = "dml.partial_fc/1"
@@ -69,12 +68,15 @@ class PartialFC(nn.Module):
     ``[class_start * k, class_end * k)`` of the full (C * k, D) matrix: classes
     ``[class_start, class_end)`` (the first ``C % world`` ranks hold one extra class).
     ``class_margin`` (shard_classes,) float64 buffer or None: this rank's rows of the
-    per-class margins, aligned with the classes of ``weight``. ``optimizer`` is the optimizer made by `configure_optimizer` (None before);
+    per-class margins, aligned with the classes of ``weight``. ``optimizer`` is the optimizer made by
+    `configure_optimizer` (None before);
     `full_state_dict` reaches its state through this reference.
 
     All ranks of the group must call `forward`, `full_state_dict` and
     `load_full_state_dict` together (they run collectives).
     """
+
+    class_margin: torch.Tensor | None  # a buffer (see above)
 
     def __init__(self, embedding_dim: int, num_classes: int, margin: nn.Module, sample_rate: float = 1.0,
                  process_group: ProcessGroup | None = None, seed: int = 0, sub_centers: int = 1,
@@ -147,6 +149,8 @@ class PartialFC(nn.Module):
         when sampling, on the sampled rows (see `last_sampled_rows`).
         Peak extra memory per rank: a few ``(N_global, k)`` score matrices, k = scored centres
         (sub-centres included).
+
+        Raises ValueError when the global batch is empty or a label is outside [0, num_classes).
         """
         self._check_inputs(embeddings, labels)
         global_embeddings = all_gather_with_grad(embeddings, self.group)
@@ -225,7 +229,7 @@ class PartialFC(nn.Module):
         """``(index, grad)`` of the last forward: sorted rows of ``weight`` (every sub-centre of
         each sampled class) and their ``(k, D)`` gradient, or ``(None, weight.grad)`` when that
         forward scored every row."""
-        if self._sampled_rows is None:
+        if self._sampled_rows is None or self._sampled_weight is None:  # set together in forward
             return None, self.weight.grad
         return self._sampled_rows, self._sampled_weight.grad
 
@@ -236,6 +240,7 @@ class PartialFC(nn.Module):
         return self._sampled_index
 
     def clear_sampled_grad(self, set_to_none: bool = True) -> None:
+        """Drop (or zero) the gradient of the sampled rows kept from the last forward."""
         if self._sampled_weight is not None and self._sampled_weight.grad is not None:
             if set_to_none:
                 self._sampled_weight.grad = None
@@ -307,7 +312,7 @@ class PartialFC(nn.Module):
         rows = slice(self.class_start * k, self.class_end * k)
         with torch.no_grad():
             self.weight.copy_(state["weight"][rows])
-            if margins is not None:
+            if margins is not None and self.class_margin is not None:  # _check_shape: both or neither
                 self.class_margin.copy_(margins[self.class_start: self.class_end])
         self.seed, self.sample_step = int(state["sampler"]["seed"]), int(state["sampler"]["step"])
         saved = state.get("optimizer")

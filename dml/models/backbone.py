@@ -43,6 +43,9 @@ def create_backbone(name: str, in_chans: int = 3, timm_kwargs: Mapping[str, Any]
 
     Returns the timm module; ``forward`` maps (N, in_chans, H, W) to (N, C, h, w), with
     C = ``backbone_out_channels(model)`` (or to tokens / NHWC, see `dml.models.tokens`).
+
+    Raises ValueError for an unknown name, ``in_chans`` other than 1 or 3, or backbone_kwargs that set what dml
+    fixes.
     """
     if in_chans not in SUPPORTED_IN_CHANS:
         raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
@@ -52,7 +55,7 @@ def create_backbone(name: str, in_chans: int = 3, timm_kwargs: Mapping[str, Any]
     clashing = sorted(RESERVED_TIMM_ARGS & extra.keys())
     if clashing:
         raise ValueError(f"backbone_kwargs may not set {', '.join(clashing)}; they are fixed by dml.models")
-    sizing = {} if image_size is None else {"dynamic_img_size": True, "img_size": tuple(image_size)}
+    sizing: dict[str, Any] = {} if image_size is None else {"dynamic_img_size": True, "img_size": tuple(image_size)}
     sizing = {k: v for k, v in sizing.items() if k not in extra}
     while True:
         try:
@@ -70,6 +73,8 @@ def backbone_out_channels(backbone: nn.Module) -> int:
 
     timm's ``head_hidden_size`` covers models with a conv head after the last stage
     (MobileNetV3 / V4); otherwise ``num_features`` is the last stage's width.
+
+    Raises ValueError for a module that reports no feature count (not a timm backbone).
     """
     channels = getattr(backbone, "head_hidden_size", None) or getattr(backbone, "num_features", None)
     if not channels:

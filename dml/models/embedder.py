@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -135,7 +136,7 @@ def _spatial_size(input_size: int | Sequence[int] | None) -> tuple[int, int] | N
         return None
     if isinstance(input_size, int):
         return (input_size, input_size)
-    return tuple(int(v) for v in input_size)[-2:]
+    return cast(tuple[int, int], tuple(int(v) for v in input_size)[-2:])
 
 
 def load_weights_file(model: EmbeddingModel, path: str | os.PathLike) -> None:

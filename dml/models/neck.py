@@ -120,11 +120,15 @@ class EmbeddingNeck(nn.Module):
         self.branches = nn.ModuleList(
             DescriptorBranch(build_descriptor_pool(name, layout, prefix_tokens, has_class_token, gem_p, gem_learnable),
                              in_channels, dim, feature_bn, dropout)
-            for name, dim in zip(names, part_dims)
+            for name, dim in zip(names, part_dims, strict=True)
         )
         self.embedding_bn = nn.BatchNorm1d(embedding_dim) if embedding_bn else nn.Identity()
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """L2-normalised embedding (N, embedding_dim) of a feature map (N, in_channels, H, W).
+
+        Raises ValueError for a feature map of another shape (checked outside jit tracing).
+        """
         features = self.to_map(features)
         # Skipped under jit tracing (ONNX export), where shape entries are traced values.
         """L2-normalised embedding (N, embedding_dim) of a feature map (N, in_channels, H, W).

@@ -49,6 +49,7 @@ class ToFeatureMap(nn.Module):
         self.layout = layout
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """The backbone's output as an NCHW map: NHWC is permuted, tokens (N, T, C) become (N, C, T, 1)."""
         if self.layout == "nhwc":
             return features.permute(0, 3, 1, 2)
         if self.layout == "tokens":
@@ -63,6 +64,7 @@ class ClassTokenPool(nn.Module):
     """The class token of a token map: (N, C, T, 1) -> (N, C)."""
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """The class token: (N, C, T, 1) -> (N, C)."""
         return features[:, :, 0, 0]
 
 
@@ -75,6 +77,7 @@ class PatchTokenPool(nn.Module):
         self.pool, self.prefix = pool, prefix
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """The pooling over the patch tokens only: (N, C, T, 1) -> (N, C)."""
         return self.pool(features[:, :, self.prefix:])
 
     def extra_repr(self) -> str:

@@ -47,7 +47,7 @@ def backbone_param_groups(model: nn.Module, config: OptimizerConfig) -> list[dic
     backbone = _backbone(model)
     if backbone is None or not hasattr(backbone, "group_matcher"):
         raise ConfigError("optimizer.layer_decay needs a timm backbone with layer groups (group_matcher)")
-    no_decay = getattr(backbone, "no_weight_decay", lambda: set())()
+    no_decay: set[str] = getattr(backbone, "no_weight_decay", lambda: set())()
     groups = param_groups_layer_decay(backbone, weight_decay=config.weight_decay, layer_decay=config.layer_decay,
                                       no_weight_decay_list=no_decay)
     trainable = {id(p) for p in params}
@@ -78,6 +78,7 @@ class BackboneFreeze:
 
     @property
     def frozen(self) -> bool:
+        """True while fewer than ``steps`` optimizer steps have run (the backbone's gradients are dropped)."""
         return self.steps_done < self.steps
 
     def _drop_gradients(self, optimizer, args, kwargs) -> None:

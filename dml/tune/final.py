@@ -95,13 +95,17 @@ def test_metrics(model_dirs: list[Path], config: DMLConfig, concatenate: bool = 
 def _metrics(parts: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
     from dml.eval.metrics import retrieval_metrics
 
-    flat = [array for pair in parts for array in pair]
-    metrics = retrieval_metrics(*flat)
+    (query, query_labels), *gallery_part = parts  # query only: leave-one-out
+    gallery, gallery_labels = gallery_part[0] if gallery_part else (None, None)
+    metrics = retrieval_metrics(query, query_labels, gallery, gallery_labels)
     return {k: float(metrics[k]) for k in TEST_METRICS}
 
 
 def final_test_metrics(run_dir: Path) -> dict[str, float]:
-    """The test metrics a retrain logged at its end (``train_result.json``)."""
+    """The test metrics a retrain logged at its end (``train_result.json``).
+
+    Raises DMLError naming the first metric it lacks.
+    """
     import json
 
     metrics = json.loads((run_dir / "train_result.json").read_text())["metrics"]

@@ -53,20 +53,26 @@ class SplitSource:
                 self._labels[source_id] = names[int(sample["cls"])]
 
     def records(self) -> list[Record]:
+        """Every sample of the split, in the held-out classes' ``test`` split or ``train``."""
         if not self._images:
             self._load()
         return [Record(sid, label, "test" if label in self.held_out else "train")
                 for sid, label in sorted(self._labels.items())]
 
     def read(self, record: Record) -> bytes:
+        """The sample's encoded image bytes."""
         return self._images[record.source_id]
 
     def size_hint(self, record: Record) -> int:
+        """The sample's encoded size in bytes."""
         return len(self._images[record.source_id])
 
 
 def training_classes(shard_dir: str | Path, split: str = "train") -> list[str]:
-    """Names of the classes that have samples in ``split`` of the prepared shards."""
+    """Names of the classes that have samples in ``split`` of the prepared shards.
+
+    Raises DataError when the shards have no such split.
+    """
     manifest = load_manifest(shard_dir)
     if split not in manifest["splits"]:
         raise DataError(f"{shard_dir}: no '{split}' split to fold (has: {', '.join(manifest['splits'])})")

@@ -92,7 +92,7 @@ def run_training(config_path: Path, run_dir: Path, nproc_per_node: int,
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(train_command(config_path, nproc_per_node), stdout=log_file,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   preexec_fn=_arm_parent_death)  # noqa: PLW1509 (one prctl call, resolved before)
+                                   preexec_fn=_arm_parent_death)
         try:
             while True:
                 finished = process.poll() is not None

@@ -40,6 +40,7 @@ def write_plots(study: optuna.Study, plot_dir: Path) -> dict[str, str]:
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib.figure import Figure
     from optuna.visualization import matplotlib as plots
 
     plot_dir.mkdir(parents=True, exist_ok=True)
@@ -51,8 +52,10 @@ def write_plots(study: optuna.Study, plot_dir: Path) -> dict[str, str]:
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 axes = draw(study)
             path = plot_dir / f"{name}.png"
-            axes.figure.savefig(path, dpi=100, bbox_inches="tight")
-            plt.close(axes.figure)
+            figure = axes.figure
+            assert isinstance(figure, Figure)  # optuna draws on a figure of its own, not a subfigure
+            figure.savefig(path, dpi=100, bbox_inches="tight")
+            plt.close(figure)
             written[name] = str(path)
         except (ValueError, RuntimeError, ZeroDivisionError) as exc:
             log.info("tune: no %s plot (%s)", name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

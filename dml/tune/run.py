@@ -31,6 +31,7 @@ class TunePlan:
 
     @property
     def study_dir(self) -> Path:
+        """The study's folder (``study.study_dir``)."""
         return Path(self.settings.study_dir)
 
 
@@ -61,11 +62,15 @@ def prepare_folds(plan: TunePlan) -> list[Path]:
 
 
 def trial_runner(plan: TunePlan) -> TrialRunner:
+    """The runner of this plan's trials over its folds (written on first use)."""
     return TrialRunner(plan.base, plan.space, prepare_folds(plan), plan.study_dir, plan.settings.nproc_per_node)
 
 
 def finish_study(plan: TunePlan, study: Any) -> TuneResult:
-    """best.yaml, the seeds' retrain and test, the concatenated fold models, plots, report."""
+    """best.yaml, the seeds' retrain and test, the concatenated fold models, plots, report.
+
+    Raises DMLError when the study has no complete trial.
+    """
     settings = plan.settings
     try:
         best = study.best_trial

@@ -47,16 +47,21 @@ class Param:
         """The value for this key drawn by an `optuna.Trial`."""
         if self.choices is not None:
             return trial.suggest_categorical(self.key, list(self.choices))
+        assert self.low is not None and self.high is not None  # a range when there are no choices
         if self.is_int:
             return trial.suggest_int(self.key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
         return trial.suggest_float(self.key, float(self.low), float(self.high), step=self.step, log=self.log)
 
     def grid_values(self) -> list[Any]:
-        """Every value the grid sampler visits: the choices, or the range in ``step``s."""
+        """Every value the grid sampler visits: the choices, or the range in ``step``s.
+
+        Raises ConfigError for a range without a ``step``.
+        """
         if self.choices is not None:
             return list(self.choices)
         if self.step is None:
             raise ConfigError(f"search space: '{self.key}' needs 'choices' or a 'step' for the grid sampler")
+        assert self.low is not None and self.high is not None  # a range when there are no choices
         count = round((self.high - self.low) / self.step) + 1
         values = [self.low + i * self.step for i in range(count)]
         return [int(v) for v in values] if self.is_int else [round(v, 12) for v in values]
@@ -75,6 +80,7 @@ class SearchSpace:
         return {p.key: p.suggest(trial) for p in self.params}
 
     def grid(self) -> dict[str, list[Any]]:
+        """Dotted key -> every value the grid sampler visits."""
         return {p.key: p.grid_values() for p in self.params}
 
     def as_dict(self) -> dict[str, Any]:
@@ -124,6 +130,7 @@ def _parse_param(key: str, spec: Any, where: str) -> Param:
     numbers = (low, high, spec.get("step", 1))
     if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in numbers):
         raise ConfigError(f"{where}: '{key}' needs numeric 'low' and 'high' (and 'step'), got {spec}")
+    assert low is not None and high is not None  # checked just above
     if not low < high:
         raise ConfigError(f"{where}: '{key}': low ({low}) must be below high ({high})")
     if spec.get("log") and (low <= 0 or spec.get("step") is not None):
@@ -159,7 +166,10 @@ def with_values(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_values(params: tuple[Param, ...], base: dict[str, Any], where: str) -> None:
-    """Both ends of every range and every choice, laid over ``base``, must be a valid config."""
+    """Both ends of every range and every choice, laid over ``base``, must be a valid config.
+
+    Raises ConfigError naming the key and value that make an invalid config.
+    """
     for param in params:
         for value in param.choices if param.choices is not None else (param.low, param.high):
             try:

@@ -34,6 +34,7 @@ def storage_url(settings: StudySettings) -> str:
 
 
 def make_sampler(settings: StudySettings, space: SearchSpace) -> optuna.samplers.BaseSampler:
+    """The configured optuna sampler (grid, random or TPE), seeded."""
     if settings.sampler == "grid":
         return optuna.samplers.GridSampler(space.grid(), seed=settings.sampler_seed)
     if settings.sampler == "random":
@@ -42,8 +43,11 @@ def make_sampler(settings: StudySettings, space: SearchSpace) -> optuna.samplers
 
 
 def make_pruner(settings: StudySettings) -> optuna.pruners.BasePruner:
+    """The configured optuna pruner (median, hyperband, or none)."""
     if settings.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=settings.startup_trials, n_warmup_steps=settings.warmup_steps)
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=settings.startup_trials, n_warmup_steps=settings.warmup_steps
+        )
     if settings.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=max(1, settings.warmup_steps))
     return optuna.pruners.NopPruner()
@@ -98,6 +102,7 @@ def retry_killed_trials(study: optuna.Study) -> list[int]:
 
 
 def finished_count(study: optuna.Study) -> int:
+    """How many trials of ``study`` completed or were pruned."""
     return sum(t.state in FINISHED for t in study.get_trials(deepcopy=False, states=FINISHED))
 
 
