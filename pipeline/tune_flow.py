@@ -49,7 +49,7 @@ def dml_tune(config_path: str, space_path: str, overrides: list[str] | None = No
              resume: bool = False) -> dict[str, Any]:
     """The study: trials as mapped tasks until ``study.n_trials`` are complete or pruned.
 
-    Raises DMLError when more than ``study.max_failed_trials`` rounds of trials fail.
+    Raises DMLError when trials are still missing after ``study.max_failed_trials`` rounds.
     """
     overrides = list(overrides or [])
     plan = load_plan(config_path, space_path, overrides)
