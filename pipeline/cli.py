@@ -78,10 +78,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     """`dml tune` as a Prefect flow (`pipeline.tune_flow`); exit codes as `dml pipeline run`."""
-    from dml.tune.run import load_plan
+    from pipeline.tune_launch import load_tune_inputs
 
     try:
-        load_plan(args.config, args.space, args.overrides)  # fail in a second, before Prefect starts
+        load_tune_inputs(args.config, args.space, list(args.overrides))  # fail in a second, before Prefect starts
     except DMLError as exc:
         print(f"dml pipeline: error: {exc}", file=sys.stderr)
         return 2

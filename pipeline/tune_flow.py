@@ -5,7 +5,8 @@ writes the fold shards, maps one ``tune-trial`` task per missing trial (``study.
 at a time; each task asks the shared RDB study for its values, so tasks on several
 machines against one ``study.storage`` URL cooperate), then one ``tune-finish`` task retrains
 the best values with the seeds and writes best.yaml and the report. No ML here: every step is
-a `dml.tune` call.
+a `dml.tune` call. Each trial fold's `dml train` is started by ``pipeline.launcher``
+(`pipeline.tune_launch`); the final seeds' retrain runs in the flow's machine as in `dml tune`.
 """
 
 from __future__ import annotations
@@ -18,18 +19,19 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from dml.errors import DMLError
 from dml.tune.launch import TrainFailed
-from dml.tune.run import finish_study, load_plan, trial_runner
+from dml.tune.run import finish_study, trial_runner
 from dml.tune.study import attach_study, finished_count, open_study
+from pipeline.tune_launch import LauncherFoldTrainer, load_tune_inputs
 
 
 @task(name="tune-trial", task_run_name="trial-{index}", cache_policy=NO_CACHE, persist_result=False)
 def tune_trial(config_path: str, space_path: str, overrides: list[str], index: int) -> dict[str, Any]:
     """Run one trial of the study (all its folds); returns its number, state and value. A
     pruned or failed trial is recorded in the study, as `dml tune` records it."""
-    plan = load_plan(config_path, space_path, overrides)
+    plan, pipeline_settings = load_tune_inputs(config_path, space_path, overrides)
     study = attach_study(plan.settings, plan.space)
     ended = []
-    study.optimize(trial_runner(plan), n_trials=1, catch=(TrainFailed,),
+    study.optimize(trial_runner(plan, LauncherFoldTrainer(pipeline_settings)), n_trials=1, catch=(TrainFailed,),
                    callbacks=[lambda study, trial: ended.append(trial)])
     trial = ended[0]
     get_run_logger().info("trial %d: %s %s", trial.number, trial.state.name, trial.value)
@@ -39,7 +41,7 @@ def tune_trial(config_path: str, space_path: str, overrides: list[str], index: i
 @task(name="tune-finish", cache_policy=NO_CACHE, persist_result=False)
 def tune_finish(config_path: str, space_path: str, overrides: list[str]) -> dict[str, Any]:
     """best.yaml, the seeds' retrain and single test, plots and report.json."""
-    plan = load_plan(config_path, space_path, overrides)
+    plan, _ = load_tune_inputs(config_path, space_path, overrides)
     result = finish_study(plan, attach_study(plan.settings, plan.space))
     return {"best_config": result.best_config, "report": result.report_path, "lines": result.lines}
 
@@ -52,7 +54,7 @@ def dml_tune(config_path: str, space_path: str, overrides: list[str] | None = No
     Raises DMLError when trials are still missing after ``study.max_failed_trials`` rounds.
     """
     overrides = list(overrides or [])
-    plan = load_plan(config_path, space_path, overrides)
+    plan, _ = load_tune_inputs(config_path, space_path, overrides)
     study = open_study(plan.settings, plan.space, resume)
     trial_runner(plan)  # writes the fold shards once, before the trials share them
     rounds = 0
@@ -69,7 +71,7 @@ def dml_tune(config_path: str, space_path: str, overrides: list[str] | None = No
 
 def run_tune_flow(config_path: str, space_path: str, overrides: list[str], resume: bool) -> dict[str, Any]:
     """`dml_tune` with ``study.parallel`` trial tasks at a time."""
-    plan = load_plan(config_path, space_path, overrides)
+    plan, _ = load_tune_inputs(config_path, space_path, overrides)
     runner: ThreadPoolTaskRunner[Any] = ThreadPoolTaskRunner(max_workers=plan.settings.parallel)
     # prefect types task_runner as TaskRunner[PrefectFuture]; the thread pool's futures are those
     return dml_tune.with_options(task_runner=runner)(  # type: ignore[arg-type]

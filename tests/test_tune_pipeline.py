@@ -25,7 +25,8 @@ def test_pipeline_tune_runs_the_study_as_mapped_tasks(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=tempfile.mkdtemp(dir=tmp_path), OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-m", "dml.cli", "pipeline", "tune", "--config", str(run),
-                           "--space", str(space)], env=env, capture_output=True, text=True, timeout=1500, check=False)
+                           "--space", str(space), "pipeline.launcher=torchrun"],  # folds under local torchrun
+                          env=env, capture_output=True, text=True, timeout=1500, check=False)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     study_dir = tmp_path / "study"
     trials = optuna.load_study(study_name="dml-tune", storage=f"sqlite:///{study_dir / 'study.db'}").get_trials()
@@ -39,3 +40,10 @@ def test_pipeline_tune_runs_the_study_as_mapped_tasks(tmp_path):
     assert report["best"]["number"] == best.number and len(report["test"]["per_seed"]) == 1
     assert load_config(study_dir / "best.yaml").loss.margin == best.params["loss.margin"]
     assert "pipeline tune: best config:" in done.stdout
+    for trial in trials:  # every fold trained through the pipeline's torchrun launcher, its metrics read back
+        for fold in range(2):
+            fold_dir = study_dir / "trials" / f"trial-{trial.number:04d}" / f"fold-{fold}"
+            assert "(launcher torchrun" in (fold_dir / "logs" / "tune-fold.log").read_text()
+            assert (fold_dir / "model.pt").is_file()
+        assert len(trial.intermediate_values) >= 2 and trial.value == pytest.approx(
+            sum(trial.user_attrs["fold_map_at_r"]) / 2)

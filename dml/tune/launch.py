@@ -3,6 +3,11 @@ processes), watching its ``metrics.jsonl`` while it runs so a trial can report a
 
 The child's output goes to a log file beside its run folder; it is stopped with the tuner
 (the kernel's parent-death signal), so a killed study leaves no training behind.
+
+A caller may instead pass a `FoldTrainer` (`dml pipeline tune` passes one that starts the
+fold through the pipeline's launcher, e.g. a Kubernetes Job): it runs in a thread while this
+module watches the same ``metrics.jsonl``, which must therefore be on a filesystem the tuner
+shares with the training. Such a trainer cannot be stopped: a pruned fold trains to its end.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +29,11 @@ STOP_GRACE_SECONDS = 20.0
 
 class TrainFailed(Exception):
     """A training child exited non-zero; the message names its log's last line and path."""
+
+
+FoldTrainer = Callable[[Path, Path, int], None]
+"""Trains one run config to its end: ``(config_path, run_dir, nproc_per_node)``, where
+``run_dir`` is the config's ``train.run_dir``; raises `TrainFailed` when the training fails."""
 
 
 def train_command(config_path: Path, nproc_per_node: int) -> list[str]:
@@ -79,14 +90,46 @@ def _last_line(log_path: Path) -> str:
     return lines[-1] if lines else "no output"
 
 
+def _watch_trainer(train_fold: FoldTrainer, config_path: Path, run_dir: Path, nproc_per_node: int,
+                   on_record: Callable[[dict[str, Any]], bool]) -> bool:
+    """`run_training` with ``train_fold`` in a thread; records after a stop are not reported."""
+    failure: list[Exception] = []
+
+    def train() -> None:
+        try:
+            train_fold(config_path, run_dir, nproc_per_node)
+        except Exception as exc:  # noqa: BLE001 - re-raised in the watching thread
+            failure.append(exc)
+
+    worker = threading.Thread(target=train, name=f"train-{run_dir.name}", daemon=True)
+    worker.start()
+    metrics, seen, stopped = run_dir / "metrics.jsonl", 0, False
+    while True:
+        finished = not worker.is_alive()
+        records, seen = _new_records(metrics, seen)
+        if not stopped:
+            stops = [on_record(record) for record in records]  # every record reported, then stop
+            stopped = any(stops)
+        if finished:
+            break
+        time.sleep(POLL_SECONDS)
+    if failure:
+        raise failure[0]
+    return not stopped
+
+
 def run_training(config_path: Path, run_dir: Path, nproc_per_node: int,
-                 on_record: Callable[[dict[str, Any]], bool]) -> bool:
+                 on_record: Callable[[dict[str, Any]], bool], train_fold: FoldTrainer | None = None) -> bool:
     """Train with ``config_path`` (whose ``train.run_dir`` is ``run_dir``), passing each new
     metrics record to ``on_record``; ``on_record`` returning True stops the child at once.
+    With ``train_fold`` the training is that callable's instead of a local child (not stoppable:
+    records after the stop are ignored and the call returns when it ends).
 
     Returns True when it ran to the end, False when stopped by ``on_record``. Raises
     `TrainFailed` when the child exits non-zero (log: ``run_dir`` + ``.log``).
     """
+    if train_fold is not None:
+        return _watch_trainer(train_fold, config_path, run_dir, nproc_per_node, on_record)
     log_path = run_dir.with_name(run_dir.name + ".log")
     metrics, seen = run_dir / "metrics.jsonl", 0
     with log_path.open("ab") as log_file:

@@ -12,6 +12,7 @@ from dml.config import apply_overrides, read_config_file, validate_config
 from dml.errors import DMLError
 from dml.tune.final import retrain_and_test, test_metrics
 from dml.tune.folds import class_folds, training_classes, write_fold_shards
+from dml.tune.launch import FoldTrainer
 from dml.tune.report import summary_lines, write_best_config, write_plots, write_report
 from dml.tune.settings import StudySettings, load_settings
 from dml.tune.space import SearchSpace, load_space
@@ -47,7 +48,11 @@ class TuneResult:
 def load_plan(config_path: str | Path, space_path: str | Path, overrides: list[str] | None = None) -> TunePlan:
     """Read and check the run config (with overrides) and the search-space file; raises
     `ConfigError` (one line naming the file) on any problem."""
-    base = apply_overrides(read_config_file(config_path), overrides or [])
+    return make_plan(apply_overrides(read_config_file(config_path), overrides or []), space_path)
+
+
+def make_plan(base: dict[str, Any], space_path: str | Path) -> TunePlan:
+    """`load_plan` for a run config mapping already read; raises `ConfigError` on any problem."""
     validate_config(base)
     space = load_space(space_path, base)
     return TunePlan(base, space, load_settings(space.study, str(space_path)))
@@ -61,9 +66,11 @@ def prepare_folds(plan: TunePlan) -> list[Path]:
     return write_fold_shards(config.data.shard_dir, config.data.train_split, folds, plan.study_dir / "folds")
 
 
-def trial_runner(plan: TunePlan) -> TrialRunner:
-    """The runner of this plan's trials over its folds (written on first use)."""
-    return TrialRunner(plan.base, plan.space, prepare_folds(plan), plan.study_dir, plan.settings.nproc_per_node)
+def trial_runner(plan: TunePlan, train_fold: FoldTrainer | None = None) -> TrialRunner:
+    """The runner of this plan's trials over its folds (written on first use); each fold
+    trains as a local `dml train` child unless ``train_fold`` is given."""
+    return TrialRunner(plan.base, plan.space, prepare_folds(plan), plan.study_dir, plan.settings.nproc_per_node,
+                       train_fold)
 
 
 def finish_study(plan: TunePlan, study: Any) -> TuneResult:

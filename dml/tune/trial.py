@@ -17,7 +17,7 @@ import optuna
 import yaml
 
 from dml.config import validate_config
-from dml.tune.launch import TrainFailed, run_training
+from dml.tune.launch import FoldTrainer, TrainFailed, run_training
 from dml.tune.space import SearchSpace, with_values
 
 log = logging.getLogger(__name__)
@@ -43,13 +43,15 @@ def write_run_config(data: dict[str, Any], path: Path) -> Path:
 @dataclass
 class TrialRunner:
     """The objective Optuna calls: ``base`` is the run config mapping, ``fold_shards`` the
-    fold shard folders, trials go to ``<study_dir>/trials/trial-NNNN/fold-I``."""
+    fold shard folders, trials go to ``<study_dir>/trials/trial-NNNN/fold-I``; ``train_fold``
+    trains a fold instead of a local `dml train` child (see `dml.tune.launch.FoldTrainer`)."""
 
     base: dict[str, Any]
     space: SearchSpace
     fold_shards: list[Path]
     study_dir: Path
     nproc_per_node: int = 1
+    train_fold: FoldTrainer | None = None
 
     def __call__(self, trial: optuna.Trial) -> float:
         values = self.space.suggest(trial)
@@ -73,7 +75,7 @@ class TrialRunner:
                 trial.report(float(record[METRIC]), step)
                 return trial.should_prune()
 
-            if not run_training(config_path, run_dir, self.nproc_per_node, on_record):
+            if not run_training(config_path, run_dir, self.nproc_per_node, on_record, self.train_fold):
                 log.info("tune: trial %d pruned in fold %d (%s)", trial.number, index, run_dir)
                 raise optuna.TrialPruned(f"pruned in fold {index} at step {step}")
             if METRIC not in final:
