@@ -37,8 +37,12 @@ def _writing_trainer(count: int, fail: bool = False):
 @pytest.mark.parametrize("count", [0, 1, 5])
 def test_injected_trainer_reports_every_record(tmp_path: Path, count: int) -> None:
     seen: list[float] = []
-    finished = run_training(tmp_path / "fold.yaml", tmp_path / "fold-0", 1,
-                            lambda record: seen.append(record["eval_map_at_r"]) is not None, _writing_trainer(count))
+
+    def on_record(record: dict) -> bool:
+        seen.append(record["eval_map_at_r"])
+        return False
+
+    finished = run_training(tmp_path / "fold.yaml", tmp_path / "fold-0", 1, on_record, _writing_trainer(count))
     assert finished and seen == [step / 10 for step in range(count)]
 
 
