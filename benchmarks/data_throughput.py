@@ -51,9 +51,17 @@ def make_jpeg_folder(root: Path, count: int) -> None:
 
 
 def time_write(src: Path, out: Path, workers: int, count: int) -> float:
-    config = DMLConfig.model_validate({"prepare": {
-        "source": {"path": str(src)}, "output_dir": str(out), "workers": workers,
-        "split": {"mode": "sample", "train_fraction": 1.0}, "shards": {"max_samples": 250}}}).prepare
+    config = DMLConfig.model_validate(
+        {
+            "prepare": {
+                "source": {"path": str(src)},
+                "output_dir": str(out),
+                "workers": workers,
+                "split": {"mode": "sample", "train_fraction": 1.0},
+                "shards": {"max_samples": 250},
+            }
+        }
+    ).prepare
     start = time.perf_counter()
     manifest = write_shards(config)
     elapsed = time.perf_counter() - start
@@ -62,8 +70,15 @@ def time_write(src: Path, out: Path, workers: int, count: int) -> float:
 
 
 def data_config(shards: Path, workers: int) -> DataConfig:
-    return DataConfig(shard_dir=str(shards), batch_size=64, num_workers=workers, image_size=64, channels=3,
-                      shuffle_buffer=1000, augment={"horizontal_flip": True, "random_resized_crop": True})
+    return DataConfig(
+        shard_dir=str(shards),
+        batch_size=64,
+        num_workers=workers,
+        image_size=64,
+        channels=3,
+        shuffle_buffer=1000,
+        augment={"horizontal_flip": True, "random_resized_crop": True},
+    )
 
 
 def time_shards(shards: Path, workers: int) -> float:
@@ -99,8 +114,10 @@ def main() -> None:
     try:
         make_jpeg_folder(tmp / "jpeg", args.images)
         for r in range(args.rounds):
-            row = {"write_1_worker": time_write(tmp / "jpeg", tmp / f"s1-{r}", 1, args.images),
-                   "write_2_workers": time_write(tmp / "jpeg", tmp / f"s2-{r}", 2, args.images)}
+            row = {
+                "write_1_worker": time_write(tmp / "jpeg", tmp / f"s1-{r}", 1, args.images),
+                "write_2_workers": time_write(tmp / "jpeg", tmp / f"s2-{r}", 2, args.images),
+            }
             row["read_shards"] = time_shards(tmp / f"s1-{r}", args.workers)
             row["read_imagefolder"] = time_imagefolder(tmp / "jpeg", tmp / f"s1-{r}", args.workers)
             row["write_speedup_2_vs_1"] = row["write_2_workers"] / row["write_1_worker"]

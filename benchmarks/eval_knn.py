@@ -126,15 +126,15 @@ def exact_order_knn(query, k, reference, ref_includes_query):
     q, ref, ids = query.numpy(), reference.numpy(), ids.numpy()
     scores = np.empty(ids.shape)
     for s in range(0, len(ids), 2048):  # chunks bound the gathered (rows, k, D) float64 block
-        scores[s : s + 2048] = np.einsum("bd,bkd->bk", q[s : s + 2048].astype(np.float64),
-                                         ref[ids[s : s + 2048]].astype(np.float64))
+        scores[s : s + 2048] = np.einsum(
+            "bd,bkd->bk", q[s : s + 2048].astype(np.float64), ref[ids[s : s + 2048]].astype(np.float64)
+        )
     order = np.lexsort((ids, -scores), axis=-1)[:, :k]
     ids = np.take_along_axis(ids, order, 1)
     return torch.from_numpy(np.take_along_axis(scores, order, 1)), torch.from_numpy(ids)
 
 
-def run_worker(contender: str, workload: str, n: int, dim: int, seed: int,
-               progress_log: Path | None = None) -> dict:
+def run_worker(contender: str, workload: str, n: int, dim: int, seed: int, progress_log: Path | None = None) -> dict:
     """Build the data, time one metric computation (or the bare search), report values and memory."""
     import logging
 
@@ -167,20 +167,42 @@ def run_worker(contender: str, workload: str, n: int, dim: int, seed: int,
         from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
         knn = {"knn_func": exact_order_knn} if contender == "pml_exact_order" else {}
-        calculator = AccuracyCalculator(include=tuple(PML_NAMES.values()), k="max_bin_count",
-                                        device=torch.device("cpu"), **knn)
+        calculator = AccuracyCalculator(
+            include=tuple(PML_NAMES.values()), k="max_bin_count", device=torch.device("cpu"), **knn
+        )
         result = calculator.get_accuracy(torch.from_numpy(data), torch.from_numpy(labels))
         values = {m: result[PML_NAMES[m]] for m in METRICS}
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    return {"contender": contender, "workload": workload, "n": n, "dim": dim, "seconds": seconds,
-            "cpu_seconds": cpu_seconds, "values": values, "peak_rss_gib": peak_rss_bytes() / GIB,
-            "rss_after_data_gib": rss_data / GIB, **extra}
+    return {
+        "contender": contender,
+        "workload": workload,
+        "n": n,
+        "dim": dim,
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "values": values,
+        "peak_rss_gib": peak_rss_bytes() / GIB,
+        "rss_after_data_gib": rss_data / GIB,
+        **extra,
+    }
 
 
 def measure(contender: str, workload: str, n: int, args) -> dict:
     """Run one contender in a fresh subprocess so its peak RSS is its own."""
-    command = [sys.executable, __file__, "--worker", contender, "--workloads", workload, "--sizes", str(n),
-               "--dim", str(args.dim), "--seed", str(args.seed)]
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        contender,
+        "--workloads",
+        workload,
+        "--sizes",
+        str(n),
+        "--dim",
+        str(args.dim),
+        "--seed",
+        str(args.seed),
+    ]
     if args.progress_log is not None:
         command += ["--progress-log", str(args.progress_log)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
@@ -202,8 +224,12 @@ def best_of(records: list[dict]) -> dict:
 def class_shape(workload: str, n: int, dim: int, seed: int) -> dict:
     sizes = np.bincount(clustered_embeddings(n, dim, seed, workload)[1])
     sizes = sizes[sizes > 0]
-    return {"classes": len(sizes), "mean_size": float(sizes.mean()), "max_size": int(sizes.max()),
-            "singleton_classes": int((sizes == 1).sum())}
+    return {
+        "classes": len(sizes),
+        "mean_size": float(sizes.mean()),
+        "max_size": int(sizes.max()),
+        "singleton_classes": int((sizes == 1).sum()),
+    }
 
 
 def benchmark_row(workload: str, n: int, args) -> dict:
@@ -212,12 +238,18 @@ def benchmark_row(workload: str, n: int, args) -> dict:
     contenders = ["dml", "pml", "floor"] if run_pml else ["dml"]
     runs: dict[str, list[dict]] = {c: [] for c in contenders}
     for repeat in range(args.repeats):  # rotate the order to share the machine's moods
-        for contender in contenders[repeat % len(contenders):] + contenders[: repeat % len(contenders)]:
+        for contender in contenders[repeat % len(contenders) :] + contenders[: repeat % len(contenders)]:
             runs[contender].append(measure(contender, workload, n, args))
-    row = {"workload": workload, "n": n, "dim": args.dim, **class_shape(workload, n, args.dim, args.seed),
-           "gemm_gflops": gflops, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-           "gemm_floor_seconds": n * n * args.dim * 2 / (gflops * 1e9),
-           "symmetric_floor_seconds": n * n * args.dim / (gflops * 1e9)}
+    row = {
+        "workload": workload,
+        "n": n,
+        "dim": args.dim,
+        **class_shape(workload, n, args.dim, args.seed),
+        "gemm_gflops": gflops,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "gemm_floor_seconds": n * n * args.dim * 2 / (gflops * 1e9),
+        "symmetric_floor_seconds": n * n * args.dim / (gflops * 1e9),
+    }
     row.update({c: best_of(runs[c]) for c in contenders})
     if run_pml:
         row["speedup"] = row["pml"]["seconds"] / row["dml"]["seconds"]
@@ -227,7 +259,8 @@ def benchmark_row(workload: str, n: int, args) -> dict:
         if args.exact_order_check and row["max_abs_diff"] > 1e-12:
             row["pml_exact_order"] = measure("pml_exact_order", workload, n, args)
             row["max_abs_diff_exact_order"] = max(
-                abs(row["dml"]["values"][m] - row["pml_exact_order"]["values"][m]) for m in METRICS)
+                abs(row["dml"]["values"][m] - row["pml_exact_order"]["values"][m]) for m in METRICS
+            )
     else:
         row["pml"] = f"skipped (--skip-pml-above {args.skip_pml_above})"
     return row
@@ -241,26 +274,36 @@ def time_cell(record) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("time: best wall s of the repeats (cpu s of that run); floor: bare faiss IndexFlatIP search at "
-          "depth max class size; x floor = time / floor time")
-    print(f"{'workload':>9} {'N':>8} {'classes':>7} {'max':>5} {'dml s':>13} {'pml s':>13} {'floor s':>13} "
-          f"{'dml/pml':>7} {'cpu':>5} {'dml xfl':>7} {'pml xfl':>7} {'|diff|':>8} {'MAP@R':>7} {'dml GiB':>7}")
+    print(
+        "time: best wall s of the repeats (cpu s of that run); floor: bare faiss IndexFlatIP search at "
+        "depth max class size; x floor = time / floor time"
+    )
+    print(
+        f"{'workload':>9} {'N':>8} {'classes':>7} {'max':>5} {'dml s':>13} {'pml s':>13} {'floor s':>13} "
+        f"{'dml/pml':>7} {'cpu':>5} {'dml xfl':>7} {'pml xfl':>7} {'|diff|':>8} {'MAP@R':>7} {'dml GiB':>7}"
+    )
     for row in rows:
-        line = (f"{row.get('workload', 'mean20'):>9} {row['n']:>8} {row.get('classes', 0):>7} "
-                f"{row.get('max_size', 0):>5} {time_cell(row.get('dml'))} {time_cell(row.get('pml'))} "
-                f"{time_cell(row.get('floor'))}")
+        line = (
+            f"{row.get('workload', 'mean20'):>9} {row['n']:>8} {row.get('classes', 0):>7} "
+            f"{row.get('max_size', 0):>5} {time_cell(row.get('dml'))} {time_cell(row.get('pml'))} "
+            f"{time_cell(row.get('floor'))}"
+        )
         if "speedup" in row and isinstance(row.get("floor"), dict):
             floor = row["floor"]["seconds"]
-            line += (f" {row['speedup']:>6.2f}x {row['speedup_cpu']:>4.2f}x {row['dml']['seconds'] / floor:>6.2f}x "
-                     f"{row['pml']['seconds'] / floor:>6.2f}x {row['max_abs_diff']:>8.1e}")
+            line += (
+                f" {row['speedup']:>6.2f}x {row['speedup_cpu']:>4.2f}x {row['dml']['seconds'] / floor:>6.2f}x "
+                f"{row['pml']['seconds'] / floor:>6.2f}x {row['max_abs_diff']:>8.1e}"
+            )
         else:
             line += f" {'':>7} {'':>5} {'':>7} {'':>7} {'':>8}"
         line += f" {row['dml']['values']['map_at_r']:>7.4f} {row['dml']['peak_rss_gib']:>7.2f}"
         print(line)
-        print(f"{'':>9} GEMM {row.get('gemm_gflops', 0):.0f} GFLOP/s: N*N*D product "
-              f"{row.get('gemm_floor_seconds', row.get('floor_seconds', 0)):.1f} s, symmetric half "
-              f"{row.get('symmetric_floor_seconds', 0):.1f} s; all wall s dml {row['dml'].get('all_seconds')}"
-              + (f" pml {row['pml'].get('all_seconds')}" if isinstance(row.get("pml"), dict) else ""))
+        print(
+            f"{'':>9} GEMM {row.get('gemm_gflops', 0):.0f} GFLOP/s: N*N*D product "
+            f"{row.get('gemm_floor_seconds', row.get('floor_seconds', 0)):.1f} s, symmetric half "
+            f"{row.get('symmetric_floor_seconds', 0):.1f} s; all wall s dml {row['dml'].get('all_seconds')}"
+            + (f" pml {row['pml'].get('all_seconds')}" if isinstance(row.get("pml"), dict) else "")
+        )
 
 
 def main() -> None:
@@ -277,8 +320,11 @@ def main() -> None:
     parser.add_argument("--progress-log", type=Path, help="file for the workers' progress lines (dml: per batch)")
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(run_worker(args.worker, args.workloads[0], args.sizes[0], args.dim, args.seed,
-                                    args.progress_log)))
+        print(
+            json.dumps(
+                run_worker(args.worker, args.workloads[0], args.sizes[0], args.dim, args.seed, args.progress_log)
+            )
+        )
         return
     rows = []
     for n in args.sizes:
@@ -294,6 +340,7 @@ def main() -> None:
 
 def write_report(args, rows: list[dict]) -> None:
     """Write the JSON report; rows (workload, N) not run this time are kept from the old file."""
+
     def key(row: dict) -> tuple[str, int]:
         return row.get("workload", "mean20"), row["n"]
 
@@ -301,10 +348,15 @@ def write_report(args, rows: list[dict]) -> None:
     if args.out.exists():
         kept = [r for r in json.loads(args.out.read_text()).get("results", []) if key(r) not in {key(x) for x in rows}]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"cpus": os.cpu_count(), "load_average_now": os.getloadavg(), "seed": args.seed,
-              "repeats": args.repeats, "skip_pml_above": args.skip_pml_above,
-              "command": "python benchmarks/eval_knn.py " + " ".join(sys.argv[1:]),
-              "results": sorted(kept + rows, key=lambda r: (r["n"], WORKLOADS.index(key(r)[0])))}
+    report = {
+        "cpus": os.cpu_count(),
+        "load_average_now": os.getloadavg(),
+        "seed": args.seed,
+        "repeats": args.repeats,
+        "skip_pml_above": args.skip_pml_above,
+        "command": "python benchmarks/eval_knn.py " + " ".join(sys.argv[1:]),
+        "results": sorted(kept + rows, key=lambda r: (r["n"], WORKLOADS.index(key(r)[0]))),
+    }
     args.out.write_text(json.dumps(report, indent=2))
 
 

@@ -64,20 +64,41 @@ def write_bin(work: Path) -> Path:
 def write_config(work: Path, source_path: Path, source: str, bin_path: Path, steps: int) -> Path:
     config = {
         "extends": str(ROOT / "configs" / "face.yaml"),
-        "prepare": {"source": {"kind": source, "path": str(source_path)}, "output_dir": str(work / "shards"),
-                    "split": {"mode": "sample", "train_fraction": 0.8, "query_fraction": 1.0}, "workers": 2,
-                    "shards": {"max_samples": 20}},  # several shards per split: every rank gets some
-        "data": {"shard_dir": str(work / "shards"), "image_size": 64, "batch_size": 32, "num_workers": 0,
-                 "shuffle_buffer": 200},
+        "prepare": {
+            "source": {"kind": source, "path": str(source_path)},
+            "output_dir": str(work / "shards"),
+            "split": {"mode": "sample", "train_fraction": 0.8, "query_fraction": 1.0},
+            "workers": 2,
+            "shards": {"max_samples": 20},
+        },  # several shards per split: every rank gets some
+        "data": {
+            "shard_dir": str(work / "shards"),
+            "image_size": 64,
+            "batch_size": 32,
+            "num_workers": 0,
+            "shuffle_buffer": 200,
+        },
         "model": {"backbone": "resnet18", "embedding_dim": 128},
         "loss": {"scale": 32.0, "margin": 0.3, "sample_rate": 1.0},
         "optimizer": {"lr": 0.05},
         "schedule": {"kind": "cosine", "warmup_steps": 20},
-        "train": {"run_dir": str(work / "run"), "epochs": 1000, "max_steps": steps, "checkpoint_every": 100,
-                  "log_every": 10, "eval_every": max(steps // 6, 1), "verification_sets": [str(bin_path)],
-                  "best_metric": f"ver_{bin_path.stem}_accuracy"},
-        "evaluate": {"model_path": str(work / "run" / "best" / "model.pt"), "output_dir": str(work / "eval"),
-                     "gallery_split": None, "fars": [1e-2, 1e-3], "verification_sets": [str(bin_path)]},
+        "train": {
+            "run_dir": str(work / "run"),
+            "epochs": 1000,
+            "max_steps": steps,
+            "checkpoint_every": 100,
+            "log_every": 10,
+            "eval_every": max(steps // 6, 1),
+            "verification_sets": [str(bin_path)],
+            "best_metric": f"ver_{bin_path.stem}_accuracy",
+        },
+        "evaluate": {
+            "model_path": str(work / "run" / "best" / "model.pt"),
+            "output_dir": str(work / "eval"),
+            "gallery_split": None,
+            "fars": [1e-2, 1e-3],
+            "verification_sets": [str(bin_path)],
+        },
     }
     path = work / "face_orl.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -107,29 +128,62 @@ def main() -> None:
     bin_path = write_bin(args.work)
     config = write_config(args.work, write_sources(args.work, args.source), args.source, bin_path, args.steps)
     dml = [sys.executable, "-m", "dml.cli"]
-    seconds = {"prepare": run([*dml, "prepare", "--config", str(config)], args.work / "prepare.log"),
-               "train": run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "dml.cli", "train", "--config", str(config)], args.work / "train.log"),
-               "evaluate": run([*dml, "evaluate", "--config", str(config)], args.work / "evaluate.log")}
+    seconds = {
+        "prepare": run([*dml, "prepare", "--config", str(config)], args.work / "prepare.log"),
+        "train": run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                "2",
+                "-m",
+                "dml.cli",
+                "train",
+                "--config",
+                str(config),
+            ],
+            args.work / "train.log",
+        ),
+        "evaluate": run([*dml, "evaluate", "--config", str(config)], args.work / "evaluate.log"),
+    }
     name = bin_path.stem
     report = json.loads((args.work / "eval" / "report.json").read_text())
     face = report["verification_sets"][name]
     records = [json.loads(line) for line in (args.work / "run" / "metrics.jsonl").read_text().splitlines()]
     curve = [(r["step"], r[f"ver_{name}_accuracy"]) for r in records if f"ver_{name}_accuracy" in r]
     best = json.loads((args.work / "run" / "best" / "best.json").read_text())
-    result = {"source": args.source, "steps": args.steps, "seconds": seconds, "best": best,
-              "verification_accuracy_by_step": curve, "pairs": face["num_pairs"],
-              "accuracy": face["accuracy"], "accuracy_std": face["accuracy_std"],
-              "best_threshold_accuracy": face["best_threshold_accuracy"], "val_at_far": face["val_at_far"],
-              "tar_at_far": face["tar_at_far"], "roc_auc": face["roc_auc"], "eer": face["eer"],
-              "retrieval_held_out_images_s1_s20": {k: report["headline"][k] for k in ("precision_at_1", "map_at_r")},
-              "report": str(args.work / "eval" / "report.md")}
-    print(f"ORL s21..s40 ({face['num_pairs']} pairs), best model of step {best['step']} after {args.steps} steps "
-          f"(train {seconds['train']:.0f} s, 2 processes):")
-    print(f"  10-fold accuracy {face['accuracy']:.4f} ± {face['accuracy_std']:.4f}   "
-          f"best-threshold accuracy {face['best_threshold_accuracy']:.4f}")
-    print("  " + "   ".join(f"TAR@FAR={k} {v:.4f}" for k, v in face["tar_at_far"].items() if v is not None)
-          + f"   val@FAR=1e-3 {face['val_at_far']['val']}   ROC AUC {face['roc_auc']:.4f}   EER {face['eer']:.4f}")
+    result = {
+        "source": args.source,
+        "steps": args.steps,
+        "seconds": seconds,
+        "best": best,
+        "verification_accuracy_by_step": curve,
+        "pairs": face["num_pairs"],
+        "accuracy": face["accuracy"],
+        "accuracy_std": face["accuracy_std"],
+        "best_threshold_accuracy": face["best_threshold_accuracy"],
+        "val_at_far": face["val_at_far"],
+        "tar_at_far": face["tar_at_far"],
+        "roc_auc": face["roc_auc"],
+        "eer": face["eer"],
+        "retrieval_held_out_images_s1_s20": {k: report["headline"][k] for k in ("precision_at_1", "map_at_r")},
+        "report": str(args.work / "eval" / "report.md"),
+    }
+    print(
+        f"ORL s21..s40 ({face['num_pairs']} pairs), best model of step {best['step']} after {args.steps} steps "
+        f"(train {seconds['train']:.0f} s, 2 processes):"
+    )
+    print(
+        f"  10-fold accuracy {face['accuracy']:.4f} ± {face['accuracy_std']:.4f}   "
+        f"best-threshold accuracy {face['best_threshold_accuracy']:.4f}"
+    )
+    print(
+        "  "
+        + "   ".join(f"TAR@FAR={k} {v:.4f}" for k, v in face["tar_at_far"].items() if v is not None)
+        + f"   val@FAR=1e-3 {face['val_at_far']['val']}   ROC AUC {face['roc_auc']:.4f}   EER {face['eer']:.4f}"
+    )
     print(f"  verification accuracy by step: {curve}")
     RESULTS.write_text(json.dumps(result, indent=1))
     print(f"results -> {RESULTS}; report -> {result['report']}")

@@ -64,18 +64,28 @@ def dml_numbers(embeddings: np.ndarray, same: np.ndarray) -> dict:
     val = val_at_far(distances, same)
     rows = np.arange(len(embeddings)).reshape(-1, 2)
     tar = verification_metrics(unit_rows(embeddings), pairs=rows, is_same=same, fars=FARS)["tar_at_far"]
-    return {"accuracy": protocol["accuracy"], "accuracy_std": protocol["accuracy_std"],
-            "fold_thresholds": protocol["fold_thresholds"], "val": val["val"], "val_far": val["far"],
-            **{f"tar_at_far_{f:.0e}": tar[f"{f:.0e}"] for f in FARS}}
+    return {
+        "accuracy": protocol["accuracy"],
+        "accuracy_std": protocol["accuracy_std"],
+        "fold_thresholds": protocol["fold_thresholds"],
+        "val": val["val"],
+        "val_far": val["far"],
+        **{f"tar_at_far_{f:.0e}": tar[f"{f:.0e}"] for f in FARS},
+    }
 
 
 def reference_numbers(embeddings: np.ndarray, same: np.ndarray) -> dict:
     distances = pair_distances(embeddings)
     accuracies, thresholds = reference_ten_fold(distances, same)
     val, far = reference_val(distances, same, 1e-3)
-    return {"accuracy": float(np.mean(accuracies)), "accuracy_std": float(np.std(accuracies)),
-            "fold_thresholds": thresholds, "val": val, "val_far": far,
-            **{f"tar_at_far_{f:.0e}": reference_tar_at_far(distances, same, f) for f in FARS}}
+    return {
+        "accuracy": float(np.mean(accuracies)),
+        "accuracy_std": float(np.std(accuracies)),
+        "fold_thresholds": thresholds,
+        "val": val,
+        "val_far": far,
+        **{f"tar_at_far_{f:.0e}": reference_tar_at_far(distances, same, f) for f in FARS},
+    }
 
 
 def timed(function, *args, repeats: int = 1) -> tuple[dict, float]:
@@ -98,12 +108,19 @@ def run(sizes: list[int], repeats: int) -> list[dict]:
         embeddings, same = pair_embeddings(size, table, seed=size)
         ours, our_s = timed(dml_numbers, embeddings, same, repeats=repeats)
         ref, ref_s = timed(reference_numbers, embeddings, same)
-        rows.append({"pairs": len(same), "dml_s": our_s, "reference_s": ref_s,
-                     "dml_ms_per_1000_pairs": 1000 * our_s / len(same) * 1000,
-                     "reference_ms_per_1000_pairs": 1000 * ref_s / len(same) * 1000,
-                     "speedup": ref_s / our_s, "max_abs_difference": largest_difference(ours, ref),
-                     "dml": {k: v for k, v in ours.items() if k != "fold_thresholds"},
-                     "load_average": os.getloadavg()[0]})
+        rows.append(
+            {
+                "pairs": len(same),
+                "dml_s": our_s,
+                "reference_s": ref_s,
+                "dml_ms_per_1000_pairs": 1000 * our_s / len(same) * 1000,
+                "reference_ms_per_1000_pairs": 1000 * ref_s / len(same) * 1000,
+                "speedup": ref_s / our_s,
+                "max_abs_difference": largest_difference(ours, ref),
+                "dml": {k: v for k, v in ours.items() if k != "fold_thresholds"},
+                "load_average": os.getloadavg()[0],
+            }
+        )
     return rows
 
 
@@ -115,17 +132,29 @@ def main() -> None:
     if not ORL.is_dir():
         sys.exit(f"face_verification benchmark: ORL faces not found at {ORL}")
     rows = run(args.sizes, args.repeats)
-    print(f"{'pairs':>7} {'dml ms/1k pairs':>16} {'sklearn ref ms/1k':>18} {'speedup':>8} {'max |diff|':>11} "
-          f"{'10-fold acc':>12} {'val@1e-3':>9} {'TAR@1e-3':>9}")
+    print(
+        f"{'pairs':>7} {'dml ms/1k pairs':>16} {'sklearn ref ms/1k':>18} {'speedup':>8} {'max |diff|':>11} "
+        f"{'10-fold acc':>12} {'val@1e-3':>9} {'TAR@1e-3':>9}"
+    )
     for row in rows:
         d = row["dml"]
-        print(f"{row['pairs']:>7} {row['dml_ms_per_1000_pairs']:>16.2f} {row['reference_ms_per_1000_pairs']:>18.1f} "
-              f"{row['speedup']:>7.0f}x {row['max_abs_difference']:>11.1e} "
-              f"{d['accuracy']:>6.4f}±{d['accuracy_std']:.3f} {d['val']:>9.4f} {d['tar_at_far_1e-03']:>9.4f}")
+        print(
+            f"{row['pairs']:>7} {row['dml_ms_per_1000_pairs']:>16.2f} {row['reference_ms_per_1000_pairs']:>18.1f} "
+            f"{row['speedup']:>7.0f}x {row['max_abs_difference']:>11.1e} "
+            f"{d['accuracy']:>6.4f}±{d['accuracy_std']:.3f} {d['val']:>9.4f} {d['tar_at_far_1e-03']:>9.4f}"
+        )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"benchmark": "face_verification", "fars": FARS, "rows": rows,
-                                   "command": "python benchmarks/face_verification.py " + " ".join(sys.argv[1:])},
-                                  indent=1))
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "benchmark": "face_verification",
+                "fars": FARS,
+                "rows": rows,
+                "command": "python benchmarks/face_verification.py " + " ".join(sys.argv[1:]),
+            },
+            indent=1,
+        )
+    )
     print(f"results -> {RESULTS}")
 
 

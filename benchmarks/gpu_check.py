@@ -33,25 +33,48 @@ def tiny_idx(folder: Path, classes: int = 64, per_class: int = 10, side: int = 3
     images = np.clip(base + rng.integers(-20, 21, (classes, per_class, side, side)), 0, 255).astype(np.uint8)
     count = classes * per_class
     (folder / "train-images-idx3-ubyte").write_bytes(
-        bytes([0, 0, 8, 3]) + np.array([count, side, side], ">u4").tobytes() + images.tobytes())
+        bytes([0, 0, 8, 3]) + np.array([count, side, side], ">u4").tobytes() + images.tobytes()
+    )
     (folder / "train-labels-idx1-ubyte").write_bytes(
-        bytes([0, 0, 0x0C, 1]) + np.array([count], ">u4").tobytes()
-        + np.repeat(np.arange(classes), per_class).astype(">i4").tobytes())
+        bytes([0, 0, 0x0C, 1])
+        + np.array([count], ">u4").tobytes()
+        + np.repeat(np.arange(classes), per_class).astype(">i4").tobytes()
+    )
 
 
 def config(work: Path) -> dict:
-    return {"seed": 0,
-            "prepare": {"source": {"kind": "idx", "path": str(work / "raw")},
-                        "split": {"mode": "class", "train_fraction": 0.75, "query_fraction": 0.5},
-                        "output_dir": str(work / "shards")},
-            "data": {"shard_dir": str(work / "shards"), "image_size": 32, "channels": 1, "batch_size": 32,
-                     "num_workers": 1},
-            "model": {"backbone": "resnet18", "embedding_dim": 128},
-            "loss": {"kind": "arcface", "scale": 32.0, "margin": 0.3, "sample_rate": 0.5},
-            "train": {"run_dir": str(work / "run"), "epochs": 50, "max_steps": STEPS, "checkpoint_every": STEPS,
-                      "log_every": 1, "eval_every": None, "eval_split": "none"},
-            "export": {"model_path": str(work / "run-fp32" / "model.pt"), "output_dir": str(work / "export"),
-                       "formats": ["onnx"], "parity_images": 16}}
+    return {
+        "seed": 0,
+        "prepare": {
+            "source": {"kind": "idx", "path": str(work / "raw")},
+            "split": {"mode": "class", "train_fraction": 0.75, "query_fraction": 0.5},
+            "output_dir": str(work / "shards"),
+        },
+        "data": {
+            "shard_dir": str(work / "shards"),
+            "image_size": 32,
+            "channels": 1,
+            "batch_size": 32,
+            "num_workers": 1,
+        },
+        "model": {"backbone": "resnet18", "embedding_dim": 128},
+        "loss": {"kind": "arcface", "scale": 32.0, "margin": 0.3, "sample_rate": 0.5},
+        "train": {
+            "run_dir": str(work / "run"),
+            "epochs": 50,
+            "max_steps": STEPS,
+            "checkpoint_every": STEPS,
+            "log_every": 1,
+            "eval_every": None,
+            "eval_split": "none",
+        },
+        "export": {
+            "model_path": str(work / "run-fp32" / "model.pt"),
+            "output_dir": str(work / "export"),
+            "formats": ["onnx"],
+            "parity_images": 16,
+        },
+    }
 
 
 def run(cmd: list[str], log: Path, timeout: int = 150) -> str:
@@ -66,17 +89,35 @@ def train(work: Path, precision: str) -> dict[str, Any]:
     """`dml train` under torchrun, one process per GPU (NCCL), ``precision`` autocast."""
     gpus = torch.cuda.device_count()
     run_dir = work / f"run-{precision}"
-    output = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus),
-                  "-m", "dml.cli", "train", "--config", str(work / "config.yaml"), f"train.run_dir={run_dir}",
-                  f"train.precision={precision}"], work / f"train-{precision}.log")
+    output = run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(gpus),
+            "-m",
+            "dml.cli",
+            "train",
+            "--config",
+            str(work / "config.yaml"),
+            f"train.run_dir={run_dir}",
+            f"train.precision={precision}",
+        ],
+        work / f"train-{precision}.log",
+    )
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss_main"] for r in records if "loss_main" in r]
     rates = [r["images_per_s"] for r in records if "images_per_s" in r][1:]
     if len(losses) < STEPS or not all(np.isfinite(losses)):
         raise RuntimeError(f"{len(losses)} logged steps, losses {losses}")
     device = "cuda" if "device cuda" in output else "not cuda (see log)"
-    return {"value": f"{statistics.median(rates):.0f} img/s", "detail": f"{gpus} proc(s), {device}, "
-            f"loss {losses[0]:.2f} -> {losses[-1]:.2f}", "ok": device == "cuda"}
+    return {
+        "value": f"{statistics.median(rates):.0f} img/s",
+        "detail": f"{gpus} proc(s), {device}, loss {losses[0]:.2f} -> {losses[-1]:.2f}",
+        "ok": device == "cuda",
+    }
 
 
 def faiss_gpu_vs_cpu(work: Path) -> dict[str, Any]:
@@ -95,9 +136,12 @@ def faiss_gpu_vs_cpu(work: Path) -> dict[str, Any]:
         found[use_gpu] = (index.backend, np.asarray(ids), np.asarray(sims), time.perf_counter() - started)
     same = float((found[True][1] == found[False][1]).mean())
     gap = float(np.abs(found[True][2] - found[False][2]).max())
-    return {"value": f"{same:.4f} of ids equal", "ok": found[True][0] == "faiss-gpu" and same > 0.999,
-            "detail": f"{found[True][0]} {1000 * found[True][3]:.0f} ms vs {found[False][0]} "
-                      f"{1000 * found[False][3]:.0f} ms (2000 x 50000, k 10); max |sim gap| {gap:.1e}"}
+    return {
+        "value": f"{same:.4f} of ids equal",
+        "ok": found[True][0] == "faiss-gpu" and same > 0.999,
+        "detail": f"{found[True][0]} {1000 * found[True][3]:.0f} ms vs {found[False][0]} "
+        f"{1000 * found[False][3]:.0f} ms (2000 x 50000, k 10); max |sim gap| {gap:.1e}",
+    }
 
 
 def onnx_cuda(work: Path) -> dict[str, Any]:
@@ -113,8 +157,11 @@ def onnx_cuda(work: Path) -> dict[str, Any]:
     name, shape = cuda.get_inputs()[0].name, cuda.get_inputs()[0].shape
     out = {}
     for batch in (1, 64):
-        feed = {name: np.random.default_rng(batch).random((batch, *[d if isinstance(d, int) else 32
-                                                                    for d in shape[1:]])).astype(np.float32)}
+        feed = {
+            name: np.random.default_rng(batch)
+            .random((batch, *[d if isinstance(d, int) else 32 for d in shape[1:]]))
+            .astype(np.float32)
+        }
         for _ in range(5):
             cuda.run(None, feed)
         times = []
@@ -124,9 +171,11 @@ def onnx_cuda(work: Path) -> dict[str, Any]:
             times.append(time.perf_counter() - started)
         diff = float(np.abs(cuda.run(None, feed)[0] - cpu.run(None, feed)[0]).max())
         out[batch] = (1000 * statistics.median(times), diff)
-    return {"value": f"{out[1][0]:.2f} ms (b1), {out[64][0]:.2f} ms (b64)",
-            "ok": cuda.get_providers()[0] == "CUDAExecutionProvider" and max(d for _, d in out.values()) < 1e-2,
-            "detail": f"providers {cuda.get_providers()}; max |CUDA - CPU| {max(d for _, d in out.values()):.1e}"}
+    return {
+        "value": f"{out[1][0]:.2f} ms (b1), {out[64][0]:.2f} ms (b64)",
+        "ok": cuda.get_providers()[0] == "CUDAExecutionProvider" and max(d for _, d in out.values()) < 1e-2,
+        "detail": f"providers {cuda.get_providers()}; max |CUDA - CPU| {max(d for _, d in out.values()):.1e}",
+    }
 
 
 def head_1m(work: Path, classes: int = 1_000_000, batch: int = 256, steps: int = 10) -> dict[str, Any]:
@@ -149,8 +198,11 @@ def head_1m(work: Path, classes: int = 1_000_000, batch: int = 256, steps: int =
         if step >= 3:
             times.append(time.perf_counter() - started)
     peak = torch.cuda.max_memory_allocated() / 2**30
-    return {"value": f"{1000 * statistics.median(times):.1f} ms/step, {peak:.2f} GiB peak", "ok": True,
-            "detail": f"{classes:,} classes x 512, rate 0.1, batch {batch}, SGD momentum, 1 GPU"}
+    return {
+        "value": f"{1000 * statistics.median(times):.1f} ms/step, {peak:.2f} GiB peak",
+        "ok": True,
+        "detail": f"{classes:,} classes x 512, rate 0.1, batch {batch}, SGD momentum, 1 GPU",
+    }
 
 
 def check(rows: list[dict], name: str, fn: Callable[[], dict[str, Any]]) -> None:
@@ -185,8 +237,17 @@ def main() -> None:
     for r in rows:
         print(f"{r['check']:<{width}}  {r['status']:<7}  {r['seconds']:>5}  {r['value']}  {r.get('detail', '')}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(),
-                                    "torch": torch.__version__, "rows": rows}, indent=2))
+    args.out.write_text(
+        json.dumps(
+            {
+                "gpu": torch.cuda.get_device_name(0),
+                "gpus": torch.cuda.device_count(),
+                "torch": torch.__version__,
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {args.out}")
 
 

@@ -91,8 +91,14 @@ def make_batches(counts: np.ndarray, steps: int, p: int, k: int, seed: int) -> t
 def build_head(row: str, num_classes: int, counts: np.ndarray, seed: int) -> PartialFC:
     k, dynamic = ROWS[row]
     margins = dynamic_margins(counts.tolist(), **DYNAMIC) if dynamic else None
-    head = PartialFC(base.EMBEDDING_DIM, num_classes, ArcFace(s=base.MARGIN_SCALE, m=MARGIN), sub_centers=k,
-                     class_margins=margins, seed=seed)
+    head = PartialFC(
+        base.EMBEDDING_DIM,
+        num_classes,
+        ArcFace(s=base.MARGIN_SCALE, m=MARGIN),
+        sub_centers=k,
+        class_margins=margins,
+        seed=seed,
+    )
     centres = torch.randn(num_classes * k, base.EMBEDDING_DIM, generator=torch.Generator().manual_seed(seed + 1))
     state = head.full_state_dict()
     assert state is not None  # one process
@@ -121,15 +127,19 @@ def train(row: str, args: argparse.Namespace, data: dict, batches: torch.Tensor,
         for schedule in schedules:
             schedule.step()
         losses.append(loss.item())
-    return model, float(np.mean(losses[-max(1, len(batches) // 10):]))
+    return model, float(np.mean(losses[-max(1, len(batches) // 10) :]))
 
 
 @torch.no_grad()
 def embed(model: torch.nn.Module, data: dict) -> np.ndarray:
     model.eval()
     images = data["eval_images"]
-    return torch.cat([model(base.normalise(images[i:i + base.EVAL_BATCH], data["mean"], data["std"]))
-                      for i in range(0, len(images), base.EVAL_BATCH)]).numpy()
+    return torch.cat(
+        [
+            model(base.normalise(images[i : i + base.EVAL_BATCH], data["mean"], data["std"]))
+            for i in range(0, len(images), base.EVAL_BATCH)
+        ]
+    ).numpy()
 
 
 def run_row(row: str, args: argparse.Namespace, data: dict, batches: torch.Tensor, counts: np.ndarray) -> dict:
@@ -148,13 +158,27 @@ def run_row(row: str, args: argparse.Namespace, data: dict, batches: torch.Tenso
     if args.save_dir is not None:
         args.save_dir.mkdir(parents=True, exist_ok=True)
         weights, embeddings = args.save_dir / f"{row}.pt", args.save_dir / f"{row}.npz"
-        torch.save({"state_dict": model.state_dict(), "build": {"backbone": args.backbone, "embedding_dim":
-                    base.EMBEDDING_DIM, "pooling": "avg", "in_chans": 1, "input_size": args.size},
-                    "normalisation": {"mean": data["mean"], "std": data["std"]}}, weights)
+        torch.save(
+            {
+                "state_dict": model.state_dict(),
+                "build": {
+                    "backbone": args.backbone,
+                    "embedding_dim": base.EMBEDDING_DIM,
+                    "pooling": "avg",
+                    "in_chans": 1,
+                    "input_size": args.size,
+                },
+                "normalisation": {"mean": data["mean"], "std": data["std"]},
+            },
+            weights,
+        )
         np.savez(embeddings, vectors=vectors.astype(np.float32), labels=data["eval_labels"].numpy())
         result.update(model_path=str(weights), embeddings_path=str(embeddings))
-    print(f"{row:26s} P@1 {result['precision_at_1']:.4f}  MAP@R {result['map_at_r']:.4f}  "
-          f"loss {final_loss:.3f}  train {train_seconds:6.1f}s  eval {eval_seconds:5.1f}s", flush=True)
+    print(
+        f"{row:26s} P@1 {result['precision_at_1']:.4f}  MAP@R {result['map_at_r']:.4f}  "
+        f"loss {final_loss:.3f}  train {train_seconds:6.1f}s  eval {eval_seconds:5.1f}s",
+        flush=True,
+    )
     return result
 
 
@@ -185,29 +209,50 @@ def main(argv: list[str] | None = None) -> None:
     data = base.load_data(args)
     counts = long_tail_counts(data["num_classes"], args.seed)
     batches = make_batches(counts, args.steps, args.p, args.k, args.seed)
-    print(f"long tail: {int(counts.sum())} of {len(data['train_images'])} background images kept "
-          f"({counts.min()}-{counts.max()} per character, median {int(np.median(counts))}); "
-          f"{args.steps} steps of {args.p}x{args.k}; {args.threads} thread(s)", flush=True)
+    print(
+        f"long tail: {int(counts.sum())} of {len(data['train_images'])} background images kept "
+        f"({counts.min()}-{counts.max()} per character, median {int(np.median(counts))}); "
+        f"{args.steps} steps of {args.p}x{args.k}; {args.threads} thread(s)",
+        flush=True,
+    )
     rows = [run_row(row, args, data, batches, counts) for row in args.rows]
     total = time.perf_counter() - PROCESS_START
     print("\n| row | P@1 | MAP@R | R-precision | train s |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['row']} | {r['precision_at_1']:.4f} | {r['map_at_r']:.4f} | {r['r_precision']:.4f} | "
-              f"{r['train_seconds']} |")
+        print(
+            f"| {r['row']} | {r['precision_at_1']:.4f} | {r['map_at_r']:.4f} | {r['r_precision']:.4f} | "
+            f"{r['train_seconds']} |"
+        )
     print(f"\ntotal {total:.1f}s")
     if args.output is None:
         return
-    result = {"command": " ".join(["python", "benchmarks/landmark_omniglot.py", *sys.argv[1:]]),
-              "protocol": __doc__.split("Protocol", 1)[1].split("Outputs:", 1)[0].strip(),
-              "budget": {"steps": args.steps, "p": args.p, "k": args.k, "network_lr": base.NETWORK_LR,
-                         "centre_lr": base.CENTRE_LR, "scale": base.MARGIN_SCALE, "margin": MARGIN,
-                         "dynamic_margin": DYNAMIC},
-              "long_tail": {"kept_images": int(counts.sum()), "min": int(counts.min()), "max": int(counts.max()),
-                            "median": float(np.median(counts))},
-              "results": rows, "total_seconds": round(total, 1), "threads": args.threads,
-              "load_average_start": load_start, "load_average_end": os.getloadavg(),
-              "versions": {"python": platform.python_version(), "torch": torch.__version__},
-              "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    result = {
+        "command": " ".join(["python", "benchmarks/landmark_omniglot.py", *sys.argv[1:]]),
+        "protocol": __doc__.split("Protocol", 1)[1].split("Outputs:", 1)[0].strip(),
+        "budget": {
+            "steps": args.steps,
+            "p": args.p,
+            "k": args.k,
+            "network_lr": base.NETWORK_LR,
+            "centre_lr": base.CENTRE_LR,
+            "scale": base.MARGIN_SCALE,
+            "margin": MARGIN,
+            "dynamic_margin": DYNAMIC,
+        },
+        "long_tail": {
+            "kept_images": int(counts.sum()),
+            "min": int(counts.min()),
+            "max": int(counts.max()),
+            "median": float(np.median(counts)),
+        },
+        "results": rows,
+        "total_seconds": round(total, 1),
+        "threads": args.threads,
+        "load_average_start": load_start,
+        "load_average_end": os.getloadavg(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.output}; models and embeddings in {args.save_dir}")

@@ -132,9 +132,9 @@ def load_split(path: Path, size: int, max_classes: int | None = None) -> tuple[t
     flat = images.reshape(classes * DRAWINGS_PER_CLASS, 1, *images.shape[2:])
     out = torch.empty(len(flat), 1, size, size, dtype=torch.uint8)
     for start in range(0, len(flat), 2048):  # chunks keep the float copy small
-        strokes = torch.from_numpy(~flat[start:start + 2048]).float()
+        strokes = torch.from_numpy(~flat[start : start + 2048]).float()
         small = F.interpolate(strokes, size=(size, size), mode="area")
-        out[start:start + 2048] = (small * 255).round().to(torch.uint8)
+        out[start : start + 2048] = (small * 255).round().to(torch.uint8)
     labels = torch.arange(classes).repeat_interleave(DRAWINGS_PER_CLASS)
     return out, labels
 
@@ -235,8 +235,12 @@ def evaluate(model: nn.Module, data: dict) -> dict:
     """Leave-one-out retrieval metrics of the model's embeddings of the evaluation set."""
     model.eval()
     images = data["eval_images"]
-    embeddings = torch.cat([model(normalise(images[start:start + EVAL_BATCH], data["mean"], data["std"]))
-                            for start in range(0, len(images), EVAL_BATCH)])
+    embeddings = torch.cat(
+        [
+            model(normalise(images[start : start + EVAL_BATCH], data["mean"], data["std"]))
+            for start in range(0, len(images), EVAL_BATCH)
+        ]
+    )
     metrics = retrieval_metrics(embeddings.numpy(), data["eval_labels"].numpy(), ks=(1,))
     return {key: float(metrics[key]) for key in ("precision_at_1", "map_at_r", "r_precision")}
 
@@ -250,11 +254,19 @@ def timed(function: Callable, *args) -> tuple[Any, float]:
 def run_loss(name: str, args: argparse.Namespace, data: dict, batches: torch.Tensor) -> dict:
     (model, final_loss), train_seconds = timed(train, name, args, data, batches)
     metrics, eval_seconds = timed(evaluate, model, data)
-    row = {"loss": name, **metrics, "final_loss": final_loss, "train_seconds": round(train_seconds, 1),
-           "eval_seconds": round(eval_seconds, 1), "hyperparameters": HYPERPARAMETERS[name]}
-    print(f"{name:18s} P@1 {metrics['precision_at_1']:.4f}  MAP@R {metrics['map_at_r']:.4f}  "
-          f"train {train_seconds:6.1f}s ({train_seconds / len(batches):.3f}s/step)  eval {eval_seconds:5.1f}s",
-          flush=True)
+    row = {
+        "loss": name,
+        **metrics,
+        "final_loss": final_loss,
+        "train_seconds": round(train_seconds, 1),
+        "eval_seconds": round(eval_seconds, 1),
+        "hyperparameters": HYPERPARAMETERS[name],
+    }
+    print(
+        f"{name:18s} P@1 {metrics['precision_at_1']:.4f}  MAP@R {metrics['map_at_r']:.4f}  "
+        f"train {train_seconds:6.1f}s ({train_seconds / len(batches):.3f}s/step)  eval {eval_seconds:5.1f}s",
+        flush=True,
+    )
     return row
 
 
@@ -263,16 +275,24 @@ def load_data(args: argparse.Namespace) -> dict:
     train_images, train_labels = load_split(args.data_dir / "images_background.npz", args.size)
     eval_images, eval_labels = load_split(args.data_dir / "images_evaluation.npz", args.size, eval_classes)
     pixels = train_images.float() / 255.0
-    return {"train_images": train_images, "train_labels": train_labels, "eval_images": eval_images,
-            "eval_labels": eval_labels, "num_classes": int(train_labels.max()) + 1,
-            "mean": float(pixels.mean()), "std": float(pixels.std())}
+    return {
+        "train_images": train_images,
+        "train_labels": train_labels,
+        "eval_images": eval_images,
+        "eval_labels": eval_labels,
+        "num_classes": int(train_labels.max()) + 1,
+        "mean": float(pixels.mean()),
+        "std": float(pixels.std()),
+    }
 
 
 def print_table(rows: list[dict]) -> None:
     print("\n| loss | P@1 | MAP@R | R-precision | train s | eval s |\n|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['loss']} | {row['precision_at_1']:.4f} | {row['map_at_r']:.4f} | "
-              f"{row['r_precision']:.4f} | {row['train_seconds']} | {row['eval_seconds']} |")
+        print(
+            f"| {row['loss']} | {row['precision_at_1']:.4f} | {row['map_at_r']:.4f} | "
+            f"{row['r_precision']:.4f} | {row['train_seconds']} | {row['eval_seconds']} |"
+        )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -306,18 +326,26 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     data, load_seconds = timed(load_data, args)
     batches = make_batches(data["num_classes"], args.steps, args.p, args.k, args.seed)
-    print(f"data: {len(data['train_images'])} train / {len(data['eval_images'])} eval images at "
-          f"{args.size}x{args.size}, loaded in {load_seconds:.1f}s; {args.steps} steps of "
-          f"{args.p}x{args.k}; {args.threads} thread(s)", flush=True)
+    print(
+        f"data: {len(data['train_images'])} train / {len(data['eval_images'])} eval images at "
+        f"{args.size}x{args.size}, loaded in {load_seconds:.1f}s; {args.steps} steps of "
+        f"{args.p}x{args.k}; {args.threads} thread(s)",
+        flush=True,
+    )
     reference, reference_seconds = timed(evaluate, build_model(args), data)
-    print(f"{'untrained':18s} P@1 {reference['precision_at_1']:.4f}  MAP@R {reference['map_at_r']:.4f}  "
-          f"eval {reference_seconds:5.1f}s", flush=True)
+    print(
+        f"{'untrained':18s} P@1 {reference['precision_at_1']:.4f}  MAP@R {reference['map_at_r']:.4f}  "
+        f"eval {reference_seconds:5.1f}s",
+        flush=True,
+    )
     rows = [{"loss": "untrained", **reference, "train_seconds": 0.0, "eval_seconds": round(reference_seconds, 1)}]
     for name in args.losses:
         loss_start = time.perf_counter()
         rows.append(run_loss(name, args, data, batches))
-        print(f"  {name}: {time.perf_counter() - loss_start:.1f}s, total so far "
-              f"{time.perf_counter() - started:.1f}s", flush=True)
+        print(
+            f"  {name}: {time.perf_counter() - loss_start:.1f}s, total so far {time.perf_counter() - started:.1f}s",
+            flush=True,
+        )
     total = time.perf_counter() - started
     print_table(rows)
     print(f"\ntotal {total:.1f}s ({total / 60:.1f} min)")
@@ -325,8 +353,9 @@ def main(argv: list[str] | None = None) -> None:
         write_results(args, data, rows, total, load_start)
 
 
-def write_results(args: argparse.Namespace, data: dict, rows: list[dict], total: float,
-                  load_start: tuple[float, float, float]) -> None:
+def write_results(
+    args: argparse.Namespace, data: dict, rows: list[dict], total: float, load_start: tuple[float, float, float]
+) -> None:
     import pytorch_metric_learning
     import timm
 
@@ -334,19 +363,41 @@ def write_results(args: argparse.Namespace, data: dict, rows: list[dict], total:
     result = {
         "command": " ".join(["python", "benchmarks/losses_omniglot.py", *sys.argv[1:]]),
         "protocol": "train on images_background (964 characters), leave-one-out retrieval on "
-                    "images_evaluation (659 characters x 20), dml.eval.retrieval_metrics",
-        "model": {"backbone": args.backbone, "embedding_dim": EMBEDDING_DIM, "pooling": "avg", "in_chans": 1,
-                  "input_size": args.size, "parameters": sum(p.numel() for p in model.parameters())},
-        "budget": {"steps": args.steps, "p": args.p, "k": args.k, "batch_size": args.p * args.k,
-                   "optimizer": "adam", "network_lr": NETWORK_LR, "centre_lr": CENTRE_LR,
-                   "lr_schedule": "cosine to 0", "weight_decay": 0.0, "augmentation": "none"},
+        "images_evaluation (659 characters x 20), dml.eval.retrieval_metrics",
+        "model": {
+            "backbone": args.backbone,
+            "embedding_dim": EMBEDDING_DIM,
+            "pooling": "avg",
+            "in_chans": 1,
+            "input_size": args.size,
+            "parameters": sum(p.numel() for p in model.parameters()),
+        },
+        "budget": {
+            "steps": args.steps,
+            "p": args.p,
+            "k": args.k,
+            "batch_size": args.p * args.k,
+            "optimizer": "adam",
+            "network_lr": NETWORK_LR,
+            "centre_lr": CENTRE_LR,
+            "lr_schedule": "cosine to 0",
+            "weight_decay": 0.0,
+            "augmentation": "none",
+        },
         "seeds": {"model_init": args.seed, "centre_init": args.seed + 1, "batches": args.seed},
         "normalisation": {"mean": data["mean"], "std": data["std"]},
-        "eval_images": len(data["eval_images"]), "threads": args.threads,
-        "results": rows, "total_seconds": round(total, 1),
-        "load_average_start": load_start, "load_average_end": os.getloadavg(),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-                     "pytorch_metric_learning": pytorch_metric_learning.__version__},
+        "eval_images": len(data["eval_images"]),
+        "threads": args.threads,
+        "results": rows,
+        "total_seconds": round(total, 1),
+        "load_average_start": load_start,
+        "load_average_end": os.getloadavg(),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "pytorch_metric_learning": pytorch_metric_learning.__version__,
+        },
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -49,7 +49,7 @@ from local_group import spawn_local_group
 DIM, PER_RANK, WORLD = 512, 128, 2
 GLOBAL_BATCH = PER_RANK * WORLD
 RESULTS = Path(__file__).parent / "results" / "partial_fc.json"
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 def peak_rss_bytes() -> int:
@@ -61,7 +61,7 @@ def synthetic_batch(step: int, rows: int, num_classes: int, offset: int = 0):
     gen = torch.Generator().manual_seed(10_000 + step)
     embeddings = torch.nn.functional.normalize(torch.randn(GLOBAL_BATCH, DIM, generator=gen), dim=1)
     labels = torch.randint(0, num_classes, (GLOBAL_BATCH,), generator=gen)
-    return embeddings[offset: offset + rows].clone().requires_grad_(True), labels[offset: offset + rows]
+    return embeddings[offset : offset + rows].clone().requires_grad_(True), labels[offset : offset + rows]
 
 
 def volunteer_for_oom_killer() -> None:
@@ -126,7 +126,7 @@ def gemm_flops_per_s(threads: int, size: int = 2048, repeats: int = 5) -> float:
         torch.mm(a, b)
         best = min(best, time.perf_counter() - tic)
     torch.set_num_threads(previous)
-    return 2 * size ** 3 / best
+    return 2 * size**3 / best
 
 
 def mem_available_bytes() -> int:
@@ -162,8 +162,11 @@ def run_variant(variant: str, num_classes: int, rate: float, args, rates: dict) 
     if need > have - 1.5 * GIB:
         return {**row, "skipped": f"needs ~{need / GIB:.1f} GiB, {have / GIB:.1f} GiB available"}
     if variant in ("full", "dense"):
-        worker, worker_args = ((full_fc_worker, (num_classes, args.warmup, args.steps)) if variant == "full" else
-                               (partial_fc_worker, (num_classes, 1.0, args.warmup, args.steps)))
+        worker, worker_args = (
+            (full_fc_worker, (num_classes, args.warmup, args.steps))
+            if variant == "full"
+            else (partial_fc_worker, (num_classes, 1.0, args.warmup, args.steps))
+        )
         results = spawn_local_group(worker, 1, args=worker_args, threads_per_worker=WORLD)
         flops, gemm = 6 * GLOBAL_BATCH * DIM * num_classes, rates[WORLD]
     else:
@@ -173,31 +176,48 @@ def run_variant(variant: str, num_classes: int, rate: float, args, rates: dict) 
     step_times = [max(ts) for ts in zip(*(r["times"] for r in results), strict=True)]
     median_s = statistics.median(step_times)
     bound_s = flops / gemm
-    return {**row, "ms_per_step": 1000 * median_s, "step_times_ms": [1000 * t for t in step_times],
-            "processes": len(results), "peak_rss_gib_per_process": max(r["peak_rss"] for r in results) / GIB,
-            "peak_rss_gib_total": sum(r["peak_rss"] for r in results) / GIB,
-            "setup_s": max(r["setup_s"] for r in results), "estimated_peak_gib_total": need / GIB,
-            "gemm_gflop_per_rank": flops / 1e9,
-            "matmul_bound_ms": 1000 * bound_s, "actual_over_bound": median_s / bound_s}
+    return {
+        **row,
+        "ms_per_step": 1000 * median_s,
+        "step_times_ms": [1000 * t for t in step_times],
+        "processes": len(results),
+        "peak_rss_gib_per_process": max(r["peak_rss"] for r in results) / GIB,
+        "peak_rss_gib_total": sum(r["peak_rss"] for r in results) / GIB,
+        "setup_s": max(r["setup_s"] for r in results),
+        "estimated_peak_gib_total": need / GIB,
+        "gemm_gflop_per_rank": flops / 1e9,
+        "matmul_bound_ms": 1000 * bound_s,
+        "actual_over_bound": median_s / bound_s,
+    }
 
 
 def print_table(rows: list[dict]) -> None:
-    header = (f"{'variant':<8}{'classes':>10}{'rate':>6}{'ms/step':>10}{'peak GiB/proc':>15}"
-              f"{'total GiB':>11}{'bound ms':>10}{'x bound':>9}")
+    header = (
+        f"{'variant':<8}{'classes':>10}{'rate':>6}{'ms/step':>10}{'peak GiB/proc':>15}"
+        f"{'total GiB':>11}{'bound ms':>10}{'x bound':>9}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
         if "skipped" in r:
             print(f"{r['variant']:<8}{r['classes']:>10}{r['sample_rate']:>6}  skipped: {r['skipped']}")
             continue
-        print(f"{r['variant']:<8}{r['classes']:>10}{r['sample_rate']:>6}{r['ms_per_step']:>10.0f}"
-              f"{r['peak_rss_gib_per_process']:>15.2f}{r['peak_rss_gib_total']:>11.2f}"
-              f"{r['matmul_bound_ms']:>10.0f}{r['actual_over_bound']:>9.1f}")
+        print(
+            f"{r['variant']:<8}{r['classes']:>10}{r['sample_rate']:>6}{r['ms_per_step']:>10.0f}"
+            f"{r['peak_rss_gib_per_process']:>15.2f}{r['peak_rss_gib_total']:>11.2f}"
+            f"{r['matmul_bound_ms']:>10.0f}{r['actual_over_bound']:>9.1f}"
+        )
 
 
 def find_row(rows: list[dict], variant: str, classes: int, rate: float) -> dict | None:
-    return next((r for r in rows if (r["variant"], r["classes"], r["sample_rate"]) == (variant, classes, rate)
-                 and "skipped" not in r), None)
+    return next(
+        (
+            r
+            for r in rows
+            if (r["variant"], r["classes"], r["sample_rate"]) == (variant, classes, rate) and "skipped" not in r
+        ),
+        None,
+    )
 
 
 def extrapolated_baseline(rows: list[dict], variant: str, classes: int) -> dict | None:
@@ -210,6 +230,7 @@ def extrapolated_baseline(rows: list[dict], variant: str, classes: int) -> dict 
     if len(measured) < 2 or measured[-1]["classes"] >= classes:
         return None
     a, b = measured[-2], measured[-1]
+
     def line(key):
         slope = (b[key] - a[key]) / (b["classes"] - a["classes"])
         return b[key] + slope * (classes - b["classes"])
@@ -233,9 +254,12 @@ def claims(rows: list[dict]) -> dict:
         if baseline and sparse:
             speedup = baseline["ms_per_step"] / sparse["ms_per_step"]
             memory = sparse["peak_rss_gib_per_process"] / baseline["peak_rss_gib_per_process"]
-            out[f"vs_{name}_1m"] = {"speedup_rate_0.1": speedup, "memory_ratio_rate_0.1": memory,
-                                    "meets_targets": speedup >= 5 and memory <= 1 / 3,
-                                    "baseline_extrapolated_from": baseline.get("extrapolated_from")}
+            out[f"vs_{name}_1m"] = {
+                "speedup_rate_0.1": speedup,
+                "memory_ratio_rate_0.1": memory,
+                "meets_targets": speedup >= 5 and memory <= 1 / 3,
+                "baseline_extrapolated_from": baseline.get("extrapolated_from"),
+            }
     big = find_row(rows, "partial", 2_000_000, 0.1)
     if big:
         out["total_gib_2m_rate_0.1"] = big["peak_rss_gib_total"]
@@ -266,10 +290,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[0.1, 1.0])
     parser.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--full-fc-max-classes", type=int, default=1_000_000,
-                        help="largest C for the single-process baselines (PML needs ~4 C x D floats plus ~7 N x C)")
-    parser.add_argument("--no-thp", action="store_true",
-                        help="do not set THP_MEM_ALLOC_ENABLE=1 (transparent huge pages for torch CPU tensors)")
+    parser.add_argument(
+        "--full-fc-max-classes",
+        type=int,
+        default=1_000_000,
+        help="largest C for the single-process baselines (PML needs ~4 C x D floats plus ~7 N x C)",
+    )
+    parser.add_argument(
+        "--no-thp",
+        action="store_true",
+        help="do not set THP_MEM_ALLOC_ENABLE=1 (transparent huge pages for torch CPU tensors)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if not args.no_thp:
@@ -279,14 +310,19 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
     classes = [100_000] if args.quick else args.classes
     rates = {threads: gemm_flops_per_s(threads) for threads in (1, WORLD)}
-    print(f"fp32 GEMM: {rates[1] / 1e9:.1f} GFLOP/s on 1 thread, {rates[WORLD] / 1e9:.1f} on {WORLD}; "
-          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"fp32 GEMM: {rates[1] / 1e9:.1f} GFLOP/s on 1 thread, {rates[WORLD] / 1e9:.1f} on {WORLD}; "
+        f"load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     rows = []
     for num_classes in classes:
         for rate in sorted(args.rates):
             rows.append(run_variant("partial", num_classes, rate, args, rates))
-            print(f"  partial C={num_classes} rate={rate}: {rows[-1].get('ms_per_step', rows[-1].get('skipped'))}",
-                  flush=True)
+            print(
+                f"  partial C={num_classes} rate={rate}: {rows[-1].get('ms_per_step', rows[-1].get('skipped'))}",
+                flush=True,
+            )
         if num_classes <= args.full_fc_max_classes:
             run_baselines(num_classes, args, rates, rows)
     print_table(rows)
@@ -294,14 +330,24 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("full", "dense"):
         guess = None if find_row(rows, name, 1_000_000, 1.0) else extrapolated_baseline(rows, name, 1_000_000)
         if guess and 1_000_000 in classes:
-            print(f"{name} at 1M did not fit next to the other jobs; linear from C={guess['extrapolated_from']}: "
-                  f"~{guess['ms_per_step']:.0f} ms/step, ~{guess['peak_rss_gib_per_process']:.1f} GiB")
+            print(
+                f"{name} at 1M did not fit next to the other jobs; linear from C={guess['extrapolated_from']}: "
+                f"~{guess['ms_per_step']:.0f} ms/step, ~{guess['peak_rss_gib_per_process']:.1f} GiB"
+            )
     print(json.dumps(summary, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"gemm_gflops": {str(k): v / 1e9 for k, v in rates.items()}, "load_average": os.getloadavg(),
-               "thp_mem_alloc": not args.no_thp,
-               "world": WORLD, "per_rank_batch": PER_RANK, "dim": DIM, "warmup": args.warmup,
-               "steps": args.steps, "rows": rows, "claims": summary}
+    payload = {
+        "gemm_gflops": {str(k): v / 1e9 for k, v in rates.items()},
+        "load_average": os.getloadavg(),
+        "thp_mem_alloc": not args.no_thp,
+        "world": WORLD,
+        "per_rank_batch": PER_RANK,
+        "dim": DIM,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "rows": rows,
+        "claims": summary,
+    }
     args.out.write_text(json.dumps(payload, indent=2))
     print(f"wrote {args.out}")
 

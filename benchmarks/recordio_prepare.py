@@ -47,9 +47,19 @@ def make_repeated_set(folder: Path, records: int) -> None:
 
 
 def time_prepare(folder: Path, out: Path, workers: int) -> float:
-    command = [sys.executable, "-m", "dml.cli", "prepare", f"prepare.source.path={folder}",
-               "prepare.source.kind=recordio", f"prepare.output_dir={out}", f"prepare.workers={workers}",
-               "prepare.split.mode=sample", "prepare.split.train_fraction=1.0", "prepare.shards.max_samples=500"]
+    command = [
+        sys.executable,
+        "-m",
+        "dml.cli",
+        "prepare",
+        f"prepare.source.path={folder}",
+        "prepare.source.kind=recordio",
+        f"prepare.output_dir={out}",
+        f"prepare.workers={workers}",
+        "prepare.split.mode=sample",
+        "prepare.split.train_fraction=1.0",
+        "prepare.shards.max_samples=500",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

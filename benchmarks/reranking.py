@@ -59,10 +59,19 @@ def trained_embeddings(loss: str, threads: int, quick: bool) -> tuple[np.ndarray
     model.eval()
     images = data["eval_images"]
     with torch.no_grad():
-        vectors = torch.cat([model(losses.normalise(images[i:i + losses.EVAL_BATCH], data["mean"], data["std"]))
-                             for i in range(0, len(images), losses.EVAL_BATCH)]).numpy()
-    source = {"model": f"losses_omniglot {loss}", "steps": args.steps, "backbone": args.backbone,
-              "size": args.size, "train_seconds": round(time.perf_counter() - started, 1)}
+        vectors = torch.cat(
+            [
+                model(losses.normalise(images[i : i + losses.EVAL_BATCH], data["mean"], data["std"]))
+                for i in range(0, len(images), losses.EVAL_BATCH)
+            ]
+        ).numpy()
+    source = {
+        "model": f"losses_omniglot {loss}",
+        "steps": args.steps,
+        "backbone": args.backbone,
+        "size": args.size,
+        "train_seconds": round(time.perf_counter() - started, 1),
+    }
     return vectors, data["eval_labels"].numpy(), source
 
 
@@ -80,11 +89,16 @@ def variants(ks: list[int]) -> list[tuple[str, RerankingConfig]]:
         expansion = {"k": k, "alpha": 3.0}
         rows.append((f"dba k={k}", RerankingConfig(methods=("dba",), dba=expansion)))
         rows.append((f"alpha_qe k={k}", RerankingConfig(methods=("alpha_qe",), alpha_qe=expansion)))
-        rows.append((f"dba+alpha_qe k={k}", RerankingConfig(methods=("dba", "alpha_qe"), dba=expansion,
-                                                             alpha_qe=expansion)))
+        rows.append(
+            (f"dba+alpha_qe k={k}", RerankingConfig(methods=("dba", "alpha_qe"), dba=expansion, alpha_qe=expansion))
+        )
     rows.append(("k_reciprocal k1=20 k2=6 l=0.3", RerankingConfig(methods=("k_reciprocal",))))
-    rows.append((f"dba k={ks[0]}+k_reciprocal", RerankingConfig(methods=("dba", "k_reciprocal"),
-                                                                dba={"k": ks[0], "alpha": 3.0})))
+    rows.append(
+        (
+            f"dba k={ks[0]}+k_reciprocal",
+            RerankingConfig(methods=("dba", "k_reciprocal"), dba={"k": ks[0], "alpha": 3.0}),
+        )
+    )
     return rows
 
 
@@ -108,31 +122,49 @@ def main(argv: list[str] | None = None) -> None:
         vectors, labels, source = trained_embeddings(args.loss, args.threads, args.quick)
         if args.save_embeddings:
             np.savez(args.save_embeddings, vectors=vectors, labels=labels)
-    print(f"embeddings: {vectors.shape[0]} x {vectors.shape[1]}, {len(np.unique(labels))} classes, "
-          f"leave-one-out; {source}", flush=True)
+    print(
+        f"embeddings: {vectors.shape[0]} x {vectors.shape[1]}, {len(np.unique(labels))} classes, "
+        f"leave-one-out; {source}",
+        flush=True,
+    )
     rows = [{"method": "plain", **plain_row(vectors, labels)}]
     for label, config in variants(args.ks):
         result = reranked_metrics(vectors, labels, None, None, config, KS)
         rows.append({"method": label, **result["+".join(config.methods)]})
-        print(f"{label:32s} MAP@R {rows[-1]['map_at_r']:.4f} P@1 {rows[-1]['precision_at_1']:.4f} "
-              f"({rows[-1]['seconds']:.1f} s)", flush=True)
+        print(
+            f"{label:32s} MAP@R {rows[-1]['map_at_r']:.4f} P@1 {rows[-1]['precision_at_1']:.4f} "
+            f"({rows[-1]['seconds']:.1f} s)",
+            flush=True,
+        )
     per_10k = 10_000 / len(vectors)
     print("\n| method | MAP@R | P@1 | GAP | s | s per 10k queries | added s per 10k |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         row["seconds_per_10k_queries"] = row["seconds"] * per_10k
         row["added_seconds_per_10k_queries"] = (row["seconds"] - rows[0]["seconds"]) * per_10k
-        print(f"| {row['method']} | {row['map_at_r']:.4f} | {row['precision_at_1']:.4f} | "
-              f"{row['global_average_precision']:.4f} | {row['seconds']:.1f} | {row['seconds_per_10k_queries']:.1f} | "
-              f"{row['added_seconds_per_10k_queries']:+.1f} |")
+        print(
+            f"| {row['method']} | {row['map_at_r']:.4f} | {row['precision_at_1']:.4f} | "
+            f"{row['global_average_precision']:.4f} | {row['seconds']:.1f} | {row['seconds_per_10k_queries']:.1f} | "
+            f"{row['added_seconds_per_10k_queries']:+.1f} |"
+        )
     output = args.output or (None if args.quick else RESULTS)
     if output is not None:
-        output.write_text(json.dumps({
-            "command": "python benchmarks/reranking.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "source": source, "num_embeddings": len(vectors), "ks_reported": list(KS),
-            "threads": args.threads, "machine": platform.processor() or platform.machine(),
-            "load_average_at_start": load_start, "load_average_at_end": os.getloadavg(),
-            "rows": rows}, indent=1))
+        output.write_text(
+            json.dumps(
+                {
+                    "command": "python benchmarks/reranking.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                    "source": source,
+                    "num_embeddings": len(vectors),
+                    "ks_reported": list(KS),
+                    "threads": args.threads,
+                    "machine": platform.processor() or platform.machine(),
+                    "load_average_at_start": load_start,
+                    "load_average_at_end": os.getloadavg(),
+                    "rows": rows,
+                },
+                indent=1,
+            )
+        )
         print(f"results -> {output}")
 
 

@@ -57,15 +57,17 @@ from local_group import spawn_local_group  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scale_identities.json"
 SIDE, DIM, PER_RANK, RATE = 16, 512, 128, 0.1
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 def write_idx(folder: Path, identities: int, seed: int = 0, chunk: int = 65536) -> int:
     """``train-images-idx3-ubyte`` (2 x identities, 16, 16) uint8 and int32 labels; returns images."""
     folder.mkdir(parents=True, exist_ok=True)
     count = 2 * identities
-    with open(folder / "train-images-idx3-ubyte", "wb") as images, \
-            open(folder / "train-labels-idx1-ubyte", "wb") as labels:
+    with (
+        open(folder / "train-images-idx3-ubyte", "wb") as images,
+        open(folder / "train-labels-idx1-ubyte", "wb") as labels,
+    ):
         images.write(bytes([0, 0, 0x08, 3]) + np.array([count, SIDE, SIDE], ">u4").tobytes())
         labels.write(bytes([0, 0, 0x0C, 1]) + np.array([count], ">u4").tobytes())
         for first in range(0, identities, chunk):
@@ -82,15 +84,35 @@ def write_idx(folder: Path, identities: int, seed: int = 0, chunk: int = 65536) 
 def base_config(work: Path, steps: int) -> dict:
     return {
         "seed": 0,
-        "prepare": {"source": {"kind": "idx", "path": str(work / "raw")}, "split": {"mode": "source"},
-                    "shards": {"max_samples": 100_000}, "output_dir": str(work / "shards"), "workers": 2},
-        "data": {"shard_dir": str(work / "shards"), "image_size": SIDE, "channels": 1, "batch_size": PER_RANK,
-                 "num_workers": 1, "shuffle_buffer": 1000, "augment": {"horizontal_flip": False}},
+        "prepare": {
+            "source": {"kind": "idx", "path": str(work / "raw")},
+            "split": {"mode": "source"},
+            "shards": {"max_samples": 100_000},
+            "output_dir": str(work / "shards"),
+            "workers": 2,
+        },
+        "data": {
+            "shard_dir": str(work / "shards"),
+            "image_size": SIDE,
+            "channels": 1,
+            "batch_size": PER_RANK,
+            "num_workers": 1,
+            "shuffle_buffer": 1000,
+            "augment": {"horizontal_flip": False},
+        },
         "model": {"backbone": "resnet18", "embedding_dim": DIM},
         "loss": {"kind": "arcface", "scale": 64.0, "margin": 0.5, "sample_rate": RATE},
         "optimizer": {"name": "sgd", "lr": 0.1},
-        "train": {"run_dir": str(work / "run"), "epochs": 1, "max_steps": steps, "checkpoint_every": steps,
-                  "log_every": 1, "keep_last": 5, "eval_every": None, "eval_split": "none"},
+        "train": {
+            "run_dir": str(work / "run"),
+            "epochs": 1,
+            "max_steps": steps,
+            "checkpoint_every": steps,
+            "log_every": 1,
+            "keep_last": 5,
+            "eval_every": None,
+            "eval_split": "none",
+        },
     }
 
 
@@ -143,13 +165,19 @@ class RssWatch:
         self.thread.join()
 
 
-def run_logged(cmd: list[str], log_path: Path, checkpoints: Path | None = None,
-               env: dict | None = None) -> tuple[float, RssWatch | None, str]:
+def run_logged(
+    cmd: list[str], log_path: Path, checkpoints: Path | None = None, env: dict | None = None
+) -> tuple[float, RssWatch | None, str]:
     """Run ``cmd`` with its output in ``log_path``; (seconds, watch, output). Raises on failure."""
     started = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        )
         watch = RssWatch(proc, checkpoints) if checkpoints is not None else None
         code = proc.wait()
     if watch:
@@ -165,8 +193,17 @@ def dml(*args: str) -> list[str]:
 
 
 def torchrun(nproc: int, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-            "-m", "dml.cli", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "dml.cli",
+        *args,
+    ]
 
 
 def rank_peaks(watch: RssWatch) -> list[dict]:
@@ -246,9 +283,16 @@ def head_floor(identities: int, steps: int) -> dict:
     scored = max(r["scored"] for r in results)
     rate_1 = head_bench.gemm_flops_per_s(1)
     peak_floor = 6 * 2 * PER_RANK * DIM * scored / rate_1
-    return {"head_ms_per_step": 1000 * step_s, "matmul_floor_ms": 1000 * floor, "ratio": step_s / floor,
-            "peak_rate_floor_ms": 1000 * peak_floor, "ratio_to_peak_rate_floor": step_s / peak_floor,
-            "gemm_gflops_1_thread": rate_1 / 1e9, "scored_rows_per_rank": scored, "load_average": os.getloadavg()}
+    return {
+        "head_ms_per_step": 1000 * step_s,
+        "matmul_floor_ms": 1000 * floor,
+        "ratio": step_s / floor,
+        "peak_rate_floor_ms": 1000 * peak_floor,
+        "ratio_to_peak_rate_floor": step_s / peak_floor,
+        "gemm_gflops_1_thread": rate_1 / 1e9,
+        "scored_rows_per_rank": scored,
+        "load_average": os.getloadavg(),
+    }
 
 
 def resume(work: Path, config_path: Path, nproc: int, steps: int, resume_steps: int) -> dict:
@@ -258,23 +302,33 @@ def resume(work: Path, config_path: Path, nproc: int, steps: int, resume_steps: 
     run_dir.mkdir()  # checkpoint files are never rewritten in place, so hard links are safe copies
     subprocess.run(["cp", "-al", str(work / "run" / "checkpoints"), str(run_dir / "checkpoints")], check=True)
     shutil.copy(work / "run" / "config.yaml", run_dir / "config.yaml")
-    overrides = [f"train.run_dir={run_dir}", f"train.max_steps={steps + resume_steps}",
-                 f"train.checkpoint_every={resume_steps}", "optimizer.lr=1e-30"]
-    seconds, watch, output = run_logged(torchrun(nproc, "train", "--config", str(config_path), "--resume",
-                                                 *overrides), work / f"resume-{nproc}.log",
-                                        run_dir / "checkpoints")
+    overrides = [
+        f"train.run_dir={run_dir}",
+        f"train.max_steps={steps + resume_steps}",
+        f"train.checkpoint_every={resume_steps}",
+        "optimizer.lr=1e-30",
+    ]
+    seconds, watch, output = run_logged(
+        torchrun(nproc, "train", "--config", str(config_path), "--resume", *overrides),
+        work / f"resume-{nproc}.log",
+        run_dir / "checkpoints",
+    )
     assert watch is not None  # run_logged watches when given a checkpoints folder
     logged, _, _ = step_times(run_dir, skip_first=0)
     saved = read_head_rows(work / "run" / "checkpoints" / f"step-{steps:08d}")
     latest = latest_checkpoint(run_dir)
     assert latest is not None, f"no checkpoint in {run_dir}"
     after = read_head_rows(latest)
-    return {"processes": nproc, "first_step_after_resume": min(s for s in logged if s > 0),
-            "resumed_from_step": int(re.findall(r"resumed from \S+ \(step (\d+)\)", output)[-1]),
-            "load_s": seconds_in(output, r"checkpoint: loaded \S+ in ([\d.]+) s"),
-            "save_s": seconds_in(output, r"checkpoint: step \d+ -> \S+ \(([\d.]+) s\)"),
-            "head_weight_equal_bitwise": bool(torch.equal(saved, after)),
-            "wall_s": seconds, "processes_rss": rank_peaks(watch)}
+    return {
+        "processes": nproc,
+        "first_step_after_resume": min(s for s in logged if s > 0),
+        "resumed_from_step": int(re.findall(r"resumed from \S+ \(step (\d+)\)", output)[-1]),
+        "load_s": seconds_in(output, r"checkpoint: loaded \S+ in ([\d.]+) s"),
+        "save_s": seconds_in(output, r"checkpoint: step \d+ -> \S+ \(([\d.]+) s\)"),
+        "head_weight_equal_bitwise": bool(torch.equal(saved, after)),
+        "wall_s": seconds,
+        "processes_rss": rank_peaks(watch),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -285,8 +339,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--head-steps", type=int, default=3, help="timed steps of the head alone")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
-    parser.add_argument("--prepare-only", action="store_true",
-                        help="only generate and prepare (implies --keep; run again with the same --work)")
+    parser.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="only generate and prepare (implies --keep; run again with the same --work)",
+    )
     parser.add_argument("--head-only", action="store_true", help="only the head alone against its floors")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -320,13 +377,21 @@ def prepare(args, work: Path, config_path: Path) -> dict:
     started = time.perf_counter()
     images = write_idx(work / "raw", args.identities)
     generate_s = time.perf_counter() - started
-    prepare_s, watch, _ = run_logged(dml("prepare", "--config", str(config_path)), work / "prepare.log",
-                                     work / "no-checkpoints")
+    prepare_s, watch, _ = run_logged(
+        dml("prepare", "--config", str(config_path)), work / "prepare.log", work / "no-checkpoints"
+    )
     assert watch is not None  # run_logged watches when given a checkpoints folder
     print(f"prepare: {images} images in {prepare_s:.0f} s", flush=True)
-    result = {"identities": args.identities, "images": images, "generate_s": generate_s, "seconds": prepare_s,
-              "images_per_s": images / prepare_s, "peak_rss_gib": max(watch.peak.values()) / GIB,
-              "peak_rss_gib_all_processes": sum(watch.peak.values()) / GIB, "load_average": os.getloadavg()}
+    result = {
+        "identities": args.identities,
+        "images": images,
+        "generate_s": generate_s,
+        "seconds": prepare_s,
+        "images_per_s": images / prepare_s,
+        "peak_rss_gib": max(watch.peak.values()) / GIB,
+        "peak_rss_gib_all_processes": sum(watch.peak.values()) / GIB,
+        "load_average": os.getloadavg(),
+    }
     done.write_text(json.dumps(result))
     return result
 
@@ -337,22 +402,35 @@ def measure(args, work: Path) -> dict | None:
     prepared = prepare(args, work, config_path)
     if args.prepare_only:
         return None
-    train_s, watch, output = run_logged(torchrun(2, "train", "--config", str(config_path)), work / "train.log",
-                                        work / "run" / "checkpoints")
+    train_s, watch, output = run_logged(
+        torchrun(2, "train", "--config", str(config_path)), work / "train.log", work / "run" / "checkpoints"
+    )
     logged, ms_per_step, images_per_s = step_times(work / "run")
     checkpoint = latest_checkpoint(work / "run")
     assert watch is not None and checkpoint is not None, f"no checkpoint in {work / 'run'}"
     size = sum(p.stat().st_size for p in checkpoint.rglob("*") if p.is_file())
     print(f"train: {len(logged)} steps, {ms_per_step:.0f} ms/step", flush=True)
     report = {
-        "identities": args.identities, "images": prepared["images"], "image": f"{SIDE}x{SIDE} grey", "dim": DIM,
-        "sample_rate": RATE, "per_rank_batch": PER_RANK, "backbone": "resnet18", "steps": args.steps,
-        "load_average_start": os.getloadavg(), "prepare": prepared,
-        "train_2": {"wall_s": train_s, "ms_per_step": ms_per_step, "images_per_s": images_per_s,
-                    "save_s": seconds_in(output, r"checkpoint: step \d+ -> \S+ \(([\d.]+) s\)"),
-                    "checkpoint": checkpoint.name, "checkpoint_gib": size / GIB,
-                    "processes_rss": rank_peaks(watch),
-                    "peak_rss_gib_all_processes": sum(watch.peak.values()) / GIB},
+        "identities": args.identities,
+        "images": prepared["images"],
+        "image": f"{SIDE}x{SIDE} grey",
+        "dim": DIM,
+        "sample_rate": RATE,
+        "per_rank_batch": PER_RANK,
+        "backbone": "resnet18",
+        "steps": args.steps,
+        "load_average_start": os.getloadavg(),
+        "prepare": prepared,
+        "train_2": {
+            "wall_s": train_s,
+            "ms_per_step": ms_per_step,
+            "images_per_s": images_per_s,
+            "save_s": seconds_in(output, r"checkpoint: step \d+ -> \S+ \(([\d.]+) s\)"),
+            "checkpoint": checkpoint.name,
+            "checkpoint_gib": size / GIB,
+            "processes_rss": rank_peaks(watch),
+            "peak_rss_gib_all_processes": sum(watch.peak.values()) / GIB,
+        },
     }
     report["resume"] = [resume(work, config_path, n, args.steps, args.resume_steps) for n in (1, 3)]
     report["head_alone"] = head_floor(args.identities, args.head_steps)
@@ -362,26 +440,38 @@ def measure(args, work: Path) -> dict | None:
 
 def print_report(r: dict) -> None:
     t = r["train_2"]
-    print(f"\n{r['identities']:,} identities x 2 images ({r['image']}), D {r['dim']}, rate {r['sample_rate']}, "
-          f"{r['per_rank_batch']}/rank, {r['backbone']}")
-    print(f"prepare            {r['prepare']['images_per_s']:.0f} images/s ({r['prepare']['seconds']:.0f} s), "
-          f"peak RSS {r['prepare']['peak_rss_gib']:.2f} GiB")
+    print(
+        f"\n{r['identities']:,} identities x 2 images ({r['image']}), D {r['dim']}, rate {r['sample_rate']}, "
+        f"{r['per_rank_batch']}/rank, {r['backbone']}"
+    )
+    print(
+        f"prepare            {r['prepare']['images_per_s']:.0f} images/s ({r['prepare']['seconds']:.0f} s), "
+        f"peak RSS {r['prepare']['peak_rss_gib']:.2f} GiB"
+    )
     print(f"train (2 procs)    {t['ms_per_step']:.0f} ms/step, {t['images_per_s']:.1f} images/s")
     print(f"checkpoint         {t['checkpoint_gib']:.2f} GiB, save {t['save_s']} s")
     print(f"peak RSS all procs {t['peak_rss_gib_all_processes']:.2f} GiB (target < 20)")
     for p in t["processes_rss"]:
-        extra = (f", before save {p['peak_before_save_gib']:.2f}, after {p['peak_after_save_gib']:.2f} "
-                 f"(x{p['save_over_train']:.2f})" if "save_over_train" in p else "")
+        extra = (
+            f", before save {p['peak_before_save_gib']:.2f}, after {p['peak_after_save_gib']:.2f} "
+            f"(x{p['save_over_train']:.2f})"
+            if "save_over_train" in p
+            else ""
+        )
         print(f"  pid {p['pid']:<8} {p['peak_rss_gib']:.2f} GiB{extra}  [{p['what']}]")
     for res in r["resume"]:
-        print(f"resume on {res['processes']}: from step {res['resumed_from_step']} -> first step "
-              f"{res['first_step_after_resume']}, load {res['load_s']} s, save {res['save_s']} s, "
-              f"head weights equal: {res['head_weight_equal_bitwise']}, peak RSS max "
-              f"{max(p['peak_rss_gib'] for p in res['processes_rss']):.2f} GiB")
+        print(
+            f"resume on {res['processes']}: from step {res['resumed_from_step']} -> first step "
+            f"{res['first_step_after_resume']}, load {res['load_s']} s, save {res['save_s']} s, "
+            f"head weights equal: {res['head_weight_equal_bitwise']}, peak RSS max "
+            f"{max(p['peak_rss_gib'] for p in res['processes_rss']):.2f} GiB"
+        )
     h = r["head_alone"]
-    print(f"head alone         {h['head_ms_per_step']:.0f} ms/step; its GEMMs alone {h['matmul_floor_ms']:.0f} ms: "
-          f"ratio {h['ratio']:.2f} (target <= 2); at the best GEMM rate ({h['gemm_gflops_1_thread']:.1f} GFLOP/s, "
-          f"1 thread) {h['peak_rate_floor_ms']:.0f} ms: ratio {h['ratio_to_peak_rate_floor']:.2f}")
+    print(
+        f"head alone         {h['head_ms_per_step']:.0f} ms/step; its GEMMs alone {h['matmul_floor_ms']:.0f} ms: "
+        f"ratio {h['ratio']:.2f} (target <= 2); at the best GEMM rate ({h['gemm_gflops_1_thread']:.1f} GFLOP/s, "
+        f"1 thread) {h['peak_rate_floor_ms']:.0f} ms: ratio {h['ratio_to_peak_rate_floor']:.2f}"
+    )
 
 
 if __name__ == "__main__":

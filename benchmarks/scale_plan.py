@@ -34,8 +34,10 @@ LOGIT_BYTES, ROW_BYTES, STATE_BYTES = 20, 16, 8
 LOGIT_PASSES, ROW_PASSES = 12, 10
 RESERVE_GB = 30.0
 # Published figures (NVIDIA H100/H200 SXM datasheets): memory GB, HBM TB/s, dense FP32 TFLOPS.
-GPUS = {"H100 SXM": {"memory_gb": 80, "hbm_tb_s": 3.35, "fp32_tflops": 67},
-        "H200 SXM": {"memory_gb": 141, "hbm_tb_s": 4.8, "fp32_tflops": 67}}
+GPUS = {
+    "H100 SXM": {"memory_gb": 80, "hbm_tb_s": 3.35, "fp32_tflops": 67},
+    "H200 SXM": {"memory_gb": 141, "hbm_tb_s": 4.8, "fp32_tflops": 67},
+}
 # NCCL bus bandwidth assumed: ~360 GB/s all-gather on NVLink4 within a DGX/HGX node of 8;
 # one 400 Gb/s NDR port per GPU across nodes, ~45 GB/s achieved. Latency per collective.
 NVLINK_GB_S, IB_GB_S, LATENCY_S = 360.0, 45.0, {8: 20e-6, 64: 60e-6, 512: 120e-6}
@@ -53,11 +55,21 @@ def per_gpu(classes: int, gpus: int, gpu: dict) -> dict:
     bandwidth = NVLINK_GB_S if gpus <= 8 else IB_GB_S
     comm_s = 2 * (gpus - 1) / gpus * n * D * 4 / (bandwidth * 1e9) + 5 * LATENCY_S[gpus]
     total = state + temps
-    return {"classes": classes, "gpus": gpus, "rows_per_gpu": rows, "sampled_rows": k, "global_batch": n,
-            "state_gb": state, "temporaries_gb": temps, "head_gb": total,
-            "fits": total <= gpu["memory_gb"] - RESERVE_GB,
-            "gemm_ms": 1e3 * gemm_s, "elementwise_ms": 1e3 * hbm_s, "comm_ms": 1e3 * comm_s,
-            "step_ms": 1e3 * (gemm_s + hbm_s + comm_s)}
+    return {
+        "classes": classes,
+        "gpus": gpus,
+        "rows_per_gpu": rows,
+        "sampled_rows": k,
+        "global_batch": n,
+        "state_gb": state,
+        "temporaries_gb": temps,
+        "head_gb": total,
+        "fits": total <= gpu["memory_gb"] - RESERVE_GB,
+        "gemm_ms": 1e3 * gemm_s,
+        "elementwise_ms": 1e3 * hbm_s,
+        "comm_ms": 1e3 * comm_s,
+        "step_ms": 1e3 * (gemm_s + hbm_s + comm_s),
+    }
 
 
 def check_against_measured() -> list[dict]:
@@ -74,21 +86,34 @@ def check_against_measured() -> list[dict]:
         shard, n = row["classes"] / 2, 256
         k = RATE * shard
         model = 0.9 * 2**30 + shard * D * STATE_BYTES + n * k * LOGIT_BYTES + k * D * ROW_BYTES
-        out.append({"classes": row["classes"], "measured_gib": row["peak_rss_gib_per_process"],
-                    "model_gib": model / 2**30, "model_over_measured": model / 2**30 / row["peak_rss_gib_per_process"],
-                    "measured_ms": row["ms_per_step"], "measured_over_matmul_floor": row["actual_over_bound"]})
+        out.append(
+            {
+                "classes": row["classes"],
+                "measured_gib": row["peak_rss_gib_per_process"],
+                "model_gib": model / 2**30,
+                "model_over_measured": model / 2**30 / row["peak_rss_gib_per_process"],
+                "measured_ms": row["ms_per_step"],
+                "measured_over_matmul_floor": row["actual_over_bound"],
+            }
+        )
     return out
 
 
 def main() -> None:
-    table = [{"gpu": name, **per_gpu(c, g, spec)} for name, spec in GPUS.items()
-             for c in (10_000_000, 100_000_000) for g in (8, 64, 512)]
+    table = [
+        {"gpu": name, **per_gpu(c, g, spec)}
+        for name, spec in GPUS.items()
+        for c in (10_000_000, 100_000_000)
+        for g in (8, 64, 512)
+    ]
     checks = check_against_measured()
     print("memory model vs measured peak RSS per rank on this machine (2 gloo ranks, rate 0.1):")
     for c in checks:
-        print(f"  {c['classes']:>9,} classes: measured {c['measured_gib']:.2f} GiB, model {c['model_gib']:.2f} GiB "
-              f"(x{c['model_over_measured']:.2f}); step {c['measured_ms']:.0f} ms = "
-              f"{c['measured_over_matmul_floor']:.1f}x its matmul floor")
+        print(
+            f"  {c['classes']:>9,} classes: measured {c['measured_gib']:.2f} GiB, model {c['model_gib']:.2f} GiB "
+            f"(x{c['model_over_measured']:.2f}); step {c['measured_ms']:.0f} ms = "
+            f"{c['measured_over_matmul_floor']:.1f}x its matmul floor"
+        )
     print(
         "\n| GPU | identities | GPUs | rows/GPU | head GB/GPU (state + temporaries) "
         f"| fits (<= mem - {RESERVE_GB:.0f} GB) "
@@ -103,11 +128,26 @@ def main() -> None:
         )
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "scale_plan.json"
-    out.write_text(json.dumps({"assumptions": {"dim": D, "per_gpu_batch": PER_GPU, "sample_rate": RATE,
-                                               "logit_bytes": LOGIT_BYTES, "row_bytes": ROW_BYTES,
-                                               "reserve_gb": RESERVE_GB, "gpus": GPUS, "nvlink_gb_s": NVLINK_GB_S,
-                                               "ib_gb_s": IB_GB_S},
-                               "checked_against_measured": checks, "table": table}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "assumptions": {
+                    "dim": D,
+                    "per_gpu_batch": PER_GPU,
+                    "sample_rate": RATE,
+                    "logit_bytes": LOGIT_BYTES,
+                    "row_bytes": ROW_BYTES,
+                    "reserve_gb": RESERVE_GB,
+                    "gpus": GPUS,
+                    "nvlink_gb_s": NVLINK_GB_S,
+                    "ib_gb_s": IB_GB_S,
+                },
+                "checked_against_measured": checks,
+                "table": table,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 

@@ -71,9 +71,11 @@ def prepare_once(writer: type, per_class: int) -> tuple[int, float]:
     shards.DeterministicTarWriter = writer  # type: ignore[misc,assignment]  # the name write_one_shard looks up
     out = tempfile.mkdtemp(prefix="shard-writer-")
     try:
-        config = load_config(ROOT / "configs" / "quickstart.yaml",
-                             [f"prepare.output_dir={out}", "prepare.workers=1", f"prepare.max_per_class={per_class}"],
-                             check_backbones=False)
+        config = load_config(
+            ROOT / "configs" / "quickstart.yaml",
+            [f"prepare.output_dir={out}", "prepare.workers=1", f"prepare.max_per_class={per_class}"],
+            check_backbones=False,
+        )
         start = time.perf_counter()
         manifest = shards.write_shards(config.prepare)
         seconds = time.perf_counter() - start
@@ -94,9 +96,13 @@ def main() -> None:
             samples, seconds = prepare_once(writer, args.per_class)
             rates[name].append(samples / seconds)
             print(f"{name}: {samples} samples in {seconds:.1f} s ({samples / seconds:.0f} samples/s)", flush=True)
-    result = {"samples_per_s": {name: round(statistics.median(values), 1) for name, values in rates.items()},
-              "rounds": args.rounds, "per_class": args.per_class, "webdataset": wds.__version__,
-              "machine": f"{platform.machine()}, {os.cpu_count()} cpus"}
+    result = {
+        "samples_per_s": {name: round(statistics.median(values), 1) for name, values in rates.items()},
+        "rounds": args.rounds,
+        "per_class": args.per_class,
+        "webdataset": wds.__version__,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "shard_writer.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))

@@ -99,9 +99,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--embedding-dim", type=int, default=128)
     parser.add_argument("--latency-rounds", type=int, default=3)
-    parser.add_argument("--reuse-runs", action="store_true",
-                        help="keep finished runs in --work-dir whose saved config equals this one's; "
-                             "re-measure export and latency only")
+    parser.add_argument(
+        "--reuse-runs",
+        action="store_true",
+        help="keep finished runs in --work-dir whose saved config equals this one's; "
+        "re-measure export and latency only",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 when other jobs share the cores)")
     return parser.parse_args()
 
@@ -109,37 +112,74 @@ def parse_args() -> argparse.Namespace:
 def prepare_shards(work: Path, image_size: int) -> Path:
     """Omniglot shards at ``image_size`` (reused when this work dir already holds them)."""
     out = work / f"shards-{image_size}"
-    config = DMLConfig.model_validate({"prepare": {
-        "source": {"kind": "omniglot", "path": str(OMNIGLOT)}, "output_dir": str(out), "workers": 2,
-        "split": {"mode": "source", "query_fraction": 1.0}, "image": {"max_side": image_size},
-        "shards": {"max_samples": 4000}}}).prepare
+    config = DMLConfig.model_validate(
+        {
+            "prepare": {
+                "source": {"kind": "omniglot", "path": str(OMNIGLOT)},
+                "output_dir": str(out),
+                "workers": 2,
+                "split": {"mode": "source", "query_fraction": 1.0},
+                "image": {"max_side": image_size},
+                "shards": {"max_samples": 4000},
+            }
+        }
+    ).prepare
     if not (out / "manifest.json").exists():
         write_shards(config)
     return out
 
 
-def base_config(args: argparse.Namespace, shards: Path, run_dir: Path, backbone: str, steps: int,
-                image_size: int, lr: float) -> dict:
+def base_config(
+    args: argparse.Namespace, shards: Path, run_dir: Path, backbone: str, steps: int, image_size: int, lr: float
+) -> dict:
     """One training run's config: ArcFace partial FC, AdamW, cosine schedule with warm-up."""
     return {
         "seed": 0,
-        "data": {"shard_dir": str(shards), "image_size": image_size, "channels": 1, "batch_size": args.batch_size,
-                 "num_workers": 1, "shuffle_buffer": 2000, "augment": {"horizontal_flip": False}},
+        "data": {
+            "shard_dir": str(shards),
+            "image_size": image_size,
+            "channels": 1,
+            "batch_size": args.batch_size,
+            "num_workers": 1,
+            "shuffle_buffer": 2000,
+            "augment": {"horizontal_flip": False},
+        },
         "model": {"backbone": backbone, "embedding_dim": args.embedding_dim},
         "loss": {"kind": "arcface", "scale": 30.0, "margin": 0.3, "head_optimizer": "adamw"},
         "optimizer": {"name": "adamw", "lr": lr, "weight_decay": 5e-4},
         "schedule": {"kind": "cosine", "warmup_steps": max(1, steps // 20)},
-        "train": {"run_dir": str(run_dir), "epochs": 100, "max_steps": steps, "checkpoint_every": steps,
-                  "log_every": 50, "keep_last": 1, "eval_split": "query"},
+        "train": {
+            "run_dir": str(run_dir),
+            "epochs": 100,
+            "max_steps": steps,
+            "checkpoint_every": steps,
+            "log_every": 50,
+            "keep_last": 1,
+            "eval_split": "query",
+        },
     }
 
 
 def distill_config(args: argparse.Namespace, shards: Path, teacher: Path, run_dir: Path) -> dict:
-    config = base_config(args, shards, run_dir.parent / "unused-train-dir", args.student, args.student_steps,
-                         args.student_image_size, args.student_lr)
-    config["distill"] = {"teacher": str(teacher), "run_dir": str(run_dir), "student": {"backbone": args.student},
-                         "teacher_embeddings": "cached", "absolute_weight": 1.0, "absolute_kind": "cosine",
-                         "relative_weight": 1.0, "label_weight": 0.0}
+    config = base_config(
+        args,
+        shards,
+        run_dir.parent / "unused-train-dir",
+        args.student,
+        args.student_steps,
+        args.student_image_size,
+        args.student_lr,
+    )
+    config["distill"] = {
+        "teacher": str(teacher),
+        "run_dir": str(run_dir),
+        "student": {"backbone": args.student},
+        "teacher_embeddings": "cached",
+        "absolute_weight": 1.0,
+        "absolute_kind": "cosine",
+        "relative_weight": 1.0,
+        "label_weight": 0.0,
+    }
     return config
 
 
@@ -173,12 +213,23 @@ def export_run(run: Path, int8: bool) -> dict[str, Any]:
     ``int8`` also the int8 model, scored (with its fp32 ONNX) on every evaluation image."""
     model, payload = load_final_model(run)
     images, labels = collect_images(EvalLoader(DataConfig.model_validate(payload["data"]), "query", batch_size=256))
-    result = export_model(model, run / "export", images[:64], formats=("onnx",), int8=int8,
-                          calibration_images=images[::50] if int8 else None,
-                          eval_images=images if int8 else None, eval_labels=labels if int8 else None,
-                          int8_min_cosine=INT8_MIN_COSINE)
-    return {"files": {k: str(v) for k, v in result.files.items()}, "int8": result.int8,
-            "parameters": sum(p.numel() for p in model.parameters()), "eval_images": int(images.shape[0])}
+    result = export_model(
+        model,
+        run / "export",
+        images[:64],
+        formats=("onnx",),
+        int8=int8,
+        calibration_images=images[::50] if int8 else None,
+        eval_images=images if int8 else None,
+        eval_labels=labels if int8 else None,
+        int8_min_cosine=INT8_MIN_COSINE,
+    )
+    return {
+        "files": {k: str(v) for k, v in result.files.items()},
+        "int8": result.int8,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "eval_images": int(images.shape[0]),
+    }
 
 
 def latencies(files: dict[str, str], rounds: int) -> dict[str, dict[int, float]]:
@@ -200,8 +251,10 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['name']:34s} {r['map_at_r']:7.4f} {r['precision_at_1']:7.4f} {r['parameters'] / 1e6:8.2f}M "
-              f"{r['latency_ms'][1]:8.2f} {r['latency_ms'][64]:8.1f} {r['steps'] or '-':>6}")
+        print(
+            f"{r['name']:34s} {r['map_at_r']:7.4f} {r['precision_at_1']:7.4f} {r['parameters'] / 1e6:8.2f}M "
+            f"{r['latency_ms'][1]:8.2f} {r['latency_ms'][64]:8.1f} {r['steps'] or '-':>6}"
+        )
 
 
 def main() -> int:
@@ -213,38 +266,84 @@ def main() -> int:
     start = time.perf_counter()
     timings: dict[str, float] = {}
     work = args.work_dir
-    shards = timed("prepare shards", lambda: prepare_shards(work, max(args.image_size, args.student_image_size)),
-                   timings)
+    shards = timed(
+        "prepare shards", lambda: prepare_shards(work, max(args.image_size, args.student_image_size)), timings
+    )
     if not args.reuse_runs:
         for stale in (work / "runs", shards / "teacher_cache"):
             shutil.rmtree(stale, ignore_errors=True)
     runs = work / "runs"
-    teacher = timed("train teacher", lambda: train_or_reuse(
-        base_config(args, shards, runs / "teacher", args.teacher, args.teacher_steps, args.image_size,
-                    args.teacher_lr), runs / "teacher", args.reuse_runs, run_train), timings)
-    label_only = timed("train label-only student", lambda: train_or_reuse(
-        base_config(args, shards, runs / "student-labels", args.student, args.student_steps,
-                    args.student_image_size, args.label_only_lr), runs / "student-labels", args.reuse_runs,
-        run_train), timings)
-    distilled = timed("distil student (incl. teacher cache)", lambda: train_or_reuse(
-        distill_config(args, shards, runs / "teacher", runs / "student-distilled"), runs / "student-distilled",
-        args.reuse_runs, run_distill), timings)
+    teacher = timed(
+        "train teacher",
+        lambda: train_or_reuse(
+            base_config(
+                args, shards, runs / "teacher", args.teacher, args.teacher_steps, args.image_size, args.teacher_lr
+            ),
+            runs / "teacher",
+            args.reuse_runs,
+            run_train,
+        ),
+        timings,
+    )
+    label_only = timed(
+        "train label-only student",
+        lambda: train_or_reuse(
+            base_config(
+                args,
+                shards,
+                runs / "student-labels",
+                args.student,
+                args.student_steps,
+                args.student_image_size,
+                args.label_only_lr,
+            ),
+            runs / "student-labels",
+            args.reuse_runs,
+            run_train,
+        ),
+        timings,
+    )
+    distilled = timed(
+        "distil student (incl. teacher cache)",
+        lambda: train_or_reuse(
+            distill_config(args, shards, runs / "teacher", runs / "student-distilled"),
+            runs / "student-distilled",
+            args.reuse_runs,
+            run_distill,
+        ),
+        timings,
+    )
 
-    exports = timed("export", lambda: {
-        "teacher": export_run(runs / "teacher", int8=False),
-        "label-only": export_run(runs / "student-labels", int8=False),
-        "distilled": export_run(runs / "student-distilled", int8=True)}, timings)
+    exports = timed(
+        "export",
+        lambda: {
+            "teacher": export_run(runs / "teacher", int8=False),
+            "label-only": export_run(runs / "student-labels", int8=False),
+            "distilled": export_run(runs / "student-distilled", int8=True),
+        },
+        timings,
+    )
     files = {name: e["files"]["onnx"] for name, e in exports.items()}
     files["distilled-int8"] = exports["distilled"]["files"]["onnx_int8"]
     latency = timed("latency", lambda: latencies(files, args.latency_rounds), timings)
 
     int8 = exports["distilled"]["int8"]["retrieval"]
-    results = [(f"teacher {args.teacher}", "teacher", metrics_of(teacher), teacher.steps),
-               (f"student {args.student} labels only", "label-only", metrics_of(label_only), label_only.steps),
-               (f"student {args.student} distilled", "distilled", metrics_of(distilled), distilled.steps),
-               (f"student {args.student} distilled int8", "distilled-int8", int8["int8"], None)]
-    rows = [{"name": name, **m, "parameters": exports[key.removesuffix("-int8")]["parameters"],
-             "latency_ms": latency[key], "steps": steps} for name, key, m, steps in results]
+    results = [
+        (f"teacher {args.teacher}", "teacher", metrics_of(teacher), teacher.steps),
+        (f"student {args.student} labels only", "label-only", metrics_of(label_only), label_only.steps),
+        (f"student {args.student} distilled", "distilled", metrics_of(distilled), distilled.steps),
+        (f"student {args.student} distilled int8", "distilled-int8", int8["int8"], None),
+    ]
+    rows = [
+        {
+            "name": name,
+            **m,
+            "parameters": exports[key.removesuffix("-int8")]["parameters"],
+            "latency_ms": latency[key],
+            "steps": steps,
+        }
+        for name, key, m, steps in results
+    ]
     teacher_row, label_row, distilled_row = rows[0], rows[1], rows[2]
     checks = {
         "distilled_keeps_95pct_teacher_map_at_r": distilled_row["map_at_r"] >= 0.95 * teacher_row["map_at_r"],
@@ -254,23 +353,40 @@ def main() -> int:
     elapsed = time.perf_counter() - start
     print()
     print_table(rows)
-    print(f"\nretained MAP@R: {distilled_row['map_at_r'] / teacher_row['map_at_r']:.1%} of the teacher; "
-          f"batch-1 speed-up {teacher_row['latency_ms'][1] / distilled_row['latency_ms'][1]:.1f}x "
-          f"(int8 {teacher_row['latency_ms'][1] / rows[3]['latency_ms'][1]:.1f}x)")
+    print(
+        f"\nretained MAP@R: {distilled_row['map_at_r'] / teacher_row['map_at_r']:.1%} of the teacher; "
+        f"batch-1 speed-up {teacher_row['latency_ms'][1] / distilled_row['latency_ms'][1]:.1f}x "
+        f"(int8 {teacher_row['latency_ms'][1] / rows[3]['latency_ms'][1]:.1f}x)"
+    )
     print("checks: " + ", ".join(f"{k}={'PASS' if v else 'FAIL'}" for k, v in checks.items()))
     print(f"elapsed {elapsed / 60:.1f} min (load average {os.getloadavg()[0]:.1f})")
     manifest = load_manifest(shards)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "protocol": {"dataset": "omniglot", "train_classes": len(manifest["splits"]["train"]["class_counts"]),
-                     "eval_images": exports["teacher"]["eval_images"], "teacher_image_size": args.image_size,
-                     "student_image_size": args.student_image_size, "channels": 1,
-                     "batch_size": args.batch_size, "embedding_dim": args.embedding_dim,
-                     "retrieval": "leave-one-out over the evaluation characters"},
-        "rows": rows, "int8_retrieval": int8, "checks": checks, "timings_s": timings,
-        "elapsed_s": round(elapsed, 1), "load_average": os.getloadavg(),
-        "args": {k: str(v) for k, v in vars(args).items()},
-    }, indent=1))
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "protocol": {
+                    "dataset": "omniglot",
+                    "train_classes": len(manifest["splits"]["train"]["class_counts"]),
+                    "eval_images": exports["teacher"]["eval_images"],
+                    "teacher_image_size": args.image_size,
+                    "student_image_size": args.student_image_size,
+                    "channels": 1,
+                    "batch_size": args.batch_size,
+                    "embedding_dim": args.embedding_dim,
+                    "retrieval": "leave-one-out over the evaluation characters",
+                },
+                "rows": rows,
+                "int8_retrieval": int8,
+                "checks": checks,
+                "timings_s": timings,
+                "elapsed_s": round(elapsed, 1),
+                "load_average": os.getloadavg(),
+                "args": {k: str(v) for k, v in vars(args).items()},
+            },
+            indent=1,
+        )
+    )
     print(f"results: {RESULTS}")
     return 0
 

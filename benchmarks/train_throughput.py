@@ -68,21 +68,45 @@ def make_jpegs(source: Path, out: Path) -> int:
 
 
 def overrides(work: Path, steps: int) -> list[str]:
-    return [f"data.shard_dir={work / 'shards'}", f"data.image_size={SIZE}", "data.channels=3", "data.batch_size=128",
-            "data.num_workers=1", "data.mean=[0.5]", "data.std=[0.5]", "model.backbone=resnet18",
-            "model.embedding_dim=128", "loss.kind=arcface", "optimizer.name=sgd", f"train.max_steps={steps}",
-            "train.epochs=100", f"train.log_every={WINDOW}", f"train.checkpoint_every={steps}",
-            "train.eval_every=null", "train.eval_split=none", "schedule.warmup_steps=0"]
+    return [
+        f"data.shard_dir={work / 'shards'}",
+        f"data.image_size={SIZE}",
+        "data.channels=3",
+        "data.batch_size=128",
+        "data.num_workers=1",
+        "data.mean=[0.5]",
+        "data.std=[0.5]",
+        "model.backbone=resnet18",
+        "model.embedding_dim=128",
+        "loss.kind=arcface",
+        "optimizer.name=sgd",
+        f"train.max_steps={steps}",
+        "train.epochs=100",
+        f"train.log_every={WINDOW}",
+        f"train.checkpoint_every={steps}",
+        "train.eval_every=null",
+        "train.eval_split=none",
+        "schedule.warmup_steps=0",
+    ]
 
 
 def prepare(work: Path) -> int:
     from dml.prepare import run_prepare
 
     count = make_jpegs(ORL, work / "jpegs")
-    config = load_config(CONFIG, [f"prepare.source.path={work / 'jpegs'}", "prepare.source.kind=folder",
-                                  "prepare.split.mode=sample", "prepare.split.train_fraction=1.0",
-                                  "prepare.split.train_classes=null", "prepare.max_per_class=null",
-                                  f"prepare.output_dir={work / 'shards'}", "prepare.shards.max_samples=1000"])
+    config = load_config(
+        CONFIG,
+        [
+            f"prepare.source.path={work / 'jpegs'}",
+            "prepare.source.kind=folder",
+            "prepare.split.mode=sample",
+            "prepare.split.train_fraction=1.0",
+            "prepare.split.train_classes=null",
+            "prepare.max_per_class=null",
+            f"prepare.output_dir={work / 'shards'}",
+            "prepare.shards.max_samples=1000",
+        ],
+    )
     run_prepare(config)
     return count
 
@@ -94,8 +118,21 @@ def window_rates(rates: list[float]) -> float:
 def run_dml(nproc: int, threads: int, steps: int, work: Path, tag: str) -> dict:
     run_dir = work / f"run-{tag}"
     shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl of an earlier run would be read too
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "dml.cli", "train", "--config", str(CONFIG), f"train.run_dir={run_dir}", *overrides(work, steps)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "dml.cli",
+        "train",
+        "--config",
+        str(CONFIG),
+        f"train.run_dir={run_dir}",
+        *overrides(work, steps),
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
     start = time.perf_counter()
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
@@ -103,9 +140,16 @@ def run_dml(nproc: int, threads: int, steps: int, work: Path, tag: str) -> dict:
         raise RuntimeError(f"dml train ({nproc} processes) failed:\n{done.stderr[-3000:]}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rates = [r["images_per_s"] for r in records if "images_per_s" in r]
-    return {"contender": "dml", "processes": nproc, "threads_per_process": threads, "steps": steps,
-            "images_per_s": window_rates(rates), "windows": [round(r, 1) for r in rates],
-            "wall_s": time.perf_counter() - start, "load_average": os.getloadavg()[0]}
+    return {
+        "contender": "dml",
+        "processes": nproc,
+        "threads_per_process": threads,
+        "steps": steps,
+        "images_per_s": window_rates(rates),
+        "windows": [round(r, 1) for r in rates],
+        "wall_s": time.perf_counter() - start,
+        "load_average": os.getloadavg()[0],
+    }
 
 
 def run_bare(threads: int, steps: int, work: Path) -> dict:
@@ -116,9 +160,16 @@ def run_bare(threads: int, steps: int, work: Path) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"bare loop failed:\n{done.stderr[-3000:]}")
     rates = json.loads(done.stdout.strip().splitlines()[-1])
-    return {"contender": "bare", "processes": 1, "threads_per_process": threads, "steps": steps,
-            "images_per_s": window_rates(rates), "windows": [round(r, 1) for r in rates],
-            "wall_s": time.perf_counter() - start, "load_average": os.getloadavg()[0]}
+    return {
+        "contender": "bare",
+        "processes": 1,
+        "threads_per_process": threads,
+        "steps": steps,
+        "images_per_s": window_rates(rates),
+        "windows": [round(r, 1) for r in rates],
+        "wall_s": time.perf_counter() - start,
+        "load_average": os.getloadavg()[0],
+    }
 
 
 def bare_loop(steps: int, work: Path) -> list[float]:
@@ -136,8 +187,14 @@ def bare_loop(steps: int, work: Path) -> list[float]:
     files = sorted((work / "jpegs").glob("s*/*.jpg"))
     classes = sorted({f.parent.name for f in files})
     labels = [classes.index(f.parent.name) for f in files]
-    transform = T.Compose([T.Resize((SIZE, SIZE), antialias=True), T.RandomHorizontalFlip(), T.ToTensor(),
-                           T.Normalize([0.5] * 3, [0.5] * 3)])
+    transform = T.Compose(
+        [
+            T.Resize((SIZE, SIZE), antialias=True),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize([0.5] * 3, [0.5] * 3),
+        ]
+    )
 
     class Jpegs(Dataset):
         def __len__(self) -> int:
@@ -148,8 +205,14 @@ def bare_loop(steps: int, work: Path) -> list[float]:
                 return transform(image.convert("RGB")), labels[i]
 
     torch.manual_seed(0)
-    loader = DataLoader(Jpegs(), batch_size=config.data.batch_size, shuffle=True, drop_last=True,
-                        num_workers=config.data.num_workers, persistent_workers=True)
+    loader = DataLoader(
+        Jpegs(),
+        batch_size=config.data.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=config.data.num_workers,
+        persistent_workers=True,
+    )
     model = build_model(config)
     objective = Objective(config, len(classes), torch.device("cpu"))
     optimizer = build_optimizer(model, config.optimizer)
@@ -187,11 +250,13 @@ def main() -> None:
     cores = os.cpu_count() or 2
     work = args.work or Path(tempfile.mkdtemp(prefix="dml-train-bench-"))
     count = len(list((work / "jpegs").glob("s*/*.jpg"))) if (work / "shards").exists() else prepare(work)
-    plan = [("dml-1p", lambda: run_dml(1, cores, args.steps, work, "1p")),
-            ("bare-1p", lambda: run_bare(cores, args.steps, work)),
-            ("dml-2p", lambda: run_dml(2, max(1, cores // 2), args.steps, work, "2p")),
-            ("dml-1p-1t", lambda: run_dml(1, max(1, cores // 2), args.steps, work, "1p1t")),
-            ("bare-1p-1t", lambda: run_bare(max(1, cores // 2), args.steps, work))]
+    plan = [
+        ("dml-1p", lambda: run_dml(1, cores, args.steps, work, "1p")),
+        ("bare-1p", lambda: run_bare(cores, args.steps, work)),
+        ("dml-2p", lambda: run_dml(2, max(1, cores // 2), args.steps, work, "2p")),
+        ("dml-1p-1t", lambda: run_dml(1, max(1, cores // 2), args.steps, work, "1p1t")),
+        ("bare-1p-1t", lambda: run_bare(max(1, cores // 2), args.steps, work)),
+    ]
     repeats = []
     for repeat in range(args.repeats):  # rotate the order so no contender always runs first
         shift = repeat % len(plan)
@@ -202,20 +267,31 @@ def main() -> None:
         # barrier (one thread descheduled): the 1-thread pair shows the loop without that
         rows["ratio_dml_vs_bare_1t"] = rows["dml-1p-1t"]["images_per_s"] / rows["bare-1p-1t"]["images_per_s"]
         repeats.append(rows)
-        print(f"repeat {repeat + 1}: " + ", ".join(f"{n} {rows[n]['images_per_s']:.1f}" for n, _ in plan)
-              + f"; dml/bare {rows['ratio_dml_vs_bare']:.3f}, 2p/1p {rows['ratio_2p_vs_1p']:.2f}", flush=True)
+        print(
+            f"repeat {repeat + 1}: "
+            + ", ".join(f"{n} {rows[n]['images_per_s']:.1f}" for n, _ in plan)
+            + f"; dml/bare {rows['ratio_dml_vs_bare']:.3f}, 2p/1p {rows['ratio_2p_vs_1p']:.2f}",
+            flush=True,
+        )
     print(f"{count} JPEGs of {SIZE} px, batch 128 per process, {args.steps} steps, windows of {WINDOW}")
     print(f"{'run':>10} {'procs':>5} {'threads':>7} {'images/s (each repeat)':>30} {'load':>5}")
     for name, _ in plan:
         runs = [r[name] for r in repeats]
-        print(f"{name:>10} {runs[0]['processes']:>5} {runs[0]['threads_per_process']:>7} "
-              f"{' '.join(format(r['images_per_s'], '.1f') for r in runs):>30} {runs[-1]['load_average']:>5.1f}")
+        print(
+            f"{name:>10} {runs[0]['processes']:>5} {runs[0]['threads_per_process']:>7} "
+            f"{' '.join(format(r['images_per_s'], '.1f') for r in runs):>30} {runs[-1]['load_average']:>5.1f}"
+        )
     for key in ("ratio_dml_vs_bare", "ratio_dml_vs_bare_1t", "ratio_2p_vs_1p"):
         values = [r[key] for r in repeats]
         print(f"{key}: median {statistics.median(values):.3f} (range {min(values):.3f}-{max(values):.3f})")
     RESULTS.mkdir(exist_ok=True)
-    payload = {"repeats": repeats, "jpegs": count, "cpus": cores, "machine": platform.machine(),
-               "command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:])}
+    payload = {
+        "repeats": repeats,
+        "jpegs": count,
+        "cpus": cores,
+        "machine": platform.machine(),
+        "command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:]),
+    }
     (RESULTS / "train_throughput.json").write_text(json.dumps(payload, indent=2))
     print(f"wrote {RESULTS / 'train_throughput.json'} (work folder {work})")
 

@@ -48,24 +48,45 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 OMNIGLOT = ROOT.parent / "shared" / "data" / "omniglot"
 RESULTS = ROOT / "benchmarks" / "results" / "tune_arcface.json"
-SPACE = {"loss.scale": {"low": 4, "high": 64, "log": True}, "loss.margin": {"low": 0.05, "high": 0.6},
-         "optimizer.lr": {"low": 0.005, "high": 0.5, "log": True}}
+SPACE = {
+    "loss.scale": {"low": 4, "high": 64, "log": True},
+    "loss.margin": {"low": 0.05, "high": 0.6},
+    "optimizer.lr": {"low": 0.005, "high": 0.5, "log": True},
+}
 
 
 def run_config(work: Path, steps: int) -> dict:
     """The run config both arms share; loss and optimizer values are the product's defaults."""
     return {
         "seed": 0,
-        "prepare": {"source": {"kind": "omniglot", "path": str(OMNIGLOT)},
-                    "split": {"mode": "source", "query_fraction": 1.0},
-                    "shards": {"max_samples": 4000}, "output_dir": str(work / "shards"), "workers": 2},
-        "data": {"shard_dir": str(work / "shards"), "image_size": 28, "channels": 1, "batch_size": 64,
-                 "num_workers": 0, "shuffle_buffer": 2000, "augment": {"horizontal_flip": False}},
+        "prepare": {
+            "source": {"kind": "omniglot", "path": str(OMNIGLOT)},
+            "split": {"mode": "source", "query_fraction": 1.0},
+            "shards": {"max_samples": 4000},
+            "output_dir": str(work / "shards"),
+            "workers": 2,
+        },
+        "data": {
+            "shard_dir": str(work / "shards"),
+            "image_size": 28,
+            "channels": 1,
+            "batch_size": 64,
+            "num_workers": 0,
+            "shuffle_buffer": 2000,
+            "augment": {"horizontal_flip": False},
+        },
         "model": {"backbone": "test_resnet", "embedding_dim": 64, "pooling": "avg"},
         "loss": {"kind": "arcface"},
-        "train": {"run_dir": str(work / "default_run"), "epochs": 50, "max_steps": steps,
-                  "checkpoint_every": steps, "keep_last": 1, "log_every": 25,
-                  "eval_split": "query", "eval_gallery_split": None},
+        "train": {
+            "run_dir": str(work / "default_run"),
+            "epochs": 50,
+            "max_steps": steps,
+            "checkpoint_every": steps,
+            "keep_last": 1,
+            "log_every": 25,
+            "eval_split": "query",
+            "eval_gallery_split": None,
+        },
         "evaluate": {"query_split": "query", "gallery_split": None, "plots": False},
     }
 
@@ -82,8 +103,10 @@ def table(rows: dict[str, dict]) -> list[str]:
     for name, row in rows.items():
         p = row["params"]
         cells = [f"{row[k]['mean']:.4f} ± {row[k]['ci95']:.4f}" for k in ("map_at_r", "precision_at_1", "r_precision")]
-        lines.append(f"{name:<9} {p['loss.scale']:>6.2f} {p['loss.margin']:>6.3f} {p['optimizer.lr']:>7.4f}  "
-                     f"{cells[0]:<24} {cells[1]:<22} {cells[2]:<22}")
+        lines.append(
+            f"{name:<9} {p['loss.scale']:>6.2f} {p['loss.margin']:>6.3f} {p['optimizer.lr']:>7.4f}  "
+            f"{cells[0]:<24} {cells[1]:<22} {cells[2]:<22}"
+        )
     return lines
 
 
@@ -105,9 +128,25 @@ def main() -> None:
     config_path = args.work / "run.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     space_path = args.work / "space.yaml"
-    space_path.write_text(yaml.safe_dump({**SPACE, "study": {
-        "study_dir": str(study_dir), "name": "tune_arcface", "n_trials": trials, "folds": folds, "parallel": 2,
-        "sampler": "tpe", "pruner": "median", "startup_trials": 2, "seeds": seeds}}, sort_keys=False))
+    space_path.write_text(
+        yaml.safe_dump(
+            {
+                **SPACE,
+                "study": {
+                    "study_dir": str(study_dir),
+                    "name": "tune_arcface",
+                    "n_trials": trials,
+                    "folds": folds,
+                    "parallel": 2,
+                    "sampler": "tpe",
+                    "pruner": "median",
+                    "startup_trials": 2,
+                    "seeds": seeds,
+                },
+            },
+            sort_keys=False,
+        )
+    )
     dml = [sys.executable, "-m", "dml.cli"]
     if not (args.work / "shards" / "manifest.json").exists():
         run([*dml, "prepare", "--config", str(config_path)], args.work / "prepare.log")

@@ -24,8 +24,11 @@ from dml.errors import ConfigError, DMLError, os_error_line, printable
 
 def setup_logging(verbose: bool = False) -> None:
     """One compact line per event on stderr (progress bars share the stream)."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     # Libraries that log every request or their own import at INFO drown the stage lines.
     for noisy in ("httpx", "faiss.loader", "openTSNE"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -40,9 +43,17 @@ def _check_prepare_options(args: argparse.Namespace) -> None:
     """--merge and --verify act on a shard folder alone; given with each other or with the
     options of a run, the others were silently ignored. Raises `ConfigError` (one line)."""
     action = "--verify" if args.verify else "--merge" if args.merge else None
-    run_options = [name for name, given in (("--merge", args.verify and args.merge), ("--config", args.config),
-                                            ("key=value overrides", args.overrides), ("--resume", args.resume),
-                                            ("--partition", args.partition is not None)) if given]
+    run_options = [
+        name
+        for name, given in (
+            ("--merge", args.verify and args.merge),
+            ("--config", args.config),
+            ("key=value overrides", args.overrides),
+            ("--resume", args.resume),
+            ("--partition", args.partition is not None),
+        )
+        if given
+    ]
     if action and run_options:
         raise ConfigError(f"dml prepare {action} DIR takes no {' or '.join(run_options)}; run them separately")
 
@@ -63,19 +74,22 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         # prepare never builds a model: skip importing timm just to check backbone names
         config = load_config(args.config, args.overrides, check_backbones=False)
         result = run_prepare(config, resume=args.resume, partition=parse_partition(args.partition))
-    print(f"prepare: {result.inputs} inputs, {result.written} written, {result.rejected} rejected; "
-          f"manifest: {result.manifest_path}")
+    print(
+        f"prepare: {result.inputs} inputs, {result.written} written, {result.rejected} rejected; "
+        f"manifest: {result.manifest_path}"
+    )
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from dml.train.run import run_train
 
-    result = run_train(load_config(args.config, args.overrides), resume=args.resume,
-                       allow_new_data=args.allow_new_data)
+    result = run_train(load_config(args.config, args.overrides), resume=args.resume, allow_new_data=args.allow_new_data)
     if result is not None and _is_rank_zero():
-        print(f"train: {result.steps} steps; model: {result.model_path}; run: {result.run_dir}; "
-              + _headline(result.metrics))
+        print(
+            f"train: {result.steps} steps; model: {result.model_path}; run: {result.run_dir}; "
+            + _headline(result.metrics)
+        )
     return 0
 
 
@@ -133,8 +147,9 @@ def _cmd_track(args: argparse.Namespace) -> int:
 
 def _headline(metrics: dict) -> str:
     keys = ("map_at_r", "precision_at_1")
-    return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
-                     if any(k.endswith(key) for key in keys) and isinstance(v, float))
+    return ", ".join(
+        f"{k}={v:.4f}" for k, v in metrics.items() if any(k.endswith(key) for key in keys) and isinstance(v, float)
+    )
 
 
 def _is_rank_zero() -> bool:
@@ -160,8 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train the embedding model (torchrun for several processes)")
     _add_config_args(train)
     train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
-    train.add_argument("--allow-new-data", action="store_true",
-                       help="with --resume: continue on other shards (a fine-tune; see README)")
+    train.add_argument(
+        "--allow-new-data",
+        action="store_true",
+        help="with --resume: continue on other shards (a fine-tune; see README)",
+    )
     train.set_defaults(handler=_cmd_train)
 
     tune = sub.add_parser("tune", help="fair hyperparameter search: class-disjoint folds, Optuna, seeds on test")

@@ -52,8 +52,9 @@ def _unavailable(name: str, reason: str) -> Callable[[argparse.Namespace], int]:
     return handler
 
 
-def add_plugin_commands(subparsers: Any, add_config_args: AddConfigArgs,
-                        points: dict[str, EntryPoint] | None = None) -> None:
+def add_plugin_commands(
+    subparsers: Any, add_config_args: AddConfigArgs, points: dict[str, EntryPoint] | None = None
+) -> None:
     """Add every plugin command to the `dml` parser. A plugin that fails to import still
     gets its name, whose handler fails in one line saying why (other commands keep working)."""
     for name, point in (command_entry_points() if points is None else points).items():

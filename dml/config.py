@@ -22,8 +22,16 @@ from dml.registries import MARGINS, MINERS, PAIR_LOSSES, POOLINGS, SOURCES, Regi
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 ]
 
 
@@ -233,16 +241,22 @@ class LossConfig(StrictModel):
         if self.miner == "none":
             return self
         if not self.is_pair_loss:
-            raise ValueError(f"loss.miner '{self.miner}' needs a pair loss, loss.kind is '{self.kind}' "
-                             f"(pair losses: {', '.join(PAIR_LOSSES.names())})")
+            raise ValueError(
+                f"loss.miner '{self.miner}' needs a pair loss, loss.kind is '{self.kind}' "
+                f"(pair losses: {', '.join(PAIR_LOSSES.names())})"
+            )
         yields, takes = MINERS.entry(self.miner).fits, PAIR_LOSSES.entry(self.kind).fits
         if yields != takes:
             fitting = [n for n in PAIR_LOSSES.names() if PAIR_LOSSES.entry(n).fits == yields]
-            raise ValueError(f"loss.miner '{self.miner}' mines {yields} but loss.kind '{self.kind}' takes {takes} "
-                             f"(use it with: {', '.join(fitting)})")
+            raise ValueError(
+                f"loss.miner '{self.miner}' mines {yields} but loss.kind '{self.kind}' takes {takes} "
+                f"(use it with: {', '.join(fitting)})"
+            )
         if self.miner == "distance_weighted" and self.miner_cutoff >= self.miner_nonzero_cutoff:
-            raise ValueError(f"loss.miner_cutoff ({self.miner_cutoff}) must be below loss.miner_nonzero_cutoff "
-                             f"({self.miner_nonzero_cutoff})")
+            raise ValueError(
+                f"loss.miner_cutoff ({self.miner_cutoff}) must be below loss.miner_nonzero_cutoff "
+                f"({self.miner_nonzero_cutoff})"
+            )
         return self
 
     @model_validator(mode="after")
@@ -437,8 +451,10 @@ class DMLConfig(StrictModel):
     @model_validator(mode="after")
     def _consistent(self) -> DMLConfig:
         if self.loss.sample_rate < 1.0 and self.train.grad_accum > 1:
-            raise ValueError("loss.sample_rate < 1 cannot be combined with train.grad_accum > 1: "
-                             "each micro-batch samples different class centres")
+            raise ValueError(
+                "loss.sample_rate < 1 cannot be combined with train.grad_accum > 1: "
+                "each micro-batch samples different class centres"
+            )
         if self.loss.is_pair_loss and self.data.pk_classes is None:
             raise ValueError(f"loss.kind '{self.loss.kind}' needs P x K batches: set data.pk_classes")
         return self
@@ -533,8 +549,12 @@ def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[st
     return merge_config(read_config_file(path.parent / base, (*_chain, path.resolve())), data)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None,
-                check_backbones: bool = True, model: type[DMLConfig] = DMLConfig) -> Any:
+def load_config(
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    check_backbones: bool = True,
+    model: type[DMLConfig] = DMLConfig,
+) -> Any:
     """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides.
 
     A file may start from another one with ``extends: base.yaml`` (a path relative to the

@@ -48,9 +48,12 @@ class RerankingConfig(_Strict):
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"evaluate.reranking.methods lists a method twice: {list(self.methods)}")
         if "k_reciprocal" in self.methods and self.methods[-1] != "k_reciprocal":
-            raise ValueError("evaluate.reranking.methods: k_reciprocal ranks instead of changing embeddings, "
-                             "so it must come last")
+            raise ValueError(
+                "evaluate.reranking.methods: k_reciprocal ranks instead of changing embeddings, so it must come last"
+            )
         if {"alpha_qe", "k_reciprocal"} <= set(self.methods):
-            raise ValueError("evaluate.reranking.methods: k_reciprocal already expands each query over its "
-                             "k2 neighbours; list alpha_qe or k_reciprocal, not both")
+            raise ValueError(
+                "evaluate.reranking.methods: k_reciprocal already expands each query over its "
+                "k2 neighbours; list alpha_qe or k_reciprocal, not both"
+            )
         return self

@@ -29,8 +29,10 @@ class VerificationSetConfig(BaseModel):
     @model_validator(mode="after")
     def _bin_or_pairs(self) -> VerificationSetConfig:
         if self.folder is None and not self.path.endswith(".bin"):
-            raise ValueError(f"verification set {self.path}: a pairs file needs 'folder' (the images it names); "
-                             "an insightface set is a .bin file")
+            raise ValueError(
+                f"verification set {self.path}: a pairs file needs 'folder' (the images it names); "
+                "an insightface set is a .bin file"
+            )
         return self
 
     @property
@@ -60,6 +62,8 @@ def check_best_metric(metric: str | None, sets: list[VerificationSetConfig]) -> 
         rest = metric.removeprefix(f"ver_{name}_")
         if rest != metric and (rest in VERIFICATION_METRICS or rest.startswith(("tar_at_far_", "val_at_far_"))):
             return
-    raise ValueError(f"train.best_metric '{metric}' is not a logged metric: use eval_<retrieval metric> or "
-                     f"ver_<set>_<{'|'.join(VERIFICATION_METRICS)}|tar_at_far_1e-03|val_at_far_1e-03> with a set "
-                     f"of train.verification_sets ({', '.join(names) or 'none configured'})")
+    raise ValueError(
+        f"train.best_metric '{metric}' is not a logged metric: use eval_<retrieval metric> or "
+        f"ver_<set>_<{'|'.join(VERIFICATION_METRICS)}|tar_at_far_1e-03|val_at_far_1e-03> with a set "
+        f"of train.verification_sets ({', '.join(names) or 'none configured'})"
+    )

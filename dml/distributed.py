@@ -94,17 +94,28 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> D
     timeout = timedelta(seconds=timeout_s)
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if restart is None:
-        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
-                                timeout=timeout)
+        dist.init_process_group(
+            backend=backend, init_method="env://", rank=rank, world_size=world_size, timeout=timeout
+        )
     else:
         # Under torchrun the store outlives a worker restart, and env:// adds no per-attempt
         # prefix: a restarted rank could read its peer's gloo address from the previous
         # attempt and connect to a dead port (seen in the worker-restart test).
         serves = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # else rank 0 hosts it
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                              is_master=not serves and rank == 0, timeout=timeout)
-        dist.init_process_group(backend=backend, store=dist.PrefixStore(f"dml/attempt_{restart}", store),
-                                rank=rank, world_size=world_size, timeout=timeout)
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            world_size,
+            is_master=not serves and rank == 0,
+            timeout=timeout,
+        )
+        dist.init_process_group(
+            backend=backend,
+            store=dist.PrefixStore(f"dml/attempt_{restart}", store),
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
+        )
     log.info("joined process group: rank %d of %d, backend %s, device %s", rank, world_size, backend, device)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend)
 
@@ -197,8 +208,9 @@ def gather_sizes(local_size: int, device: torch.device, group: ProcessGroup | No
     return torch.cat(sizes).tolist()
 
 
-def all_gather_rows(tensor: torch.Tensor, group: ProcessGroup | None = None,
-                    sizes: list[int] | None = None) -> torch.Tensor:
+def all_gather_rows(
+    tensor: torch.Tensor, group: ProcessGroup | None = None, sizes: list[int] | None = None
+) -> torch.Tensor:
     """Concatenate every rank's ``tensor`` along dim 0, in rank order; no gradient.
 
     Ranks may hold different numbers of rows (other dims must match): sizes are exchanged
@@ -217,8 +229,9 @@ def all_gather_rows(tensor: torch.Tensor, group: ProcessGroup | None = None,
     return torch.cat([bucket[:n] for bucket, n in zip(buckets, sizes, strict=True)], dim=0)
 
 
-def sum_own_rows(grad: torch.Tensor, sizes: list[int], group: ProcessGroup | None = None,
-                 use_reduce_scatter: bool = True) -> torch.Tensor:
+def sum_own_rows(
+    grad: torch.Tensor, sizes: list[int], group: ProcessGroup | None = None, use_reduce_scatter: bool = True
+) -> torch.Tensor:
     """Sum ``grad`` (all ranks' rows, same shape on every rank) across ranks; return this rank's rows.
 
     This is the adjoint of `all_gather_rows`. With ``use_reduce_scatter`` it is one padded
@@ -231,12 +244,12 @@ def sum_own_rows(grad: torch.Tensor, sizes: list[int], group: ProcessGroup | Non
     if not use_reduce_scatter:
         total = grad.contiguous().clone()
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-        return total[starts[rank]: starts[rank] + sizes[rank]]
+        return total[starts[rank] : starts[rank] + sizes[rank]]
     longest = max(sizes)
     chunks = []
     for start, n in zip(starts, sizes, strict=True):
         chunk = grad.new_zeros((longest, *grad.shape[1:]))
-        chunk[:n] = grad[start: start + n]
+        chunk[:n] = grad[start : start + n]
         chunks.append(chunk)
     out = grad.new_empty((longest, *grad.shape[1:]))
     dist.reduce_scatter(out, chunks, op=dist.ReduceOp.SUM, group=group)
@@ -258,8 +271,9 @@ class _AllGatherWithGrad(torch.autograd.Function):
         return own, None, None
 
 
-def all_gather_with_grad(tensor: torch.Tensor, group: ProcessGroup | None = None,
-                         use_reduce_scatter: bool = True) -> torch.Tensor:
+def all_gather_with_grad(
+    tensor: torch.Tensor, group: ProcessGroup | None = None, use_reduce_scatter: bool = True
+) -> torch.Tensor:
     """All-gather along dim 0 that gradients flow through.
 
     Returns ``(sum of every rank's rows, ...)`` in rank order; ranks may contribute different
@@ -290,7 +304,11 @@ def describe_lone_process_as_group_of_one() -> None:
     """
     if is_initialized() or "WORLD_SIZE" in os.environ:
         return
-    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
-                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_local_port()))):
+    for name, value in (
+        ("RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("LOCAL_RANK", "0"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", str(free_local_port())),
+    ):
         os.environ.setdefault(name, value)
-

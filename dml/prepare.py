@@ -62,14 +62,14 @@ def check_outcome(manifest: dict, path: Path) -> None:
     if counts["written"] == 0:
         first = manifest["rejected"][0] if manifest["rejected"] else None
         example = f" (first: {first['source']}: {first['reason'].splitlines()[0]})" if first else ""
-        raise DataError(f"all {counts['inputs']} inputs were rejected, none written{example}; "
-                        f"every reason is listed in {path}")
+        raise DataError(
+            f"all {counts['inputs']} inputs were rejected, none written{example}; every reason is listed in {path}"
+        )
     split = manifest["config"]["split"]
     settings = (
         f"split.mode {split['mode']}, train_fraction {split['train_fraction']}, {len(manifest['classes'])} classes"
     )
-    for name, purpose in (("train", "`dml train` has nothing to train on"),
-                          ("query", "`dml evaluate` has no queries")):
+    for name, purpose in (("train", "`dml train` has nothing to train on"), ("query", "`dml evaluate` has no queries")):
         if manifest["splits"].get(name, {}).get("count", 0) == 0:
             log.warning("prepare: the split leaves no %s samples (%s): %s", name, settings, purpose)
 

@@ -47,8 +47,17 @@ def interval_seconds() -> float:
         return DEFAULT_SECONDS
 
 
-def progress(iterable: Iterable | None = None, *, total: float | None = None, desc: str, unit: str = "it",
-             initial: int = 0, show: bool = True, leave: bool = True, **kwargs: Any) -> tqdm:
+def progress(
+    iterable: Iterable | None = None,
+    *,
+    total: float | None = None,
+    desc: str,
+    unit: str = "it",
+    initial: int = 0,
+    show: bool = True,
+    leave: bool = True,
+    **kwargs: Any,
+) -> tqdm:
     """A tqdm over ``iterable`` / ``total``: a bar on a terminal, periodic log lines otherwise,
     nothing when ``show`` is False (ranks other than 0)."""
     if not show:
@@ -57,6 +66,16 @@ def progress(iterable: Iterable | None = None, *, total: float | None = None, de
         return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, leave=leave, **kwargs)
     if total is None and isinstance(iterable, Sized):
         total = len(iterable)
-    return tqdm(iterable, total=total, desc=desc, unit=f" {unit}", initial=initial, file=LogLines(),
-                mininterval=interval_seconds(), ascii=True, leave=True,
-                bar_format=LINE_FORMAT if total else OPEN_FORMAT, **kwargs)
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        unit=f" {unit}",
+        initial=initial,
+        file=LogLines(),
+        mininterval=interval_seconds(),
+        ascii=True,
+        leave=True,
+        bar_format=LINE_FORMAT if total else OPEN_FORMAT,
+        **kwargs,
+    )

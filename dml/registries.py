@@ -46,8 +46,14 @@ class Registry:
         self.kind, self.key = kind, key
         self._entries: dict[str, Entry] = {}
 
-    def add(self, name: str, target: str, summary: str, params: Callable[[Any], dict[str, Any]] | None = None,
-            fits: str = "") -> None:
+    def add(
+        self,
+        name: str,
+        target: str,
+        summary: str,
+        params: Callable[[Any], dict[str, Any]] | None = None,
+        fits: str = "",
+    ) -> None:
         """Register ``name``; raises ValueError if it is taken or ``target`` is not ``module:attr``."""
         if name in self._entries:
             raise ValueError(f"{self.kind} {name!r} is registered twice")
@@ -123,47 +129,91 @@ def _loss(config: Any) -> Any:
 
 
 MARGINS = Registry("margin", "loss.kind")
-MARGINS.add("arcface", "dml.losses.margins:ArcFace", "additive angular margin cos(theta + m) (loss.scale, loss.margin)",
-            lambda c: {"s": _loss(c).scale, "m": _loss(c).margin})
-MARGINS.add("cosface", "dml.losses.margins:CosFace", "additive cosine margin cos(theta) - m (loss.scale, loss.margin)",
-            lambda c: {"s": _loss(c).scale, "m": _loss(c).margin})
-MARGINS.add("sphereface", "dml.losses.margins:SphereFace",
-            "multiplicative angular margin cos(m theta) (loss.scale, loss.margin >= 1)",
-            lambda c: {"s": _loss(c).scale, "m": _loss(c).margin})
-MARGINS.add("combined", "dml.losses.margins:CombinedMargin",
-            "cos(m1 theta + m2) - m3 (loss.scale, loss.combined_margins)",
-            lambda c: dict(zip(("s", "m1", "m2", "m3"), (_loss(c).scale, *_loss(c).combined_margins), strict=True)))
-MARGINS.add("normsoftmax", "dml.losses.margins:NormalizedSoftmax", "no margin, scaled cosine (loss.scale)",
-            lambda c: {"s": _loss(c).scale})
+MARGINS.add(
+    "arcface",
+    "dml.losses.margins:ArcFace",
+    "additive angular margin cos(theta + m) (loss.scale, loss.margin)",
+    lambda c: {"s": _loss(c).scale, "m": _loss(c).margin},
+)
+MARGINS.add(
+    "cosface",
+    "dml.losses.margins:CosFace",
+    "additive cosine margin cos(theta) - m (loss.scale, loss.margin)",
+    lambda c: {"s": _loss(c).scale, "m": _loss(c).margin},
+)
+MARGINS.add(
+    "sphereface",
+    "dml.losses.margins:SphereFace",
+    "multiplicative angular margin cos(m theta) (loss.scale, loss.margin >= 1)",
+    lambda c: {"s": _loss(c).scale, "m": _loss(c).margin},
+)
+MARGINS.add(
+    "combined",
+    "dml.losses.margins:CombinedMargin",
+    "cos(m1 theta + m2) - m3 (loss.scale, loss.combined_margins)",
+    lambda c: dict(zip(("s", "m1", "m2", "m3"), (_loss(c).scale, *_loss(c).combined_margins), strict=True)),
+)
+MARGINS.add(
+    "normsoftmax",
+    "dml.losses.margins:NormalizedSoftmax",
+    "no margin, scaled cosine (loss.scale)",
+    lambda c: {"s": _loss(c).scale},
+)
 
 PAIR_LOSSES = Registry("pair loss", "loss.kind")
-PAIR_LOSSES.add("triplet", "dml.losses.pairs:TripletMarginLoss",
-                "triplet margin loss (loss.triplet_margin, loss.mining)",
-                lambda c: {"margin": _loss(c).triplet_margin, "mining": _loss(c).mining}, fits="triplets")
-PAIR_LOSSES.add("contrastive", "dml.losses.pairs:ContrastiveLoss",
-                "contrastive loss (loss.pos_margin, loss.neg_margin)",
-                lambda c: {"pos_margin": _loss(c).pos_margin, "neg_margin": _loss(c).neg_margin}, fits="pairs")
-PAIR_LOSSES.add("multisimilarity", "dml.losses.pairs:MultiSimilarityLoss",
-                "multi-similarity loss (loss.ms_alpha, loss.ms_beta, loss.ms_base)",
-                lambda c: {"alpha": _loss(c).ms_alpha, "beta": _loss(c).ms_beta, "base": _loss(c).ms_base},
-                fits="pairs")
+PAIR_LOSSES.add(
+    "triplet",
+    "dml.losses.pairs:TripletMarginLoss",
+    "triplet margin loss (loss.triplet_margin, loss.mining)",
+    lambda c: {"margin": _loss(c).triplet_margin, "mining": _loss(c).mining},
+    fits="triplets",
+)
+PAIR_LOSSES.add(
+    "contrastive",
+    "dml.losses.pairs:ContrastiveLoss",
+    "contrastive loss (loss.pos_margin, loss.neg_margin)",
+    lambda c: {"pos_margin": _loss(c).pos_margin, "neg_margin": _loss(c).neg_margin},
+    fits="pairs",
+)
+PAIR_LOSSES.add(
+    "multisimilarity",
+    "dml.losses.pairs:MultiSimilarityLoss",
+    "multi-similarity loss (loss.ms_alpha, loss.ms_beta, loss.ms_base)",
+    lambda c: {"alpha": _loss(c).ms_alpha, "beta": _loss(c).ms_beta, "base": _loss(c).ms_base},
+    fits="pairs",
+)
 
 MINERS = Registry("miner", "loss.miner")
-MINERS.add("multisimilarity", "dml.losses.miners:MultiSimilarityMiner",
-           "multi-similarity pair mining (loss.miner_epsilon); with contrastive, multisimilarity",
-           lambda c: {"epsilon": _loss(c).miner_epsilon}, fits="pairs")
-MINERS.add("distance_weighted", "dml.losses.miners:DistanceWeightedMiner",
-           "distance-weighted negatives (loss.miner_cutoff, loss.miner_nonzero_cutoff); with triplet",
-           lambda c: {"cutoff": _loss(c).miner_cutoff, "nonzero_loss_cutoff": _loss(c).miner_nonzero_cutoff,
-                      "seed": c.seed}, fits="triplets")
+MINERS.add(
+    "multisimilarity",
+    "dml.losses.miners:MultiSimilarityMiner",
+    "multi-similarity pair mining (loss.miner_epsilon); with contrastive, multisimilarity",
+    lambda c: {"epsilon": _loss(c).miner_epsilon},
+    fits="pairs",
+)
+MINERS.add(
+    "distance_weighted",
+    "dml.losses.miners:DistanceWeightedMiner",
+    "distance-weighted negatives (loss.miner_cutoff, loss.miner_nonzero_cutoff); with triplet",
+    lambda c: {"cutoff": _loss(c).miner_cutoff, "nonzero_loss_cutoff": _loss(c).miner_nonzero_cutoff, "seed": c.seed},
+    fits="triplets",
+)
 
 POOLINGS = Registry("pooling", "model.pooling")
 POOLINGS.add("avg", "dml.models.pooling:AvgPool", "global average pooling (SPoC)")
 POOLINGS.add("max", "dml.models.pooling:MaxPool", "global max pooling (MAC)")
-POOLINGS.add("gem", "dml.models.pooling:GeM", "generalised-mean pooling, learnable exponent",
-             lambda s: {"p": s["gem_p"], "learnable": s["gem_learnable"]})
-POOLINGS.add("cls", "dml.models.tokens:ClassTokenPool",
-             "class token of a ViT-family backbone (there the others pool its patch tokens)")
+POOLINGS.add(
+    "gem",
+    "dml.models.pooling:GeM",
+    "generalised-mean pooling, learnable exponent",
+    lambda s: {"p": s["gem_p"], "learnable": s["gem_learnable"]},
+)
+POOLINGS.add(
+    "cls",
+    "dml.models.tokens:ClassTokenPool",
+    "class token of a ViT-family backbone (there the others pool its patch tokens)",
+)
+
 
 def parse_pooling(spec: str) -> list[str]:
     """Split a pooling spec such as ``"gem"`` or ``"avg+max+gem"`` into registered pooling names.
@@ -178,9 +228,15 @@ def parse_pooling(spec: str) -> list[str]:
     valid = POOLINGS.names()
     unknown = [name for name in names if name not in valid]
     if unknown:
-        raise ValueError(unknown_name(unknown[0], valid, "pooling",
-                                      f"{', '.join(valid)} or several joined by '+', e.g. 'avg+max+gem'",
-                                      f" in {spec!r}" if len(names) > 1 else ""))
+        raise ValueError(
+            unknown_name(
+                unknown[0],
+                valid,
+                "pooling",
+                f"{', '.join(valid)} or several joined by '+', e.g. 'avg+max+gem'",
+                f" in {spec!r}" if len(names) > 1 else "",
+            )
+        )
     if len(set(names)) != len(names):
         raise ValueError(f"pooling {spec!r} repeats a descriptor; each of {', '.join(valid)} may appear once")
     return names
@@ -190,8 +246,12 @@ SOURCES = Registry("source kind", "prepare.source.kind")
 SOURCES.add("folder", "dml.data.sources:FolderSource", "a folder per class (or split/class) of image files")
 SOURCES.add("csv", "dml.data.sources:TableSource", "a CSV manifest: path, label[, split] columns")
 SOURCES.add("parquet", "dml.data.sources:TableSource", "a Parquet manifest: path, label[, split] columns")
-SOURCES.add("idx", "dml.data.sources:IdxSource", "IDX files (MNIST / Fashion-MNIST layout)",
-            lambda s: {"class_names": s["class_names"]})
+SOURCES.add(
+    "idx",
+    "dml.data.sources:IdxSource",
+    "IDX files (MNIST / Fashion-MNIST layout)",
+    lambda s: {"class_names": s["class_names"]},
+)
 SOURCES.add("omniglot", "dml.data.sources:OmniglotSource", "Omniglot npz arrays (images_*.npz)")
 SOURCES.add("recordio", "dml.data.recordio:RecordIOSource", "an insightface RecordIO set (.rec/.idx)")
 

@@ -110,8 +110,10 @@ def _server_url() -> str:
 
     url = PREFECT_API_URL.value()
     if not url:
-        raise ConfigError("no Prefect server: start one (`prefect server start`) and set PREFECT_API_URL "
-                          "(e.g. `prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`)")
+        raise ConfigError(
+            "no Prefect server: start one (`prefect server start`) and set PREFECT_API_URL "
+            "(e.g. `prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`)"
+        )
     return url
 
 
@@ -139,24 +141,31 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     name = args.name or DEPLOYMENT
     deployment = serve_deployment(args.config, args.cron, args.overrides, name, args.interval)
-    print(f"pipeline: serving {FLOW_NAME}/{name} from this process, {when}, one run at a time, "
-          f"on {url}; each run retrains only when the data or the config changed. "
-          f"Recent runs: dml pipeline runs. Stop with Ctrl-C.", flush=True)
+    print(
+        f"pipeline: serving {FLOW_NAME}/{name} from this process, {when}, one run at a time, "
+        f"on {url}; each run retrains only when the data or the config changed. "
+        f"Recent runs: dml pipeline runs. Stop with Ctrl-C.",
+        flush=True,
+    )
     serve(deployment, print_starting_message=False)
     return 0
 
 
 def _worker_hint(pool: str, pool_type: str, url: str, config: str) -> list[str]:
     if pool_type == "process":
-        return [f"start the worker (here, or on a machine with the same paths): "
-                f"PREFECT_API_URL={url} prefect worker start --pool {pool}"]
+        return [
+            f"start the worker (here, or on a machine with the same paths): "
+            f"PREFECT_API_URL={url} prefect worker start --pool {pool}"
+        ]
     from pipeline.deployments import POD_CONFIG, RUN_CONFIG_MAP
 
-    return [f"the worker runs in the cluster: kubectl apply -k k8s/overlays/gpu-prod (or cpu-dev), with "
-            f"WORK_POOL={pool} and PREFECT_API_URL pointing at this server ({url}) in ConfigMap prefect-worker",
-            f"flow runs read their config from ConfigMap {RUN_CONFIG_MAP} ({POD_CONFIG}); to put this file there: "
-            f"dml config --config {config} > config.yaml && kubectl -n dml create configmap {RUN_CONFIG_MAP} "
-            f"--from-file=config.yaml --dry-run=client -o yaml | kubectl apply -f -"]
+    return [
+        f"the worker runs in the cluster: kubectl apply -k k8s/overlays/gpu-prod (or cpu-dev), with "
+        f"WORK_POOL={pool} and PREFECT_API_URL pointing at this server ({url}) in ConfigMap prefect-worker",
+        f"flow runs read their config from ConfigMap {RUN_CONFIG_MAP} ({POD_CONFIG}); to put this file there: "
+        f"dml config --config {config} > config.yaml && kubectl -n dml create configmap {RUN_CONFIG_MAP} "
+        f"--from-file=config.yaml --dry-run=client -o yaml | kubectl apply -f -",
+    ]
 
 
 def _cmd_deploy(args: argparse.Namespace) -> int:
@@ -182,11 +191,14 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
         name = args.name or f"{DEPLOYMENT}-k8s"
         deployment = kubernetes_deployment(args.image, name=name, **schedule)
     else:
-        raise ConfigError(f"work pool {args.work_pool} is of type {pool_type}: dml deploys to process or "
-                          "kubernetes pools")
+        raise ConfigError(
+            f"work pool {args.work_pool} is of type {pool_type}: dml deploys to process or kubernetes pools"
+        )
     deployment_id = deployment.apply()
-    print(f"pipeline: deployment {FLOW_NAME}/{name} ({deployment_id}) on work pool {args.work_pool} "
-          f"({pool_type}), {when}, one run at a time, on {url}")
+    print(
+        f"pipeline: deployment {FLOW_NAME}/{name} ({deployment_id}) on work pool {args.work_pool} "
+        f"({pool_type}), {when}, one run at a time, on {url}"
+    )
     for line in _worker_hint(args.work_pool, pool_type, url, args.config):
         print(f"pipeline: {line}")
     print("pipeline: recent runs: dml pipeline runs")
@@ -219,8 +231,9 @@ def _add_schedule_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help=f"deployment name (default {DEPLOYMENT}; {DEPLOYMENT}-k8s on a kubernetes pool)")
 
 
-def add_pipeline_commands(parser: argparse.ArgumentParser,
-                          add_config_args: Callable[[argparse.ArgumentParser, bool], None]) -> None:
+def add_pipeline_commands(
+    parser: argparse.ArgumentParser, add_config_args: Callable[[argparse.ArgumentParser, bool], None]
+) -> None:
     """The ``run``, ``serve``, ``deploy`` and ``runs`` subcommands of ``dml pipeline``;
     ``add_config_args(parser, required)`` adds ``--config`` and the dotted overrides."""
     sub = parser.add_subparsers(dest="action", required=True)
@@ -234,16 +247,23 @@ def add_pipeline_commands(parser: argparse.ArgumentParser,
     tune.add_argument("--resume", action="store_true", help="continue the study; killed trials are retried")
     tune.set_defaults(handler=_cmd_tune)
 
-    serve = sub.add_parser("serve", help="run the chain on a schedule from this machine (blocks); retrains "
-                                         "only when the data or the config changed")
+    serve = sub.add_parser(
+        "serve",
+        help="run the chain on a schedule from this machine (blocks); retrains "
+        "only when the data or the config changed",
+    )
     add_config_args(serve, True)
     _add_schedule_args(serve)
     serve.set_defaults(handler=_cmd_serve)
 
     deploy = sub.add_parser("deploy", help="register the scheduled chain on a work pool (process or kubernetes)")
     add_config_args(deploy, True)
-    deploy.add_argument("--work-pool", required=True, metavar="NAME",
-                        help="work pool; created when missing: kubernetes with --image, else process")
+    deploy.add_argument(
+        "--work-pool",
+        required=True,
+        metavar="NAME",
+        help="work pool; created when missing: kubernetes with --image, else process",
+    )
     deploy.add_argument("--image", help="image with dml installed (kubernetes pools)")
     _add_schedule_args(deploy)
     deploy.set_defaults(handler=_cmd_deploy)

@@ -50,50 +50,89 @@ def _schedule(cron: str | None, interval: float | None) -> dict[str, Any]:
     return {"interval": interval} if interval else {"cron": cron or NIGHTLY_CRON}
 
 
-def serve_deployment(config_path: str | Path, cron: str | None = NIGHTLY_CRON, overrides: list[str] | None = None,
-                     name: str = DEPLOYMENT, interval: float | None = None) -> RunnerDeployment:
+def serve_deployment(
+    config_path: str | Path,
+    cron: str | None = NIGHTLY_CRON,
+    overrides: list[str] | None = None,
+    name: str = DEPLOYMENT,
+    interval: float | None = None,
+) -> RunnerDeployment:
     """The scheduled retrain as a deployment for `prefect.serve` on this machine."""
-    return _to_deployment(name=name, **_schedule(cron, interval), concurrency_limit=ONE_AT_A_TIME,
-                                         parameters=_parameters(str(Path(config_path).resolve()), overrides),
-                                         tags=["dml", "nightly"])
+    return _to_deployment(
+        name=name,
+        **_schedule(cron, interval),
+        concurrency_limit=ONE_AT_A_TIME,
+        parameters=_parameters(str(Path(config_path).resolve()), overrides),
+        tags=["dml", "nightly"],
+    )
 
 
-def serve_nightly(config_path: str | Path, cron: str | None = NIGHTLY_CRON, overrides: list[str] | None = None,
-                  name: str = DEPLOYMENT, interval: float | None = None) -> None:
+def serve_nightly(
+    config_path: str | Path,
+    cron: str | None = NIGHTLY_CRON,
+    overrides: list[str] | None = None,
+    name: str = DEPLOYMENT,
+    interval: float | None = None,
+) -> None:
     """Serve the scheduled retrain from this process until interrupted (blocks)."""
     from prefect import serve
 
     serve(serve_deployment(config_path, cron, overrides, name, interval))
 
 
-def process_deployment(config_path: str | Path, work_pool: str, cron: str | None = NIGHTLY_CRON,
-                       overrides: list[str] | None = None, name: str = DEPLOYMENT,
-                       interval: float | None = None) -> RunnerDeployment:
+def process_deployment(
+    config_path: str | Path,
+    work_pool: str,
+    cron: str | None = NIGHTLY_CRON,
+    overrides: list[str] | None = None,
+    name: str = DEPLOYMENT,
+    interval: float | None = None,
+) -> RunnerDeployment:
     """The scheduled retrain for a ``process`` work pool. The worker imports the flow from
     this installed package (module-path entrypoint, no code pull) and runs it in the current
     directory, so ``config_path`` (made absolute) and the config's relative paths mean what
     they mean to `dml pipeline run` here: a worker on this machine, or one with the same paths."""
     return _to_deployment(
-        name=name, **_schedule(cron, interval), concurrency_limit=ONE_AT_A_TIME,
-        parameters=_parameters(str(Path(config_path).resolve()), overrides), work_pool_name=work_pool,
-        entrypoint_type=EntrypointType.MODULE_PATH, tags=["dml", "nightly"],
-        job_variables={"working_dir": str(Path.cwd())})
+        name=name,
+        **_schedule(cron, interval),
+        concurrency_limit=ONE_AT_A_TIME,
+        parameters=_parameters(str(Path(config_path).resolve()), overrides),
+        work_pool_name=work_pool,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        tags=["dml", "nightly"],
+        job_variables={"working_dir": str(Path.cwd())},
+    )
 
 
-def kubernetes_deployment(image: str, config_path: str = POD_CONFIG, cron: str | None = NIGHTLY_CRON,
-                          work_pool: str = WORK_POOL, namespace: str = "dml",
-                          overrides: list[str] | None = None, name: str = f"{DEPLOYMENT}-k8s",
-                          interval: float | None = None) -> RunnerDeployment:
+def kubernetes_deployment(
+    image: str,
+    config_path: str = POD_CONFIG,
+    cron: str | None = NIGHTLY_CRON,
+    work_pool: str = WORK_POOL,
+    namespace: str = "dml",
+    overrides: list[str] | None = None,
+    name: str = f"{DEPLOYMENT}-k8s",
+    interval: float | None = None,
+) -> RunnerDeployment:
     """The scheduled retrain for a Kubernetes work pool. The flow runs from ``image`` (which
     has this package installed: module-path entrypoint, no code pull) and launches each stage
     as its own Job (``pipeline.launcher=kubernetes`` with the same image and namespace)."""
     launcher = ["pipeline.launcher=kubernetes", f"pipeline.image={image}", f"pipeline.namespace={namespace}"]
     return _to_deployment(
-        name=name, **_schedule(cron, interval), concurrency_limit=ONE_AT_A_TIME,
+        name=name,
+        **_schedule(cron, interval),
+        concurrency_limit=ONE_AT_A_TIME,
         parameters=_parameters(config_path, [*launcher, *(overrides or [])]),
-        work_pool_name=work_pool, entrypoint_type=EntrypointType.MODULE_PATH, tags=["dml", "nightly", "kubernetes"],
-        job_variables={"image": image, "namespace": namespace, "service_account_name": SERVICE_ACCOUNT,
-                       "image_pull_policy": "IfNotPresent", "env": {"OMP_NUM_THREADS": "1"}},
+        work_pool_name=work_pool,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        tags=["dml", "nightly", "kubernetes"],
+        job_variables={
+            "image": image,
+            "namespace": namespace,
+            "service_account_name": SERVICE_ACCOUNT,
+            "image_pull_policy": "IfNotPresent",
+            "env": {"OMP_NUM_THREADS": "1"},
+        },
     )
 
 
@@ -101,20 +140,27 @@ def _variables() -> dict[str, Any]:
     def string(default: str | None, description: str) -> dict[str, Any]:
         return {"type": "string", "default": default, "description": description}
 
-    return {"type": "object", "properties": {
-        "name": string(None, "Job name prefix"),
-        "namespace": string("dml", "Namespace of the flow-run Jobs"),
-        "image": string("dml:0.1.0", "Image with the dml package installed"),
-        "image_pull_policy": {"type": "string", "enum": ["IfNotPresent", "Always", "Never"], "default": "IfNotPresent"},
-        "service_account_name": string(SERVICE_ACCOUNT, "Service account allowed to create stage Jobs"),
-        "env": {"type": "object", "additionalProperties": {"type": "string"}, "default": {}},
-        "labels": {"type": "object", "additionalProperties": {"type": "string"}, "default": {}},
-        "command": string(None, "Command of the flow-run container (set by the worker)"),
-        "finished_job_ttl": {"type": "integer", "default": 604800},
-        "job_watch_timeout_seconds": {"type": "integer", "default": None},
-        "pod_watch_timeout_seconds": {"type": "integer", "default": 300},
-        "stream_output": {"type": "boolean", "default": True},
-    }}
+    return {
+        "type": "object",
+        "properties": {
+            "name": string(None, "Job name prefix"),
+            "namespace": string("dml", "Namespace of the flow-run Jobs"),
+            "image": string("dml:0.1.0", "Image with the dml package installed"),
+            "image_pull_policy": {
+                "type": "string",
+                "enum": ["IfNotPresent", "Always", "Never"],
+                "default": "IfNotPresent",
+            },
+            "service_account_name": string(SERVICE_ACCOUNT, "Service account allowed to create stage Jobs"),
+            "env": {"type": "object", "additionalProperties": {"type": "string"}, "default": {}},
+            "labels": {"type": "object", "additionalProperties": {"type": "string"}, "default": {}},
+            "command": string(None, "Command of the flow-run container (set by the worker)"),
+            "finished_job_ttl": {"type": "integer", "default": 604800},
+            "job_watch_timeout_seconds": {"type": "integer", "default": None},
+            "pod_watch_timeout_seconds": {"type": "integer", "default": 300},
+            "stream_output": {"type": "boolean", "default": True},
+        },
+    }
 
 
 def work_pool_base_job_template() -> dict[str, Any]:
@@ -125,25 +171,44 @@ def work_pool_base_job_template() -> dict[str, Any]:
     mounts += [{"name": name, "mountPath": path, **({"readOnly": True} if ro else {})} for name, _, path, ro in VOLUMES]
     volumes = [{"name": "config", "configMap": {"name": RUN_CONFIG_MAP}}]
     volumes += [{"name": name, "persistentVolumeClaim": {"claimName": claim}} for name, claim, _, _ in VOLUMES]
-    container = {"name": "prefect-job", "image": "{{ image }}", "imagePullPolicy": "{{ image_pull_policy }}",
-                 "args": "{{ command }}", "env": "{{ env }}", "volumeMounts": mounts,
-                 "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}
+    container = {
+        "name": "prefect-job",
+        "image": "{{ image }}",
+        "imagePullPolicy": "{{ image_pull_policy }}",
+        "args": "{{ command }}",
+        "env": "{{ env }}",
+        "volumeMounts": mounts,
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+    }
     # parallelism / completions inside the pod spec: prefect-kubernetes' worker refuses a
     # template without them there (it checks against its own base manifest); the API server
     # drops them from the pod template with a warning.
-    pod = {"parallelism": 1, "completions": 1, "restartPolicy": "Never",
-           "serviceAccountName": "{{ service_account_name }}",
-           "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS},
-           "containers": [container], "volumes": volumes}
-    manifest = {"apiVersion": "batch/v1", "kind": "Job",
-                "metadata": {"generateName": "{{ name }}-", "namespace": "{{ namespace }}", "labels": "{{ labels }}"},
-                "spec": {"backoffLimit": 0, "ttlSecondsAfterFinished": "{{ finished_job_ttl }}",
-                         "template": {"spec": pod}}}
-    configuration = {"command": "{{ command }}", "env": "{{ env }}", "labels": "{{ labels }}", "name": "{{ name }}",
-                     "namespace": "{{ namespace }}", "job_manifest": manifest,
-                     "job_watch_timeout_seconds": "{{ job_watch_timeout_seconds }}",
-                     "pod_watch_timeout_seconds": "{{ pod_watch_timeout_seconds }}",
-                     "stream_output": "{{ stream_output }}"}
+    pod = {
+        "parallelism": 1,
+        "completions": 1,
+        "restartPolicy": "Never",
+        "serviceAccountName": "{{ service_account_name }}",
+        "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS},
+        "containers": [container],
+        "volumes": volumes,
+    }
+    manifest = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"generateName": "{{ name }}-", "namespace": "{{ namespace }}", "labels": "{{ labels }}"},
+        "spec": {"backoffLimit": 0, "ttlSecondsAfterFinished": "{{ finished_job_ttl }}", "template": {"spec": pod}},
+    }
+    configuration = {
+        "command": "{{ command }}",
+        "env": "{{ env }}",
+        "labels": "{{ labels }}",
+        "name": "{{ name }}",
+        "namespace": "{{ namespace }}",
+        "job_manifest": manifest,
+        "job_watch_timeout_seconds": "{{ job_watch_timeout_seconds }}",
+        "pod_watch_timeout_seconds": "{{ pod_watch_timeout_seconds }}",
+        "stream_output": "{{ stream_output }}",
+    }
     return {"job_configuration": configuration, "variables": _variables()}
 
 

@@ -30,8 +30,9 @@ def run_stages(config: PipelineRunConfig, stages: list[str]) -> dict[str, StageO
     """Run ``stages`` in order; on a failure publish the failure artifact and re-raise."""
     outcomes: dict[str, StageOutcome] = {}
     settings = config.pipeline
-    stage_task = run_stage.with_options(retries=settings.stage_retries,
-                                        retry_delay_seconds=settings.retry_delay_seconds)
+    stage_task = run_stage.with_options(
+        retries=settings.stage_retries, retry_delay_seconds=settings.retry_delay_seconds
+    )
     for stage in stages:
         try:
             # A skipped stage returns a "Cached" state: ask for the state and take its result.
@@ -69,8 +70,7 @@ def _decision(config: PipelineRunConfig, only_if_data_changed: bool) -> str | No
 
 
 @flow(name=FLOW_NAME)
-def nightly_retrain(config_path: str, overrides: list[str] | None = None,
-                    only_if_data_changed: bool = True) -> State:
+def nightly_retrain(config_path: str, overrides: list[str] | None = None, only_if_data_changed: bool = True) -> State:
     """Prepare the data (new raw files give new shards), then run the chain only when some
     stage's outputs are not current: the data manifest or the config changed, an output is
     missing, or the last attempt crashed (it resumes through the stage stamps). Otherwise the
@@ -84,8 +84,11 @@ def nightly_retrain(config_path: str, overrides: list[str] | None = None,
         reason = f"data manifest {manifest[:12]} and config unchanged, every stage's outputs are current"
         get_run_logger().info("no retrain: %s", reason)
         publish_decision_artifact(retrained=False, reason=reason)
-        return Completed(name="Skipped", message=f"skipped: {reason}",
-                         data={"retrained": False, "reason": reason, "manifest_sha256": manifest})
+        return Completed(
+            name="Skipped",
+            message=f"skipped: {reason}",
+            data={"retrained": False, "reason": reason, "manifest_sha256": manifest},
+        )
     get_run_logger().info("retraining: %s", reason)
     publish_decision_artifact(retrained=True, reason=reason)
     summary = run_chain(config)

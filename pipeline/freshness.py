@@ -16,8 +16,14 @@ from pipeline.stage_cache import read_stamp
 from pipeline.stage_specs import StageSpec, build_spec, chained_stages
 
 # What each cache input of `pipeline.stage_specs` means, for the reason a user reads.
-INPUT_NAMES = {"config": "its config", "source": "the raw data", "manifest": "the data manifest",
-               "teacher": "the teacher model", "model": "the model it reads", "report": "the student's report"}
+INPUT_NAMES = {
+    "config": "its config",
+    "source": "the raw data",
+    "manifest": "the data manifest",
+    "teacher": "the teacher model",
+    "model": "the model it reads",
+    "report": "the student's report",
+}
 
 
 def changed_inputs(spec: StageSpec, recorded: dict) -> list[str]:

@@ -38,8 +38,9 @@ def _uri(path: str) -> str:
 def publish_summary_artifacts(summary: dict[str, Any]) -> None:
     """The metrics table (markdown) and links to the student report and the model card
     (published copies when there are, else the run's own files)."""
-    create_markdown_artifact(metrics_markdown(summary), key=METRICS_KEY,
-                             description="Headline retrieval metrics of teacher and student")
+    create_markdown_artifact(
+        metrics_markdown(summary), key=METRICS_KEY, description="Headline retrieval metrics of teacher and student"
+    )
     # The same numbers as data, read back by `dml pipeline runs`.
     create_table_artifact(headline_rows(summary), key=HEADLINE_KEY, description="MAP@R and P@1 per model")
     published = summary["published"]
@@ -53,21 +54,27 @@ def publish_summary_artifacts(summary: dict[str, Any]) -> None:
 
 def failure_markdown(error: StageFailed, done: dict[str, StageOutcome]) -> str:
     """Markdown naming the failed stage, its reason and log, and the outputs of the stages before it."""
-    lines = [f"## Stage `{error.stage}` failed", "", f"- reason: {error.reason}",
-             f"- log: `{error.log_path or 'no log (the stage did not start)'}`", "",
-             "Outputs of the stages before it are kept:", ""]
+    lines = [
+        f"## Stage `{error.stage}` failed",
+        "",
+        f"- reason: {error.reason}",
+        f"- log: `{error.log_path or 'no log (the stage did not start)'}`",
+        "",
+        "Outputs of the stages before it are kept:",
+        "",
+    ]
     lines += [f"- {name} ({outcome.status}): `{outcome.output_dir}`" for name, outcome in done.items()]
     return "\n".join(lines) + "\n"
 
 
 def publish_failure_artifact(error: StageFailed, done: dict[str, StageOutcome]) -> None:
     """Publish `failure_markdown` as the flow run's failure artifact."""
-    create_markdown_artifact(failure_markdown(error, done), key=FAILURE_KEY,
-                             description=f"stage {error.stage} failed")
+    create_markdown_artifact(failure_markdown(error, done), key=FAILURE_KEY, description=f"stage {error.stage} failed")
 
 
 def publish_decision_artifact(retrained: bool, reason: str) -> None:
     """Why a scheduled run retrained, or why it skipped."""
     title = "Retrained" if retrained else "Skipped: nothing to retrain"
-    create_markdown_artifact(f"## {title}\n\n{reason}\n", key=DECISION_KEY,
-                             description="retrain decision of a scheduled run")
+    create_markdown_artifact(
+        f"## {title}\n\n{reason}\n", key=DECISION_KEY, description="retrain decision of a scheduled run"
+    )

@@ -36,8 +36,15 @@ def retry_unless_input_error(task: Any, task_run: Any, state: Any) -> bool:
     return not (isinstance(error, StageFailed) and error.input_error)
 
 
-@task(name="stage", task_run_name="{stage}", retries=STAGE_RETRIES, retry_delay_seconds=RETRY_DELAY_SECONDS,
-      retry_condition_fn=retry_unless_input_error, cache_policy=NO_CACHE, persist_result=False)
+@task(
+    name="stage",
+    task_run_name="{stage}",
+    retries=STAGE_RETRIES,
+    retry_delay_seconds=RETRY_DELAY_SECONDS,
+    retry_condition_fn=retry_unless_input_error,
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
 def run_stage(stage: str, config: PipelineRunConfig) -> StageOutcome:
     """Run or skip one stage with the launcher named in ``config.pipeline``."""
     logger = get_run_logger()
@@ -46,7 +53,8 @@ def run_stage(stage: str, config: PipelineRunConfig) -> StageOutcome:
         logger.info("%s: inputs unchanged, outputs in %s", stage, outcome.output_dir)
         # Prefect hands the caller the state's data (the outcome); the state only names the run "Cached".
         return Completed(  # type: ignore[return-value]
-            name="Cached", message=f"inputs unchanged (key {outcome.key[:12]})", data=outcome)
+            name="Cached", message=f"inputs unchanged (key {outcome.key[:12]})", data=outcome
+        )
     logger.info("%s: done -> %s (log %s)", stage, outcome.output_dir, outcome.log_path)
     return outcome
 

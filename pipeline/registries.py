@@ -11,10 +11,20 @@ from dml.registries import Registry
 
 LAUNCHERS = Registry("launcher", "pipeline.launcher")
 LAUNCHERS.add("inprocess", "pipeline.launchers.inprocess:InProcessLauncher", "stages in the flow's own process")
-LAUNCHERS.add("torchrun", "pipeline.launchers.torchrun:TorchrunLauncher",
-              "local torchrun processes (pipeline.nproc_per_node, pipeline.max_restarts)",
-              lambda p: {"nproc_per_node": p.nproc_per_node, "max_restarts": p.max_restarts})
-LAUNCHERS.add("kubernetes", "pipeline.launchers.kubernetes:KubernetesLauncher",
-              "a Kubernetes Job per stage (pipeline.namespace, pipeline.image, ...)",
-              lambda p: {"namespace": p.namespace, "image": p.image, "nproc_per_node": p.nproc_per_node,
-                         "max_restarts": p.max_restarts})
+LAUNCHERS.add(
+    "torchrun",
+    "pipeline.launchers.torchrun:TorchrunLauncher",
+    "local torchrun processes (pipeline.nproc_per_node, pipeline.max_restarts)",
+    lambda p: {"nproc_per_node": p.nproc_per_node, "max_restarts": p.max_restarts},
+)
+LAUNCHERS.add(
+    "kubernetes",
+    "pipeline.launchers.kubernetes:KubernetesLauncher",
+    "a Kubernetes Job per stage (pipeline.namespace, pipeline.image, ...)",
+    lambda p: {
+        "namespace": p.namespace,
+        "image": p.image,
+        "nproc_per_node": p.nproc_per_node,
+        "max_restarts": p.max_restarts,
+    },
+)

@@ -61,20 +61,28 @@ def _deployment_names(client: SyncPrefectClient, runs: list[FlowRun]) -> dict[UU
     if not ids:
         return {}
     # sort and limit explicitly: this server rejects the client's nulls for them (422)
-    found = client.read_deployments(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=ids)),
-                                    sort=DeploymentSort.NAME_ASC, limit=len(ids))
+    found = client.read_deployments(
+        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=ids)),
+        sort=DeploymentSort.NAME_ASC,
+        limit=len(ids),
+    )
     return {deployment.id: deployment.name for deployment in found}
 
 
 def _headlines(client: SyncPrefectClient, runs: list[FlowRun]) -> dict[UUID, list[dict[str, Any]]]:
     if not runs:
         return {}
-    artifacts = ArtifactFilter(key=ArtifactFilterKey(any_=[HEADLINE_KEY]),
-                               flow_run_id=ArtifactFilterFlowRunId(any_=[run.id for run in runs]))
+    artifacts = ArtifactFilter(
+        key=ArtifactFilterKey(any_=[HEADLINE_KEY]), flow_run_id=ArtifactFilterFlowRunId(any_=[run.id for run in runs])
+    )
     # Posted without flow_runs / task_runs filters: prefect 3.8.8's read_artifacts sends them
     # as null, which its server rejects (422), and empty ones drop flow-level artifacts.
-    body = {"artifacts": artifacts.model_dump(mode="json", exclude_unset=True), "sort": "CREATED_DESC",
-            "limit": len(runs) * 4, "offset": 0}
+    body = {
+        "artifacts": artifacts.model_dump(mode="json", exclude_unset=True),
+        "sort": "CREATED_DESC",
+        "limit": len(runs) * 4,
+        "offset": 0,
+    }
     response = client.request("POST", "/artifacts/filter", json=body)
     response.raise_for_status()
     found: dict[UUID, list[dict[str, Any]]] = {}
@@ -91,17 +99,28 @@ def recent_runs(limit: int = 10, deployment: str | None = None) -> list[RunRecor
     not_future = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(not_any_=[StateType.SCHEDULED])))
     deployments = DeploymentFilter(name=DeploymentFilterName(any_=[deployment])) if deployment else None
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW_NAME])),
-                                     flow_run_filter=not_future, deployment_filter=deployments,
-                                     sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=limit)
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW_NAME])),
+            flow_run_filter=not_future,
+            deployment_filter=deployments,
+            sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+            limit=limit,
+        )
         names = _deployment_names(client, runs)
         headlines = _headlines(client, runs)
-    return [RunRecord(name=run.name, deployment=names.get(run.deployment_id) if run.deployment_id else None,
-                      state=run.state_name or "",
-                      state_type=run.state_type.value if run.state_type else "", expected_start=run.expected_start_time,
-                      duration_s=_duration(run), message=(run.state.message or "") if run.state else "",
-                      models=headlines.get(run.id, []))
-            for run in runs]
+    return [
+        RunRecord(
+            name=run.name,
+            deployment=names.get(run.deployment_id) if run.deployment_id else None,
+            state=run.state_name or "",
+            state_type=run.state_type.value if run.state_type else "",
+            expected_start=run.expected_start_time,
+            duration_s=_duration(run),
+            message=(run.state.message or "") if run.state else "",
+            models=headlines.get(run.id, []),
+        )
+        for run in runs
+    ]
 
 
 def _metric(value: Any) -> str:

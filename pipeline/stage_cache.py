@@ -40,13 +40,28 @@ def read_stamp(output_dir: str | Path) -> dict[str, Any] | None:
     return stamp if isinstance(stamp, dict) else None
 
 
-def write_stamp(output_dir: str | Path, stage: str, key: str, status: str, inputs: dict[str, Any],
-                result: dict[str, Any] | None = None) -> Path:
+def write_stamp(
+    output_dir: str | Path,
+    stage: str,
+    key: str,
+    status: str,
+    inputs: dict[str, Any],
+    result: dict[str, Any] | None = None,
+) -> Path:
     """Write (atomically) the stamp for ``stage`` in ``output_dir``."""
     path = Path(output_dir) / STAMP_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, {"stage": stage, "key": key, "status": status, "inputs": inputs,
-                             "result": result or {}, "updated_at": utc_now()})
+    write_json_atomic(
+        path,
+        {
+            "stage": stage,
+            "key": key,
+            "status": status,
+            "inputs": inputs,
+            "result": result or {},
+            "updated_at": utc_now(),
+        },
+    )
     return path
 
 
@@ -68,8 +83,13 @@ def _finished_sibling(output_dir: Path, stage: str, key: str, done_file: str) ->
         return None
     for candidate in sorted(output_dir.parent.glob(f"{output_dir.name}.superseded-*"), reverse=True):
         stamp = read_stamp(candidate)
-        if (stamp is not None and stamp.get("stage") == stage and stamp.get("key") == key
-                and stamp.get("status") == "done" and (candidate / done_file).exists()):
+        if (
+            stamp is not None
+            and stamp.get("stage") == stage
+            and stamp.get("key") == key
+            and stamp.get("status") == "done"
+            and (candidate / done_file).exists()
+        ):
             return candidate
     return None
 

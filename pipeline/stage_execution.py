@@ -29,8 +29,13 @@ def execute_stage(stage: str, config: DMLConfig, launcher: Launcher) -> StageOut
         assert stamp is not None  # a cached output dir has its stamp
         log.info("%s: inputs unchanged (key %s): using %s", stage, spec.key[:12], spec.output_dir)
         return StageOutcome(stage, "cached", spec.key, str(spec.output_dir), str(spec.log_path), stamp["result"])
-    log.info("%s: %s run via %s -> %s", stage, "resuming" if decision == "resume" else "fresh", launcher.name,
-             spec.output_dir)
+    log.info(
+        "%s: %s run via %s -> %s",
+        stage,
+        "resuming" if decision == "resume" else "fresh",
+        launcher.name,
+        spec.output_dir,
+    )
     write_stamp(spec.output_dir, stage, spec.key, "running", spec.inputs)
     launcher.launch(spec, resume=decision == "resume")
     if not (spec.output_dir / spec.done_file).is_file():

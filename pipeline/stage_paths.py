@@ -49,11 +49,14 @@ def check_layout(config: DMLConfig) -> None:
 
     Raises ConfigError naming the two folders that overlap.
     """
-    folders = {"prepare.output_dir": Path(config.prepare.output_dir), "train.run_dir": Path(config.train.run_dir),
-               "distill.run_dir": Path(config.distill.run_dir)}
+    folders = {
+        "prepare.output_dir": Path(config.prepare.output_dir),
+        "train.run_dir": Path(config.train.run_dir),
+        "distill.run_dir": Path(config.distill.run_dir),
+    }
     names = list(folders)
     for i, first in enumerate(names):
-        for second in names[i + 1:]:
+        for second in names[i + 1 :]:
             a, b = folders[first], folders[second]
             if _nested(a, b) or _nested(b, a):
                 raise ConfigError(f"pipeline: {first} ({a}) and {second} ({b}) must be separate folders")
@@ -63,8 +66,11 @@ def load_pipeline_config(config_path: str | Path | None, overrides: list[str] | 
     """Load the config and point training/evaluation at the shards the pipeline prepares."""
     config = load_config(config_path, list(overrides or []), model=PipelineRunConfig)
     if config.data.shard_dir != config.prepare.output_dir:
-        log.info("pipeline: data.shard_dir %s replaced by prepare.output_dir %s",
-                 config.data.shard_dir, config.prepare.output_dir)
+        log.info(
+            "pipeline: data.shard_dir %s replaced by prepare.output_dir %s",
+            config.data.shard_dir,
+            config.prepare.output_dir,
+        )
     values: dict[str, Any] = {"data.shard_dir": config.prepare.output_dir, "distill.teacher": config.train.run_dir}
     if config.distill.student.embedding_dim is None:
         # The student is trained in the teacher's embedding space (dml.distill.run); the
@@ -105,5 +111,11 @@ def distill_config(config: DMLConfig) -> DMLConfig:
 def export_config(config: DMLConfig) -> DMLConfig:
     """``config`` set to export the student's model into ``<distill.run_dir>/export``."""
     run = Path(config.distill.run_dir)
-    return with_values(config, {"export.model_path": str(run / MODEL_FILE), "export.output_dir": str(run / "export"),
-                                "export.report_path": str(run / "eval" / REPORT_FILE)})
+    return with_values(
+        config,
+        {
+            "export.model_path": str(run / MODEL_FILE),
+            "export.output_dir": str(run / "export"),
+            "export.report_path": str(run / "eval" / REPORT_FILE),
+        },
+    )

@@ -79,24 +79,50 @@ def _manifest_digest(config: DMLConfig) -> str:
 
 def prepare_spec(config: DMLConfig) -> StageSpec:
     """The prepare stage: keyed by the prepare section and the source's fingerprint."""
-    inputs = {"config": sections_digest(config, ["prepare"]),
-              "source": source_fingerprint(config.prepare.source.path)}
-    return StageSpec("prepare", "prepare", config, Path(config.prepare.output_dir), MANIFEST, inputs,
-                     distributed=False, resumable=True)
+    inputs = {"config": sections_digest(config, ["prepare"]), "source": source_fingerprint(config.prepare.source.path)}
+    return StageSpec(
+        "prepare",
+        "prepare",
+        config,
+        Path(config.prepare.output_dir),
+        MANIFEST,
+        inputs,
+        distributed=False,
+        resumable=True,
+    )
 
 
 def train_spec(config: DMLConfig) -> StageSpec:
     """The teacher's training: keyed by the training sections and the data manifest."""
     inputs = {"config": sections_digest(config, TRAIN_SECTIONS), "manifest": _manifest_digest(config)}
-    return StageSpec("train", "train", config, Path(config.train.run_dir), stage_paths.MODEL_FILE, inputs,
-                     distributed=True, resumable=True)
+    return StageSpec(
+        "train",
+        "train",
+        config,
+        Path(config.train.run_dir),
+        stage_paths.MODEL_FILE,
+        inputs,
+        distributed=True,
+        resumable=True,
+    )
 
 
 def _evaluate_spec(name: str, config: DMLConfig) -> StageSpec:
-    inputs = {"config": sections_digest(config, EVALUATE_SECTIONS), "manifest": _manifest_digest(config),
-              "model": file_digest(config.evaluate.model_path)}
-    return StageSpec(name, "evaluate", config, Path(config.evaluate.output_dir), "report.json", inputs,
-                     distributed=True, resumable=False)
+    inputs = {
+        "config": sections_digest(config, EVALUATE_SECTIONS),
+        "manifest": _manifest_digest(config),
+        "model": file_digest(config.evaluate.model_path),
+    }
+    return StageSpec(
+        name,
+        "evaluate",
+        config,
+        Path(config.evaluate.output_dir),
+        "report.json",
+        inputs,
+        distributed=True,
+        resumable=False,
+    )
 
 
 def evaluate_teacher_spec(config: DMLConfig) -> StageSpec:
@@ -112,10 +138,21 @@ def evaluate_student_spec(config: DMLConfig) -> StageSpec:
 def distill_spec(config: DMLConfig) -> StageSpec:
     """The student's distillation from this pipeline's teacher, keyed by the teacher's model file too."""
     config = stage_paths.distill_config(config)
-    inputs = {"config": sections_digest(config, [*TRAIN_SECTIONS, "distill"]), "manifest": _manifest_digest(config),
-              "teacher": file_digest(stage_paths.teacher_model_file(config))}
-    return StageSpec("distill", "distill", config, Path(config.distill.run_dir), stage_paths.MODEL_FILE, inputs,
-                     distributed=True, resumable=True)
+    inputs = {
+        "config": sections_digest(config, [*TRAIN_SECTIONS, "distill"]),
+        "manifest": _manifest_digest(config),
+        "teacher": file_digest(stage_paths.teacher_model_file(config)),
+    }
+    return StageSpec(
+        "distill",
+        "distill",
+        config,
+        Path(config.distill.run_dir),
+        stage_paths.MODEL_FILE,
+        inputs,
+        distributed=True,
+        resumable=True,
+    )
 
 
 def export_spec(config: DMLConfig) -> StageSpec:
@@ -124,15 +161,31 @@ def export_spec(config: DMLConfig) -> StageSpec:
     student = stage_paths.student_model_file(config)
     assert config.export.report_path is not None  # export_config sets it
     report = Path(config.export.report_path)  # run_export copies its headline metrics into the card
-    inputs = {"config": sections_digest(config, ["data", "export"]), "manifest": _manifest_digest(config),
-              "model": file_digest(student), "report": file_digest(report) if report.is_file() else "none"}
-    return StageSpec("export", "export", config, Path(config.export.output_dir), "model_card.json", inputs,
-                     distributed=False, resumable=False)
+    inputs = {
+        "config": sections_digest(config, ["data", "export"]),
+        "manifest": _manifest_digest(config),
+        "model": file_digest(student),
+        "report": file_digest(report) if report.is_file() else "none",
+    }
+    return StageSpec(
+        "export",
+        "export",
+        config,
+        Path(config.export.output_dir),
+        "model_card.json",
+        inputs,
+        distributed=False,
+        resumable=False,
+    )
 
 
 SPEC_BUILDERS: dict[str, Callable[[DMLConfig], StageSpec]] = {
-    "prepare": prepare_spec, "train": train_spec, "evaluate_teacher": evaluate_teacher_spec,
-    "distill": distill_spec, "evaluate_student": evaluate_student_spec, "export": export_spec,
+    "prepare": prepare_spec,
+    "train": train_spec,
+    "evaluate_teacher": evaluate_teacher_spec,
+    "distill": distill_spec,
+    "evaluate_student": evaluate_student_spec,
+    "export": export_spec,
 }
 
 
@@ -170,15 +223,24 @@ def training_result(spec: StageSpec) -> dict[str, Any]:
     model = spec.output_dir / stage_paths.MODEL_FILE
     result_file = spec.output_dir / "train_result.json"
     saved = _read_json(result_file) if result_file.is_file() else {}
-    return {"model_path": str(model), "model_sha256": file_digest(model), "steps": saved.get("steps"),
-            "checkpoint": saved.get("checkpoint"), "metrics": saved.get("metrics", {})}
+    return {
+        "model_path": str(model),
+        "model_sha256": file_digest(model),
+        "steps": saved.get("steps"),
+        "checkpoint": saved.get("checkpoint"),
+        "metrics": saved.get("metrics", {}),
+    }
 
 
 def evaluate_result(spec: StageSpec) -> dict[str, Any]:
     """The report paths, the evaluated model and the headline metrics."""
     report = _read_json(spec.output_dir / "report.json")
-    return {"report_path": str(spec.output_dir / "report.json"), "markdown_path": str(spec.output_dir / "report.md"),
-            "model_path": spec.config.evaluate.model_path, "metrics": report.get("headline", {})}
+    return {
+        "report_path": str(spec.output_dir / "report.json"),
+        "markdown_path": str(spec.output_dir / "report.md"),
+        "model_path": spec.config.evaluate.model_path,
+        "metrics": report.get("headline", {}),
+    }
 
 
 def export_result(spec: StageSpec) -> dict[str, Any]:
@@ -189,8 +251,11 @@ def export_result(spec: StageSpec) -> dict[str, Any]:
 
 
 RESULT_READERS: dict[str, Callable[[StageSpec], dict[str, Any]]] = {
-    "prepare": prepare_result, "train": training_result, "distill": training_result,
-    "evaluate": evaluate_result, "export": export_result,
+    "prepare": prepare_result,
+    "train": training_result,
+    "distill": training_result,
+    "evaluate": evaluate_result,
+    "export": export_result,
 }
 
 

@@ -7,8 +7,14 @@ from typing import Any
 
 from pipeline.stage_specs import StageOutcome
 
-HEADLINE = (("map_at_r", "MAP@R"), ("precision_at_1", "P@1"), ("r_precision", "R-precision"),
-            ("recall_at_5", "Recall@5"), ("roc_auc", "ROC AUC"), ("eer", "EER"))
+HEADLINE = (
+    ("map_at_r", "MAP@R"),
+    ("precision_at_1", "P@1"),
+    ("r_precision", "R-precision"),
+    ("recall_at_5", "Recall@5"),
+    ("roc_auc", "ROC AUC"),
+    ("eer", "EER"),
+)
 
 
 def _evaluation(outcomes: dict[str, StageOutcome], stage: str) -> dict[str, Any]:
@@ -22,8 +28,10 @@ def summarize(outcomes: dict[str, StageOutcome], published: dict[str, str] | Non
     """JSON-able summary of a (finished) chained run."""
     export = outcomes["export"].result if "export" in outcomes else {}
     return {
-        "stages": {name: {"status": o.status, "output_dir": o.output_dir, "log_path": o.log_path}
-                   for name, o in outcomes.items()},
+        "stages": {
+            name: {"status": o.status, "output_dir": o.output_dir, "log_path": o.log_path}
+            for name, o in outcomes.items()
+        },
         "teacher": _evaluation(outcomes, "evaluate_teacher"),
         "student": _evaluation(outcomes, "evaluate_student"),
         "model_card": export.get("card_path"),
@@ -46,9 +54,11 @@ def metrics_markdown(summary: dict[str, Any]) -> str:
     lines += ["", "## Stages", "", "| stage | status | output |", "|---|---|---|"]
     lines += [f"| {name} | {info['status']} | `{info['output_dir']}` |" for name, info in summary["stages"].items()]
     lines += ["", "## Files", ""]
-    for label, path in (("teacher report", summary["teacher"]["report_path"]),
-                        ("student report", summary["student"]["report_path"]),
-                        ("model card", summary["model_card"])):
+    for label, path in (
+        ("teacher report", summary["teacher"]["report_path"]),
+        ("student report", summary["student"]["report_path"]),
+        ("model card", summary["model_card"]),
+    ):
         if path:
             lines.append(f"- {label}: `{path}`")
     lines += [f"- published {name}: `{path}`" for name, path in summary["published"].items()]
@@ -60,7 +70,10 @@ def headline_line(summary: dict[str, Any]) -> str:
     parts = []
     for role in ("teacher", "student"):
         metrics = summary[role]["metrics"] or {}
-        shown = " ".join(f"{key}={metrics[key]:.4f}" for key in ("map_at_r", "precision_at_1")
-                         if isinstance(metrics.get(key), (int, float)))
+        shown = " ".join(
+            f"{key}={metrics[key]:.4f}"
+            for key in ("map_at_r", "precision_at_1")
+            if isinstance(metrics.get(key), (int, float))
+        )
         parts.append(f"{role} {shown or 'not evaluated'}")
     return "; ".join(parts)

@@ -31,8 +31,12 @@ def tune_trial(config_path: str, space_path: str, overrides: list[str], index: i
     plan, pipeline_settings = load_tune_inputs(config_path, space_path, overrides)
     study = attach_study(plan.settings, plan.space)
     ended = []
-    study.optimize(trial_runner(plan, LauncherFoldTrainer(pipeline_settings)), n_trials=1, catch=(TrainFailed,),
-                   callbacks=[lambda study, trial: ended.append(trial)])
+    study.optimize(
+        trial_runner(plan, LauncherFoldTrainer(pipeline_settings)),
+        n_trials=1,
+        catch=(TrainFailed,),
+        callbacks=[lambda study, trial: ended.append(trial)],
+    )
     trial = ended[0]
     get_run_logger().info("trial %d: %s %s", trial.number, trial.state.name, trial.value)
     return {"number": trial.number, "state": trial.state.name, "value": trial.value}
@@ -47,8 +51,9 @@ def tune_finish(config_path: str, space_path: str, overrides: list[str]) -> dict
 
 
 @flow(name="dml-tune")
-def dml_tune(config_path: str, space_path: str, overrides: list[str] | None = None,
-             resume: bool = False) -> dict[str, Any]:
+def dml_tune(
+    config_path: str, space_path: str, overrides: list[str] | None = None, resume: bool = False
+) -> dict[str, Any]:
     """The study: trials as mapped tasks until ``study.n_trials`` are complete or pruned.
 
     Raises DMLError when trials are still missing after ``study.max_failed_trials`` rounds.
@@ -75,4 +80,5 @@ def run_tune_flow(config_path: str, space_path: str, overrides: list[str], resum
     runner: ThreadPoolTaskRunner[Any] = ThreadPoolTaskRunner(max_workers=plan.settings.parallel)
     # prefect types task_runner as TaskRunner[PrefectFuture]; the thread pool's futures are those
     return dml_tune.with_options(task_runner=runner)(  # type: ignore[arg-type]
-        config_path, space_path, overrides, resume)
+        config_path, space_path, overrides, resume
+    )

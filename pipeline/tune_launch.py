@@ -41,8 +41,9 @@ def fold_spec(config_path: Path, run_dir: Path) -> StageSpec:
     """The stage that trains the fold config at ``config_path`` into ``run_dir``."""
     config = load_config(config_path)
     inputs = {"config": sections_digest(config, TRAIN_SECTIONS), "run_dir": str(run_dir)}
-    return StageSpec(FOLD_STAGE, "train", config, run_dir, stage_paths.MODEL_FILE, inputs,
-                     distributed=True, resumable=True)
+    return StageSpec(
+        FOLD_STAGE, "train", config, run_dir, stage_paths.MODEL_FILE, inputs, distributed=True, resumable=True
+    )
 
 
 @dataclass

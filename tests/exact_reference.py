@@ -26,7 +26,8 @@ def exact_inner_products(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     products = _exact_integers(a) @ _exact_integers(b).T  # Python ints: no rounding at all
     divisor = 2 ** (2 * SCALE_BITS)
     return np.array([[value / divisor for value in row] for row in products.tolist()], np.float64).reshape(
-        len(a), len(b))
+        len(a), len(b)
+    )
 
 
 def exact_order(scores: np.ndarray) -> np.ndarray:

@@ -23,8 +23,9 @@ def orl_path(person: int, image: int) -> Path:
     return ORL / f"s{person}" / f"{image}.pgm"
 
 
-def orl_pairs(people: Iterable[int], pairs_per_fold: int = 30, folds: int = 10,
-              seed: int = 0) -> list[tuple[tuple[int, int], tuple[int, int], bool]]:
+def orl_pairs(
+    people: Iterable[int], pairs_per_fold: int = 30, folds: int = 10, seed: int = 0
+) -> list[tuple[tuple[int, int], tuple[int, int], bool]]:
     """Pairs ((person, image), (person, image), same) laid out like LFW's pairs file: each of
     ``folds`` consecutive blocks holds ``pairs_per_fold`` same pairs then as many different
     pairs, so contiguous 10-fold splits each see both kinds."""
@@ -46,8 +47,13 @@ def eigenface_table(dim: int = 24, size: tuple[int, int] = (23, 28)) -> np.ndarr
     """Real embeddings of real faces, (41, 11, dim) indexed [person, image] (1-based): every
     ORL face downscaled to ``size`` and projected on the first ``dim`` principal components
     of all 400 ("eigenfaces")."""
-    pixels = np.stack([np.asarray(Image.open(orl_path(p, i)).resize(size), np.float64).ravel() / 255.0
-                       for p in range(1, 41) for i in range(1, 11)])
+    pixels = np.stack(
+        [
+            np.asarray(Image.open(orl_path(p, i)).resize(size), np.float64).ravel() / 255.0
+            for p in range(1, 41)
+            for i in range(1, 11)
+        ]
+    )
     centred = pixels - pixels.mean(0)
     _, _, components = np.linalg.svd(centred, full_matrices=False)
     table = np.zeros((41, 11, dim))
@@ -77,8 +83,9 @@ def orl_bin_content(pairs: list, size: tuple[int, int] | None = None) -> tuple[l
     return images, [same for _, _, same in pairs]
 
 
-def make_pair_sets(root: Path, people: int = 6, per_person: int = 4, folds: int = 10,
-                   seed: int = 0) -> tuple[Path, Path, Path]:
+def make_pair_sets(
+    root: Path, people: int = 6, per_person: int = 4, folds: int = 10, seed: int = 0
+) -> tuple[Path, Path, Path]:
     """The same small verification set twice: ``root/faces/<person>/<person>_000i.png`` with
     an LFW-style ``pairs.txt`` (2 pairs per fold: one same, one different) and a ``.bin``
     holding the same files' bytes in pair order. Returns (bin, pairs file, folder)."""

@@ -39,12 +39,25 @@ import yaml
 
 KUSTOMIZATION_FILE = "kustomization.yaml"
 SUPPORTED_FIELDS = {
-    "apiVersion", "kind", "resources", "namespace", "labels", "configMapGenerator",
-    "generatorOptions", "patches", "images",
+    "apiVersion",
+    "kind",
+    "resources",
+    "namespace",
+    "labels",
+    "configMapGenerator",
+    "generatorOptions",
+    "patches",
+    "images",
 }
 CLUSTER_SCOPED_KINDS = {
-    "Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass",
-    "CustomResourceDefinition", "PriorityClass", "ClusterTrainingRuntime",
+    "Namespace",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "PersistentVolume",
+    "StorageClass",
+    "CustomResourceDefinition",
+    "PriorityClass",
+    "ClusterTrainingRuntime",
 }
 # Strategic-merge keys of the list fields k8s/ patches (from the Kubernetes API's
 # x-kubernetes-patch-merge-key); any other list of objects merges by "name" when every item
@@ -102,8 +115,10 @@ def _load_resources(directory: Path, entries: list[str]) -> list[Manifest]:
 def _generate_config_maps(directory: Path, data: dict[str, Any], objects: list[Manifest]) -> None:
     generators = data.get("configMapGenerator") or []
     if generators and not (data.get("generatorOptions") or {}).get("disableNameSuffixHash"):
-        raise ValueError(f"{directory}: configMapGenerator needs generatorOptions.disableNameSuffixHash: true "
-                         "(the test renderer does not rewrite hashed names)")
+        raise ValueError(
+            f"{directory}: configMapGenerator needs generatorOptions.disableNameSuffixHash: true "
+            "(the test renderer does not rewrite hashed names)"
+        )
     for spec in generators:
         config_map = _build_config_map(directory, spec)
         behavior = spec.get("behavior", "create")
@@ -114,8 +129,9 @@ def _generate_config_maps(directory: Path, data: dict[str, Any], objects: list[M
             objects.append(config_map)
         elif behavior == "replace":
             if not match:
-                raise ValueError(f"{directory}: no ConfigMap {spec['name']} in namespace "
-                                 f"'{spec.get('namespace', '')}' to replace")
+                raise ValueError(
+                    f"{directory}: no ConfigMap {spec['name']} in namespace '{spec.get('namespace', '')}' to replace"
+                )
             old = objects[match[0]].get("metadata") or {}
             for field in ("labels", "annotations"):
                 if old.get(field):
@@ -161,8 +177,11 @@ def _merge_list(field: str, base: list[Any], patch: list[Any]) -> list[Any]:
     if key is None:
         return copy.deepcopy(patch)
     olds = {old[key]: old for old in base}
-    merged = [strategic_merge(olds[item[key]], item) if item[key] in olds else copy.deepcopy(item)
-              for item in patch if item.get("$patch") != "delete"]
+    merged = [
+        strategic_merge(olds[item[key]], item) if item[key] in olds else copy.deepcopy(item)
+        for item in patch
+        if item.get("$patch") != "delete"
+    ]
     patched = {item[key] for item in patch}
     return merged + [copy.deepcopy(old) for old in base if old[key] not in patched]
 
@@ -188,12 +207,18 @@ def _apply_patches(directory: Path, entries: list[dict[str, Any]], objects: list
             raise ValueError(f"{directory}: only 'patches: - path: FILE' is supported, got {sorted(entry)}")
         for patch in load_yaml_documents(_inside(directory, entry["path"])):
             kind, namespace, name = object_id(patch)
-            targets = [i for i, obj in enumerate(objects)
-                       if object_id(obj)[0] == kind and object_id(obj)[2] == name
-                       and namespace in {object_id(obj)[1], *obj.get(PREVIOUS_NAMESPACES, ())}]
+            targets = [
+                i
+                for i, obj in enumerate(objects)
+                if object_id(obj)[0] == kind
+                and object_id(obj)[2] == name
+                and namespace in {object_id(obj)[1], *obj.get(PREVIOUS_NAMESPACES, ())}
+            ]
             if len(targets) != 1:
-                raise ValueError(f"{directory}: patch {entry['path']} matches {len(targets)} objects "
-                                 f"for {kind}/{name}; it must match exactly one")
+                raise ValueError(
+                    f"{directory}: patch {entry['path']} matches {len(targets)} objects "
+                    f"for {kind}/{name}; it must match exactly one"
+                )
             if patch.get("$patch") == "delete":
                 objects.pop(targets[0])
                 continue
@@ -305,8 +330,12 @@ def trainjob_pod(trainjob: Manifest) -> dict:
             if job["name"] == "node":
                 pod = strategic_merge(pod, job["template"]["spec"]["template"]["spec"])
     node = next(c for c in pod["containers"] if c["name"] == "node")
-    node.update(image=trainer["image"], command=trainer["command"], env=trainer.get("env", []),
-                resources=trainer["resourcesPerNode"])
+    node.update(
+        image=trainer["image"],
+        command=trainer["command"],
+        env=trainer.get("env", []),
+        resources=trainer["resourcesPerNode"],
+    )
     return pod
 
 
@@ -334,8 +363,7 @@ def expand(container: dict, text: str, **extra: str) -> str:
 
 def quantity(value: str | int) -> float:
     """A Kubernetes resource quantity as a number (cores, bytes, devices)."""
-    units = {"m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
-             "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    units = {"m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
     match = re.fullmatch(r"([0-9.]+)([a-zA-Z]*)", str(value))
     if match is None or (match[2] not in units and match[2]):
         raise ValueError(f"not a resource quantity: '{value}'")

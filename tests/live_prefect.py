@@ -30,8 +30,13 @@ PREFECT = str(Path(sys.executable).with_name("prefect"))
 def prefect_env(home: Path, **extra: str) -> dict[str, str]:
     """This process's environment without any Prefect API URL, with a PREFECT_HOME of its own."""
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_UI_ENABLED="false",
-               PYTHONUNBUFFERED="1", **extra)
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_UI_ENABLED="false",
+        PYTHONUNBUFFERED="1",
+        **extra,
+    )
     return env
 
 
@@ -43,8 +48,15 @@ class ProcessTree:
 
     def start(self, argv: list[str], env: dict[str, str], log: Path, cwd: Path | None = None) -> subprocess.Popen:
         handle = log.open("ab")
-        process = subprocess.Popen(argv, env=env, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        process = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=cwd,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         handle.close()
         self.started.append((process, log))
         return process
@@ -102,8 +114,9 @@ def start_server(processes: ProcessTree, home: Path, timeout: float = 300.0) -> 
     needs 30-60 s); an `AssertionError` with its log when it exits or never answers."""
     port = free_port()
     env = prefect_env(home)
-    process = processes.start([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env,
-                              home / "server.log")
+    process = processes.start(
+        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, home / "server.log"
+    )
     url = f"http://127.0.0.1:{port}/api"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -117,5 +130,13 @@ def start_server(processes: ProcessTree, home: Path, timeout: float = 300.0) -> 
 
 def run_cli(argv: list[str], env: dict[str, str], cwd: Path, timeout: float = 180.0) -> subprocess.CompletedProcess:
     """``python -m dml.cli ARGV`` to completion (output captured as text)."""
-    return subprocess.run([sys.executable, "-m", "dml.cli", *argv], env=env, cwd=cwd, capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "dml.cli", *argv],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=timeout,
+        check=False,
+    )

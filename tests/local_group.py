@@ -21,10 +21,16 @@ from torch.multiprocessing.spawn import ProcessException
 from dml.distributed import cleanup, free_local_port, init_distributed
 
 
-def _local_worker(local_rank: int, fn: Callable, world_size: int, port: int, threads: int,
-                  queue: Any, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
+def _local_worker(
+    local_rank: int, fn: Callable, world_size: int, port: int, threads: int, queue: Any, args: tuple
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(local_rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(local_rank),
+    )
     torch.set_num_threads(threads)
     try:
         info = init_distributed(backend="gloo", timeout_s=300.0)
@@ -56,8 +62,13 @@ def spawn_local_group(fn: Callable, world_size: int, args: tuple = (), threads_p
     ctx = torch_mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_local_port()
-    procs = torch_mp.start_processes(_local_worker, args=(fn, world_size, port, threads_per_worker, queue, args),
-                                     nprocs=world_size, join=False, start_method="spawn")
+    procs = torch_mp.start_processes(
+        _local_worker,
+        args=(fn, world_size, port, threads_per_worker, queue, args),
+        nprocs=world_size,
+        join=False,
+        start_method="spawn",
+    )
     messages: list[tuple[str, int, Any]] = []
 
     def drain() -> None:

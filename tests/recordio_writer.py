@@ -31,7 +31,7 @@ def _part(cflag: int, data: bytes) -> bytes:
 
 def frame(payload: bytes) -> bytes:
     """One record as it lies in the file; cut at every aligned occurrence of the magic."""
-    cuts = [i for i in range(0, len(payload) - 3, 4) if payload[i:i + 4] == MAGIC_BYTES]
+    cuts = [i for i in range(0, len(payload) - 3, 4) if payload[i : i + 4] == MAGIC_BYTES]
     if not cuts:
         return _part(0, payload)
     pieces, start = [], 0
@@ -43,8 +43,13 @@ def frame(payload: bytes) -> bytes:
     return b"".join(_part(f, p) for f, p in zip(flags, pieces, strict=True))
 
 
-def write_recordio(folder: Path, payloads: Sequence[bytes], keys: Sequence[int] | None = None,
-                   name: str = "train", prop: str | None = None) -> list[int]:
+def write_recordio(
+    folder: Path,
+    payloads: Sequence[bytes],
+    keys: Sequence[int] | None = None,
+    name: str = "train",
+    prop: str | None = None,
+) -> list[int]:
     """Write ``<name>.rec`` / ``<name>.idx`` (and ``property``) in ``folder``; return the offsets."""
     folder.mkdir(parents=True, exist_ok=True)
     keys = list(range(len(payloads))) if keys is None else list(keys)

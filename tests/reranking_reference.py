@@ -30,12 +30,11 @@ def dense_expand(vectors: np.ndarray, database: np.ndarray, k: int, alpha: float
 
 
 def _reciprocal(rank: np.ndarray, i: int, k: int) -> np.ndarray:
-    forward = rank[i, :k + 1]
-    return np.array([j for j in forward if i in rank[j, :k + 1]], dtype=np.int64)
+    forward = rank[i, : k + 1]
+    return np.array([j for j in forward if i in rank[j, : k + 1]], dtype=np.int64)
 
 
-def dense_k_reciprocal(queries: np.ndarray, gallery: np.ndarray | None, k1: int, k2: int,
-                       lam: float) -> np.ndarray:
+def dense_k_reciprocal(queries: np.ndarray, gallery: np.ndarray | None, k1: int, k2: int, lam: float) -> np.ndarray:
     """(Nq, Ng) final distances d* of Zhong et al. (CVPR 2017), dense; own entry +inf in LOO."""
     q = unit(queries)
     union = q if gallery is None else np.concatenate([q, unit(gallery)])

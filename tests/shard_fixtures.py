@@ -54,12 +54,21 @@ def write_shard_set(root: Path, shapes: dict[str, list[int]], classes: int = 3) 
             name = f"{split}-{number:06d}.tar"
             write_tar(root / name, members)
             class_counts.update(counts)
-            shards.append({"name": name, "count": size, "bytes": (root / name).stat().st_size,
-                           "sha256": sha256_file(root / name)})
-        splits[split] = {"count": index, "num_classes": len(class_counts), "shards": shards,
-                         "class_counts": {str(k): class_counts[k] for k in sorted(class_counts)}}
-    manifest = {"format_version": 1, "created_by": "dml prepare", "classes": [f"class{c}" for c in range(classes)],
-                "splits": splits}
+            shards.append(
+                {"name": name, "count": size, "bytes": (root / name).stat().st_size, "sha256": sha256_file(root / name)}
+            )
+        splits[split] = {
+            "count": index,
+            "num_classes": len(class_counts),
+            "shards": shards,
+            "class_counts": {str(k): class_counts[k] for k in sorted(class_counts)},
+        }
+    manifest = {
+        "format_version": 1,
+        "created_by": "dml prepare",
+        "classes": [f"class{c}" for c in range(classes)],
+        "splits": splits,
+    }
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
 

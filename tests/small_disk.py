@@ -18,8 +18,9 @@ def mounted_tmpfs(mount_point: Path, size: str) -> Iterator[Path]:
     mount_point.mkdir()
     if shutil.which("mount") is None:
         pytest.skip("no mount command: a full disk cannot be made here")
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
-                          capture_output=True, text=True)
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
     if made.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs to fill (needs root): {made.stderr.strip()}")
     try:

@@ -39,13 +39,17 @@ def split_shapes() -> dict[str, list[int]]:
 
 @pytest.fixture(scope="module")
 def shard_dir(tmp_path_factory) -> Path:
-    return write_shard_set(tmp_path_factory.mktemp("any_world") / "shards",
-                           {**split_shapes(), "train": [8, 8, 8, 6]})
+    return write_shard_set(tmp_path_factory.mktemp("any_world") / "shards", {**split_shapes(), "train": [8, 8, 8, 6]})
 
 
 def data(shard_dir: Path, split: str = "train", **extra) -> DataConfig:
-    return DataConfig(shard_dir=str(shard_dir), train_split=split, image_size=8, shuffle_buffer=4,
-                      **{"batch_size": 2, "num_workers": 0, **extra})
+    return DataConfig(
+        shard_dir=str(shard_dir),
+        train_split=split,
+        image_size=8,
+        shuffle_buffer=4,
+        **{"batch_size": 2, "num_workers": 0, **extra},
+    )
 
 
 def shard_keys(shard_dir: Path, split: str) -> list[list[str]]:
@@ -96,8 +100,10 @@ def saved_positions(shard_dir: Path, saved_world: int) -> list[dict]:
     """Every in-epoch position a run on ``saved_world`` processes can checkpoint at."""
     per_epoch = TrainLoader(data(shard_dir, batch_size=6), rank=0, world_size=saved_world).batches_per_epoch
     global_batch = 6 * saved_world
-    return [{"epoch": 1, "batch_in_epoch": b, "step": 9 + b, "images_seen": 0, "samples_in_epoch": b * global_batch}
-            for b in range(per_epoch + 1)]
+    return [
+        {"epoch": 1, "batch_in_epoch": b, "step": 9 + b, "images_seen": 0, "samples_in_epoch": b * global_batch}
+        for b in range(per_epoch + 1)
+    ]
 
 
 def test_resume_from_every_position_onto_any_world(shard_dir):
@@ -168,11 +174,20 @@ def test_one_process_checkpoint_resumed_on_two(shard_dir, tmp_path):
     an epoch): epoch 0 is over, epoch 1 takes 2 steps, the run ends at step 6."""
     from dml.train.run import run_train
 
-    base = {"seed": 0, "data": {"shard_dir": str(shard_dir), "image_size": 16, "batch_size": 6, "num_workers": 0,
-                                "shuffle_buffer": 10},
-            "model": {"backbone": "mobilenetv3_small_050", "embedding_dim": 8},
-            "loss": {"kind": "arcface", "scale": 16.0, "margin": 0.2}, "optimizer": {"lr": 0.01},
-            "train": {"run_dir": str(tmp_path / "run"), "epochs": 1, "checkpoint_every": 2, "log_every": 1}}
+    base = {
+        "seed": 0,
+        "data": {
+            "shard_dir": str(shard_dir),
+            "image_size": 16,
+            "batch_size": 6,
+            "num_workers": 0,
+            "shuffle_buffer": 10,
+        },
+        "model": {"backbone": "mobilenetv3_small_050", "embedding_dim": 8},
+        "loss": {"kind": "arcface", "scale": 16.0, "margin": 0.2},
+        "optimizer": {"lr": 0.01},
+        "train": {"run_dir": str(tmp_path / "run"), "epochs": 1, "checkpoint_every": 2, "log_every": 1},
+    }
     assert run_train(DMLConfig.model_validate(base)).steps == 5
     shutil.rmtree(list_checkpoints(tmp_path / "run")[-1])
     (tmp_path / "run" / "model.pt").unlink()

@@ -23,10 +23,17 @@ from train_fixtures import tiny_shards, tiny_train_config, write_config
 def workspace(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("bad_shards")
     shards = tiny_shards(root)
-    base = tiny_train_config(shards, root / "run", evaluate={
-        "model_path": str(root / "model.pt"), "output_dir": str(root / "eval"), "gallery_split": None})
-    save_final_model(build_model(DMLConfig.model_validate(base)), DMLConfig.model_validate(base),
-                     root / "model.pt", manifest_digest(shards))
+    base = tiny_train_config(
+        shards,
+        root / "run",
+        evaluate={"model_path": str(root / "model.pt"), "output_dir": str(root / "eval"), "gallery_split": None},
+    )
+    save_final_model(
+        build_model(DMLConfig.model_validate(base)),
+        DMLConfig.model_validate(base),
+        root / "model.pt",
+        manifest_digest(shards),
+    )
     return {"root": root, "shards": shards, "base": base}
 
 
@@ -50,8 +57,9 @@ def test_evaluate_on_a_cut_query_shard(workspace, tmp_path, capsys):
     cut_after_sample(shards / "query-000001.tar", 2)
     listed = load_manifest(shards)["splits"]["query"]["count"]
     missing = load_manifest(shards)["splits"]["query"]["shards"][1]["count"] - 2
-    config = write_config(tmp_path / "c.yaml", {**workspace["base"], "data": {
-        **workspace["base"]["data"], "shard_dir": str(shards)}})
+    config = write_config(
+        tmp_path / "c.yaml", {**workspace["base"], "data": {**workspace["base"]["data"], "shard_dir": str(shards)}}
+    )
     code, line = run_cli(capsys, "evaluate", config, f"evaluate.output_dir={tmp_path / 'stop'}")
     assert code == 2 and "query-000001.tar" in line and f"({missing} missing)" in line
     assert not (tmp_path / "stop" / "report.json").exists()

@@ -51,10 +51,12 @@ def test_protocol_4_and_python2_files_load(tmp_path):
 def test_anything_naming_a_global_is_refused_and_never_runs(tmp_path, payload, monkeypatch):
     monkeypatch.chdir(tmp_path)
     marker = tmp_path / "SYSTEM_RAN"
-    content = {"system": ([RunsCommand(f"touch {marker}")], [True]),
-               "eval": ([b"a", b"b"], [CallsEval()]),
-               "numpy": ([b"a", b"b"], np.array([True])),
-               "protocol2_bytes": ([b"a", b"b"], [True])}[payload]
+    content = {
+        "system": ([RunsCommand(f"touch {marker}")], [True]),
+        "eval": ([b"a", b"b"], [CallsEval()]),
+        "numpy": ([b"a", b"b"], np.array([True])),
+        "protocol2_bytes": ([b"a", b"b"], [True]),
+    }[payload]
     path = tmp_path / "evil.bin"
     path.write_bytes(pickle.dumps(content, protocol=2 if payload == "protocol2_bytes" else 4))
     with pytest.raises(DataError) as error:
@@ -64,15 +66,18 @@ def test_anything_naming_a_global_is_refused_and_never_runs(tmp_path, payload, m
     assert not marker.exists() and not (tmp_path / "EVAL_RAN").exists()
 
 
-@pytest.mark.parametrize("content,expected", [
-    (b"not a pickle at all", "not a verification .bin"),
-    (pickle.dumps(([b"a", b"b"], [True]))[:-6], "not a verification .bin"),
-    (pickle.dumps({"images": []}), "expected a pickled (images, is_same) pair"),
-    (pickle.dumps(([b"a", "b"], [True])), "image 1 is str"),
-    (pickle.dumps(([b"a", b"b"], [2])), "is_same[0] is 2"),
-    (pickle.dumps(([b"a", b"b", b"c"], [True])), "3 images for 1 pairs"),
-    (pickle.dumps(([], [])), "holds no pairs"),
-])
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        (b"not a pickle at all", "not a verification .bin"),
+        (pickle.dumps(([b"a", b"b"], [True]))[:-6], "not a verification .bin"),
+        (pickle.dumps({"images": []}), "expected a pickled (images, is_same) pair"),
+        (pickle.dumps(([b"a", "b"], [True])), "image 1 is str"),
+        (pickle.dumps(([b"a", b"b"], [2])), "is_same[0] is 2"),
+        (pickle.dumps(([b"a", b"b", b"c"], [True])), "3 images for 1 pairs"),
+        (pickle.dumps(([], [])), "holds no pairs"),
+    ],
+)
 def test_malformed_files_give_one_line(tmp_path, content, expected):
     path = tmp_path / "bad.bin"
     path.write_bytes(content)

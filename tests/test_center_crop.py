@@ -19,7 +19,7 @@ def framed(size: int, inner: int) -> Image.Image:
     """A black square with a centred white square of side ``inner``."""
     pixels = np.zeros((size, size), np.uint8)
     start = (size - inner) // 2
-    pixels[start:start + inner, start:start + inner] = 255
+    pixels[start : start + inner, start : start + inner] = 255
     return Image.fromarray(pixels)
 
 
@@ -34,9 +34,12 @@ def test_eval_transform_keeps_only_the_centre(size, fraction):
 
 
 def test_center_crop_travels_from_config_to_model_and_card(tmp_path):
-    config = DMLConfig.model_validate({
-        "model": {"backbone": "resnet18", "embedding_dim": 16},
-        "data": {"image_size": 32, "channels": 1, "center_crop": 0.8}})
+    config = DMLConfig.model_validate(
+        {
+            "model": {"backbone": "resnet18", "embedding_dim": 16},
+            "data": {"image_size": 32, "channels": 1, "center_crop": 0.8},
+        }
+    )
     torch.manual_seed(0)
     model = build_model(config).eval()
     assert model.preprocessing.center_crop == 0.8

@@ -43,9 +43,14 @@ def trained_parts(shards: Path, run_dir: Path):
 
 
 def payload(config: DMLConfig, engine: DDPEngine, step: int) -> dict:
-    return {"model": engine.model.state_dict(), "schedule": {"step_count": step, "total_steps": 10},
-            "train_state": {"epoch": 0, "batch_in_epoch": step, "step": step, "images_seen": 6 * step},
-            "swa": None, "config": config.model_dump(mode="json"), "data_identity": None}
+    return {
+        "model": engine.model.state_dict(),
+        "schedule": {"step_count": step, "total_steps": 10},
+        "train_state": {"epoch": 0, "batch_in_epoch": step, "step": step, "images_seen": 6 * step},
+        "swa": None,
+        "config": config.model_dump(mode="json"),
+        "data_identity": None,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +76,11 @@ def test_a_non_finite_state_is_not_written(tmp_path, shards, poison):
     config, engine, objective = trained_parts(shards, tmp_path / "run")
     save_checkpoint(tmp_path / "run", 1, payload(config, engine, 1), objective, engine, keep_last=3)
     poison(engine, objective)
-    with pytest.raises(NonFiniteState, match=r"step 2 not written: .* holds NaN or inf; the previous "
-                                             r"checkpoint .*step-00000001 is intact"):
+    with pytest.raises(
+        NonFiniteState,
+        match=r"step 2 not written: .* holds NaN or inf; the previous "
+        r"checkpoint .*step-00000001 is intact",
+    ):
         save_checkpoint(tmp_path / "run", 2, payload(config, engine, 2), objective, engine, keep_last=3)
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000001"]
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000001"]
@@ -169,8 +177,15 @@ def test_a_damaged_model_file_is_one_line(tmp_path, shards, command, capsys):
         bad = tmp_path / kind.replace(" ", "_") / "model.pt"
         bad.parent.mkdir()
         bad.write_bytes(damage(good.read_bytes(), tmp_path))
-        code = main([command, f"data.shard_dir={shards}", f"{command}.model_path={bad}",
-                     f"{command}.output_dir={tmp_path / 'out'}", "evaluate.gallery_split=null"])
+        code = main(
+            [
+                command,
+                f"data.shard_dir={shards}",
+                f"{command}.model_path={bad}",
+                f"{command}.output_dir={tmp_path / 'out'}",
+                "evaluate.gallery_split=null",
+            ]
+        )
         err = capsys.readouterr().err
         errors = [line for line in err.splitlines() if line.startswith(f"dml {command}: error:")]
         assert code == 2, kind

@@ -18,8 +18,14 @@ def write(tmp_path, payload) -> str:
 
 def test_yaml_and_overrides_resolve(tmp_path):
     path = write(tmp_path, {"prepare": {"workers": 2, "split": {"mode": "sample"}}})
-    config = load_config(path, ["prepare.split.train_fraction=0.25", "data.augment.horizontal_flip=false",
-                                "prepare.source.class_names=[a, b]"])
+    config = load_config(
+        path,
+        [
+            "prepare.split.train_fraction=0.25",
+            "data.augment.horizontal_flip=false",
+            "prepare.source.class_names=[a, b]",
+        ],
+    )
     assert config.prepare.workers == 2 and config.prepare.split.mode == "sample"
     assert config.prepare.split.train_fraction == 0.25
     assert config.data.augment.horizontal_flip is False
@@ -45,12 +51,15 @@ def test_unknown_top_level_section():
         load_config(None, ["prepar.workers=2"])
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("prepare.workers=many", "config key 'prepare.workers'"),
-    ("prepare.split.mode=random", "config key 'prepare.split.mode'"),
-    ("prepare.split.train_fraction=1.5", "less than or equal to 1"),
-    ("data.mean=[0.5, 0.5]", "mean has 2 values"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("prepare.workers=many", "config key 'prepare.workers'"),
+        ("prepare.split.mode=random", "config key 'prepare.split.mode'"),
+        ("prepare.split.train_fraction=1.5", "less than or equal to 1"),
+        ("data.mean=[0.5, 0.5]", "mean has 2 values"),
+    ],
+)
 def test_bad_values_name_the_key(override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace(".", r"\.")):
         load_config(None, [override])
@@ -103,8 +112,15 @@ def test_extends_merges_sections_key_by_key(tmp_path):
     )
     child = tmp_path / "sub" / "child.yaml"
     child.parent.mkdir()
-    child.write_text(yaml.safe_dump({"extends": "../base.yaml", "data": {"batch_size": 8},
-                                     "distill": {"student": {"backbone": "mobilenetv2_100"}}}))
+    child.write_text(
+        yaml.safe_dump(
+            {
+                "extends": "../base.yaml",
+                "data": {"batch_size": 8},
+                "distill": {"student": {"backbone": "mobilenetv2_100"}},
+            }
+        )
+    )
     config = load_config(child, ["distill.label_weight=0.0"])
     assert config.seed == 3 and config.data.image_size == 64 and config.data.batch_size == 8
     assert config.distill.teacher == "runs/t" and config.distill.student.backbone == "mobilenetv2_100"

@@ -51,9 +51,21 @@ def config_error(*overrides: str, check_backbones: bool = True) -> str:
 
 
 def test_the_walk_finds_every_kind_of_name():
-    expected = {"prepare.source.kind", "split.mode", "loss.kind", "loss.mining", "loss.head_optimizer",
-                "optimizer.name", "schedule.kind", "train.backend", "train.precision", "evaluate.index",
-                "distill.absolute_kind", "export.formats", "pipeline.launcher"}
+    expected = {
+        "prepare.source.kind",
+        "split.mode",
+        "loss.kind",
+        "loss.mining",
+        "loss.head_optimizer",
+        "optimizer.name",
+        "schedule.kind",
+        "train.backend",
+        "train.precision",
+        "evaluate.index",
+        "distill.absolute_kind",
+        "export.formats",
+        "pipeline.launcher",
+    }
     found = {key.removeprefix("prepare.") if key.startswith("prepare.split") else key for key in NAME_FIELDS}
     assert expected <= found, expected - found
 
@@ -149,7 +161,18 @@ def test_prepare_applies_overrides_given_after_an_option(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text(f"prepare: {{source: {{path: {tmp_path / 'src'}}}, output_dir: {tmp_path / 'unused'}}}\n")
     out = tmp_path / "out"
-    assert main(["prepare", "--config", str(config), "prepare.shards.max_samples=2", "--resume",
-                 f"prepare.output_dir={out}"]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "--config",
+                str(config),
+                "prepare.shards.max_samples=2",
+                "--resume",
+                f"prepare.output_dir={out}",
+            ]
+        )
+        == 0
+    )
     assert load_manifest(out)["config"]["shards"]["max_samples"] == 2
     assert not (tmp_path / "unused").exists()

@@ -115,9 +115,19 @@ def objective_gradient(rows: list[int], world: int) -> torch.Tensor:
     x, w = torch.randn(12, 8, generator=g, dtype=torch.float64), torch.randn(8, 8, generator=g, dtype=torch.float64)
     table, labels = F.normalize(torch.randn(12, 8, generator=g), dim=1), torch.randint(0, 5, (12,), generator=g)
     w.requires_grad_(True)
-    config = DMLConfig.model_validate({"loss": {"scale": 8.0}, "distill": {
-        "student": {"embedding_dim": 8}, "absolute_weight": 1.0, "relative_weight": 0.5, "rkd_distance_weight": 1.0,
-        "rkd_angle_weight": 1.0, "label_weight": 0.3}})
+    config = DMLConfig.model_validate(
+        {
+            "loss": {"scale": 8.0},
+            "distill": {
+                "student": {"embedding_dim": 8},
+                "absolute_weight": 1.0,
+                "relative_weight": 0.5,
+                "rkd_distance_weight": 1.0,
+                "rkd_angle_weight": 1.0,
+                "label_weight": 0.3,
+            },
+        }
+    )
     objective = DistillObjective(config, 5, torch.device("cpu"), FixedTeacher(table))
     loss, _ = objective(F.normalize(x[rows] @ w, dim=1).float(), labels[rows], keys=[str(i) for i in rows])
     loss.backward()
@@ -157,8 +167,12 @@ def teacher_run(tmp_path_factory):
 def distill_config(base: dict, teacher: Path, run_dir: Path, **distill) -> dict:
     config = json.loads(json.dumps(base))
     config["train"].update(max_steps=3, checkpoint_every=100)
-    config["distill"] = {"teacher": str(teacher), "run_dir": str(run_dir),
-                         "student": {"backbone": "mobilenetv3_small_050"}, **distill}
+    config["distill"] = {
+        "teacher": str(teacher),
+        "run_dir": str(run_dir),
+        "student": {"backbone": "mobilenetv3_small_050"},
+        **distill,
+    }
     return config
 
 
@@ -240,18 +254,35 @@ def test_single_process_every_loss_on_the_fly(teacher_run, tmp_path):
     from dml.train.metrics_log import read_metrics
 
     _shards, teacher_dir, base = teacher_run
-    config = DMLConfig.model_validate(distill_config(
-        base, teacher_dir, tmp_path / "student", teacher_embeddings="on_the_fly", absolute_weight=1.0,
-        absolute_kind="l2", relative_weight=0.5, rkd_distance_weight=1.0, rkd_angle_weight=2.0, label_weight=0.1,
-        init_head_from_teacher=True, freeze_head=True))
+    config = DMLConfig.model_validate(
+        distill_config(
+            base,
+            teacher_dir,
+            tmp_path / "student",
+            teacher_embeddings="on_the_fly",
+            absolute_weight=1.0,
+            absolute_kind="l2",
+            relative_weight=0.5,
+            rkd_distance_weight=1.0,
+            rkd_angle_weight=2.0,
+            label_weight=0.1,
+            init_head_from_teacher=True,
+            freeze_head=True,
+        )
+    )
     result = run_distill(config)
     assert result.steps == 3
     records = [r for r in read_metrics(tmp_path / "student") if "loss_main" in r]
     names = ("absolute", "relative", "rkd_distance", "rkd_angle", "label")
     for r in records:
         assert all(math.isfinite(r[f"loss_{n}"]) and r[f"loss_{n}"] >= 0 for n in names)
-        weighted = r["loss_absolute"] + 0.5 * r["loss_relative"] + r["loss_rkd_distance"] + \
-            2 * r["loss_rkd_angle"] + 0.1 * r["loss_label"]
+        weighted = (
+            r["loss_absolute"]
+            + 0.5 * r["loss_relative"]
+            + r["loss_rkd_distance"]
+            + 2 * r["loss_rkd_angle"]
+            + 0.1 * r["loss_label"]
+        )
         assert r["loss_main"] == pytest.approx(weighted, rel=1e-5)
     student, payload = load_final_model(tmp_path / "student")
     assert student.embedding_dim == 16 and payload["model"]["backbone"] == "mobilenetv3_small_050"
@@ -277,12 +308,28 @@ def test_two_process_cached_run(teacher_run, tmp_path):
 
     shards_src, teacher_dir, base = teacher_run
     shards = Path(shutil.copytree(shards_src, tmp_path / "shards"))
-    config = distill_config({**base, "data": {**base["data"], "shard_dir": str(shards)}}, teacher_dir,
-                            tmp_path / "student", teacher_embeddings="cached", rkd_distance_weight=1.0,
-                            label_weight=0.1)
+    config = distill_config(
+        {**base, "data": {**base["data"], "shard_dir": str(shards)}},
+        teacher_dir,
+        tmp_path / "student",
+        teacher_embeddings="cached",
+        rkd_distance_weight=1.0,
+        label_weight=0.1,
+    )
     path = write_config(tmp_path / "distill.yaml", config)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "dml.cli", "distill", "--config", str(path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "dml.cli",
+        "distill",
+        "--config",
+        str(path),
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

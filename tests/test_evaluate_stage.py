@@ -41,13 +41,24 @@ def workspace(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("evaluate")
     make_folder_tree(root / "src", classes=CLASSES, per_class=PER_CLASS, bad=False)
     shards = root / "shards"
-    write_shards(DMLConfig.model_validate({"prepare": {
-        "source": {"path": str(root / "src")}, "output_dir": str(shards),
-        "split": {"mode": "sample", "train_fraction": 0.4, "query_fraction": 0.5},
-        "shards": {"max_samples": 8}}}).prepare)
-    train_config = DMLConfig.model_validate({
-        "data": {"shard_dir": str(shards), "image_size": 32, "channels": 3, "mean": (0.4,), "std": (0.3,)},
-        "model": {"backbone": "resnet18", "embedding_dim": 16}})
+    write_shards(
+        DMLConfig.model_validate(
+            {
+                "prepare": {
+                    "source": {"path": str(root / "src")},
+                    "output_dir": str(shards),
+                    "split": {"mode": "sample", "train_fraction": 0.4, "query_fraction": 0.5},
+                    "shards": {"max_samples": 8},
+                }
+            }
+        ).prepare
+    )
+    train_config = DMLConfig.model_validate(
+        {
+            "data": {"shard_dir": str(shards), "image_size": 32, "channels": 3, "mean": (0.4,), "std": (0.3,)},
+            "model": {"backbone": "resnet18", "embedding_dim": 16},
+        }
+    )
     torch.manual_seed(0)
     run_dir = root / "run"
     run_dir.mkdir()
@@ -58,11 +69,20 @@ def workspace(tmp_path_factory) -> dict:
 def eval_config(workspace: dict, output: str, **evaluate) -> DMLConfig:
     """A run config whose data section differs from the model's (image_size 16, default
     normalisation): evaluation must use the model's own data config."""
-    return DMLConfig.model_validate({
-        "seed": 0,
-        "data": {"shard_dir": str(workspace["shards"]), "image_size": 16, "num_workers": 0, "batch_size": 7},
-        "evaluate": {"model_path": str(workspace["run_dir"]), "output_dir": str(workspace["root"] / output),
-                     "ks": KS, "fars": FARS, "grid_queries": 4, **evaluate}})
+    return DMLConfig.model_validate(
+        {
+            "seed": 0,
+            "data": {"shard_dir": str(workspace["shards"]), "image_size": 16, "num_workers": 0, "batch_size": 7},
+            "evaluate": {
+                "model_path": str(workspace["run_dir"]),
+                "output_dir": str(workspace["root"] / output),
+                "ks": KS,
+                "fars": FARS,
+                "grid_queries": 4,
+                **evaluate,
+            },
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -79,20 +99,51 @@ def saved(result, split: str) -> Embeddings:
 
 def test_report_has_every_section_and_sane_values(workspace, first_run):
     _config, result, report = first_run
-    for key in ("headline", "retrieval", "verification", "identification", "per_class", "config", "model",
-                "data", "num_queries", "num_excluded_queries", "started_at", "finished_at", "plots", "notes"):
+    for key in (
+        "headline",
+        "retrieval",
+        "verification",
+        "identification",
+        "per_class",
+        "config",
+        "model",
+        "data",
+        "num_queries",
+        "num_excluded_queries",
+        "started_at",
+        "finished_at",
+        "plots",
+        "notes",
+    ):
         assert key in report, key
     assert report["model"]["sha256"] == sha256_file(workspace["run_dir"] / "model.pt")
     assert report["data"]["manifest_sha256"] == manifest_digest(workspace["shards"])
     assert report["config"]["evaluate"]["fars"] == list(FARS)
-    assert report["counts"] == {"num_query": CLASSES * 3, "num_gallery": CLASSES * 3, "manifest_query": CLASSES * 3,
-                                "manifest_gallery": CLASSES * 3, "skipped_query": 0, "skipped_gallery": 0}
+    assert report["counts"] == {
+        "num_query": CLASSES * 3,
+        "num_gallery": CLASSES * 3,
+        "manifest_query": CLASSES * 3,
+        "manifest_gallery": CLASSES * 3,
+        "skipped_query": 0,
+        "skipped_gallery": 0,
+    }
     assert report["num_queries"] == CLASSES * 3 and report["num_excluded_queries"] == 0
     headline = report["headline"]
-    assert set(headline) == {"precision_at_1", "map_at_r", "r_precision", "global_average_precision",
-                             "recall_at_1", "recall_at_3",
-                             "recall_at_5", "tar_at_far_1e-01", "tar_at_far_1e-02", "tar_at_far_1e-04",
-                             "roc_auc", "eer", "cmc_rank_1"}
+    assert set(headline) == {
+        "precision_at_1",
+        "map_at_r",
+        "r_precision",
+        "global_average_precision",
+        "recall_at_1",
+        "recall_at_3",
+        "recall_at_5",
+        "tar_at_far_1e-01",
+        "tar_at_far_1e-02",
+        "tar_at_far_1e-04",
+        "roc_auc",
+        "eer",
+        "cmc_rank_1",
+    }
     assert all(0.0 <= v <= 1.0 for v in headline.values() if v is not None)
     assert headline["recall_at_1"] <= headline["recall_at_3"] <= headline["recall_at_5"]
     assert result.metrics == headline
@@ -112,8 +163,9 @@ def test_metrics_equal_the_metric_functions_on_the_saved_embeddings(first_run):
     query, gallery = saved(result, "query"), saved(result, "gallery")
     assert len(query.keys) == len(query.labels) == query.vectors.shape[0] == CLASSES * 3
     direct = retrieval_metrics(query.vectors, query.labels, gallery.vectors, gallery.labels, ks=KS)
-    direct["global_average_precision"] = nearest_neighbour_gap(query.vectors, query.labels, gallery.vectors,
-                                                               gallery.labels)
+    direct["global_average_precision"] = nearest_neighbour_gap(
+        query.vectors, query.labels, gallery.vectors, gallery.labels
+    )
     reported = {k: v for k, v in report["retrieval"].items() if k != "recall_curve"}
     assert reported == pytest.approx(direct, abs=1e-12)
     assert report["reranking"] == {}  # none configured
@@ -135,8 +187,12 @@ def test_embeddings_use_the_models_own_data_config(workspace, first_run):
     query = saved(result, "query")
     assert query.keys == expected.keys
     np.testing.assert_allclose(query.vectors, expected.vectors, atol=1e-5)
-    other = extract_embeddings(model, DataConfig(shard_dir=str(workspace["shards"]), image_size=16, num_workers=0),
-                               "query", torch.device("cpu"))
+    other = extract_embeddings(
+        model,
+        DataConfig(shard_dir=str(workspace["shards"]), image_size=16, num_workers=0),
+        "query",
+        torch.device("cpu"),
+    )
     assert not np.allclose(query.vectors, other.vectors, atol=1e-3)
 
 
@@ -214,8 +270,9 @@ def test_reranking_is_reported_beside_the_plain_search(workspace, first_run):
     assert list(reranked["reranking"]) == ["dba", "alpha_qe", "dba+alpha_qe"]
     query, gallery = saved(result, "query"), saved(result, "gallery")
     expanded = alpha_query_expansion(query.vectors, database_side_augmentation(gallery.vectors, 2, 3.0), 2, 3.0)
-    direct = retrieval_metrics(expanded, query.labels, database_side_augmentation(gallery.vectors, 2, 3.0),
-                               gallery.labels, ks=KS)
+    direct = retrieval_metrics(
+        expanded, query.labels, database_side_augmentation(gallery.vectors, 2, 3.0), gallery.labels, ks=KS
+    )
     assert reranked["reranking"]["dba+alpha_qe"]["map_at_r"] == pytest.approx(direct["map_at_r"], abs=1e-12)
     assert reranked["headline"]["map_at_r_dba+alpha_qe"] == pytest.approx(direct["map_at_r"], abs=1e-12)
     assert "MAP@R after dba+alpha_qe" in Path(out.markdown_path).read_text()
@@ -224,8 +281,9 @@ def test_reranking_is_reported_beside_the_plain_search(workspace, first_run):
 def _pairs_lines(workspace, query_keys: list[str]) -> tuple[list[str], list[tuple[int, int, bool]]]:
     """LFW-style lines over query images (file 'class_c/img_00i.png' is image i of class_c)."""
     meta = read_sample_metadata(workspace["shards"], ["query"])
-    named = [(meta[k]["label"], int(Path(meta[k]["source"]).stem.split("_")[1]), row)
-             for row, k in enumerate(query_keys)]
+    named = [
+        (meta[k]["label"], int(Path(meta[k]["source"]).stem.split("_")[1]), row) for row, k in enumerate(query_keys)
+    ]
     by_class: dict[str, list[tuple[int, int]]] = {}
     for label, number, row in named:
         by_class.setdefault(label, []).append((number, row))

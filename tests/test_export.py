@@ -42,14 +42,21 @@ def images(tmp_path_factory) -> dict[str, torch.Tensor]:
     """Normalised grey 32x32 images from a real shard set: query split (parity / eval), train (calibration)."""
     root = tmp_path_factory.mktemp("export_data")
     make_folder_tree(root / "src", classes=6, per_class=8, bad=False)
-    prepare = DMLConfig.model_validate({"prepare": {
-        "source": {"path": str(root / "src")}, "output_dir": str(root / "shards"),
-        "split": {"mode": "sample", "train_fraction": 0.5, "query_fraction": 1.0},
-        "shards": {"max_samples": 10}}}).prepare
+    prepare = DMLConfig.model_validate(
+        {
+            "prepare": {
+                "source": {"path": str(root / "src")},
+                "output_dir": str(root / "shards"),
+                "split": {"mode": "sample", "train_fraction": 0.5, "query_fraction": 1.0},
+                "shards": {"max_samples": 10},
+            }
+        }
+    ).prepare
     write_shards(prepare)
     pre = tiny_model().preprocessing
-    config = DataConfig(shard_dir=str(root / "shards"), image_size=SIZE, channels=1, num_workers=0,
-                        mean=pre.mean, std=pre.std)
+    config = DataConfig(
+        shard_dir=str(root / "shards"), image_size=SIZE, channels=1, num_workers=0, mean=pre.mean, std=pre.std
+    )
     query, query_labels = collect_images(EvalLoader(config, "query", batch_size=8))
     train, _ = collect_images(EvalLoader(config, "train", batch_size=8))
     return {"query": query, "query_labels": query_labels, "train": train}
@@ -60,9 +67,18 @@ def exported(images, tmp_path_factory):
     model = tiny_model()
     out = tmp_path_factory.mktemp("export") / "resnet18"
     result = export_model(
-        model, out, images["query"], formats=("onnx", "torchscript"), opset=17, int8=True,
-        calibration_images=images["train"], eval_images=images["query"], eval_labels=images["query_labels"],
-        source={"teacher": "runs/teacher/best.pt"}, metrics={"map_at_r": 0.5, "precision_at_1": 0.75})
+        model,
+        out,
+        images["query"],
+        formats=("onnx", "torchscript"),
+        opset=17,
+        int8=True,
+        calibration_images=images["train"],
+        eval_images=images["query"],
+        eval_labels=images["query_labels"],
+        source={"teacher": "runs/teacher/best.pt"},
+        metrics={"map_at_r": 0.5, "precision_at_1": 0.75},
+    )
     return model, result
 
 
@@ -143,8 +159,9 @@ def test_export_whose_trace_differs_from_eager_fails_and_leaves_no_model(images,
 
 def test_preprocessing_in_graph_takes_uint8_pixels(images, tmp_path):
     model = tiny_model("mobilenetv3_large_100", seed=1)
-    result = export_model(model, tmp_path / "pixels", images["query"][:6], formats=("onnx",),
-                          preprocessing_in_graph=True)
+    result = export_model(
+        model, tmp_path / "pixels", images["query"][:6], formats=("onnx",), preprocessing_in_graph=True
+    )
     assert result.card["input"]["dtype"] == "uint8" and result.card["input"]["layout"] == "NHWC"
     assert result.parity["onnx"]["min_cosine"] >= 0.9999
     pixels = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 1), dtype=np.uint8)
@@ -177,14 +194,17 @@ def test_tampered_file_fails_verification(exported, tmp_path):
         verify_card_files(card, tmp_path)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"opset": 13}, "opset must be"),
-    ({"min_cosine": 1.5}, "min_cosine must be"),
-    ({"formats": ("onnx", "tflite")}, "formats must be"),
-    ({"int8": True}, "calibration_images"),
-    ({"int8": True, "formats": ("torchscript",)}, "needs the 'onnx' format"),
-    ({"int8_min_cosine": 2.0}, "int8_min_cosine must be"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"opset": 13}, "opset must be"),
+        ({"min_cosine": 1.5}, "min_cosine must be"),
+        ({"formats": ("onnx", "tflite")}, "formats must be"),
+        ({"int8": True}, "calibration_images"),
+        ({"int8": True, "formats": ("torchscript",)}, "needs the 'onnx' format"),
+        ({"int8_min_cosine": 2.0}, "int8_min_cosine must be"),
+    ],
+)
 def test_bad_arguments_raise_clear_errors(images, tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         export_model(tiny_model(), tmp_path / "bad", images["query"][:4], **kwargs)

@@ -21,14 +21,24 @@ SIZE = 16
 @pytest.mark.parametrize("in_graph", [False, True], ids=["float-input", "pixels-in-graph"])
 def test_export_preprocessing_in_graph_from_config(tmp_path, in_graph):
     make_folder_tree(tmp_path / "src", classes=2, per_class=4, bad=False)
-    config = DMLConfig.model_validate({
-        "prepare": {"source": {"path": str(tmp_path / "src")}, "output_dir": str(tmp_path / "shards"),
-                    "split": {"mode": "sample", "train_fraction": 0.5, "query_fraction": 1.0}},
-        "data": {"shard_dir": str(tmp_path / "shards"), "image_size": SIZE, "channels": 1, "num_workers": 0},
-        "model": {"backbone": "resnet18", "embedding_dim": 8, "pooling": "avg"},
-        "export": {"model_path": str(tmp_path / "run"), "output_dir": str(tmp_path / "export"),
-                   "formats": ["onnx"], "parity_images": 4, "preprocessing_in_graph": in_graph},
-    })
+    config = DMLConfig.model_validate(
+        {
+            "prepare": {
+                "source": {"path": str(tmp_path / "src")},
+                "output_dir": str(tmp_path / "shards"),
+                "split": {"mode": "sample", "train_fraction": 0.5, "query_fraction": 1.0},
+            },
+            "data": {"shard_dir": str(tmp_path / "shards"), "image_size": SIZE, "channels": 1, "num_workers": 0},
+            "model": {"backbone": "resnet18", "embedding_dim": 8, "pooling": "avg"},
+            "export": {
+                "model_path": str(tmp_path / "run"),
+                "output_dir": str(tmp_path / "export"),
+                "formats": ["onnx"],
+                "parity_images": 4,
+                "preprocessing_in_graph": in_graph,
+            },
+        }
+    )
     write_shards(config.prepare)
     torch.manual_seed(0)
     model = build_model(config).eval()

@@ -44,8 +44,9 @@ def marked_points() -> np.ndarray:
 def moved(image: np.ndarray, rotation: float, scale: float) -> tuple[np.ndarray, SimilarityTransform]:
     """``image`` warped by a similarity onto a canvas large enough to hold all of it."""
     h, w = image.shape[:2]
-    corners = SimilarityTransform(scale=scale, rotation=rotation)(np.array([[0, 0], [w - 1, 0], [0, h - 1],
-                                                                            [w - 1, h - 1]]))
+    corners = SimilarityTransform(scale=scale, rotation=rotation)(
+        np.array([[0, 0], [w - 1, 0], [0, h - 1], [w - 1, h - 1]])
+    )
     tform = SimilarityTransform(scale=scale, rotation=rotation, translation=5 - corners.min(0))
     canvas = tuple(int(v) for v in np.ceil(corners.max(0) - corners.min(0) + 10)[::-1])
     out = warp(image, tform.inverse, output_shape=canvas, order=1, preserve_range=True)
@@ -139,8 +140,12 @@ def test_prepare_stores_aligned_crops_from_table_columns(tmp_path):
             rows.append(row)
     rows[-1].update(dict.fromkeys(LANDMARK_COLUMNS, ""))  # a face without landmarks
     _write_table(tmp_path / "faces.csv", rows)
-    config = prepare_config(tmp_path / "faces.csv", tmp_path / "out", split={"mode": "sample", "train_fraction": 1.0},
-                            image={"align": {"mode": "landmarks"}})
+    config = prepare_config(
+        tmp_path / "faces.csv",
+        tmp_path / "out",
+        split={"mode": "sample", "train_fraction": 1.0},
+        image={"align": {"mode": "landmarks"}},
+    )
     manifest = write_shards(config)
     assert manifest["counts"]["written"] == 5 and manifest["counts"]["rejected"] == 1
     assert "no face landmarks" in manifest["rejected"][0]["reason"]

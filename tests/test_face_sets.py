@@ -54,8 +54,9 @@ def _embed_on_rank(info, paths: list[str]) -> list:
 def test_bin_and_pairs_folder_are_the_same_set(tmp_path):
     bin_path, pairs, folder = make_pair_sets(tmp_path)
     model, data = small_model_and_data()
-    from_bin = embed_verification_set(model, load_verification_set(VerificationSetConfig.model_validate(str(bin_path))),
-                                      data, torch.device("cpu"))
+    from_bin = embed_verification_set(
+        model, load_verification_set(VerificationSetConfig.model_validate(str(bin_path))), data, torch.device("cpu")
+    )
     spec = VerificationSetConfig(path=str(pairs), folder=str(folder))
     from_folder = embed_verification_set(model, load_verification_set(spec), data, torch.device("cpu"))
     assert spec.set_name == "faces" and from_bin.name == "faces"
@@ -81,8 +82,11 @@ def test_two_ranks_embed_like_one_and_stop_together_on_a_bad_image(tmp_path):
 def test_face_recipe_config_loads():
     config = load_config(ROOT / "configs" / "face.yaml")
     assert config.prepare.source.kind == "recordio" and config.data.image_size == 112
-    assert config.loss.kind == "arcface" and [s.set_name for s in config.train.verification_sets] == \
-        ["lfw", "cfp_fp", "agedb_30"]
+    assert config.loss.kind == "arcface" and [s.set_name for s in config.train.verification_sets] == [
+        "lfw",
+        "cfp_fp",
+        "agedb_30",
+    ]
     assert config.train.resolved_best_metric == "ver_lfw_accuracy" and config.evaluate.verification_sets
 
 
@@ -92,9 +96,11 @@ def test_config_forms_and_errors(tmp_path):
     ).train
     assert [s.set_name for s in train.verification_sets] == ["lfw", "orl"]
     assert train.resolved_best_metric == "ver_lfw_accuracy"
-    for bad, message in [({"verification_sets": ["pairs.txt"]}, "needs 'folder'"),
-                         ({"verification_sets": ["a/lfw.bin", "b/lfw.bin"]}, "share the name"),
-                         ({"verification_sets": ["lfw.bin"], "best_metric": "ver_lfw_acc"}, "not a logged metric")]:
+    for bad, message in [
+        ({"verification_sets": ["pairs.txt"]}, "needs 'folder'"),
+        ({"verification_sets": ["a/lfw.bin", "b/lfw.bin"]}, "share the name"),
+        ({"verification_sets": ["lfw.bin"], "best_metric": "ver_lfw_acc"}, "not a logged metric"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             from dml.config import validate_config
 
@@ -104,9 +110,17 @@ def test_config_forms_and_errors(tmp_path):
 def test_training_logs_sets_and_keeps_the_best_model(tmp_path):
     bin_path, pairs, folder = make_pair_sets(tmp_path)
     shards = tiny_shards(tmp_path)
-    config = DMLConfig.model_validate(tiny_train_config(shards, tmp_path / "run", train={
-        "epochs": 2, "eval_every": 2, "verification_sets": [str(bin_path), {"path": str(pairs), "folder": str(folder),
-                                                                           "name": "folder"}]}))
+    config = DMLConfig.model_validate(
+        tiny_train_config(
+            shards,
+            tmp_path / "run",
+            train={
+                "epochs": 2,
+                "eval_every": 2,
+                "verification_sets": [str(bin_path), {"path": str(pairs), "folder": str(folder), "name": "folder"}],
+            },
+        )
+    )
     result = run_train(config)
     evaluations = [r for r in read_metrics(tmp_path / "run") if "ver_faces_accuracy" in r]
     assert [r["step"] for r in evaluations if not r.get("final")] == list(range(2, result.steps + 1, 2))
@@ -125,11 +139,30 @@ def test_training_logs_sets_and_keeps_the_best_model(tmp_path):
 def test_two_process_training_evaluates_sets_on_every_rank(tmp_path):
     bin_path, _, _ = make_pair_sets(tmp_path)
     shards = tiny_shards(tmp_path)
-    config = tiny_train_config(shards, tmp_path / "run", train={"epochs": 4, "max_steps": 4, "eval_every": 2,
-                                                               "verification_sets": [str(bin_path)],
-                                                               "verification_flip": True})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dml.cli",
-           "train", "--config", str(write_config(tmp_path / "c.yaml", config))]
+    config = tiny_train_config(
+        shards,
+        tmp_path / "run",
+        train={
+            "epochs": 4,
+            "max_steps": 4,
+            "eval_every": 2,
+            "verification_sets": [str(bin_path)],
+            "verification_flip": True,
+        },
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "dml.cli",
+        "train",
+        "--config",
+        str(write_config(tmp_path / "c.yaml", config)),
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -148,9 +181,17 @@ def trained(tmp_path_factory) -> dict:
 
 
 def evaluate_config(trained: dict, output: str, sets: list) -> dict:
-    return {"data": {"shard_dir": str(trained["shards"]), "num_workers": 0},
-            "evaluate": {"model_path": str(trained["root"] / "run"), "output_dir": str(trained["root"] / output),
-                         "gallery_split": None, "fars": [0.1, 0.001], "flip": True, "verification_sets": sets}}
+    return {
+        "data": {"shard_dir": str(trained["shards"]), "num_workers": 0},
+        "evaluate": {
+            "model_path": str(trained["root"] / "run"),
+            "output_dir": str(trained["root"] / output),
+            "gallery_split": None,
+            "fars": [0.1, 0.001],
+            "flip": True,
+            "verification_sets": sets,
+        },
+    }
 
 
 def test_evaluate_reports_sets_and_recomputes_them_from_saved_embeddings(trained):
@@ -169,8 +210,10 @@ def test_evaluate_reports_sets_and_recomputes_them_from_saved_embeddings(trained
     markdown = Path(result.markdown_path).read_text()
     assert "## Face verification sets" in markdown and "| `faces` | 20 (10 / 10) |" in markdown
     assert any("FAR 1e-03 not resolvable" in note for note in report["notes"])  # 10 different pairs
-    again = run_evaluate(DMLConfig.model_validate(evaluate_config(trained, "eval2", [str(trained["bin"])])),
-                         embeddings_dir=result.embeddings_dir)
+    again = run_evaluate(
+        DMLConfig.model_validate(evaluate_config(trained, "eval2", [str(trained["bin"])])),
+        embeddings_dir=result.embeddings_dir,
+    )
     assert (
         json.loads(Path(again.report_path).read_text())["verification_sets"]["faces"]["accuracy"] == faces["accuracy"]
     )
@@ -181,16 +224,24 @@ def test_cli_evaluate_refuses_a_malicious_bin_with_one_line(trained, tmp_path):
     evil = tmp_path / "lfw.bin"
     evil.write_bytes(pickle.dumps(([RunsCommand(f"touch {marker}"), b"x"], [True]), protocol=4))
     config = write_config(tmp_path / "c.yaml", evaluate_config(trained, "evil", [str(evil)]))
-    proc = subprocess.run([sys.executable, "-m", "dml.cli", "evaluate", "--config", str(config)], capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dml.cli", "evaluate", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=tmp_path,
+        timeout=300,
+    )
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr
     assert str(evil) in errors[0] and "refuses global posix.system" in errors[0]
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("mode,values,saved_at", [("max", [0.5, 0.7, 0.6, 0.7, 0.9], [1, 2, 5]),
-                                                   ("min", [0.5, 0.7, 0.4, float("nan"), 0.4], [1, 3])])
+@pytest.mark.parametrize(
+    "mode,values,saved_at",
+    [("max", [0.5, 0.7, 0.6, 0.7, 0.9], [1, 2, 5]), ("min", [0.5, 0.7, 0.4, float("nan"), 0.4], [1, 3])],
+)
 def test_best_keeper_saves_on_strict_improvement_and_resumes(tmp_path, mode, values, saved_at):
     from dml.train.best import BestModelKeeper
 

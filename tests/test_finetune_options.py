@@ -27,8 +27,9 @@ def group_of(optimizer: torch.optim.Optimizer) -> dict[int, dict]:
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 def test_layer_decay_gives_each_vit_block_its_lr(name):
     model = build_embedding_model("test_vit", 16, "cls+gem", input_size=32)
-    config = DMLConfig.model_validate({"optimizer": {"name": name, "lr": 0.1, "layer_decay": 0.5,
-                                                     "weight_decay": 0.01}}).optimizer
+    config = DMLConfig.model_validate(
+        {"optimizer": {"name": name, "lr": 0.1, "layer_decay": 0.5, "weight_decay": 0.01}}
+    ).optimizer
     optimizer = torch.optim.SGD(backbone_param_groups(model, config))
     groups, depth = group_of(optimizer), len(model.backbone.blocks)
     assert len(groups) == sum(1 for _ in model.parameters())  # every parameter, once
@@ -38,7 +39,7 @@ def test_layer_decay_gives_each_vit_block_its_lr(name):
         if block:
             expected = 0.1 * 0.5 ** (depth - 1 - int(block.group(1)))
         elif param_name.startswith(("backbone.cls_token", "backbone.pos_embed", "backbone.patch_embed")):
-            expected = 0.1 * 0.5 ** depth
+            expected = 0.1 * 0.5**depth
         else:  # the final norm and the neck learn at the full rate
             expected = 0.1
         assert group["lr"] == pytest.approx(expected), param_name
@@ -55,8 +56,13 @@ def test_without_layer_decay_one_group_at_the_configured_lr():
 
 
 def test_frozen_warm_up_keeps_the_backbone_and_its_optimizer_state_untouched():
-    config = DMLConfig.model_validate({"model": VIT, "data": {"image_size": 32},
-                                       "optimizer": {"name": "adamw", "lr": 0.01, "freeze_backbone_steps": 2}})
+    config = DMLConfig.model_validate(
+        {
+            "model": VIT,
+            "data": {"image_size": 32},
+            "optimizer": {"name": "adamw", "lr": 0.01, "freeze_backbone_steps": 2},
+        }
+    )
     torch.manual_seed(0)
     engine = DDPEngine(build_model(config), config, torch.device("cpu"))
     freeze = freeze_backbone(engine, config.optimizer)
@@ -79,9 +85,16 @@ def test_frozen_warm_up_keeps_the_backbone_and_its_optimizer_state_untouched():
 
 def test_run_with_layer_decay_and_frozen_warm_up_from_config(tmp_path):
     shards = tiny_shards(tmp_path)
-    config = DMLConfig.model_validate(tiny_train_config(
-        shards, tmp_path / "run", model=VIT, optimizer={"layer_decay": 0.75, "freeze_backbone_steps": 2},
-        loss={"sub_centers": 2}, train={"checkpoint_every": 2, "keep_last": 5}))
+    config = DMLConfig.model_validate(
+        tiny_train_config(
+            shards,
+            tmp_path / "run",
+            model=VIT,
+            optimizer={"layer_decay": 0.75, "freeze_backbone_steps": 2},
+            loss={"sub_centers": 2},
+            train={"checkpoint_every": 2, "keep_last": 5},
+        )
+    )
     run_train(config)
     seed_everything(config.seed)
     initial = build_model(config).backbone.state_dict()

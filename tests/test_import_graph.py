@@ -20,7 +20,8 @@ def module_name(path: Path, root: Path = ROOT) -> str:
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def imported_names(path: Path, name: str) -> set[str]:
@@ -30,8 +31,13 @@ def imported_names(path: Path, name: str) -> set[str]:
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
     tree = ast.parse(path.read_text(), str(path))
-    type_only = {id(inner) for node in ast.walk(tree) if isinstance(node, ast.If) and _is_type_checking(node.test)
-                 for statement in node.body for inner in ast.walk(statement)}
+    type_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and _is_type_checking(node.test)
+        for statement in node.body
+        for inner in ast.walk(statement)
+    }
     for node in ast.walk(tree):
         if id(node) in type_only:
             continue
@@ -77,7 +83,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
                 state[path.pop()] = 2
                 stack.pop()
             elif state.get(nxt) == 1:
-                return [*path[path.index(nxt):], nxt]
+                return [*path[path.index(nxt) :], nxt]
             elif not state.get(nxt):
                 state[nxt] = 1
                 path.append(nxt)
@@ -106,13 +112,19 @@ def test_dml_never_imports_pipeline_or_prefect():
     assert not offenders, "; ".join(sorted(set(offenders)))
 
 
-@pytest.mark.parametrize("modules, cycle", [
-    ({"a": "import pkg.b", "b": "from pkg import c", "c": "from . import a"}, ["pkg.a", "pkg.b", "pkg.c", "pkg.a"]),
-    ({"a": "import pkg.b", "b": "import pkg.c", "c": "import json"}, None),
-    ({"a": "from .b import thing", "b": "import pkg.a"}, ["pkg.a", "pkg.b", "pkg.a"]),
-    ({"a": "import pkg.b", "b": "def f():\n    from pkg import a"}, ["pkg.a", "pkg.b", "pkg.a"]),  # lazy counts
-    ({"a": "import pkg.b", "b": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.a import X"}, None),
-])
+@pytest.mark.parametrize(
+    "modules, cycle",
+    [
+        ({"a": "import pkg.b", "b": "from pkg import c", "c": "from . import a"}, ["pkg.a", "pkg.b", "pkg.c", "pkg.a"]),
+        ({"a": "import pkg.b", "b": "import pkg.c", "c": "import json"}, None),
+        ({"a": "from .b import thing", "b": "import pkg.a"}, ["pkg.a", "pkg.b", "pkg.a"]),
+        ({"a": "import pkg.b", "b": "def f():\n    from pkg import a"}, ["pkg.a", "pkg.b", "pkg.a"]),  # lazy counts
+        (
+            {"a": "import pkg.b", "b": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.a import X"},
+            None,
+        ),
+    ],
+)
 def test_the_cycle_check_finds_cycles_it_is_given(tmp_path, modules, cycle):
     """The checks above cannot pass vacuously: a made-up package with a cycle is caught."""
     (tmp_path / "pkg").mkdir()

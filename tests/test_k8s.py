@@ -66,7 +66,7 @@ def dml_argv(container: dict) -> list[str] | None:
     if command[:1] == ["dml"]:
         return command[1:]
     if command[:1] == ["torchrun"] and "dml.cli" in command:
-        return command[command.index("dml.cli") + 1:]
+        return command[command.index("dml.cli") + 1 :]
     return None
 
 
@@ -83,8 +83,11 @@ def run_config(objects: list[dict]) -> Any:
 
 def mount_of(pod: dict, container: dict, path: str) -> tuple[dict, dict]:
     """(volumeMount, volume) that holds ``path`` in ``container`` (the longest mount prefix)."""
-    mounts = [m for m in container.get("volumeMounts", []) if path == m["mountPath"]
-              or path.startswith(m["mountPath"].rstrip("/") + "/")]
+    mounts = [
+        m
+        for m in container.get("volumeMounts", [])
+        if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")
+    ]
     assert mounts, f"{path} is on no volume of container {container['name']}"
     mount = max(mounts, key=lambda m: len(m["mountPath"]))
     return mount, next(v for v in pod["volumes"] if v["name"] == mount["name"])
@@ -106,8 +109,10 @@ def test_kustomization_renders_into_the_dml_namespace(name):
 KUBECTL = shutil.which("kubectl")
 
 
-@pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed: the renderer is not compared with "
-                                            "`kubectl kustomize` on this machine")
+@pytest.mark.skipif(
+    KUBECTL is None,
+    reason="kubectl is not installed: the renderer is not compared with `kubectl kustomize` on this machine",
+)
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
 def test_renderer_output_equals_kubectl_kustomize(name):
     """Offline (`kubectl kustomize` reads only the folder): same objects, same content, same list order."""
@@ -132,9 +137,15 @@ def test_core_objects_validate_strictly(name):
 def unknown_fields(data: Any, known: Any, path: str = "") -> list[str]:
     """Paths present in ``data`` but dropped by the model round trip (fields it does not know)."""
     if isinstance(data, dict):
-        return [p for key, value in data.items()
-                for p in ([f"{path}.{key}"] if not isinstance(known, dict) or key not in known
-                          else unknown_fields(value, known[key], f"{path}.{key}"))]
+        return [
+            p
+            for key, value in data.items()
+            for p in (
+                [f"{path}.{key}"]
+                if not isinstance(known, dict) or key not in known
+                else unknown_fields(value, known[key], f"{path}.{key}")
+            )
+        ]
     if isinstance(data, list):
         return [p for i, item in enumerate(data) for p in unknown_fields(item, known[i], f"{path}[{i}]")]
     return []
@@ -178,14 +189,38 @@ def test_validators_reject_wrong_fields(tmp_path):
 
 
 def test_renderer_merges_like_strategic_merge_patch():
-    base = {"containers": [{"name": "a", "image": "x", "env": [{"name": "A", "value": "1"}],
-                            "volumeMounts": [{"name": "v", "mountPath": "/m"}], "args": ["p", "q"]}]}
-    patch = {"containers": [{"name": "a", "env": [{"name": "B", "value": "2"}, {"name": "A", "value": "3"}],
-                             "volumeMounts": [{"name": "w", "mountPath": "/m"}], "args": ["r"], "image": None}]}
+    base = {
+        "containers": [
+            {
+                "name": "a",
+                "image": "x",
+                "env": [{"name": "A", "value": "1"}],
+                "volumeMounts": [{"name": "v", "mountPath": "/m"}],
+                "args": ["p", "q"],
+            }
+        ]
+    }
+    patch = {
+        "containers": [
+            {
+                "name": "a",
+                "env": [{"name": "B", "value": "2"}, {"name": "A", "value": "3"}],
+                "volumeMounts": [{"name": "w", "mountPath": "/m"}],
+                "args": ["r"],
+                "image": None,
+            }
+        ]
+    }
     merged = strategic_merge(base, patch)["containers"]
     # the patch's items first, then the base's others: kubectl kustomize (kustomize v5.5.0) orders them so
-    assert merged == [{"name": "a", "env": [{"name": "B", "value": "2"}, {"name": "A", "value": "3"}],
-                       "volumeMounts": [{"name": "w", "mountPath": "/m"}], "args": ["r"]}]
+    assert merged == [
+        {
+            "name": "a",
+            "env": [{"name": "B", "value": "2"}, {"name": "A", "value": "3"}],
+            "volumeMounts": [{"name": "w", "mountPath": "/m"}],
+            "args": ["r"],
+        }
+    ]
     assert split_image("localhost:5000/dml:dev@sha256:ab") == ("localhost:5000/dml", "dev", "sha256:ab")
     assert split_image("localhost:5000/dml") == ("localhost:5000/dml", None, None)
 
@@ -208,8 +243,12 @@ def test_every_container_has_requests_and_limits(name):
 
 
 def gpu_limits(objects: list[dict]) -> dict[str, int]:
-    return {owner["metadata"]["name"]: int(c["resources"]["limits"][GPU])
-            for owner, pod in pods(objects) for c in containers(pod) if GPU in c["resources"]["limits"]}
+    return {
+        owner["metadata"]["name"]: int(c["resources"]["limits"][GPU])
+        for owner, pod in pods(objects)
+        for c in containers(pod)
+        if GPU in c["resources"]["limits"]
+    }
 
 
 def test_only_gpu_prod_asks_for_gpus():
@@ -223,8 +262,9 @@ def test_only_gpu_prod_asks_for_gpus():
 
 @pytest.mark.parametrize("name", GPU_OVERLAYS)
 def test_gpu_training_sets_nccl_environment(name):
-    (train,) = [c for owner, pod in pods(rendered(name)) if owner["metadata"]["name"] == "dml-train"
-                for c in containers(pod)]
+    (train,) = [
+        c for owner, pod in pods(rendered(name)) if owner["metadata"]["name"] == "dml-train" for c in containers(pod)
+    ]
     env = {e["name"]: e.get("value") for e in train["env"]}
     assert set(env) >= NCCL_KEYS, env
     assert env["NCCL_IB_DISABLE"] in ("0", "1") and env["NCCL_DEBUG"] in ("WARN", "INFO", "VERSION")
@@ -305,10 +345,11 @@ def test_merge_and_train_read_what_prepare_wrote(name):
 def test_config_paths_lie_on_the_right_volumes(name):
     objects = rendered(name)
     config = run_config(objects)
-    claim = {"prepare": {config.prepare.source.path: ("dml-raw", True),
-                         config.prepare.output_dir: ("dml-shards", False)},
-             "train": {config.data.shard_dir: ("dml-shards", None), config.train.run_dir: ("dml-runs", False)},
-             "evaluate": {config.data.shard_dir: ("dml-shards", None), config.train.run_dir: ("dml-runs", False)}}
+    claim = {
+        "prepare": {config.prepare.source.path: ("dml-raw", True), config.prepare.output_dir: ("dml-shards", False)},
+        "train": {config.data.shard_dir: ("dml-shards", None), config.train.run_dir: ("dml-runs", False)},
+        "evaluate": {config.data.shard_dir: ("dml-shards", None), config.train.run_dir: ("dml-runs", False)},
+    }
     seen = set()
     for _, pod in pods(objects):
         for container in containers(pod):

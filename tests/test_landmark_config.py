@@ -30,16 +30,27 @@ def long_tail_shards(tmp_path: Path) -> Path:
         for image in sorted((tmp_path / "src" / f"class_{c}").iterdir())[keep:]:
             image.unlink()
     out = tmp_path / "shards"
-    write_shards(DMLConfig.model_validate({"prepare": {
-        "source": {"path": str(tmp_path / "src")}, "output_dir": str(out),
-        "split": {"mode": "sample", "train_fraction": 0.75, "query_fraction": 1.0}}}).prepare)
+    write_shards(
+        DMLConfig.model_validate(
+            {
+                "prepare": {
+                    "source": {"path": str(tmp_path / "src")},
+                    "output_dir": str(out),
+                    "split": {"mode": "sample", "train_fraction": 0.75, "query_fraction": 1.0},
+                }
+            }
+        ).prepare
+    )
     return out
 
 
 def test_sub_centres_and_dynamic_margins_train_from_config(tmp_path):
     shards = long_tail_shards(tmp_path)
-    config = DMLConfig.model_validate(tiny_train_config(
-        shards, tmp_path / "run", loss={"sub_centers": 3, "dynamic_margin": DYNAMIC}, train={"epochs": 1}))
+    config = DMLConfig.model_validate(
+        tiny_train_config(
+            shards, tmp_path / "run", loss={"sub_centers": 3, "dynamic_margin": DYNAMIC}, train={"epochs": 1}
+        )
+    )
     run_train(config)
     checkpoint = list_checkpoints(tmp_path / "run")[-1]
     head = read_checkpoint(checkpoint)["objective"]["head"]
@@ -66,12 +77,15 @@ def test_classes_outside_the_training_split_do_not_stretch_the_margins(tmp_path)
         )
 
 
-@pytest.mark.parametrize("loss, message", [
-    ({"kind": "sphereface", "dynamic_margin": DYNAMIC}, "dynamic_margin needs loss.kind arcface or cosface"),
-    ({"kind": "triplet", "sub_centers": 2}, "sub_centers needs a margin head"),
-    ({"sub_centers": 0}, "greater than or equal to 1"),
-    ({"dynamic_margin": {"m_min": 0.5, "m_max": 0.2}}, r"m_min \(0.5\) must be <= m_max"),
-])
+@pytest.mark.parametrize(
+    "loss, message",
+    [
+        ({"kind": "sphereface", "dynamic_margin": DYNAMIC}, "dynamic_margin needs loss.kind arcface or cosface"),
+        ({"kind": "triplet", "sub_centers": 2}, "sub_centers needs a margin head"),
+        ({"sub_centers": 0}, "greater than or equal to 1"),
+        ({"dynamic_margin": {"m_min": 0.5, "m_max": 0.2}}, r"m_min \(0.5\) must be <= m_max"),
+    ],
+)
 def test_bad_landmark_options_are_refused_when_the_config_loads(loss, message):
     with pytest.raises(Exception, match=message):
         DMLConfig.model_validate({"loss": loss})

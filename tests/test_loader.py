@@ -28,10 +28,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def make_shards(tmp_path: Path, max_samples: int = 7, classes: int = 6, per_class: int = 9) -> Path:
     make_folder_tree(tmp_path / "src", classes=classes, per_class=per_class, bad=False)
     out = tmp_path / "shards"
-    config = DMLConfig.model_validate({"prepare": {
-        "source": {"path": str(tmp_path / "src")}, "output_dir": str(out),
-        "split": {"mode": "sample", "train_fraction": 0.67, "query_fraction": 1.0},
-        "shards": {"max_samples": max_samples}}}).prepare
+    config = DMLConfig.model_validate(
+        {
+            "prepare": {
+                "source": {"path": str(tmp_path / "src")},
+                "output_dir": str(out),
+                "split": {"mode": "sample", "train_fraction": 0.67, "query_fraction": 1.0},
+                "shards": {"max_samples": max_samples},
+            }
+        }
+    ).prepare
     write_shards(config)
     return out
 
@@ -103,11 +109,22 @@ def test_two_ranks_equal_batches_and_full_eval_coverage(tmp_path):
 @pytest.mark.slow
 def test_resume_after_killed_writer(tmp_path):
     make_idx_dir(tmp_path / "idx", n_train=6000, n_test=0)
-    args = [sys.executable, "-m", "dml.cli", "prepare", f"prepare.source.path={tmp_path / 'idx'}",
-            "prepare.shards.max_samples=100", "prepare.split.mode=sample"]
+    args = [
+        sys.executable,
+        "-m",
+        "dml.cli",
+        "prepare",
+        f"prepare.source.path={tmp_path / 'idx'}",
+        "prepare.shards.max_samples=100",
+        "prepare.split.mode=sample",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    victim = subprocess.Popen([*args, f"prepare.output_dir={tmp_path / 'killed'}"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    victim = subprocess.Popen(
+        [*args, f"prepare.output_dir={tmp_path / 'killed'}"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     progress = tmp_path / "killed" / ".progress"
     deadline = time.time() + 60
     while time.time() < deadline and len(list(progress.glob("*.tar.json"))) < 3:
@@ -119,8 +136,9 @@ def test_resume_after_killed_writer(tmp_path):
     }
     assert 3 <= len(finished) < 60, "the writer should have been killed mid-way"
     assert not (tmp_path / "killed" / "manifest.json").exists()
-    subprocess.run([*args, f"prepare.output_dir={tmp_path / 'killed'}", "--resume"], env=env, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [*args, f"prepare.output_dir={tmp_path / 'killed'}", "--resume"], env=env, check=True, capture_output=True
+    )
     subprocess.run([*args, f"prepare.output_dir={tmp_path / 'clean'}"], env=env, check=True, capture_output=True)
     resumed, clean = load_manifest(tmp_path / "killed"), load_manifest(tmp_path / "clean")
     assert resumed["splits"] == clean["splits"] and resumed["counts"]["written"] == 6000
@@ -139,11 +157,18 @@ def test_batch_normalisation_equals_the_per_image_transform():
         build_train_uint8_transform,
     )
 
-    config = DataConfig(shard_dir="unused", image_size=24, channels=3, mean=(0.2, 0.4, 0.6), std=(0.3, 0.2, 0.1),
-                        augment={"horizontal_flip": True, "random_resized_crop": True, "color_jitter": 0.3})
+    config = DataConfig(
+        shard_dir="unused",
+        image_size=24,
+        channels=3,
+        mean=(0.2, 0.4, 0.6),
+        std=(0.3, 0.2, 0.1),
+        augment={"horizontal_flip": True, "random_resized_crop": True, "color_jitter": 0.3},
+    )
     rng = torch.Generator().manual_seed(0)
-    images = [Image.fromarray(torch.randint(0, 256, (40, 33, 3), generator=rng, dtype=torch.uint8).numpy())
-              for _ in range(5)]
+    images = [
+        Image.fromarray(torch.randint(0, 256, (40, 33, 3), generator=rng, dtype=torch.uint8).numpy()) for _ in range(5)
+    ]
     torch.manual_seed(7)
     expected = torch.stack([build_train_transform(config)(im) for im in images])
     torch.manual_seed(7)

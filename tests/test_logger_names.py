@@ -28,8 +28,13 @@ def _runs_as_main(tree: ast.Module) -> bool:
 
 
 def _is_get_logger(node: ast.AST) -> bool:
-    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "getLogger"
-            and isinstance(node.func.value, ast.Name) and node.func.value.id == "logging")
+    return (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "getLogger"
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "logging"
+    )
 
 
 def logger_problems(path: Path, source: str) -> list[str]:
@@ -44,14 +49,22 @@ def logger_problems(path: Path, source: str) -> list[str]:
             names = [target.id for target in node.targets if isinstance(target, ast.Name)]
             argument = ast.unparse(node.value.args[0]) if node.value.args else "(root)"
             if names != ["log"] or argument.replace('"', "'") != wanted:
-                problems.append(f"{path.relative_to(ROOT)}:{node.lineno}: `{ast.unparse(node)}`; "
-                                f"the convention is `log = logging.getLogger({wanted})`")
+                problems.append(
+                    f"{path.relative_to(ROOT)}:{node.lineno}: `{ast.unparse(node)}`; "
+                    f"the convention is `log = logging.getLogger({wanted})`"
+                )
     for call in ast.walk(tree):  # records through the root logger skip the package's name
-        if (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
-                and isinstance(call.func.value, ast.Name) and call.func.value.id == "logging"
-                and call.func.attr in ROOT_LOGGER_CALLS):
-            problems.append(f"{path.relative_to(ROOT)}:{call.lineno}: logging.{call.func.attr}() logs through the "
-                            "root logger; use the module's `log`")
+        if (
+            isinstance(call, ast.Call)
+            and isinstance(call.func, ast.Attribute)
+            and isinstance(call.func.value, ast.Name)
+            and call.func.value.id == "logging"
+            and call.func.attr in ROOT_LOGGER_CALLS
+        ):
+            problems.append(
+                f"{path.relative_to(ROOT)}:{call.lineno}: logging.{call.func.attr}() logs through the "
+                "root logger; use the module's `log`"
+            )
     return problems
 
 

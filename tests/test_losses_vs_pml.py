@@ -26,8 +26,10 @@ TOLERANCE = dict(atol=1e-5, rtol=1e-5)
 
 def random_batch(size=48, dim=12, classes=6, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(size, dim, dtype=torch.float64, generator=generator),
-            torch.randint(0, classes, (size,), generator=generator))
+    return (
+        torch.randn(size, dim, dtype=torch.float64, generator=generator),
+        torch.randint(0, classes, (size,), generator=generator),
+    )
 
 
 def value_and_grad(loss_fn, embeddings):
@@ -149,11 +151,15 @@ def test_triplet_mining_matches_pml_triplet_margin_miner(mining):
 def test_triplet_all_equals_pml_without_a_miner_and_batch_hard_equals_batch_hard_miner():
     embeddings, labels = random_batch(seed=7)
     pml = pml_losses.TripletMarginLoss(margin=0.1)
-    assert_same(value_and_grad(lambda e: TripletMarginLoss(0.1, "all")(e, labels), embeddings),
-                value_and_grad(lambda e: pml(e, labels), embeddings))
+    assert_same(
+        value_and_grad(lambda e: TripletMarginLoss(0.1, "all")(e, labels), embeddings),
+        value_and_grad(lambda e: pml(e, labels), embeddings),
+    )
     miner = pml_miners.BatchHardMiner()
-    assert_same(value_and_grad(lambda e: TripletMarginLoss(0.1, "batch_hard")(e, labels), embeddings),
-                value_and_grad(lambda e: pml(e, labels, miner(e, labels)), embeddings))
+    assert_same(
+        value_and_grad(lambda e: TripletMarginLoss(0.1, "batch_hard")(e, labels), embeddings),
+        value_and_grad(lambda e: pml(e, labels, miner(e, labels)), embeddings),
+    )
 
 
 def test_easy_mining_at_the_loss_margin_is_zero_here_and_in_pml():
@@ -167,8 +173,10 @@ def test_easy_mining_at_the_loss_margin_is_zero_here_and_in_pml():
 @pytest.mark.parametrize("pos_margin,neg_margin", [(0.0, 1.0), (0.3, 1.2)])
 def test_contrastive_matches_pml(pos_margin, neg_margin):
     embeddings, labels = random_batch(seed=9)
-    assert_same(value_and_grad(lambda e: ContrastiveLoss(pos_margin, neg_margin)(e, labels), embeddings),
-                value_and_grad(lambda e: pml_losses.ContrastiveLoss(pos_margin, neg_margin)(e, labels), embeddings))
+    assert_same(
+        value_and_grad(lambda e: ContrastiveLoss(pos_margin, neg_margin)(e, labels), embeddings),
+        value_and_grad(lambda e: pml_losses.ContrastiveLoss(pos_margin, neg_margin)(e, labels), embeddings),
+    )
 
 
 @pytest.mark.parametrize("alpha,beta,base", [(2.0, 50.0, 0.5), (1.0, 10.0, 0.2)])

@@ -76,9 +76,17 @@ def test_arcface_straight_through_gradient_is_that_of_the_plain_cosine():
     assert cosine.grad[0, 0] > 3.0 * 10  # the exact ArcFace gradient spikes near theta = 0
 
 
-@pytest.mark.parametrize("margin", [ArcFace(1.0, 0.5), ArcFace(1.0, 0.5, boundary="straight_through"),
-                                    SphereFace(1.0, 4.0), SphereFace(1.0, 1.7), CombinedMargin(1.0, 1.35, 0.5, 0.2),
-                                    CosFace(1.0, 0.35)])
+@pytest.mark.parametrize(
+    "margin",
+    [
+        ArcFace(1.0, 0.5),
+        ArcFace(1.0, 0.5, boundary="straight_through"),
+        SphereFace(1.0, 4.0),
+        SphereFace(1.0, 1.7),
+        CombinedMargin(1.0, 1.35, 0.5, 0.2),
+        CosFace(1.0, 0.35),
+    ],
+)
 def test_target_logit_never_increases_with_the_angle(margin):
     angles = torch.linspace(0, math.pi, 2001, dtype=torch.float64)
     logits = target_logit(margin, torch.cos(angles))
@@ -186,16 +194,23 @@ def test_dynamic_margins_follow_the_power_law_between_the_bounds():
     assert margins[5].item() == pytest.approx(0.6)  # a count of 0 counts as 1
     assert margins[1].item() == margins[4].item()
     # m = a * n^-0.5 + b with a, b fixed by the two ends
-    a = 0.5 / (1 - 1000 ** -0.5)
-    b = 0.1 - a * 1000 ** -0.5
-    assert margins[3].item() == pytest.approx(a * 100 ** -0.5 + b, abs=1e-6)
+    a = 0.5 / (1 - 1000**-0.5)
+    b = 0.1 - a * 1000**-0.5
+    assert margins[3].item() == pytest.approx(a * 100**-0.5 + b, abs=1e-6)
     assert torch.equal(dynamic_margins([5, 5, 5], 0.1, 0.4, 0.25), torch.full((3,), 0.4))
     head = MarginHead(4, 6, ArcFace(s=8.0, m=margins), sub_centers=2)
     assert torch.isfinite(head(torch.randn(3, 4), torch.tensor([0, 2, 5])))
 
 
-@pytest.mark.parametrize("bad", [dict(class_counts=[]), dict(class_counts=[1, -2]),
-                                 dict(class_counts=[1, 2], m_min=0.5, m_max=0.1), dict(class_counts=[1], power=0)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(class_counts=[]),
+        dict(class_counts=[1, -2]),
+        dict(class_counts=[1, 2], m_min=0.5, m_max=0.1),
+        dict(class_counts=[1], power=0),
+    ],
+)
 def test_dynamic_margins_reject_bad_input(bad):
     with pytest.raises(ValueError):
         dynamic_margins(**bad)
@@ -230,7 +245,7 @@ def test_sub_center_cosine_is_the_max_over_each_class_sub_centres():
     cosine = layer(embeddings)
     all_cosines = F.normalize(embeddings, dim=1) @ F.normalize(layer.weight, dim=1).t()
     for c in range(5):
-        torch.testing.assert_close(cosine[:, c], all_cosines[:, 3 * c:3 * c + 3].max(dim=1).values)
+        torch.testing.assert_close(cosine[:, c], all_cosines[:, 3 * c : 3 * c + 3].max(dim=1).values)
     direction = torch.randn(8)
     samples = direction + 0.05 * torch.randn(4, 8)
     with torch.no_grad():  # class 1: make sub-centre 2 the nearest for every sample of the class

@@ -73,18 +73,34 @@ def exported(tmp_path_factory, request):
             fmt, ext = (("JPEG", "jpg"), ("PNG", "png"))[i % 2]
             data = photo_bytes(seed, SIZES[i], fmt, orientation=1 + (seed % 8), grey=i == 3)
             (folder / f"img_{i}.{ext}").write_bytes(data)
-    config = DMLConfig.model_validate({
-        "seed": 0,
-        "prepare": {"source": {"path": str(root / "src")}, "output_dir": str(root / "shards"),
-                    "split": {"mode": "sample", "train_fraction": 0.2, "query_fraction": 0.5}},
-        "data": {"shard_dir": str(root / "shards"), "image_size": 32, "channels": 3, "num_workers": 0,
-                 "mean": (0.45, 0.4, 0.35), "std": (0.25, 0.3, 0.2), "batch_size": 8,
-                 "center_crop": request.param},
-        "model": {"backbone": "resnet18", "embedding_dim": 16},
-        "evaluate": {"model_path": str(root / "run"), "output_dir": str(root / "eval")},
-        "export": {"model_path": str(root / "run"), "output_dir": str(root / "export"), "formats": ["onnx"],
-                   "parity_images": 8},
-    })
+    config = DMLConfig.model_validate(
+        {
+            "seed": 0,
+            "prepare": {
+                "source": {"path": str(root / "src")},
+                "output_dir": str(root / "shards"),
+                "split": {"mode": "sample", "train_fraction": 0.2, "query_fraction": 0.5},
+            },
+            "data": {
+                "shard_dir": str(root / "shards"),
+                "image_size": 32,
+                "channels": 3,
+                "num_workers": 0,
+                "mean": (0.45, 0.4, 0.35),
+                "std": (0.25, 0.3, 0.2),
+                "batch_size": 8,
+                "center_crop": request.param,
+            },
+            "model": {"backbone": "resnet18", "embedding_dim": 16},
+            "evaluate": {"model_path": str(root / "run"), "output_dir": str(root / "eval")},
+            "export": {
+                "model_path": str(root / "run"),
+                "output_dir": str(root / "export"),
+                "formats": ["onnx"],
+                "parity_images": 8,
+            },
+        }
+    )
     write_shards(config.prepare)
     torch.manual_seed(0)
     (root / "run").mkdir()

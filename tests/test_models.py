@@ -135,7 +135,7 @@ def test_combined_descriptors_are_normalised_parts_concatenated() -> None:
     parts = torch.split(embeddings, [4, 4, 3], dim=1)
     # Each part has unit norm before the final normalisation, hence 1/sqrt(3) after it.
     for part in parts:
-        assert torch.allclose(part.norm(dim=1), torch.full((4,), 3 ** -0.5), atol=1e-5)
+        assert torch.allclose(part.norm(dim=1), torch.full((4,), 3**-0.5), atol=1e-5)
     with pytest.raises(ValueError, match="cannot be split"):
         EmbeddingNeck(16, 2, pooling="avg+max+gem")
 

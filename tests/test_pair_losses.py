@@ -62,7 +62,8 @@ def test_triplet_mining_matches_brute_force_enumeration(mining, mining_margin):
     mm = margin if mining_margin is None else mining_margin
     ours = value_and_grad(lambda e: TripletMarginLoss(margin, mining, mining_margin)(e, labels), x)
     reference = value_and_grad(
-        lambda e: brute_force_triplet(e, labels, margin, lambda ap, an: MINED[mining](ap, an, mm)), x)
+        lambda e: brute_force_triplet(e, labels, margin, lambda ap, an: MINED[mining](ap, an, mm)), x
+    )
     torch.testing.assert_close(ours[0], reference[0])
     torch.testing.assert_close(ours[1], reference[1])
     if mining == "easy" and mining_margin is None:
@@ -198,8 +199,9 @@ def test_bad_arguments_raise_value_errors():
     with pytest.raises(ValueError, match="labels"):
         ContrastiveLoss()(x, labels[:3])
     with pytest.raises(ValueError, match="pair masks"):
-        MultiSimilarityLoss()(x, labels, pairs=PairMasks(torch.ones(3, 3, dtype=torch.bool),
-                                                         torch.ones(3, 3, dtype=torch.bool)))
+        MultiSimilarityLoss()(
+            x, labels, pairs=PairMasks(torch.ones(3, 3, dtype=torch.bool), torch.ones(3, 3, dtype=torch.bool))
+        )
     with pytest.raises(ValueError, match="cutoff"):
         DistanceWeightedMiner(cutoff=1.5, nonzero_loss_cutoff=1.4)
 
@@ -219,9 +221,17 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("loss_fn", [
-    TripletMarginLoss(0.05, "all"), TripletMarginLoss(0.05, "semihard"), TripletMarginLoss(0.05, "batch_hard"),
-    ContrastiveLoss(), MultiSimilarityLoss(miner=MultiSimilarityMiner())], ids=repr)
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        TripletMarginLoss(0.05, "all"),
+        TripletMarginLoss(0.05, "semihard"),
+        TripletMarginLoss(0.05, "batch_hard"),
+        ContrastiveLoss(),
+        MultiSimilarityLoss(miner=MultiSimilarityMiner()),
+    ],
+    ids=repr,
+)
 def test_batch_1024_never_builds_a_cubic_tensor(loss_fn):
     """Every tensor made in forward and backward holds at most ~B^2 elements (B^3 = 1.07e9)."""
     generator = torch.Generator().manual_seed(8)

@@ -40,8 +40,7 @@ def reference_ce(weight: torch.Tensor, embeddings: torch.Tensor, labels: torch.T
 
 def batch(step: int, n: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1000 + step)
-    return (torch.randn(n, DIM, generator=gen, dtype=torch.float64),
-            torch.randint(0, num_classes, (n,), generator=gen))
+    return (torch.randn(n, DIM, generator=gen, dtype=torch.float64), torch.randint(0, num_classes, (n,), generator=gen))
 
 
 def local_slice(n: int, world: int, rank: int) -> slice:
@@ -64,15 +63,27 @@ def whole_head(head: PartialFC) -> dict:
 
 def head_with_weight(weight: torch.Tensor, margin, sample_rate: float = 1.0, seed: int = 0) -> PartialFC:
     head = PartialFC(DIM, weight.shape[0], margin, sample_rate=sample_rate, seed=seed).double()
-    head.load_full_state_dict({"format": "dml.partial_fc/1", "num_classes": weight.shape[0], "embedding_dim": DIM,
-                               "weight": weight, "sampler": {"seed": seed, "step": 0}, "optimizer": None})
+    head.load_full_state_dict(
+        {
+            "format": "dml.partial_fc/1",
+            "num_classes": weight.shape[0],
+            "embedding_dim": DIM,
+            "weight": weight,
+            "sampler": {"seed": seed, "step": 0},
+            "optimizer": None,
+        }
+    )
     return head
 
 
 # --- single process --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("margin", [ArcFace(), CosFace(), CombinedMargin(s=30.0, m1=1.0, m2=0.3, m3=0.2)],
-                         ids=["arcface", "cosface", "combined"])
+
+@pytest.mark.parametrize(
+    "margin",
+    [ArcFace(), CosFace(), CombinedMargin(s=30.0, m1=1.0, m2=0.3, m3=0.2)],
+    ids=["arcface", "cosface", "combined"],
+)
 def test_world_one_equals_full_softmax_margin_ce(margin):
     weight, (x, y) = full_weight(23), batch(0, 17, 23)
     head = head_with_weight(weight, margin)
@@ -183,10 +194,13 @@ def test_sparse_step_in_chunks_changes_no_bit(monkeypatch, name, chunk_rows):
         assert torch.equal(value, heads[True][1][key]), key
 
 
-@pytest.mark.parametrize("name, torch_optimizer", [
-    ("sgd", lambda p: torch.optim.SGD([p], lr=0.5, momentum=0.9, weight_decay=5e-4)),
-    ("adamw", lambda p: torch.optim.AdamW([p], lr=0.01, weight_decay=5e-4, betas=(0.9, 0.999))),
-])
+@pytest.mark.parametrize(
+    "name, torch_optimizer",
+    [
+        ("sgd", lambda p: torch.optim.SGD([p], lr=0.5, momentum=0.9, weight_decay=5e-4)),
+        ("adamw", lambda p: torch.optim.AdamW([p], lr=0.01, weight_decay=5e-4, betas=(0.9, 0.999))),
+    ],
+)
 def test_rate_one_matches_the_torch_optimizer(name, torch_optimizer):
     weight = full_weight(12)
     head = head_with_weight(weight, CosFace(s=16.0))
@@ -260,8 +274,9 @@ def test_full_state_round_trip_in_one_process_including_load_before_configure():
     fresh_opt = fresh.configure_optimizer("sgd", lr=0.7)
     reloaded = fresh.full_state_dict()
     assert torch.equal(reloaded["weight"], state["weight"])
-    assert torch.equal(reloaded["optimizer"]["state"]["momentum_buffer"],
-                       state["optimizer"]["state"]["momentum_buffer"])
+    assert torch.equal(
+        reloaded["optimizer"]["state"]["momentum_buffer"], state["optimizer"]["state"]["momentum_buffer"]
+    )
     assert fresh_opt.param_groups[0]["lr"] == 0.1 and reloaded["sampler"] == state["sampler"]
 
 
@@ -277,21 +292,32 @@ def test_centre_init_is_independent_of_the_world_size():
     assert not torch.equal(full, init_centre_shard(10_000, 4, 0, 10_000, seed=4))
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: PartialFC(DIM, 10, ArcFace(), sample_rate=0.0), "sample_rate must be in"),
-    (lambda: PartialFC(DIM, 10, ArcFace(), sample_rate=1.5), "sample_rate must be in"),
-    (lambda: PartialFC(0, 10, ArcFace()), "embedding_dim must be"),
-    (lambda: PartialFC(DIM, 10, ArcFace())(torch.randn(3, DIM), torch.tensor([0, 1, 10])),
-     r"labels must be in \[0, 10\)"),
-    (lambda: PartialFC(DIM, 10, ArcFace())(torch.randn(3, DIM + 1), torch.tensor([0, 1, 2])),
-     "embeddings must have shape"),
-    (lambda: PartialFC(DIM, 10, ArcFace())(torch.randn(3, DIM), torch.tensor([0.0, 1.0, 2.0])), "integer tensor"),
-    (lambda: PartialFC(DIM, 10, ArcFace())(torch.randn(0, DIM), torch.zeros(0, dtype=torch.long)),
-     "global batch is empty"),
-    (lambda: PartialFC(DIM, 10, ArcFace()).configure_optimizer("lamb", lr=0.1), "unknown head optimizer 'lamb'"),
-    (lambda: PartialFC(DIM, 10, ArcFace()).load_full_state_dict(whole_head(PartialFC(DIM, 11, ArcFace()))),
-     "saved head is 11 classes"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: PartialFC(DIM, 10, ArcFace(), sample_rate=0.0), "sample_rate must be in"),
+        (lambda: PartialFC(DIM, 10, ArcFace(), sample_rate=1.5), "sample_rate must be in"),
+        (lambda: PartialFC(0, 10, ArcFace()), "embedding_dim must be"),
+        (
+            lambda: PartialFC(DIM, 10, ArcFace())(torch.randn(3, DIM), torch.tensor([0, 1, 10])),
+            r"labels must be in \[0, 10\)",
+        ),
+        (
+            lambda: PartialFC(DIM, 10, ArcFace())(torch.randn(3, DIM + 1), torch.tensor([0, 1, 2])),
+            "embeddings must have shape",
+        ),
+        (lambda: PartialFC(DIM, 10, ArcFace())(torch.randn(3, DIM), torch.tensor([0.0, 1.0, 2.0])), "integer tensor"),
+        (
+            lambda: PartialFC(DIM, 10, ArcFace())(torch.randn(0, DIM), torch.zeros(0, dtype=torch.long)),
+            "global batch is empty",
+        ),
+        (lambda: PartialFC(DIM, 10, ArcFace()).configure_optimizer("lamb", lr=0.1), "unknown head optimizer 'lamb'"),
+        (
+            lambda: PartialFC(DIM, 10, ArcFace()).load_full_state_dict(whole_head(PartialFC(DIM, 11, ArcFace()))),
+            "saved head is 11 classes",
+        ),
+    ],
+)
 def test_bad_input_is_a_clear_value_error(make, message):
     with pytest.raises(ValueError, match=message):
         make()
@@ -301,13 +327,13 @@ def test_distributed_ce_refuses_a_second_backward():
     logits = torch.randn(4, 5, requires_grad=True)
     loss = distributed_cross_entropy(logits, torch.tensor([0, 1, 2, 3]))
     loss.backward(retain_graph=True)
-    assert_near(logits.grad, torch.autograd.grad(F.cross_entropy(logits, torch.tensor([0, 1, 2, 3])),
-                                                                logits)[0])
+    assert_near(logits.grad, torch.autograd.grad(F.cross_entropy(logits, torch.tensor([0, 1, 2, 3])), logits)[0])
     with pytest.raises(RuntimeError, match="twice"):
         loss.backward()
 
 
 # --- real process groups ---------------------------------------------------------------------
+
 
 def check_equivalence(info: DistInfo, num_classes: int = 11, global_n: int = 13) -> None:
     """sample_rate 1 on this group == single-process full softmax ArcFace CE (value and gradients).
@@ -324,8 +350,16 @@ def check_equivalence(info: DistInfo, num_classes: int = 11, global_n: int = 13)
         assert torch.equal(initial["weight"], init_centre_shard(num_classes, DIM, 0, num_classes, seed=3))
     head.double()
     weight = full_weight(num_classes)
-    head.load_full_state_dict({"format": "dml.partial_fc/1", "num_classes": num_classes, "embedding_dim": DIM,
-                               "weight": weight, "sampler": {"seed": 3, "step": 0}, "optimizer": None})
+    head.load_full_state_dict(
+        {
+            "format": "dml.partial_fc/1",
+            "num_classes": num_classes,
+            "embedding_dim": DIM,
+            "weight": weight,
+            "sampler": {"seed": 3, "step": 0},
+            "optimizer": None,
+        }
+    )
     x, y = batch(0, global_n, num_classes)
     part = local_slice(global_n, world, rank)
     emb = x[part].clone().requires_grad_(True)
@@ -335,7 +369,7 @@ def check_equivalence(info: DistInfo, num_classes: int = 11, global_n: int = 13)
     assert_near(loss.detach(), ref_loss)
     assert emb.grad is not None and head.weight.grad is not None
     assert_near(emb.grad, ref_dx[part])
-    assert_near(head.weight.grad, ref_dw[head.class_start: head.class_end])
+    assert_near(head.weight.grad, ref_dw[head.class_start : head.class_end])
     losses = [None] * world
     torch.distributed.all_gather_object(losses, loss.item())
     assert len(set(losses)) == 1  # bit-identical on every rank
@@ -356,6 +390,7 @@ def sparse_worker(info: DistInfo, tmp: str) -> dict:
             assert set(positives) <= set(index.tolist())  # includes the other rank's positives
             assert index.numel() == max(len(set(positives)), math.ceil(0.1 * head.shard_size))
             sampled[name] = sampled.get(name, 0) + index.numel()
+
     # Resuming a sampled run on the same world size reproduces it bit for bit.
     def train(head, optimizer, steps):
         for step in steps:
@@ -364,6 +399,7 @@ def sparse_worker(info: DistInfo, tmp: str) -> dict:
             optimizer.zero_grad()
             head(x[part], y[part]).backward()
             optimizer.step()
+
     head = PartialFC(DIM, num_classes, CosFace(), sample_rate=0.3, seed=8).double()
     train(head, head.configure_optimizer("adamw", lr=0.05), range(3))
     uninterrupted = head.full_state_dict()

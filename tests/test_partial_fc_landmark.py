@@ -24,7 +24,7 @@ CASE_IDS = ["k1-dynamic", "k2", "k3-dynamic"]
 
 def class_counts(num_classes: int) -> torch.Tensor:
     """A long tail: counts from 1 to ~60, every class different from its neighbour."""
-    return (torch.arange(num_classes) * 37 % 61 + 1)
+    return torch.arange(num_classes) * 37 % 61 + 1
 
 
 def margins_for(num_classes: int, dynamic: bool) -> torch.Tensor | None:
@@ -44,9 +44,16 @@ def reference(weight, x, y, k: int, margins: torch.Tensor | None, make_margin=Ar
 
 
 def full_state(weight: torch.Tensor, k: int, margins: torch.Tensor | None) -> dict:
-    return {"format": "dml.partial_fc/1", "num_classes": weight.shape[0] // k, "embedding_dim": DIM,
-            "sub_centers": k, "weight": weight, "class_margins": margins,
-            "sampler": {"seed": 0, "step": 0}, "optimizer": None}
+    return {
+        "format": "dml.partial_fc/1",
+        "num_classes": weight.shape[0] // k,
+        "embedding_dim": DIM,
+        "sub_centers": k,
+        "weight": weight,
+        "class_margins": margins,
+        "sampler": {"seed": 0, "step": 0},
+        "optimizer": None,
+    }
 
 
 def make_head(num_classes: int, k: int, margins, margin=None, **kwargs) -> PartialFC:
@@ -57,8 +64,9 @@ def check_rate_one_equivalence(world: int, rank: int, num_classes: int, global_n
     """Every case on this group == the single-process reference (value and gradients)."""
     for k, dynamic in CASES:
         margins = margins_for(num_classes, dynamic)
-        weight = torch.randn(num_classes * k, DIM, dtype=torch.float64,
-                             generator=torch.Generator().manual_seed(num_classes + k))
+        weight = torch.randn(
+            num_classes * k, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(num_classes + k)
+        )
         head = make_head(num_classes, k, margins)
         assert head.weight.shape == (head.shard_size * k, DIM)
         head.load_full_state_dict(full_state(weight, k, margins))
@@ -72,10 +80,11 @@ def check_rate_one_equivalence(world: int, rank: int, num_classes: int, global_n
         assert_near(loss.detach(), ref_loss)
         assert emb.grad is not None and head.weight.grad is not None
         assert_near(emb.grad, ref_dx[part])
-        assert_near(head.weight.grad, ref_dw[head.class_start * k: head.class_end * k])
+        assert_near(head.weight.grad, ref_dw[head.class_start * k : head.class_end * k])
 
 
 # --- single process --------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("num_classes", [2, 7, 23])
 def test_world_one_equals_the_reference(num_classes):
@@ -155,23 +164,34 @@ def test_sub_centre_init_is_the_flat_matrix_init():
     assert torch.equal(head.weight.detach(), init_centre_shard(20, DIM, 0, 20, seed=3))
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: PartialFC(DIM, 4, ArcFace(), sub_centers=0), "sub_centers must be >= 1"),
-    (lambda: PartialFC(DIM, 4, SphereFace(), class_margins=torch.full((4,), 0.2)), "need ArcFace or CosFace"),
-    (lambda: PartialFC(DIM, 4, ArcFace(), class_margins=torch.full((5,), 0.2)), r"must have shape \(4,\)"),
-    (lambda: PartialFC(DIM, 4, ArcFace(), class_margins=torch.tensor([0.1, -0.1, 0.2, 0.2])), "finite and >= 0"),
-    (lambda: PartialFC(DIM, 4, ArcFace(), sub_centers=2).load_full_state_dict(
-        whole_head(PartialFC(DIM, 4, ArcFace()))), "1 sub-centres per class, this one has 2"),
-    (lambda: PartialFC(DIM, 4, ArcFace()).load_full_state_dict(
-        whole_head(PartialFC(DIM, 4, ArcFace(), class_margins=torch.full((4,), 0.2)))),
-     "has per-class margins, this one has no"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: PartialFC(DIM, 4, ArcFace(), sub_centers=0), "sub_centers must be >= 1"),
+        (lambda: PartialFC(DIM, 4, SphereFace(), class_margins=torch.full((4,), 0.2)), "need ArcFace or CosFace"),
+        (lambda: PartialFC(DIM, 4, ArcFace(), class_margins=torch.full((5,), 0.2)), r"must have shape \(4,\)"),
+        (lambda: PartialFC(DIM, 4, ArcFace(), class_margins=torch.tensor([0.1, -0.1, 0.2, 0.2])), "finite and >= 0"),
+        (
+            lambda: PartialFC(DIM, 4, ArcFace(), sub_centers=2).load_full_state_dict(
+                whole_head(PartialFC(DIM, 4, ArcFace()))
+            ),
+            "1 sub-centres per class, this one has 2",
+        ),
+        (
+            lambda: PartialFC(DIM, 4, ArcFace()).load_full_state_dict(
+                whole_head(PartialFC(DIM, 4, ArcFace(), class_margins=torch.full((4,), 0.2)))
+            ),
+            "has per-class margins, this one has no",
+        ),
+    ],
+)
 def test_bad_input_is_a_clear_value_error(make, message):
     with pytest.raises(ValueError, match=message):
         make()
 
 
 # --- real process groups ---------------------------------------------------------------------
+
 
 def landmark_worker(info: DistInfo, tmp: str) -> None:
     """Rate-1 equivalence on 11 and 4 classes (4 < 2 x k on 3 ranks), then a sampled run whose

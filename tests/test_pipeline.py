@@ -45,15 +45,20 @@ def pipeline_config_dict(root: Path, launcher: str = "inprocess") -> dict:
     if not (root / "src").exists():
         make_folder_tree(root / "src", classes=6, per_class=12, bad=False)
     config = tiny_train_config(root / "shards", root / "teacher", train={"max_steps": 3})
-    config.update({
-        "prepare": {"source": {"path": str(root / "src")}, "output_dir": str(root / "shards"),
-                    "split": {"mode": "sample", "train_fraction": 0.75, "query_fraction": 1.0},
-                    "shards": {"max_samples": 9}},
-        "evaluate": {"gallery_split": None, "plots": False, "grid_queries": 0, "max_verification_samples": 200},
-        "distill": {"run_dir": str(root / "student"), "student": {"backbone": "mobilenetv3_small_050"}},
-        "export": {"formats": ["onnx"], "parity_images": 8},
-        "pipeline": {"launcher": launcher, "nproc_per_node": 2, "publish_dir": str(root / "publish")},
-    })
+    config.update(
+        {
+            "prepare": {
+                "source": {"path": str(root / "src")},
+                "output_dir": str(root / "shards"),
+                "split": {"mode": "sample", "train_fraction": 0.75, "query_fraction": 1.0},
+                "shards": {"max_samples": 9},
+            },
+            "evaluate": {"gallery_split": None, "plots": False, "grid_queries": 0, "max_verification_samples": 200},
+            "distill": {"run_dir": str(root / "student"), "student": {"backbone": "mobilenetv3_small_050"}},
+            "export": {"formats": ["onnx"], "parity_images": 8},
+            "pipeline": {"launcher": launcher, "nproc_per_node": 2, "publish_dir": str(root / "publish")},
+        }
+    )
     return config
 
 
@@ -164,7 +169,9 @@ def test_failure_reason_prefers_the_cli_error_then_the_exception():
     assert failure_reason(no_cli_line, "exit code 1") == ("exit code 1", False)  # not the faiss log line
     crash = "Traceback (most recent call last):\n  File 'x'\nRuntimeError: CUDA out of memory\n"
     assert failure_reason(crash + "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n", "x") == (
-        "RuntimeError: CUDA out of memory", False)
+        "RuntimeError: CUDA out of memory",
+        False,
+    )
     assert failure_reason("nothing useful\n", "exit code 9") == ("exit code 9", False)
 
 
@@ -174,8 +181,9 @@ def test_inprocess_failure_names_stage_reason_and_log(tmp_path):
         execute_stage("train", config, InProcessLauncher())  # no shards yet
     assert caught.value.stage == "train" and "manifest" in caught.value.reason and caught.value.input_error
     execute_stage("prepare", config, InProcessLauncher())
-    bad = PipelineRunConfig.model_validate({**pipeline_config_dict(tmp_path), "data": {
-        **pipeline_config_dict(tmp_path)["data"], "train_split": "nosuch"}})
+    bad = PipelineRunConfig.model_validate(
+        {**pipeline_config_dict(tmp_path), "data": {**pipeline_config_dict(tmp_path)["data"], "train_split": "nosuch"}}
+    )
     with pytest.raises(StageFailed, match=r"stage 'train' failed: .*nosuch.* \(log: .*train\.log\)") as caught:
         execute_stage("train", bad, InProcessLauncher())
     log_text = Path(caught.value.log_path).read_text()
@@ -212,8 +220,16 @@ def test_torchrun_launcher_trains_on_two_processes_then_caches(tmp_path):
 
 def stage_spec(tmp_path: Path, name: str, command: str, distributed: bool) -> StageSpec:
     config = PipelineRunConfig.model_validate(pipeline_config_dict(tmp_path))
-    return StageSpec(name, command, config, tmp_path / "teacher", "model.pt", {"manifest": "m" * 64},
-                     distributed=distributed, resumable=command in ("prepare", "train", "distill"))
+    return StageSpec(
+        name,
+        command,
+        config,
+        tmp_path / "teacher",
+        "model.pt",
+        {"manifest": "m" * 64},
+        distributed=distributed,
+        resumable=command in ("prepare", "train", "distill"),
+    )
 
 
 def test_kubernetes_job_for_a_distributed_stage_validates(tmp_path):
@@ -225,9 +241,22 @@ def test_kubernetes_job_for_a_distributed_stage_validates(tmp_path):
     assert re.fullmatch(r"dml-train-[0-9a-f]{8}-ab12c", job["metadata"]["name"])
     pod = job["spec"]["template"]["spec"]
     container = pod["containers"][0]
-    assert container["command"] == ["torchrun", "--standalone", "--nnodes", "1", "--nproc_per_node", "4",
-                                    "--max-restarts", "2", "-m", "dml.cli", "train", "--config",
-                                    "/etc/dml/config.yaml", "--resume"]
+    assert container["command"] == [
+        "torchrun",
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "4",
+        "--max-restarts",
+        "2",
+        "-m",
+        "dml.cli",
+        "train",
+        "--config",
+        "/etc/dml/config.yaml",
+        "--resume",
+    ]
     assert container["image"] == "registry.example/dml:0.1.0" and container["resources"]["requests"]["cpu"] == "4"
     claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
     assert claims == {"dml-raw", "dml-shards", "dml-runs"}
@@ -250,15 +279,22 @@ def test_kubernetes_job_for_a_single_process_stage(tmp_path):
 
 
 def pod_list(container_status: dict, phase: str = "Running") -> dict:
-    return {"items": [{"metadata": {"name": "dml-train-1-abcde"},
-                       "status": {"phase": phase, "containerStatuses": [{"name": "stage", **container_status}]}}]}
+    return {
+        "items": [
+            {
+                "metadata": {"name": "dml-train-1-abcde"},
+                "status": {"phase": phase, "containerStatuses": [{"name": "stage", **container_status}]},
+            }
+        ]
+    }
 
 
 def test_kubernetes_status_parsing_names_the_pod_failure():
     oom = pod_list({"state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}, "Failed")
     assert pod_problem(oom) == "pod dml-train-1-abcde: container stage OOMKilled (exit code 137)"
-    pull = pod_list({"state": {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image"}}},
-                    "Pending")
+    pull = pod_list(
+        {"state": {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image"}}}, "Pending"
+    )
     assert pod_problem(pull) == "pod dml-train-1-abcde: ImagePullBackOff: Back-off pulling image"
     assert pod_problem(pod_list({"state": {"running": {}}})) is None
     assert job_condition({"status": {"conditions": [{"type": "Failed", "status": "True"}]}}) == "Failed"
@@ -280,8 +316,11 @@ def test_serve_deployment_has_the_nightly_cron(tmp_path):
     assert deployment.concurrency_options.collision_strategy.value == "CANCEL_NEW"
     [every] = serve_deployment(tmp_path / "c.yaml", interval=90).schedules
     assert every.schedule.interval.total_seconds() == 90
-    assert deployment.parameters == {"config_path": str((tmp_path / "c.yaml").resolve()),
-                                     "overrides": ["train.max_steps=5"], "only_if_data_changed": True}
+    assert deployment.parameters == {
+        "config_path": str((tmp_path / "c.yaml").resolve()),
+        "overrides": ["train.max_steps=5"],
+        "only_if_data_changed": True,
+    }
     assert deployment.flow_name == "dml-nightly-retrain"
 
 
@@ -306,8 +345,11 @@ def test_kubernetes_worker_turns_the_work_pool_template_into_a_valid_flow_run_jo
     from pipeline.deployments import kubernetes_deployment, work_pool_base_job_template
 
     deployment = kubernetes_deployment("registry.example/dml:0.1.0")
-    configuration = asyncio.run(KubernetesWorkerJobConfiguration.from_template_and_values(
-        work_pool_base_job_template(), deployment.job_variables, client=_NoPrefectAPI()))
+    configuration = asyncio.run(
+        KubernetesWorkerJobConfiguration.from_template_and_values(
+            work_pool_base_job_template(), deployment.job_variables, client=_NoPrefectAPI()
+        )
+    )
     configuration.prepare_for_flow_run(flow_run=FlowRun(flow_id=uuid.uuid4(), name="nightly-run"))
     job = configuration.job_manifest
     pod = job["spec"]["template"]["spec"]
@@ -358,8 +400,9 @@ def test_stage_reason_names_what_makes_a_stage_run_again(tmp_path):
 
     config = PipelineRunConfig.model_validate(pipeline_config_dict(tmp_path))
     inputs = {"config": "c1", "manifest": "m1"}
-    spec = StageSpec("train", "train", config, tmp_path / "teacher", "model.pt", inputs, distributed=True,
-                     resumable=True)
+    spec = StageSpec(
+        "train", "train", config, tmp_path / "teacher", "model.pt", inputs, distributed=True, resumable=True
+    )
     assert stage_reason(spec) == f"train: no finished run in {tmp_path / 'teacher'}"
     write_stamp(spec.output_dir, "train", spec.key, "running", inputs)
     assert stage_reason(spec) == f"train: the last attempt did not finish (it resumes in {tmp_path / 'teacher'})"
@@ -367,8 +410,11 @@ def test_stage_reason_names_what_makes_a_stage_run_again(tmp_path):
     assert stage_reason(spec) == f"train: {tmp_path / 'teacher' / 'model.pt'} is missing"
     (spec.output_dir / "model.pt").write_bytes(b"weights")
     assert stage_reason(spec) is None
-    for changed, words in (({"manifest": "m2"}, "the data manifest"), ({"config": "c2"}, "its config"),
-                           ({"config": "c2", "manifest": "m2"}, "its config and the data manifest")):
+    for changed, words in (
+        ({"manifest": "m2"}, "the data manifest"),
+        ({"config": "c2"}, "its config"),
+        ({"config": "c2", "manifest": "m2"}, "its config and the data manifest"),
+    ):
         other = StageSpec(**{**spec.__dict__, "inputs": {**inputs, **changed}})
         assert stage_reason(other) == f"train: {words} changed"
     write_stamp(spec.output_dir, "distill", spec.key, "done", inputs)  # another stage's folder

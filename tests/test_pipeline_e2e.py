@@ -57,9 +57,11 @@ def first_run(workspace):
 def task_states(flow_state) -> dict[str, list]:
     """Task run name -> its task runs (name, state name, run count) of one flow run."""
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
-            id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])),
-            sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200)
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])),
+            sort=TaskRunSort.EXPECTED_START_TIME_ASC,
+            limit=200,
+        )
     found: dict[str, list] = {}
     for run in runs:
         found.setdefault(run.name, []).append((run.state.name if run.state else None, run.run_count))
@@ -68,8 +70,9 @@ def task_states(flow_state) -> dict[str, list]:
 
 def latest_flow_run_state(name: str):
     with get_client(sync_client=True) as client:
-        [run] = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[name])),
-                                      sort=FlowRunSort.START_TIME_DESC, limit=1)
+        [run] = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[name])), sort=FlowRunSort.START_TIME_DESC, limit=1
+        )
     return run.state
 
 
@@ -83,8 +86,14 @@ def artifact(key: str) -> str:
 
 
 def mtimes(root: Path) -> dict[str, int]:
-    files = ["shards/manifest.json", "teacher/model.pt", "teacher/eval/report.json", "student/model.pt",
-             "student/eval/report.json", "student/export/model_card.json"]
+    files = [
+        "shards/manifest.json",
+        "teacher/model.pt",
+        "teacher/eval/report.json",
+        "student/model.pt",
+        "student/eval/report.json",
+        "student/export/model_card.json",
+    ]
     return {name: (root / name).stat().st_mtime_ns for name in files}
 
 
@@ -103,8 +112,13 @@ def test_chained_flow_end_to_end(workspace, first_run):
     assert card["metrics"] == summary["student"]["metrics"]  # export read the student's report
     release = (root / "publish" / "latest.txt").read_text().strip()
     assert sorted(p.name for p in (root / "publish" / release).iterdir()) == [
-        "model.onnx", "model_card.json", "student_report.json", "student_report.md",
-        "teacher_report.json", "teacher_report.md"]
+        "model.onnx",
+        "model_card.json",
+        "student_report.json",
+        "student_report.md",
+        "teacher_report.json",
+        "teacher_report.md",
+    ]
     assert {name for name, runs in task_states(state).items() if runs == [("Completed", 1)]} >= set(STAGES)
     table = artifact(METRICS_KEY)
     teacher, student = summary["teacher"]["metrics"], summary["student"]["metrics"]
@@ -120,8 +134,10 @@ def test_second_run_skips_every_stage(workspace, first_run, capsys):
     out = capsys.readouterr().out
     assert "train: cached" in out and f"report: {root / 'student' / 'eval' / 'report.json'}" in out
     teacher, student = first_run[0]["teacher"]["metrics"], first_run[0]["student"]["metrics"]
-    assert (f"teacher map_at_r={teacher['map_at_r']:.4f} precision_at_1={teacher['precision_at_1']:.4f}; "
-            f"student map_at_r={student['map_at_r']:.4f}") in out
+    assert (
+        f"teacher map_at_r={teacher['map_at_r']:.4f} precision_at_1={teacher['precision_at_1']:.4f}; "
+        f"student map_at_r={student['map_at_r']:.4f}"
+    ) in out
     assert mtimes(root) == before  # nothing was rewritten
     states = task_states(latest_flow_run_state("dml-pipeline"))
     assert all(states[stage] == [("Cached", 1)] for stage in STAGES)
@@ -198,8 +214,9 @@ def test_kubernetes_work_pool_deployment_is_registered(prefect_server):
     )
 
     with get_client(sync_client=True) as client:
-        client.create_work_pool(WorkPoolCreate(name="dml-k8s", type="kubernetes",
-                                               base_job_template=work_pool_base_job_template()))
+        client.create_work_pool(
+            WorkPoolCreate(name="dml-k8s", type="kubernetes", base_job_template=work_pool_base_job_template())
+        )
         deployment_id = kubernetes_deployment("registry.example/dml:0.1.0").apply()
         deployment = client.read_deployment(deployment_id)
         pool = client.read_work_pool("dml-k8s")

@@ -89,13 +89,19 @@ current-context: gone
 def deployed(server, workspace, processes):
     """`dml pipeline deploy` (creates the process pool), then a worker polling it."""
     root, config = workspace
-    done = run_cli(["pipeline", "deploy", "--config", str(config), "--work-pool", POOL, "--interval", str(INTERVAL)],
-                   server.env, cwd=root)
+    done = run_cli(
+        ["pipeline", "deploy", "--config", str(config), "--work-pool", POOL, "--interval", str(INTERVAL)],
+        server.env,
+        cwd=root,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     with server.client() as client:
         deployment = client.read_deployment_by_name(f"{FLOW_NAME}/{DEPLOYMENT}")
-    env = {**server.env, "PREFECT_WORKER_QUERY_SECONDS": "2",
-           "KUBECONFIG": str(unreachable_kubeconfig(root.parent / f"{root.name}-kubeconfig"))}
+    env = {
+        **server.env,
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "KUBECONFIG": str(unreachable_kubeconfig(root.parent / f"{root.name}-kubeconfig")),
+    }
     processes.start([PREFECT, "worker", "start", "--pool", POOL, "--type", "process"], env, root / "worker.log")
     return deployment, done.stdout
 
@@ -105,13 +111,17 @@ def runs_of(server: LiveServer, deployment_id) -> list[FlowRun]:
     with server.client() as client:
         return client.read_flow_runs(
             deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
-            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
-                not_any_=[StateType.SCHEDULED]))),
-            sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=200)
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(not_any_=[StateType.SCHEDULED]))
+            ),
+            sort=FlowRunSort.EXPECTED_START_TIME_ASC,
+            limit=200,
+        )
 
 
-def wait_for_run(server, processes, deployment_id, started_after: datetime | None = None,
-                 timeout: float = 480.0) -> FlowRun:
+def wait_for_run(
+    server, processes, deployment_id, started_after: datetime | None = None, timeout: float = 480.0
+) -> FlowRun:
     """The first finished (not cancelled) run of the deployment that started after ``started_after``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -198,8 +208,9 @@ def test_next_run_on_unchanged_data_is_recorded_as_skipped(server, processes, wo
     run = skipped_run
     assert run.state_type == StateType.COMPLETED and run.state_name == "Skipped", describe(run, processes)
     manifest = read_stamp(root / "shards")["result"]["manifest_sha256"]
-    assert run.state.message == (f"skipped: data manifest {manifest[:12]} and config unchanged, "
-                                 "every stage's outputs are current")
+    assert run.state.message == (
+        f"skipped: data manifest {manifest[:12]} and config unchanged, every stage's outputs are current"
+    )
     artifacts = artifacts_of(server, run)
     assert artifacts[DECISION_KEY].startswith("## Skipped") and HEADLINE_KEY not in artifacts
     assert {name: (root / name / "model.pt").stat().st_mtime_ns for name in ("teacher", "student")} == first_run[1]
@@ -235,8 +246,10 @@ def test_runs_never_overlap_and_dml_pipeline_runs_lists_them(server, processes, 
     for offset, model in ((1, "teacher"), (2, "student")):
         report = root / "publish" / release / f"{model}_report.json"
         headline = json.loads(report.read_text())["headline"]
-        assert lines[retrained + offset] == (f"    {model}: map_at_r={headline['map_at_r']:.4f} "
-                                             f"precision_at_1={headline['precision_at_1']:.4f}  report: {report}")
+        assert lines[retrained + offset] == (
+            f"    {model}: map_at_r={headline['map_at_r']:.4f} "
+            f"precision_at_1={headline['precision_at_1']:.4f}  report: {report}"
+        )
     assert any("Skipped" in line and "skipped: data manifest" in line for line in lines)
 
 
@@ -248,8 +261,20 @@ def test_cluster_deploy_creates_the_kubernetes_pool_with_the_base_job_template(s
     )
 
     config = Path(__file__).resolve().parents[1] / "k8s" / "overlays" / "gpu-prod" / "run-config.yaml"
-    done = run_cli(["pipeline", "deploy", "--config", str(config), "--work-pool", "dml-k8s",
-                    "--image", "registry.example/dml:0.1.0"], server.env, cwd=tmp_path_factory.mktemp("cluster"))
+    done = run_cli(
+        [
+            "pipeline",
+            "deploy",
+            "--config",
+            str(config),
+            "--work-pool",
+            "dml-k8s",
+            "--image",
+            "registry.example/dml:0.1.0",
+        ],
+        server.env,
+        cwd=tmp_path_factory.mktemp("cluster"),
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "on work pool dml-k8s (kubernetes), cron '0 2 * * *' (UTC), one run at a time" in done.stdout
     assert "kubectl apply -k k8s/overlays/gpu-prod (or cpu-dev), with WORK_POOL=dml-k8s" in done.stdout
@@ -261,19 +286,35 @@ def test_cluster_deploy_creates_the_kubernetes_pool_with_the_base_job_template(s
     assert deployment.global_concurrency_limit.limit == 1
     assert deployment.job_variables["image"] == "registry.example/dml:0.1.0"
     assert deployment.parameters["config_path"] == POD_CONFIG
-    assert deployment.parameters["overrides"][:2] == ["pipeline.launcher=kubernetes",
-                                                      "pipeline.image=registry.example/dml:0.1.0"]
+    assert deployment.parameters["overrides"][:2] == [
+        "pipeline.launcher=kubernetes",
+        "pipeline.image=registry.example/dml:0.1.0",
+    ]
 
 
-def test_failing_stage_fails_the_run_with_stage_reason_log_after_retries(server, processes, deployed,
-                                                                           tmp_path_factory):
+def test_failing_stage_fails_the_run_with_stage_reason_log_after_retries(server, processes, deployed, tmp_path_factory):
     with server.client() as client:
         client.pause_deployment(deployed[0].id)  # the nightly deployment rests from here on
     root = tmp_path_factory.mktemp("failing")
     config = write_config(root / "pipeline.yaml", pipeline_config_dict(root))
     overrides = ["pipeline.launcher=kubernetes", "pipeline.stage_retries=1", "pipeline.retry_delay_seconds=1"]
-    done = run_cli(["pipeline", "deploy", "--config", str(config), "--work-pool", POOL, "--cron", NEVER,
-                    "--name", "dml-failing", *overrides], server.env, cwd=root)
+    done = run_cli(
+        [
+            "pipeline",
+            "deploy",
+            "--config",
+            str(config),
+            "--work-pool",
+            POOL,
+            "--cron",
+            NEVER,
+            "--name",
+            "dml-failing",
+            *overrides,
+        ],
+        server.env,
+        cwd=root,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     with server.client() as client:
         deployment = client.read_deployment_by_name(f"{FLOW_NAME}/dml-failing")
@@ -286,8 +327,11 @@ def test_failing_stage_fails_the_run_with_stage_reason_log_after_retries(server,
     log = log_path.read_text()
     assert log.count("===== ") == 2 and "kubectl apply -f failed" in log  # one attempt + 1 retry, each logged
     with server.client() as client:
-        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
-                                      sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=50)
+        tasks = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
+            sort=TaskRunSort.EXPECTED_START_TIME_ASC,
+            limit=50,
+        )
     assert [(task.name, task.state_name, task.run_count) for task in tasks] == [("prepare", "Failed", 2)]
     failure = artifacts_of(server, run)[FAILURE_KEY]
     assert "Stage `prepare` failed" in failure and str(log_path) in failure
@@ -295,8 +339,24 @@ def test_failing_stage_fails_the_run_with_stage_reason_log_after_retries(server,
 
 def test_serve_runs_the_schedule_from_this_machine(server, processes, workspace, new_data_run):
     root, config = workspace
-    serve = processes.start([sys.executable, "-m", "dml.cli", "pipeline", "serve", "--config", str(config),
-                             "--interval", "5", "--name", "dml-served"], server.env, root / "serve.log", cwd=root)
+    serve = processes.start(
+        [
+            sys.executable,
+            "-m",
+            "dml.cli",
+            "pipeline",
+            "serve",
+            "--config",
+            str(config),
+            "--interval",
+            "5",
+            "--name",
+            "dml-served",
+        ],
+        server.env,
+        root / "serve.log",
+        cwd=root,
+    )
     deadline = time.monotonic() + 240
     deployment = None
     while deployment is None:

@@ -29,13 +29,13 @@ def orient(array: np.ndarray, orientation: int) -> np.ndarray:
     """What a viewer shows for stored pixels with EXIF orientation 1-8 (the EXIF 2.3 table)."""
     return {
         1: lambda a: a,
-        2: lambda a: a[:, ::-1],                 # mirrored left-right
-        3: lambda a: a[::-1, ::-1],              # rotated 180
-        4: lambda a: a[::-1, :],                 # mirrored top-bottom
-        5: lambda a: a.swapaxes(0, 1),           # mirrored along the main diagonal
-        6: lambda a: np.rot90(a, k=-1),          # rotated 90 clockwise to display
+        2: lambda a: a[:, ::-1],  # mirrored left-right
+        3: lambda a: a[::-1, ::-1],  # rotated 180
+        4: lambda a: a[::-1, :],  # mirrored top-bottom
+        5: lambda a: a.swapaxes(0, 1),  # mirrored along the main diagonal
+        6: lambda a: np.rot90(a, k=-1),  # rotated 90 clockwise to display
         7: lambda a: np.rot90(a, k=2).swapaxes(0, 1),  # mirrored along the anti-diagonal
-        8: lambda a: np.rot90(a, k=1),           # rotated 90 counter-clockwise to display
+        8: lambda a: np.rot90(a, k=1),  # rotated 90 counter-clockwise to display
     }[orientation](array)
 
 
@@ -180,12 +180,15 @@ def test_sixteen_bit_png_keeps_its_brightness():
     assert abs(decoded.mean() - ramp.mean() / 65535) < 0.01
 
 
-@pytest.mark.parametrize("array, reason", [
-    (np.array([[0, 70000]], np.int32), "outside 0..65535"),
-    (np.array([[-1, 5]], np.int32), "outside 0..65535"),
-    (np.array([[0.0, 2.5]], np.float32), r"outside \[0, 1\]"),
-    (np.array([[0.0, np.nan]], np.float32), "not finite"),
-])
+@pytest.mark.parametrize(
+    "array, reason",
+    [
+        (np.array([[0, 70000]], np.int32), "outside 0..65535"),
+        (np.array([[-1, 5]], np.int32), "outside 0..65535"),
+        (np.array([[0.0, 2.5]], np.float32), r"outside \[0, 1\]"),
+        (np.array([[0.0, np.nan]], np.float32), "not finite"),
+    ],
+)
 def test_pixels_without_a_defined_scale_are_rejected_with_the_reason(array, reason):
     with pytest.raises(UnsupportedPixels, match=reason):
         faithful_pixels(Image.fromarray(array))

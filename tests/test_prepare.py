@@ -81,8 +81,9 @@ def test_class_split_is_zero_shot(tmp_path):
 
 def test_sample_split_keeps_every_class_everywhere(tmp_path):
     make_folder_tree(tmp_path / "src", classes=3, per_class=8, bad=False)
-    config = prepare_config(tmp_path / "src", tmp_path / "out",
-                            split={"mode": "sample", "train_fraction": 0.5, "query_fraction": 1.0})
+    config = prepare_config(
+        tmp_path / "src", tmp_path / "out", split={"mode": "sample", "train_fraction": 0.5, "query_fraction": 1.0}
+    )
     manifest = write_shards(config)
     assert set(manifest["splits"]) == {"train", "query"}
     assert manifest["splits"]["train"]["class_counts"] == {"0": 4, "1": 4, "2": 4}
@@ -92,9 +93,14 @@ def test_sample_split_keeps_every_class_everywhere(tmp_path):
 @pytest.mark.parametrize("kind", ["csv", "parquet"])
 def test_table_sources_use_split_column(tmp_path, kind):
     make_folder_tree(tmp_path / "src", classes=3, per_class=4, bad=False)
-    rows = [{"path": str(p.relative_to(tmp_path / "src")), "label": p.parent.name,
-             "split": "train" if p.parent.name != "class_2" else "test"}
-            for p in sorted((tmp_path / "src").rglob("*.*"))]
+    rows = [
+        {
+            "path": str(p.relative_to(tmp_path / "src")),
+            "label": p.parent.name,
+            "split": "train" if p.parent.name != "class_2" else "test",
+        }
+        for p in sorted((tmp_path / "src").rglob("*.*"))
+    ]
     table = tmp_path / "src" / f"list.{kind}"
     if kind == "csv":
         table.write_text("path,label,split\n" + "".join(f"{r['path']},{r['label']},{r['split']}\n" for r in rows))
@@ -121,8 +127,10 @@ def test_idx_round_trip(tmp_path, gz):
     from dml.data.sources import read_idx
 
     suffix = ".gz" if gz else ""
-    images = {"train": read_idx(tmp_path / "idx" / f"train-images-idx3-ubyte{suffix}"),
-              "t10k": read_idx(tmp_path / "idx" / f"t10k-images-idx3-ubyte{suffix}")}
+    images = {
+        "train": read_idx(tmp_path / "idx" / f"train-images-idx3-ubyte{suffix}"),
+        "t10k": read_idx(tmp_path / "idx" / f"t10k-images-idx3-ubyte{suffix}"),
+    }
     for s in all_samples(tmp_path / "out"):
         meta = json.loads(s["json"])
         prefix, index = meta["source"].split(":")
@@ -210,8 +218,11 @@ def test_merge_refuses_parts_of_two_partition_counts(tmp_path, capsys, old, new)
 RUN_OPTIONS = [["--resume"], ["--partition", "0/2"], ["prepare.workers=2"], ["--config", "c.yaml"]]
 
 
-@pytest.mark.parametrize("action,extra", [(a, e) for a in ("--merge", "--verify") for e in RUN_OPTIONS]
-                         + [("--merge", ["--verify", "x"]), ("--verify", ["--merge", "x"])])
+@pytest.mark.parametrize(
+    "action,extra",
+    [(a, e) for a in ("--merge", "--verify") for e in RUN_OPTIONS]
+    + [("--merge", ["--verify", "x"]), ("--verify", ["--merge", "x"])],
+)
 def test_merge_and_verify_refuse_the_options_of_a_run(tmp_path, capsys, action, extra):
     # they were silently ignored: `--verify DIR --merge DIR` verified only, `--merge --partition` merged all
     make_folder_tree(tmp_path / "src", classes=3, per_class=4, bad=False)

@@ -22,20 +22,32 @@ U16 = RNG.integers(0, 65536, (4, 6, 5))
 UNIT = RNG.random((4, 6, 5))
 SCALED = [
     (">u1", U8, U8),
-    (">i2", U8, U8),                      # wider type holding 8-bit values: as they are
+    (">i2", U8, U8),  # wider type holding 8-bit values: as they are
     (">i4", U8, U8),
-    (">i4", U16, U16 >> 8),               # 16-bit values: their top 8 bits (wrapped mod 256 before)
+    (">i4", U16, U16 >> 8),  # 16-bit values: their top 8 bits (wrapped mod 256 before)
     (">f4", UNIT, np.floor(UNIT.astype(np.float32).astype(np.float64) * 255 + 0.5)),  # [0, 1]: 0 before
     (">f8", UNIT, np.floor(UNIT * 255 + 0.5)),
     (">f8", np.round(UNIT), np.round(UNIT) * 255),
 ]
-UNSCALABLE = [(">i1", U8.astype(np.int16) - 128), (">i2", -U8), (">f4", UNIT * 2), (">i4", U16 * 2),
-              (">f8", np.where(UNIT > 0.5, np.nan, UNIT))]
+UNSCALABLE = [
+    (">i1", U8.astype(np.int16) - 128),
+    (">i2", -U8),
+    (">f4", UNIT * 2),
+    (">i4", U16 * 2),
+    (">f8", np.where(UNIT > 0.5, np.nan, UNIT)),
+]
 
 
 def _prepare(capsys, source: Path, out: Path) -> tuple[int, str]:
-    code = main(["prepare", f"prepare.source.path={source}", f"prepare.output_dir={out}",
-                 "prepare.split.mode=sample", "prepare.split.train_fraction=1.0"])
+    code = main(
+        [
+            "prepare",
+            f"prepare.source.path={source}",
+            f"prepare.output_dir={out}",
+            "prepare.split.mode=sample",
+            "prepare.split.train_fraction=1.0",
+        ]
+    )
     err = capsys.readouterr().err
     assert "Traceback" not in err
     return code, err
@@ -55,8 +67,9 @@ def _pixels_by_source(out: Path) -> dict[str, np.ndarray]:
     return {json.loads(s["json"])["source"]: np.asarray(Image.open(io.BytesIO(s["png"]))) for s in found.values()}
 
 
-def _idx_set(root: Path, images: np.ndarray, dtype: str, labels: np.ndarray | None = None,
-             label_dtype: str = ">u1") -> Path:
+def _idx_set(
+    root: Path, images: np.ndarray, dtype: str, labels: np.ndarray | None = None, label_dtype: str = ">u1"
+) -> Path:
     root.mkdir(parents=True)
     write_idx(root / "train-images-idx3-ubyte", images, False, dtype)
     labels = np.arange(len(images)) % 2 if labels is None else labels
@@ -79,8 +92,12 @@ def test_idx_pixels_are_scaled_not_wrapped(tmp_path, capsys, case):
 @pytest.mark.parametrize("image_dtype", [bool, np.uint8, np.float32, np.uint16])
 def test_npz_pixels_are_scaled_not_wrapped(tmp_path, capsys, image_dtype):
     strokes = RNG.random((3, 2, 9, 7)) > 0.3  # True = white background
-    images = {bool: strokes, np.uint8: strokes * np.uint8(255), np.float32: strokes.astype(np.float32),
-              np.uint16: strokes * np.uint16(65535)}[image_dtype]
+    images = {
+        bool: strokes,
+        np.uint8: strokes * np.uint8(255),
+        np.float32: strokes.astype(np.float32),
+        np.uint16: strokes * np.uint16(65535),
+    }[image_dtype]
     (tmp_path / "omni").mkdir()
     np.savez(tmp_path / "omni" / "images_background.npz", images=images, labels=np.zeros((3, 2), np.int64))
     code, err = _prepare(capsys, tmp_path / "omni", tmp_path / "out")
@@ -106,8 +123,11 @@ def test_unscalable_arrays_are_one_line_errors(tmp_path, capsys, case):
     _one_line(code, err, "train-images-idx3-ubyte", "no 8-bit scale")
     assert not list((tmp_path / "out").glob("*.tar*"))
     (tmp_path / "omni").mkdir()
-    np.savez(tmp_path / "omni" / "images_background.npz", images=values.reshape(2, 2, 6, 5),
-             labels=np.zeros((2, 2), np.int64))
+    np.savez(
+        tmp_path / "omni" / "images_background.npz",
+        images=values.reshape(2, 2, 6, 5),
+        labels=np.zeros((2, 2), np.int64),
+    )
     code, err = _prepare(capsys, tmp_path / "omni", tmp_path / "out2")
     _one_line(code, err, "images_background.npz", "no 8-bit scale")
 

@@ -41,9 +41,9 @@ def _hold(path: Path, mode: int):
 
 # (lock held by the other run, mode, argv extra of this run, refused?)
 OVERLAPS = [
-    ("run.lock", fcntl.LOCK_EX, [], True),                         # whole run vs whole run
-    ("run.lock", fcntl.LOCK_EX, ["--partition", "0/2"], True),     # whole run vs a partition
-    ("run.lock", fcntl.LOCK_SH, [], True),                         # a partition vs whole run
+    ("run.lock", fcntl.LOCK_EX, [], True),  # whole run vs whole run
+    ("run.lock", fcntl.LOCK_EX, ["--partition", "0/2"], True),  # whole run vs a partition
+    ("run.lock", fcntl.LOCK_SH, [], True),  # a partition vs whole run
     ("part-0-of-2.lock", fcntl.LOCK_EX, ["--partition", "0/2"], True),  # the same partition twice
     ("part-1-of-2.lock", fcntl.LOCK_EX, ["--partition", "0/2"], False),  # another partition
 ]
@@ -56,8 +56,9 @@ def test_a_second_writer_of_the_same_shards_is_refused(tmp_path, capsys, big_idx
     other = _hold(out / ".progress" / lock, mode)
     if lock.startswith("part"):
         other_run = _hold(out / ".progress" / "run.lock", fcntl.LOCK_SH)
-    code = main(["prepare", f"prepare.source.path={big_idx}", f"prepare.output_dir={out}",
-                 "prepare.max_per_class=4", *extra])
+    code = main(
+        ["prepare", f"prepare.source.path={big_idx}", f"prepare.output_dir={out}", "prepare.max_per_class=4", *extra]
+    )
     errors = _errors(capsys)
     if refused:
         assert code == 2 and len(errors) == 1 and "already writing into this folder" in errors[0], errors
@@ -89,8 +90,9 @@ def test_a_stopped_run_leaves_one_line_and_no_tmp_then_resume_finishes(tmp_path,
     out = tmp_path / "out"
     log = tmp_path / "log"
     with open(log, "w") as stream:  # Ctrl-C in a terminal signals the whole process group
-        run = subprocess.Popen(prepare_argv(big_idx, out), stdout=stream, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+        run = subprocess.Popen(
+            prepare_argv(big_idx, out), stdout=stream, stderr=subprocess.STDOUT, start_new_session=True
+        )
     wait_for(lambda: len(list(out.glob("*.tar"))) >= 2 and any(out.glob("*.tmp")), "shards being written")
     os.killpg(run.pid, sig) if group else run.send_signal(sig)
     assert run.wait() == 130

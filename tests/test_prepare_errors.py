@@ -68,8 +68,12 @@ def test_class_split_without_training_class_warns(tmp_path, capsys, caplog, clas
     assert round(classes * fraction) == 0  # the split draws no training class
     make_folder_tree(tmp_path / "src", classes=classes, per_class=4, bad=False)
     with caplog.at_level(logging.WARNING, logger="dml"):
-        code, _ = run_prepare(capsys, f"prepare.source.path={tmp_path / 'src'}",
-                              f"prepare.output_dir={tmp_path / 'out'}", f"prepare.split.train_fraction={fraction}")
+        code, _ = run_prepare(
+            capsys,
+            f"prepare.source.path={tmp_path / 'src'}",
+            f"prepare.output_dir={tmp_path / 'out'}",
+            f"prepare.split.train_fraction={fraction}",
+        )
     assert code == 0
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("no train samples" in w and f"{classes} classes" in w for w in warnings), warnings
@@ -206,11 +210,19 @@ def broken_sources(tmp: Path) -> list[tuple[str, Path, str, str]]:
     cases += [
         ("npz without labels", _npz(tmp / "npz_nolabels", images=strokes), "omniglot", "'labels'"),
         ("npz without images", _npz(tmp / "npz_noimages", labels=classes), "omniglot", "'images'"),
-        ("npz shapes that disagree", _npz(tmp / "npz_shape", images=strokes, labels=classes[:2]), "omniglot",
-         "do not match"),
+        (
+            "npz shapes that disagree",
+            _npz(tmp / "npz_shape", images=strokes, labels=classes[:2]),
+            "omniglot",
+            "do not match",
+        ),
         ("npz 3-D images", _npz(tmp / "npz_3d", images=strokes[:, 0], labels=classes), "omniglot", "do not match"),
-        ("npz of pickled objects", _npz(tmp / "npz_obj", images=np.array([None, 1], dtype=object), labels=classes),
-         "omniglot", "images_background.npz"),
+        (
+            "npz of pickled objects",
+            _npz(tmp / "npz_obj", images=np.array([None, 1], dtype=object), labels=classes),
+            "omniglot",
+            "images_background.npz",
+        ),
         ("npz that is not a zip", not_zip, "omniglot", "images_background.npz"),
         ("npz cut short", cut_zip, "omniglot", "images_background.npz"),
     ]
@@ -222,8 +234,13 @@ def test_broken_sources_of_every_kind_are_one_line_errors(tmp_path, capsys):
     assert {kind for _, _, kind, _ in cases} >= {"folder", "csv", "parquet", "idx", "omniglot"}
     for i, (case, source, kind, expected) in enumerate(cases):
         out = tmp_path / f"out{i}"
-        code, errors = run_prepare(capsys, f"prepare.source.path={source}", f"prepare.source.kind={kind}",
-                                   f"prepare.output_dir={out}", "prepare.workers=2")
+        code, errors = run_prepare(
+            capsys,
+            f"prepare.source.path={source}",
+            f"prepare.source.kind={kind}",
+            f"prepare.output_dir={out}",
+            "prepare.workers=2",
+        )
         assert code == 2 and len(errors) == 1, (case, errors)
         assert expected in errors[0], (case, errors[0])
         assert not tmp_files(out), case
@@ -274,9 +291,11 @@ def test_table_row_with_a_path_over_255_bytes_is_rejected_with_its_reason(tmp_pa
 def test_bad_output_paths_are_one_line_errors(tmp_path, capsys):
     make_folder_tree(tmp_path / "src", classes=2, per_class=3, bad=False)
     (tmp_path / "a_file").write_text("x")
-    for out, expected in [(tmp_path / "a_file", "a_file is a file, not a folder"),
-                          (tmp_path / "a_file" / "below", "Not a directory"),
-                          (tmp_path / LONG_NAME, "File name too long")]:
+    for out, expected in [
+        (tmp_path / "a_file", "a_file is a file, not a folder"),
+        (tmp_path / "a_file" / "below", "Not a directory"),
+        (tmp_path / LONG_NAME, "File name too long"),
+    ]:
         code, errors = run_prepare(capsys, f"prepare.source.path={tmp_path / 'src'}", f"prepare.output_dir={out}")
         assert_one_line_error(code, errors, out.name, expected)
     assert not tmp_files(tmp_path)
@@ -287,10 +306,16 @@ def test_verify_refuses_manifests_not_written_by_prepare(tmp_path, capsys):
     make_folder_tree(tmp_path / "src", classes=2, per_class=3, bad=False)
     assert run_prepare(capsys, f"prepare.source.path={tmp_path / 'src'}", f"prepare.output_dir={ours}")[0] == 0
     real = json.loads((ours / "manifest.json").read_text())
-    foreign = [b"\x89PNG binary", b"[1, 2]", b"{}", b'{"splits": {}}', json.dumps({**real, "created_by": "x"}).encode(),
-               json.dumps({**real, "format_version": 99}).encode(),
-               json.dumps({**real, "splits": {"train": {"shards": [{"name": "a.tar"}]}}}).encode(),
-               json.dumps({**real, "splits": {"train": [1]}}).encode()]
+    foreign = [
+        b"\x89PNG binary",
+        b"[1, 2]",
+        b"{}",
+        b'{"splits": {}}',
+        json.dumps({**real, "created_by": "x"}).encode(),
+        json.dumps({**real, "format_version": 99}).encode(),
+        json.dumps({**real, "splits": {"train": {"shards": [{"name": "a.tar"}]}}}).encode(),
+        json.dumps({**real, "splits": {"train": [1]}}).encode(),
+    ]
     for i, text in enumerate(foreign):
         folder = tmp_path / f"foreign{i}"
         folder.mkdir()
@@ -317,8 +342,13 @@ def test_disk_full_is_one_line_naming_the_file(tmp_path, capsys, small_disk, wor
         for i in range(8):  # ~30 KiB each: 480 KiB do not fit in 256 KiB
             (src / f"c{c}" / f"{i}.png").write_bytes(image_bytes(c * 10 + i, size=(100, 100)))
     out = small_disk / "out"
-    code, errors = run_prepare(capsys, f"prepare.source.path={src}", f"prepare.output_dir={out}",
-                               f"prepare.workers={workers}", "prepare.shards.max_samples=3",
-                               "prepare.split.mode=sample")
+    code, errors = run_prepare(
+        capsys,
+        f"prepare.source.path={src}",
+        f"prepare.output_dir={out}",
+        f"prepare.workers={workers}",
+        "prepare.shards.max_samples=3",
+        "prepare.split.mode=sample",
+    )
     assert_one_line_error(code, errors, str(out), "No space left on device")
     assert not tmp_files(small_disk)

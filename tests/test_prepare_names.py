@@ -19,8 +19,7 @@ LATIN1 = "é ÿ ß".encode("latin-1")  # how another system's tools may have wri
 
 
 def _run(capsys, source: Path, out: Path) -> tuple[int, list[str]]:
-    code = main(["prepare", f"prepare.source.path={source}", f"prepare.output_dir={out}",
-                 "prepare.split.mode=sample"])
+    code = main(["prepare", f"prepare.source.path={source}", f"prepare.output_dir={out}", "prepare.split.mode=sample"])
     err = capsys.readouterr().err
     assert "Traceback" not in err
     return code, [line for line in err.splitlines() if ": error: " in line]

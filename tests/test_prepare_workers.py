@@ -69,8 +69,17 @@ def big_idx(tmp_path) -> Path:
 
 
 def prepare_argv(source: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "dml.cli", "prepare", f"prepare.source.path={source}", f"prepare.output_dir={out}",
-            "prepare.workers=2", "prepare.shards.max_samples=20", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "dml.cli",
+        "prepare",
+        f"prepare.source.path={source}",
+        f"prepare.output_dir={out}",
+        "prepare.workers=2",
+        "prepare.shards.max_samples=20",
+        *extra,
+    ]
 
 
 def start_prepare(source: Path, out: Path, log: Path) -> subprocess.Popen:
@@ -173,8 +182,9 @@ def test_resume_rewrites_altered_shards(tmp_path, caplog, altered):
     assert main(["prepare", "--verify", str(tmp_path / "out")]) == 1
     with caplog.at_level(logging.WARNING, logger="dml"):
         write_shards(config, resume=True)
-    rewritten = sorted(Path(r.getMessage().split()[1]).name for r in caplog.records
-                       if "differs from the sha256" in r.getMessage())
+    rewritten = sorted(
+        Path(r.getMessage().split()[1]).name for r in caplog.records if "differs from the sha256" in r.getMessage()
+    )
     assert rewritten == victims
     assert {n: (tmp_path / "out" / n).read_bytes() for n in original} == original
     assert main(["prepare", "--verify", str(tmp_path / "out")]) == 0

@@ -47,9 +47,20 @@ def test_hidden_on_other_ranks(caplog):
 def test_prepare_logs_listing_planning_and_writing_when_not_a_terminal(tmp_path):
     make_folder_tree(tmp_path / "src", classes=4, per_class=6, bad=False)
     env = {**os.environ, "DML_PROGRESS_SECONDS": "0"}
-    done = subprocess.run([sys.executable, "-m", "dml.cli", "prepare", f"prepare.source.path={tmp_path / 'src'}",
-                           f"prepare.output_dir={tmp_path / 'shards'}"], capture_output=True, text=True, env=env,
-                          timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dml.cli",
+            "prepare",
+            f"prepare.source.path={tmp_path / 'src'}",
+            f"prepare.output_dir={tmp_path / 'shards'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     err = done.stderr
     assert "prepare: listing: 28 path" in err  # 4 class folders + 24 files

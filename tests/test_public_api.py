@@ -88,7 +88,7 @@ def documented_api(markdown: str) -> list[tuple[str, list[tuple[str, object]] | 
         prefix, name = match.group(1), match.group(2)
         if prefix:
             module = prefix.rstrip(".")
-        args = span[match.end(): matching_paren(span, match.end() - 1)]
+        args = span[match.end() : matching_paren(span, match.end() - 1)]
         if prefix or name[0].isupper():
             qualified = f"{module}.{name}"
             owner = qualified if name[0].isupper() else owner
@@ -116,8 +116,11 @@ def check_signature(qualified: str, documented: list[tuple[str, object]] | None)
     obj = resolve(qualified)
     if documented is None:
         return [] if callable(obj) else [f"{qualified} is not callable"]
-    params = [p for p in inspect.signature(obj).parameters.values()
-              if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    params = [
+        p
+        for p in inspect.signature(obj).parameters.values()
+        if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
     problems = []
     names = [p.name for p in params[: len(documented)]]
     if names != [name for name, _ in documented]:
@@ -126,7 +129,7 @@ def check_signature(qualified: str, documented: list[tuple[str, object]] | None)
         actual = NO_DEFAULT if param.default is inspect.Parameter.empty else param.default
         if default is not NO_DEFAULT and default is not UNCHECKED and actual != default:
             problems.append(f"{qualified}: {param.name} defaults to {actual!r}, documented {default!r}")
-    for param in params[len(documented):]:
+    for param in params[len(documented) :]:
         if param.default is inspect.Parameter.empty:
             problems.append(f"{qualified}: added parameter {param.name} has no default")
     return problems
@@ -136,7 +139,8 @@ def test_documented_signatures_parse_as_expected():
     spans = documented_api(
         "## Public API\n- `dml.losses.ArcFace(s=64.0, m=0.5)`, `CosFace(s, m)`: x\n"
         "- `dml.losses.PartialFC(a, b=None)`: `forward(x (N, D), y (N,)) -> loss`, `save()`, "
-        '`configure_optimizer(name="sgd"|"adamw", lr, w=5e-4)`\n## Next\n`dml.other.X(a)`\n')
+        '`configure_optimizer(name="sgd"|"adamw", lr, w=5e-4)`\n## Next\n`dml.other.X(a)`\n'
+    )
     assert spans == [
         ("dml.losses.ArcFace", [("s", 64.0), ("m", 0.5)]),
         ("dml.losses.CosFace", [("s", NO_DEFAULT), ("m", NO_DEFAULT)]),

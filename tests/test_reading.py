@@ -89,6 +89,7 @@ def test_every_cut_is_found_under_both_policies(clean, tmp_path):
 
 def corrupt(kind: str, victim: str):
     """A `rewrite_tar` change that damages sample ``victim`` in one way."""
+
     def change(name: str, data: bytes):
         key, ext = name.split(".", 1)
         if key != victim:
@@ -106,12 +107,18 @@ def corrupt(kind: str, victim: str):
         if kind == "bad_json" and ext == "json":
             return name, b'{"label": 3,'
         return name, data
+
     return change
 
 
-KINDS = {"bad_image": "image does not decode", "truncated_image": "image does not decode",
-         "missing_cls": "missing part .cls", "missing_image": "no image part", "bad_cls": "bad .cls",
-         "bad_json": "bad .json"}
+KINDS = {
+    "bad_image": "image does not decode",
+    "truncated_image": "image does not decode",
+    "missing_cls": "missing part .cls",
+    "missing_image": "no image part",
+    "bad_cls": "bad .cls",
+    "bad_json": "bad .json",
+}
 
 
 def damaged_copy(clean: Path, tmp_path: Path, kind: str, split: str) -> tuple[Path, list[str]]:
@@ -126,8 +133,9 @@ def damaged_copy(clean: Path, tmp_path: Path, kind: str, split: str) -> tuple[Pa
 
 
 def config(shards: Path, policy: str, **extra) -> DataConfig:
-    return DataConfig(shard_dir=str(shards), image_size=8, batch_size=3, num_workers=0, shuffle_buffer=4,
-                      bad_samples=policy, **extra)
+    return DataConfig(
+        shard_dir=str(shards), image_size=8, batch_size=3, num_workers=0, shuffle_buffer=4, bad_samples=policy, **extra
+    )
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -188,8 +196,12 @@ def test_teacher_cache_under_both_policies(clean, tmp_path):
     from dml.models.model_file import build_model, save_final_model
 
     shards, victims = damaged_copy(clean, tmp_path, "bad_image", "train")
-    model_config = DMLConfig.model_validate({"data": {"shard_dir": str(shards), "image_size": 16},
-                                             "model": {"backbone": "mobilenetv3_small_050", "embedding_dim": 8}})
+    model_config = DMLConfig.model_validate(
+        {
+            "data": {"shard_dir": str(shards), "image_size": 16},
+            "model": {"backbone": "mobilenetv3_small_050", "embedding_dim": 8},
+        }
+    )
     save_final_model(build_model(model_config), model_config, tmp_path / "teacher.pt", manifest_digest(shards))
     record = describe_teacher(tmp_path / "teacher.pt")
     with pytest.raises(BadSampleError, match=rf"sample {victims[0]}: image does not decode"):

@@ -24,8 +24,13 @@ ORL_REC = SHARED_DATA / "recordio_orl"
 
 
 def config_for(source, out, **prepare):
-    data = {"source": {"path": str(source), "kind": "recordio"}, "output_dir": str(out),
-            "shards": {"max_samples": 7}, "split": {"mode": "sample", "train_fraction": 0.5}, **prepare}
+    data = {
+        "source": {"path": str(source), "kind": "recordio"},
+        "output_dir": str(out),
+        "shards": {"max_samples": 7},
+        "split": {"mode": "sample", "train_fraction": 0.5},
+        **prepare,
+    }
     return DMLConfig.model_validate({"prepare": data}).prepare
 
 
@@ -111,17 +116,17 @@ def _good_set(folder, n=6):
 
 
 def _past_end(folder, offsets):
-    (folder / "train.idx").write_text("".join(f"{i}\t{o}\n" for i, o in enumerate([*offsets, offsets[-1] + 10 ** 6])))
+    (folder / "train.idx").write_text("".join(f"{i}\t{o}\n" for i, o in enumerate([*offsets, offsets[-1] + 10**6])))
 
 
 def _truncated(folder, offsets):
     rec = folder / "train.rec"
-    rec.write_bytes(rec.read_bytes()[:offsets[-1] + 60])
+    rec.write_bytes(rec.read_bytes()[: offsets[-1] + 60])
 
 
 def _bad_magic(folder, offsets):
     data = bytearray((folder / "train.rec").read_bytes())
-    data[offsets[2]:offsets[2] + 4] = struct.pack("<I", 0xDEADBEEF)
+    data[offsets[2] : offsets[2] + 4] = struct.pack("<I", 0xDEADBEEF)
     (folder / "train.rec").write_bytes(bytes(data))
 
 
@@ -139,13 +144,14 @@ def _no_index(folder, offsets):
 
 def _bad_continuation(folder, offsets):
     """Record 2 cut at an embedded magic, then its second part's magic overwritten."""
-    payloads = [pack_payload(i % 2, _jpeg_with_magic_inside(i) if i == 2 else image_bytes(i, fmt="JPEG"))
-                for i in range(6)]
+    payloads = [
+        pack_payload(i % 2, _jpeg_with_magic_inside(i) if i == 2 else image_bytes(i, fmt="JPEG")) for i in range(6)
+    ]
     offsets = write_recordio(folder, payloads)
     data = bytearray((folder / "train.rec").read_bytes())
     (lrec,) = struct.unpack_from("<I", data, offsets[2] + 4)
     second = offsets[2] + 8 + (((lrec & (2**29 - 1)) + 3) & ~3)
-    data[second:second + 4] = b"\0\0\0\0"
+    data[second : second + 4] = b"\0\0\0\0"
     (folder / "train.rec").write_bytes(bytes(data))
 
 
@@ -153,16 +159,19 @@ def _bad_property(folder, offsets):
     (folder / "property").write_text("ten classes")
 
 
-@pytest.mark.parametrize("damage, file_name, words", [
-    (_past_end, "train.rec", "record 6: its offset in the index points past the end"),
-    (_truncated, "train.rec", "record 5: runs past the end of the file"),
-    (_bad_magic, "train.rec", "record 2: bad magic number"),
-    (_misaligned, "train.rec", "record 3: its offset in the index is not a multiple of 4"),
-    (_bad_index_line, "train.idx", "line 2 is not 'index<TAB>byte offset'"),
-    (_no_index, "train.rec", "its index train.idx is missing"),
-    (_bad_property, "property", "expected 'num_classes,height,width'"),
-    (_bad_continuation, "train.rec", "record 2: bad magic number in a continuation part"),
-])
+@pytest.mark.parametrize(
+    "damage, file_name, words",
+    [
+        (_past_end, "train.rec", "record 6: its offset in the index points past the end"),
+        (_truncated, "train.rec", "record 5: runs past the end of the file"),
+        (_bad_magic, "train.rec", "record 2: bad magic number"),
+        (_misaligned, "train.rec", "record 3: its offset in the index is not a multiple of 4"),
+        (_bad_index_line, "train.idx", "line 2 is not 'index<TAB>byte offset'"),
+        (_no_index, "train.rec", "its index train.idx is missing"),
+        (_bad_property, "property", "expected 'num_classes,height,width'"),
+        (_bad_continuation, "train.rec", "record 2: bad magic number in a continuation part"),
+    ],
+)
 def test_damaged_files_are_one_line_errors(tmp_path, capsys, damage, file_name, words):
     folder = tmp_path / "rec"
     damage(folder, _good_set(folder))

@@ -35,24 +35,38 @@ IDS = [f"{registry.key}={name}" for registry, name in ENTRIES]
 
 def entry_config(registry: Registry, name: str, *more: str) -> DMLConfig:
     """The default config with ``registry.key=name`` and what that entry needs beside it."""
-    return load_config(None, [f"{registry.key}={name}", *CASES[(registry.key, name)], *more], check_backbones=False,
-                       model=PipelineRunConfig)
+    return load_config(
+        None,
+        [f"{registry.key}={name}", *CASES[(registry.key, name)], *more],
+        check_backbones=False,
+        model=PipelineRunConfig,
+    )
 
 
 # (key, name) -> the other overrides its config needs
 CASES: dict[tuple[str, str], list[str]] = {
-    ("loss.kind", "arcface"): [], ("loss.kind", "cosface"): [], ("loss.kind", "sphereface"): ["loss.margin=1.5"],
-    ("loss.kind", "combined"): [], ("loss.kind", "normsoftmax"): [],
-    ("loss.kind", "triplet"): ["data.pk_classes=4"], ("loss.kind", "contrastive"): ["data.pk_classes=4"],
+    ("loss.kind", "arcface"): [],
+    ("loss.kind", "cosface"): [],
+    ("loss.kind", "sphereface"): ["loss.margin=1.5"],
+    ("loss.kind", "combined"): [],
+    ("loss.kind", "normsoftmax"): [],
+    ("loss.kind", "triplet"): ["data.pk_classes=4"],
+    ("loss.kind", "contrastive"): ["data.pk_classes=4"],
     ("loss.kind", "multisimilarity"): ["data.pk_classes=4"],
     ("loss.miner", "multisimilarity"): ["loss.kind=multisimilarity", "data.pk_classes=4"],
     ("loss.miner", "distance_weighted"): ["loss.kind=triplet", "loss.mining=all", "data.pk_classes=4"],
-    ("model.pooling", "avg"): [], ("model.pooling", "max"): [], ("model.pooling", "gem"): [],
+    ("model.pooling", "avg"): [],
+    ("model.pooling", "max"): [],
+    ("model.pooling", "gem"): [],
     ("model.pooling", "cls"): ["model.backbone=test_vit"],
-    ("prepare.source.kind", "folder"): [], ("prepare.source.kind", "csv"): [],
-    ("prepare.source.kind", "parquet"): [], ("prepare.source.kind", "idx"): [],
-    ("prepare.source.kind", "omniglot"): [], ("prepare.source.kind", "recordio"): [],
-    ("pipeline.launcher", "inprocess"): [], ("pipeline.launcher", "torchrun"): ["pipeline.nproc_per_node=3"],
+    ("prepare.source.kind", "folder"): [],
+    ("prepare.source.kind", "csv"): [],
+    ("prepare.source.kind", "parquet"): [],
+    ("prepare.source.kind", "idx"): [],
+    ("prepare.source.kind", "omniglot"): [],
+    ("prepare.source.kind", "recordio"): [],
+    ("pipeline.launcher", "inprocess"): [],
+    ("pipeline.launcher", "torchrun"): ["pipeline.nproc_per_node=3"],
     ("pipeline.launcher", "kubernetes"): ["pipeline.namespace=ns1", "pipeline.image=img:1"],
 }
 
@@ -140,8 +154,7 @@ def test_poolings_are_built_from_model_pooling(name):
     registry = next(r for r in ALL_REGISTRIES if r.kind == "pooling")
     config = entry_config(registry, name)
     if name == "cls":  # a class token exists only in ViT-family tokens (N, T, C)
-        neck = EmbeddingNeck(6, 8, pooling=config.model.pooling, layout="tokens", prefix_tokens=1,
-                             has_class_token=True)
+        neck = EmbeddingNeck(6, 8, pooling=config.model.pooling, layout="tokens", prefix_tokens=1, has_class_token=True)
         features = torch.rand(2, 10, 6)
     else:
         neck, features = EmbeddingNeck(6, 8, pooling=config.model.pooling), torch.rand(2, 6, 3, 3)
@@ -245,8 +258,9 @@ def test_a_miner_must_fit_its_loss():
     with pytest.raises(ConfigError, match="needs a pair loss"):
         load_config(None, ["loss.miner=multisimilarity"], check_backbones=False)
     with pytest.raises(ConfigError, match=r"mines triplets but loss.kind 'contrastive' takes pairs .*triplet"):
-        load_config(None, ["loss.kind=contrastive", "loss.miner=distance_weighted", "data.pk_classes=4"],
-                    check_backbones=False)
+        load_config(
+            None, ["loss.kind=contrastive", "loss.miner=distance_weighted", "data.pk_classes=4"], check_backbones=False
+        )
 
 
 def test_registering_a_name_twice_or_a_bad_target_is_an_error():
@@ -269,16 +283,19 @@ def test_the_readme_lists_every_registered_name():
     begin, end = "<!-- registry-table:begin -->", "<!-- registry-table:end -->"
     assert begin in text and end in text, "README lacks the generated registry table"
     table = text.split(begin, 1)[1].split(end, 1)[0].strip()
-    assert table == registry_table(ALL_REGISTRIES), ("README's registry table is stale: paste "
-                                                     "dml.registries.registry_table((*REGISTRIES, LAUNCHERS))")
+    assert table == registry_table(ALL_REGISTRIES), (
+        "README's registry table is stale: paste dml.registries.registry_table((*REGISTRIES, LAUNCHERS))"
+    )
 
 
 def test_the_config_stays_torch_free():
     import subprocess
     import sys
 
-    code = ("import sys; from dml.config import load_config; load_config(None, ['loss.kind=cosface'], "
-            "check_backbones=False); print('torch' in sys.modules)")
+    code = (
+        "import sys; from dml.config import load_config; load_config(None, ['loss.kind=cosface'], "
+        "check_backbones=False); print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 

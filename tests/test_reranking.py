@@ -29,9 +29,20 @@ def clustered(rng: np.random.Generator, n: int, classes: int, dim: int, spread: 
     return as_unit_float32(centres[labels] + spread * rng.normal(size=(n, dim))), labels
 
 
-CASES = [(seed, n, ng, k1, k2, lam) for seed, (n, ng, k1, k2, lam) in enumerate([
-    (40, None, 20, 6, 0.3), (37, 25, 20, 6, 0.3), (30, None, 5, 3, 0.0), (23, 31, 4, 1, 1.0),
-    (50, None, 7, 2, 0.5), (18, 44, 9, 4, 0.2), (60, None, 30, 10, 0.3)])]
+CASES = [
+    (seed, n, ng, k1, k2, lam)
+    for seed, (n, ng, k1, k2, lam) in enumerate(
+        [
+            (40, None, 20, 6, 0.3),
+            (37, 25, 20, 6, 0.3),
+            (30, None, 5, 3, 0.0),
+            (23, 31, 4, 1, 1.0),
+            (50, None, 7, 2, 0.5),
+            (18, 44, 9, 4, 0.2),
+            (60, None, 30, 10, 0.3),
+        ]
+    )
+]
 
 
 @pytest.mark.parametrize("seed,n,ng,k1,k2,lam", CASES)
@@ -82,12 +93,17 @@ def test_query_expansion_and_dba_equal_dense_reference(seed):
     queries, _ = clustered(rng, n, 4, 6)
     database, _ = clustered(rng, m, 4, 6)
     k, alpha = int(rng.integers(1, 7)), float(rng.choice([0.0, 1.0, 3.0]))
-    np.testing.assert_allclose(alpha_query_expansion(queries, database, k, alpha),
-                               dense_expand(queries, database, k, alpha, False), atol=1e-6)
-    np.testing.assert_allclose(database_side_augmentation(database, k, alpha),
-                               dense_expand(database, database, k, alpha, True), atol=1e-6)
-    np.testing.assert_allclose(alpha_query_expansion(database, database, k, alpha, leave_self_out=True),
-                               dense_expand(database, database, k, alpha, True), atol=1e-6)
+    np.testing.assert_allclose(
+        alpha_query_expansion(queries, database, k, alpha), dense_expand(queries, database, k, alpha, False), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        database_side_augmentation(database, k, alpha), dense_expand(database, database, k, alpha, True), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        alpha_query_expansion(database, database, k, alpha, leave_self_out=True),
+        dense_expand(database, database, k, alpha, True),
+        atol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("seed", range(30))
@@ -105,8 +121,9 @@ def test_gap_equals_its_definition(seed):
 
 def test_gap_known_values():
     # sorted by confidence: correct, wrong (distractor), correct -> (1/1 + 2/3) / 2
-    assert global_average_precision([1, 2, 3], [0.9, 0.8, 0.7], [1, 5, 3], [True, False, True]) == \
-        pytest.approx((1 + 2 / 3) / 2)
+    assert global_average_precision([1, 2, 3], [0.9, 0.8, 0.7], [1, 5, 3], [True, False, True]) == pytest.approx(
+        (1 + 2 / 3) / 2
+    )
     assert np.isnan(global_average_precision([1], [0.5], [1], [False]))
     with pytest.raises(ValueError, match="one entry per query"):
         global_average_precision([1, 2], [0.5], [1, 2], [True, True])
@@ -150,12 +167,15 @@ def test_every_variant_is_reported_and_the_chain_too():
     )
 
 
-@pytest.mark.parametrize("methods,message", [
-    ('["k_reciprocal","dba"]', "must come last"),
-    ('["alpha_qe","k_reciprocal"]', "not both"),
-    ('["dba","dba"]', "twice"),
-    ('["qe"]', "alpha_qe"),
-])
+@pytest.mark.parametrize(
+    "methods,message",
+    [
+        ('["k_reciprocal","dba"]', "must come last"),
+        ('["alpha_qe","k_reciprocal"]', "not both"),
+        ('["dba","dba"]', "twice"),
+        ('["qe"]', "alpha_qe"),
+    ],
+)
 def test_config_refuses_chains_that_cannot_run(methods, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [f"evaluate.reranking.methods={methods}"], check_backbones=False)

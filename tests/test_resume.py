@@ -36,8 +36,12 @@ BASE_LR = 0.01
 
 
 def config_for(shards: Path, run_dir: Path, **sections) -> dict:
-    config = tiny_train_config(shards, run_dir, schedule={"kind": "cosine"},
-                               train={"epochs": 5, "max_steps": 2, "checkpoint_every": 1, "keep_last": 5})
+    config = tiny_train_config(
+        shards,
+        run_dir,
+        schedule={"kind": "cosine"},
+        train={"epochs": 5, "max_steps": 2, "checkpoint_every": 1, "keep_last": 5},
+    )
     for key, value in sections.items():
         config[key] = {**config[key], **value}
     return config
@@ -66,8 +70,9 @@ def lr_by_step(run: Path) -> dict[int, float]:
 
 
 def test_lr_and_schedule_changed_at_resume_take_effect(trained, tmp_path):
-    run, config = copy_run(trained, tmp_path, optimizer={"lr": 0.001}, schedule={"kind": "constant"},
-                           train={"max_steps": 4})
+    run, config = copy_run(
+        trained, tmp_path, optimizer={"lr": 0.001}, schedule={"kind": "constant"}, train={"max_steps": 4}
+    )
     result = run_train(DMLConfig.model_validate(config), resume=True)
     assert result.steps == 4
     lrs = lr_by_step(run)
@@ -77,17 +82,37 @@ def test_lr_and_schedule_changed_at_resume_take_effect(trained, tmp_path):
     assert all(g["base_lr"] == pytest.approx(0.001) for g in groups)  # backbone and head both
 
 
-@pytest.mark.parametrize("key, value, refused", [
-    ("model.embedding_dim", 32, True), ("model.backbone", "resnet18", True), ("loss.kind", "cosface", True),
-    ("loss.margin", 0.4, True), ("data.batch_size", 4, True), ("data.image_size", 40, True), ("seed", 3, True),
-    ("optimizer.name", "adamw", True), ("optimizer.momentum", 0.0, True), ("train.grad_accum", 2, True),
-    ("swa.enabled", True, True), ("optimizer.lr", 0.5, False), ("optimizer.weight_decay", 0.0, False),
-    ("optimizer.grad_clip", None, False), ("loss.head_lr", 0.1, False),
-    ("schedule.kind", "poly", False), ("schedule.warmup_steps", 3, False), ("train.max_steps", 9, False),
-    ("train.epochs", 9, False), ("train.log_every", 7, False), ("train.checkpoint_every", 7, False),
-    ("train.run_dir", "elsewhere", False), ("data.shard_dir", "moved", False), ("data.num_workers", 2, False),
-    ("evaluate.output_dir", "x", False), ("export.opset", 18, False),
-])
+@pytest.mark.parametrize(
+    "key, value, refused",
+    [
+        ("model.embedding_dim", 32, True),
+        ("model.backbone", "resnet18", True),
+        ("loss.kind", "cosface", True),
+        ("loss.margin", 0.4, True),
+        ("data.batch_size", 4, True),
+        ("data.image_size", 40, True),
+        ("seed", 3, True),
+        ("optimizer.name", "adamw", True),
+        ("optimizer.momentum", 0.0, True),
+        ("train.grad_accum", 2, True),
+        ("swa.enabled", True, True),
+        ("optimizer.lr", 0.5, False),
+        ("optimizer.weight_decay", 0.0, False),
+        ("optimizer.grad_clip", None, False),
+        ("loss.head_lr", 0.1, False),
+        ("schedule.kind", "poly", False),
+        ("schedule.warmup_steps", 3, False),
+        ("train.max_steps", 9, False),
+        ("train.epochs", 9, False),
+        ("train.log_every", 7, False),
+        ("train.checkpoint_every", 7, False),
+        ("train.run_dir", "elsewhere", False),
+        ("data.shard_dir", "moved", False),
+        ("data.num_workers", 2, False),
+        ("evaluate.output_dir", "x", False),
+        ("export.opset", 18, False),
+    ],
+)
 def test_which_keys_a_resume_may_change(tmp_path, key, value, refused):
     base = config_for(tmp_path / "shards", tmp_path / "run")
     changed = {**base}
@@ -183,8 +208,9 @@ def test_non_finite_loss_names_the_checkpoint_before_the_one_that_produced_it(tr
     run, config = copy_run(trained, tmp_path, optimizer={"lr": 1e30, "grad_clip": None}, train={"max_steps": 8})
     with pytest.raises((NonFiniteLoss, NonFiniteState)) as caught:
         run_train(DMLConfig.model_validate(config), resume=True)
-    assert f"last good checkpoint: {run / 'checkpoints' / 'step-00000002'}" in str(caught.value) or \
-        f"previous checkpoint {run / 'checkpoints' / 'step-00000002'} is intact" in str(caught.value)
+    assert f"last good checkpoint: {run / 'checkpoints' / 'step-00000002'}" in str(
+        caught.value
+    ) or f"previous checkpoint {run / 'checkpoints' / 'step-00000002'} is intact" in str(caught.value)
     for checkpoint in list_checkpoints(run):  # every checkpoint left to resume from is finite and readable
         read_checkpoint(checkpoint)
     assert list_checkpoints(run)[-1].name == "step-00000002"
@@ -197,16 +223,30 @@ def test_non_finite_from_the_first_step_leaves_nothing_to_resume(trained, tmp_pa
     """The issue's example: lr 1e30 and a checkpoint every step."""
     shards, _, _ = trained
     config = config_for(shards, tmp_path / "run", optimizer={"lr": 1e30})
-    with pytest.raises(NonFiniteLoss, match=r"step-00000001 holds the weights that produced it and was set "
-                                            r"aside .*last good checkpoint: none"):
+    with pytest.raises(
+        NonFiniteLoss,
+        match=r"step-00000001 holds the weights that produced it and was set "
+        r"aside .*last good checkpoint: none",
+    ):
         run_train(DMLConfig.model_validate(config))
     assert list_checkpoints(tmp_path / "run") == []
     assert (tmp_path / "run" / "checkpoints" / f"step-00000001{DIVERGED_SUFFIX}").is_dir()
 
 
 def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-           "--standalone", "-m", "dml.cli", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        str(nproc),
+        "--standalone",
+        "-m",
+        "dml.cli",
+        *args,
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
 
@@ -217,8 +257,17 @@ def test_two_processes_stop_together_and_resume_from_the_last_good_checkpoint(tr
     cfg = write_config(tmp_path / "c.yaml", config_for(shards, tmp_path / "run"))
     first = torchrun(["train", "--config", str(cfg)])
     assert first.returncode == 0, first.stdout + first.stderr
-    diverge = torchrun(["train", "--config", str(cfg), "--resume", "optimizer.lr=1e30", "optimizer.grad_clip=null",
-                        "train.max_steps=6"])
+    diverge = torchrun(
+        [
+            "train",
+            "--config",
+            str(cfg),
+            "--resume",
+            "optimizer.lr=1e30",
+            "optimizer.grad_clip=null",
+            "train.max_steps=6",
+        ]
+    )
     out = diverge.stdout + diverge.stderr
     assert diverge.returncode != 0 and not re.search(r'File ".*/dml/', out), out  # no dml traceback
     good = str(tmp_path / "run" / "checkpoints" / "step-00000002")

@@ -10,8 +10,11 @@ from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 import dml.eval.metrics
 from dml.eval import retrieval_metrics
 
-PML_NAMES = {"precision_at_1": "precision_at_1", "r_precision": "r_precision",
-             "map_at_r": "mean_average_precision_at_r"}
+PML_NAMES = {
+    "precision_at_1": "precision_at_1",
+    "r_precision": "r_precision",
+    "map_at_r": "mean_average_precision_at_r",
+}
 
 
 def on_circle(degrees) -> np.ndarray:
@@ -20,11 +23,13 @@ def on_circle(degrees) -> np.ndarray:
 
 
 def pml_metrics(query, query_labels, gallery=None, gallery_labels=None, per_class=False) -> dict:
-    calculator = AccuracyCalculator(include=tuple(PML_NAMES.values()), k="max_bin_count",
-                                    device=torch.device("cpu"), return_per_class=per_class)
+    calculator = AccuracyCalculator(
+        include=tuple(PML_NAMES.values()), k="max_bin_count", device=torch.device("cpu"), return_per_class=per_class
+    )
     as_tensor = lambda a: None if a is None else torch.from_numpy(np.asarray(a))  # noqa: E731
-    result = calculator.get_accuracy(as_tensor(query), as_tensor(query_labels), as_tensor(gallery),
-                                     as_tensor(gallery_labels))
+    result = calculator.get_accuracy(
+        as_tensor(query), as_tensor(query_labels), as_tensor(gallery), as_tensor(gallery_labels)
+    )
     return {ours: result[theirs] for ours, theirs in PML_NAMES.items()}
 
 

@@ -19,8 +19,13 @@ KS = (1, 3, 7)
 
 def class_size_mix(rng: np.random.Generator) -> np.ndarray:
     """Labels for a random mix of class sizes: some of 1-2, some of 3-12, a few of 20-60."""
-    sizes = np.concatenate([rng.integers(1, 3, rng.integers(2, 20)), rng.integers(3, 13, rng.integers(1, 10)),
-                            rng.integers(20, 61, rng.integers(0, 3))])
+    sizes = np.concatenate(
+        [
+            rng.integers(1, 3, rng.integers(2, 20)),
+            rng.integers(3, 13, rng.integers(1, 10)),
+            rng.integers(20, 61, rng.integers(0, 3)),
+        ]
+    )
     return rng.permutation(np.repeat(np.arange(len(sizes)), sizes))
 
 
@@ -51,8 +56,11 @@ def reference_metrics(data: np.ndarray, labels: np.ndarray, ks=KS) -> dict:
         if r == 0:
             continue
         precision_at = np.cumsum(hits) / np.arange(1, len(hits) + 1)
-        row = {"precision_at_1": float(hits[0]), "r_precision": hits[:r].sum() / r,
-               "map_at_r": (precision_at[:r] * hits[:r]).sum() / r}
+        row = {
+            "precision_at_1": float(hits[0]),
+            "r_precision": hits[:r].sum() / r,
+            "map_at_r": (precision_at[:r] * hits[:r]).sum() / r,
+        }
         for k in ks:
             row[f"recall_at_{k}"] = float(hits[:k].any())
             row[f"map_at_{k}"] = (precision_at[:k] * hits[:k]).sum() / min(r, k)
@@ -62,8 +70,11 @@ def reference_metrics(data: np.ndarray, labels: np.ndarray, ks=KS) -> dict:
 
 
 def path_options(path: str) -> dict:
-    options: dict[str, dict] = {"sweep": {"symmetric": True}, "per-query": {"symmetric": False},
-            "torch": {"symmetric": False, "backend": "torch"}}
+    options: dict[str, dict] = {
+        "sweep": {"symmetric": True},
+        "per-query": {"symmetric": False},
+        "torch": {"symmetric": False, "backend": "torch"},
+    }
     return options[path]
 
 
@@ -90,8 +101,7 @@ def test_sweep_serves_the_classes_whose_lists_fit_and_search_serves_the_rest(mon
     monkeypatch.setattr(dml.eval.metrics, "SELF_SEARCH_BLOCK", 64)  # lists of the class of 70 do not fit
     widths = []
     sweep = dml.eval.metrics.sweep_neighbour_lists
-    monkeypatch.setattr(dml.eval.metrics, "sweep_neighbour_lists",
-                        lambda *args: widths.append(args[1]) or sweep(*args))
+    monkeypatch.setattr(dml.eval.metrics, "sweep_neighbour_lists", lambda *args: widths.append(args[1]) or sweep(*args))
     result = retrieval_metrics(data, labels, ks=KS, batch_size=50)  # batches of one R range
     small = (np.bincount(labels)[labels] > 1) & (labels != 99)  # queries (R >= 1) of the small classes
     # all but the last batch of small classes (it shares the large class's k) come from the sweep

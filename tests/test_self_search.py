@@ -59,11 +59,14 @@ def test_duplicate_rows_are_listed_and_a_row_never_lists_itself():
     assert not (ids == np.arange(60)[:, None]).any()
 
 
-@pytest.mark.parametrize("widths, message", [
-    (np.full(100, 20), r"widths must be in \[1, 19\]"),
-    (np.zeros(100, dtype=int), "widths must be in"),
-    (np.ones(7, dtype=int), "one width per row"),
-])
+@pytest.mark.parametrize(
+    "widths, message",
+    [
+        (np.full(100, 20), r"widths must be in \[1, 19\]"),
+        (np.zeros(100, dtype=int), "widths must be in"),
+        (np.ones(7, dtype=int), "one width per row"),
+    ],
+)
 def test_bad_widths_raise(widths, message):
     with pytest.raises(ValueError, match=message):
         self_neighbour_lists(unit_rows(100, 4, seed=0), widths, block=20)
@@ -74,8 +77,9 @@ def test_metrics_fall_back_to_per_query_search_when_lists_do_not_fit(monkeypatch
     units, labels = unit_rows(300, 8, seed=5), rng.integers(0, 10, 300)  # R about 30
     monkeypatch.setattr(dml.eval.metrics, "SELF_SEARCH_BLOCK", 16)  # lists need > 15 entries
     calls = []
-    monkeypatch.setattr(dml.eval.metrics, "sweep_neighbour_lists",
-                        lambda *args: calls.append(args) or sweep_neighbour_lists(*args))
+    monkeypatch.setattr(
+        dml.eval.metrics, "sweep_neighbour_lists", lambda *args: calls.append(args) or sweep_neighbour_lists(*args)
+    )
     fallback = retrieval_metrics(units, labels)
     assert calls == []
     monkeypatch.setattr(dml.eval.metrics, "SELF_SEARCH_BLOCK", 300)
@@ -135,8 +139,9 @@ def test_symmetric_and_per_query_search_agree_on_tied_inputs(kind, seed, monkeyp
     rng.shuffle(labels)
     monkeypatch.setattr(dml.eval.metrics, "SELF_SEARCH_BLOCK", int(rng.choice([32, 45])))
     sweeps = []
-    monkeypatch.setattr(dml.eval.metrics, "sweep_neighbour_lists",
-                        lambda *args: sweeps.append(args[1]) or sweep_neighbour_lists(*args))
+    monkeypatch.setattr(
+        dml.eval.metrics, "sweep_neighbour_lists", lambda *args: sweeps.append(args[1]) or sweep_neighbour_lists(*args)
+    )
     # batches of 25 queries sorted by R: only the last ones (the large class) need long lists
     swept = retrieval_metrics(data, labels, ks=(1, 3), per_class=True, symmetric=True, batch_size=25)
     per_query = retrieval_metrics(data, labels, ks=(1, 3), per_class=True, symmetric=False, batch_size=25)

@@ -41,9 +41,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_parts(run_dir: Path, head_optimizer: str = "sgd", sample_rate: float = 0.5):
-    config = DMLConfig.model_validate(tiny_train_config(run_dir / "no-shards", run_dir, loss={
-        "kind": "arcface", "scale": 16.0, "margin": 0.2, "sample_rate": sample_rate,
-        "head_optimizer": head_optimizer}))
+    config = DMLConfig.model_validate(
+        tiny_train_config(
+            run_dir / "no-shards",
+            run_dir,
+            loss={
+                "kind": "arcface",
+                "scale": 16.0,
+                "margin": 0.2,
+                "sample_rate": sample_rate,
+                "head_optimizer": head_optimizer,
+            },
+        )
+    )
     torch.manual_seed(0)
     engine = DDPEngine(build_model(config), config, torch.device("cpu"))
     return config, engine, Objective(config, CLASSES, torch.device("cpu"))
@@ -62,9 +72,14 @@ def train_steps(engine, objective, steps: int, rank: int = 0) -> None:
 
 
 def payload(config, engine, step: int) -> dict:
-    return {"model": engine.model.state_dict(), "schedule": {"step_count": step, "total_steps": 10},
-            "train_state": {"epoch": 0, "batch_in_epoch": step, "step": step, "images_seen": 4 * step},
-            "swa": None, "config": config.model_dump(mode="json"), "data_identity": None}
+    return {
+        "model": engine.model.state_dict(),
+        "schedule": {"step_count": step, "total_steps": 10},
+        "train_state": {"epoch": 0, "batch_in_epoch": step, "step": step, "images_seen": 4 * step},
+        "swa": None,
+        "config": config.model_dump(mode="json"),
+        "data_identity": None,
+    }
 
 
 def full_head(objective) -> dict | None:
@@ -84,8 +99,11 @@ def load_worker(info, run_dir: str, head_optimizer: str):
     path = latest_checkpoint(run_dir)
     assert path is not None
     state = load_checkpoint(path, objective, engine)
-    return {"head": full_head(objective), "step": state["train_state"]["step"],
-            "rows": (objective.head.class_start, objective.head.class_end)}
+    return {
+        "head": full_head(objective),
+        "step": state["train_state"]["step"],
+        "rows": (objective.head.class_start, objective.head.class_end),
+    }
 
 
 def assert_same_head(saved: dict, loaded: dict) -> None:
@@ -107,8 +125,11 @@ def test_saved_on_3_ranks_loads_bit_for_bit_on_1_2_and_4(tmp_path):
     assert "weight" not in torch.load(checkpoint / STATE, weights_only=True)["objective"]["head"]  # not gathered
     assert float(saved["optimizer"]["state"]["momentum_buffer"].abs().sum()) > 0
     for world in (1, 2, 4):  # world 1 in this process: one fewer process start
-        results = ([load_worker(None, str(run), "sgd")] if world == 1 else
-                   spawn_local_group(load_worker, world, args=(str(run), "sgd")))
+        results = (
+            [load_worker(None, str(run), "sgd")]
+            if world == 1
+            else spawn_local_group(load_worker, world, args=(str(run), "sgd"))
+        )
         assert_same_head(saved, results[0]["head"])
         assert [r["step"] for r in results] == [3] * world
         assert results[-1]["rows"][1] == CLASSES
@@ -131,8 +152,13 @@ def test_gathered_format_checkpoint_still_loads(tmp_path):
     train_steps(engine, objective, 2)
     folder = tmp_path / "checkpoints" / step_dir_name(2)
     folder.mkdir(parents=True)
-    old = {**payload(config, engine, 2), "objective": objective.full_state(), "rng": [], "world_size": 1,
-           "engine": engine.optimizer_state()}
+    old = {
+        **payload(config, engine, 2),
+        "objective": objective.full_state(),
+        "rng": [],
+        "world_size": 1,
+        "engine": engine.optimizer_state(),
+    }
     torch.save(old, folder / STATE)
     _, engine2, fresh = build_parts(tmp_path)
     load_checkpoint(latest_checkpoint(tmp_path), fresh, engine2)
@@ -153,12 +179,15 @@ def test_a_truncated_head_file_is_one_line_naming_it(tmp_path):
 def test_reader_returns_any_row_range_of_any_split(tmp_path, monkeypatch, rows, parts, window):
     """Property over splits and windows, with a copy chunk of 2 rows so reads cross chunks."""
     monkeypatch.setattr("dml.train.row_shards.CHUNK_BYTES", 2 * 3 * 4 * 2)
-    full = {"w": torch.arange(rows * 6, dtype=torch.float32).reshape(rows, 2, 3),
-            "m": torch.arange(rows, dtype=torch.bfloat16)}
+    full = {
+        "w": torch.arange(rows * 6, dtype=torch.float32).reshape(rows, 2, 3),
+        "m": torch.arange(rows, dtype=torch.bfloat16),
+    }
     index, start = [], 0
     for rank, size in enumerate(parts):
-        index.append(write_row_shard(tmp_path, rank, start, start + size,
-                                     {k: v[start: start + size] for k, v in full.items()}))
+        index.append(
+            write_row_shard(tmp_path, rank, start, start + size, {k: v[start : start + size] for k, v in full.items()})
+        )
         start += size
     reader = RowShardReader(tmp_path, index)
     lo, hi = window

@@ -27,8 +27,12 @@ IMAGE_SUFFIXES = (".png", ".jpg")
 
 
 def config_for(source: Path, out: Path, **overrides) -> PrepareConfig:
-    data = {"source": {"path": str(source)}, "output_dir": str(out), "shards": {"max_samples": 4},
-            "split": {"mode": "sample", "train_fraction": 0.5}}
+    data = {
+        "source": {"path": str(source)},
+        "output_dir": str(out),
+        "shards": {"max_samples": 4},
+        "split": {"mode": "sample", "train_fraction": 0.5},
+    }
     data.update(overrides)
     return DMLConfig.model_validate({"prepare": data}).prepare
 
@@ -69,28 +73,47 @@ def assert_accounted(manifest: dict, out: Path) -> list[dict]:
 def make_awkward_tree(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     """Each case seen by a user; returns the source root and the expected code per rejected path."""
     src, outside = tmp_path / "src", tmp_path / "outside"
-    for i, rel in enumerate(["cat/a.png", "cat/b.jpg", "dog/c.png", "stray.png", ".ipynb_checkpoints/d.png",
-                             "cat/.ipynb_checkpoints/e.png", "__MACOSX/cat/._a.png"]):
+    for i, rel in enumerate(
+        [
+            "cat/a.png",
+            "cat/b.jpg",
+            "dog/c.png",
+            "stray.png",
+            ".ipynb_checkpoints/d.png",
+            "cat/.ipynb_checkpoints/e.png",
+            "__MACOSX/cat/._a.png",
+        ]
+    ):
         put_image(src / rel, i)
     put_image(outside / "more" / "f.png", 10)
     put_image(outside / "more" / "g.png", 11)
     (src / "cat" / ".DS_Store").write_bytes(b"\0")
     (src / "dog" / "Thumbs.db").write_bytes(b"\0")
     (src / "dog" / "readme.txt").write_text("notes")
-    (src / "dog" / "more").symlink_to(outside / "more")        # a linked folder inside a class: followed
-    (outside / "more" / "back").symlink_to(outside)              # ... whose own loop is not
-    (src / "loopclass").symlink_to(".")                          # top-level loop
-    (src / "alias").symlink_to("cat")                            # a second way into the source
+    (src / "dog" / "more").symlink_to(outside / "more")  # a linked folder inside a class: followed
+    (outside / "more" / "back").symlink_to(outside)  # ... whose own loop is not
+    (src / "loopclass").symlink_to(".")  # top-level loop
+    (src / "alias").symlink_to("cat")  # a second way into the source
     (src / "dog" / "a_again.png").symlink_to(src / "cat" / "a.png")
     os.link(src / "dog" / "c.png", src / "dog" / "c_hard.png")
     (src / "dog" / "gone.png").symlink_to(tmp_path / "nope.png")
-    os.mkfifo(src / "dog" / "pipe.png")                          # reading it would block forever
-    expected = {"stray.png": "no_class", ".ipynb_checkpoints/d.png": "hidden",
-                "cat/.ipynb_checkpoints/e.png": "hidden", "cat/.DS_Store": "hidden",
-                "__MACOSX/cat/._a.png": "system", "dog/Thumbs.db": "system", "dog/readme.txt": "not_image",
-                "dog/more/back": "link_loop", "loopclass": "link_loop", "alias": "link_inside",
-                "dog/a_again.png": "duplicate", "dog/c_hard.png": "duplicate", "dog/gone.png": "broken_link",
-                "dog/pipe.png": "not_regular"}
+    os.mkfifo(src / "dog" / "pipe.png")  # reading it would block forever
+    expected = {
+        "stray.png": "no_class",
+        ".ipynb_checkpoints/d.png": "hidden",
+        "cat/.ipynb_checkpoints/e.png": "hidden",
+        "cat/.DS_Store": "hidden",
+        "__MACOSX/cat/._a.png": "system",
+        "dog/Thumbs.db": "system",
+        "dog/readme.txt": "not_image",
+        "dog/more/back": "link_loop",
+        "loopclass": "link_loop",
+        "alias": "link_inside",
+        "dog/a_again.png": "duplicate",
+        "dog/c_hard.png": "duplicate",
+        "dog/gone.png": "broken_link",
+        "dog/pipe.png": "not_regular",
+    }
     return src, expected
 
 
@@ -98,8 +121,13 @@ def test_folder_rules_write_or_name_every_path(tmp_path):
     src, expected = make_awkward_tree(tmp_path)
     manifest = write_shards(config_for(src, tmp_path / "out"))
     written = assert_accounted(manifest, tmp_path / "out")
-    assert sorted(m["source"] for m in written) == ["cat/a.png", "cat/b.jpg", "dog/c.png",
-                                                    "dog/more/f.png", "dog/more/g.png"]
+    assert sorted(m["source"] for m in written) == [
+        "cat/a.png",
+        "cat/b.jpg",
+        "dog/c.png",
+        "dog/more/f.png",
+        "dog/more/g.png",
+    ]
     assert manifest["classes"] == ["cat", "dog"]  # no hidden, looped or aliased class
     assert {r["source"]: r["code"] for r in manifest["rejected"]} == expected
     assert manifest["counts"]["inputs"] == 5 + len(expected)
@@ -170,8 +198,12 @@ def test_random_trees_name_every_path_once(tmp_path, seed):
     for path in src.rglob("*"):
         rel = path.relative_to(src)
         visible = not any(rule_for_name(part) for part in rel.parts)
-        if (visible and len(rel.parts) >= 2 and path.suffix in IMAGE_SUFFIXES
-                and not any(p.is_symlink() for p in [path, *path.parents])):
+        if (
+            visible
+            and len(rel.parts) >= 2
+            and path.suffix in IMAGE_SUFFIXES
+            and not any(p.is_symlink() for p in [path, *path.parents])
+        ):
             assert inodes[path.stat().st_ino] == 1, f"seed {seed}: {rel} not written"
 
 
@@ -179,22 +211,25 @@ def test_random_trees_name_every_path_once(tmp_path, seed):
 
 
 def test_csv_bad_rows_and_duplicates_are_rejected_with_their_line(tmp_path):
-    for i, rel in enumerate(["cat/a.png", "cat/b.png", "cat/c.png", "cat/d.png", "dog/e.png",
-                             "dog/f.png", "dog/g.png"]):
+    for i, rel in enumerate(
+        ["cat/a.png", "cat/b.png", "cat/c.png", "cat/d.png", "dog/e.png", "dog/f.png", "dog/g.png"]
+    ):
         put_image(tmp_path / rel, i)
-    lines = ["path,label,split",       # 1
-             "cat/a.png,cat,train",     # 2 kept
-             "cat/b.png,,train",        # 3 empty label
-             "cat/c.png,cat",           # 4 short row
-             "cat/d.png,cat,train,x",   # 5 long row
-             ",cat,train",              # 6 empty path
-             "",                        # 7 blank line: not a row
-             "cat/a.png,cat,train",     # 8 duplicate of line 2
-             "./dog/e.png,dog,train",   # 9 kept
-             "dog/e.png,dog,train",     # 10 duplicate of line 9 (same file, other spelling)
-             "dog/f.png,dog,train",     # 11 conflict
-             "dog/f.png,cat,train",     # 12 conflict
-             "dog/g.png,dog,train"]     # 13 kept
+    lines = [
+        "path,label,split",  # 1
+        "cat/a.png,cat,train",  # 2 kept
+        "cat/b.png,,train",  # 3 empty label
+        "cat/c.png,cat",  # 4 short row
+        "cat/d.png,cat,train,x",  # 5 long row
+        ",cat,train",  # 6 empty path
+        "",  # 7 blank line: not a row
+        "cat/a.png,cat,train",  # 8 duplicate of line 2
+        "./dog/e.png,dog,train",  # 9 kept
+        "dog/e.png,dog,train",  # 10 duplicate of line 9 (same file, other spelling)
+        "dog/f.png,dog,train",  # 11 conflict
+        "dog/f.png,cat,train",  # 12 conflict
+        "dog/g.png,dog,train",
+    ]  # 13 kept
     (tmp_path / "list.csv").write_text("\n".join(lines) + "\n")
     manifest = write_shards(config_for(tmp_path / "list.csv", tmp_path / "out"))
     written = assert_accounted(manifest, tmp_path / "out")
@@ -203,8 +238,15 @@ def test_csv_bad_rows_and_duplicates_are_rejected_with_their_line(tmp_path):
     assert manifest["counts"]["inputs"] == 11  # data rows; the blank line is none
     got = {r["row"]: (r["code"], r["reason"]) for r in manifest["rejected"]}
     assert {row: code for row, (code, _) in got.items()} == {
-        3: "bad_row", 4: "bad_row", 5: "bad_row", 6: "bad_row", 8: "duplicate", 10: "duplicate",
-        11: "label_conflict", 12: "label_conflict"}
+        3: "bad_row",
+        4: "bad_row",
+        5: "bad_row",
+        6: "bad_row",
+        8: "duplicate",
+        10: "duplicate",
+        11: "label_conflict",
+        12: "label_conflict",
+    }
     assert got[3][1] == "empty label" and got[6][1] == "empty path"
     assert got[4][1].startswith("short row") and got[5][1].startswith("long row")
     assert "line 2" in got[8][1] and "line 9" in got[10][1]
@@ -217,34 +259,46 @@ def test_parquet_nulls_and_float_labels(tmp_path):
 
     for i in range(5):
         put_image(tmp_path / f"{i}.png", i)
-    table = pa.table({"path": ["0.png", "1.png", None, "3.png", "4.png", "0.png"],
-                      "label": [1.0, 2.0, 1.0, float("nan"), None, 1.0]})
+    table = pa.table(
+        {"path": ["0.png", "1.png", None, "3.png", "4.png", "0.png"], "label": [1.0, 2.0, 1.0, float("nan"), None, 1.0]}
+    )
     pq.write_table(table, tmp_path / "list.parquet")
     manifest = write_shards(config_for(tmp_path / "list.parquet", tmp_path / "out"))
     written = assert_accounted(manifest, tmp_path / "out")
     assert manifest["classes"] == ["1", "2"]  # integral floats read as integers; no 'None' or 'nan' class
     assert sorted(m["source"] for m in written) == ["0.png", "1.png"]
     assert {r["row"]: r["reason"] for r in manifest["rejected"]} == {
-        2: "null path", 3: "null label", 4: "null label", 5: "same path as row 0, already an input"}
+        2: "null path",
+        3: "null label",
+        4: "null label",
+        5: "same path as row 0, already an input",
+    }
 
 
-@pytest.mark.parametrize("encoding,delimiter", [("utf-8", ","), ("utf-8-sig", ","), ("utf-16", "\t"),
-                                                ("utf-16-be-bom", ","), ("utf-8", ";"), ("utf-32", ",")])
+@pytest.mark.parametrize(
+    "encoding,delimiter",
+    [("utf-8", ","), ("utf-8-sig", ","), ("utf-16", "\t"), ("utf-16-be-bom", ","), ("utf-8", ";"), ("utf-32", ",")],
+)
 def test_csv_encodings_spreadsheets_write_are_read(tmp_path, encoding, delimiter):
     put_image(tmp_path / "café" / "ü.png", 1)
     put_image(tmp_path / "thé" / "b.png", 2)
-    text = "\n".join(delimiter.join(row) for row in
-                     [("path", "label"), ("café/ü.png", "café"), ("thé/b.png", "thé")]) + "\n"
+    text = (
+        "\n".join(delimiter.join(row) for row in [("path", "label"), ("café/ü.png", "café"), ("thé/b.png", "thé")])
+        + "\n"
+    )
     data = (codecs.BOM_UTF16_BE + text.encode("utf-16-be")) if encoding == "utf-16-be-bom" else text.encode(encoding)
     (tmp_path / "list.csv").write_bytes(data)
     manifest = write_shards(config_for(tmp_path / "list.csv", tmp_path / "out"))
     assert manifest["classes"] == ["café", "thé"] and manifest["counts"]["written"] == 2
 
 
-@pytest.mark.parametrize("data,message", [
-    ("path,label\ncaf\xe9.png,caf\xe9\n".encode("cp1252"), "not valid utf-8 text (byte 0xe9 at line 2)"),
-    ("path,label\na.png,a\n".encode("utf-16-le"), "UTF-16 without BOM"),
-])
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        ("path,label\ncaf\xe9.png,caf\xe9\n".encode("cp1252"), "not valid utf-8 text (byte 0xe9 at line 2)"),
+        ("path,label\na.png,a\n".encode("utf-16-le"), "UTF-16 without BOM"),
+    ],
+)
 def test_undecodable_tables_are_one_line_errors(tmp_path, capsys, data, message):
     (tmp_path / "list.csv").write_bytes(data)
     code = main(["prepare", f"prepare.source.path={tmp_path / 'list.csv'}", f"prepare.output_dir={tmp_path / 'o'}"])
@@ -282,13 +336,21 @@ def test_source_split_values_are_honoured_as_given(tmp_path, seed):
     assert {r["source"]: r["row"] for r in manifest["rejected"]} == bad
     assert all(r["code"] == "bad_split" for r in manifest["rejected"])
     assert {r["reason"] for r in manifest["rejected"]} <= {
-        "no split value", "split value 'val' is not one of train, query, gallery, test"}
+        "no split value",
+        "split value 'val' is not one of train, query, gallery, test",
+    }
 
 
 def test_source_split_without_a_split_column_is_one_line(tmp_path, capsys):
     put_image(tmp_path / "src" / "a" / "1.png")
-    code = main(["prepare", f"prepare.source.path={tmp_path / 'src'}", f"prepare.output_dir={tmp_path / 'o'}",
-                 "prepare.split.mode=source"])
+    code = main(
+        [
+            "prepare",
+            f"prepare.source.path={tmp_path / 'src'}",
+            f"prepare.output_dir={tmp_path / 'o'}",
+            "prepare.split.mode=source",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code != 0 and err.count("\n") == 0 and "needs a split column" in err
 

@@ -25,8 +25,15 @@ def _images(root: Path, count: int) -> list[str]:
 
 
 def _prepare(capsys, table: Path, out: Path) -> tuple[int, dict | None, list[str]]:
-    code = main(["prepare", f"prepare.source.path={table}", f"prepare.output_dir={out}",
-                 "prepare.split.mode=sample", "prepare.split.train_fraction=1.0"])
+    code = main(
+        [
+            "prepare",
+            f"prepare.source.path={table}",
+            f"prepare.output_dir={out}",
+            "prepare.split.mode=sample",
+            "prepare.split.train_fraction=1.0",
+        ]
+    )
     err = capsys.readouterr().err
     assert "Traceback" not in err
     manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else None
@@ -50,8 +57,10 @@ def test_spaces_around_csv_cells_do_not_change_paths_or_classes(tmp_path, capsys
 GOOD_LABELS = [
     (pa.array([1, 2, 1], pa.int32()), ["1", "2"]),
     (pa.array([1.0, 2.0, 1.0]), ["1", "2"]),
-    (pa.array([decimal.Decimal("1.00"), decimal.Decimal("2.00"), decimal.Decimal("1.00")], pa.decimal128(5, 2)),
-     ["1", "2"]),
+    (
+        pa.array([decimal.Decimal("1.00"), decimal.Decimal("2.00"), decimal.Decimal("1.00")], pa.decimal128(5, 2)),
+        ["1", "2"],
+    ),
     (pa.array(["a", "b", "a"]).dictionary_encode(), ["a", "b"]),
     (pa.array([" a", "b ", "a"]), ["a", "b"]),
     (pa.array([True, False, True]), ["False", "True"]),
@@ -115,8 +124,19 @@ def test_rows_naming_a_fifo_a_folder_or_a_device_are_rejected_not_read(tmp_path)
     os.mkfifo(tmp_path / "img" / "fifo.png")  # reading it blocked the run for ever
     rows = [*paths, "img/fifo.png", "img", "/dev/zero"]  # /dev/zero: read until memory ran out
     (tmp_path / "t.csv").write_text("path,label\n" + "".join(f"{p},{i % 2}\n" for i, p in enumerate(rows)))
-    run = subprocess.run([sys.executable, "-m", "dml.cli", "prepare", f"prepare.source.path={tmp_path / 't.csv'}",
-                          f"prepare.output_dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dml.cli",
+            "prepare",
+            f"prepare.source.path={tmp_path / 't.csv'}",
+            f"prepare.output_dir={tmp_path / 'out'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     reasons = {r["source"]: r["reason"] for r in manifest["rejected"]}

@@ -59,14 +59,24 @@ def test_real_vit_prefix_tokens_are_left_out_of_patch_pooling():
     assert torch.allclose(pooled, tokens[:, 5:].mean(dim=1))
 
 
-@pytest.mark.parametrize("build, message", [
-    (lambda: build_embedding_model("resnet18", 8, "cls"), "pooling 'cls' needs a backbone with a class token"),
-    (lambda: build_embedding_model("deit_tiny_patch16_224", 8, "cls", input_size=32,
-                                   backbone_kwargs={**SMALL_VIT, "class_token": False}),
-     "got a ViT built without a class token"),
-    (lambda: build_embedding_model("deit_tiny_patch16_224", 8, "gem", input_size=32, bfe=True,
-                                   backbone_kwargs=SMALL_VIT), "bfe\\) needs a feature-map backbone"),
-])
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: build_embedding_model("resnet18", 8, "cls"), "pooling 'cls' needs a backbone with a class token"),
+        (
+            lambda: build_embedding_model(
+                "deit_tiny_patch16_224", 8, "cls", input_size=32, backbone_kwargs={**SMALL_VIT, "class_token": False}
+            ),
+            "got a ViT built without a class token",
+        ),
+        (
+            lambda: build_embedding_model(
+                "deit_tiny_patch16_224", 8, "gem", input_size=32, bfe=True, backbone_kwargs=SMALL_VIT
+            ),
+            "bfe\\) needs a feature-map backbone",
+        ),
+    ],
+)
 def test_token_options_that_cannot_work_are_refused(build, message):
     with pytest.raises(ValueError, match=message):
         build()
@@ -82,8 +92,14 @@ def test_local_vit_weights_load_at_another_image_size(tmp_path):
     """timm's own checkpoint filter resamples the position embeddings (14x14 grid -> 3x3)."""
     source = build_embedding_model("deit_tiny_patch16_224", 8, "cls", input_size=224, backbone_kwargs=SMALL_VIT)
     torch.save(source.backbone.state_dict(), tmp_path / "vit.pth")
-    target = build_embedding_model("deit_tiny_patch16_224", 8, "cls", input_size=48, backbone_kwargs=SMALL_VIT,
-                                   pretrained_path=tmp_path / "vit.pth")
+    target = build_embedding_model(
+        "deit_tiny_patch16_224",
+        8,
+        "cls",
+        input_size=48,
+        backbone_kwargs=SMALL_VIT,
+        pretrained_path=tmp_path / "vit.pth",
+    )
     assert target.backbone.pos_embed.shape == (1, 1 + 9, 32)
     assert torch.equal(target.backbone.cls_token, source.backbone.cls_token)
     assert torch.equal(target.backbone.blocks[0].attn.qkv.weight, source.backbone.blocks[0].attn.qkv.weight)

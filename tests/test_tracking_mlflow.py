@@ -29,12 +29,23 @@ def server(tmp_path_factory):
 
 def chain_config(root: Path, shards: Path, uri: str | None, experiment: str) -> DMLConfig:
     base = tiny_train_config(shards, root / "teacher", train={"max_steps": 3, "checkpoint_every": 100})
-    base["distill"] = {"teacher": str(root / "teacher"), "run_dir": str(root / "student"),
-                       "student": {"backbone": "mobilenetv3_small_050"}}
-    base["evaluate"] = {"model_path": str(root / "teacher"), "output_dir": str(root / "teacher" / "eval"),
-                        "gallery_split": None, "grid_queries": 0}
-    base["export"] = {"model_path": str(root / "student"), "output_dir": str(root / "student" / "export"),
-                      "formats": ["onnx"], "parity_images": 4}
+    base["distill"] = {
+        "teacher": str(root / "teacher"),
+        "run_dir": str(root / "student"),
+        "student": {"backbone": "mobilenetv3_small_050"},
+    }
+    base["evaluate"] = {
+        "model_path": str(root / "teacher"),
+        "output_dir": str(root / "teacher" / "eval"),
+        "gallery_split": None,
+        "grid_queries": 0,
+    }
+    base["export"] = {
+        "model_path": str(root / "student"),
+        "output_dir": str(root / "student" / "export"),
+        "formats": ["onnx"],
+        "parity_images": 4,
+    }
     base["tracking"] = {"mlflow": {"enabled": True, "uri": uri, "experiment": experiment}}
     return DMLConfig.model_validate(base)
 
@@ -60,8 +71,9 @@ def test_pipeline_stages_are_children_of_one_run_on_a_real_server(tmp_path, serv
         run_distill(staged)
         run_export(staged)
     client = mlflow.MlflowClient(server)
-    runs = {r.data.tags["dml.stage"]: r for r in client.search_runs(
-        [client.get_experiment_by_name("chain").experiment_id])}
+    runs = {
+        r.data.tags["dml.stage"]: r for r in client.search_runs([client.get_experiment_by_name("chain").experiment_id])
+    }
     assert set(runs) == {"pipeline", "train", "evaluate", "distill", "export"}
     assert runs["pipeline"].info.run_id == parent and runs["pipeline"].info.status == "FINISHED"
     for stage in ("train", "evaluate", "distill", "export"):
@@ -70,26 +82,39 @@ def test_pipeline_stages_are_children_of_one_run_on_a_real_server(tmp_path, serv
     assert train.data.params["train.max_steps"] == "3" and train.data.params["loss.kind"] == "arcface"
     records = [r for r in read_metrics(tmp_path / "teacher") if "loss_main" in r]
     assert metric_steps(client, train.info.run_id, "loss_main") == [
-        (r["step"], pytest.approx(r["loss_main"])) for r in records]
+        (r["step"], pytest.approx(r["loss_main"])) for r in records
+    ]
     assert {m.step for m in client.get_metric_history(train.info.run_id, "images_per_s")} == {1, 2, 3}
-    assert {a.path for a in client.list_artifacts(train.info.run_id)} >= {"config.yaml", "metrics.jsonl",
-                                                                          "train_result.json"}
+    assert {a.path for a in client.list_artifacts(train.info.run_id)} >= {
+        "config.yaml",
+        "metrics.jsonl",
+        "train_result.json",
+    }
     downloaded = client.download_artifacts(train.info.run_id, "metrics.jsonl", str(tmp_path / "dl"))
     assert Path(downloaded).read_text() == (tmp_path / "teacher" / "metrics.jsonl").read_text()
     report = json.loads((tmp_path / "teacher" / "eval" / "report.json").read_text())
     assert runs["evaluate"].data.metrics["map_at_r"] == pytest.approx(report["headline"]["map_at_r"])
     assert {a.path for a in client.list_artifacts(runs["evaluate"].info.run_id, "report")} >= {
-        "report/report.json", "report/report.md"}
+        "report/report.json",
+        "report/report.md",
+    }
     assert "plots/embedding_map.png" in {a.path for a in client.list_artifacts(runs["evaluate"].info.run_id, "plots")}
     assert {a.path for a in client.list_artifacts(runs["export"].info.run_id, "model")} == {
-        "model/model.onnx", "model/model_card.json"}
+        "model/model.onnx",
+        "model/model_card.json",
+    }
     [version] = client.search_model_versions("name = 'dml-student'")
     assert version.run_id == runs["export"].info.run_id
     assert version.tags["dml.teacher_run_id"] == train.info.run_id
     assert version.tags["dml.student_run_id"] == runs["distill"].info.run_id
     assert version.source.endswith("/model/model.onnx")
-    assert read_tracking_file(tmp_path / "teacher") == {"stage": "train", "uri": server, "synced": True,
-                                                        "run_id": train.info.run_id, "error": None}
+    assert read_tracking_file(tmp_path / "teacher") == {
+        "stage": "train",
+        "uri": server,
+        "synced": True,
+        "run_id": train.info.run_id,
+        "error": None,
+    }
 
 
 @pytest.mark.mlflow_server
@@ -136,7 +161,8 @@ def test_default_store_is_sqlite_beside_the_run_folders(tmp_path, monkeypatch):
     [run] = client.search_runs([client.get_experiment_by_name("local").experiment_id])
     assert [step for step, _ in metric_steps(client, run.info.run_id, "loss_main")] == [1, 2, 3]
     assert (tmp_path / "mlartifacts").is_dir() and "metrics.jsonl" in {
-        a.path for a in client.list_artifacts(run.info.run_id)}
+        a.path for a in client.list_artifacts(run.info.run_id)
+    }
 
 
 def test_tracking_off_unless_enabled_or_a_uri_is_given(monkeypatch):

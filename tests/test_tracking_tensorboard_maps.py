@@ -28,8 +28,13 @@ def tracked_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tensorboard")
     config = tiny_train_config(tiny_shards(root), root / "run", train={"max_steps": 4, "checkpoint_every": 100})
-    config["evaluate"] = {"model_path": str(root / "run"), "output_dir": str(root / "run" / "eval"),
-                          "gallery_split": None, "grid_queries": 0, "maps": ["pca", "umap", "tsne"]}
+    config["evaluate"] = {
+        "model_path": str(root / "run"),
+        "output_dir": str(root / "run" / "eval"),
+        "gallery_split": None,
+        "grid_queries": 0,
+        "maps": ["pca", "umap", "tsne"],
+    }
     config["tracking"] = {"tensorboard": True}
     config = DMLConfig.model_validate(config)
     run_train(config)
@@ -45,7 +50,8 @@ def test_training_scalars_open_with_tensorboards_reader(tracked_run):
     assert {"loss_main", "lr", "images_per_s", "max_rss_mb"} <= set(events.Tags()["scalars"])
     records = [r for r in read_metrics(run_dir) if "loss_main" in r]
     assert [(e.step, e.value) for e in events.Scalars("loss_main")] == [
-        (r["step"], pytest.approx(r["loss_main"], rel=1e-6)) for r in records]
+        (r["step"], pytest.approx(r["loss_main"], rel=1e-6)) for r in records
+    ]
     assert [e.step for e in events.Scalars("lr")] == [1, 2, 3, 4]
 
 
@@ -92,11 +98,15 @@ def test_maps_of_separated_classes_are_trustworthy_and_name_their_trust(tmp_path
     labels = np.repeat(np.arange(4), 40)
     vectors = centres[labels] + rng.normal(size=(160, 32)) * 0.3
     with caplog.at_level(logging.INFO, logger="dml.eval.maps"):
-        drawn = draw_embedding_maps(vectors, labels, ["pca", "umap", "tsne"], tmp_path, ["a", "b", "c", "d"],
-                                    seed=0, limit=120)
+        drawn = draw_embedding_maps(
+            vectors, labels, ["pca", "umap", "tsne"], tmp_path, ["a", "b", "c", "d"], seed=0, limit=120
+        )
     assert set(drawn) == {"embedding_map", "embedding_map_umap", "embedding_map_tsne"}
-    trusts = [float(r.getMessage().split("trustworthiness ")[1].split()[0]) for r in caplog.records
-              if "trustworthiness" in r.getMessage()]
+    trusts = [
+        float(r.getMessage().split("trustworthiness ")[1].split()[0])
+        for r in caplog.records
+        if "trustworthiness" in r.getMessage()
+    ]
     assert len(trusts) == 3 and min(trusts) > 0.9
     for file in drawn.values():
         with Image.open(tmp_path / file) as image:

@@ -21,9 +21,21 @@ from train_fixtures import ROOT, tiny_shards, tiny_train_config, write_config
 
 
 def torchrun(args: list[str], nproc: int, max_restarts: int = 0, **popen) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-           "--max-restarts", str(max_restarts), "--standalone",
-           "-m", "dml.cli", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        str(nproc),
+        "--max-restarts",
+        str(max_restarts),
+        "--standalone",
+        "-m",
+        "dml.cli",
+        *args,
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
         cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
@@ -50,8 +62,12 @@ def test_killed_run_resumes_where_it_stopped(tmp_path):
     base = tiny_train_config(shards, tmp_path / "run", train={"epochs": 2, "checkpoint_every": 3})
     cfg = write_config(tmp_path / "c.yaml", base)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    victim = subprocess.Popen([sys.executable, "-m", "dml.cli", "train", "--config", str(cfg)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    victim = subprocess.Popen(
+        [sys.executable, "-m", "dml.cli", "train", "--config", str(cfg)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 180
     while time.time() < deadline and not list_checkpoints(tmp_path / "run"):
         time.sleep(0.05)
@@ -62,7 +78,7 @@ def test_killed_run_resumes_where_it_stopped(tmp_path):
     ]
     result = run_train(DMLConfig.model_validate(base), resume=True)
     records = [r for r in read_metrics(tmp_path / "run") if "loss_main" in r]
-    resumed = [r for r in records if r["time"] >= records[-1]["time"] - 1e9][-(result.steps - saved_step):]
+    resumed = [r for r in records if r["time"] >= records[-1]["time"] - 1e9][-(result.steps - saved_step) :]
     assert [r["step"] for r in resumed] == list(range(saved_step + 1, result.steps + 1))
     # The schedule continued: the lr of every resumed step is the uninterrupted run's.
     config = DMLConfig.model_validate(base)
@@ -72,8 +88,14 @@ def test_killed_run_resumes_where_it_stopped(tmp_path):
 
 def test_gradient_accumulation_steps_schedule_per_optimizer_step(tmp_path):
     shards = tiny_shards(tmp_path)
-    config = DMLConfig.model_validate(tiny_train_config(
-        shards, tmp_path / "run", train={"grad_accum": 2, "epochs": 2}, schedule={"kind": "cosine", "warmup_steps": 2}))
+    config = DMLConfig.model_validate(
+        tiny_train_config(
+            shards,
+            tmp_path / "run",
+            train={"grad_accum": 2, "epochs": 2},
+            schedule={"kind": "cosine", "warmup_steps": 2},
+        )
+    )
     result = run_train(config)
     batches = json.loads((shards / "manifest.json").read_text())["splits"]["train"]["count"] // 6
     assert result.steps == 2 * (batches // 2)
@@ -84,9 +106,15 @@ def test_gradient_accumulation_steps_schedule_per_optimizer_step(tmp_path):
 
 def test_pair_loss_with_pk_batches(tmp_path):
     shards = tiny_shards(tmp_path)
-    config = DMLConfig.model_validate(tiny_train_config(
-        shards, tmp_path / "run", loss={"kind": "multisimilarity"}, data={"pk_classes": 3, "pk_samples": 2},
-        train={"epochs": 2}))
+    config = DMLConfig.model_validate(
+        tiny_train_config(
+            shards,
+            tmp_path / "run",
+            loss={"kind": "multisimilarity"},
+            data={"pk_classes": 3, "pk_samples": 2},
+            train={"epochs": 2},
+        )
+    )
     result = run_train(config)
     assert result.steps > 0 and torch.load(tmp_path / "run" / "model.pt", weights_only=False)["model"]
 
@@ -142,13 +170,16 @@ def test_killed_worker_restarts_from_checkpoint(tmp_path):
 def test_deepspeed_backend_trains_and_resumes(tmp_path):
     """DeepSpeed ZeRO-2 on 2 CPU processes (gloo); the first use JIT-builds one DeepSpeed op."""
     shards = tiny_shards(tmp_path)
-    base = tiny_train_config(shards, tmp_path / "run", train={"backend": "deepspeed", "epochs": 3, "max_steps": 3,
-                                                              "checkpoint_every": 3})
+    base = tiny_train_config(
+        shards, tmp_path / "run", train={"backend": "deepspeed", "epochs": 3, "max_steps": 3, "checkpoint_every": 3}
+    )
     cfg = write_config(tmp_path / "c.yaml", base)
     out, _ = torchrun(["train", "--config", str(cfg)], nproc=2).communicate(timeout=900)
     checkpoint = list_checkpoints(tmp_path / "run")[-1]
-    assert sorted(p.name for p in checkpoint.glob("optimizer-rank*.pt")) == ["optimizer-rank00000.pt",
-                                                                             "optimizer-rank00001.pt"], out
+    assert sorted(p.name for p in checkpoint.glob("optimizer-rank*.pt")) == [
+        "optimizer-rank00000.pt",
+        "optimizer-rank00001.pt",
+    ], out
     more = write_config(tmp_path / "c2.yaml", {**base, "train": {**base["train"], "max_steps": 5}})
     proc = torchrun(["train", "--config", str(more), "--resume"], nproc=2)
     out, _ = proc.communicate(timeout=900)
@@ -161,11 +192,24 @@ def test_deepspeed_backend_runs_as_a_plain_single_process(tmp_path):
     """`dml train` without torchrun (which the README allows for one process): DeepSpeed used
     to look for MPI (`ModuleNotFoundError: mpi4py`); it now runs as a group of one."""
     shards = tiny_shards(tmp_path)
-    cfg = write_config(tmp_path / "c.yaml", tiny_train_config(
-        shards, tmp_path / "run", train={"backend": "deepspeed", "epochs": 1, "max_steps": 2, "checkpoint_every": 2}))
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    proc = subprocess.run([sys.executable, "-m", "dml.cli", "train", "--config", str(cfg)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        tiny_train_config(
+            shards, tmp_path / "run", train={"backend": "deepspeed", "epochs": 1, "max_steps": 2, "checkpoint_every": 2}
+        ),
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "dml.cli", "train", "--config", str(cfg)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "train_result.json").read_text())["steps"] == 2

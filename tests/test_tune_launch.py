@@ -55,7 +55,7 @@ def test_injected_trainer_stops_reporting_once_pruned(tmp_path: Path, stop_at: i
         return len(seen) > stop_at
 
     assert not run_training(tmp_path / "fold.yaml", tmp_path / "fold-0", 1, on_record, _writing_trainer(5))
-    assert seen[:stop_at + 1] == [step / 10 for step in range(stop_at + 1)]  # reported in order up to the stop
+    assert seen[: stop_at + 1] == [step / 10 for step in range(stop_at + 1)]  # reported in order up to the stop
 
 
 def test_injected_trainer_failure_reaches_the_trial(tmp_path):
@@ -66,8 +66,10 @@ def test_injected_trainer_failure_reaches_the_trial(tmp_path):
 def _fold_config(tmp_path: Path) -> tuple[Path, Path]:
     run_dir = tmp_path / "study" / "trials" / "trial-0003" / "fold-1"
     base = tiny_train_config(tmp_path / "shards", tmp_path / "run")
-    path = write_run_config(with_values(base, fold_overrides(tmp_path / "folds" / "fold-1", run_dir)),
-                            tmp_path / "study" / "trials" / "trial-0003" / "fold-1.yaml")
+    path = write_run_config(
+        with_values(base, fold_overrides(tmp_path / "folds" / "fold-1", run_dir)),
+        tmp_path / "study" / "trials" / "trial-0003" / "fold-1.yaml",
+    )
     return path, run_dir
 
 

@@ -20,13 +20,30 @@ pytestmark = [pytest.mark.slow, pytest.mark.dist, pytest.mark.timeout(1500)]  # 
 
 def test_pipeline_tune_runs_the_study_as_mapped_tasks(tmp_path):
     class_split_shards(tmp_path)
-    run, space = write_tune_files(tmp_path, {"loss.margin": [0.1, 0.3]}, n_trials=2, folds=2, seeds=1,
-                                  parallel=2, sampler="grid")
+    run, space = write_tune_files(
+        tmp_path, {"loss.margin": [0.1, 0.3]}, n_trials=2, folds=2, seeds=1, parallel=2, sampler="grid"
+    )
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=tempfile.mkdtemp(dir=tmp_path), OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-m", "dml.cli", "pipeline", "tune", "--config", str(run),
-                           "--space", str(space), "pipeline.launcher=torchrun"],  # folds under local torchrun
-                          env=env, capture_output=True, text=True, timeout=1500, check=False)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dml.cli",
+            "pipeline",
+            "tune",
+            "--config",
+            str(run),
+            "--space",
+            str(space),
+            "pipeline.launcher=torchrun",
+        ],  # folds under local torchrun
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        check=False,
+    )
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     study_dir = tmp_path / "study"
     trials = optuna.load_study(study_name="dml-tune", storage=f"sqlite:///{study_dir / 'study.db'}").get_trials()
@@ -46,4 +63,5 @@ def test_pipeline_tune_runs_the_study_as_mapped_tasks(tmp_path):
             assert "(launcher torchrun" in (fold_dir / "logs" / "tune-fold.log").read_text()
             assert (fold_dir / "model.pt").is_file()
         assert len(trial.intermediate_values) >= 2 and trial.value == pytest.approx(
-            sum(trial.user_attrs["fold_map_at_r"]) / 2)
+            sum(trial.user_attrs["fold_map_at_r"]) / 2
+        )

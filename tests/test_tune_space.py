@@ -30,15 +30,18 @@ def test_unknown_key_is_one_line_naming_the_closest(tmp_path, capsys):
     assert not (tmp_path / "study").exists()  # refused before anything was written
 
 
-@pytest.mark.parametrize("spec, problem", [
-    ({"loss.scale": {"low": 0, "high": 8}}, "makes an invalid config"),      # scale must be > 0
-    ({"loss.kind": {"choices": ["arcface", "arcfase"]}}, "makes an invalid config"),
-    ({"loss.margin": {"low": 0.5, "high": 0.1}}, "must be below high"),
-    ({"optimizer.lr": {"low": 0.1, "high": 1, "log": True, "step": 0.1}}, "log range"),
-    ({"train.epochs": {"low": 1, "high": 2.5}}, "whole numbers"),
-    ({"loss.margin": {"lo": 0.1, "high": 0.5}}, "unknown field 'lo'"),
-    ({"study": {"n_trails": 3}, "loss.margin": [0.1, 0.2]}, "did you mean 'n_trials'"),
-])
+@pytest.mark.parametrize(
+    "spec, problem",
+    [
+        ({"loss.scale": {"low": 0, "high": 8}}, "makes an invalid config"),  # scale must be > 0
+        ({"loss.kind": {"choices": ["arcface", "arcfase"]}}, "makes an invalid config"),
+        ({"loss.margin": {"low": 0.5, "high": 0.1}}, "must be below high"),
+        ({"optimizer.lr": {"low": 0.1, "high": 1, "log": True, "step": 0.1}}, "log range"),
+        ({"train.epochs": {"low": 1, "high": 2.5}}, "whole numbers"),
+        ({"loss.margin": {"lo": 0.1, "high": 0.5}}, "unknown field 'lo'"),
+        ({"study": {"n_trails": 3}, "loss.margin": [0.1, 0.2]}, "did you mean 'n_trials'"),
+    ],
+)
 def test_bad_space_refused(tmp_path, spec, problem):
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -71,8 +74,9 @@ def test_values_land_in_the_config():
     assert (config.loss.scale, config.optimizer.lr, config.seed, config.loss.kind) == (12.5, 0.01, 3, "arcface")
 
 
-@pytest.mark.parametrize("n, k, seed", [(n, k, s) for n, k, s in itertools.product([2, 3, 7, 10, 33], [2, 3, 4], [0, 5])
-                                         if n >= k])
+@pytest.mark.parametrize(
+    "n, k, seed", [(n, k, s) for n, k, s in itertools.product([2, 3, 7, 10, 33], [2, 3, 4], [0, 5]) if n >= k]
+)
 def test_class_folds_partition_the_classes_evenly(n, k, seed):
     """Disjoint, covering, sizes within one, the same for the same seed."""
     classes = [f"c{i}" for i in range(n)]

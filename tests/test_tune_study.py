@@ -29,9 +29,15 @@ SPACE = {"loss.scale": {"low": 8, "high": 32, "log": True}, "loss.margin": {"low
 
 def _tune(run: Path, space: Path, *extra: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "dml.cli", "tune", "--config", str(run), "--space", str(space),
-                             *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "dml.cli", "tune", "--config", str(run), "--space", str(space), *extra],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **kwargs,
+    )
 
 
 def _wait_for_training(metrics: Path, process: subprocess.Popen, timeout: float = 300) -> None:

@@ -44,8 +44,13 @@ def test_read_lfw_style_pairs_file(tmp_path):
         VerificationPair("Zico", 2, "Zico", 2),
     ]
     assert [p.is_same for p in pairs] == [True, False, True]
-    row_of = {("Abel_Pacheco", 1): 0, ("Abel_Pacheco", 4): 1, ("Akhmed_Zakayev", 1): 2,
-              ("Aaron_Peirsol", 3): 3, ("Zico", 2): 4}
+    row_of = {
+        ("Abel_Pacheco", 1): 0,
+        ("Abel_Pacheco", 4): 1,
+        ("Akhmed_Zakayev", 1): 2,
+        ("Aaron_Peirsol", 3): 3,
+        ("Zico", 2): 4,
+    }
     rows, same = pair_rows(pairs, row_of)
     np.testing.assert_array_equal(rows, [[0, 1], [2, 3], [4, 4]])
     np.testing.assert_array_equal(same, [True, False, True])
@@ -112,10 +117,12 @@ def test_unresolvable_far_is_none_with_a_note():
 def test_histogram_mode_is_a_close_lower_bound_of_exact():
     embeddings, labels = face_like_set(60, 8, noise=1.2, seed=2)
     exact = verification_metrics(embeddings, labels, fars=(1e-1, 1e-2, 1e-3))
-    binned = verification_metrics(embeddings, labels, fars=(1e-1, 1e-2, 1e-3), exact_max_pairs=0,
-                                  num_bins=2**14, block_size=100)
-    coarse = verification_metrics(embeddings, labels, fars=(1e-1, 1e-2, 1e-3), exact_max_pairs=0,
-                                  num_bins=2**4, block_size=100)
+    binned = verification_metrics(
+        embeddings, labels, fars=(1e-1, 1e-2, 1e-3), exact_max_pairs=0, num_bins=2**14, block_size=100
+    )
+    coarse = verification_metrics(
+        embeddings, labels, fars=(1e-1, 1e-2, 1e-3), exact_max_pairs=0, num_bins=2**4, block_size=100
+    )
     assert exact["method"] == "exact" and binned["method"] == "histogram"
     assert binned["num_negative_pairs"] == exact["num_negative_pairs"]
     for key, value in exact["tar_at_far"].items():
@@ -160,8 +167,14 @@ def test_cmc_hand_computed_and_against_brute_force():
 
     embeddings, labels = face_like_set(40, 3, noise=1.5, seed=5)
     gallery_rows, probe_rows = np.arange(0, 120, 3), np.setdiff1d(np.arange(120), np.arange(0, 120, 3))
-    result = cmc_curve(embeddings[probe_rows], labels[probe_rows], embeddings[gallery_rows],
-                       labels[gallery_rows], max_rank=5, batch_size=7)
+    result = cmc_curve(
+        embeddings[probe_rows],
+        labels[probe_rows],
+        embeddings[gallery_rows],
+        labels[gallery_rows],
+        max_rank=5,
+        batch_size=7,
+    )
     scores = exact_inner_products(embeddings[probe_rows], embeddings[gallery_rows])
     correct = scores[np.arange(len(probe_rows)), labels[probe_rows]]  # gallery row c has identity c
     rank = (scores > correct[:, None]).sum(1) + 1

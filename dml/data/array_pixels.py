@@ -50,8 +50,10 @@ def pixel_scale(array: np.ndarray, path: Path) -> str:
             return UNIT_FLOAT
     else:
         raise DataError(f"{path}: images of type {array.dtype} are not pixel values")
-    raise DataError(f"{path}: {array.dtype} pixel values in {low}..{high} have no 8-bit scale; expected "
-                    "integers in 0..255 or 0..65535, floats in [0, 1], or booleans")
+    raise DataError(
+        f"{path}: {array.dtype} pixel values in {low}..{high} have no 8-bit scale; expected "
+        "integers in 0..255 or 0..65535, floats in [0, 1], or booleans"
+    )
 
 
 def to_uint8(image: np.ndarray, scale: str) -> np.ndarray:

@@ -70,8 +70,9 @@ def encode_image(payload: ImagePayload, config: ImageConfig) -> EncodedImage:
         try:
             image = Image.fromarray(payload)
         except TypeError as exc:  # e.g. complex or object arrays, or a shape Pillow cannot take
-            raise RejectedImage(f"array of dtype {payload.dtype} and shape {payload.shape} is not an image: "
-                                f"{exc}") from None
+            raise RejectedImage(
+                f"array of dtype {payload.dtype} and shape {payload.shape} is not an image: {exc}"
+            ) from None
         image, _ = _shrink(_pixels(image), config.max_side)
         data, ext = _encode(image, config)
         return EncodedImage(data, ext, image.width, image.height, image.mode)

@@ -34,13 +34,15 @@ if TYPE_CHECKING:  # scikit-image (scipy) is imported on first use: most prepare
 
     from dml.config import AlignConfig
 
-ARCFACE_TEMPLATE = np.array([
-    [38.2946, 51.6963],  # left eye
-    [73.5318, 51.5014],  # right eye
-    [56.0252, 71.7366],  # nose tip
-    [41.5493, 92.3655],  # left mouth corner
-    [70.7299, 92.2041],  # right mouth corner
-])
+ARCFACE_TEMPLATE = np.array(
+    [
+        [38.2946, 51.6963],  # left eye
+        [73.5318, 51.5014],  # right eye
+        [56.0252, 71.7366],  # nose tip
+        [41.5493, 92.3655],  # left mouth corner
+        [70.7299, 92.2041],  # right mouth corner
+    ]
+)
 TEMPLATE_SIZE = 112
 BOX_COLUMNS = ("box_x", "box_y", "box_w", "box_h")
 LANDMARK_COLUMNS = tuple(f"lm_{axis}{i}" for i in range(1, 6) for axis in "xy")
@@ -131,8 +133,7 @@ def warp_face(image: np.ndarray, tform: SimilarityTransform, size: int) -> np.nd
     """Warp ``image`` (H, W) or (H, W, C) uint8 by ``tform`` into a (size, size[, C]) uint8 crop."""
     from skimage.transform import warp
 
-    out = warp(image, tform.inverse, output_shape=(size, size), order=1, mode="constant", cval=0,
-               preserve_range=True)
+    out = warp(image, tform.inverse, output_shape=(size, size), order=1, mode="constant", cval=0, preserve_range=True)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 

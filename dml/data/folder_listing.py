@@ -26,8 +26,15 @@ from dml.data.records import IMAGE_EXTENSIONS, Record, Rejection
 from dml.progress import progress
 
 # Compared case-insensitively; names starting with "." are hidden by the first rule already.
-SYSTEM_NAMES = {"thumbs.db", "ehthumbs.db", "desktop.ini", "__macosx", "$recycle.bin",
-                "system volume information", "@eadir"}
+SYSTEM_NAMES = {
+    "thumbs.db",
+    "ehthumbs.db",
+    "desktop.ini",
+    "__macosx",
+    "$recycle.bin",
+    "system volume information",
+    "@eadir",
+}
 
 
 def rule_for_name(name: str) -> str | None:
@@ -84,8 +91,7 @@ class _Walker:
         self.progress.close()
         return self.out
 
-    def walk(self, path: str, rel_dir: str, class_name: str | None, stack: tuple[str, ...],
-             defer_links: bool) -> None:
+    def walk(self, path: str, rel_dir: str, class_name: str | None, stack: tuple[str, ...], defer_links: bool) -> None:
         try:
             with os.scandir(path) as it:
                 entries = sorted(it, key=lambda e: e.name)

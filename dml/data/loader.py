@@ -60,8 +60,10 @@ class ReadShards:
                 empty = 0
                 yield sample
             if empty >= self.patience:
-                raise BadSampleError(f"no readable sample in the last {empty} shard reads "
-                                f"(of {len(self.shards)} shards, e.g. {item['url']})")
+                raise BadSampleError(
+                    f"no readable sample in the last {empty} shard reads "
+                    f"(of {len(self.shards)} shards, e.g. {item['url']})"
+                )
 
 
 def is_decoded(item: tuple | None) -> bool:
@@ -120,8 +122,15 @@ class TrainLoader:
     Call ``set_epoch(e)`` before each epoch for a fresh, reproducible shard stream.
     """
 
-    def __init__(self, config: DataConfig, seed: int = 0, rank: int | None = None,
-                 world_size: int | None = None, batches_per_epoch: int | None = None, with_keys: bool = False):
+    def __init__(
+        self,
+        config: DataConfig,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        batches_per_epoch: int | None = None,
+        with_keys: bool = False,
+    ):
         self.rank, self.world_size = rank_and_world(rank, world_size)
         manifest = load_manifest(config.shard_dir)
         shards = split_shard_specs(manifest, config.shard_dir, config.train_split)
@@ -131,35 +140,51 @@ class TrainLoader:
         self.batch_size = pk_classes * config.pk_samples if pk_classes is not None else config.batch_size
         self.batches_per_epoch = batches_per_epoch or count // (self.world_size * self.batch_size)
         if self.batches_per_epoch < 1:
-            raise DataError(f"split '{config.train_split}' has {count} samples: too few for "
-                            f"{self.world_size} rank(s) x batch {self.batch_size}")
+            raise DataError(
+                f"split '{config.train_split}' has {count} samples: too few for "
+                f"{self.world_size} rank(s) x batch {self.batch_size}"
+            )
         self.num_classes = len(manifest["classes"])
         self.policy = BadSamplePolicy(config.bad_samples)
         self.sampler = EpochShardSampler([shard.url for shard in shards], seed, self.rank)
         transform = build_train_uint8_transform(config)
         collate = NormalizedCollate(BatchNormalize(config))
-        stages: list[Any] = [self.sampler, ReadShards(shards, self.policy),
-                             EpochShuffle(self.sampler, config.shuffle_buffer)]
+        stages: list[Any] = [
+            self.sampler,
+            ReadShards(shards, self.policy),
+            EpochShuffle(self.sampler, config.shuffle_buffer),
+        ]
         if pk_classes is not None:
             self._check_pk(manifest, config, pk_classes)
-            stages += [PKGroups(self.sampler, pk_classes, config.pk_samples),
-                       wds.map(DecodeGroup(transform, collate, self.policy, with_keys))]
+            stages += [
+                PKGroups(self.sampler, pk_classes, config.pk_samples),
+                wds.map(DecodeGroup(transform, collate, self.policy, with_keys)),
+            ]
         else:
-            stages += [wds.map(DecodeSample(transform, self.policy, with_keys)), wds.select(is_decoded),
-                       wds.batched(self.batch_size, partial=False, collation_fn=collate)]
-        self.loader = wds.WebLoader(wds.DataPipeline(*stages), batch_size=None,
-                                    num_workers=config.num_workers, persistent_workers=False)
+            stages += [
+                wds.map(DecodeSample(transform, self.policy, with_keys)),
+                wds.select(is_decoded),
+                wds.batched(self.batch_size, partial=False, collation_fn=collate),
+            ]
+        self.loader = wds.WebLoader(
+            wds.DataPipeline(*stages), batch_size=None, num_workers=config.num_workers, persistent_workers=False
+        )
 
     @staticmethod
     def _check_pk(manifest: dict, config: DataConfig, pk_classes: int) -> None:
         counts = manifest["splits"][config.train_split]["class_counts"]
         usable = sum(1 for n in counts.values() if n >= config.pk_samples)
         if usable < pk_classes:
-            raise DataError(f"P x K sampling needs {pk_classes} classes with >= {config.pk_samples} "
-                            f"samples; split '{config.train_split}' has {usable}")
+            raise DataError(
+                f"P x K sampling needs {pk_classes} classes with >= {config.pk_samples} "
+                f"samples; split '{config.train_split}' has {usable}"
+            )
         if usable < len(counts):
-            log.info("P x K: %d classes have fewer than %d samples and are never sampled",
-                     len(counts) - usable, config.pk_samples)
+            log.info(
+                "P x K: %d classes have fewer than %d samples and are never sampled",
+                len(counts) - usable,
+                config.pk_samples,
+            )
 
     @property
     def global_batch(self) -> int:
@@ -220,16 +245,27 @@ class EvalLoader:
     for this rank's shards; fewer come out only when the skip policy dropped bad samples.
     """
 
-    def __init__(self, config: DataConfig, split: str, batch_size: int | None = None,
-                 rank: int | None = None, world_size: int | None = None, transform=None):
+    def __init__(
+        self,
+        config: DataConfig,
+        split: str,
+        batch_size: int | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        transform=None,
+    ):
         self.rank, self.world_size = rank_and_world(rank, world_size)
         manifest = load_manifest(config.shard_dir)
-        self.shards = split_shard_specs(manifest, config.shard_dir, split)[self.rank::self.world_size]
+        self.shards = split_shard_specs(manifest, config.shard_dir, split)[self.rank :: self.world_size]
         self.num_samples = sum(shard.count for shard in self.shards)
         self.policy = BadSamplePolicy(config.bad_samples)
         dataset = ShardSamples(self.shards, transform or build_eval_transform(config), self.policy)
-        self.loader = DataLoader(dataset, batch_size=batch_size or config.batch_size, collate_fn=_collate_keyed,
-                                 num_workers=min(config.num_workers, len(self.shards)))
+        self.loader = DataLoader(
+            dataset,
+            batch_size=batch_size or config.batch_size,
+            collate_fn=_collate_keyed,
+            num_workers=min(config.num_workers, len(self.shards)),
+        )
 
     def __iter__(self) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
         return iter(self.loader)

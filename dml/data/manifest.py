@@ -51,8 +51,17 @@ def _splits_from_shards(shards: list[dict]) -> dict[str, dict]:
     return dict(sorted(splits.items()))
 
 
-def _build(classes: list[str], shards: list[dict], rejected: list[dict], *, source: dict,
-           config: dict, digest: str, skipped: int, partition: tuple[int, int] | None) -> dict:
+def _build(
+    classes: list[str],
+    shards: list[dict],
+    rejected: list[dict],
+    *,
+    source: dict,
+    config: dict,
+    digest: str,
+    skipped: int,
+    partition: tuple[int, int] | None,
+) -> dict:
     written = sum(s["count"] for s in shards)
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -63,20 +72,26 @@ def _build(classes: list[str], shards: list[dict], rejected: list[dict], *, sour
         "partition": None if partition is None else {"index": partition[0], "count": partition[1]},
         "classes": classes,
         "splits": _splits_from_shards(shards),
-        "counts": {"inputs": written + len(rejected), "written": written, "rejected": len(rejected),
-                   "rejected_by_code": dict(sorted(Counter(r.get("code", UNREADABLE) for r in rejected).items())),
-                   "skipped_over_max_per_class": skipped},
+        "counts": {
+            "inputs": written + len(rejected),
+            "written": written,
+            "rejected": len(rejected),
+            "rejected_by_code": dict(sorted(Counter(r.get("code", UNREADABLE) for r in rejected).items())),
+            "skipped_over_max_per_class": skipped,
+        },
         # Refused while listing (key null) first, by source path and row; then by shard key.
-        "rejected": sorted(rejected, key=lambda r: (r["key"] is not None, r["key"] or "", r["source"],
-                                                    r.get("row", -1))),
+        "rejected": sorted(
+            rejected, key=lambda r: (r["key"] is not None, r["key"] or "", r["source"], r.get("row", -1))
+        ),
         # Kept so partial manifests can be merged without re-reading shards.
         "shard_records": sorted(shards, key=lambda s: s["name"]) if partition is not None else None,
     }
     return manifest
 
 
-def assemble_manifest(plan: ShardPlan, results: list[ShardResult], source: dict,
-                      config: PrepareConfig, partition: tuple[int, int] | None) -> dict:
+def assemble_manifest(
+    plan: ShardPlan, results: list[ShardResult], source: dict, config: PrepareConfig, partition: tuple[int, int] | None
+) -> dict:
     """Build the manifest for the shards in ``results`` and check no input went missing.
 
     Raises DataError when a shard's written and rejected samples do not add up to its plan.
@@ -95,10 +110,16 @@ def assemble_manifest(plan: ShardPlan, results: list[ShardResult], source: dict,
             raise DataError(
                 f"shard {r.name}: {planned[r.name]} planned, {r.count} written + {len(r.rejected)} rejected"
             )
-    return _build(plan.classes, shards, rejected, source=source,
-                  config=config.model_dump(mode="json"), digest=plan.digest,
-                  skipped=plan.skipped_over_cap if partition is None or partition[0] == 0 else 0,
-                  partition=partition)
+    return _build(
+        plan.classes,
+        shards,
+        rejected,
+        source=source,
+        config=config.model_dump(mode="json"),
+        digest=plan.digest,
+        skipped=plan.skipped_over_cap if partition is None or partition[0] == 0 else 0,
+        partition=partition,
+    )
 
 
 def write_manifest(out_dir: Path, manifest: dict, partition: tuple[int, int] | None = None) -> Path:
@@ -130,17 +151,24 @@ def _check_ours(manifest: Any, path: Path) -> None:
     """Raise unless ``manifest`` has the layout `dml prepare` writes (down to each shard entry)."""
     ours = isinstance(manifest, dict) and manifest.get("created_by") == "dml prepare"
     if ours and manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{path} has format_version {manifest.get('format_version')!r}; "
-                        f"this dml reads version {FORMAT_VERSION}")
+        raise DataError(
+            f"{path} has format_version {manifest.get('format_version')!r}; this dml reads version {FORMAT_VERSION}"
+        )
     splits = manifest.get("splits") if ours else None
     ours = isinstance(splits, dict) and all(
-        isinstance(split, dict) and isinstance(split.get("shards"), list)
-        and all(isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("sha256"), str)
-                for s in split["shards"])
-        for split in splits.values())
+        isinstance(split, dict)
+        and isinstance(split.get("shards"), list)
+        and all(
+            isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("sha256"), str)
+            for s in split["shards"]
+        )
+        for split in splits.values()
+    )
     if not ours:
-        raise DataError(f"{path} is not a manifest written by `dml prepare` "
-                        "(expected created_by 'dml prepare' and splits with named, hashed shards)")
+        raise DataError(
+            f"{path} is not a manifest written by `dml prepare` "
+            "(expected created_by 'dml prepare' and splits with named, hashed shards)"
+        )
 
 
 def manifest_digest(shard_dir: str | Path) -> str:
@@ -188,8 +216,10 @@ def merge_manifests(shard_dir: str | Path) -> dict:
     if len(counts) > 1:  # a job re-run with another N leaves the old N's parts: both sets would be summed
         per_count = Counter(m["partition"]["count"] for m in loaded)
         held = ", ".join(f"{per_count[n]} of {n} (manifest.part-*-of-{n:05d}.json)" for n in counts)
-        raise DataError(f"cannot merge: {shard_dir} holds partial manifests of {len(counts)} partition counts: "
-                        f"{held}; remove those of the count no longer in use and merge again")
+        raise DataError(
+            f"cannot merge: {shard_dir} holds partial manifests of {len(counts)} partition counts: "
+            f"{held}; remove those of the count no longer in use and merge again"
+        )
     count = counts[0]
     have = {m["partition"]["index"] for m in loaded}
     if missing := sorted(set(range(count)) - have):
@@ -197,10 +227,15 @@ def merge_manifests(shard_dir: str | Path) -> dict:
     if len({m["plan_digest"] for m in loaded}) != 1:
         raise DataError("cannot merge: partial manifests come from different plans (source or config differ)")
     first = loaded[0]
-    manifest = _build(first["classes"], [s for m in loaded for s in m["shard_records"]],
-                      [r for m in loaded for r in m["rejected"]], source=first["source"],
-                      config=first["config"], digest=first["plan_digest"],
-                      skipped=sum(m["counts"]["skipped_over_max_per_class"] for m in loaded), partition=None)
+    manifest = _build(
+        first["classes"],
+        [s for m in loaded for s in m["shard_records"]],
+        [r for m in loaded for r in m["rejected"]],
+        source=first["source"],
+        config=first["config"],
+        digest=first["plan_digest"],
+        skipped=sum(m["counts"]["skipped_over_max_per_class"] for m in loaded),
+        partition=None,
+    )
     write_manifest(shard_dir, manifest)
     return manifest
-

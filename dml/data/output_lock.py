@@ -24,8 +24,10 @@ def _lock(path: Path, mode: int, stack: contextlib.ExitStack, who: str) -> None:
     try:
         fcntl.flock(handle, mode | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise DataError(f"{path.parent.parent}: {who} is already writing into this folder; wait for it to end "
-                        "(or stop it), then run again with --resume") from None
+        raise DataError(
+            f"{path.parent.parent}: {who} is already writing into this folder; wait for it to end "
+            "(or stop it), then run again with --resume"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -41,6 +43,10 @@ def hold_output_dir(progress_dir: Path, partition: tuple[int, int] | None) -> It
         else:
             _lock(progress_dir / "run.lock", fcntl.LOCK_SH, stack, "a `dml prepare` run without --partition")
             index, count = partition
-            _lock(progress_dir / f"part-{index}-of-{count}.lock", fcntl.LOCK_EX, stack,
-                  f"another run of --partition {index}/{count}")
+            _lock(
+                progress_dir / f"part-{index}-of-{count}.lock",
+                fcntl.LOCK_EX,
+                stack,
+                f"another run of --partition {index}/{count}",
+            )
         yield

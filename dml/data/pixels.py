@@ -28,10 +28,12 @@ import numpy as np
 from PIL import Image, ImageOps
 
 # The rule in one line, for model cards (a deployment must decode the same way).
-DECODE_RULE = ("apply the EXIF orientation; grey sources stay grey (L), others become RGB; 16-bit values "
-               "keep their top 8 bits (v >> 8); float pixels in [0, 1] become round(v * 255); 1-bit "
-               "becomes 0/255; transparency is flattened onto white, (c * a + 255 * (255 - a)) / 255; "
-               "CMYK, YCbCr, LAB and palettes convert to RGB as Pillow converts them")
+DECODE_RULE = (
+    "apply the EXIF orientation; grey sources stay grey (L), others become RGB; 16-bit values "
+    "keep their top 8 bits (v >> 8); float pixels in [0, 1] become round(v * 255); 1-bit "
+    "becomes 0/255; transparency is flattened onto white, (c * a + 255 * (255 - a)) / 255; "
+    "CMYK, YCbCr, LAB and palettes convert to RGB as Pillow converts them"
+)
 ORIENTATION_TAG = 0x0112
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 WHITE = 255
@@ -94,14 +96,17 @@ def _top_byte(values: np.ndarray, mode: str) -> np.ndarray:
     """16-bit pixel values -> their top 8 bits; ``I`` must hold 16-bit values."""
     values = values.astype(np.int64)
     if mode == "I" and values.size and (values.min() < 0 or values.max() > 0xFFFF):
-        raise UnsupportedPixels(f"32-bit integer pixels span {values.min()}..{values.max()}, outside "
-                                "0..65535: no defined 8-bit scale")
+        raise UnsupportedPixels(
+            f"32-bit integer pixels span {values.min()}..{values.max()}, outside 0..65535: no defined 8-bit scale"
+        )
     return (values >> 8).astype(np.uint8)
 
 
 def _unit_float_to_byte(values: np.ndarray) -> np.ndarray:
     """Float pixels in [0, 1] -> round(v * 255) as uint8."""
     if values.size and not (np.isfinite(values).all() and values.min() >= 0.0 and values.max() <= 1.0):
-        raise UnsupportedPixels(f"float pixels span {np.nanmin(values):g}..{np.nanmax(values):g} (or are not "
-                                "finite), outside [0, 1]: no defined 8-bit scale")
+        raise UnsupportedPixels(
+            f"float pixels span {np.nanmin(values):g}..{np.nanmax(values):g} (or are not "
+            "finite), outside [0, 1]: no defined 8-bit scale"
+        )
     return np.floor(values.astype(np.float64) * 255.0 + 0.5).astype(np.uint8)

@@ -87,8 +87,9 @@ def _cap_per_class(records: list[Record], cap: int | None) -> tuple[list[Record]
     return kept, len(records) - len(kept)
 
 
-def _split_held_out(indices: list[int], query_fraction: float, rng: np.random.Generator,
-                    assignment: dict[int, str]) -> None:
+def _split_held_out(
+    indices: list[int], query_fraction: float, rng: np.random.Generator, assignment: dict[int, str]
+) -> None:
     """Assign one class's held-out samples to query and gallery (at least one query)."""
     order = [indices[i] for i in rng.permutation(len(indices))]
     n_query = len(order) if query_fraction >= 1.0 else max(1, round(query_fraction * len(order)))
@@ -103,7 +104,7 @@ def _train_classes(classes: list[str], split_cfg, rng: np.random.Generator) -> s
             raise DataError(f"split.train_classes names classes not in the source: {unknown[:5]}")
         return set(split_cfg.train_classes)
     order = [classes[i] for i in rng.permutation(len(classes))]
-    return set(order[:round(split_cfg.train_fraction * len(order))])
+    return set(order[: round(split_cfg.train_fraction * len(order))])
 
 
 def assign_splits(records: list[Record], config: PrepareConfig) -> dict[int, str]:
@@ -154,8 +155,8 @@ def _chunk(samples: list[PlannedSample], sizes: list[int], split: str, config: P
     current_bytes = 0
     for sample, size in zip(samples, sizes, strict=True):
         full = current is not None and (
-            len(current.samples) >= config.shards.max_samples
-            or current_bytes + size > config.shards.max_bytes)
+            len(current.samples) >= config.shards.max_samples or current_bytes + size > config.shards.max_bytes
+        )
         if current is None or full:
             current = ShardTask(f"{split}-{len(tasks):06d}.tar", split)
             tasks.append(current)
@@ -175,8 +176,11 @@ def reject_bad_source_splits(records: list[Record]) -> list[Record]:
     out = []
     for r in records:
         if r.rejection is None and r.split not in SOURCE_SPLITS:
-            reason = (f"split value '{r.split}' is not one of {', '.join(SOURCE_SPLITS)}" if r.split is not None
-                      else "no split value")
+            reason = (
+                f"split value '{r.split}' is not one of {', '.join(SOURCE_SPLITS)}"
+                if r.split is not None
+                else "no split value"
+            )
             r = r.rejected("bad_split", reason)
         out.append(r)
     return out
@@ -198,8 +202,9 @@ def reject_names_not_utf8(records: list[Record]) -> list[Record]:
     for r in records:
         if r.rejection is None and (_not_utf8(r.source_id) or _not_utf8(r.label)):
             where = "path" if _not_utf8(r.source_id) else "class name"
-            r = r.rejected("bad_name", f"the {where} is not valid UTF-8 (another system's file name encoding?); "
-                                       "rename it")
+            r = r.rejected(
+                "bad_name", f"the {where} is not valid UTF-8 (another system's file name encoding?); rename it"
+            )
         out.append(r)
     return out
 
@@ -207,8 +212,12 @@ def reject_names_not_utf8(records: list[Record]) -> list[Record]:
 def rejection_entry(record: Record) -> dict:
     """A manifest ``rejected`` entry for a record refused before reading (no shard key)."""
     assert record.rejection is not None
-    entry: dict[str, Any] = {"key": None, "source": record.source_id, "code": record.rejection.code,
-             "reason": record.rejection.reason}
+    entry: dict[str, Any] = {
+        "key": None,
+        "source": record.source_id,
+        "code": record.rejection.code,
+        "reason": record.rejection.reason,
+    }
     if record.row is not None:
         entry["row"] = record.row
     return entry
@@ -222,8 +231,10 @@ def _no_usable_inputs(listed: list[Record], rejected: list[dict], path: object) 
     if not listed:
         return DataError(f"source is empty: no inputs found in {path}")
     first = rejected[0]
-    return DataError(f"no usable inputs in {path}: {len(listed)} listed, all rejected ({_by_code(rejected)}); "
-                     f"first: {first['source'] or '(no path)'}: {first['reason']}")
+    return DataError(
+        f"no usable inputs in {path}: {len(listed)} listed, all rejected ({_by_code(rejected)}); "
+        f"first: {first['source'] or '(no path)'}: {first['reason']}"
+    )
 
 
 def make_plan(source: Source, config: PrepareConfig) -> ShardPlan:
@@ -241,8 +252,12 @@ def make_plan(source: Source, config: PrepareConfig) -> ShardPlan:
     if not records:
         raise _no_usable_inputs(listed, rejected, source.description.get("path"))
     if rejected:
-        log.info("listing: %d inputs, %d refused by the input rules (%s); each is named in the manifest",
-                 len(listed), len(rejected), _by_code(rejected))
+        log.info(
+            "listing: %d inputs, %d refused by the input rules (%s); each is named in the manifest",
+            len(listed),
+            len(rejected),
+            _by_code(rejected),
+        )
     classes = sorted_class_names({r.label for r in records})
     class_index = {name: i for i, name in enumerate(classes)}
     assignment = assign_splits(records, config)

@@ -157,8 +157,12 @@ class _ShardCheck:
     def end(self) -> None:
         missing = self.shard.count - self.seen
         if missing > 0:
-            self.bad(f"after {self.last_key}", f"shard ends after {self.seen} of the {self.shard.count} samples "
-                     f"the manifest lists ({missing} missing)", count=missing)
+            self.bad(
+                f"after {self.last_key}",
+                f"shard ends after {self.seen} of the {self.shard.count} samples "
+                f"the manifest lists ({missing} missing)",
+                count=missing,
+            )
 
 
 def _members(stream: BinaryIO, url: str) -> Iterator[tuple[str, str, bytes]]:

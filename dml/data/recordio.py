@@ -141,8 +141,12 @@ def read_prefixes(paths: RecordIOPaths, keys: np.ndarray, offsets: np.ndarray) -
     """
     size = paths.rec.stat().st_size
     _fail(paths, keys, offsets % 4 != 0, "its offset in the index is not a multiple of 4 (not a RecordIO offset)")
-    _fail(paths, keys, offsets + PART_HEADER.size + IMAGE_HEADER.size > size,
-          f"its offset in the index points past the end of the file ({size} bytes): index or file cut short")
+    _fail(
+        paths,
+        keys,
+        offsets + PART_HEADER.size + IMAGE_HEADER.size > size,
+        f"its offset in the index points past the end of the file ({size} bytes): index or file cut short",
+    )
     words = np.memmap(paths.rec, dtype="<u4", mode="r", shape=(size // 4,))
     at = offsets // 4
     magic = np.asarray(words[at])
@@ -150,12 +154,20 @@ def read_prefixes(paths: RecordIOPaths, keys: np.ndarray, offsets: np.ndarray) -
     lrec = np.asarray(words[at + 1])
     cflag, length = lrec >> LENGTH_BITS, (lrec & LENGTH_MASK).astype(np.int64)
     _fail(paths, keys, (cflag != 0) & (cflag != 1), "starts with a continuation part (the index points mid-record)")
-    _fail(paths, keys, offsets + PART_HEADER.size + length > size,
-          f"runs past the end of the file ({size} bytes): the file is truncated")
+    _fail(
+        paths,
+        keys,
+        offsets + PART_HEADER.size + length > size,
+        f"runs past the end of the file ({size} bytes): the file is truncated",
+    )
     flag = np.asarray(words[at + 2])
     whole = cflag == 0  # split records (cflag 1) are checked when read whole
-    _fail(paths, keys, whole & (length < IMAGE_HEADER.size + 4 * flag.astype(np.int64)),
-          "payload is shorter than its header and label array")
+    _fail(
+        paths,
+        keys,
+        whole & (length < IMAGE_HEADER.size + 4 * flag.astype(np.int64)),
+        "payload is shorter than its header and label array",
+    )
     # The first array label sits right after the 24-byte header (word 8); a whole record with
     # flag > 0 is long enough for it (checked above), others read their scalar label (word 3).
     array_label = np.minimum(at + 8, len(words) - 1)
@@ -214,8 +226,13 @@ class RecordIOSource:
     def _image_positions(self, p: RecordPrefixes) -> np.ndarray:
         """Positions (into the index arrays) of the image records, using record 0's header if any."""
         everything = np.arange(len(p.keys))
-        is_header = (len(p.keys) > 0 and p.keys[0] == 0 and p.cflag[0] == 0 and p.flag[0] > 0
-                     and p.length[0] == IMAGE_HEADER.size + 4 * int(p.flag[0]))
+        is_header = (
+            len(p.keys) > 0
+            and p.keys[0] == 0
+            and p.cflag[0] == 0
+            and p.flag[0] > 0
+            and p.length[0] == IMAGE_HEADER.size + 4 * int(p.flag[0])
+        )
         if not is_header:
             self.description["header"] = None
             return everything
@@ -225,15 +242,18 @@ class RecordIOSource:
         end = int(end)
         inside = (p.keys >= 1) & (p.keys < end)
         if int(inside.sum()) != end - 1:
-            raise DataError(f"{self.paths.idx}: the header record says images are records 1..{end - 1}, "
-                            f"but the index lists {int(inside.sum())} of them")
+            raise DataError(
+                f"{self.paths.idx}: the header record says images are records 1..{end - 1}, "
+                f"but the index lists {int(inside.sum())} of them"
+            )
         self.description["header"] = {"images": [1, end - 1], "records_after_images": int((p.keys >= end).sum())}
         return everything[inside]
 
     def _check_property(self, classes: set[str]) -> None:
         if self.property and self.property["num_classes"] != len(classes):
-            log.warning("%s says %d classes; the records hold %d", self.paths.prop,
-                        self.property["num_classes"], len(classes))
+            log.warning(
+                "%s says %d classes; the records hold %d", self.paths.prop, self.property["num_classes"], len(classes)
+            )
 
     def _position_of(self, key: int) -> int:
         pos = int(np.searchsorted(self._keys, key))
@@ -260,7 +280,7 @@ class RecordIOSource:
             cflag, length = lrec >> LENGTH_BITS, lrec & LENGTH_MASK
             if magic != MAGIC or length != expected:
                 raise ValueError(f"record changed since it was listed (bad magic or length at byte {offset})")
-            parts.append(data[PART_HEADER.size:])
+            parts.append(data[PART_HEADER.size :])
             if cflag in (0, 3):
                 return MAGIC_BYTES.join(parts)
             offset += PART_HEADER.size + padded(length)
@@ -295,7 +315,7 @@ def split_payload(payload: bytes) -> tuple[tuple[float, ...], bytes]:
         raise ValueError(f"payload of {len(payload)} bytes is shorter than the {IMAGE_HEADER.size}-byte header")
     flag, label, _, _ = IMAGE_HEADER.unpack_from(payload)
     if flag == 0:
-        return (label,), payload[IMAGE_HEADER.size:]
+        return (label,), payload[IMAGE_HEADER.size :]
     end = IMAGE_HEADER.size + 4 * flag
     if len(payload) < end:
         raise ValueError(f"payload of {len(payload)} bytes is shorter than its {flag} labels")

@@ -89,8 +89,13 @@ class PKGroups:
         return pk_groups(samples, self.p, self.k, rng=self.sampler.rng("pk"))
 
 
-def pk_groups(samples: Iterable[dict[str, Any]], classes_per_batch: int, samples_per_class: int,
-              rng: random.Random | None = None, max_buffer: int = 50_000) -> Iterator[list[dict[str, Any]]]:
+def pk_groups(
+    samples: Iterable[dict[str, Any]],
+    classes_per_batch: int,
+    samples_per_class: int,
+    rng: random.Random | None = None,
+    max_buffer: int = 50_000,
+) -> Iterator[list[dict[str, Any]]]:
     """Group a stream of samples (each with an int ``cls``) into P x K lists.
 
     Samples wait in per-class queues; once P classes hold K samples each, P of those ready

@@ -94,14 +94,26 @@ def write_one_shard(task: ShardTask, source: Source, image_config: ImageConfig, 
                 except (RejectedImage, OSError, ValueError) as exc:
                     rejected.append({"key": sample.key, "source": sample.record.source_id, "reason": str(exc)})
                     continue
-                meta = {"source": sample.record.source_id, "label": sample.record.label, "split": task.split,
-                        "width": encoded.width, "height": encoded.height}
+                meta = {
+                    "source": sample.record.source_id,
+                    "label": sample.record.label,
+                    "split": task.split,
+                    "width": encoded.width,
+                    "height": encoded.height,
+                }
                 writer.add(f"{sample.key}.{encoded.extension}", encoded.data)
                 writer.add(f"{sample.key}.cls", str(sample.class_index).encode())
                 writer.add(f"{sample.key}.json", json.dumps(meta, sort_keys=True).encode())
                 counts[sample.class_index] += 1
-        result = ShardResult(task.name, task.split, sum(counts.values()), tmp.stat().st_size, sha256_file(tmp),
-                             {str(k): v for k, v in sorted(counts.items())}, rejected)
+        result = ShardResult(
+            task.name,
+            task.split,
+            sum(counts.values()),
+            tmp.stat().st_size,
+            sha256_file(tmp),
+            {str(k): v for k, v in sorted(counts.items())},
+            rejected,
+        )
     write_json_atomic(out_dir / PROGRESS_DIR / f"{task.name}.json", asdict(result))
     return result
 
@@ -133,8 +145,9 @@ def _make_output_dir(out_dir: Path, source: Source) -> None:
         raise DataError(f"prepare.output_dir {out_dir} is a file, not a folder")
     if isinstance(source, FolderSource) and out_dir.resolve().is_relative_to(source.root.resolve()):
         # its shards would be listed as inputs of the next run (and --resume refused the changed plan)
-        raise DataError(f"prepare.output_dir {out_dir} is inside the image folder {source.root}; "
-                        "choose a folder outside the source")
+        raise DataError(
+            f"prepare.output_dir {out_dir} is inside the image folder {source.root}; choose a folder outside the source"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -186,8 +199,9 @@ def _run_in_pool(tasks: list[ShardTask], source: Source, config: PrepareConfig, 
     # run only PIL/tar code, so the caller's threads do not matter; the progress bar (which
     # starts a monitor thread) is created after the workers are forked.
     context = multiprocessing.get_context("fork")
-    pool = ProcessPoolExecutor(config.workers, mp_context=context, initializer=_init_worker,
-                               initargs=(source, os.getpid()))
+    pool = ProcessPoolExecutor(
+        config.workers, mp_context=context, initializer=_init_worker, initargs=(source, os.getpid())
+    )
     results: list[ShardResult] = []
     try:
         futures = {pool.submit(_write_in_worker, t, config.image, out_dir): t for t in tasks}
@@ -196,16 +210,19 @@ def _run_in_pool(tasks: list[ShardTask], source: Source, config: PrepareConfig, 
                 results.append(future.result())
                 progress.update(len(futures[future].samples))
     except BrokenProcessPool:
-        raise DataError(f"a prepare worker process was lost (killed, e.g. by the out-of-memory killer) with "
-                        f"{len(results)} of {len(tasks)} shards written to {out_dir}; run the same command "
-                        "with --resume to continue") from None
+        raise DataError(
+            f"a prepare worker process was lost (killed, e.g. by the out-of-memory killer) with "
+            f"{len(results)} of {len(tasks)} shards written to {out_dir}; run the same command "
+            "with --resume to continue"
+        ) from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return results
 
 
-def write_shards(config: PrepareConfig, resume: bool = False,
-                 partition: tuple[int, int] | None = None, source: Source | None = None) -> dict:
+def write_shards(
+    config: PrepareConfig, resume: bool = False, partition: tuple[int, int] | None = None, source: Source | None = None
+) -> dict:
     """Prepare shards as configured and return the manifest (also written to disk).
 
     ``partition=(i, n)`` writes only partition ``i`` of ``n`` and a partial manifest; run
@@ -222,19 +239,35 @@ def write_shards(config: PrepareConfig, resume: bool = False,
         return _write_planned(plan, source, config, out_dir, resume, partition)
 
 
-def _write_planned(plan: ShardPlan, source: Source, config: PrepareConfig, out_dir: Path, resume: bool,
-                   partition: tuple[int, int] | None) -> dict:
+def _write_planned(
+    plan: ShardPlan,
+    source: Source,
+    config: PrepareConfig,
+    out_dir: Path,
+    resume: bool,
+    partition: tuple[int, int] | None,
+) -> dict:
     _check_output_dir(out_dir, plan.digest, resume, partition)
     tasks = plan.for_partition(*partition) if partition else plan.tasks
     done = {t.name: r for t in tasks if resume and (r := _finished(t, out_dir)) is not None}
     if done:
-        log.info("resume: %d of %d shards already complete (sha256 checked), writing %d",
-                 len(done), len(tasks), len(tasks) - len(done))
+        log.info(
+            "resume: %d of %d shards already complete (sha256 checked), writing %d",
+            len(done),
+            len(tasks),
+            len(tasks) - len(done),
+        )
     todo = [t for t in tasks if t.name not in done]
     results = list(done.values()) + _run_tasks(todo, source, config, out_dir)
     manifest = assemble_manifest(plan, results, source.description, config, partition)
     path = write_manifest(out_dir, manifest, partition)
     counts = manifest["counts"]
-    log.info("prepare: %d inputs -> %d written, %d rejected, %d shards; manifest at %s",
-             counts["inputs"], counts["written"], counts["rejected"], len(results), path)
+    log.info(
+        "prepare: %d inputs -> %d written, %d rejected, %d shards; manifest at %s",
+        counts["inputs"],
+        counts["written"],
+        counts["rejected"],
+        len(results),
+        path,
+    )
     return manifest

@@ -108,8 +108,7 @@ class TableSource:
         self.table = Path(table)
         _require(self.table, "manifest table", folder=False)
         self.base = self.table.parent
-        self.description = {"kind": "parquet" if self.table.suffix == ".parquet" else "csv",
-                            "path": str(self.table)}
+        self.description = {"kind": "parquet" if self.table.suffix == ".parquet" else "csv", "path": str(self.table)}
 
     def records(self) -> list[Record]:
         """Every row of the table, bad ones rejected (see `dml.data.table_listing`)."""
@@ -155,7 +154,7 @@ def _idx_header(data: bytes, path: Path) -> tuple[str, tuple[int, ...]]:
         raise DataError(f"{path}: unknown IDX element type 0x{dtype_code:02x}")
     if len(data) < 4 + 4 * ndim:
         raise DataError(f"{path} is truncated inside its header")
-    return IDX_DTYPES[dtype_code], struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    return IDX_DTYPES[dtype_code], struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
 
 
 def idx_header(path: Path) -> tuple[str, tuple[int, ...]]:
@@ -235,8 +234,10 @@ class IdxSource:
             labels = _integer_labels(read_idx(labels_path), labels_path)
             dtype, shape = idx_header(images_path)
             if len(shape) != 3 or labels.ndim != 1 or shape[0] != len(labels):
-                raise DataError(f"{images_path} holds images of shape {shape} but {labels_path.name} holds labels "
-                                f"of shape {labels.shape}; expected (N, H, W) images and N labels")
+                raise DataError(
+                    f"{images_path} holds images of shape {shape} but {labels_path.name} holds labels "
+                    f"of shape {labels.shape}; expected (N, H, W) images and N labels"
+                )
             if dtype != ">u1":  # other types need their value range: fail here, before any shard
                 self._loaded(prefix)
             split = "train" if prefix == "train" else "test"
@@ -339,8 +340,10 @@ def _omniglot_shape(path: Path) -> tuple[tuple[int, int], np.dtype]:
         raise DataError(f"{path} needs arrays 'images' and 'labels' (has: {', '.join(sorted(shapes)) or 'none'})")
     (images, dtype), (labels, _) = shapes["images"], shapes["labels"]
     if len(labels) != 2 or len(images) != 4 or images[:2] != labels:
-        raise DataError(f"{path}: 'images' {images} and 'labels' {labels} do not match; expected "
-                        "(classes, per_class, H, W) images and (classes, per_class) labels")
+        raise DataError(
+            f"{path}: 'images' {images} and 'labels' {labels} do not match; expected "
+            "(classes, per_class, H, W) images and (classes, per_class) labels"
+        )
     return labels, dtype
 
 

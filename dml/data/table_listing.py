@@ -38,8 +38,13 @@ from dml.errors import DataError
 REQUIRED = ("path", "label")
 DELIMITERS = (",", "\t", ";")
 # Longest BOMs first: the UTF-32-LE mark starts with the UTF-16-LE one.
-BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
-        (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
 
 # One raw row: (row number, path, label, split, problem, face cells). problem is set for a
 # malformed row; face cells hold the row's face box / landmark columns (empty without them).
@@ -54,21 +59,31 @@ def decode_table_text(path: Path) -> str:
     data = path.read_bytes()
     encoding = next((name for bom, name in BOMS if data.startswith(bom)), "utf-8")
     if encoding == "utf-8" and b"\x00" in data[:4096]:
-        raise DataError(f"{path}: NUL bytes without a byte-order mark (UTF-16 without BOM?); "
-                        "save it as UTF-8, or as UTF-16 with a BOM")
+        raise DataError(
+            f"{path}: NUL bytes without a byte-order mark (UTF-16 without BOM?); "
+            "save it as UTF-8, or as UTF-16 with a BOM"
+        )
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1 if encoding.startswith("utf-8") else "?"
-        raise DataError(f"{path}: not valid {encoding} text (byte 0x{data[exc.start]:02x} at line {line}); "
-                        "save it as UTF-8 (spreadsheets: 'CSV UTF-8') or UTF-16 with a BOM") from None
+        line = data[: exc.start].count(b"\n") + 1 if encoding.startswith("utf-8") else "?"
+        raise DataError(
+            f"{path}: not valid {encoding} text (byte 0x{data[exc.start]:02x} at line {line}); "
+            "save it as UTF-8 (spreadsheets: 'CSV UTF-8') or UTF-16 with a BOM"
+        ) from None
 
 
 def _csv_rows(path: Path) -> tuple[list[str], list[RawRow]]:
     text = decode_table_text(path)
     header_line = text.splitlines()[0] if text else ""
-    delimiter = next((d for d in DELIMITERS
-                      if set(REQUIRED) <= {c.strip() for c in next(csv.reader([header_line], delimiter=d), [])}), ",")
+    delimiter = next(
+        (
+            d
+            for d in DELIMITERS
+            if set(REQUIRED) <= {c.strip() for c in next(csv.reader([header_line], delimiter=d), [])}
+        ),
+        ",",
+    )
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     header = [c.strip() for c in next(reader, [])]
     if not set(REQUIRED) <= set(header):
@@ -79,9 +94,14 @@ def _csv_rows(path: Path) -> tuple[list[str], list[RawRow]]:
     line = reader.line_num + 1
     for fields in reader:
         if fields:  # a blank line is not a row
-            problem = None if len(fields) == len(header) else (
-                f"{'short' if len(fields) < len(header) else 'long'} row: {len(fields)} fields, "
-                f"the header has {len(header)}")
+            problem = (
+                None
+                if len(fields) == len(header)
+                else (
+                    f"{'short' if len(fields) < len(header) else 'long'} row: {len(fields)} fields, "
+                    f"the header has {len(header)}"
+                )
+            )
             cell = {name: (fields[i] if i < len(fields) else None) for name, i in where.items()}
             face = {name: cell[name] for name in FACE_COLUMNS if name in cell}
             rows.append((line, cell["path"], cell["label"], cell.get("split"), problem, face))
@@ -106,15 +126,19 @@ def _parquet_rows(path: Path) -> tuple[list[str], list[RawRow]]:
         raise DataError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
     splits = data.get("split", [None] * len(data["path"]))
     faces = [{c: data[c][i] for c in FACE_COLUMNS if c in data} for i in range(len(data["path"]))]
-    return header, [(i, p, lab, s, None, f)
-                    for i, (p, lab, s, f) in enumerate(zip(data["path"], data["label"], splits, faces, strict=True))]
+    return header, [
+        (i, p, lab, s, None, f)
+        for i, (p, lab, s, f) in enumerate(zip(data["path"], data["label"], splits, faces, strict=True))
+    ]
 
 
 def _check_unique(header: list[str], path: Path) -> None:
     """Raise DataError when a column this reader uses is named twice (which one is meant?)."""
     if twice := sorted({name for name in ("path", "label", "split", *FACE_COLUMNS) if header.count(name) > 1}):
-        raise DataError(f"{path}: column '{twice[0]}' appears {header.count(twice[0])} times in the header; "
-                        "which one holds the data is unclear")
+        raise DataError(
+            f"{path}: column '{twice[0]}' appears {header.count(twice[0])} times in the header; "
+            "which one holds the data is unclear"
+        )
 
 
 def _check_column_types(schema, path: Path) -> None:
@@ -130,15 +154,18 @@ def _check_column_types(schema, path: Path) -> None:
         return kind(field_type.value_type) if pa.types.is_dictionary(field_type) else field_type
 
     text = (pa.types.is_string, pa.types.is_large_string)
-    allowed = {"path": (*text, pa.types.is_binary, pa.types.is_large_binary),
-               "label": (*text, pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean,
-                         pa.types.is_decimal)}
+    allowed = {
+        "path": (*text, pa.types.is_binary, pa.types.is_large_binary),
+        "label": (*text, pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean, pa.types.is_decimal),
+    }
     for name, checks in allowed.items():
         if name in schema.names:
             field_type = kind(schema.field(name).type)
             if not any(check(field_type) for check in checks):
-                raise DataError(f"{path}: column '{name}' has type {schema.field(name).type}; expected "
-                                f"{'text or numbers' if name == 'label' else 'text'}")
+                raise DataError(
+                    f"{path}: column '{name}' has type {schema.field(name).type}; expected "
+                    f"{'text or numbers' if name == 'label' else 'text'}"
+                )
 
 
 def _text(value: object) -> str | None:
@@ -147,7 +174,8 @@ def _text(value: object) -> str | None:
     if _is_null(value):
         return None
     if (isinstance(value, float) and value.is_integer()) or (
-            isinstance(value, Decimal) and value.is_finite() and value == value.to_integral_value()):
+        isinstance(value, Decimal) and value.is_finite() and value == value.to_integral_value()
+    ):
         value = int(value)  # 3.0 and Decimal('3.00') are class 3
     text = os.fsdecode(value) if isinstance(value, bytes) else str(value)
     return text.strip() or None

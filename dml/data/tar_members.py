@@ -36,7 +36,7 @@ def ustar_header(name: str, size: int) -> bytes:
     if len(encoded) > 100:
         raise ValueError(f"tar member name longer than 100 bytes: {name}")
     header = bytearray(BLOCK)
-    header[0:len(encoded)] = encoded
+    header[0 : len(encoded)] = encoded
     header[100:108] = _octal(0o444, 8)
     header[108:116] = _octal(0, 8)
     header[116:124] = _octal(0, 8)
@@ -105,8 +105,9 @@ def _parse_header(header: bytes, source: str) -> tuple[str, int]:
         raise TarMemberError(f"{source}: unreadable tar header") from None
     name = f"{prefix}/{name}" if prefix else name
     if kind not in (b"0", b"\0"):
-        raise TarMemberError(f"{source}: tar member type {kind!r} is not a regular file; "
-                             "shards must be written by `dml prepare`", name)
+        raise TarMemberError(
+            f"{source}: tar member type {kind!r} is not a regular file; shards must be written by `dml prepare`", name
+        )
     return name, size
 
 

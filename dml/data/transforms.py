@@ -106,6 +106,12 @@ def build_eval_transform(config: DataConfig) -> Callable[[Image.Image], torch.Te
     """Deterministic (centre crop +) resize + normalisation, the same at evaluation and export
     parity checks; ``data.center_crop`` is recorded in the model's preprocessing and card."""
     crop = [CenterCropFraction(config.center_crop)] if config.center_crop is not None else []
-    return T.Compose([ConvertMode(config.channels), *crop,
-                      T.Resize((config.image_size, config.image_size), interpolation=_RESIZE_MODE, antialias=True),
-                      T.ToTensor(), _normalize(config)])
+    return T.Compose(
+        [
+            ConvertMode(config.channels),
+            *crop,
+            T.Resize((config.image_size, config.image_size), interpolation=_RESIZE_MODE, antialias=True),
+            T.ToTensor(),
+            _normalize(config),
+        ]
+    )

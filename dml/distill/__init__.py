@@ -26,5 +26,12 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'dml.distill' has no attribute {name!r}")
 
 
-__all__ = ["DistillObjective", "absolute_teacher_loss", "pairwise_distances", "relative_teacher_loss",
-           "rkd_angle_loss", "rkd_distance_loss", "run_distill"]
+__all__ = [
+    "DistillObjective",
+    "absolute_teacher_loss",
+    "pairwise_distances",
+    "relative_teacher_loss",
+    "rkd_angle_loss",
+    "rkd_distance_loss",
+    "run_distill",
+]

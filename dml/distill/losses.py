@@ -24,17 +24,21 @@ from torch.utils.checkpoint import checkpoint
 
 def _check_pair(student: torch.Tensor, teacher: torch.Tensor, same_dim: bool = True) -> None:
     if student.dim() != 2 or teacher.dim() != 2:
-        raise ValueError(f"student and teacher must be 2-D (B, D), got {tuple(student.shape)} and "
-                         f"{tuple(teacher.shape)}")
+        raise ValueError(
+            f"student and teacher must be 2-D (B, D), got {tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
     if student.shape[0] != teacher.shape[0]:
         raise ValueError(f"student and teacher batches differ: {student.shape[0]} vs {teacher.shape[0]} rows")
     if same_dim and student.shape[1] != teacher.shape[1]:
-        raise ValueError(f"student width {student.shape[1]} != teacher width {teacher.shape[1]}: "
-                         "project the student to the teacher's embedding dim first")
+        raise ValueError(
+            f"student width {student.shape[1]} != teacher width {teacher.shape[1]}: "
+            "project the student to the teacher's embedding dim first"
+        )
 
 
-def absolute_teacher_loss(student: torch.Tensor, teacher: torch.Tensor,
-                          kind: Literal["l2", "cosine"] = "cosine") -> torch.Tensor:
+def absolute_teacher_loss(
+    student: torch.Tensor, teacher: torch.Tensor, kind: Literal["l2", "cosine"] = "cosine"
+) -> torch.Tensor:
     """Pull each student embedding onto its teacher embedding (Yu et al.'s absolute teacher).
 
     ``l2``: mean over rows of the squared Euclidean distance ``||s_i - t_i||^2``.
@@ -115,8 +119,11 @@ def _angle_chunk_loss(student: torch.Tensor, teacher: torch.Tensor, anchors: tor
     with torch.no_grad():
         target = _angle_cosines(teacher, anchors)
         index = torch.arange(b, device=student.device)
-        distinct = ((index.view(1, b, 1) != anchors.view(-1, 1, 1)) & (index.view(1, 1, b) != anchors.view(-1, 1, 1))
-                    & (index.view(1, b, 1) != index.view(1, 1, b)))
+        distinct = (
+            (index.view(1, b, 1) != anchors.view(-1, 1, 1))
+            & (index.view(1, 1, b) != anchors.view(-1, 1, 1))
+            & (index.view(1, b, 1) != index.view(1, 1, b))
+        )
     huber = F.smooth_l1_loss(_angle_cosines(student, anchors), target, beta=1.0, reduction="none")
     return (huber * distinct).sum()
 
@@ -148,7 +155,9 @@ def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor, anchor_chunk: i
     else:
         if anchor_chunk < 1:
             raise ValueError(f"anchor_chunk must be >= 1, got {anchor_chunk}")
-        chunks = (checkpoint(_angle_chunk_loss, student, teacher, part, use_reentrant=False)
-                  for part in anchors.split(anchor_chunk))
+        chunks = (
+            checkpoint(_angle_chunk_loss, student, teacher, part, use_reentrant=False)
+            for part in anchors.split(anchor_chunk)
+        )
         total = cast(torch.Tensor, sum(chunks))  # >= 1 chunk, so a tensor, never the start value 0
     return total / (b * (b - 1) * (b - 2))

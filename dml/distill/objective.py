@@ -66,8 +66,10 @@ def load_teacher_head(head: PartialFC, teacher_run: str, seed: int) -> None:
     if saved is None:
         raise DMLError(f"distill.init_head_from_teacher: {checkpoint} has no partial-FC head (pair-loss teacher?)")
     if (saved["num_classes"], saved["embedding_dim"]) != (head.num_classes, head.embedding_dim):
-        raise DMLError(f"distill.init_head_from_teacher: the teacher head is {saved['num_classes']} classes x "
-                       f"{saved['embedding_dim']} dims, the student needs {head.num_classes} x {head.embedding_dim}")
+        raise DMLError(
+            f"distill.init_head_from_teacher: the teacher head is {saved['num_classes']} classes x "
+            f"{saved['embedding_dim']} dims, the student needs {head.num_classes} x {head.embedding_dim}"
+        )
     fresh = {"optimizer": None, "sampler": {"seed": seed, "step": 0}}
     if sharded_head(state) is not None:
         head.load_sharded_state_dict({**saved, **fresh}, RowShardReader(checkpoint / HEAD_DIR, saved["index"]).read)
@@ -125,12 +127,23 @@ class DistillObjective(ExtraOptimizers, nn.Module):
         if self.cfg.freeze_head:
             self.head.weight.requires_grad_(False)
             return
-        self.optimizers.append(self.head.configure_optimizer(
-            config.loss.head_optimizer, lr=config.loss.head_lr or config.optimizer.lr,
-            momentum=config.optimizer.momentum, weight_decay=config.optimizer.weight_decay))
+        self.optimizers.append(
+            self.head.configure_optimizer(
+                config.loss.head_optimizer,
+                lr=config.loss.head_lr or config.optimizer.lr,
+                momentum=config.optimizer.momentum,
+                weight_decay=config.optimizer.weight_decay,
+            )
+        )
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, images: torch.Tensor | None = None,
-                keys: list[str] | None = None, **batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        images: torch.Tensor | None = None,
+        keys: list[str] | None = None,
+        **batch: Any,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """Weighted sum of the enabled losses of one micro-batch; ``parts`` holds each term
         (unweighted) and ``main`` (the weighted total).
 
@@ -144,16 +157,20 @@ class DistillObjective(ExtraOptimizers, nn.Module):
             terms.append(("absolute", cfg.absolute_weight, absolute_teacher_loss(student, teacher, cfg.absolute_kind)))
         if cfg.relative_weight > 0 or cfg.rkd_distance_weight > 0 or cfg.rkd_angle_weight > 0:
             global_student, global_teacher = all_gather_with_grad(student), all_gather_rows(teacher)
-            for name, weight, fn in (("relative", cfg.relative_weight, relative_teacher_loss),
-                                     ("rkd_distance", cfg.rkd_distance_weight, rkd_distance_loss),
-                                     ("rkd_angle", cfg.rkd_angle_weight, self._angle)):
+            for name, weight, fn in (
+                ("relative", cfg.relative_weight, relative_teacher_loss),
+                ("rkd_distance", cfg.rkd_distance_weight, rkd_distance_loss),
+                ("rkd_angle", cfg.rkd_angle_weight, self._angle),
+            ):
                 if weight > 0:
                     terms.append((name, weight, fn(global_student, global_teacher)))
         if cfg.label_weight > 0:
             terms.append(("label", cfg.label_weight, self._label_loss(student, labels)))
         if not terms:
-            raise DMLError("distill: every loss weight is 0; set absolute_weight, relative_weight, "
-                           "rkd_distance_weight, rkd_angle_weight or label_weight")
+            raise DMLError(
+                "distill: every loss weight is 0; set absolute_weight, relative_weight, "
+                "rkd_distance_weight, rkd_angle_weight or label_weight"
+            )
         loss = cast(torch.Tensor, sum(weight * value for _, weight, value in terms))  # terms is not empty
         parts = {name: float(value.detach()) for name, _, value in terms}
         parts["main"] = float(loss.detach())

@@ -42,12 +42,16 @@ def student_config(config: DMLConfig, teacher: TeacherRecord) -> DMLConfig:
     """
     student = config.distill.student
     if student.embedding_dim is not None and student.embedding_dim != teacher.embedding_dim:
-        raise ConfigError(f"distill.student.embedding_dim is {student.embedding_dim} but the teacher embeds in "
-                          f"{teacher.embedding_dim} dims: the student is trained in the teacher's space; "
-                          "remove the key or set it to the teacher's")
+        raise ConfigError(
+            f"distill.student.embedding_dim is {student.embedding_dim} but the teacher embeds in "
+            f"{teacher.embedding_dim} dims: the student is trained in the teacher's space; "
+            "remove the key or set it to the teacher's"
+        )
     if teacher.data.channels != config.data.channels:
-        raise ConfigError(f"data.channels is {config.data.channels} but the teacher was trained on "
-                          f"{teacher.data.channels}-channel images")
+        raise ConfigError(
+            f"data.channels is {config.data.channels} but the teacher was trained on "
+            f"{teacher.data.channels}-channel images"
+        )
     data = config.model_dump(mode="json")
     data["distill"]["student"]["embedding_dim"] = teacher.embedding_dim
     return DMLConfig.model_validate(data)
@@ -71,8 +75,13 @@ def distill_spec(config: DMLConfig, teacher: TeacherRecord) -> TrainingSpec:
             source = OnTheFlyTeacher(teacher, cfg.data, device)
         return DistillObjective(cfg, num_classes, device, source)
 
-    return TrainingSpec(run_dir=config.distill.run_dir, build_model=build_student, build_objective=build_objective,
-                        with_keys=cached, model_section=STUDENT_SECTION)
+    return TrainingSpec(
+        run_dir=config.distill.run_dir,
+        build_model=build_student,
+        build_objective=build_objective,
+        with_keys=cached,
+        model_section=STUDENT_SECTION,
+    )
 
 
 def record_teacher(model_path: Path, provenance: dict[str, Any]) -> None:
@@ -92,14 +101,18 @@ def run_distill(config: DMLConfig, resume: bool = False) -> TrainResult:
     teacher = describe_teacher(config.distill.teacher)
     config = student_config(config, teacher)
     if config.distill.init_head_from_teacher and teacher.data_digest != manifest_digest(config.data.shard_dir):
-        log.warning("distill: the teacher was trained on other shards (manifest %s..., these %s...): its class "
-                    "centres initialise the head only if both list the classes in the same order",
-                    teacher.data_digest[:12], manifest_digest(config.data.shard_dir)[:12])
+        log.warning(
+            "distill: the teacher was trained on other shards (manifest %s..., these %s...): its class "
+            "centres initialise the head only if both list the classes in the same order",
+            teacher.data_digest[:12],
+            manifest_digest(config.data.shard_dir)[:12],
+        )
     if config.distill.rkd_angle_weight > 0:
         log.info("distill: the RKD angle loss costs O(B^3) memory in the global batch B; it is chunked over anchors")
     result = run_training(config, resume, distill_spec(config, teacher))
     if launched_rank() == 0:  # run_training has left the process group
         record_teacher(Path(result.model_path), teacher.provenance())
-        log.info("distill: student %s (teacher %s, sha256 %s)", result.model_path, teacher.model_path,
-                 teacher.sha256[:16])
+        log.info(
+            "distill: student %s (teacher %s, sha256 %s)", result.model_path, teacher.model_path, teacher.sha256[:16]
+        )
     return result

@@ -42,8 +42,13 @@ class TeacherRecord:
 
     def provenance(self) -> dict[str, Any]:
         """What the student's ``model.pt`` records about its teacher."""
-        return {"path": str(self.model_path), "sha256": self.sha256, "backbone": self.model.backbone,
-                "embedding_dim": self.embedding_dim, "data_digest": self.data_digest}
+        return {
+            "path": str(self.model_path),
+            "sha256": self.sha256,
+            "backbone": self.model.backbone,
+            "embedding_dim": self.embedding_dim,
+            "data_digest": self.data_digest,
+        }
 
 
 def describe_teacher(teacher: str | Path) -> TeacherRecord:
@@ -56,9 +61,14 @@ def describe_teacher(teacher: str | Path) -> TeacherRecord:
         payload = read_model_file(model_path, mmap=True)
     except DMLError as exc:
         raise DMLError(f"distill.teacher: {exc}") from None
-    return TeacherRecord(run_dir=model_path.parent, model_path=model_path.resolve(), sha256=sha256_file(model_path),
-                         model=ModelConfig.model_validate(payload["model"]),
-                         data=DataConfig.model_validate(payload["data"]), data_digest=str(payload.get("data_digest")))
+    return TeacherRecord(
+        run_dir=model_path.parent,
+        model_path=model_path.resolve(),
+        sha256=sha256_file(model_path),
+        model=ModelConfig.model_validate(payload["model"]),
+        data=DataConfig.model_validate(payload["data"]),
+        data_digest=str(payload.get("data_digest")),
+    )
 
 
 def _per_channel(values: tuple[float, ...], channels: int) -> torch.Tensor:
@@ -75,8 +85,9 @@ class TeacherInput:
 
     def __init__(self, student: DataConfig, teacher: DataConfig):
         if student.channels != teacher.channels:
-            raise ValueError(f"the teacher was trained on {teacher.channels}-channel images, "
-                             f"data.channels is {student.channels}")
+            raise ValueError(
+                f"the teacher was trained on {teacher.channels}-channel images, data.channels is {student.channels}"
+            )
         c = student.channels
         std_s, std_t = _per_channel(student.std, c), _per_channel(teacher.std, c)
         mean_s, mean_t = _per_channel(student.mean, c), _per_channel(teacher.mean, c)

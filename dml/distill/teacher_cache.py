@@ -61,9 +61,15 @@ def cache_meta(record: TeacherRecord, data: DataConfig) -> dict[str, Any]:
     manifest = load_manifest(data.shard_dir)
     if data.train_split not in manifest["splits"]:
         raise DataError(f"split '{data.train_split}' not in manifest (has: {', '.join(manifest['splits'])})")
-    return {"format": CACHE_FORMAT, "teacher_sha256": record.sha256, "manifest_sha256": manifest_digest(data.shard_dir),
-            "split": data.train_split, "view": "flipavg" if data.augment.horizontal_flip else "plain",
-            "count": int(manifest["splits"][data.train_split]["count"]), "embedding_dim": record.embedding_dim}
+    return {
+        "format": CACHE_FORMAT,
+        "teacher_sha256": record.sha256,
+        "manifest_sha256": manifest_digest(data.shard_dir),
+        "split": data.train_split,
+        "view": "flipavg" if data.augment.horizontal_flip else "plain",
+        "count": int(manifest["splits"][data.train_split]["count"]),
+        "embedding_dim": record.embedding_dim,
+    }
 
 
 def cache_dir(shard_dir: str | Path, meta: dict[str, Any]) -> Path:
@@ -95,8 +101,9 @@ def cache_problem(directory: Path, expected: dict[str, Any]) -> str | None:
     return None
 
 
-def build_cache(record: TeacherRecord, data: DataConfig, directory: Path, meta: dict[str, Any],
-                device: torch.device) -> None:
+def build_cache(
+    record: TeacherRecord, data: DataConfig, directory: Path, meta: dict[str, Any], device: torch.device
+) -> None:
     """Embed the training split with the teacher and write the cache (collective).
 
     Every rank embeds its share of the shards (`extract_embeddings`), the parts are gathered,
@@ -105,26 +112,39 @@ def build_cache(record: TeacherRecord, data: DataConfig, directory: Path, meta: 
     Raises DataError when the embedded keys repeat or do not account for every sample.
     """
     teacher, _ = load_final_model(record.model_path, device)
-    view = record.data.model_copy(update={"shard_dir": data.shard_dir, "train_split": data.train_split,
-                                          "num_workers": data.num_workers, "batch_size": data.batch_size,
-                                          "bad_samples": data.bad_samples})
+    view = record.data.model_copy(
+        update={
+            "shard_dir": data.shard_dir,
+            "train_split": data.train_split,
+            "num_workers": data.num_workers,
+            "batch_size": data.batch_size,
+            "bad_samples": data.bad_samples,
+        }
+    )
     embedded = extract_embeddings(teacher, view, data.train_split, device, flip=meta["view"] == "flipavg")
     skipped = meta["count"] - len(embedded.keys)  # > 0 only when data.bad_samples=skip dropped some
     if len(set(embedded.keys)) != len(embedded.keys) or skipped < 0 or (skipped and data.bad_samples != "skip"):
-        raise DataError(f"teacher cache: embedded {len(embedded.keys)} samples "
-                        f"({len(set(embedded.keys))} distinct keys) of split '{data.train_split}', "
-                        f"the manifest lists {meta['count']}")
+        raise DataError(
+            f"teacher cache: embedded {len(embedded.keys)} samples "
+            f"({len(set(embedded.keys))} distinct keys) of split '{data.train_split}', "
+            f"the manifest lists {meta['count']}"
+        )
     if skipped:
-        log.warning("teacher cache: %d of the %d samples of split '%s' were skipped as bad; "
-                    "training skips the same ones", skipped, meta["count"], data.train_split)
+        log.warning(
+            "teacher cache: %d of the %d samples of split '%s' were skipped as bad; training skips the same ones",
+            skipped,
+            meta["count"],
+            data.train_split,
+        )
     if get_rank() == 0:
         tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         np.save(tmp / "vectors.npy", embedded.vectors.astype(np.float32))
         (tmp / "keys.json").write_text(json.dumps(embedded.keys))
-        (tmp / "meta.json").write_text(json.dumps({**meta, "teacher_path": str(record.model_path),
-                                                       "skipped": skipped}, indent=1))
+        (tmp / "meta.json").write_text(
+            json.dumps({**meta, "teacher_path": str(record.model_path), "skipped": skipped}, indent=1)
+        )
         shutil.rmtree(directory, ignore_errors=True)
         os.replace(tmp, directory)
         log.info("teacher cache: wrote %d x %d embeddings -> %s", *embedded.vectors.shape, directory)

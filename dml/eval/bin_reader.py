@@ -30,8 +30,9 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         """Refuse every global: raises pickle.UnpicklingError."""
-        raise pickle.UnpicklingError(f"refuses global {module}.{name} (a verification .bin holds only "
-                                     "lists of image bytes and bools)")
+        raise pickle.UnpicklingError(
+            f"refuses global {module}.{name} (a verification .bin holds only lists of image bytes and bools)"
+        )
 
     def persistent_load(self, pid):
         """Refuse persistent ids: raises pickle.UnpicklingError."""
@@ -80,8 +81,9 @@ def read_verification_bin(path: str | Path) -> BinPairs:
         raise DataError(f"{path}: expected a pickled (images, is_same) pair, got {type(loaded).__name__}")
     images, flags = loaded
     if not isinstance(images, (list, tuple)) or not isinstance(flags, (list, tuple)):
-        raise DataError(f"{path}: images and is_same must be lists, got {type(images).__name__} and "
-                        f"{type(flags).__name__}")
+        raise DataError(
+            f"{path}: images and is_same must be lists, got {type(images).__name__} and {type(flags).__name__}"
+        )
     bad = next((i for i, image in enumerate(images) if not isinstance(image, (bytes, bytearray))), None)
     if bad is not None:
         raise DataError(f"{path}: image {bad} is {type(images[bad]).__name__}, expected encoded image bytes")

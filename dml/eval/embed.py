@@ -45,8 +45,11 @@ class Embeddings:
     def load(cls, directory: str | Path, name: str) -> Embeddings:
         """Read the three files `save` wrote for ``name``."""
         directory = Path(directory)
-        return cls(json.loads((directory / f"{name}_keys.json").read_text()),
-                   np.load(directory / f"{name}.npy"), np.load(directory / f"{name}_labels.npy"))
+        return cls(
+            json.loads((directory / f"{name}_keys.json").read_text()),
+            np.load(directory / f"{name}.npy"),
+            np.load(directory / f"{name}_labels.npy"),
+        )
 
 
 @torch.no_grad()
@@ -73,8 +76,14 @@ def _gather(keys: list[str], vectors: np.ndarray, labels: np.ndarray, error: Dat
     return Embeddings([all_keys[i] for i in order], all_vectors[order], all_labels[order])
 
 
-def extract_embeddings(model: nn.Module, data: DataConfig, split: str, device: torch.device,
-                       flip: bool = False, batch_size: int | None = None) -> Embeddings:
+def extract_embeddings(
+    model: nn.Module,
+    data: DataConfig,
+    split: str,
+    device: torch.device,
+    flip: bool = False,
+    batch_size: int | None = None,
+) -> Embeddings:
     """Embed ``split`` on all ranks (collective) and return every sample's embedding, in key order.
 
     Bad samples follow ``data.bad_samples``: with ``stop`` every rank raises the first rank's
@@ -89,8 +98,9 @@ def extract_embeddings(model: nn.Module, data: DataConfig, split: str, device: t
     show = get_rank() == 0
     error: DataError | None = None
     try:
-        for batch_keys, images, batch_labels in progress(loader, desc=f"embed {split}", unit="batch",
-                                                         show=show, leave=False):
+        for batch_keys, images, batch_labels in progress(
+            loader, desc=f"embed {split}", unit="batch", show=show, leave=False
+        ):
             keys.extend(batch_keys)
             vectors.append(embed_batches(model, images.to(device), flip).cpu().numpy())
             labels.append(batch_labels.numpy())

@@ -53,14 +53,20 @@ class EmbeddingSet:
         for pairs in self.verification:
             np.save(directory / f"verification_{pairs.name}.npy", pairs.vectors)
             np.save(directory / f"verification_{pairs.name}_is_same.npy", pairs.is_same)
-        meta = {**self.meta, "format": FORMAT, "query_split": self.query_split, "gallery_split": self.gallery_split,
-                "verification_sets": {pairs.name: pairs.source for pairs in self.verification}}
+        meta = {
+            **self.meta,
+            "format": FORMAT,
+            "query_split": self.query_split,
+            "gallery_split": self.gallery_split,
+            "verification_sets": {pairs.name: pairs.source for pairs in self.verification},
+        }
         (directory / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
         return directory
 
 
-def load_embedding_set(directory: str | Path, query_split: str, gallery_split: str | None,
-                       verification_sets: list[str] | None = None) -> EmbeddingSet:
+def load_embedding_set(
+    directory: str | Path, query_split: str, gallery_split: str | None, verification_sets: list[str] | None = None
+) -> EmbeddingSet:
     """Load the saved ``query_split`` (and ``gallery_split``, and the named face
     ``verification_sets``) embeddings from ``directory``.
 
@@ -81,21 +87,34 @@ def load_embedding_set(directory: str | Path, query_split: str, gallery_split: s
     verification = []
     for name in verification_sets or []:
         if name not in sources:
-            raise DMLError(f"no saved embeddings for verification set '{name}' in {directory} "
-                           f"(has: {', '.join(sources) or 'none'}): evaluate with the model instead")
-        verification.append(PairEmbeddings(name, sources[name], np.load(directory / f"verification_{name}.npy"),
-                                           np.load(directory / f"verification_{name}_is_same.npy")))
+            raise DMLError(
+                f"no saved embeddings for verification set '{name}' in {directory} "
+                f"(has: {', '.join(sources) or 'none'}): evaluate with the model instead"
+            )
+        verification.append(
+            PairEmbeddings(
+                name,
+                sources[name],
+                np.load(directory / f"verification_{name}.npy"),
+                np.load(directory / f"verification_{name}_is_same.npy"),
+            )
+        )
     return EmbeddingSet(query_split, query, gallery_split, gallery, meta, verification)
 
 
 def _load_split(directory: Path, split: str) -> Embeddings:
-    missing = [name for name in (f"{split}.npy", f"{split}_labels.npy", f"{split}_keys.json")
-               if not (directory / name).is_file()]
+    missing = [
+        name
+        for name in (f"{split}.npy", f"{split}_labels.npy", f"{split}_keys.json")
+        if not (directory / name).is_file()
+    ]
     if missing:
         raise DMLError(f"no saved embeddings for split '{split}' in {directory} (missing {', '.join(missing)})")
     embeddings = Embeddings.load(directory, split)
     if not (len(embeddings.keys) == len(embeddings.vectors) == len(embeddings.labels)):
-        raise DMLError(f"saved embeddings of split '{split}' in {directory} are inconsistent: "
-                       f"{len(embeddings.keys)} keys, {len(embeddings.vectors)} vectors, "
-                       f"{len(embeddings.labels)} labels")
+        raise DMLError(
+            f"saved embeddings of split '{split}' in {directory} are inconsistent: "
+            f"{len(embeddings.keys)} keys, {len(embeddings.vectors)} vectors, "
+            f"{len(embeddings.labels)} labels"
+        )
     return embeddings

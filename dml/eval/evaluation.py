@@ -72,31 +72,47 @@ def choose_index(kind: str, gallery_size: int, notes: list[str]) -> str:
     """``kind``, except "ivfpq" on a gallery too small to train it, which is searched exactly
     (cheap at that size, and exact) with a logged note."""
     if kind == "ivfpq" and gallery_size < IVFPQ_MIN_GALLERY:
-        note = (f"evaluate.index=ivfpq needs >= {IVFPQ_MIN_GALLERY} gallery embeddings to train, have "
-                f"{gallery_size}: searched exactly (flat) instead")
+        note = (
+            f"evaluate.index=ivfpq needs >= {IVFPQ_MIN_GALLERY} gallery embeddings to train, have "
+            f"{gallery_size}: searched exactly (flat) instead"
+        )
         log.info("%s", note)
         notes.append(note)
         return "flat"
     return kind
 
 
-def retrieval_section(query: Embeddings, gallery: Embeddings | None, ks: Sequence[int],
-                      index: str) -> tuple[dict[str, Any], dict[str, list], dict[Any, dict[str, float]]]:
+def retrieval_section(
+    query: Embeddings, gallery: Embeddings | None, ks: Sequence[int], index: str
+) -> tuple[dict[str, Any], dict[str, list], dict[Any, dict[str, float]]]:
     """(metrics for ``ks``, recall@k curve {"k", "recall"}, per-class table) in one search."""
     searchable = len(query.keys) - 1 if gallery is None else len(gallery.keys)
     all_ks = recall_curve_ks(ks, searchable)
-    full = retrieval_metrics(query.vectors, query.labels, None if gallery is None else gallery.vectors,
-                             None if gallery is None else gallery.labels, ks=all_ks, per_class=True, index=index)
+    full = retrieval_metrics(
+        query.vectors,
+        query.labels,
+        None if gallery is None else gallery.vectors,
+        None if gallery is None else gallery.labels,
+        ks=all_ks,
+        per_class=True,
+        index=index,
+    )
     extra = {f"{name}_at_{k}" for k in all_ks if k not in ks for name in ("recall", "map")}
-    per_class = {label: {n: v for n, v in row.items() if n not in extra}
-                 for label, row in full.pop("per_class").items()}
+    per_class = {
+        label: {n: v for n, v in row.items() if n not in extra} for label, row in full.pop("per_class").items()
+    }
     metrics = {n: v for n, v in full.items() if n not in extra}
     curve = {"k": all_ks, "recall": [full[f"recall_at_{k}"] for k in all_ks]}
     return metrics, curve, per_class
 
 
-def verification_section(embeddings: np.ndarray, labels: np.ndarray | None, fars: Sequence[float], *,
-                         pairs: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
+def verification_section(
+    embeddings: np.ndarray,
+    labels: np.ndarray | None,
+    fars: Sequence[float],
+    *,
+    pairs: tuple[np.ndarray, np.ndarray] | None = None,
+) -> dict[str, Any]:
     """`verification_metrics` at ``fars`` plus a ``curve`` {"far", "tar"} over a log FAR grid.
 
     Notes and keys are kept only for the configured ``fars``; grid FARs that collide with a
@@ -106,8 +122,9 @@ def verification_section(embeddings: np.ndarray, labels: np.ndarray | None, fars
     grid = [f for f in FAR_GRID if far_key(f) not in configured]
     kwargs: dict[str, Any] = {"pairs": pairs[0], "is_same": pairs[1]} if pairs is not None else {}
     result = verification_metrics(embeddings, labels, fars=[*grid, *fars], **kwargs)
-    curve = sorted((f, result["tar_at_far"][far_key(f)]) for f in [*grid, *fars]
-                   if result["tar_at_far"][far_key(f)] is not None)
+    curve = sorted(
+        (f, result["tar_at_far"][far_key(f)]) for f in [*grid, *fars] if result["tar_at_far"][far_key(f)] is not None
+    )
     result["curve"] = {"far": [f for f, _ in curve], "tar": [t for _, t in curve]}
     for name in ("tar_at_far", "threshold_at_far"):
         result[name] = {key: result[name][key] for key in configured}
@@ -127,8 +144,10 @@ def all_pairs_verification(query: Embeddings, config: EvalConfig, seed: int, not
     rows = sample_rows(len(query.keys), config.max_verification_samples, seed)
     vectors, labels = query.vectors, query.labels
     if rows is not None:
-        note = (f"verification uses {len(rows)} of {len(query.keys)} query samples, drawn at random "
-                f"(evaluate.max_verification_samples={config.max_verification_samples}, seed {seed})")
+        note = (
+            f"verification uses {len(rows)} of {len(query.keys)} query samples, drawn at random "
+            f"(evaluate.max_verification_samples={config.max_verification_samples}, seed {seed})"
+        )
         log.info("%s", note)
         notes.append(note)
         vectors, labels = vectors[rows], labels[rows]
@@ -138,8 +157,9 @@ def all_pairs_verification(query: Embeddings, config: EvalConfig, seed: int, not
     return result
 
 
-def evaluate_embeddings(embeddings: EmbeddingSet, config: EvalConfig, *, seed: int = 0,
-                        pairs: tuple[np.ndarray, np.ndarray] | None = None) -> EvaluationMetrics:
+def evaluate_embeddings(
+    embeddings: EmbeddingSet, config: EvalConfig, *, seed: int = 0, pairs: tuple[np.ndarray, np.ndarray] | None = None
+) -> EvaluationMetrics:
     """Retrieval, verification and identification metrics of ``embeddings``.
 
     ``pairs`` (rows (P, 2) into the query rows followed by the gallery rows, is_same (P,)),
@@ -153,11 +173,14 @@ def evaluate_embeddings(embeddings: EmbeddingSet, config: EvalConfig, *, seed: i
     g_vectors, g_labels = (None, None) if gallery is None else (gallery.vectors, gallery.labels)
     retrieval["global_average_precision"] = nearest_neighbour_gap(query.vectors, query.labels, g_vectors, g_labels)
     reranking = reranked_metrics(query.vectors, query.labels, g_vectors, g_labels, config.reranking, config.ks)
-    notes.extend(f"re-ranking {name} skipped: {scores['skipped']}" for name, scores in reranking.items()
-                 if "skipped" in scores)
+    notes.extend(
+        f"re-ranking {name} skipped: {scores['skipped']}" for name, scores in reranking.items() if "skipped" in scores
+    )
     if retrieval["num_excluded_queries"]:
-        notes.append(f"{retrieval['num_excluded_queries']} queries have no relevant gallery item and are "
-                     "left out of the retrieval metrics")
+        notes.append(
+            f"{retrieval['num_excluded_queries']} queries have no relevant gallery item and are "
+            "left out of the retrieval metrics"
+        )
     try:
         if pairs is not None:
             stacked = query.vectors if gallery is None else np.concatenate([query.vectors, gallery.vectors])
@@ -172,8 +195,14 @@ def evaluate_embeddings(embeddings: EmbeddingSet, config: EvalConfig, *, seed: i
         log.warning("verification skipped: %s", exc)
     identification = None
     if gallery is not None:
-        identification = cmc_curve(query.vectors, query.labels, gallery.vectors, gallery.labels,
-                                   max_rank=max(CMC_MIN_RANK, *config.ks), index=index)
+        identification = cmc_curve(
+            query.vectors,
+            query.labels,
+            gallery.vectors,
+            gallery.labels,
+            max_rank=max(CMC_MIN_RANK, *config.ks),
+            index=index,
+        )
     return EvaluationMetrics(retrieval, curve, per_class, verification, identification, notes, reranking)
 
 
@@ -181,9 +210,9 @@ def headline_metrics(metrics: EvaluationMetrics, config: EvalConfig) -> dict[str
     """The numbers a reader looks at first: P@1, MAP@R, R-precision, recall@k, TAR@FAR, AUC, EER,
     CMC rank 1. Values are floats, or None when not computed / not resolvable."""
     retrieval = metrics.retrieval
-    headline: dict[str, float | None] = {name: retrieval[name]
-                                         for name in ("precision_at_1", "map_at_r", "r_precision",
-                                                      "global_average_precision")}
+    headline: dict[str, float | None] = {
+        name: retrieval[name] for name in ("precision_at_1", "map_at_r", "r_precision", "global_average_precision")
+    }
     headline.update({f"recall_at_{k}": retrieval[f"recall_at_{k}"] for k in config.ks})
     verification = metrics.verification or {}
     for far in config.fars:

@@ -22,8 +22,9 @@ def float64_score_error(dim: int) -> float:
     return dim * 2.0**-52
 
 
-def exactly_rounded_scores(queries: np.ndarray, gallery: np.ndarray, query_rows: np.ndarray,
-                           gallery_rows: np.ndarray) -> np.ndarray:
+def exactly_rounded_scores(
+    queries: np.ndarray, gallery: np.ndarray, query_rows: np.ndarray, gallery_rows: np.ndarray
+) -> np.ndarray:
     """``<queries[query_rows[i]], gallery[gallery_rows[i]]>`` (M,) rounded once from the exact
     value (``math.fsum`` of the float64 products, which are exact): the same bits on every
     machine, whatever the summation order, SIMD width or BLAS kernel. Products are formed in
@@ -37,8 +38,9 @@ def exactly_rounded_scores(queries: np.ndarray, gallery: np.ndarray, query_rows:
     return out
 
 
-def pair_scores(queries: np.ndarray, gallery: np.ndarray, query_rows: np.ndarray,
-                gallery_rows: np.ndarray) -> np.ndarray:
+def pair_scores(
+    queries: np.ndarray, gallery: np.ndarray, query_rows: np.ndarray, gallery_rows: np.ndarray
+) -> np.ndarray:
     """``<queries[query_rows[i]], gallery[gallery_rows[i]]>`` (M,) in float64: products of
     float32 numbers are exact in float64, their sum (numpy's pairwise sum, not BLAS) is within
     ``float64_score_error(D)`` of the exact value, and identical rows score bit-identically.
@@ -52,8 +54,14 @@ def pair_scores(queries: np.ndarray, gallery: np.ndarray, query_rows: np.ndarray
     return out
 
 
-def sort_runs_exactly(queries: np.ndarray, gallery: np.ndarray, scores: np.ndarray, ids: np.ndarray,
-                      group: np.ndarray, rescore: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def sort_runs_exactly(
+    queries: np.ndarray,
+    gallery: np.ndarray,
+    scores: np.ndarray,
+    ids: np.ndarray,
+    group: np.ndarray,
+    rescore: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
     """Sort the candidates of each marked run by (exactly rounded score descending, gallery
     index ascending); returns (scores float64, ids), both (B, c), other entries unchanged.
 

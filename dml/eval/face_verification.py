@@ -97,9 +97,12 @@ class FoldCounts:
 
     def train(self) -> FoldCounts:
         """The counts of all folds but each one (row f: every fold except f)."""
-        return FoldCounts(self.accepted_same.sum(0) - self.accepted_same,
-                          self.accepted_different.sum(0) - self.accepted_different,
-                          self.same.sum() - self.same, self.different.sum() - self.different)
+        return FoldCounts(
+            self.accepted_same.sum(0) - self.accepted_same,
+            self.accepted_different.sum(0) - self.accepted_different,
+            self.same.sum() - self.same,
+            self.different.sum() - self.different,
+        )
 
 
 def fold_counts(distances: np.ndarray, is_same: np.ndarray, bounds: np.ndarray, thresholds: np.ndarray) -> FoldCounts:
@@ -108,7 +111,7 @@ def fold_counts(distances: np.ndarray, is_same: np.ndarray, bounds: np.ndarray, 
     accepted = np.zeros((2, folds, len(thresholds)), np.int64)
     totals = np.zeros((2, folds), np.int64)
     for fold in range(folds):
-        dist, same = distances[bounds[fold]:bounds[fold + 1]], is_same[bounds[fold]:bounds[fold + 1]]
+        dist, same = distances[bounds[fold] : bounds[fold + 1]], is_same[bounds[fold] : bounds[fold + 1]]
         for kind, chosen in enumerate((dist[same], dist[~same])):
             accepted[kind, fold] = np.searchsorted(np.sort(chosen), thresholds, side="left")  # count of d < t
             totals[kind, fold] = len(chosen)
@@ -121,8 +124,9 @@ def _rate(count: np.ndarray, total: np.ndarray) -> np.ndarray:
     return np.divide(count, total, out=np.zeros(count.shape, np.float64), where=total > 0)
 
 
-def ten_fold_accuracy(distances: np.ndarray, is_same: np.ndarray, n_folds: int = N_FOLDS,
-                      thresholds: np.ndarray = ACCURACY_THRESHOLDS) -> dict[str, Any]:
+def ten_fold_accuracy(
+    distances: np.ndarray, is_same: np.ndarray, n_folds: int = N_FOLDS, thresholds: np.ndarray = ACCURACY_THRESHOLDS
+) -> dict[str, Any]:
     """Cross-validated accuracy (see module docstring) of (P,) distances and same flags.
 
     Returns ``accuracy``, ``accuracy_std``, ``fold_accuracies`` and ``fold_thresholds``
@@ -138,13 +142,17 @@ def ten_fold_accuracy(distances: np.ndarray, is_same: np.ndarray, n_folds: int =
     fold_accuracy = correct[np.arange(n_folds), best] / np.diff(bounds)
     overall = correct.sum(0)
     return {
-        "accuracy": float(np.mean(fold_accuracy)), "accuracy_std": float(np.std(fold_accuracy)),
-        "fold_accuracies": fold_accuracy.tolist(), "fold_thresholds": thresholds[best].tolist(),
+        "accuracy": float(np.mean(fold_accuracy)),
+        "accuracy_std": float(np.std(fold_accuracy)),
+        "fold_accuracies": fold_accuracy.tolist(),
+        "fold_thresholds": thresholds[best].tolist(),
         "best_threshold_accuracy": float(overall.max() / len(distances)),
         "best_threshold": float(thresholds[int(np.argmax(overall))]),
-        "roc": {"threshold": thresholds.tolist(),
-                "tpr": np.mean(_rate(counts.accepted_same, counts.same[:, None]), 0).tolist(),
-                "fpr": np.mean(_rate(counts.accepted_different, counts.different[:, None]), 0).tolist()},
+        "roc": {
+            "threshold": thresholds.tolist(),
+            "tpr": np.mean(_rate(counts.accepted_same, counts.same[:, None]), 0).tolist(),
+            "fpr": np.mean(_rate(counts.accepted_different, counts.different[:, None]), 0).tolist(),
+        },
     }
 
 
@@ -161,8 +169,13 @@ def threshold_at_far(far: np.ndarray, thresholds: np.ndarray, target: float) -> 
     return float(thresholds[last] + (target - low) / (high - low) * (thresholds[last + 1] - thresholds[last]))
 
 
-def val_at_far(distances: np.ndarray, is_same: np.ndarray, far_target: float = VAL_FAR, n_folds: int = N_FOLDS,
-               thresholds: np.ndarray = VAL_THRESHOLDS) -> dict[str, Any]:
+def val_at_far(
+    distances: np.ndarray,
+    is_same: np.ndarray,
+    far_target: float = VAL_FAR,
+    n_folds: int = N_FOLDS,
+    thresholds: np.ndarray = VAL_THRESHOLDS,
+) -> dict[str, Any]:
     """insightface's val@far (see module docstring): {"far_target", "val", "val_std",
     "far", "fold_thresholds"}; val and far are None (with "note") when a fold or its
     complement lacks same or different pairs, where insightface divides by zero."""
@@ -171,22 +184,34 @@ def val_at_far(distances: np.ndarray, is_same: np.ndarray, far_target: float = V
     train = counts.train()
     result: dict[str, Any] = {"far_target": far_target}
     if min(counts.same.min(), counts.different.min(), train.same.min(), train.different.min()) == 0:
-        return {**result, "val": None, "val_std": None, "far": None, "fold_thresholds": None,
-                "note": "val@far needs same and different pairs in every fold"}
+        return {
+            **result,
+            "val": None,
+            "val_std": None,
+            "far": None,
+            "fold_thresholds": None,
+            "note": "val@far needs same and different pairs in every fold",
+        }
     train_far = train.accepted_different / train.different[:, None]
     chosen = np.array([threshold_at_far(train_far[f], thresholds, far_target) for f in range(n_folds)])
     val, far = np.empty(n_folds), np.empty(n_folds)
     for fold in range(n_folds):
-        dist, same = distances[bounds[fold]:bounds[fold + 1]], is_same[bounds[fold]:bounds[fold + 1]]
+        dist, same = distances[bounds[fold] : bounds[fold + 1]], is_same[bounds[fold] : bounds[fold + 1]]
         accepted = dist < chosen[fold]
         val[fold] = np.count_nonzero(accepted & same) / counts.same[fold]
         far[fold] = np.count_nonzero(accepted & ~same) / counts.different[fold]
-    return {**result, "val": float(np.mean(val)), "val_std": float(np.std(val)), "far": float(np.mean(far)),
-            "fold_thresholds": chosen.tolist()}
+    return {
+        **result,
+        "val": float(np.mean(val)),
+        "val_std": float(np.std(val)),
+        "far": float(np.mean(far)),
+        "fold_thresholds": chosen.tolist(),
+    }
 
 
-def face_verification_metrics(embeddings: Any, is_same: Any, *, fars: Sequence[float] = (1e-3,),
-                              val_far: float = VAL_FAR, n_folds: int = N_FOLDS) -> dict[str, Any]:
+def face_verification_metrics(
+    embeddings: Any, is_same: Any, *, fars: Sequence[float] = (1e-3,), val_far: float = VAL_FAR, n_folds: int = N_FOLDS
+) -> dict[str, Any]:
     """Every verification number of a pair list: 10-fold accuracy, val@far, TAR@FAR, AUC, EER.
 
     Args:
@@ -204,8 +229,13 @@ def face_verification_metrics(embeddings: Any, is_same: Any, *, fars: Sequence[f
     same = np.asarray(is_same, bool).reshape(-1)
     if same.shape != distances.shape:
         raise ValueError(f"{len(distances)} pairs of embeddings but {len(same)} same/different flags")
-    result = {"num_pairs": len(same), "num_same": int(same.sum()), "num_different": int((~same).sum()),
-              "n_folds": n_folds, **ten_fold_accuracy(distances, same, n_folds)}
+    result = {
+        "num_pairs": len(same),
+        "num_same": int(same.sum()),
+        "num_different": int((~same).sum()),
+        "n_folds": n_folds,
+        **ten_fold_accuracy(distances, same, n_folds),
+    }
     result["val_at_far"] = val_at_far(distances, same, val_far, n_folds)
     notes = [result["val_at_far"]["note"]] if "note" in result["val_at_far"] else []
     if result["num_same"] and result["num_different"]:

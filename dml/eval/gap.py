@@ -15,8 +15,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def global_average_precision(predicted: np.ndarray, confidence: np.ndarray, truth: np.ndarray,
-                             answerable: np.ndarray) -> float:
+def global_average_precision(
+    predicted: np.ndarray, confidence: np.ndarray, truth: np.ndarray, answerable: np.ndarray
+) -> float:
     """GAP of ``predicted`` labels (N,) with ``confidence`` (N,) against ``truth`` (N,).
 
     ``answerable`` (N,) bool marks queries that have a correct answer (M = its sum); a
@@ -26,8 +27,10 @@ def global_average_precision(predicted: np.ndarray, confidence: np.ndarray, trut
     predicted, truth = np.asarray(predicted), np.asarray(truth)
     confidence, answerable = np.asarray(confidence, dtype=np.float64), np.asarray(answerable, dtype=bool)
     if not len(predicted) == len(confidence) == len(truth) == len(answerable):
-        raise ValueError("predicted, confidence, truth and answerable must have one entry per query, got "
-                         f"{len(predicted)}, {len(confidence)}, {len(truth)}, {len(answerable)}")
+        raise ValueError(
+            "predicted, confidence, truth and answerable must have one entry per query, got "
+            f"{len(predicted)}, {len(confidence)}, {len(truth)}, {len(answerable)}"
+        )
     if np.isnan(confidence).any():
         raise ValueError("confidence contains NaN")
     total = int(answerable.sum())

@@ -88,9 +88,7 @@ def candidate_width(need: int, available: int) -> int:
     return min(available, need + max(8, need // 4))
 
 
-def drop_own_index(
-    sims: np.ndarray, ids: np.ndarray, own_ids: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def drop_own_index(sims: np.ndarray, ids: np.ndarray, own_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Remove each row's own gallery index from (B, k+1) results, giving (B, k).
 
     Identity of the index decides, not the similarity, so exact duplicates of the query
@@ -122,8 +120,16 @@ def _torch_search(gallery: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.
     return best_vals.numpy(), best_ids.numpy()
 
 
-def rerank_near_ties(queries: np.ndarray, gallery: np.ndarray, sims: np.ndarray, ids: np.ndarray,
-                     need: int, error: float, complete: bool, same_label: np.ndarray | None = None) -> np.ndarray:
+def rerank_near_ties(
+    queries: np.ndarray,
+    gallery: np.ndarray,
+    sims: np.ndarray,
+    ids: np.ndarray,
+    need: int,
+    error: float,
+    complete: bool,
+    same_label: np.ndarray | None = None,
+) -> np.ndarray:
     """Make the first ``need`` columns of float32 search results exact, in place.
 
     Neighbouring float32 scores that differ by more than 2 x ``error`` (the bound on a float32
@@ -181,8 +187,16 @@ class KnnIndex:
     "ivfpq"), ``ntotal`` (gallery size), ``dim``.
     """
 
-    def __init__(self, gallery: np.ndarray, kind: str, backend: str, index: Any, cpu_index: Any,
-                 fp16: bool = False, keep_alive: Any = None):
+    def __init__(
+        self,
+        gallery: np.ndarray,
+        kind: str,
+        backend: str,
+        index: Any,
+        cpu_index: Any,
+        fp16: bool = False,
+        keep_alive: Any = None,
+    ):
         self.gallery = gallery  # unit float32 rows; kept for exact re-checks and torch search
         self.kind, self.backend = kind, backend
         self.ntotal, self.dim = gallery.shape
@@ -191,9 +205,7 @@ class KnnIndex:
         # doubled for safety; fp16 storage on GPU adds 2**-11 relative per element
         self.score_error = 2 * self.dim * 2.0**-24 + (2.0**-11 if fp16 else 0.0)
 
-    def search(
-        self, queries: np.ndarray, k: int, own_ids: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, own_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k gallery items for unit float32 ``queries`` (B, D): (sims (B, k) float32,
         ids (B, k) int64), best first. ``own_ids`` (B,) names each query's own gallery row
         to leave out (leave-one-out). Exact indexes rank by the exact inner product, ties by
@@ -215,8 +227,9 @@ class KnnIndex:
             sims, ids = self._raw_search(batch, width)
             retry = np.zeros(len(rows), dtype=bool)
             if self.kind == "flat":
-                retry = rerank_near_ties(batch, self.gallery, sims, ids, need, self.score_error,
-                                         complete=width == self.ntotal)
+                retry = rerank_near_ties(
+                    batch, self.gallery, sims, ids, need, self.score_error, complete=width == self.ntotal
+                )
             out_sims[rows], out_ids[rows] = sims[:, :need], ids[:, :need]
             rows, width = rows[retry], min(self.ntotal, 2 * width)
         if own_ids is not None:
@@ -249,8 +262,9 @@ class KnnIndex:
         return float(np.mean(found) / k)
 
 
-def _faiss_ivfpq(gallery: np.ndarray, nlist: int | None, pq_m: int | None, pq_nbits: int,
-                 nprobe: int, seed: int) -> Any:
+def _faiss_ivfpq(
+    gallery: np.ndarray, nlist: int | None, pq_m: int | None, pq_nbits: int, nprobe: int, seed: int
+) -> Any:
     """Train and fill an IVF-PQ inner-product index (Jegou et al. 2011, product quantisation)."""
     n, dim = gallery.shape
     nlist = nlist or max(1, min(int(4 * np.sqrt(n)), n // 39))
@@ -314,8 +328,12 @@ def build_index(
         raise ValueError(f"backend='faiss' requested but faiss cannot be imported: {_FAISS_IMPORT_ERROR}")
     if backend == "torch" or faiss is None:
         if faiss is None:
-            _log_once("no-faiss", "faiss not importable (%s); using exact torch matmul+topk search "
-                      "in batches%s", _FAISS_IMPORT_ERROR, " (ivfpq served exactly)" if index == "ivfpq" else "")
+            _log_once(
+                "no-faiss",
+                "faiss not importable (%s); using exact torch matmul+topk search in batches%s",
+                _FAISS_IMPORT_ERROR,
+                " (ivfpq served exactly)" if index == "ivfpq" else "",
+            )
         return KnnIndex(units, "flat", "torch", None, None)
     if index == "ivfpq":
         cpu_index = _faiss_ivfpq(units, nlist, pq_m, pq_nbits, nprobe, seed)
@@ -360,8 +378,10 @@ def knn_search(
     if gallery is None:
         gallery = queries
     elif exclude_self and len(gallery) != len(queries):
-        raise ValueError("exclude_self needs the query set to be the gallery (same rows), "
-                         f"got {len(queries)} queries and {len(gallery)} gallery rows")
+        raise ValueError(
+            "exclude_self needs the query set to be the gallery (same rows), "
+            f"got {len(queries)} queries and {len(gallery)} gallery rows"
+        )
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     knn = build_index(gallery, index, **index_options)

@@ -44,7 +44,7 @@ def neighbour_lists(union: np.ndarray, k: int, knn: KnnIndex) -> np.ndarray:
     """(|U|, k + 1) ids of each item's k + 1 nearest items in U (itself included), exact."""
     out = np.empty((len(union), k + 1), np.int64)
     for start in range(0, len(union), SEARCH_BATCH):
-        _, out[start:start + SEARCH_BATCH] = knn.search(union[start:start + SEARCH_BATCH], k + 1)
+        _, out[start : start + SEARCH_BATCH] = knn.search(union[start : start + SEARCH_BATCH], k + 1)
     return out
 
 
@@ -52,8 +52,8 @@ def largest_distances(union: np.ndarray, knn: KnnIndex) -> np.ndarray:
     """Each item's largest d over U: 2 - 2 x its smallest cosine (a top-1 search for -x)."""
     worst = np.empty(len(union), np.int64)
     for start in range(0, len(union), SEARCH_BATCH):
-        _, ids = knn.search(-union[start:start + SEARCH_BATCH], 1)
-        worst[start:start + SEARCH_BATCH] = ids[:, 0]
+        _, ids = knn.search(-union[start : start + SEARCH_BATCH], 1)
+        worst[start : start + SEARCH_BATCH] = ids[:, 0]
     largest = pair_distances(union, union, np.arange(len(union)), worst)
     return np.where(largest > 0, largest, 1.0)  # all items identical: nothing to normalise
 
@@ -61,7 +61,7 @@ def largest_distances(union: np.ndarray, knn: KnnIndex) -> np.ndarray:
 def reciprocal_mask(neighbours: np.ndarray, k: int, block: int = 8192) -> np.ndarray:
     """(|U|, k + 1) bool: entry a of row i is True when i is among the k + 1 nearest items of
     its a-th neighbour (R(i, k) as a mask over N(i, k))."""
-    forward = neighbours[:, :k + 1]
+    forward = neighbours[:, : k + 1]
     mask = np.empty(forward.shape, dtype=bool)
     for start in range(0, len(forward), block):
         rows = np.arange(start, min(start + block, len(forward)))
@@ -75,10 +75,10 @@ def expanded_sets(neighbours: np.ndarray, k1: int) -> list[np.ndarray]:
     overlap it by more than 2/3 (sorted unique ids)."""
     half = int(np.round(k1 / 2))  # numpy rounds half to even, as the authors' code does
     full_mask, half_mask = reciprocal_mask(neighbours, k1), reciprocal_mask(neighbours, half)
-    half_sets = [neighbours[i, :half + 1][half_mask[i]] for i in range(len(neighbours))]
+    half_sets = [neighbours[i, : half + 1][half_mask[i]] for i in range(len(neighbours))]
     sets = []
     for i in range(len(neighbours)):
-        own = neighbours[i, :k1 + 1][full_mask[i]]
+        own = neighbours[i, : k1 + 1][full_mask[i]]
         parts = [own]
         for candidate in own:
             theirs = half_sets[candidate]
@@ -132,18 +132,23 @@ class KReciprocalRanker:
     than k1 + 1 items.
     """
 
-    def __init__(self, queries: np.ndarray, gallery: np.ndarray | None, k1: int = 20, k2: int = 6,
-                 lambda_value: float = 0.3):
+    def __init__(
+        self, queries: np.ndarray, gallery: np.ndarray | None, k1: int = 20, k2: int = 6, lambda_value: float = 0.3
+    ):
         if k1 < 1 or k2 < 1 or not 0.0 <= lambda_value <= 1.0:
-            raise ValueError(f"k-reciprocal re-ranking needs k1 >= 1, k2 >= 1 and lambda in [0, 1], got "
-                             f"k1={k1}, k2={k2}, lambda={lambda_value}")
+            raise ValueError(
+                f"k-reciprocal re-ranking needs k1 >= 1, k2 >= 1 and lambda in [0, 1], got "
+                f"k1={k1}, k2={k2}, lambda={lambda_value}"
+            )
         self.queries = as_unit_float32(queries, "queries")
         self.leave_one_out = gallery is None
         self.gallery = self.queries if gallery is None else as_unit_float32(gallery, "gallery")
         union = self.queries if gallery is None else np.concatenate([self.queries, self.gallery])
         if len(union) < k1 + 1 or len(union) < k2:
-            raise ValueError(f"k-reciprocal re-ranking with k1={k1}, k2={k2} needs at least "
-                             f"{max(k1 + 1, k2)} embeddings, got {len(union)}")
+            raise ValueError(
+                f"k-reciprocal re-ranking with k1={k1}, k2={k2} needs at least "
+                f"{max(k1 + 1, k2)} embeddings, got {len(union)}"
+            )
         self.lambda_value = lambda_value
         self.offset = 0 if gallery is None else len(self.queries)  # gallery row g is union row offset + g
         union_index = build_index(union)
@@ -151,7 +156,7 @@ class KReciprocalRanker:
         self.largest = largest_distances(union, union_index)
         encoding = local_expansion(encode(union, expanded_sets(neighbours, k1), self.largest), neighbours, k2)
         self.encoding = encoding
-        self.gallery_by_column = encoding[self.offset:self.offset + len(self.gallery)].tocsc()
+        self.gallery_by_column = encoding[self.offset : self.offset + len(self.gallery)].tocsc()
         self.gallery_index = union_index if gallery is None else build_index(self.gallery)
 
     def rank(self, rows: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
@@ -170,8 +175,9 @@ class KReciprocalRanker:
         """(start, stop) over ``rows`` so each block's pair list stays within PAIR_BUDGET."""
         column_lengths = np.diff(self.gallery_by_column.indptr)
         pairs_per_entry = column_lengths[self.encoding.indices]  # gallery rows sharing each entry's column
-        per_row = np.array([pairs_per_entry[self.encoding.indptr[r]:self.encoding.indptr[r + 1]].sum()
-                            for r in rows]) + 1
+        per_row = (
+            np.array([pairs_per_entry[self.encoding.indptr[r] : self.encoding.indptr[r + 1]].sum() for r in rows]) + 1
+        )
         start = 0
         while start < len(rows):
             stop = start + 1
@@ -182,15 +188,16 @@ class KReciprocalRanker:
             yield start, stop
             start = stop
 
-    def _rank_one(self, row: int, shared: sparse.csr_matrix, original: np.ndarray,
-                  depth: int) -> tuple[np.ndarray, np.ndarray]:
+    def _rank_one(
+        self, row: int, shared: sparse.csr_matrix, original: np.ndarray, depth: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """d* over the items sharing support with query ``row`` plus its original top list."""
         candidates = np.union1d(shared.indices, original)
         if self.leave_one_out:
             candidates = candidates[candidates != row]
         mass = np.zeros(len(candidates))
         found = np.searchsorted(candidates, shared.indices)
-        inside = (found < len(candidates))
+        inside = found < len(candidates)
         inside[inside] = candidates[found[inside]] == shared.indices[inside]
         mass[found[inside]] = shared.data[inside]
         jaccard = 1.0 - mass / (2.0 - mass)
@@ -202,9 +209,16 @@ class KReciprocalRanker:
         return candidates[order], final[order]
 
 
-def k_reciprocal_rerank(queries: np.ndarray, gallery: np.ndarray | None, depth: int, *, k1: int = 20,
-                        k2: int = 6, lambda_value: float = 0.3, show_progress: bool = False
-                        ) -> tuple[np.ndarray, np.ndarray]:
+def k_reciprocal_rerank(
+    queries: np.ndarray,
+    gallery: np.ndarray | None,
+    depth: int,
+    *,
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+    show_progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
     """Top ``depth`` gallery ids (Nq, depth) and their d* (Nq, depth) for every query.
 
     ``gallery`` None: leave-one-out over ``queries``. Raises ValueError as
@@ -216,8 +230,9 @@ def k_reciprocal_rerank(queries: np.ndarray, gallery: np.ndarray | None, depth: 
         raise ValueError(f"depth must be in [1, {searchable}], got {depth}")
     ids = np.empty((len(ranker.queries), depth), np.int64)
     dists = np.empty((len(ranker.queries), depth), np.float64)
-    for start in progress(range(0, len(ranker.queries), SEARCH_BATCH), desc="k-reciprocal re-ranking",
-                          unit=" batch", show=show_progress):
+    for start in progress(
+        range(0, len(ranker.queries), SEARCH_BATCH), desc="k-reciprocal re-ranking", unit=" batch", show=show_progress
+    ):
         rows = np.arange(start, min(start + SEARCH_BATCH, len(ranker.queries)))
         ids[rows], dists[rows] = ranker.rank(rows, depth)
     return ids, dists

@@ -61,8 +61,9 @@ def project(kind: str, vectors: np.ndarray, seed: int) -> np.ndarray:
     if kind == "tsne":
         open_tsne = require("openTSNE", "evaluate.maps: tsne")
         perplexity = min(30.0, max(1.0, (len(data) - 1) / 3.0))
-        return np.asarray(open_tsne.TSNE(n_components=2, perplexity=perplexity, random_state=seed,
-                                         n_jobs=1, verbose=False).fit(data))
+        return np.asarray(
+            open_tsne.TSNE(n_components=2, perplexity=perplexity, random_state=seed, n_jobs=1, verbose=False).fit(data)
+        )
     raise ValueError(f"unknown map kind {kind!r} (choose from {', '.join(MAP_NAMES)})")
 
 
@@ -74,8 +75,15 @@ def trust(vectors: np.ndarray, points: np.ndarray) -> tuple[float, int]:
     return float(trustworthiness(np.asarray(vectors, np.float64), points, n_neighbors=k)), k
 
 
-def draw_embedding_maps(vectors: np.ndarray, labels: np.ndarray, kinds: Sequence[str], output_dir: Path,
-                        class_names: Sequence[str] | None, seed: int, limit: int) -> dict[str, str]:
+def draw_embedding_maps(
+    vectors: np.ndarray,
+    labels: np.ndarray,
+    kinds: Sequence[str],
+    output_dir: Path,
+    class_names: Sequence[str] | None,
+    seed: int,
+    limit: int,
+) -> dict[str, str]:
     """Draw one map per kind in ``output_dir`` on one seeded sample of at most ``limit`` rows;
     returns plot key -> file name. Too few rows for a map: nothing drawn, one logged line."""
     rows = map_rows(len(labels), limit, seed)
@@ -87,20 +95,33 @@ def draw_embedding_maps(vectors: np.ndarray, labels: np.ndarray, kinds: Sequence
     for kind in kinds:
         drawn_map = EmbeddingMap(kind, project(kind, sample, seed), 0.0, 0)
         drawn_map.trustworthiness, drawn_map.neighbours = trust(sample, drawn_map.points)
-        plot_class_map(drawn_map.points, sample_labels, output_dir / MAP_FILES[kind], class_names,
-                       _title(drawn_map, len(rows), len(labels), len(np.unique(sample_labels))),
-                       _axis_names(kind), ticks=kind == "pca")
-        log.info("evaluate: %s map, trustworthiness %.3f (k=%d) -> %s", MAP_NAMES[kind],
-                 drawn_map.trustworthiness, drawn_map.neighbours, output_dir / MAP_FILES[kind])
+        plot_class_map(
+            drawn_map.points,
+            sample_labels,
+            output_dir / MAP_FILES[kind],
+            class_names,
+            _title(drawn_map, len(rows), len(labels), len(np.unique(sample_labels))),
+            _axis_names(kind),
+            ticks=kind == "pca",
+        )
+        log.info(
+            "evaluate: %s map, trustworthiness %.3f (k=%d) -> %s",
+            MAP_NAMES[kind],
+            drawn_map.trustworthiness,
+            drawn_map.neighbours,
+            output_dir / MAP_FILES[kind],
+        )
         drawn[PLOT_KEYS[kind]] = MAP_FILES[kind]
     return drawn
 
 
 def _title(drawn: EmbeddingMap, shown: int, total: int, classes: int) -> str:
     sample = f"{shown} samples" if shown == total else f"{shown} of {total} samples (seeded)"
-    return (f"embeddings ({MAP_NAMES[drawn.kind]}), {sample}, {classes} classes\n"
-            f"trustworthiness {drawn.trustworthiness:.3f} (k={drawn.neighbours}; 1 = every map neighbour is a "
-            f"true neighbour)")
+    return (
+        f"embeddings ({MAP_NAMES[drawn.kind]}), {sample}, {classes} classes\n"
+        f"trustworthiness {drawn.trustworthiness:.3f} (k={drawn.neighbours}; 1 = every map neighbour is a "
+        f"true neighbour)"
+    )
 
 
 def _axis_names(kind: str) -> tuple[str, str]:

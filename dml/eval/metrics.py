@@ -113,8 +113,9 @@ def sweep_width(k: int, k_cap: int) -> int:
     return min(k + SWEEP_MARGIN, k_cap)
 
 
-def _self_search_lists(knn: KnnIndex, plan: list[tuple[np.ndarray, int]], k_cap: int,
-                       symmetric: bool | None, order: np.ndarray) -> SweptLists | None:
+def _self_search_lists(
+    knn: KnnIndex, plan: list[tuple[np.ndarray, int]], k_cap: int, symmetric: bool | None, order: np.ndarray
+) -> SweptLists | None:
     """Neighbour lists from one symmetric sweep for the planned batches whose lists fit, or
     None when every batch is to be searched per query (GPU, IVF-PQ, ``symmetric=False``, or
     no faiss, whose heaps the sweep keeps its lists in).
@@ -134,33 +135,52 @@ def _self_search_lists(knn: KnnIndex, plan: list[tuple[np.ndarray, int]], k_cap:
         if width <= limit:
             widths[rows], swept = width, swept + len(rows)
     if swept < sum(len(rows) for rows, _ in plan):
-        log.info("symmetric self-search covers %d queries; those with lists wider than %d are "
-                    "searched per query", swept, limit)
+        log.info(
+            "symmetric self-search covers %d queries; those with lists wider than %d are searched per query",
+            swept,
+            limit,
+        )
     if not swept:
         return None
     return sweep_neighbour_lists(knn.gallery, widths, SELF_SEARCH_BLOCK, order)
 
 
-def _exact_from_lists(knn: KnnIndex, batch: np.ndarray, rows: np.ndarray, k: int, width: int,
-                      lists: SweptLists, k_cap: int, labels: np.ndarray) -> np.ndarray:
+def _exact_from_lists(
+    knn: KnnIndex,
+    batch: np.ndarray,
+    rows: np.ndarray,
+    k: int,
+    width: int,
+    lists: SweptLists,
+    k_cap: int,
+    labels: np.ndarray,
+) -> np.ndarray:
     """Top-``k`` ids of queries ``rows`` from the first ``width`` entries of their float32
     lists, exact up to the order of near-tied runs whose items all do or all do not share the
     query's label (``labels``: of the query set): other near ties rescored in float64, and
     the rare row whose exact top k may lie past its list searched again."""
     sims, ids = lists.take(rows, width)
     same_label = labels[ids] == labels[rows][:, None]
-    retry = rerank_near_ties(batch, knn.gallery, sims, ids, k, knn.score_error, complete=width == k_cap,
-                             same_label=same_label)
+    retry = rerank_near_ties(
+        batch, knn.gallery, sims, ids, k, knn.score_error, complete=width == k_cap, same_label=same_label
+    )
     if retry.any():  # exact ties beyond the list (duplicates, collapsed embeddings)
         log.debug("%d of %d queries (k=%d) searched again past their lists", int(retry.sum()), len(rows), k)
         _, ids[retry, :k] = knn.search(np.ascontiguousarray(batch[retry]), k, rows[retry])
     return ids[:, :k]
 
 
-def _search_and_score(knn: KnnIndex, queries: np.ndarray, query_labels: np.ndarray,
-                      gallery_labels: np.ndarray, num_relevant: np.ndarray, ks: Sequence[int],
-                      leave_one_out: bool, batch_size: int,
-                      symmetric: bool | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def _search_and_score(
+    knn: KnnIndex,
+    queries: np.ndarray,
+    query_labels: np.ndarray,
+    gallery_labels: np.ndarray,
+    num_relevant: np.ndarray,
+    ks: Sequence[int],
+    leave_one_out: bool,
+    batch_size: int,
+    symmetric: bool | None = None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Search every query with R >= 1 and return (their rows, per-query score arrays)."""
     k_cap = knn.ntotal - (1 if leave_one_out else 0)
     plan = list(_batches_by_relevance(num_relevant, max(ks), k_cap, batch_size))
@@ -253,8 +273,9 @@ def retrieval_metrics(
     if knn.dim != queries.shape[1]:
         raise ValueError(f"query dimension {queries.shape[1]} != gallery dimension {knn.dim}")
     num_relevant = relevant_counts(q_labels, g_labels, leave_one_out)
-    rows, scores = _search_and_score(knn, queries, q_labels, g_labels, num_relevant, ks,
-                                     leave_one_out, batch_size, symmetric)
+    rows, scores = _search_and_score(
+        knn, queries, q_labels, g_labels, num_relevant, ks, leave_one_out, batch_size, symmetric
+    )
     result: dict[str, Any] = {}
     for name, values in scores.items():
         result[name] = float(values.mean()) if len(values) else float("nan")

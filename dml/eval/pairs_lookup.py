@@ -60,8 +60,9 @@ def read_pairs_checked(pairs_file: str | Path) -> list[VerificationPair]:
     return pairs
 
 
-def resolve_pairs_file(pairs_file: str | Path, keys: Sequence[str], shard_dir: str | Path,
-                       splits: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def resolve_pairs_file(
+    pairs_file: str | Path, keys: Sequence[str], shard_dir: str | Path, splits: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
     """Rows ((P, 2) int64 into ``keys``) and is_same flags (P,) of every pair in ``pairs_file``.
 
     ``keys`` are the embedding rows' keys, found in ``splits`` of ``shard_dir``. A missing

@@ -48,30 +48,48 @@ def plot_tar_at_far(verification: Mapping[str, Any], path: str | Path) -> Path:
     axes.plot(curve["far"], curve["tar"], color="tab:blue", lw=1.8, label="TAR@FAR")
     marked = [(float(k), v) for k, v in verification["tar_at_far"].items() if v is not None]
     if marked:
-        axes.scatter([f for f, _ in marked], [t for _, t in marked], color="tab:red", zorder=3, s=22,
-                     label="configured FARs", clip_on=False)
+        axes.scatter(
+            [f for f, _ in marked],
+            [t for _, t in marked],
+            color="tab:red",
+            zorder=3,
+            s=22,
+            label="configured FARs",
+            clip_on=False,
+        )
         for far, tar in marked:
             # Above the point, on a white box: below it, labels at small TARs ran into the
             # FAR tick labels under the axis.
-            axes.annotate(f"{tar:.3f}", (far, tar), textcoords="offset points", xytext=(0, 7), ha="center",
-                          fontsize=7, zorder=4, bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none",
-                                                      "alpha": 0.8})
+            axes.annotate(
+                f"{tar:.3f}",
+                (far, tar),
+                textcoords="offset points",
+                xytext=(0, 7),
+                ha="center",
+                fontsize=7,
+                zorder=4,
+                bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8},
+            )
         smallest = min(f for f, _ in marked)
         axes.set_xlim(smallest / 3, 1.5)  # room for the outermost points and their labels
     axes.set_xscale("log")
     axes.set_ylim(-0.02, 1.08)
     axes.set_xlabel("false accept rate (FAR)")
     axes.set_ylabel("true accept rate (TAR)")
-    axes.set_title(f"verification: AUC {verification['roc_auc']:.4f}, EER {verification['eer']:.4f}\n"
-                   f"{verification['num_positive_pairs']} same / {verification['num_negative_pairs']} "
-                   f"different pairs", fontsize=9)
+    axes.set_title(
+        f"verification: AUC {verification['roc_auc']:.4f}, EER {verification['eer']:.4f}\n"
+        f"{verification['num_positive_pairs']} same / {verification['num_negative_pairs']} "
+        f"different pairs",
+        fontsize=9,
+    )
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(loc="best", fontsize=8)
     return save_figure(figure, path)
 
 
-def plot_recall_at_k(recall_curve: Mapping[str, Sequence], path: str | Path,
-                     cmc: Mapping[str, Any] | None = None) -> Path:
+def plot_recall_at_k(
+    recall_curve: Mapping[str, Sequence], path: str | Path, cmc: Mapping[str, Any] | None = None
+) -> Path:
     """Recall@k against k (log scale beyond k = 10), with the CMC curve when there is one."""
     figure = new_figure(6.0, 4.5)
     axes = figure.add_subplot()
@@ -100,20 +118,33 @@ def pca_2d(vectors: np.ndarray) -> np.ndarray:
     return projected
 
 
-def plot_embedding_map(vectors: np.ndarray, labels: np.ndarray, path: str | Path,
-                       class_names: Sequence[str] | None = None, seed: int = 0) -> Path:
+def plot_embedding_map(
+    vectors: np.ndarray, labels: np.ndarray, path: str | Path, class_names: Sequence[str] | None = None, seed: int = 0
+) -> Path:
     """Scatter of the first two principal components, one colour per class, of at most
     MAP_MAX_POINTS rows (a seeded sample). The report's maps are drawn by `dml.eval.maps`."""
     rows = np.arange(len(labels))
     if len(rows) > MAP_MAX_POINTS:
         rows = np.sort(np.random.default_rng(seed).choice(len(rows), MAP_MAX_POINTS, replace=False))
-    return plot_class_map(pca_2d(vectors[rows]), labels[rows], path, class_names,
-                          f"embeddings (PCA), {len(rows)} samples, {len(np.unique(labels[rows]))} classes",
-                          ("principal component 1", "principal component 2"))
+    return plot_class_map(
+        pca_2d(vectors[rows]),
+        labels[rows],
+        path,
+        class_names,
+        f"embeddings (PCA), {len(rows)} samples, {len(np.unique(labels[rows]))} classes",
+        ("principal component 1", "principal component 2"),
+    )
 
 
-def plot_class_map(points: np.ndarray, labels: np.ndarray, path: str | Path, class_names: Sequence[str] | None,
-                   title: str, axis_names: tuple[str, str], ticks: bool = True) -> Path:
+def plot_class_map(
+    points: np.ndarray,
+    labels: np.ndarray,
+    path: str | Path,
+    class_names: Sequence[str] | None,
+    title: str,
+    axis_names: tuple[str, str],
+    ticks: bool = True,
+) -> Path:
     """Scatter of 2-D ``points`` (N, 2), one colour per class (labels (N,)), legend outside.
 
     With more than MAP_MAX_COLOURED_CLASSES classes the most frequent ones get colours and the
@@ -125,8 +156,13 @@ def plot_class_map(points: np.ndarray, labels: np.ndarray, path: str | Path, cla
     axes = figure.add_subplot()
     others = ~np.isin(labels, coloured)
     if others.any():
-        axes.scatter(points[others, 0], points[others, 1], s=6, color="0.75",
-                     label=f"{len(classes) - len(coloured)} other classes")
+        axes.scatter(
+            points[others, 0],
+            points[others, 1],
+            s=6,
+            color="0.75",
+            label=f"{len(classes) - len(coloured)} other classes",
+        )
     colours = _class_colours(len(coloured))
     for colour, label in zip(colours, sorted(coloured), strict=True):
         mine = labels == label

@@ -21,8 +21,9 @@ from dml.eval.index import as_unit_float32, build_index
 BATCH = 4096  # queries per search batch
 
 
-def expand(vectors: np.ndarray, database: np.ndarray, k: int, alpha: float, *,
-           leave_self_out: bool = False, batch: int = BATCH) -> np.ndarray:
+def expand(
+    vectors: np.ndarray, database: np.ndarray, k: int, alpha: float, *, leave_self_out: bool = False, batch: int = BATCH
+) -> np.ndarray:
     """Each row of ``vectors`` (N, D) replaced by the normalised sum of itself and its ``k``
     nearest ``database`` (M, D) rows weighted by ``max(similarity, 0) ** alpha``.
 
@@ -53,8 +54,9 @@ def expand(vectors: np.ndarray, database: np.ndarray, k: int, alpha: float, *,
     return out
 
 
-def alpha_query_expansion(queries: np.ndarray, database: np.ndarray, k: int, alpha: float, *,
-                          leave_self_out: bool = False) -> np.ndarray:
+def alpha_query_expansion(
+    queries: np.ndarray, database: np.ndarray, k: int, alpha: float, *, leave_self_out: bool = False
+) -> np.ndarray:
     """alpha-QE of ``queries`` (N, D) with their ``k`` nearest ``database`` (M, D) rows.
 
     ``leave_self_out`` for leave-one-out evaluation, where the queries are the database.

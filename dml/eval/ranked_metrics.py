@@ -21,8 +21,14 @@ Ranker = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 BATCH = 2048
 
 
-def score_rankings(rank: Ranker, query_labels: np.ndarray, gallery_labels: np.ndarray, leave_one_out: bool,
-                   ks: Sequence[int], batch: int = BATCH) -> dict[str, Any]:
+def score_rankings(
+    rank: Ranker,
+    query_labels: np.ndarray,
+    gallery_labels: np.ndarray,
+    leave_one_out: bool,
+    ks: Sequence[int],
+    batch: int = BATCH,
+) -> dict[str, Any]:
     """The keys of ``retrieval_metrics`` (without per-class) plus ``global_average_precision``
     (top-1 label as the prediction, its score as the confidence; queries with R = 0 are the
     distractors), for the ranking ``rank`` gives.
@@ -40,7 +46,7 @@ def score_rankings(rank: Ranker, query_labels: np.ndarray, gallery_labels: np.nd
     top_score = np.empty(len(query_labels), dtype=np.float64)
     parts: list[dict[str, np.ndarray]] = []
     for start in range(0, len(order), batch):
-        rows = order[start:start + batch]
+        rows = order[start : start + batch]
         depth = int(min(max(num_relevant[rows].max(), max(ks), 1), searchable))
         ids, scores = rank(rows, depth)
         top_label[rows], top_score[rows] = gallery_labels[ids[:, 0]], scores[:, 0]
@@ -55,6 +61,5 @@ def score_rankings(rank: Ranker, query_labels: np.ndarray, gallery_labels: np.nd
         result[name] = float(values.mean()) if len(values) else float("nan")
     result["num_queries"] = int((num_relevant > 0).sum())
     result["num_excluded_queries"] = int((num_relevant == 0).sum())
-    result["global_average_precision"] = global_average_precision(top_label, top_score, query_labels,
-                                                                  num_relevant > 0)
+    result["global_average_precision"] = global_average_precision(top_label, top_score, query_labels, num_relevant > 0)
     return result

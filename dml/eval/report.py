@@ -23,13 +23,24 @@ FORMAT = "dml.eval_report/1"
 REPORT_JSON, REPORT_MD, PER_CLASS_CSV = "report.json", "report.md", "per_class.csv"
 WORST_CLASSES = 10
 
-PLOT_TITLES = {"tar_at_far": "Verification: TAR against FAR", "recall_at_k": "Retrieval: recall@k and CMC",
-               "retrieval_grid": "Retrieval examples", "embedding_map": "Embeddings, first two principal components",
-               "verification_sets_roc": "Face verification sets: ROC and 10-fold accuracy",
-               "embedding_map_umap": "Embeddings, UMAP", "embedding_map_tsne": "Embeddings, t-SNE"}
-HEADLINE_NAMES = {"precision_at_1": "P@1", "map_at_r": "MAP@R", "r_precision": "R-precision",
-                  "roc_auc": "ROC AUC", "eer": "EER", "cmc_rank_1": "CMC rank 1",
-                  "global_average_precision": "GAP"}
+PLOT_TITLES = {
+    "tar_at_far": "Verification: TAR against FAR",
+    "recall_at_k": "Retrieval: recall@k and CMC",
+    "retrieval_grid": "Retrieval examples",
+    "embedding_map": "Embeddings, first two principal components",
+    "verification_sets_roc": "Face verification sets: ROC and 10-fold accuracy",
+    "embedding_map_umap": "Embeddings, UMAP",
+    "embedding_map_tsne": "Embeddings, t-SNE",
+}
+HEADLINE_NAMES = {
+    "precision_at_1": "P@1",
+    "map_at_r": "MAP@R",
+    "r_precision": "R-precision",
+    "roc_auc": "ROC AUC",
+    "eer": "EER",
+    "cmc_rank_1": "CMC rank 1",
+    "global_average_precision": "GAP",
+}
 
 
 def headline_label(name: str, verification_sets: Sequence[str] = ()) -> str:
@@ -81,10 +92,18 @@ def write_per_class_csv(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def build_report(metrics: EvaluationMetrics, headline: Mapping[str, Any], *, config: Mapping[str, Any],
-                 provenance: Mapping[str, Any], counts: Mapping[str, Any], plots: Mapping[str, str],
-                 class_names: Sequence[str] | None, timestamps: Mapping[str, str | None],
-                 verification_sets: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def build_report(
+    metrics: EvaluationMetrics,
+    headline: Mapping[str, Any],
+    *,
+    config: Mapping[str, Any],
+    provenance: Mapping[str, Any],
+    counts: Mapping[str, Any],
+    plots: Mapping[str, str],
+    class_names: Sequence[str] | None,
+    timestamps: Mapping[str, str | None],
+    verification_sets: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """The ``report.json`` payload (see module docstring); ``verification_sets`` maps a face
     verification set's name to its numbers (`dml.eval.verification_report`)."""
     rows = class_rows(metrics.per_class, class_names)
@@ -119,25 +138,37 @@ def _format(value: Any) -> str:
 def render_markdown(report: Mapping[str, Any]) -> str:
     """``report.md``: provenance, the headline table, notes and links to the pictures."""
     model, data, counts = report["model"], report["data"], report["counts"]
-    gallery = (f"gallery split `{data['gallery_split']}` ({counts['num_gallery']} samples)"
-               if data["gallery_split"] else "leave-one-out (no gallery split)")
+    gallery = (
+        f"gallery split `{data['gallery_split']}` ({counts['num_gallery']} samples)"
+        if data["gallery_split"]
+        else "leave-one-out (no gallery split)"
+    )
     lines = [
-        "# Evaluation report", "",
+        "# Evaluation report",
+        "",
         f"- model: `{model['path']}` (sha256 `{str(model['sha256'])[:16]}…`)",
         f"- data: `{data['shard_dir']}` (manifest sha256 `{str(data['manifest_sha256'])[:16]}…`)",
         f"- queries: split `{data['query_split']}` ({counts['num_query']} samples, "
         f"{report['num_queries']} scored, {report['num_excluded_queries']} without a relevant item); {gallery}",
-        f"- finished: {report['finished_at']}", "",
-        "| metric | value |", "| --- | ---: |",
+        f"- finished: {report['finished_at']}",
+        "",
+        "| metric | value |",
+        "| --- | ---: |",
     ]
     face_sets = report.get("verification_sets") or {}
-    lines += [f"| {headline_label(name)} | {_format(value)} |" for name, value in report["headline"].items()
-              if verification_report.headline_label(name, list(face_sets)) is None]  # sets: own table below
+    lines += [
+        f"| {headline_label(name)} | {_format(value)} |"
+        for name, value in report["headline"].items()
+        if verification_report.headline_label(name, list(face_sets)) is None
+    ]  # sets: own table below
     lines += verification_report.markdown_section(face_sets, report["config"]["evaluate"]["fars"], data["query_split"])
     if report["notes"]:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in report["notes"]]
-    lines += ["", f"Per-class retrieval metrics: [{PER_CLASS_CSV}]({PER_CLASS_CSV}); "
-              f"all numbers: [{REPORT_JSON}]({REPORT_JSON})."]
+    lines += [
+        "",
+        f"Per-class retrieval metrics: [{PER_CLASS_CSV}]({PER_CLASS_CSV}); "
+        f"all numbers: [{REPORT_JSON}]({REPORT_JSON}).",
+    ]
     if report["plots"]:
         lines += ["", "## Pictures"]
         for name, file in report["plots"].items():
@@ -145,8 +176,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(output_dir: Path, report: Mapping[str, Any], metrics: EvaluationMetrics,
-                 class_names: Sequence[str] | None) -> tuple[Path, Path]:
+def write_report(
+    output_dir: Path, report: Mapping[str, Any], metrics: EvaluationMetrics, class_names: Sequence[str] | None
+) -> tuple[Path, Path]:
     """Write ``report.json``, ``report.md`` and ``per_class.csv``; returns (json path, md path)."""
     write_per_class_csv(class_rows(metrics.per_class, class_names), output_dir / PER_CLASS_CSV)
     json_path = write_json_atomic(output_dir / REPORT_JSON, report, sort_keys=False, allow_nan=False)

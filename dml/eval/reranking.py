@@ -26,8 +26,9 @@ from dml.eval.ranked_metrics import Ranker, score_rankings
 log = logging.getLogger(__name__)
 
 
-def nearest_neighbour_gap(queries: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray | None,
-                          gallery_labels: np.ndarray | None) -> float:
+def nearest_neighbour_gap(
+    queries: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray | None, gallery_labels: np.ndarray | None
+) -> float:
     """GAP of the plain search: each query predicts its nearest gallery item's label with its
     cosine similarity as confidence (leave-one-out when ``gallery`` is None). NaN when no
     query has a relevant gallery item."""
@@ -54,8 +55,9 @@ def vector_ranker(queries: np.ndarray, gallery: np.ndarray, leave_one_out: bool)
     return rank
 
 
-def chain_ranker(methods: Sequence[str], config: RerankingConfig, queries: np.ndarray,
-                 gallery: np.ndarray | None) -> Ranker:
+def chain_ranker(
+    methods: Sequence[str], config: RerankingConfig, queries: np.ndarray, gallery: np.ndarray | None
+) -> Ranker:
     """The ranking after applying ``methods`` in order (k_reciprocal, if present, last)."""
     leave_one_out = gallery is None
     database = queries if gallery is None else gallery
@@ -64,12 +66,14 @@ def chain_ranker(methods: Sequence[str], config: RerankingConfig, queries: np.nd
         if leave_one_out:
             queries = database
     if "alpha_qe" in methods:
-        queries = alpha_query_expansion(queries, database, config.alpha_qe.k, config.alpha_qe.alpha,
-                                        leave_self_out=leave_one_out)
+        queries = alpha_query_expansion(
+            queries, database, config.alpha_qe.k, config.alpha_qe.alpha, leave_self_out=leave_one_out
+        )
     if "k_reciprocal" in methods:
         settings = config.k_reciprocal
-        ranker = KReciprocalRanker(queries, None if leave_one_out else database, settings.k1, settings.k2,
-                                   settings.lambda_value)
+        ranker = KReciprocalRanker(
+            queries, None if leave_one_out else database, settings.k1, settings.k2, settings.lambda_value
+        )
 
         def rank(rows: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
             ids, distances = ranker.rank(rows, depth)
@@ -79,8 +83,14 @@ def chain_ranker(methods: Sequence[str], config: RerankingConfig, queries: np.nd
     return vector_ranker(queries, database, leave_one_out)
 
 
-def reranked_metrics(queries: Any, query_labels: np.ndarray, gallery: Any | None, gallery_labels: np.ndarray | None,
-                     config: RerankingConfig, ks: Sequence[int]) -> dict[str, dict[str, Any]]:
+def reranked_metrics(
+    queries: Any,
+    query_labels: np.ndarray,
+    gallery: Any | None,
+    gallery_labels: np.ndarray | None,
+    config: RerankingConfig,
+    ks: Sequence[int],
+) -> dict[str, dict[str, Any]]:
     """Metrics (``score_rankings`` keys plus ``seconds``) for each configured method alone and,
     when there are several, for the chain, keyed "dba", "alpha_qe", "k_reciprocal",
     "dba+alpha_qe" and so on. Empty when no method is configured. A variant that cannot run on
@@ -102,7 +112,12 @@ def reranked_metrics(queries: Any, query_labels: np.ndarray, gallery: Any | None
             results[name] = {"skipped": str(error)}
             continue
         scores["seconds"] = time.perf_counter() - started
-        log.info("evaluate: %s re-ranking: map_at_r=%.4f precision_at_1=%.4f (%.1f s)", name,
-                 scores["map_at_r"], scores["precision_at_1"], scores["seconds"])
+        log.info(
+            "evaluate: %s re-ranking: map_at_r=%.4f precision_at_1=%.4f (%.1f s)",
+            name,
+            scores["map_at_r"],
+            scores["precision_at_1"],
+            scores["seconds"],
+        )
         results[name] = scores
     return results

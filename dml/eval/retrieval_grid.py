@@ -61,8 +61,15 @@ def _draw_cell(axes, image: np.ndarray | None, title: str, colour: str) -> None:
     axes.set_title(title, fontsize=7, color=colour)
 
 
-def plot_retrieval_grid(embeddings: EmbeddingSet, shard_dir: str | Path, path: str | Path, num_queries: int,
-                        k: int, class_names: Sequence[str] | None = None, seed: int = 0) -> Path | None:
+def plot_retrieval_grid(
+    embeddings: EmbeddingSet,
+    shard_dir: str | Path,
+    path: str | Path,
+    num_queries: int,
+    k: int,
+    class_names: Sequence[str] | None = None,
+    seed: int = 0,
+) -> Path | None:
     """Draw ``num_queries`` queries with their top ``k`` (at most MAX_COLUMNS) neighbours.
 
     Returns the PNG path, or None (with one logged line) when there is nothing to show.

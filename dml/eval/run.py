@@ -80,8 +80,15 @@ def model_data_config(config: DMLConfig, saved: dict[str, Any]) -> DataConfig:
     """The model's own data config (image size, channels, normalisation) reading this run's
     shards with this run's batch size, loader workers and bad-sample policy."""
     here = config.data
-    return DataConfig.model_validate({**saved, "shard_dir": here.shard_dir, "batch_size": here.batch_size,
-                                      "num_workers": here.num_workers, "bad_samples": here.bad_samples})
+    return DataConfig.model_validate(
+        {
+            **saved,
+            "shard_dir": here.shard_dir,
+            "batch_size": here.batch_size,
+            "num_workers": here.num_workers,
+            "bad_samples": here.bad_samples,
+        }
+    )
 
 
 def embed_with_model(config: DMLConfig, model_file: Path, device: Any) -> EmbeddingSet:
@@ -97,12 +104,25 @@ def embed_with_model(config: DMLConfig, model_file: Path, device: Any) -> Embedd
     if evaluate.gallery_split is not None:
         gallery = _embed_split(model, data, evaluate.gallery_split, device, evaluate.flip)
     verification = embed_sets(model, data, evaluate, device)
-    meta = {"created_at": utc_now(), "flip": evaluate.flip,
-            "model": {"path": str(model_file), "training_data_digest": payload.get("data_digest"),
-                      "model": payload["model"], "data": data.model_dump(mode="json")},
-            "data": {"shard_dir": config.data.shard_dir, "manifest_sha256": digest,
-                     "manifest_counts": {split: manifest_count(config.data.shard_dir, split)
-                                         for split in (evaluate.query_split, evaluate.gallery_split) if split}}}
+    meta = {
+        "created_at": utc_now(),
+        "flip": evaluate.flip,
+        "model": {
+            "path": str(model_file),
+            "training_data_digest": payload.get("data_digest"),
+            "model": payload["model"],
+            "data": data.model_dump(mode="json"),
+        },
+        "data": {
+            "shard_dir": config.data.shard_dir,
+            "manifest_sha256": digest,
+            "manifest_counts": {
+                split: manifest_count(config.data.shard_dir, split)
+                for split in (evaluate.query_split, evaluate.gallery_split)
+                if split
+            },
+        },
+    }
     return EmbeddingSet(evaluate.query_split, query, evaluate.gallery_split, gallery, meta, verification)
 
 
@@ -115,18 +135,24 @@ def count_summary(embeddings: EmbeddingSet) -> tuple[dict[str, int], list[str]]:
     """Report counts (embedded, listed in the manifest, skipped per split) and one note per
     split that has fewer samples than its manifest lists (bad samples dropped by the skip policy)."""
     listed = embeddings.meta.get("data", {}).get("manifest_counts", {})
-    counts = {"num_query": len(embeddings.query.keys),
-              "num_gallery": len(embeddings.gallery.keys) if embeddings.gallery else 0}
+    counts = {
+        "num_query": len(embeddings.query.keys),
+        "num_gallery": len(embeddings.gallery.keys) if embeddings.gallery else 0,
+    }
     notes = []
-    for role, split, found in (("query", embeddings.query_split, counts["num_query"]),
-                               ("gallery", embeddings.gallery_split, counts["num_gallery"])):
+    for role, split, found in (
+        ("query", embeddings.query_split, counts["num_query"]),
+        ("gallery", embeddings.gallery_split, counts["num_gallery"]),
+    ):
         if split is None or split not in listed:
             continue
         counts[f"manifest_{role}"] = int(listed[split])
         counts[f"skipped_{role}"] = int(listed[split]) - found
         if found < int(listed[split]):
-            notes.append(f"metrics are over {found} of the {listed[split]} {role} samples the manifest lists: "
-                         f"{int(listed[split]) - found} bad samples were skipped (data.bad_samples=skip)")
+            notes.append(
+                f"metrics are over {found} of the {listed[split]} {role} samples the manifest lists: "
+                f"{int(listed[split]) - found} bad samples were skipped (data.bad_samples=skip)"
+            )
     return counts, notes
 
 
@@ -167,14 +193,17 @@ def run_evaluate(config: DMLConfig, embeddings_dir: str | Path | None = None) ->
         embeddings_dir = embeddings.save(output_dir / EMBEDDINGS_SUBDIR)
         log.info("evaluate: embeddings saved to %s", embeddings_dir)
     else:
-        embeddings = load_embedding_set(embeddings_dir, config.evaluate.query_split, config.evaluate.gallery_split,
-                                        [spec.set_name for spec in config.evaluate.verification_sets])
+        embeddings = load_embedding_set(
+            embeddings_dir,
+            config.evaluate.query_split,
+            config.evaluate.gallery_split,
+            [spec.set_name for spec in config.evaluate.verification_sets],
+        )
         log.info("evaluate: using saved embeddings from %s (model not loaded)", embeddings_dir)
     return report_on_embeddings(config, embeddings, Path(embeddings_dir), started)
 
 
-def report_on_embeddings(config: DMLConfig, embeddings: EmbeddingSet, embeddings_dir: Path,
-                         started: str) -> EvalResult:
+def report_on_embeddings(config: DMLConfig, embeddings: EmbeddingSet, embeddings_dir: Path, started: str) -> EvalResult:
     """Metrics, plots and report files for ``embeddings`` (rank 0 only).
 
     Raises DMLError for leave-one-out over fewer than 2 samples.
@@ -198,17 +227,28 @@ def report_on_embeddings(config: DMLConfig, embeddings: EmbeddingSet, embeddings
     plots = draw_report_plots(config, embeddings, metrics, output_dir, class_names)
     if face_sets and evaluate.plots:
         plots["verification_sets_roc"] = plot_verification_roc(face_sets, output_dir / ROC_FILE).name
-    report = build_report(metrics, headline, config=config.model_dump(mode="json"),
-                          provenance=_provenance(embeddings, embeddings_dir),
-                          counts=counts,
-                          plots=plots, class_names=class_names, verification_sets=face_sets,
-                          timestamps={"started_at": started, "finished_at": utc_now(),
-                                      "embedded_at": embeddings.meta.get("created_at")})
+    report = build_report(
+        metrics,
+        headline,
+        config=config.model_dump(mode="json"),
+        provenance=_provenance(embeddings, embeddings_dir),
+        counts=counts,
+        plots=plots,
+        class_names=class_names,
+        verification_sets=face_sets,
+        timestamps={"started_at": started, "finished_at": utc_now(), "embedded_at": embeddings.meta.get("created_at")},
+    )
     report["notes"] = count_notes + report["notes"]
     report_path, markdown_path = write_report(output_dir, report, metrics, class_names)
     log.info("evaluate: report -> %s (%s)", report_path, _summary(headline))
-    result = EvalResult(str(output_dir), str(report_path), str(markdown_path), report["headline"],
-                        str(embeddings_dir), {name: str(output_dir / file) for name, file in plots.items()})
+    result = EvalResult(
+        str(output_dir),
+        str(report_path),
+        str(markdown_path),
+        report["headline"],
+        str(embeddings_dir),
+        {name: str(output_dir / file) for name, file in plots.items()},
+    )
     track_evaluation(config, result, embeddings, class_names)
     return result
 
@@ -223,8 +263,9 @@ def matching_class_names(config: DMLConfig, embeddings: EmbeddingSet) -> list[st
         log.info("evaluate: no class names or images (%s)", exc)
         return None
     if digest != embeddings.meta.get("data", {}).get("manifest_sha256"):
-        log.info("evaluate: %s is not the data the embeddings came from; labels shown as numbers",
-                 config.data.shard_dir)
+        log.info(
+            "evaluate: %s is not the data the embeddings came from; labels shown as numbers", config.data.shard_dir
+        )
         return None
     return list(manifest["classes"])
 
@@ -233,18 +274,28 @@ def _provenance(embeddings: EmbeddingSet, embeddings_dir: Path) -> dict[str, Any
     meta = embeddings.meta
     model, data = meta.get("model", {}), meta.get("data", {})
     return {
-        "model": {"path": model.get("path"), "sha256": model.get("sha256"),
-                  "training_data_digest": model.get("training_data_digest"),
-                  "model_config": model.get("model"), "data_config": model.get("data")},
-        "data": {"shard_dir": data.get("shard_dir"), "manifest_sha256": data.get("manifest_sha256"),
-                 "query_split": embeddings.query_split,
-                 "gallery_split": embeddings.gallery_split if embeddings.gallery is not None else None,
-                 "flip": meta.get("flip")},
+        "model": {
+            "path": model.get("path"),
+            "sha256": model.get("sha256"),
+            "training_data_digest": model.get("training_data_digest"),
+            "model_config": model.get("model"),
+            "data_config": model.get("data"),
+        },
+        "data": {
+            "shard_dir": data.get("shard_dir"),
+            "manifest_sha256": data.get("manifest_sha256"),
+            "query_split": embeddings.query_split,
+            "gallery_split": embeddings.gallery_split if embeddings.gallery is not None else None,
+            "flip": meta.get("flip"),
+        },
         "embeddings_dir": str(embeddings_dir),
     }
 
 
 def _summary(headline: dict[str, Any]) -> str:
-    shown = [f"{name}={value:.4f}" for name, value in headline.items()
-             if name in ("precision_at_1", "map_at_r", "roc_auc") and isinstance(value, float)]
+    shown = [
+        f"{name}={value:.4f}"
+        for name, value in headline.items()
+        if name in ("precision_at_1", "map_at_r", "roc_auc") and isinstance(value, float)
+    ]
     return ", ".join(shown)

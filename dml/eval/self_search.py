@@ -60,8 +60,9 @@ DIAGONAL_CHUNK = 256  # rows offered their band of the diagonal block together
 CHUNK = 32  # columns per chunk maximum; torch reduces 32-wide chunks ~4x faster than 16-wide
 
 
-def scores_above(scores: torch.Tensor, row_floor: torch.Tensor,
-                 col_floor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def scores_above(
+    scores: torch.Tensor, row_floor: torch.Tensor, col_floor: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(row, column, value) of the entries of ``scores`` (R, C) that may beat a floor.
 
     Every entry greater than the smaller of its row's ``row_floor`` (R,) and its column's
@@ -83,8 +84,9 @@ def scores_above(scores: torch.Tensor, row_floor: torch.Tensor,
     a, b, v = chunk_rows[hit], chunks[hit] * CHUNK + offset, values[hit, offset]
     if main < cols:
         tail = scores[:, main:]
-        tail_rows, tail_cols = torch.nonzero(tail > torch.minimum(row_floor[:, None], col_floor[None, main:]),
-                                             as_tuple=True)
+        tail_rows, tail_cols = torch.nonzero(
+            tail > torch.minimum(row_floor[:, None], col_floor[None, main:]), as_tuple=True
+        )
         a = torch.cat([a, tail_rows])
         b = torch.cat([b, tail_cols + main])
         v = torch.cat([v, tail[tail_rows, tail_cols]])
@@ -111,7 +113,7 @@ class _BlockHeaps:
         start = self.bounds[block][0]
         roots = self.blocks[block][1][:, 0]
         if rows is None:
-            self.thresholds[start:start + len(roots)] = torch.from_numpy(roots)
+            self.thresholds[start : start + len(roots)] = torch.from_numpy(roots)
         else:
             self.thresholds[torch.from_numpy(rows + start)] = torch.from_numpy(roots[rows])
 
@@ -131,7 +133,7 @@ class _BlockHeaps:
             band = (max(0, low - width), min(rows, high + width))
             for cols in (band, (0, band[0]), (band[1], rows)):
                 if cols[1] > cols[0]:
-                    part = np.ascontiguousarray(scores[low:high, cols[0]:cols[1]].numpy())
+                    part = np.ascontiguousarray(scores[low:high, cols[0] : cols[1]].numpy())
                     # faiss's stubs list only addn's two-argument overload
                     heap.addn(cols[1] - cols[0], faiss.swig_ptr(part), first_id + cols[0], low, high - low)  # type: ignore[call-arg]
         self._refresh(block)
@@ -156,8 +158,9 @@ class _BlockHeaps:
             table[row_of[keep], slot[keep] - low] = score_of_candidate[keep]
             table_ids[row_of[keep], slot[keep] - low] = id_of_candidate[keep]
             subset = np.ascontiguousarray(touched, dtype=np.int64)
-            heap.addn_query_subset_with_ids(len(subset), faiss.swig_ptr(subset), width,
-                                            faiss.swig_ptr(table), faiss.swig_ptr(table_ids), width)
+            heap.addn_query_subset_with_ids(
+                len(subset), faiss.swig_ptr(subset), width, faiss.swig_ptr(table), faiss.swig_ptr(table_ids), width
+            )
         self._refresh(block, touched)
 
     def finish(self) -> None:
@@ -199,8 +202,9 @@ class SweptLists:
         return out_scores, out_ids
 
 
-def self_neighbour_lists(units: np.ndarray, widths: np.ndarray, block: int = DEFAULT_BLOCK,
-                         order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def self_neighbour_lists(
+    units: np.ndarray, widths: np.ndarray, block: int = DEFAULT_BLOCK, order: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Each row's ``widths[r]`` highest float32 inner products with the other rows.
 
     ``units``: (N, D) float32 unit rows (the query set, which is also the gallery).
@@ -214,8 +218,9 @@ def self_neighbour_lists(units: np.ndarray, widths: np.ndarray, block: int = DEF
     return lists.take(np.arange(len(units)), int(np.max(widths)))
 
 
-def sweep_neighbour_lists(units: np.ndarray, widths: np.ndarray, block: int = DEFAULT_BLOCK,
-                          order: np.ndarray | None = None) -> SweptLists:
+def sweep_neighbour_lists(
+    units: np.ndarray, widths: np.ndarray, block: int = DEFAULT_BLOCK, order: np.ndarray | None = None
+) -> SweptLists:
     """The lists of :func:`self_neighbour_lists`, read with :meth:`SweptLists.take`.
 
     ``order`` (N,), a permutation, sweeps the rows in that order (lists still by original
@@ -236,8 +241,10 @@ def sweep_neighbour_lists(units: np.ndarray, widths: np.ndarray, block: int = DE
     bounds = block_bounds(n, block)
     smallest = min(b - a for a, b in bounds)
     if int(widths_t.min()) < 1 or int(widths_t.max()) > smallest - 1:
-        raise ValueError(f"widths must be in [1, {smallest - 1}] for {n} rows in blocks of {block}, "
-                         f"got [{int(widths_t.min())}, {int(widths_t.max())}]")
+        raise ValueError(
+            f"widths must be in [1, {smallest - 1}] for {n} rows in blocks of {block}, "
+            f"got [{int(widths_t.min())}, {int(widths_t.max())}]"
+        )
     x = torch.from_numpy(np.ascontiguousarray(units, dtype=np.float32))
     heaps = _BlockHeaps(bounds, widths_t)
     largest = max(b - a for a, b in bounds)
@@ -253,12 +260,13 @@ def sweep_neighbour_lists(units: np.ndarray, widths: np.ndarray, block: int = DE
     done = offered = 0
     for i, (row_start, row_stop) in enumerate(bounds):
         rows = x[row_start:row_stop]
-        for j, (col_start, col_stop) in enumerate(bounds[i + 1:], start=i + 1):
+        for j, (col_start, col_stop) in enumerate(bounds[i + 1 :], start=i + 1):
             shape = (row_stop - row_start, col_stop - col_start)
             scores = score_buffer[: shape[0] * shape[1]].view(shape)
             torch.mm(rows, x[col_start:col_stop].T, out=scores)
-            a, b, values = scores_above(scores, heaps.thresholds[row_start:row_stop],
-                                        heaps.thresholds[col_start:col_stop])
+            a, b, values = scores_above(
+                scores, heaps.thresholds[row_start:row_stop], heaps.thresholds[col_start:col_stop]
+            )
             offered += values.numel()
             # rows of block i see block j, and back
             to_rows = values > heaps.thresholds[a + row_start]

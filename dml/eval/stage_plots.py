@@ -17,13 +17,21 @@ from dml.eval.retrieval_grid import plot_retrieval_grid
 
 log = logging.getLogger(__name__)
 
-PLOT_FILES = {"tar_at_far": "tar_at_far.png", "recall_at_k": "recall_at_k.png",
-              "retrieval_grid": "retrieval_grid.png",
-              **{PLOT_KEYS[kind]: file for kind, file in MAP_FILES.items()}}
+PLOT_FILES = {
+    "tar_at_far": "tar_at_far.png",
+    "recall_at_k": "recall_at_k.png",
+    "retrieval_grid": "retrieval_grid.png",
+    **{PLOT_KEYS[kind]: file for kind, file in MAP_FILES.items()},
+}
 
 
-def draw_report_plots(config: DMLConfig, embeddings: EmbeddingSet, metrics: EvaluationMetrics,
-                      output_dir: Path, class_names: list[str] | None) -> dict[str, str]:
+def draw_report_plots(
+    config: DMLConfig,
+    embeddings: EmbeddingSet,
+    metrics: EvaluationMetrics,
+    output_dir: Path,
+    class_names: list[str] | None,
+) -> dict[str, str]:
     """Draw every picture that applies; returns name -> file name (relative to ``output_dir``).
 
     Nothing is drawn (one logged line) when ``evaluate.plots`` is false. The retrieval grid
@@ -45,8 +53,17 @@ def draw_report_plots(config: DMLConfig, embeddings: EmbeddingSet, metrics: Eval
     if embeddings.gallery is not None:
         vectors = np.concatenate([vectors, embeddings.gallery.vectors])
         labels = np.concatenate([labels, embeddings.gallery.labels])
-    drawn.update(draw_embedding_maps(vectors, labels, config.evaluate.maps, output_dir, class_names,
-                                     seed=config.seed, limit=config.evaluate.map_samples))
+    drawn.update(
+        draw_embedding_maps(
+            vectors,
+            labels,
+            config.evaluate.maps,
+            output_dir,
+            class_names,
+            seed=config.seed,
+            limit=config.evaluate.map_samples,
+        )
+    )
     return drawn
 
 
@@ -58,8 +75,15 @@ def _draw_grid(config: DMLConfig, embeddings: EmbeddingSet, path: Path, class_na
         log.info("evaluate: retrieval grid skipped: the embeddings' shards are not at %s", config.data.shard_dir)
         return False
     try:
-        written = plot_retrieval_grid(embeddings, config.data.shard_dir, path, config.evaluate.grid_queries,
-                                      max(config.evaluate.ks), class_names, seed=config.seed)
+        written = plot_retrieval_grid(
+            embeddings,
+            config.data.shard_dir,
+            path,
+            config.evaluate.grid_queries,
+            max(config.evaluate.ks),
+            class_names,
+            seed=config.seed,
+        )
     except (DataError, OSError) as exc:
         log.info("evaluate: retrieval grid skipped: cannot read images (%s)", exc)
         return False

@@ -141,8 +141,9 @@ def _summarise(roc: RocCounts, fars: Sequence[float], method: str) -> dict[str, 
         key = f"{target:.0e}"
         if target * num_neg < 1:
             result["tar_at_far"][key] = result["threshold_at_far"][key] = None
-            result["notes"].append(f"FAR {key} not resolvable: needs >= {math.ceil(1 / target)} "
-                                   f"negative pairs, have {num_neg}")
+            result["notes"].append(
+                f"FAR {key} not resolvable: needs >= {math.ceil(1 / target)} negative pairs, have {num_neg}"
+            )
             continue
         allowed = target * num_neg * (1 + 1e-9)  # guard against 1e-3 * 1000 = 0.999..
         point = int(np.searchsorted(accepted_negatives, allowed, side="right")) - 1
@@ -264,5 +265,9 @@ def cmc_curve(
         first = np.where(matches.any(axis=1), matches.argmax(axis=1), max_rank)
         hits_by_rank += np.bincount(first, minlength=max_rank + 1)[:max_rank]
     cmc = np.cumsum(hits_by_rank) / max(len(rows), 1)
-    return {"ranks": list(range(1, max_rank + 1)), "cmc": cmc.tolist(),
-            "num_probes": len(rows), "num_excluded_probes": int(len(probes) - len(rows))}
+    return {
+        "ranks": list(range(1, max_rank + 1)),
+        "cmc": cmc.tolist(),
+        "num_probes": len(rows),
+        "num_excluded_probes": int(len(probes) - len(rows)),
+    }

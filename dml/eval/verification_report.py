@@ -31,8 +31,13 @@ from dml.eval.verification_sets import (
 log = logging.getLogger(__name__)
 ROC_POINTS = 2000
 ROC_FILE = "verification_sets_roc.png"
-HEADLINE_SUFFIXES = {"accuracy": "10-fold accuracy", "accuracy_std": "10-fold accuracy std",
-                     "best_threshold_accuracy": "best-threshold accuracy", "roc_auc": "ROC AUC", "eer": "EER"}
+HEADLINE_SUFFIXES = {
+    "accuracy": "10-fold accuracy",
+    "accuracy_std": "10-fold accuracy std",
+    "best_threshold_accuracy": "best-threshold accuracy",
+    "roc_auc": "ROC AUC",
+    "eer": "EER",
+}
 
 
 def embed_sets(
@@ -64,8 +69,13 @@ def score_sets(sets: Sequence[PairEmbeddings], fars: Sequence[float]) -> dict[st
     scored = {}
     for pairs in sets:
         scored[pairs.name] = {**score_pair_embeddings(pairs, fars), "roc_curve": exact_roc(pairs)}
-        log.info("evaluate: %s: 10-fold accuracy %.4f +- %.4f over %d pairs", pairs.name,
-                 scored[pairs.name]["accuracy"], scored[pairs.name]["accuracy_std"], scored[pairs.name]["num_pairs"])
+        log.info(
+            "evaluate: %s: 10-fold accuracy %.4f +- %.4f over %d pairs",
+            pairs.name,
+            scored[pairs.name]["accuracy"],
+            scored[pairs.name]["accuracy_std"],
+            scored[pairs.name]["num_pairs"],
+        )
     return scored
 
 
@@ -98,10 +108,21 @@ def markdown_section(scored: Mapping[str, Mapping[str, Any]], fars: Sequence[flo
     """The report.md table: one row per set."""
     if not scored:
         return []
-    far_keys = [f"{f:.0e}" for f in fars
-                if any((m.get("tar_at_far") or {}).get(f"{f:.0e}") is not None for m in scored.values())]
-    head = ["set", "pairs (same / different)", "10-fold accuracy (mean ± std)", "best-threshold accuracy",
-            "val@FAR=1e-03 (insightface)", *[f"TAR@FAR={k}" for k in far_keys], "ROC AUC", "EER"]
+    far_keys = [
+        f"{f:.0e}"
+        for f in fars
+        if any((m.get("tar_at_far") or {}).get(f"{f:.0e}") is not None for m in scored.values())
+    ]
+    head = [
+        "set",
+        "pairs (same / different)",
+        "10-fold accuracy (mean ± std)",
+        "best-threshold accuracy",
+        "val@FAR=1e-03 (insightface)",
+        *[f"TAR@FAR={k}" for k in far_keys],
+        "ROC AUC",
+        "EER",
+    ]
     lines = [
         "",
         "## Face verification sets",
@@ -141,16 +162,28 @@ def plot_verification_roc(scored: Mapping[str, Mapping[str, Any]], path: str | P
         curve = m["roc_curve"]
         far = np.asarray(curve["far"])
         shown = far >= floor
-        axes.step(far[shown], np.asarray(curve["tar"])[shown], where="post", color=colour, lw=1.6,
-                  label=f"{name}: 10-fold accuracy {100 * m['accuracy']:.2f} ± {100 * m['accuracy_std']:.2f} % "
-                        f"({m['num_pairs']} pairs)")
+        axes.step(
+            far[shown],
+            np.asarray(curve["tar"])[shown],
+            where="post",
+            color=colour,
+            lw=1.6,
+            label=f"{name}: 10-fold accuracy {100 * m['accuracy']:.2f} ± {100 * m['accuracy_std']:.2f} % "
+            f"({m['num_pairs']} pairs)",
+        )
         points = [(float(k), v) for k, v in (m.get("tar_at_far") or {}).items() if v is not None and float(k) >= floor]
         if points:
             axes.scatter([f for f, _ in points], [t for _, t in points], color=colour, s=22, zorder=3)
             marked = True
         for at, tar in points:
-            axes.annotate(f"TAR {tar:.3f} @ FAR {at:.0e}", (at, tar), textcoords="offset points", xytext=(6, -4),
-                          fontsize=7, color=colour)
+            axes.annotate(
+                f"TAR {tar:.3f} @ FAR {at:.0e}",
+                (at, tar),
+                textcoords="offset points",
+                xytext=(6, -4),
+                fontsize=7,
+                color=colour,
+            )
     if marked:  # one legend entry for the dots of every set, after the curves
         axes.scatter([], [], color="0.35", s=22, label="TAR at the configured FARs")
     axes.set_xscale("log")

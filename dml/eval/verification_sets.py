@@ -72,12 +72,14 @@ def _load_pairs_folder(spec: VerificationSetConfig) -> VerificationSet:
     for number, pair in enumerate(pairs):
         for side, key in enumerate(((pair.name1, pair.index1), (pair.name2, pair.index2))):
             if key not in index:
-                raise DataError(f"{pairs_path}: pair {number + 1} names image {key[1]} of '{key[0]}', "
-                                f"which is not in {folder}")
+                raise DataError(
+                    f"{pairs_path}: pair {number + 1} names image {key[1]} of '{key[0]}', which is not in {folder}"
+                )
             rows[number, side] = files.setdefault(index[key], len(files))
     images = [path.read_bytes() for path in files]
-    return VerificationSet(spec.set_name, f"{pairs_path} on {folder}", images, rows,
-                           np.array([p.is_same for p in pairs], bool))
+    return VerificationSet(
+        spec.set_name, f"{pairs_path} on {folder}", images, rows, np.array([p.is_same for p in pairs], bool)
+    )
 
 
 def load_verification_set(spec: VerificationSetConfig) -> VerificationSet:
@@ -88,8 +90,14 @@ def load_verification_set(spec: VerificationSetConfig) -> VerificationSet:
         loaded = VerificationSet(spec.set_name, spec.path, content.images, rows, content.is_same)
     else:
         loaded = _load_pairs_folder(spec)
-    log.info("verification set %s: %d pairs (%d same), %d images from %s", loaded.name, len(loaded.is_same),
-             int(loaded.is_same.sum()), len(loaded.images), loaded.source)
+    log.info(
+        "verification set %s: %d pairs (%d same), %d images from %s",
+        loaded.name,
+        len(loaded.is_same),
+        int(loaded.is_same.sum()),
+        len(loaded.images),
+        loaded.source,
+    )
     return loaded
 
 
@@ -102,19 +110,36 @@ def _decode(data: bytes, transform, where: str) -> torch.Tensor:
         raise DataError(f"{where}: cannot decode image: {type(exc).__name__}: {exc}") from None
 
 
-def _embed_share(model: torch.nn.Module, images: Sequence[bytes], start: int, data: DataConfig,
-                 device: torch.device, flip: bool, batch_size: int, source: str) -> np.ndarray:
+def _embed_share(
+    model: torch.nn.Module,
+    images: Sequence[bytes],
+    start: int,
+    data: DataConfig,
+    device: torch.device,
+    flip: bool,
+    batch_size: int,
+    source: str,
+) -> np.ndarray:
     transform = build_eval_transform(data)
     parts = []
     for offset in range(0, len(images), batch_size):
-        batch = [_decode(images[i], transform, f"{source}: image {start + i}")
-                 for i in range(offset, min(offset + batch_size, len(images)))]
+        batch = [
+            _decode(images[i], transform, f"{source}: image {start + i}")
+            for i in range(offset, min(offset + batch_size, len(images)))
+        ]
         parts.append(embed_batches(model, torch.stack(batch).to(device), flip).cpu().numpy())
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
-def embed_images(model: torch.nn.Module, images: Sequence[bytes], data: DataConfig, device: torch.device,
-                 flip: bool = False, batch_size: int = 64, source: str = "verification set") -> np.ndarray:
+def embed_images(
+    model: torch.nn.Module,
+    images: Sequence[bytes],
+    data: DataConfig,
+    device: torch.device,
+    flip: bool = False,
+    batch_size: int = 64,
+    source: str = "verification set",
+) -> np.ndarray:
     """Embeddings (N, D) float32 of encoded ``images``, preprocessed like evaluation
     (`build_eval_transform` of ``data``); collective over the process group when there is
     one. Raises `DataError` on every rank when any rank meets an undecodable image."""
@@ -148,8 +173,14 @@ class PairEmbeddings:
     is_same: np.ndarray
 
 
-def embed_verification_set(model: torch.nn.Module, loaded: VerificationSet, data: DataConfig,
-                           device: torch.device, flip: bool = False, batch_size: int = 64) -> PairEmbeddings:
+def embed_verification_set(
+    model: torch.nn.Module,
+    loaded: VerificationSet,
+    data: DataConfig,
+    device: torch.device,
+    flip: bool = False,
+    batch_size: int = 64,
+) -> PairEmbeddings:
     """Embed every distinct image of ``loaded`` once (collective) and lay them out in pairs."""
     vectors = embed_images(model, loaded.images, data, device, flip, batch_size, loaded.source)
     return PairEmbeddings(loaded.name, loaded.source, vectors[loaded.pair_rows.reshape(-1)], loaded.is_same)
@@ -157,8 +188,11 @@ def embed_verification_set(model: torch.nn.Module, loaded: VerificationSet, data
 
 def score_pair_embeddings(pairs: PairEmbeddings, fars: Sequence[float]) -> dict[str, Any]:
     """`face_verification_metrics` of one set, with its name and source."""
-    return {"name": pairs.name, "source": pairs.source,
-            **face_verification_metrics(pairs.vectors, pairs.is_same, fars=fars)}
+    return {
+        "name": pairs.name,
+        "source": pairs.source,
+        **face_verification_metrics(pairs.vectors, pairs.is_same, fars=fars),
+    }
 
 
 def flat_metrics(name: str, metrics: dict[str, Any], prefix: str = "ver_") -> dict[str, float]:
@@ -166,16 +200,25 @@ def flat_metrics(name: str, metrics: dict[str, Any], prefix: str = "ver_") -> di
     ``_accuracy_std``, ``_best_threshold_accuracy``, ``_val_at_far_<far>``,
     ``_tar_at_far_<far>``, ``_roc_auc``, ``_eer`` (None values left out)."""
     val = metrics["val_at_far"]
-    values: dict[str, Any] = {"accuracy": metrics["accuracy"], "accuracy_std": metrics["accuracy_std"],
-                              "best_threshold_accuracy": metrics["best_threshold_accuracy"],
-                              f"val_at_far_{val['far_target']:.0e}": val["val"],
-                              "roc_auc": metrics["roc_auc"], "eer": metrics["eer"]}
+    values: dict[str, Any] = {
+        "accuracy": metrics["accuracy"],
+        "accuracy_std": metrics["accuracy_std"],
+        "best_threshold_accuracy": metrics["best_threshold_accuracy"],
+        f"val_at_far_{val['far_target']:.0e}": val["val"],
+        "roc_auc": metrics["roc_auc"],
+        "eer": metrics["eer"],
+    }
     values.update({f"tar_at_far_{key}": tar for key, tar in (metrics["tar_at_far"] or {}).items()})
     return {f"{prefix}{name}_{key}": float(value) for key, value in values.items() if value is not None}
 
 
-def make_verification_evaluator(specs: Sequence[VerificationSetConfig], data: DataConfig, device: torch.device,
-                                fars: Sequence[float], flip: bool = False):
+def make_verification_evaluator(
+    specs: Sequence[VerificationSetConfig],
+    data: DataConfig,
+    device: torch.device,
+    fars: Sequence[float],
+    flip: bool = False,
+):
     """A callable ``model -> {ver_<name>_<metric>: value}`` for periodic evaluation in
     training (collective; every rank gets the same numbers), or None without sets. The sets
     are read once, here, on every rank: a bad file stops the run before its first step."""

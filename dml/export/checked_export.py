@@ -141,24 +141,36 @@ def export_model(
         int8_section = None
         if int8:
             assert calibration_images is not None and eval_images is not None  # _check_formats requires them
-            int8_section = _export_int8(job, staged, calibration_images, eval_images, eval_labels,
-                                        int8_min_cosine, int8_op_types)
+            int8_section = _export_int8(
+                job, staged, calibration_images, eval_images, eval_labels, int8_min_cosine, int8_op_types
+            )
             files.append(file_entry("onnx_int8", staged.path(FILE_NAMES["onnx_int8"]), FILE_NAMES["onnx_int8"]))
         card = build_model_card(
-            summary=job.summary, io=io_sections(job.preprocessing, job.summary["embedding_dim"], job.in_graph),
-            opset=opset if "onnx" in formats else None, files=files, parity=parity, int8=int8_section,
-            source=source, metrics=metrics)
+            summary=job.summary,
+            io=io_sections(job.preprocessing, job.summary["embedding_dim"], job.in_graph),
+            opset=opset if "onnx" in formats else None,
+            files=files,
+            parity=parity,
+            int8=int8_section,
+            source=source,
+            metrics=metrics,
+        )
         write_model_card(card, staged.path(CARD_NAME))
         committed = staged.commit()
     log.info("exported %s to %s", ", ".join(entry["format"] for entry in files), staged.directory)
     return ExportResult(
         out_dir=staged.directory,
         files={entry["format"]: committed[entry["path"]] for entry in files},
-        card_path=committed[CARD_NAME], parity=parity, int8=int8_section, card=card)
+        card_path=committed[CARD_NAME],
+        parity=parity,
+        int8=int8_section,
+        card=card,
+    )
 
 
-def _check_formats(formats: Sequence[str], int8: bool, calibration_images: Any, eval_images: Any,
-                   eval_labels: Any) -> tuple[str, ...]:
+def _check_formats(
+    formats: Sequence[str], int8: bool, calibration_images: Any, eval_images: Any, eval_labels: Any
+) -> tuple[str, ...]:
     formats = (formats,) if isinstance(formats, str) else tuple(formats)
     unknown = [fmt for fmt in formats if fmt not in FORMATS]
     if not formats or unknown or len(set(formats)) != len(formats):
@@ -173,14 +185,22 @@ def _check_formats(formats: Sequence[str], int8: bool, calibration_images: Any, 
     return formats
 
 
-def _prepare_job(model: nn.Module, parity_images: ImageInput, opset: int, min_cosine: float, in_graph: bool,
-                 preprocessing: Preprocessing | None, batch_size: int) -> _ExportJob:
+def _prepare_job(
+    model: nn.Module,
+    parity_images: ImageInput,
+    opset: int,
+    min_cosine: float,
+    in_graph: bool,
+    preprocessing: Preprocessing | None,
+    batch_size: int,
+) -> _ExportJob:
     summary = model_summary(model)  # raises ValueError unless an EmbeddingModel
     inner = cast(EmbeddingModel, getattr(model, "module", model))
     preprocessing = preprocessing or inner.preprocessing
     if preprocessing.input_size[0] != inner.preprocessing.input_size[0]:
-        raise ValueError(f"preprocessing has {preprocessing.input_size[0]} channels, the model "
-                         f"{inner.preprocessing.input_size[0]}")
+        raise ValueError(
+            f"preprocessing has {preprocessing.input_size[0]} channels, the model {inner.preprocessing.input_size[0]}"
+        )
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     check_opset(opset)
@@ -189,9 +209,17 @@ def _prepare_job(model: nn.Module, parity_images: ImageInput, opset: int, min_co
         module = PixelInputModel(module, preprocessing).eval()
     summary["preprocessing"] = preprocessing.to_dict()
     parity_inputs = _graph_inputs(parity_images, "parity_images", preprocessing, in_graph)
-    return _ExportJob(module=module, summary=summary, preprocessing=preprocessing, in_graph=in_graph,
-                      parity_inputs=parity_inputs, reference=torch_embeddings(module, parity_inputs, batch_size),
-                      opset=opset, min_cosine=check_min_cosine(min_cosine), batch_size=batch_size)
+    return _ExportJob(
+        module=module,
+        summary=summary,
+        preprocessing=preprocessing,
+        in_graph=in_graph,
+        parity_inputs=parity_inputs,
+        reference=torch_embeddings(module, parity_inputs, batch_size),
+        opset=opset,
+        min_cosine=check_min_cosine(min_cosine),
+        batch_size=batch_size,
+    )
 
 
 def _graph_inputs(images: ImageInput, name: str, preprocessing: Preprocessing, in_graph: bool) -> torch.Tensor:
@@ -210,21 +238,34 @@ def _export_checked(job: _ExportJob, fmt: str, staged: StagedFiles, parity: dict
             session = open_onnx_session(path, provider)
             key = "onnx" if provider == CPU_PROVIDER else "onnx_cuda"
             candidate = onnx_embeddings(session, job.parity_inputs, job.batch_size)
-            reports[key] = compare_embeddings(job.reference, candidate, "onnx", f"onnxruntime {provider}",
-                                              job.min_cosine)
+            reports[key] = compare_embeddings(
+                job.reference, candidate, "onnx", f"onnxruntime {provider}", job.min_cosine
+            )
     else:
         export_torchscript(job.module, path, example)
         candidate = torch_embeddings(load_torchscript(path), job.parity_inputs, job.batch_size)
         reports[fmt] = compare_embeddings(job.reference, candidate, fmt, "torch.jit", job.min_cosine)
     for key, report in reports.items():
-        log.info("parity %s: min cosine %.6f, max abs diff %.3g on %d images",
-                    key, report.min_cosine, report.max_abs_diff, report.num_images)
+        log.info(
+            "parity %s: min cosine %.6f, max abs diff %.3g on %d images",
+            key,
+            report.min_cosine,
+            report.max_abs_diff,
+            report.num_images,
+        )
         parity[key] = require_parity(report).to_dict()
     return path
 
 
-def _export_int8(job: _ExportJob, staged: StagedFiles, calibration_images: ImageInput, eval_images: ImageInput,
-                 eval_labels: Any, min_cosine: float, op_types: Sequence[str] | None) -> dict[str, Any]:
+def _export_int8(
+    job: _ExportJob,
+    staged: StagedFiles,
+    calibration_images: ImageInput,
+    eval_images: ImageInput,
+    eval_labels: Any,
+    min_cosine: float,
+    op_types: Sequence[str] | None,
+) -> dict[str, Any]:
     """Quantize the staged fp32 ONNX file, check it against fp32 and score both on the eval set."""
     fp32_path, int8_path = staged.path(FILE_NAMES["onnx"]), staged.path(FILE_NAMES["onnx_int8"])
     calibration = _graph_inputs(calibration_images, "calibration_images", job.preprocessing, job.in_graph)
@@ -235,10 +276,22 @@ def _export_int8(job: _ExportJob, staged: StagedFiles, calibration_images: Image
     report = compare_embeddings(
         onnx_embeddings(fp32_session, job.parity_inputs, job.batch_size),
         onnx_embeddings(int8_session, job.parity_inputs, job.batch_size),
-        "onnx_int8", f"onnxruntime {CPU_PROVIDER}", min_cosine, reference_name="onnx_fp32")
+        "onnx_int8",
+        f"onnxruntime {CPU_PROVIDER}",
+        min_cosine,
+        reference_name="onnx_fp32",
+    )
     require_parity(report)
-    retrieval = retrieval_drop(onnx_embeddings(fp32_session, evaluation, job.batch_size),
-                               onnx_embeddings(int8_session, evaluation, job.batch_size), eval_labels)
-    log.info("int8: min cosine to fp32 %.4f, MAP@R %.4f -> %.4f (drop %.4f)", report.min_cosine,
-                retrieval["fp32"]["map_at_r"], retrieval["int8"]["map_at_r"], retrieval["map_at_r_drop"])
+    retrieval = retrieval_drop(
+        onnx_embeddings(fp32_session, evaluation, job.batch_size),
+        onnx_embeddings(int8_session, evaluation, job.batch_size),
+        eval_labels,
+    )
+    log.info(
+        "int8: min cosine to fp32 %.4f, MAP@R %.4f -> %.4f (drop %.4f)",
+        report.min_cosine,
+        retrieval["fp32"]["map_at_r"],
+        retrieval["int8"]["map_at_r"],
+        retrieval["map_at_r_drop"],
+    )
     return {**facts, "file": FILE_NAMES["onnx_int8"], "parity": report.to_dict(), "retrieval": retrieval}

@@ -91,8 +91,11 @@ def io_sections(preprocessing: Preprocessing, embedding_dim: int, in_graph: bool
     if preprocessing.center_crop is not None:
         applied = f"the caller first keeps the central {preprocessing.center_crop:g} of each side; " + applied
     filter_name = f"Image.Resampling.{preprocessing.interpolation.upper()}"
-    crop_note = (f" (after keeping its central {preprocessing.center_crop:g} of each side)"
-                 if preprocessing.center_crop is not None else " (no crop)")
+    crop_note = (
+        f" (after keeping its central {preprocessing.center_crop:g} of each side)"
+        if preprocessing.center_crop is not None
+        else " (no crop)"
+    )
     return {
         "input": {"name": INPUT_NAME, **graph_input},
         "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", embedding_dim], "l2_normalized": True},
@@ -104,10 +107,13 @@ def io_sections(preprocessing: Preprocessing, embedding_dim: int, in_graph: bool
             # Fraction of each side kept around the centre before resizing; null: no crop.
             "center_crop": preprocessing.center_crop,
             "resize": f"PIL image.resize(({width}, {height}), {filter_name}) on the decoded 8-bit image"
-                      f"{crop_note}, straight to the input size: the aspect ratio is not kept",
+            f"{crop_note}, straight to the input size: the aspect ratio is not kept",
             "channel_order": "RGB" if channels == 3 else "grey (L)",
-            "channel_conversion": ("grey images are repeated into R, G and B" if channels == 3 else
-                                   "colour images become grey as PIL's convert('L') does (ITU-R 601-2 luma)"),
+            "channel_conversion": (
+                "grey images are repeated into R, G and B"
+                if channels == 3
+                else "colour images become grey as PIL's convert('L') does (ITU-R 601-2 luma)"
+            ),
             "value_range": [0.0, 1.0],
             "mean": list(preprocessing.mean),
             "std": list(preprocessing.std),

@@ -75,7 +75,7 @@ def as_image_batch(images: torch.Tensor | Iterable[torch.Tensor], name: str, cha
 def chunks(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
     """Consecutive slices of at most ``batch_size`` rows."""
     for start in range(0, images.shape[0], batch_size):
-        yield images[start:start + batch_size]
+        yield images[start : start + batch_size]
 
 
 def collect_images(batches: Iterable[tuple], max_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

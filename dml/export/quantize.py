@@ -119,8 +119,9 @@ def _prepare_for_quantization(source: Path, target: Path) -> Path:
     return source
 
 
-def _quantize(source: Path, target: str | os.PathLike, reader: ImageBatchReader, per_channel: bool,
-              op_types: list[str] | None) -> None:
+def _quantize(
+    source: Path, target: str | os.PathLike, reader: ImageBatchReader, per_channel: bool, op_types: list[str] | None
+) -> None:
     quantize_static(
         os.fspath(source),
         os.fspath(target),

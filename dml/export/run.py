@@ -32,8 +32,10 @@ def _evaluation_metrics(report_path: str | None) -> dict | None:
     try:
         report = json.loads(Path(report_path).read_text())
     except FileNotFoundError:
-        raise DMLError(f"export.report_path: no evaluation report at {report_path}: run `dml evaluate` "
-                       "first, or leave export.report_path unset") from None
+        raise DMLError(
+            f"export.report_path: no evaluation report at {report_path}: run `dml evaluate` "
+            "first, or leave export.report_path unset"
+        ) from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise DMLError(f"export.report_path: {report_path} cannot be read as JSON ({first_line(exc, 120)})") from None
     if not isinstance(report, dict) or not isinstance(report.get("headline"), dict):
@@ -47,21 +49,42 @@ def run_export(config: DMLConfig) -> ExportResult:
     model_file = find_model_file(cfg.model_path, "export.model_path")
     metrics = _evaluation_metrics(cfg.report_path)
     model, payload = load_final_model(model_file)
-    data = DataConfig.model_validate({**payload["data"], "shard_dir": config.data.shard_dir, "num_workers": 0,
-                                   "bad_samples": config.data.bad_samples})
+    data = DataConfig.model_validate(
+        {
+            **payload["data"],
+            "shard_dir": config.data.shard_dir,
+            "num_workers": 0,
+            "bad_samples": config.data.bad_samples,
+        }
+    )
     log.info("export: start (%s -> %s)", model_file, cfg.output_dir)
     parity_images, _ = _images(data, cfg.parity_split, cfg.parity_images)
     calibration = eval_images = eval_labels = None
     if cfg.int8:
         calibration, _ = _images(data, data.train_split, cfg.calibration_images)
         eval_images, eval_labels = _images(data, cfg.parity_split, MAX_EVAL_IMAGES)
-    source = {"model_path": str(model_file), "model_sha256": sha256_file(model_file),
-              "data_digest": payload.get("data_digest"), "teacher": payload.get("teacher")}
-    result = export_model(model, cfg.output_dir, parity_images, formats=cfg.formats, opset=cfg.opset,
-                          int8=cfg.int8, calibration_images=calibration, eval_images=eval_images,
-                          eval_labels=eval_labels, source=source, metrics=metrics,
-                          min_cosine=cfg.min_cosine, int8_min_cosine=cfg.int8_min_cosine,
-                          preprocessing_in_graph=cfg.preprocessing_in_graph)
+    source = {
+        "model_path": str(model_file),
+        "model_sha256": sha256_file(model_file),
+        "data_digest": payload.get("data_digest"),
+        "teacher": payload.get("teacher"),
+    }
+    result = export_model(
+        model,
+        cfg.output_dir,
+        parity_images,
+        formats=cfg.formats,
+        opset=cfg.opset,
+        int8=cfg.int8,
+        calibration_images=calibration,
+        eval_images=eval_images,
+        eval_labels=eval_labels,
+        source=source,
+        metrics=metrics,
+        min_cosine=cfg.min_cosine,
+        int8_min_cosine=cfg.int8_min_cosine,
+        preprocessing_in_graph=cfg.preprocessing_in_graph,
+    )
     log.info("export: done -> %s (card %s)", result.out_dir, result.card_path)
     track_export(config, result, model_file)
     return result

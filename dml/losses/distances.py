@@ -9,8 +9,10 @@ import torch.nn.functional as F
 def check_embeddings_and_labels(embeddings: torch.Tensor, labels: torch.Tensor) -> None:
     """Raise ValueError unless embeddings is (B, D) floating point and labels is (B,) integer."""
     if embeddings.dim() != 2 or not embeddings.is_floating_point():
-        raise ValueError(f"embeddings must be a floating-point (B, D) tensor, got {embeddings.dtype} "
-                         f"of shape {tuple(embeddings.shape)}")
+        raise ValueError(
+            f"embeddings must be a floating-point (B, D) tensor, got {embeddings.dtype} "
+            f"of shape {tuple(embeddings.shape)}"
+        )
     if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
         raise ValueError(f"labels must have shape ({embeddings.shape[0]},), got {tuple(labels.shape)}")
     if labels.is_floating_point() or labels.dtype == torch.bool:

@@ -39,8 +39,10 @@ class _DistributedSoftmaxCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         if ctx.consumed:
-            raise RuntimeError("distributed softmax cross-entropy reuses its buffers: "
-                               "backward through it twice (retain_graph) is not supported")
+            raise RuntimeError(
+                "distributed softmax cross-entropy reuses its buffers: "
+                "backward through it twice (retain_graph) is not supported"
+            )
         ctx.consumed = True
         probs, owned, targets = ctx.saved_tensors
         grad = probs  # reused in place: saves one (N, k) buffer
@@ -49,8 +51,9 @@ class _DistributedSoftmaxCE(torch.autograd.Function):
         return grad.to(ctx.input_dtype), None, None
 
 
-def distributed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
-                              group: ProcessGroup | None = None) -> torch.Tensor:
+def distributed_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, group: ProcessGroup | None = None
+) -> torch.Tensor:
     """Mean softmax cross-entropy over rows whose classes are split over the ranks of ``group``.
 
     ``logits`` (N, k_local): this rank's columns for the N rows every rank shares.
@@ -62,8 +65,9 @@ def distributed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
     Raises ValueError for logits not (N, k) with k >= 1 or targets not (N,).
     """
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
-        raise ValueError(f"expected logits (N, k) and targets (N,), got {tuple(logits.shape)} "
-                         f"and {tuple(targets.shape)}")
+        raise ValueError(
+            f"expected logits (N, k) and targets (N,), got {tuple(logits.shape)} and {tuple(targets.shape)}"
+        )
     if logits.shape[1] == 0:
         raise ValueError("every rank needs at least one class column")
     return _DistributedSoftmaxCE.apply(logits, targets, group)

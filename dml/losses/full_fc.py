@@ -29,8 +29,7 @@ class SubCenterArcFace(nn.Module):
     def __init__(self, embedding_dim: int, num_classes: int, k: int = 3):
         super().__init__()
         if embedding_dim < 1 or num_classes < 1 or k < 1:
-            raise ValueError(f"embedding_dim, num_classes and k must be >= 1, got "
-                             f"{embedding_dim}, {num_classes}, {k}")
+            raise ValueError(f"embedding_dim, num_classes and k must be >= 1, got {embedding_dim}, {num_classes}, {k}")
         self.embedding_dim, self.num_classes, self.k = embedding_dim, num_classes, k
         self.weight = nn.Parameter(torch.empty(num_classes * k, embedding_dim))
         nn.init.normal_(self.weight, std=0.01)  # the scale is irrelevant: rows are normalised

@@ -38,8 +38,9 @@ from torch import nn
 ARCFACE_BOUNDARIES = ("fallback", "easy", "straight_through")
 
 
-def dynamic_margins(class_counts: torch.Tensor | list[int], m_min: float = 0.05, m_max: float = 0.5,
-                    power: float = 0.25) -> torch.Tensor:
+def dynamic_margins(
+    class_counts: torch.Tensor | list[int], m_min: float = 0.05, m_max: float = 0.5, power: float = 0.25
+) -> torch.Tensor:
     """Per-class margins that grow as classes get rarer ("dynamic margins").
 
     From the winning solution of the Google Landmark Recognition 2020 challenge (Henkel &
@@ -114,11 +115,13 @@ class _TargetMargin(nn.Module):
         raise NotImplementedError
 
     def margin_logit(self, target_cosine: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        raise ValueError(f"{type(self).__name__} has no per-class margin: row_margins (dynamic "
-                         "margins) need ArcFace or CosFace")
+        raise ValueError(
+            f"{type(self).__name__} has no per-class margin: row_margins (dynamic margins) need ArcFace or CosFace"
+        )
 
-    def forward(self, cosine: torch.Tensor, labels: torch.Tensor,
-                row_margins: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, cosine: torch.Tensor, labels: torch.Tensor, row_margins: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Scaled logits (N, C) in the dtype of ``cosine``; see the module docstring.
 
         ``row_margins`` (N,), optional: the margin of each row's target, replacing the
@@ -153,8 +156,9 @@ def _check_margin_inputs(cosine: torch.Tensor, labels: torch.Tensor) -> None:
     if labels.is_floating_point() or labels.dtype == torch.bool:
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
     if labels.numel() and bool(((labels < -1) | (labels >= cosine.shape[1])).any()):
-        raise ValueError(f"labels must be -1 or in [0, {cosine.shape[1]}), got values in "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
+        raise ValueError(
+            f"labels must be -1 or in [0, {cosine.shape[1]}), got values in [{int(labels.min())}, {int(labels.max())}]"
+        )
 
 
 class _PerClassMargin(_TargetMargin):
@@ -184,17 +188,24 @@ class _PerClassMargin(_TargetMargin):
 
     def target_logit(self, target_cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         m = self.row_margins(labels, target_cosine)
-        return self.margin_logit(target_cosine, torch.as_tensor(m, dtype=target_cosine.dtype,
-                                                                device=target_cosine.device))
+        return self.margin_logit(
+            target_cosine, torch.as_tensor(m, dtype=target_cosine.dtype, device=target_cosine.device)
+        )
 
-    def forward(self, cosine: torch.Tensor, labels: torch.Tensor,
-                row_margins: torch.Tensor | None = None) -> torch.Tensor:
-        if (row_margins is None and self.class_margins is not None and cosine.dim() == 2
-                and cosine.shape[1] != self.class_margins.numel()):
+    def forward(
+        self, cosine: torch.Tensor, labels: torch.Tensor, row_margins: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if (
+            row_margins is None
+            and self.class_margins is not None
+            and cosine.dim() == 2
+            and cosine.shape[1] != self.class_margins.numel()
+        ):
             raise ValueError(
                 f"per-class margins cover {self.class_margins.numel()} classes but cosine has "
                 f"{cosine.shape[1]} columns: per-class margins need the full class axis "
-                "(on a sharded or sampled head pass them to PartialFC as class_margins)")
+                "(on a sharded or sampled head pass them to PartialFC as class_margins)"
+            )
         return super().forward(cosine, labels, row_margins)
 
     def extra_repr(self) -> str:

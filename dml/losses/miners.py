@@ -93,8 +93,13 @@ class DistanceWeightedMiner(nn.Module):
             gathered batch draws the same triplets; None: torch's global generator.
     """
 
-    def __init__(self, cutoff: float = 0.5, nonzero_loss_cutoff: float = 1.4,
-                 generator: torch.Generator | None = None, seed: int | None = None):
+    def __init__(
+        self,
+        cutoff: float = 0.5,
+        nonzero_loss_cutoff: float = 1.4,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+    ):
         super().__init__()
         if not 0.0 <= cutoff < nonzero_loss_cutoff:
             raise ValueError(f"need 0 <= cutoff < nonzero_loss_cutoff, got {cutoff}, {nonzero_loss_cutoff}")
@@ -137,8 +142,9 @@ class DistanceWeightedMiner(nn.Module):
         sampled_rows = per_anchor > 0
         if self.generator is None and self.seed is not None:
             self.generator = torch.Generator(device=device).manual_seed(self.seed)
-        draws = torch.multinomial(weight[sampled_rows], int(per_anchor.max()), replacement=True,
-                                  generator=self.generator)
+        draws = torch.multinomial(
+            weight[sampled_rows], int(per_anchor.max()), replacement=True, generator=self.generator
+        )
         # the j-th positive of an anchor takes that anchor's j-th draw
         row_of_anchor = torch.cumsum(sampled_rows.long(), 0) - 1
         first = torch.cumsum(per_anchor, 0) - per_anchor

@@ -56,8 +56,13 @@ class TripletMarginLoss(nn.Module):
     `DistanceWeightedMiner`), if given, picks them.
     """
 
-    def __init__(self, margin: float = 0.05, mining: str = "all", mining_margin: float | None = None,
-                 miner: nn.Module | None = None):
+    def __init__(
+        self,
+        margin: float = 0.05,
+        mining: str = "all",
+        mining_margin: float | None = None,
+        miner: nn.Module | None = None,
+    ):
         super().__init__()
         if mining not in TRIPLET_MINING:
             raise ValueError(f"mining must be one of {TRIPLET_MINING}, got {mining!r}")
@@ -67,8 +72,7 @@ class TripletMarginLoss(nn.Module):
         self.mining_margin = self.margin if mining_margin is None else float(mining_margin)
         self.miner = miner
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
-                triplets: Triplets | None = None) -> torch.Tensor:
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, triplets: Triplets | None = None) -> torch.Tensor:
         """Mean hinge ``max(0, d(a, p) - d(a, n) + margin)`` over the mined (or given) triplets;
         distances between L2-normalised embeddings (B, D), labels (B,). A scalar (0 with no triplet).
 
@@ -97,8 +101,9 @@ class TripletMarginLoss(nn.Module):
         losses = F.relu(hardest_positive[usable] - hardest_negative[usable] + self.margin)
         return mean_of_nonzero(losses, distance)
 
-    def _sum_over_mined_triplets(self, distance: torch.Tensor, positive: torch.Tensor,
-                                 negative: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sum_over_mined_triplets(
+        self, distance: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of the non-zero triplet losses, their number) for the mined triplets."""
         negative_distance = distance.masked_fill(~negative, float("inf"))
         sorted_negative, _ = negative_distance.sort(dim=1)  # non-negatives (inf) sort last
@@ -210,8 +215,9 @@ def _soft_plus_sum(exponents: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(with_one, dim=1)
 
 
-def _pairs_to_use(embeddings: torch.Tensor, labels: torch.Tensor, pairs: PairMasks | None,
-                  miner: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _pairs_to_use(
+    embeddings: torch.Tensor, labels: torch.Tensor, pairs: PairMasks | None, miner: nn.Module | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(positive, negative) masks: the given pairs, else the miner's, else all pairs."""
     if pairs is None and miner is not None:
         pairs = miner(embeddings, labels)
@@ -220,7 +226,8 @@ def _pairs_to_use(embeddings: torch.Tensor, labels: torch.Tensor, pairs: PairMas
         return all_positive, all_negative
     size = (labels.shape[0], labels.shape[0])
     if tuple(pairs.positive.shape) != size or tuple(pairs.negative.shape) != size:
-        raise ValueError(f"pair masks must have shape {size}, got {tuple(pairs.positive.shape)} "
-                         f"and {tuple(pairs.negative.shape)}")
+        raise ValueError(
+            f"pair masks must have shape {size}, got {tuple(pairs.positive.shape)} and {tuple(pairs.negative.shape)}"
+        )
     # a mask can only narrow the label-defined pairs: never turn a negative into a positive
     return pairs.positive.bool() & all_positive, pairs.negative.bool() & all_negative

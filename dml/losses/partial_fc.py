@@ -78,9 +78,17 @@ class PartialFC(nn.Module):
 
     class_margin: torch.Tensor | None  # a buffer (see above)
 
-    def __init__(self, embedding_dim: int, num_classes: int, margin: nn.Module, sample_rate: float = 1.0,
-                 process_group: ProcessGroup | None = None, seed: int = 0, sub_centers: int = 1,
-                 class_margins: torch.Tensor | None = None):
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_classes: int,
+        margin: nn.Module,
+        sample_rate: float = 1.0,
+        process_group: ProcessGroup | None = None,
+        seed: int = 0,
+        sub_centers: int = 1,
+        class_margins: torch.Tensor | None = None,
+    ):
         super().__init__()
         if embedding_dim < 1:
             raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
@@ -96,8 +104,9 @@ class PartialFC(nn.Module):
         self.margin, self.sample_rate, self.seed = margin, sample_rate, seed
         self.sub_centers = k = sub_centers
         self.class_start, self.class_end = shard_bounds(num_classes, self.world_size, self.rank)
-        self.weight = nn.Parameter(init_centre_shard(num_classes * k, embedding_dim, self.class_start * k,
-                                                     self.class_end * k, seed))
+        self.weight = nn.Parameter(
+            init_centre_shard(num_classes * k, embedding_dim, self.class_start * k, self.class_end * k, seed)
+        )
         self.register_buffer("class_margin", self._margin_shard(margin, class_margins))
         self.sample_step = 0  # sampled forwards so far: with the seed, fixes every sample drawn
         self.optimizer: SparseRowOptimizer | None = None
@@ -120,7 +129,7 @@ class PartialFC(nn.Module):
             raise ValueError(f"per-class margins need ArcFace or CosFace, got {type(margin).__name__}")
         if not bool(torch.isfinite(class_margins).all()) or bool((class_margins < 0).any()):
             raise ValueError("class_margins must be finite and >= 0")
-        return class_margins[self.class_start: self.class_end].to(torch.float64).clone()
+        return class_margins[self.class_start : self.class_end].to(torch.float64).clone()
 
     @property
     def shard_size(self) -> int:
@@ -134,9 +143,11 @@ class PartialFC(nn.Module):
         return min(self.shard_size, math.ceil(round(self.sample_rate * self.shard_size, 6)))
 
     def extra_repr(self) -> str:
-        return (f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, "
-                f"shard=[{self.class_start}, {self.class_end}), sample_rate={self.sample_rate}, "
-                f"sub_centers={self.sub_centers}, class_margins={self.class_margin is not None}")
+        return (
+            f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, "
+            f"shard=[{self.class_start}, {self.class_end}), sample_rate={self.sample_rate}, "
+            f"sub_centers={self.sub_centers}, class_margins={self.class_margin is not None}"
+        )
 
     # --- forward -------------------------------------------------------------------------
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -247,8 +258,9 @@ class PartialFC(nn.Module):
             else:
                 self._sampled_weight.grad.zero_()
 
-    def configure_optimizer(self, name: str = "sgd", lr: float = 0.1, momentum: float = 0.9,
-                            weight_decay: float = 5e-4, **kwargs: Any) -> SparseRowOptimizer:
+    def configure_optimizer(
+        self, name: str = "sgd", lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4, **kwargs: Any
+    ) -> SparseRowOptimizer:
         """Build the head's row-sparse optimizer ("sgd" or "adamw") and keep a reference to it.
 
         Only rows sampled in the last forward are updated; see `dml.losses.sparse_optim`.
@@ -257,8 +269,9 @@ class PartialFC(nn.Module):
         """
         if self.optimizer is not None:
             log.info("replacing the partial-FC head optimizer; its state is discarded")
-        self.optimizer = build_sparse_optimizer(self, name, lr=lr, momentum=momentum,
-                                                weight_decay=weight_decay, **kwargs)
+        self.optimizer = build_sparse_optimizer(
+            self, name, lr=lr, momentum=momentum, weight_decay=weight_decay, **kwargs
+        )
         if self._pending_optimizer_state is not None:
             self.optimizer.load_row_state(self._pending_optimizer_state)
             self._pending_optimizer_state = None
@@ -281,13 +294,23 @@ class PartialFC(nn.Module):
         optimizer = None
         if self.optimizer is not None:
             state = {key: self._gather_rows(value) for key, value in self.optimizer.row_state().items()}
-            optimizer = {"name": self.optimizer.name, "hyperparameters": self.optimizer.hyperparameters(),
-                         "state": state}
+            optimizer = {
+                "name": self.optimizer.name,
+                "hyperparameters": self.optimizer.hyperparameters(),
+                "state": state,
+            }
         if self.rank != 0:
             return None
-        return {"format": STATE_FORMAT, "num_classes": self.num_classes, "embedding_dim": self.embedding_dim,
-                "sub_centers": self.sub_centers, "weight": weight, "class_margins": margins,
-                "sampler": {"seed": self.seed, "step": self.sample_step}, "optimizer": optimizer}
+        return {
+            "format": STATE_FORMAT,
+            "num_classes": self.num_classes,
+            "embedding_dim": self.embedding_dim,
+            "sub_centers": self.sub_centers,
+            "weight": weight,
+            "class_margins": margins,
+            "sampler": {"seed": self.seed, "step": self.sample_step},
+            "optimizer": optimizer,
+        }
 
     def _gather_rows(self, shard: torch.Tensor) -> torch.Tensor | None:
         """A (shard_classes * k, ...) tensor gathered as (C * k, ...) on rank 0 (None elsewhere)."""
@@ -313,7 +336,7 @@ class PartialFC(nn.Module):
         with torch.no_grad():
             self.weight.copy_(state["weight"][rows])
             if margins is not None and self.class_margin is not None:  # _check_shape: both or neither
-                self.class_margin.copy_(margins[self.class_start: self.class_end])
+                self.class_margin.copy_(margins[self.class_start : self.class_end])
         self.seed, self.sample_step = int(state["sampler"]["seed"]), int(state["sampler"]["step"])
         saved = state.get("optimizer")
         local = None if saved is None else {**saved, "state": {key: v[rows] for key, v in saved["state"].items()}}
@@ -343,11 +366,20 @@ class PartialFC(nn.Module):
         if self.optimizer is not None:
             row_state = self.optimizer.row_state()
             tensors.update({OPTIMIZER_PREFIX + k: self._per_class(v) for k, v in row_state.items()})
-            optimizer = {"name": self.optimizer.name, "hyperparameters": self.optimizer.hyperparameters(),
-                         "state_keys": sorted(row_state)}
-        meta = {"format": SHARDED_FORMAT, "num_classes": self.num_classes, "embedding_dim": self.embedding_dim,
-                "sub_centers": self.sub_centers, "class_margins": self.class_margin is not None,
-                "sampler": {"seed": self.seed, "step": self.sample_step}, "optimizer": optimizer}
+            optimizer = {
+                "name": self.optimizer.name,
+                "hyperparameters": self.optimizer.hyperparameters(),
+                "state_keys": sorted(row_state),
+            }
+        meta = {
+            "format": SHARDED_FORMAT,
+            "num_classes": self.num_classes,
+            "embedding_dim": self.embedding_dim,
+            "sub_centers": self.sub_centers,
+            "class_margins": self.class_margin is not None,
+            "sampler": {"seed": self.seed, "step": self.sample_step},
+            "optimizer": optimizer,
+        }
         return RowShardedState(meta, self.num_classes, self.class_start, self.class_end, tensors)
 
     def load_sharded_state_dict(self, meta: dict[str, Any], read_rows: RowReader) -> None:
@@ -395,12 +427,14 @@ class PartialFC(nn.Module):
         """Raise ValueError unless a saved head has this one's classes, width, sub-centres
         (1 when the state predates them) and presence of per-class margins."""
         if (state["num_classes"], state["embedding_dim"]) != (self.num_classes, self.embedding_dim):
-            raise ValueError(f"saved head is {state['num_classes']} classes x {state['embedding_dim']} dims, "
-                             f"this one is {self.num_classes} x {self.embedding_dim}")
+            raise ValueError(
+                f"saved head is {state['num_classes']} classes x {state['embedding_dim']} dims, "
+                f"this one is {self.num_classes} x {self.embedding_dim}"
+            )
         if state.get("sub_centers", 1) != self.sub_centers:
-            raise ValueError(f"saved head has {state.get('sub_centers', 1)} sub-centres per class, "
-                             f"this one has {self.sub_centers}")
+            raise ValueError(
+                f"saved head has {state.get('sub_centers', 1)} sub-centres per class, this one has {self.sub_centers}"
+            )
         if has_margins != (self.class_margin is not None):
             have = "has" if self.class_margin is not None else "has no"
             raise ValueError(f"saved head {'has' if has_margins else 'has no'} per-class margins, this one {have}")
-

@@ -50,15 +50,16 @@ def init_centre_shard(num_classes: int, dim: int, start: int, end: int, seed: in
         lo, hi = max(start, first), min(end, first + rows)
         generator.manual_seed(mix_seed(seed, block))
         if (lo, hi) == (first, first + rows):  # whole block: draw straight into place
-            out[lo - start: hi - start].normal_(0.0, INIT_STD, generator=generator)
+            out[lo - start : hi - start].normal_(0.0, INIT_STD, generator=generator)
         else:
             values = torch.empty(rows, dim).normal_(0.0, INIT_STD, generator=generator)
-            out[lo - start: hi - start] = values[lo - first: hi - first]
+            out[lo - start : hi - start] = values[lo - first : hi - first]
     return out
 
 
-def gather_shards_to_main(shard: torch.Tensor, num_classes: int,
-                          group: ProcessGroup | None = None) -> torch.Tensor | None:
+def gather_shards_to_main(
+    shard: torch.Tensor, num_classes: int, group: ProcessGroup | None = None
+) -> torch.Tensor | None:
     """Concatenate every rank's shard (first dim = its rows) on rank 0 as one CPU tensor.
 
     Returns None on other ranks. Point-to-point sends, one shard at a time, so rank 0's

@@ -88,8 +88,9 @@ class SparseRowOptimizer(torch.optim.Optimizer):
             raise ValueError(f"saved optimizer state has {sorted(saved['state'])}, expected {sorted(expected)}")
         for key, rows in saved["state"].items():
             if tuple(rows.shape) != tuple(state[key].shape):
-                raise ValueError(f"optimizer state {key!r} has shape {tuple(rows.shape)}, "
-                                 f"expected {tuple(state[key].shape)}")
+                raise ValueError(
+                    f"optimizer state {key!r} has shape {tuple(rows.shape)}, expected {tuple(state[key].shape)}"
+                )
             state[key].copy_(rows)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -124,17 +125,18 @@ class SparseRowOptimizer(torch.optim.Optimizer):
             return loss
         step_rows = max(1, STEP_CHUNK_BYTES // max(1, param[0].numel() * param.element_size()))
         for first in range(0, index.numel(), step_rows):  # row-wise updates: chunks change no bit
-            part = index[first: first + step_rows]
+            part = index[first : first + step_rows]
             rows = param.data.index_select(0, part)
             state_rows = {k: state[k].index_select(0, part) for k in keys}
-            self._update_rows(rows, grad[first: first + step_rows].to(rows.dtype), state_rows, group)
+            self._update_rows(rows, grad[first : first + step_rows].to(rows.dtype), state_rows, group)
             param.data.index_copy_(0, part, rows)
             for key in keys:
                 state[key].index_copy_(0, part, state_rows[key])
         return loss
 
-    def _update_rows(self, rows: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor],
-                     group: dict[str, Any]) -> None:
+    def _update_rows(
+        self, rows: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], group: dict[str, Any]
+    ) -> None:
         """Update ``rows`` and the matching ``state`` rows in place from ``grad``."""
         raise NotImplementedError
 
@@ -144,8 +146,9 @@ class SparseRowSGD(SparseRowOptimizer):
 
     name = "sgd"
 
-    def __init__(self, head: PartialFC, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4,
-                 nesterov: bool = False):
+    def __init__(
+        self, head: PartialFC, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4, nesterov: bool = False
+    ):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         if nesterov and momentum == 0:
@@ -180,8 +183,14 @@ class SparseRowAdamW(SparseRowOptimizer):
 
     name = "adamw"
 
-    def __init__(self, head: PartialFC, lr: float, weight_decay: float = 5e-4,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+    def __init__(
+        self,
+        head: PartialFC,
+        lr: float,
+        weight_decay: float = 5e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ):
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
         if eps <= 0:
@@ -209,8 +218,9 @@ class SparseRowAdamW(SparseRowOptimizer):
         rows.sub_(exp_avg * step_size / denom)
 
 
-def build_sparse_optimizer(head: PartialFC, name: str, lr: float, momentum: float = 0.9,
-                           weight_decay: float = 5e-4, **kwargs: Any) -> SparseRowOptimizer:
+def build_sparse_optimizer(
+    head: PartialFC, name: str, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4, **kwargs: Any
+) -> SparseRowOptimizer:
     """``name`` "sgd" (uses ``momentum``) or "adamw" (``momentum`` is beta1 unless ``betas`` given).
 
     Raises ValueError for any other ``name``.

@@ -29,8 +29,12 @@ RESERVED_TIMM_ARGS = frozenset({"pretrained", "num_classes", "global_pool", "in_
 SUPPORTED_IN_CHANS = (1, 3)
 
 
-def create_backbone(name: str, in_chans: int = 3, timm_kwargs: Mapping[str, Any] | None = None,
-                    image_size: tuple[int, int] | None = None) -> nn.Module:
+def create_backbone(
+    name: str,
+    in_chans: int = 3,
+    timm_kwargs: Mapping[str, Any] | None = None,
+    image_size: tuple[int, int] | None = None,
+) -> nn.Module:
     """Create timm model ``name`` as a randomly initialised feature-map extractor.
 
     Args:
@@ -59,8 +63,9 @@ def create_backbone(name: str, in_chans: int = 3, timm_kwargs: Mapping[str, Any]
     sizing = {k: v for k, v in sizing.items() if k not in extra}
     while True:
         try:
-            return timm.create_model(name, pretrained=False, num_classes=0, global_pool="", in_chans=in_chans,
-                                     **sizing, **extra)
+            return timm.create_model(
+                name, pretrained=False, num_classes=0, global_pool="", in_chans=in_chans, **sizing, **extra
+            )
         except TypeError as exc:  # a constructor without this size argument (CNNs): drop it, retry
             refused = [key for key in sizing if f"'{key}'" in str(exc)]
             if not refused:

@@ -106,8 +106,9 @@ def build_embedding_model(
     """
     if not isinstance(embedding_dim, int) or embedding_dim < 1:
         raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
-    trunk = create_backbone(backbone, in_chans=in_chans, timm_kwargs=backbone_kwargs,
-                            image_size=_spatial_size(input_size))
+    trunk = create_backbone(
+        backbone, in_chans=in_chans, timm_kwargs=backbone_kwargs, image_size=_spatial_size(input_size)
+    )
     layout = backbone_layout(trunk)
     neck = EmbeddingNeck(
         in_channels=backbone_out_channels(trunk),

@@ -22,8 +22,9 @@ FORMAT = "dml.model/1"
 MODEL_FILE = "model.pt"  # the final model inside a run folder
 
 
-def build_model(config: DMLConfig | None = None, model: ModelConfig | None = None,
-                data: DataConfig | None = None) -> nn.Module:
+def build_model(
+    config: DMLConfig | None = None, model: ModelConfig | None = None, data: DataConfig | None = None
+) -> nn.Module:
     """The embedding model of ``config`` (or of explicit model/data sections).
 
     Raises TypeError when neither ``config`` nor both sections are given.
@@ -32,18 +33,30 @@ def build_model(config: DMLConfig | None = None, model: ModelConfig | None = Non
         model, data = model or config.model, data or config.data
     if model is None or data is None:
         raise TypeError("build_model needs a config, or both the model and the data section")
-    built = build_embedding_model(model.backbone, embedding_dim=model.embedding_dim, pooling=model.pooling,
-                                  in_chans=data.channels, pretrained_path=model.pretrained_path,
-                                  input_size=(data.channels, data.image_size, data.image_size),
-                                  embedding_bn=model.embedding_bn, dropout=model.dropout, bfe=model.bfe)
+    built = build_embedding_model(
+        model.backbone,
+        embedding_dim=model.embedding_dim,
+        pooling=model.pooling,
+        in_chans=data.channels,
+        pretrained_path=model.pretrained_path,
+        input_size=(data.channels, data.image_size, data.image_size),
+        embedding_bn=model.embedding_bn,
+        dropout=model.dropout,
+        bfe=model.bfe,
+    )
+
     # The model is trained on the data config's normalisation, not timm's pretrained one:
     # record that, so evaluation and export feed it what it learned on.
     def expand(v: tuple[float, ...]) -> tuple[float, ...]:
         return tuple(v) * data.channels if len(v) == 1 else tuple(v)
 
-    built.preprocessing = Preprocessing((data.channels, data.image_size, data.image_size),
-                                        expand(data.mean), expand(data.std), built.preprocessing.interpolation,
-                                        center_crop=data.center_crop)
+    built.preprocessing = Preprocessing(
+        (data.channels, data.image_size, data.image_size),
+        expand(data.mean),
+        expand(data.std),
+        built.preprocessing.interpolation,
+        center_crop=data.center_crop,
+    )
     return built
 
 
@@ -67,8 +80,14 @@ def find_model_file(path: str | Path, setting: str | None = None) -> Path:
     return path
 
 
-def save_final_model(model: nn.Module, config: DMLConfig, path: Path, data_digest: str,
-                     model_section: str = "model", extra: dict[str, Any] | None = None) -> Path:
+def save_final_model(
+    model: nn.Module,
+    config: DMLConfig,
+    path: Path,
+    data_digest: str,
+    model_section: str = "model",
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Save weights + the config sections needed to rebuild them (atomic).
 
     ``model_section`` names where the model config lives ("model", or "distill.student").
@@ -76,9 +95,14 @@ def save_final_model(model: nn.Module, config: DMLConfig, path: Path, data_diges
     model_config = config
     for part in model_section.split("."):
         model_config = getattr(model_config, part)
-    payload = {"format": FORMAT, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-               "model": model_config.model_dump(mode="json"), "data": config.data.model_dump(mode="json"),
-               "data_digest": data_digest, **(extra or {})}
+    payload = {
+        "format": FORMAT,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model": model_config.model_dump(mode="json"),
+        "data": config.data.model_dump(mode="json"),
+        "data_digest": data_digest,
+        **(extra or {}),
+    }
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)
@@ -95,11 +119,15 @@ def read_model_file(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a damaged file
-        raise DMLError(f"{path} cannot be read as a dml model (truncated, empty or not a torch file of "
-                       f"plain tensors: {first_line(exc, 160)})") from None
+        raise DMLError(
+            f"{path} cannot be read as a dml model (truncated, empty or not a torch file of "
+            f"plain tensors: {first_line(exc, 160)})"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or "state_dict" not in payload:
-        raise DMLError(f"{path} is not a dml model file (no {FORMAT!r} format record): pass a model.pt "
-                       f"written by `dml train` or `dml distill`")
+        raise DMLError(
+            f"{path} is not a dml model file (no {FORMAT!r} format record): pass a model.pt "
+            f"written by `dml train` or `dml distill`"
+        )
     return payload
 
 
@@ -112,10 +140,10 @@ def load_final_model(path: str | Path, device: torch.device | str = "cpu") -> tu
     path = find_model_file(path)
     payload = read_model_file(path)
     try:
-        model = build_model(model=ModelConfig.model_validate(payload["model"]),
-                            data=DataConfig.model_validate(payload["data"]))
+        model = build_model(
+            model=ModelConfig.model_validate(payload["model"]), data=DataConfig.model_validate(payload["data"])
+        )
         model.load_state_dict(payload.pop("state_dict"))
     except (KeyError, ValueError, RuntimeError) as exc:  # pydantic's ValidationError is a ValueError
         raise DMLError(f"{path}: the weights do not fit the model it describes ({first_line(exc, 160)})") from None
     return model.to(device).eval(), payload
-

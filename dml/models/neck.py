@@ -118,8 +118,13 @@ class EmbeddingNeck(nn.Module):
         self.to_map = ToFeatureMap(layout)
         self.erasing = erasing if erasing is not None else nn.Identity()
         self.branches = nn.ModuleList(
-            DescriptorBranch(build_descriptor_pool(name, layout, prefix_tokens, has_class_token, gem_p, gem_learnable),
-                             in_channels, dim, feature_bn, dropout)
+            DescriptorBranch(
+                build_descriptor_pool(name, layout, prefix_tokens, has_class_token, gem_p, gem_learnable),
+                in_channels,
+                dim,
+                feature_bn,
+                dropout,
+            )
             for name, dim in zip(names, part_dims, strict=True)
         )
         self.embedding_bn = nn.BatchNorm1d(embedding_dim) if embedding_bn else nn.Identity()

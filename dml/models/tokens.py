@@ -78,14 +78,20 @@ class PatchTokenPool(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """The pooling over the patch tokens only: (N, C, T, 1) -> (N, C)."""
-        return self.pool(features[:, :, self.prefix:])
+        return self.pool(features[:, :, self.prefix :])
 
     def extra_repr(self) -> str:
         return f"prefix={self.prefix}"
 
 
-def build_descriptor_pool(name: str, layout: str, prefix_tokens: int = 0, has_class_token: bool = False,
-                          gem_p: float = 3.0, gem_learnable: bool = True) -> nn.Module:
+def build_descriptor_pool(
+    name: str,
+    layout: str,
+    prefix_tokens: int = 0,
+    has_class_token: bool = False,
+    gem_p: float = 3.0,
+    gem_learnable: bool = True,
+) -> nn.Module:
     """The pooling called ``name`` for a backbone of ``layout`` (see the module docstring).
 
     Raises ValueError for ``"cls"`` on a backbone without a class token (any feature map,

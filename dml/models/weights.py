@@ -54,9 +54,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ValueError(f"could not read weights file {file}: {first_line}") from error
     else:
-        raise ValueError(
-            f"unsupported weights file {file}: expected one of {', '.join(TORCH_SUFFIXES)}, .safetensors"
-        )
+        raise ValueError(f"unsupported weights file {file}: expected one of {', '.join(TORCH_SUFFIXES)}, .safetensors")
     return _flatten_state_dict(loaded, file)
 
 

@@ -55,14 +55,27 @@ class StageRun:
         return self.run_id is not None and self.error is None
 
     def _record(self) -> None:
-        write_tracking_file(self.folder, {"stage": self.stage, "uri": self.uri, "run_id": self.run_id,
-                                          "synced": self.error is None, "error": self.error})
+        write_tracking_file(
+            self.folder,
+            {
+                "stage": self.stage,
+                "uri": self.uri,
+                "run_id": self.run_id,
+                "synced": self.error is None,
+                "error": self.error,
+            },
+        )
 
     def fail(self, what: str, exc: Exception) -> None:
         """Record the tracker failure ``what`` (one warning naming `dml track sync`); later calls do nothing."""
         self.error = f"{what}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        log.warning("mlflow at %s cannot be reached (%s); metrics stay in %s, upload them later with "
-                    "`dml track sync %s`", self.uri, self.error, self.folder, self.folder)
+        log.warning(
+            "mlflow at %s cannot be reached (%s); metrics stay in %s, upload them later with `dml track sync %s`",
+            self.uri,
+            self.error,
+            self.folder,
+            self.folder,
+        )
         self._record()
 
     def log_metrics(self, record: dict[str, Any], step: int | None = None) -> None:
@@ -76,7 +89,7 @@ class StageRun:
         metrics = [Metric(key, value, stamp, step) for key, value in numeric_metrics(record).items()]
         try:
             for start in range(0, len(metrics), METRICS_PER_BATCH):
-                self.client.log_batch(self.run_id, metrics=metrics[start:start + METRICS_PER_BATCH])
+                self.client.log_batch(self.run_id, metrics=metrics[start : start + METRICS_PER_BATCH])
         except Exception as exc:  # noqa: BLE001 - any tracker failure must not end training
             self.fail("logging metrics", exc)
 
@@ -144,4 +157,4 @@ def log_params(client: Any, run_id: str, params: dict[str, str]) -> None:
 
     items = [Param(key, value) for key, value in params.items()]
     for start in range(0, len(items), PARAMS_PER_BATCH):
-        client.log_batch(run_id, params=items[start:start + PARAMS_PER_BATCH])
+        client.log_batch(run_id, params=items[start : start + PARAMS_PER_BATCH])

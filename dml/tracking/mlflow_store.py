@@ -18,8 +18,11 @@ SWITCH = "tracking.mlflow"
 LOCAL_DB, LOCAL_ARTIFACTS = "mlflow.db", "mlartifacts"
 # MLflow retries an unreachable server for minutes by default; a training run should not wait
 # that long to learn that it will log to metrics.jsonl only. Users' own settings win.
-CLIENT_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
-                   "MLFLOW_DISABLE_TELEMETRY": "true"}
+CLIENT_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+}
 MAX_PARAM_LENGTH = 6000
 
 
@@ -87,6 +90,8 @@ def flat_params(config: DMLConfig) -> dict[str, str]:
 
 def numeric_metrics(record: dict[str, Any]) -> dict[str, float]:
     """The numbers of a metrics record that are metrics (not step, time, epoch or flags)."""
-    return {key: float(value) for key, value in record.items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool)
-            and key not in ("step", "time", "epoch")}
+    return {
+        key: float(value)
+        for key, value in record.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "time", "epoch")
+    }

@@ -28,8 +28,10 @@ def pipeline_run(config: ConfigT) -> Iterator[ConfigT]:
     uri = tracking_uri(config)
     client = make_client(uri)
     try:
-        run = client.create_run(experiment_id(client, config.tracking.mlflow.experiment, uri),
-                                tags={"mlflow.runName": "pipeline", "dml.stage": "pipeline"})
+        run = client.create_run(
+            experiment_id(client, config.tracking.mlflow.experiment, uri),
+            tags={"mlflow.runName": "pipeline", "dml.stage": "pipeline"},
+        )
         log_params(client, run.info.run_id, flat_params(config))
     except Exception as exc:  # noqa: BLE001 - the pipeline runs without its parent run
         log.warning("pipeline: mlflow at %s cannot be reached (%s); stages log on their own", uri, exc)

@@ -31,9 +31,11 @@ def version_tags(config: DMLConfig, model_file: Path, metrics: dict[str, Any]) -
     """Tags of a registered student version: run ids (empty when a stage was not tracked)
     and the evaluation metrics as ``metric.<name>``."""
     student_dir = model_file.parent
-    tags = {"dml.student_run_id": str(read_tracking_file(student_dir).get("run_id") or ""),
-            "dml.teacher_run_id": str(read_tracking_file(teacher_folder(config, student_dir)).get("run_id") or ""),
-            "dml.model_file": str(model_file)}
+    tags = {
+        "dml.student_run_id": str(read_tracking_file(student_dir).get("run_id") or ""),
+        "dml.teacher_run_id": str(read_tracking_file(teacher_folder(config, student_dir)).get("run_id") or ""),
+        "dml.model_file": str(model_file),
+    }
     tags.update({f"metric.{k}": str(v) for k, v in metrics.items() if isinstance(v, (int, float))})
     return tags
 
@@ -50,8 +52,9 @@ def register_student(config: DMLConfig, run: StageRun, result: Any, model_file: 
         if not client.search_registered_models(filter_string=f"name = '{name}'"):
             client.create_registered_model(name, description="dml students exported to ONNX")
         source = f"{client.get_run(run.run_id).info.artifact_uri}/{MODEL_SUBDIR}/{Path(result.files['onnx']).name}"
-        version = client.create_model_version(name, source, run_id=run.run_id,
-                                              tags=version_tags(config, model_file, metrics))
+        version = client.create_model_version(
+            name, source, run_id=run.run_id, tags=version_tags(config, model_file, metrics)
+        )
     except Exception as exc:  # noqa: BLE001 - the export itself is done and on disk
         run.fail("registering the student", exc)
         return None

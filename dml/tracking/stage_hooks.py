@@ -92,8 +92,10 @@ def _projector(config: DMLConfig, embeddings: Any, class_names: list[str] | None
     labels = np.concatenate([p.labels for p in parts])
     keys = [key for p in parts for key in p.keys]
     rows = map_rows(len(keys), PROJECTOR_MAX_POINTS, config.seed)
-    names = [class_names[int(labels[r])] if class_names and 0 <= int(labels[r]) < len(class_names)
-             else str(int(labels[r])) for r in rows]
+    names = [
+        class_names[int(labels[r])] if class_names and 0 <= int(labels[r]) < len(class_names) else str(int(labels[r]))
+        for r in rows
+    ]
     thumbnails = None
     if class_names is not None:  # the shards are the embeddings' own: images can be read
         splits = [embeddings.query_split] + ([embeddings.gallery_split] if embeddings.gallery is not None else [])

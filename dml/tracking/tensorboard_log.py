@@ -52,16 +52,26 @@ class ScalarLog:
         self.writer.close()
 
 
-def write_projector(folder: str | Path, vectors: np.ndarray, labels: Sequence[str],
-                    thumbnails: torch.Tensor | None = None, tag: str = "embeddings") -> Path:
+def write_projector(
+    folder: str | Path,
+    vectors: np.ndarray,
+    labels: Sequence[str],
+    thumbnails: torch.Tensor | None = None,
+    tag: str = "embeddings",
+) -> Path:
     """Embedding projector files in ``folder``: the vectors (N, D), one label per row, and
     optionally thumbnails (N, C, H, W) in [0, 1] packed into a sprite. Returns ``folder``."""
     writer = summary_writer(folder)
     try:
-        writer.add_embedding(torch.as_tensor(np.asarray(vectors, np.float32)), metadata=list(labels),
-                             label_img=thumbnails, tag=tag)
+        writer.add_embedding(
+            torch.as_tensor(np.asarray(vectors, np.float32)), metadata=list(labels), label_img=thumbnails, tag=tag
+        )
     finally:
         writer.close()
-    log.info("tensorboard: embedding projector (%d points%s) -> %s", len(labels),
-             ", with thumbnails" if thumbnails is not None else "", folder)
+    log.info(
+        "tensorboard: embedding projector (%d points%s) -> %s",
+        len(labels),
+        ", with thumbnails" if thumbnails is not None else "",
+        folder,
+    )
     return Path(folder)

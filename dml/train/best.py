@@ -54,8 +54,10 @@ class BestModelKeeper:
         Raises `DMLError` when the evaluation did not produce the metric (names the ones it did).
         """
         if self.metric not in metrics:
-            raise DMLError(f"train.best_metric '{self.metric}' was not computed; this run logs: "
-                           f"{', '.join(sorted(k for k in metrics if k != 'step'))}")
+            raise DMLError(
+                f"train.best_metric '{self.metric}' was not computed; this run logs: "
+                f"{', '.join(sorted(k for k in metrics if k != 'step'))}"
+            )
         value = float(metrics[self.metric])
         if math.isnan(value) or not self._better(value):
             return False

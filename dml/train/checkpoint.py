@@ -71,8 +71,11 @@ def rng_state() -> dict[str, Any]:
     numpy_state = np.random.get_state()
     assert isinstance(numpy_state, tuple)  # the legacy MT19937 tuple, numpy's default
     kind, keys, pos, has_gauss, cached = numpy_state
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
+    state = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -164,8 +167,9 @@ def _previous(run_dir: str | Path) -> str:
     return f"the previous checkpoint {last} is intact" if last else "there is no earlier checkpoint"
 
 
-def _write_rank_files(tmp: Path, rank: int, head: RowShardedState | None, engine_state: Any,
-                      per_rank: bool) -> dict[str, Any] | None:
+def _write_rank_files(
+    tmp: Path, rank: int, head: RowShardedState | None, engine_state: Any, per_rank: bool
+) -> dict[str, Any] | None:
     """This rank's own files: its head rows (index record returned) and its ZeRO partition."""
     if per_rank:
         _write(engine_state, tmp / f"optimizer-rank{rank:05d}.pt")
@@ -175,8 +179,9 @@ def _write_rank_files(tmp: Path, rank: int, head: RowShardedState | None, engine
     return write_row_shard(tmp / HEAD_DIR, rank, head.start, head.end, head.tensors)
 
 
-def _write_all(root: Path, tmp: Path, state: dict[str, Any] | None, head: RowShardedState | None,
-               engine_state: Any, per_rank: bool) -> str | None:
+def _write_all(
+    root: Path, tmp: Path, state: dict[str, Any] | None, head: RowShardedState | None, engine_state: Any, per_rank: bool
+) -> str | None:
     """Every rank writes its files in parallel; then rank 0 writes ``state.pt`` (with every
     rank's row index) as the commit record, only once every rank has finished. Collective;
     returns the first rank's problem or None."""
@@ -199,8 +204,7 @@ def _write_all(root: Path, tmp: Path, state: dict[str, Any] | None, head: RowSha
     return _first_problem(problem)
 
 
-def save_checkpoint(run_dir: str | Path, step: int, payload: dict[str, Any], objective, engine,
-                    keep_last: int) -> Path:
+def save_checkpoint(run_dir: str | Path, step: int, payload: dict[str, Any], objective, engine, keep_last: int) -> Path:
     """Write a checkpoint (collective: every rank calls it). Returns the final folder.
 
     The head's rows are written by the rank that holds them (nothing is gathered); the rest
@@ -218,21 +222,29 @@ def save_checkpoint(run_dir: str | Path, step: int, payload: dict[str, Any], obj
     per_rank = engine.per_rank_optimizer_state
     state = None
     if rank == 0:
-        state = {**payload, "objective": objective_state, "rng": rng_states, "world_size": get_world_size(),
-                 "engine": None if per_rank else engine_state}
-    bad = (first_non_finite(state) or (first_non_finite(engine_state, "engine") if per_rank else None)
-           or (first_non_finite(head.tensors, "objective.head") if head is not None else None))
+        state = {
+            **payload,
+            "objective": objective_state,
+            "rng": rng_states,
+            "world_size": get_world_size(),
+            "engine": None if per_rank else engine_state,
+        }
+    bad = (
+        first_non_finite(state)
+        or (first_non_finite(engine_state, "engine") if per_rank else None)
+        or (first_non_finite(head.tensors, "objective.head") if head is not None else None)
+    )
     bad = _first_problem(f"{bad} (rank {rank})" if bad else None)
     if bad:
-        raise NonFiniteState(f"checkpoint for step {step} not written: {bad} holds NaN or inf; "
-                             f"{_previous(run_dir)}")
+        raise NonFiniteState(f"checkpoint for step {step} not written: {bad} holds NaN or inf; {_previous(run_dir)}")
     problem = _write_all(root, tmp, state, head, engine_state, per_rank)
     if problem is not None:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         barrier()
-        raise CheckpointError(f"checkpoint for step {step} not written: {problem}; partial files removed; "
-                              f"{_previous(run_dir)}")
+        raise CheckpointError(
+            f"checkpoint for step {step} not written: {problem}; partial files removed; {_previous(run_dir)}"
+        )
     if rank == 0:
         if final.exists():
             shutil.rmtree(final)
@@ -273,8 +285,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a damaged file
-        raise CheckpointError(f"{file} cannot be read (truncated, empty or not a torch file: "
-                              f"{first_line(exc)})") from None
+        raise CheckpointError(
+            f"{file} cannot be read (truncated, empty or not a torch file: {first_line(exc)})"
+        ) from None
     if not isinstance(state, dict) or any(key not in state for key in _REQUIRED):
         raise CheckpointError(f"{file} is not a dml training checkpoint")
     bad = first_non_finite({key: state.get(key) for key in ("model", "objective", "engine", "swa")})

@@ -116,8 +116,11 @@ class DDPEngine:
 
     def optimizer_state(self) -> dict[str, Any]:
         """Replicated on every rank under DDP, so rank 0's copy resumes any world size."""
-        return {"optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler else None, "micro_step": self.micro_step}
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "micro_step": self.micro_step,
+        }
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -145,14 +148,16 @@ class DeepSpeedEngine:
         ds_config = json.loads(path.read_text())
         dtype = resolve_precision(config.train.precision, device)
         batch = (config.data.pk_classes * config.data.pk_samples) if config.data.pk_classes else config.data.batch_size
-        ds_config.update({
-            "train_micro_batch_size_per_gpu": batch,
-            "gradient_accumulation_steps": config.train.grad_accum,
-            "gradient_clipping": config.optimizer.grad_clip or 0.0,
-            "bf16": {"enabled": dtype == torch.bfloat16},
-            "fp16": {"enabled": dtype == torch.float16},
-            "zero_allow_untested_optimizer": True,
-        })
+        ds_config.update(
+            {
+                "train_micro_batch_size_per_gpu": batch,
+                "gradient_accumulation_steps": config.train.grad_accum,
+                "gradient_clipping": config.optimizer.grad_clip or 0.0,
+                "bf16": {"enabled": dtype == torch.bfloat16},
+                "fp16": {"enabled": dtype == torch.float16},
+                "zero_allow_untested_optimizer": True,
+            }
+        )
         ds_config.pop("train_batch_size", None)
         optimizer = build_optimizer(model, config.optimizer)
         describe_lone_process_as_group_of_one()  # plain `dml train`: no MPI discovery
@@ -185,9 +190,12 @@ class DeepSpeedEngine:
         """Every rank's partition (ZeRO's loader picks its own from the list)."""
         saved_world = states[0].get("world_size") if states else None
         if saved_world != get_world_size():
-            log.warning("DeepSpeed optimizer state was saved on %s ranks, now %d: ZeRO partitions "
-                        "are not re-sliced here; the backbone optimizer restarts from zero state",
-                        saved_world, get_world_size())
+            log.warning(
+                "DeepSpeed optimizer state was saved on %s ranks, now %d: ZeRO partitions "
+                "are not re-sliced here; the backbone optimizer restarts from zero state",
+                saved_world,
+                get_world_size(),
+            )
             return
         self.optimizer.load_state_dict([s["optimizer"] for s in states])
 

@@ -76,9 +76,18 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
 class Trainer:
     """Runs epochs of micro-batches, optimizer steps, logging, checkpoints and evaluation."""
 
-    def __init__(self, config: DMLConfig, run_dir: Path, device: torch.device, engine, objective: Objective,
-                 loader: TrainLoader, evaluate=None, data_identity: dict[str, Any] | None = None,
-                 best=None):
+    def __init__(
+        self,
+        config: DMLConfig,
+        run_dir: Path,
+        device: torch.device,
+        engine,
+        objective: Objective,
+        loader: TrainLoader,
+        evaluate=None,
+        data_identity: dict[str, Any] | None = None,
+        best=None,
+    ):
         self.config, self.run_dir, self.device = config, run_dir, device
         self.data_identity = data_identity  # recorded in checkpoints; resume refuses other data
         self.engine, self.objective, self.loader = engine, objective, loader
@@ -87,8 +96,9 @@ class Trainer:
         self.schedule = LRSchedule([engine.optimizer, *objective.optimizers], self.total_steps, config.schedule)
         self.freeze = freeze_backbone(engine, config.optimizer)
         self.swa = WeightAverager(engine.model, config.swa, self.total_steps) if config.swa.enabled else None
-        self.metrics = MetricsLog(run_dir, get_rank() == 0, config,
-                                 "train" if Path(config.train.run_dir) == Path(run_dir) else "distill")
+        self.metrics = MetricsLog(
+            run_dir, get_rank() == 0, config, "train" if Path(config.train.run_dir) == Path(run_dir) else "distill"
+        )
         self.global_batch = loader.batch_size * get_world_size()
 
     def _total_steps(self) -> int:
@@ -98,9 +108,14 @@ class Trainer:
 
     # --- checkpoints ---------------------------------------------------------------------
     def payload(self, state: TrainState) -> dict[str, Any]:
-        return {"model": self.engine.model.state_dict(), "schedule": self.schedule.state_dict(),
-                "train_state": asdict(state), "swa": self.swa.state_dict() if self.swa else None,
-                "config": self.config.model_dump(mode="json"), "data_identity": self.data_identity}
+        return {
+            "model": self.engine.model.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "train_state": asdict(state),
+            "swa": self.swa.state_dict() if self.swa else None,
+            "config": self.config.model_dump(mode="json"),
+            "data_identity": self.data_identity,
+        }
 
     def restore(self, saved: dict[str, Any]) -> TrainState:
         self.engine.model.load_state_dict(saved["model"])
@@ -127,14 +142,22 @@ class Trainer:
         self.schedule.total_steps = self.total_steps
         if self.swa:
             self.swa.start_step = int(self.config.swa.start_fraction * self.total_steps)
-        log.info("resume: %d samples of epoch %d done on %d process(es) -> batch %d of %d on %d; run ends at step %d",
-                 state.samples_in_epoch, state.epoch, saved_world, state.batch_in_epoch,
-                 self.loader.batches_per_epoch, get_world_size(), self.total_steps)
+        log.info(
+            "resume: %d samples of epoch %d done on %d process(es) -> batch %d of %d on %d; run ends at step %d",
+            state.samples_in_epoch,
+            state.epoch,
+            saved_world,
+            state.batch_in_epoch,
+            self.loader.batches_per_epoch,
+            get_world_size(),
+            self.total_steps,
+        )
         return state
 
     def checkpoint(self, state: TrainState) -> Path:
-        return save_checkpoint(self.run_dir, state.step, self.payload(state), self.objective, self.engine,
-                               self.config.train.keep_last)
+        return save_checkpoint(
+            self.run_dir, state.step, self.payload(state), self.objective, self.engine, self.config.train.keep_last
+        )
 
     def skipped_samples(self) -> dict[str, int]:
         """``{"skipped_samples": n}``: bad samples all ranks' loaders dropped so far (collective;
@@ -152,8 +175,10 @@ class Trainer:
             embeddings = self.engine.forward(images)
             loss, parts = self.objective(embeddings, labels, images=images, keys=rest[0] if rest else None)
             if _any_rank(not torch.isfinite(loss).all().item(), self.device):
-                raise NonFiniteLoss(f"non-finite loss at step {state.step + 1} (epoch {state.epoch}, batch "
-                                    f"{state.batch_in_epoch}); {set_aside_diverged(self.run_dir, state.step)}")
+                raise NonFiniteLoss(
+                    f"non-finite loss at step {state.step + 1} (epoch {state.epoch}, batch "
+                    f"{state.batch_in_epoch}); {set_aside_diverged(self.run_dir, state.step)}"
+                )
             self.engine.backward(loss)
         state.batch_in_epoch += 1
         state.images_seen += self.global_batch
@@ -172,8 +197,9 @@ class Trainer:
     def fit(self, state: TrainState) -> TrainState:
         cfg = self.config.train
         self.engine.train(True)
-        progress = progress_bar(total=self.total_steps, initial=state.step, desc="train", unit="step",
-                                show=get_rank() == 0)
+        progress = progress_bar(
+            total=self.total_steps, initial=state.step, desc="train", unit="step", show=get_rank() == 0
+        )
         window_start, window_images = time.perf_counter(), 0
         while state.epoch < cfg.epochs and state.step < self.total_steps:
             self.loader.set_epoch(state.epoch, state.batch_in_epoch)

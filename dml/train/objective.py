@@ -43,23 +43,30 @@ def train_class_margins(config: DMLConfig, num_classes: int) -> torch.Tensor | N
     splits = load_manifest(config.data.shard_dir).get("splits", {})
     split = config.data.train_split
     if split not in splits or not splits[split].get("class_counts"):
-        raise ConfigError(f"loss.dynamic_margin: the manifest in {config.data.shard_dir} has no class counts "
-                          f"for the training split '{split}'")
+        raise ConfigError(
+            f"loss.dynamic_margin: the manifest in {config.data.shard_dir} has no class counts "
+            f"for the training split '{split}'"
+        )
     present = {int(label): int(count) for label, count in splits[split]["class_counts"].items()}
     labels = torch.tensor(sorted(present))
     if int(labels.max()) >= num_classes:
         raise ConfigError(f"loss.dynamic_margin: the manifest counts class {int(labels.max())} of {num_classes}")
     margins = torch.full((num_classes,), settings.m_max, dtype=torch.float32)
-    margins[labels] = dynamic_margins([present[int(c)] for c in labels], settings.m_min, settings.m_max,
-                                      settings.power)
+    margins[labels] = dynamic_margins([present[int(c)] for c in labels], settings.m_min, settings.m_max, settings.power)
     return margins
 
 
 def build_margin_head(config: DMLConfig, embedding_dim: int, num_classes: int, device: torch.device) -> PartialFC:
     """The partial-FC head of ``config.loss`` (margin, sampling, sub-centres, dynamic margins)."""
-    return PartialFC(embedding_dim, num_classes, build_margin(config), config.loss.sample_rate, seed=config.seed,
-                     sub_centers=config.loss.sub_centers,
-                     class_margins=train_class_margins(config, num_classes)).to(device)
+    return PartialFC(
+        embedding_dim,
+        num_classes,
+        build_margin(config),
+        config.loss.sample_rate,
+        seed=config.seed,
+        sub_centers=config.loss.sub_centers,
+        class_margins=train_class_margins(config, num_classes),
+    ).to(device)
 
 
 def build_pair_loss(config: DMLConfig) -> nn.Module:
@@ -98,9 +105,14 @@ class Objective(ExtraOptimizers, nn.Module):
             self.pair_loss = build_pair_loss(config)
         else:
             self.head = build_margin_head(config, dim, num_classes, device)
-            self.optimizers.append(self.head.configure_optimizer(
-                config.loss.head_optimizer, lr=head_lr, momentum=config.optimizer.momentum,
-                weight_decay=config.optimizer.weight_decay))
+            self.optimizers.append(
+                self.head.configure_optimizer(
+                    config.loss.head_optimizer,
+                    lr=head_lr,
+                    momentum=config.optimizer.momentum,
+                    weight_decay=config.optimizer.weight_decay,
+                )
+            )
         self.center_weight = config.loss.center_weight
         self.center: CenterLoss | None = None
         if self.center_weight > 0:
@@ -131,9 +143,11 @@ class Objective(ExtraOptimizers, nn.Module):
     def full_state(self, include_head: bool = True) -> dict[str, Any]:
         """Head (full matrix, any world size; None without ``include_head``, for checkpoints that
         write its rows per rank) and centre-loss state; collective when the head is included."""
-        return {"head": self.head.full_state_dict() if include_head and self.head is not None else None,
-                "center": self.center.state_dict() if self.center is not None else None,
-                "center_optimizer": self.optimizers[-1].state_dict() if self.center is not None else None}
+        return {
+            "head": self.head.full_state_dict() if include_head and self.head is not None else None,
+            "center": self.center.state_dict() if self.center is not None else None,
+            "center_optimizer": self.optimizers[-1].state_dict() if self.center is not None else None,
+        }
 
     def load_full_state(self, state: dict[str, Any]) -> None:
         if self.head is not None and state.get("head") is not None:

@@ -48,8 +48,9 @@ def backbone_param_groups(model: nn.Module, config: OptimizerConfig) -> list[dic
     if backbone is None or not hasattr(backbone, "group_matcher"):
         raise ConfigError("optimizer.layer_decay needs a timm backbone with layer groups (group_matcher)")
     no_decay: set[str] = getattr(backbone, "no_weight_decay", lambda: set())()
-    groups = param_groups_layer_decay(backbone, weight_decay=config.weight_decay, layer_decay=config.layer_decay,
-                                      no_weight_decay_list=no_decay)
+    groups = param_groups_layer_decay(
+        backbone, weight_decay=config.weight_decay, layer_decay=config.layer_decay, no_weight_decay_list=no_decay
+    )
     trainable = {id(p) for p in params}
     out = []
     for group in groups:
@@ -73,8 +74,10 @@ class BackboneFreeze:
     def __init__(self, optimizer: torch.optim.Optimizer, backbone: nn.Module, steps: int):
         self.steps, self.steps_done = steps, 0
         self.params = [p for p in backbone.parameters() if p.requires_grad]
-        self._handles = [optimizer.register_step_pre_hook(self._drop_gradients),
-                         optimizer.register_step_post_hook(self._count)]
+        self._handles = [
+            optimizer.register_step_pre_hook(self._drop_gradients),
+            optimizer.register_step_post_hook(self._count),
+        ]
 
     @property
     def frozen(self) -> bool:

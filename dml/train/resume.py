@@ -45,8 +45,18 @@ from dml.train.checkpoint import (
 
 log = logging.getLogger(__name__)
 
-FIXED = ("seed", "model.", "loss.", "data.", "optimizer.name", "optimizer.momentum", "swa.", "train.backend",
-         "train.grad_accum", "train.precision")
+FIXED = (
+    "seed",
+    "model.",
+    "loss.",
+    "data.",
+    "optimizer.name",
+    "optimizer.momentum",
+    "swa.",
+    "train.backend",
+    "train.grad_accum",
+    "train.precision",
+)
 CHANGEABLE = ("loss.head_lr", "data.shard_dir", "data.num_workers", "data.bad_samples")
 NOT_TRAINING = ("prepare.", "evaluate.", "export.", "pipeline.")
 
@@ -64,8 +74,11 @@ class ResumePoint:
 def data_identity(shard_dir: str | Path, manifest: dict) -> dict[str, Any]:
     """What identifies the training data: the manifest's sha256 and its class list's."""
     classes = json.dumps(manifest["classes"]).encode()
-    return {"manifest_sha256": manifest_digest(shard_dir), "classes_sha256": hashlib.sha256(classes).hexdigest(),
-            "num_classes": len(manifest["classes"])}
+    return {
+        "manifest_sha256": manifest_digest(shard_dir),
+        "classes_sha256": hashlib.sha256(classes).hexdigest(),
+        "num_classes": len(manifest["classes"]),
+    }
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -98,9 +111,11 @@ def check_config(point: ResumePoint, config: DMLConfig, model_section: str) -> N
     """
     changed = fixed_changes(point.state.get("config") or {}, config, model_section)
     if changed:
-        raise DMLError(f"--resume from {point.path}: {', '.join(changed)} cannot change when resuming (the model, "
-                       f"head, loss and data of a run are kept; lr, schedule, length and cadence may change): "
-                       f"undo the change or start a new train.run_dir")
+        raise DMLError(
+            f"--resume from {point.path}: {', '.join(changed)} cannot change when resuming (the model, "
+            f"head, loss and data of a run are kept; lr, schedule, length and cadence may change): "
+            f"undo the change or start a new train.run_dir"
+        )
 
 
 def check_data(point: ResumePoint, identity: dict[str, Any], shard_dir: str, allow_new_data: bool) -> None:
@@ -114,17 +129,24 @@ def check_data(point: ResumePoint, identity: dict[str, Any], shard_dir: str, all
         return
     if saved["manifest_sha256"] == identity["manifest_sha256"]:
         return
-    what = (f"{shard_dir}/manifest.json is not the data {point.path} was trained on "
-            f"({saved['num_classes']} classes then, {identity['num_classes']} now)")
+    what = (
+        f"{shard_dir}/manifest.json is not the data {point.path} was trained on "
+        f"({saved['num_classes']} classes then, {identity['num_classes']} now)"
+    )
     if not allow_new_data:
-        raise DMLError(f"--resume: {what}: resume on the original shards, or pass --allow-new-data to fine-tune "
-                       f"on these")
+        raise DMLError(
+            f"--resume: {what}: resume on the original shards, or pass --allow-new-data to fine-tune on these"
+        )
     point.new_data = True
     point.keep_head = saved["classes_sha256"] == identity["classes_sha256"]
-    log.warning("resume --allow-new-data: %s; continuing at step %s from the start of an epoch; %s", what,
-                point.state["train_state"].get("step"),
-                "same class list: the head's class centres are kept" if point.keep_head else
-                "the class list differs: the head's class centres are re-initialised")
+    log.warning(
+        "resume --allow-new-data: %s; continuing at step %s from the start of an epoch; %s",
+        what,
+        point.state["train_state"].get("step"),
+        "same class list: the head's class centres are kept"
+        if point.keep_head
+        else "the class list differs: the head's class centres are re-initialised",
+    )
     position = point.state["train_state"]
     for key in ("batch_in_epoch", "samples_in_epoch"):  # the old data's position means nothing here
         if key in position:
@@ -135,8 +157,10 @@ def _choose(run_dir: Path, resume: bool, restarted: bool) -> tuple[ResumePoint |
     """Rank 0's choice: (where to resume or None, refusal or None)."""
     if not list_checkpoints(run_dir):
         if resume and not restarted and not (run_dir / "config.yaml").is_file():
-            return None, (f"--resume: there is no run at {run_dir} (no {CHECKPOINTS}/, no config.yaml): check "
-                          f"train.run_dir, or drop --resume to start a new run")
+            return None, (
+                f"--resume: there is no run at {run_dir} (no {CHECKPOINTS}/, no config.yaml): check "
+                f"train.run_dir, or drop --resume to start a new run"
+            )
         if resume or restarted:
             log.warning("resume: %s holds no checkpoint yet: training starts at step 0", run_dir)
         return None, None

@@ -61,8 +61,7 @@ def file_name(name: str, rank: int) -> str:
     return f"{name}.rank{rank:05d}.bin"
 
 
-def write_row_shard(folder: Path, rank: int, start: int, end: int,
-                    tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+def write_row_shard(folder: Path, rank: int, start: int, end: int, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Write this rank's rows ``[start, end)`` of every tensor in ``tensors`` under ``folder``.
 
     Each tensor's first dimension must be ``end - start``. CPU tensors are written from their
@@ -74,19 +73,19 @@ def write_row_shard(folder: Path, rank: int, start: int, end: int,
     record: dict[str, Any] = {"rank": rank, "start": start, "end": end, "tensors": {}}
     for name, tensor in tensors.items():
         if tensor.dim() == 0 or tensor.shape[0] != end - start:
-            raise ValueError(f"row-sharded tensor {name!r} has shape {tuple(tensor.shape)}, expected "
-                             f"{end - start} rows first")
+            raise ValueError(
+                f"row-sharded tensor {name!r} has shape {tuple(tensor.shape)}, expected {end - start} rows first"
+            )
         tensor = tensor.detach()
         path = folder / file_name(name, rank)
         step = _chunk_rows(_row_bytes(tuple(tensor.shape), tensor.dtype))
         with open(path, "wb") as handle:
             for first in range(0, tensor.shape[0], step):
-                block = tensor[first: first + step]
+                block = tensor[first : first + step]
                 handle.write(_as_bytes(block.contiguous().cpu() if block.device.type != "cpu" else block.contiguous()))
             handle.flush()
             os.fsync(handle.fileno())
-        record["tensors"][name] = {"file": path.name, "dtype": _dtype_name(tensor.dtype),
-                                   "shape": list(tensor.shape)}
+        record["tensors"][name] = {"file": path.name, "dtype": _dtype_name(tensor.dtype), "shape": list(tensor.shape)}
     return record
 
 
@@ -102,8 +101,10 @@ def check_index(folder: Path, index: list[dict[str, Any]], num_rows: int) -> str
     names = set(records[0]["tensors"]) if records else set()
     for record in records:
         if record["start"] != expected_start or record["end"] < record["start"]:
-            return f"row shards do not cover rows [0, {num_rows}) once (rank {record['rank']} holds " \
-                   f"[{record['start']}, {record['end']}), expected to start at {expected_start})"
+            return (
+                f"row shards do not cover rows [0, {num_rows}) once (rank {record['rank']} holds "
+                f"[{record['start']}, {record['end']}), expected to start at {expected_start})"
+            )
         expected_start = record["end"]
         if set(record["tensors"]) != names:
             return f"rank {record['rank']} saved {sorted(record['tensors'])}, rank 0 saved {sorted(names)}"
@@ -156,8 +157,10 @@ class RowShardReader:
         if out is None:
             out = torch.empty((end - start, *trailing), dtype=dtype)
         if tuple(out.shape) != (end - start, *trailing) or out.dtype != dtype:
-            raise ValueError(f"{name}: saved rows are {dtype} x {trailing}, destination is "
-                             f"{out.dtype} x {tuple(out.shape)} for {end - start} rows")
+            raise ValueError(
+                f"{name}: saved rows are {dtype} x {trailing}, destination is "
+                f"{out.dtype} x {tuple(out.shape)} for {end - start} rows"
+            )
         row_bytes = _row_bytes((0, *trailing), dtype)
         direct = out.device.type == "cpu" and out.is_contiguous()
         step = _chunk_rows(row_bytes)
@@ -169,9 +172,9 @@ class RowShardReader:
             with open(self.folder / record["tensors"][name]["file"], "rb", buffering=0) as handle:
                 for first in range(lo, hi, step):
                     last = min(hi, first + step)
-                    target = out[first - start: last - start] if buffer is None else buffer[: last - first]
+                    target = out[first - start : last - start] if buffer is None else buffer[: last - first]
                     handle.seek((first - record["start"]) * row_bytes)
                     _read_fully(handle, _as_bytes(target), name)
                     if not direct:
-                        out[first - start: last - start].copy_(target)
+                        out[first - start : last - start].copy_(target)
         return out

@@ -146,8 +146,9 @@ def run_training(config: DMLConfig, resume: bool, spec: TrainingSpec, allow_new_
         cleanup()
 
 
-def _train(config: DMLConfig, resume: bool, device: torch.device, spec: TrainingSpec,
-           allow_new_data: bool = False) -> TrainResult:
+def _train(
+    config: DMLConfig, resume: bool, device: torch.device, spec: TrainingSpec, allow_new_data: bool = False
+) -> TrainResult:
     run_dir = Path(spec.run_dir)
     manifest = load_manifest(config.data.shard_dir)
     identity = data_identity(config.data.shard_dir, manifest)
@@ -167,10 +168,23 @@ def _train(config: DMLConfig, resume: bool, device: torch.device, spec: Training
     engine = build_engine(model, config, device)
     objective = spec.build_objective(config, num_classes, device)
     loader = TrainLoader(config.data, seed=config.seed, with_keys=spec.with_keys)
-    evaluate = combine_evaluators(make_evaluator(config, device), make_verification_evaluator(
-        config.train.verification_sets, config.data, device, config.evaluate.fars, config.train.verification_flip))
-    trainer = Trainer(config, run_dir, device, engine, objective, loader, evaluate, identity,
-                      best=make_best_keeper(config, run_dir, spec, identity["manifest_sha256"]))
+    evaluate = combine_evaluators(
+        make_evaluator(config, device),
+        make_verification_evaluator(
+            config.train.verification_sets, config.data, device, config.evaluate.fars, config.train.verification_flip
+        ),
+    )
+    trainer = Trainer(
+        config,
+        run_dir,
+        device,
+        engine,
+        objective,
+        loader,
+        evaluate,
+        identity,
+        best=make_best_keeper(config, run_dir, spec, identity["manifest_sha256"]),
+    )
     state = TrainState()
     if point is not None:
         state = trainer.restore(restore_checkpoint(point.path, point.state, objective, engine, point.keep_head))
@@ -188,8 +202,9 @@ def _train(config: DMLConfig, resume: bool, device: torch.device, spec: Training
     trainer.metrics.close()
     model_path = model_file_in(run_dir)
     if rank == 0:
-        save_final_model(final_model, config, model_path, data_digest=identity["manifest_sha256"],
-                         model_section=spec.model_section)
+        save_final_model(
+            final_model, config, model_path, data_digest=identity["manifest_sha256"], model_section=spec.model_section
+        )
     result = TrainResult(str(run_dir), str(model_path), str(final_checkpoint), state.step, metrics)
     if rank == 0:
         write_json_atomic(run_dir / "train_result.json", asdict(result), sort_keys=False)

@@ -48,8 +48,10 @@ class LRSchedule:
             for group in optimizer.param_groups:
                 group.setdefault("base_lr", group["lr"])
         # The config's settings per group (all but the parameters and the scheduled lr).
-        self._configured = [[{k: v for k, v in group.items() if k not in ("params", "lr")}
-                             for group in optimizer.param_groups] for optimizer in optimizers]
+        self._configured = [
+            [{k: v for k, v in group.items() if k not in ("params", "lr")} for group in optimizer.param_groups]
+            for optimizer in optimizers
+        ]
         self._apply()
 
     def _apply(self) -> None:

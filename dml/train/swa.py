@@ -48,8 +48,9 @@ class WeightAverager:
             for bn, momentum in momenta.items():
                 bn.momentum = momentum
         model.eval()
-        log.info("swa: averaged %d checkpoints of the weights from step %d", int(self.averaged.n_averaged),
-                 self.start_step)
+        log.info(
+            "swa: averaged %d checkpoints of the weights from step %d", int(self.averaged.n_averaged), self.start_step
+        )
         return model
 
     def state_dict(self) -> dict:

@@ -29,15 +29,24 @@ def mean_ci95(values: list[float]) -> dict[str, Any]:
 
     data = np.asarray(values, dtype=np.float64)
     half = float(t.ppf(0.975, len(data) - 1) * data.std(ddof=1) / np.sqrt(len(data))) if len(data) > 1 else 0.0
-    return {"mean": float(data.mean()), "ci95": half, "low": float(data.mean()) - half,
-            "high": float(data.mean()) + half, "n": len(data), "values": [float(v) for v in data]}
+    return {
+        "mean": float(data.mean()),
+        "ci95": half,
+        "low": float(data.mean()) - half,
+        "high": float(data.mean()) + half,
+        "n": len(data),
+        "values": [float(v) for v in data],
+    }
 
 
 def test_overrides(config: DMLConfig) -> dict[str, Any]:
     """A retrain scores the test classes once, at its end (``evaluate``'s query and gallery
     splits), and never while training."""
-    return {"train.eval_split": config.evaluate.query_split, "train.eval_gallery_split": config.evaluate.gallery_split,
-            "train.eval_every": None}
+    return {
+        "train.eval_split": config.evaluate.query_split,
+        "train.eval_gallery_split": config.evaluate.gallery_split,
+        "train.eval_every": None,
+    }
 
 
 def retrain(base: dict[str, Any], seeds: int, out_dir: Path, parallel: int = 1, nproc_per_node: int = 1) -> list[Path]:
@@ -53,8 +62,10 @@ def retrain(base: dict[str, Any], seeds: int, out_dir: Path, parallel: int = 1, 
         if (run_dir / "train_result.json").exists():
             return run_dir
         seed = int(run_dir.name.removeprefix("seed-"))
-        config = write_run_config(with_values(base, {**test, "seed": seed, "train.run_dir": str(run_dir)}),
-                                  run_dir.with_name(run_dir.name + ".yaml"))
+        config = write_run_config(
+            with_values(base, {**test, "seed": seed, "train.run_dir": str(run_dir)}),
+            run_dir.with_name(run_dir.name + ".yaml"),
+        )
         log.info("tune: retraining seed %d -> %s", seed, run_dir)
         run_training(config, run_dir, nproc_per_node, lambda record: False)
         return run_dir
@@ -115,11 +126,15 @@ def final_test_metrics(run_dir: Path) -> dict[str, float]:
     return {name: float(metrics[f"eval_{name}"]) for name in TEST_METRICS}
 
 
-def retrain_and_test(base: dict[str, Any], seeds: int, out_dir: Path, parallel: int = 1,
-                     nproc_per_node: int = 1) -> dict[str, Any]:
+def retrain_and_test(
+    base: dict[str, Any], seeds: int, out_dir: Path, parallel: int = 1, nproc_per_node: int = 1
+) -> dict[str, Any]:
     """`retrain` (each seed tested once at its end): per-seed test metrics and each metric's
     mean and 95% interval."""
     run_dirs = retrain(base, seeds, out_dir, parallel, nproc_per_node)
     per_seed = [final_test_metrics(d) for d in run_dirs]
-    return {"run_dirs": [str(d) for d in run_dirs], "per_seed": per_seed,
-            **{name: mean_ci95([m[name] for m in per_seed]) for name in TEST_METRICS}}
+    return {
+        "run_dirs": [str(d) for d in run_dirs],
+        "per_seed": per_seed,
+        **{name: mean_ci95([m[name] for m in per_seed]) for name in TEST_METRICS},
+    }

@@ -56,8 +56,10 @@ class SplitSource:
         """Every sample of the split, in the held-out classes' ``test`` split or ``train``."""
         if not self._images:
             self._load()
-        return [Record(sid, label, "test" if label in self.held_out else "train")
-                for sid, label in sorted(self._labels.items())]
+        return [
+            Record(sid, label, "test" if label in self.held_out else "train")
+            for sid, label in sorted(self._labels.items())
+        ]
 
     def read(self, record: Record) -> bytes:
         """The sample's encoded image bytes."""
@@ -79,8 +81,9 @@ def training_classes(shard_dir: str | Path, split: str = "train") -> list[str]:
     return [manifest["classes"][int(i)] for i in manifest["splits"][split]["class_counts"]]
 
 
-def write_fold_shards(shard_dir: str | Path, train_split: str, folds: list[list[str]], out_dir: str | Path,
-                      max_samples: int = 5000) -> list[Path]:
+def write_fold_shards(
+    shard_dir: str | Path, train_split: str, folds: list[list[str]], out_dir: str | Path, max_samples: int = 5000
+) -> list[Path]:
     """Write one shard folder per fold under ``out_dir`` (``fold-0/`` ...) and return them;
     a fold already written (its manifest exists) is kept, so a resumed study reuses it."""
     out = []
@@ -89,9 +92,13 @@ def write_fold_shards(shard_dir: str | Path, train_split: str, folds: list[list[
         out.append(fold_dir)
         if (fold_dir / MANIFEST).exists():
             continue
-        config = PrepareConfig.model_validate({
-            "output_dir": str(fold_dir), "split": {"mode": "source", "query_fraction": 1.0},
-            "shards": {"max_samples": max_samples}})
+        config = PrepareConfig.model_validate(
+            {
+                "output_dir": str(fold_dir),
+                "split": {"mode": "source", "query_fraction": 1.0},
+                "shards": {"max_samples": max_samples},
+            }
+        )
         source = SplitSource(shard_dir, train_split, set(held_out))
         log.info("tune: fold %d of %d: %d validation classes -> %s", index + 1, len(folds), len(held_out), fold_dir)
         write_shards(config, resume=(fold_dir / PROGRESS_DIR).exists(), source=source)

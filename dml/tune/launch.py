@@ -41,8 +41,7 @@ def train_command(config_path: Path, nproc_per_node: int) -> list[str]:
     train = ["-m", "dml.cli", "train", "--config", str(config_path)]
     if nproc_per_node == 1:
         return [sys.executable, *train]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
-            *train]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}", *train]
 
 
 def _resolve_prctl() -> Callable[..., int] | None:
@@ -90,8 +89,13 @@ def _last_line(log_path: Path) -> str:
     return lines[-1] if lines else "no output"
 
 
-def _watch_trainer(train_fold: FoldTrainer, config_path: Path, run_dir: Path, nproc_per_node: int,
-                   on_record: Callable[[dict[str, Any]], bool]) -> bool:
+def _watch_trainer(
+    train_fold: FoldTrainer,
+    config_path: Path,
+    run_dir: Path,
+    nproc_per_node: int,
+    on_record: Callable[[dict[str, Any]], bool],
+) -> bool:
     """`run_training` with ``train_fold`` in a thread; records after a stop are not reported."""
     failure: list[Exception] = []
 
@@ -118,8 +122,13 @@ def _watch_trainer(train_fold: FoldTrainer, config_path: Path, run_dir: Path, np
     return not stopped
 
 
-def run_training(config_path: Path, run_dir: Path, nproc_per_node: int,
-                 on_record: Callable[[dict[str, Any]], bool], train_fold: FoldTrainer | None = None) -> bool:
+def run_training(
+    config_path: Path,
+    run_dir: Path,
+    nproc_per_node: int,
+    on_record: Callable[[dict[str, Any]], bool],
+    train_fold: FoldTrainer | None = None,
+) -> bool:
     """Train with ``config_path`` (whose ``train.run_dir`` is ``run_dir``), passing each new
     metrics record to ``on_record``; ``on_record`` returning True stops the child at once.
     With ``train_fold`` the training is that callable's instead of a local child (not stoppable:
@@ -133,9 +142,13 @@ def run_training(config_path: Path, run_dir: Path, nproc_per_node: int,
     log_path = run_dir.with_name(run_dir.name + ".log")
     metrics, seen = run_dir / "metrics.jsonl", 0
     with log_path.open("ab") as log_file:
-        process = subprocess.Popen(train_command(config_path, nproc_per_node), stdout=log_file,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   preexec_fn=_arm_parent_death)
+        process = subprocess.Popen(
+            train_command(config_path, nproc_per_node),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_arm_parent_death,
+        )
         try:
             while True:
                 finished = process.poll() is not None

@@ -25,10 +25,19 @@ def write_best_config(base: dict[str, Any], params: dict[str, Any], path: Path) 
 
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
     """One plain row per trial: number, state, value, params, fold scores, folder."""
-    return [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
-             "fold_map_at_r": t.user_attrs.get("fold_map_at_r"), "trial_dir": t.user_attrs.get("trial_dir"),
-             "retry_of": t.user_attrs.get("retry_of"), "fail_reason": t.system_attrs.get("fail_reason")}
-            for t in study.get_trials(deepcopy=False)]
+    return [
+        {
+            "number": t.number,
+            "state": t.state.name,
+            "value": t.value,
+            "params": t.params,
+            "fold_map_at_r": t.user_attrs.get("fold_map_at_r"),
+            "trial_dir": t.user_attrs.get("trial_dir"),
+            "retry_of": t.user_attrs.get("retry_of"),
+            "fail_reason": t.system_attrs.get("fail_reason"),
+        }
+        for t in study.get_trials(deepcopy=False)
+    ]
 
 
 def write_plots(study: optuna.Study, plot_dir: Path) -> dict[str, str]:
@@ -45,8 +54,10 @@ def write_plots(study: optuna.Study, plot_dir: Path) -> dict[str, str]:
 
     plot_dir.mkdir(parents=True, exist_ok=True)
     written = {}
-    for name, draw in (("optimization_history", plots.plot_optimization_history),
-                       ("param_importances", plots.plot_param_importances)):
+    for name, draw in (
+        ("optimization_history", plots.plot_optimization_history),
+        ("param_importances", plots.plot_param_importances),
+    ):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -66,11 +77,20 @@ def write_report(study: optuna.Study, path: Path, extra: dict[str, Any]) -> Path
     """``report.json``: the study, every trial, the best trial and ``extra`` (test results)."""
     finished = [t for t in study.get_trials(deepcopy=False) if t.state in FINISHED]
     best = study.best_trial
-    report = {"study": study.study_name, "direction": "maximize", "objective": "mean validation MAP@R over folds",
-              "trials_finished": len(finished), "best": {"number": best.number, "value": best.value,
-                                                          "params": best.params,
-                                                          "fold_map_at_r": best.user_attrs.get("fold_map_at_r")},
-              **extra, "trials": trial_rows(study)}
+    report = {
+        "study": study.study_name,
+        "direction": "maximize",
+        "objective": "mean validation MAP@R over folds",
+        "trials_finished": len(finished),
+        "best": {
+            "number": best.number,
+            "value": best.value,
+            "params": best.params,
+            "fold_map_at_r": best.user_attrs.get("fold_map_at_r"),
+        },
+        **extra,
+        "trials": trial_rows(study),
+    }
     write_json_atomic(path, report)
     return path
 
@@ -78,13 +98,19 @@ def write_report(study: optuna.Study, path: Path, extra: dict[str, Any]) -> Path
 def summary_lines(report: dict[str, Any]) -> list[str]:
     """Human lines for the CLI: best values, and the test results' means with 95% intervals."""
     best = report["best"]
-    lines = [f"best trial {best['number']}: validation MAP@R {best['value']:.4f}; "
-             + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())]
+    lines = [
+        f"best trial {best['number']}: validation MAP@R {best['value']:.4f}; "
+        + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
+    ]
     test = report.get("test")
     if test:
-        lines.append(f"test ({len(test['per_seed'])} seeds): " + ", ".join(
-            f"{name} {test[name]['mean']:.4f} ± {test[name]['ci95']:.4f}" for name in ("map_at_r", "precision_at_1",
-                                                                                    "r_precision")))
+        lines.append(
+            f"test ({len(test['per_seed'])} seeds): "
+            + ", ".join(
+                f"{name} {test[name]['mean']:.4f} ± {test[name]['ci95']:.4f}"
+                for name in ("map_at_r", "precision_at_1", "r_precision")
+            )
+        )
     if report.get("concatenated"):
         concat = report["concatenated"]
         lines.append("test, fold models concatenated: " + ", ".join(f"{k} {v:.4f}" for k, v in concat.items()))

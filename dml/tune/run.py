@@ -69,8 +69,9 @@ def prepare_folds(plan: TunePlan) -> list[Path]:
 def trial_runner(plan: TunePlan, train_fold: FoldTrainer | None = None) -> TrialRunner:
     """The runner of this plan's trials over its folds (written on first use); each fold
     trains as a local `dml train` child unless ``train_fold`` is given."""
-    return TrialRunner(plan.base, plan.space, prepare_folds(plan), plan.study_dir, plan.settings.nproc_per_node,
-                       train_fold)
+    return TrialRunner(
+        plan.base, plan.space, prepare_folds(plan), plan.study_dir, plan.settings.nproc_per_node, train_fold
+    )
 
 
 def finish_study(plan: TunePlan, study: Any) -> TuneResult:
@@ -86,10 +87,18 @@ def finish_study(plan: TunePlan, study: Any) -> TuneResult:
     best_path = write_best_config(plan.base, best.params, plan.study_dir / "best.yaml")
     log.info("tune: best trial %d (validation MAP@R %.4f) -> %s", best.number, best.value, best_path)
     base = validate_config(plan.base)
-    test = retrain_and_test(read_config_file(best_path), settings.seeds, plan.study_dir / "final",
-                            settings.parallel, settings.nproc_per_node)
-    extra: dict[str, Any] = {"best_config": str(best_path), "test": test,
-                             "plots": write_plots(study, plan.study_dir / "plots")}
+    test = retrain_and_test(
+        read_config_file(best_path),
+        settings.seeds,
+        plan.study_dir / "final",
+        settings.parallel,
+        settings.nproc_per_node,
+    )
+    extra: dict[str, Any] = {
+        "best_config": str(best_path),
+        "test": test,
+        "plots": write_plots(study, plan.study_dir / "plots"),
+    }
     if settings.concatenated_embedding:
         trial_dir = Path(best.user_attrs["trial_dir"])
         fold_models = sorted(trial_dir.glob("fold-*/model.pt"))
@@ -99,15 +108,22 @@ def finish_study(plan: TunePlan, study: Any) -> TuneResult:
     return TuneResult(str(best_path), str(report_path), summary_lines(report))
 
 
-def run_tune(config_path: str | Path, space_path: str | Path, overrides: list[str] | None = None,
-             resume: bool = False) -> TuneResult:
+def run_tune(
+    config_path: str | Path, space_path: str | Path, overrides: list[str] | None = None, resume: bool = False
+) -> TuneResult:
     """The whole `dml tune`: check inputs, write folds, search, then `finish_study`.
 
     Raises `ConfigError` for bad files, `DMLError` when too many trials fail or none completes.
     """
     plan = load_plan(config_path, space_path, overrides)
     study = open_study(plan.settings, plan.space, resume)
-    log.info("tune: study '%s' -> %s (%d trials, %d folds, %d at a time)", plan.settings.name, plan.study_dir,
-             plan.settings.n_trials, plan.settings.folds, plan.settings.parallel)
+    log.info(
+        "tune: study '%s' -> %s (%d trials, %d folds, %d at a time)",
+        plan.settings.name,
+        plan.study_dir,
+        plan.settings.n_trials,
+        plan.settings.folds,
+        plan.settings.parallel,
+    )
     run_trials(study, trial_runner(plan), plan.settings)
     return finish_study(plan, study)

@@ -85,8 +85,14 @@ class SearchSpace:
 
     def as_dict(self) -> dict[str, Any]:
         """The space as JSON-like data (stored with the study to refuse resuming another space)."""
-        return {p.key: {k: list(v) if isinstance(v, tuple) else v for k, v in vars(p).items()
-                        if k != "key" and v not in (None, False)} for p in self.params}
+        return {
+            p.key: {
+                k: list(v) if isinstance(v, tuple) else v
+                for k, v in vars(p).items()
+                if k != "key" and v not in (None, False)
+            }
+            for p in self.params
+        }
 
 
 def config_keys(model: type[BaseModel] = DMLConfig, prefix: str = "") -> list[str]:

@@ -59,15 +59,22 @@ def attach_study(settings: StudySettings, space: SearchSpace) -> optuna.Study:
     differs from ``space``."""
     url = storage_url(settings)
     Path(settings.study_dir).mkdir(parents=True, exist_ok=True)
-    study = optuna.create_study(storage=optuna.storages.RDBStorage(url), study_name=settings.name,
-                                direction="maximize", sampler=make_sampler(settings, space),
-                                pruner=make_pruner(settings), load_if_exists=True)
+    study = optuna.create_study(
+        storage=optuna.storages.RDBStorage(url),
+        study_name=settings.name,
+        direction="maximize",
+        sampler=make_sampler(settings, space),
+        pruner=make_pruner(settings),
+        load_if_exists=True,
+    )
     stored = study.user_attrs.get(SPACE_ATTR)
     if stored is None:
         study.set_user_attr(SPACE_ATTR, space.as_dict())
     elif stored != space.as_dict():
-        raise ConfigError(f"study '{settings.name}' in {url} searched another space ({sorted(stored)}); "
-                          "resume it with its own space file, or set study.name")
+        raise ConfigError(
+            f"study '{settings.name}' in {url} searched another space ({sorted(stored)}); "
+            "resume it with its own space file, or set study.name"
+        )
     return study
 
 
@@ -79,8 +86,10 @@ def open_study(settings: StudySettings, space: SearchSpace, resume: bool) -> opt
     Path(settings.study_dir).mkdir(parents=True, exist_ok=True)
     exists = settings.name in optuna.study.get_all_study_names(storage=url)
     if exists and not resume:
-        raise ConfigError(f"study '{settings.name}' already exists in {url}; pass --resume to continue it, "
-                          "or set study.name / study.study_dir")
+        raise ConfigError(
+            f"study '{settings.name}' already exists in {url}; pass --resume to continue it, "
+            "or set study.name / study.study_dir"
+        )
     study = attach_study(settings, space)
     if exists:
         retry_killed_trials(study)
@@ -133,8 +142,14 @@ def run_trials(study: optuna.Study, objective: Any, settings: StudySettings) -> 
 
     while finished_count(study) < settings.n_trials and len(failures) < settings.max_failed_trials:
         remaining = settings.n_trials - finished_count(study)
-        study.optimize(objective, n_trials=remaining, n_jobs=settings.parallel, catch=(TrainFailed,),
-                       callbacks=[on_trial_end], gc_after_trial=False)
+        study.optimize(
+            objective,
+            n_trials=remaining,
+            n_jobs=settings.parallel,
+            catch=(TrainFailed,),
+            callbacks=[on_trial_end],
+            gc_after_trial=False,
+        )
         if _grid_done(study):
             break
     bar.close()

@@ -28,8 +28,13 @@ METRIC = "eval_map_at_r"
 def fold_overrides(fold_shards: Path, run_dir: Path) -> dict[str, Any]:
     """What makes a trial's config train on one fold: its shards, its run folder, and
     leave-one-out validation on the fold's held-out classes (its ``query`` split)."""
-    return {"data.shard_dir": str(fold_shards), "data.train_split": "train", "train.run_dir": str(run_dir),
-            "train.eval_split": "query", "train.eval_gallery_split": None}
+    return {
+        "data.shard_dir": str(fold_shards),
+        "data.train_split": "train",
+        "train.run_dir": str(run_dir),
+        "train.eval_split": "query",
+        "train.eval_gallery_split": None,
+    }
 
 
 def write_run_config(data: dict[str, Any], path: Path) -> Path:
@@ -61,8 +66,9 @@ class TrialRunner:
         scores: list[float] = []
         for index, shards in enumerate(self.fold_shards):
             run_dir = trial_dir / f"fold-{index}"
-            config_path = write_run_config(with_values(self.base, {**values, **fold_overrides(shards, run_dir)}),
-                                           trial_dir / f"fold-{index}.yaml")
+            config_path = write_run_config(
+                with_values(self.base, {**values, **fold_overrides(shards, run_dir)}), trial_dir / f"fold-{index}.yaml"
+            )
             final: dict[str, Any] = {}
 
             def on_record(record: dict[str, Any], final: dict[str, Any] = final) -> bool:

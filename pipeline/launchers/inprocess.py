@@ -48,7 +48,11 @@ def _export(config: DMLConfig, resume: bool) -> Any:
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[DMLConfig, bool], Any]] = {
-    "prepare": _prepare, "train": _train, "evaluate": _evaluate, "distill": _distill, "export": _export,
+    "prepare": _prepare,
+    "train": _train,
+    "evaluate": _evaluate,
+    "distill": _distill,
+    "export": _export,
 }
 
 

@@ -42,27 +42,51 @@ def job_name(spec: StageSpec, suffix: str) -> str:
 
 def stage_command(spec: StageSpec, nproc_per_node: int, max_restarts: int, resume: bool) -> list[str]:
     """The container command: `dml <stage>` or torchrun around it."""
-    stage_args = [spec.command, "--config", f"{CONFIG_MOUNT}/config.yaml",
-                  *(["--resume"] if resume and spec.resumable else [])]
+    stage_args = [
+        spec.command,
+        "--config",
+        f"{CONFIG_MOUNT}/config.yaml",
+        *(["--resume"] if resume and spec.resumable else []),
+    ]
     if not spec.distributed:
         return ["dml", *stage_args]
-    return ["torchrun", "--standalone", "--nnodes", "1", "--nproc_per_node", str(nproc_per_node),
-            "--max-restarts", str(max_restarts), "-m", "dml.cli", *stage_args]
+    return [
+        "torchrun",
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        str(nproc_per_node),
+        "--max-restarts",
+        str(max_restarts),
+        "-m",
+        "dml.cli",
+        *stage_args,
+    ]
 
 
 def _labels(spec: StageSpec) -> dict[str, str]:
-    return {"app.kubernetes.io/name": "dml", "app.kubernetes.io/component": "pipeline-stage",
-            "dml.pipeline/stage": spec.name, "dml.pipeline/key": spec.key[:12]}
+    return {
+        "app.kubernetes.io/name": "dml",
+        "app.kubernetes.io/component": "pipeline-stage",
+        "dml.pipeline/stage": spec.name,
+        "dml.pipeline/key": spec.key[:12],
+    }
 
 
 def _container(spec: StageSpec, image: str, command: list[str], nproc: int) -> dict[str, Any]:
     mounts = [{"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True}]
-    mounts += [{"name": name, "mountPath": path, **({"readOnly": True} if read_only else {})}
-               for name, _, path, read_only in VOLUMES]
+    mounts += [
+        {"name": name, "mountPath": path, **({"readOnly": True} if read_only else {})}
+        for name, _, path, read_only in VOLUMES
+    ]
     mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     threads = "1" if spec.distributed and nproc > 1 else "2"
     return {
-        "name": "stage", "image": image, "imagePullPolicy": "IfNotPresent", "command": command,
+        "name": "stage",
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": command,
         "env": [{"name": "OMP_NUM_THREADS", "value": threads}, {"name": "PYTHONUNBUFFERED", "value": "1"}],
         "resources": {"requests": {"cpu": str(nproc), "memory": f"{2 * nproc}Gi"}},
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
@@ -70,31 +94,45 @@ def _container(spec: StageSpec, image: str, command: list[str], nproc: int) -> d
     }
 
 
-def render_stage_manifests(spec: StageSpec, *, name: str, namespace: str, image: str, nproc_per_node: int,
-                           max_restarts: int, resume: bool) -> list[dict[str, Any]]:
+def render_stage_manifests(
+    spec: StageSpec, *, name: str, namespace: str, image: str, nproc_per_node: int, max_restarts: int, resume: bool
+) -> list[dict[str, Any]]:
     """[ConfigMap, Job] for ``spec``; apply them in this order."""
     nproc = nproc_per_node if spec.distributed else 1
     labels = _labels(spec)
     config_map = {
-        "apiVersion": "v1", "kind": "ConfigMap",
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
         "metadata": {"name": f"{name}-config", "namespace": namespace, "labels": labels},
         "data": {"config.yaml": yaml.safe_dump(spec.config.model_dump(mode="json"), sort_keys=False)},
     }
     volumes = [{"name": "config", "configMap": {"name": f"{name}-config"}}]
-    volumes += [{"name": vol, "persistentVolumeClaim": {"claimName": claim, **({"readOnly": True} if ro else {})}}
-                for vol, claim, _, ro in VOLUMES]
+    volumes += [
+        {"name": vol, "persistentVolumeClaim": {"claimName": claim, **({"readOnly": True} if ro else {})}}
+        for vol, claim, _, ro in VOLUMES
+    ]
     volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}})
     pod_spec = {
         "restartPolicy": "Never",
-        "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
-                            "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
+            "fsGroup": RUN_AS,
+            "fsGroupChangePolicy": "OnRootMismatch",
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
         "containers": [_container(spec, image, stage_command(spec, nproc, max_restarts, resume), nproc)],
         "volumes": volumes,
     }
     job = {
-        "apiVersion": "batch/v1", "kind": "Job",
+        "apiVersion": "batch/v1",
+        "kind": "Job",
         "metadata": {"name": name, "namespace": namespace, "labels": labels},
-        "spec": {"backoffLimit": 0, "ttlSecondsAfterFinished": TTL_SECONDS,
-                 "template": {"metadata": {"labels": labels}, "spec": pod_spec}},
+        "spec": {
+            "backoffLimit": 0,
+            "ttlSecondsAfterFinished": TTL_SECONDS,
+            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        },
     }
     return [config_map, job]

@@ -27,12 +27,17 @@ from pipeline.launchers.logs import failure_reason, start_log, tail
 from pipeline.stage_specs import StageSpec
 
 # Waiting reasons that never resolve on their own: fail the stage instead of waiting forever.
-FATAL_WAITING = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
-                 "CreateContainerError")
+FATAL_WAITING = (
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+)
 
 
 def job_condition(job: dict[str, Any]) -> str | None:
-    """"Complete", "Failed" or None (still running) from a Job's status."""
+    """ "Complete", "Failed" or None (still running) from a Job's status."""
     for condition in job.get("status", {}).get("conditions") or []:
         if condition.get("status") == "True" and condition.get("type") in ("Complete", "Failed"):
             return condition["type"]
@@ -49,8 +54,10 @@ def pod_problem(pods: dict[str, Any]) -> str | None:
             terminated = state.get("terminated") or status.get("lastState", {}).get("terminated")
             if terminated and terminated.get("exitCode", 0) != 0:
                 message = f": {terminated['message'].strip()}" if terminated.get("message") else ""
-                return (f"pod {name}: container {status.get('name')} {terminated.get('reason', 'Error')} "
-                        f"(exit code {terminated.get('exitCode')}){message}")
+                return (
+                    f"pod {name}: container {status.get('name')} {terminated.get('reason', 'Error')} "
+                    f"(exit code {terminated.get('exitCode')}){message}"
+                )
             waiting = state.get("waiting") or {}
             if waiting.get("reason") in FATAL_WAITING:
                 return f"pod {name}: {waiting['reason']}: {waiting.get('message', '').strip()}".rstrip(": ")
@@ -74,14 +81,25 @@ class KubernetesLauncher:
     def manifests(self, spec: StageSpec, resume: bool, suffix: str | None = None) -> list[dict[str, Any]]:
         """The ConfigMap and Job this launcher would apply for ``spec``."""
         name = job_name(spec, suffix or uuid.uuid4().hex[:5])
-        return render_stage_manifests(spec, name=name, namespace=self.namespace, image=self.image,
-                                      nproc_per_node=self.nproc_per_node, max_restarts=self.max_restarts,
-                                      resume=resume)
+        return render_stage_manifests(
+            spec,
+            name=name,
+            namespace=self.namespace,
+            image=self.image,
+            nproc_per_node=self.nproc_per_node,
+            max_restarts=self.max_restarts,
+            resume=resume,
+        )
 
     def _kubectl(self, *args: str) -> str:
         try:
-            done = subprocess.run([self.kubectl, "-n", self.namespace, *args], capture_output=True, text=True,
-                                  stdin=subprocess.DEVNULL, check=False)  # never wait on a credentials prompt
+            done = subprocess.run(
+                [self.kubectl, "-n", self.namespace, *args],
+                capture_output=True,
+                text=True,
+                stdin=subprocess.DEVNULL,
+                check=False,
+            )  # never wait on a credentials prompt
         except FileNotFoundError:
             raise RuntimeError(f"kubectl {' '.join(args[:2])} failed: no {self.kubectl} on PATH") from None
         if done.returncode != 0:
@@ -107,9 +125,20 @@ class KubernetesLauncher:
         with log_path.open("a") as handle:
             handle.write(f"job {self.namespace}/{name} applied from {manifest_file}\n")
             handle.flush()
-            follower = subprocess.Popen([self.kubectl, "-n", self.namespace, "logs", "-f", f"job/{name}",
-                                         "--all-containers", "--pod-running-timeout=24h"],
-                                        stdout=handle, stderr=subprocess.STDOUT)
+            follower = subprocess.Popen(
+                [
+                    self.kubectl,
+                    "-n",
+                    self.namespace,
+                    "logs",
+                    "-f",
+                    f"job/{name}",
+                    "--all-containers",
+                    "--pod-running-timeout=24h",
+                ],
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+            )
             try:
                 problem = self._wait(name)
             finally:

@@ -11,7 +11,8 @@ CLI_ERROR = re.compile(r"dml [a-z]+: error: (.+)$")
 # "ValueError: message" or a bare "KeyboardInterrupt" on its own line (a traceback's last
 # line), not "ModuleNotFoundError(...)" inside a logged message.
 EXCEPTION_LINE = re.compile(
-    r"^\s*(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception|Failed|Interrupt|Exit))(?::.*)?$")
+    r"^\s*(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception|Failed|Interrupt|Exit))(?::.*)?$"
+)
 # torchrun's wrapper exception says only that a child failed; the child's own error is better.
 UNINFORMATIVE = ("ChildFailedError",)
 

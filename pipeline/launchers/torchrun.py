@@ -40,9 +40,21 @@ class TorchrunLauncher:
         stage_args = [spec.command, "--config", str(config_file), *(["--resume"] if resume and spec.resumable else [])]
         if not spec.distributed:
             return [self.python, "-m", "dml.cli", *stage_args]
-        return [self.python, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-                "--nproc_per_node", str(self.nproc_per_node), "--max-restarts", str(self.max_restarts),
-                "-m", "dml.cli", *stage_args]
+        return [
+            self.python,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nnodes",
+            "1",
+            "--nproc_per_node",
+            str(self.nproc_per_node),
+            "--max-restarts",
+            str(self.max_restarts),
+            "-m",
+            "dml.cli",
+            *stage_args,
+        ]
 
     def launch(self, spec: StageSpec, resume: bool) -> None:
         """Run the stage under local torchrun with its saved config, output in the stage log.
@@ -57,8 +69,9 @@ class TorchrunLauncher:
         with log_path.open("a") as handle:
             handle.write("$ " + " ".join(argv) + "\n")
             handle.flush()
-            returncode = subprocess.run(argv, stdout=handle, stderr=subprocess.STDOUT, env=env,
-                                        cwd=os.getcwd(), check=False).returncode
+            returncode = subprocess.run(
+                argv, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(), check=False
+            ).returncode
         if returncode != 0:
             reason, input_error = failure_reason(tail(log_path), f"exit code {returncode}")
             raise StageFailed(spec.name, reason, log_path, input_error=input_error)
