@@ -23,11 +23,12 @@ fashion-mnist:
 quickstart: setup fashion-mnist
 	env -u PREFECT_API_URL PREFECT_HOME=$(CURDIR)/runs/.prefect $(VENV)/bin/dml pipeline run --config configs/quickstart.yaml $(ARGS)
 
-# Lint (ruff) and type check (mypy) the library, the flows, the tests and the benchmarks;
+# Lint and format check (ruff) and type check (mypy) the library, the flows, the tests and the benchmarks;
 # settings in pyproject.toml. `make test` runs it first.
 LINT_PATHS := dml pipeline tests benchmarks
 lint: setup
 	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 	$(VENV)/bin/mypy $(LINT_PATHS)
 
 # Prefect gets a throwaway home and no API URL, so tests never touch a real server.
