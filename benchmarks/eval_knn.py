@@ -206,6 +206,10 @@ def measure(contender: str, workload: str, n: int, args) -> dict:
     if args.progress_log is not None:
         command += ["--progress-log", str(args.progress_log)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0 and contender != "dml":
+        # e.g. PML's label-match count allocates classes x N bools: 34.6 GB at N=100k, mean 2
+        reason = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        return {"contender": contender, "failed": f"exited with {done.returncode}: {reason[-300:]}"}
     if done.returncode != 0:  # negative: killed by that signal (e.g. -9 from an OOM killer)
         raise RuntimeError(f"{contender} {workload} N={n} exited with {done.returncode}:\n{done.stderr[-2000:]}")
     record = json.loads(done.stdout.strip().splitlines()[-1])
@@ -250,8 +254,12 @@ def benchmark_row(workload: str, n: int, args) -> dict:
         "gemm_floor_seconds": n * n * args.dim * 2 / (gflops * 1e9),
         "symmetric_floor_seconds": n * n * args.dim / (gflops * 1e9),
     }
-    row.update({c: best_of(runs[c]) for c in contenders})
-    if run_pml:
+    failed = {c: x["failed"] for c, records in runs.items() for x in records if "failed" in x}
+    row.update({c: best_of(runs[c]) for c in contenders if c not in failed})
+    row.update({c: f"failed: {reason}" for c, reason in failed.items()})
+    if run_pml and failed:
+        print(f"  {workload} N={n}: {', '.join(f'{c} {r}' for c, r in failed.items())}", flush=True)
+    elif run_pml:
         row["speedup"] = row["pml"]["seconds"] / row["dml"]["seconds"]
         row["speedup_cpu"] = row["pml"]["cpu_seconds"] / row["dml"]["cpu_seconds"]
         row["max_abs_diff"] = max(abs(row["dml"]["values"][m] - row["pml"]["values"][m]) for m in METRICS)
@@ -261,7 +269,7 @@ def benchmark_row(workload: str, n: int, args) -> dict:
             row["max_abs_diff_exact_order"] = max(
                 abs(row["dml"]["values"][m] - row["pml_exact_order"]["values"][m]) for m in METRICS
             )
-    else:
+    if not run_pml:
         row["pml"] = f"skipped (--skip-pml-above {args.skip_pml_above})"
     return row
 
