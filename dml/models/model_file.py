@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dml.config import DataConfig, DMLConfig, ModelConfig
-from dml.errors import DMLError, first_line
+from dml.errors import ConfigError, DMLError, first_line
 from dml.models.embedder import build_embedding_model
 from dml.models.preprocessing import Preprocessing
 
@@ -25,25 +25,38 @@ MODEL_FILE = "model.pt"  # the final model inside a run folder
 def build_model(
     config: DMLConfig | None = None, model: ModelConfig | None = None, data: DataConfig | None = None
 ) -> nn.Module:
-    """The embedding model of ``config`` (or of explicit model/data sections).
+    """The embedding model of ``config`` (or of explicit model/data sections), checked with one
+    forward pass of a (1, channels, image_size, image_size) zero image.
 
-    Raises TypeError when neither ``config`` nor both sections are given.
+    Raises TypeError when neither ``config`` nor both sections are given, and `ConfigError` (one
+    line naming the keys) when the backbone, pooling and input size do not fit together, e.g. a
+    ViT at a size that is not a multiple of its patch, ``cls`` pooling on a CNN, or an input
+    smaller than the backbone's kernels.
     """
     if config is not None:
         model, data = model or config.model, data or config.data
     if model is None or data is None:
         raise TypeError("build_model needs a config, or both the model and the data section")
-    built = build_embedding_model(
-        model.backbone,
-        embedding_dim=model.embedding_dim,
-        pooling=model.pooling,
-        in_chans=data.channels,
-        pretrained_path=model.pretrained_path,
-        input_size=(data.channels, data.image_size, data.image_size),
-        embedding_bn=model.embedding_bn,
-        dropout=model.dropout,
-        bfe=model.bfe,
-    )
+    try:
+        built = build_embedding_model(
+            model.backbone,
+            embedding_dim=model.embedding_dim,
+            pooling=model.pooling,
+            in_chans=data.channels,
+            pretrained_path=model.pretrained_path,
+            input_size=(data.channels, data.image_size, data.image_size),
+            embedding_bn=model.embedding_bn,
+            dropout=model.dropout,
+            bfe=model.bfe,
+        )
+        probe_forward(built, data)
+    except DMLError:
+        raise
+    except (ValueError, AssertionError, RuntimeError) as error:  # timm and torch say it as an exception
+        raise ConfigError(
+            f"model.backbone={model.backbone!r}, model.pooling={model.pooling!r}, data.image_size="
+            f"{data.image_size}, data.channels={data.channels}: the model cannot be built: {first_line(error)}"
+        ) from None
 
     # The model is trained on the data config's normalisation, not timm's pretrained one:
     # record that, so evaluation and export feed it what it learned on.
@@ -58,6 +71,18 @@ def build_model(
         center_crop=data.center_crop,
     )
     return built
+
+
+def probe_forward(model: nn.Module, data: DataConfig) -> None:
+    """One no-grad forward of a zero image at the configured size in eval mode (BatchNorm on a
+    batch of one), so a misfit shows when the model is built, not at the first training step."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, data.channels, data.image_size, data.image_size))
+    finally:
+        model.train(was_training)
 
 
 def model_file_in(run_dir: str | Path) -> Path:
