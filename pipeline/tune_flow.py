@@ -60,8 +60,8 @@ def dml_tune(
     """
     overrides = list(overrides or [])
     plan, _ = load_tune_inputs(config_path, space_path, overrides)
+    trial_runner(plan)  # writes the fold shards once, before the study and the trials that share them
     study = open_study(plan.settings, plan.space, resume)
-    trial_runner(plan)  # writes the fold shards once, before the trials share them
     rounds = 0
     while (missing := plan.settings.n_trials - finished_count(study)) > 0:
         rounds += 1

@@ -121,3 +121,31 @@ def test_space_survives_the_study_storage(tmp_path):
     path.write_text(yaml.safe_dump({"loss.margin": [0.1, 0.3], "loss.scale": {"low": 8, "high": 64, "log": True}}))
     space = load_space(path)
     assert json.loads(json.dumps(space.as_dict())) == space.as_dict()
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_a_resumed_study_does_not_replay_earlier_draws(tmp_path, sampler):
+    """Re-attaching to a study that holds trials (a resume, another worker) seeds the sampler
+    past them: the first new draw is not the first run's first draw again."""
+    from dml.tune.study import attach_study
+
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({"loss.scale": {"low": 8, "high": 64, "log": True}}))
+    space = load_space(path)
+    settings = load_settings({"study_dir": str(tmp_path / "study"), "sampler": sampler}, "space.yaml")
+    first = attach_study(settings, space)
+    first.optimize(lambda trial: trial.suggest_float("loss.scale", 8, 64, log=True), n_trials=3)
+    drawn = [t.params["loss.scale"] for t in first.trials]
+    again = attach_study(settings, space)
+    again.optimize(lambda trial: trial.suggest_float("loss.scale", 8, 64, log=True), n_trials=2)
+    new = [t.params["loss.scale"] for t in again.trials[3:]]
+    assert len(new) == 2 and not set(new) & set(drawn)
+
+
+def test_a_refused_fold_count_leaves_no_study(tmp_path, capsys):
+    """Inputs are checked before the study is created, so the corrected command runs as new."""
+    class_split_shards(tmp_path, classes=4)
+    run_path, space_path = write_tune_files(tmp_path, {"loss.scale": {"low": 8, "high": 64}}, folds=50, n_trials=1)
+    assert main(["tune", "--config", str(run_path), "--space", str(space_path)]) == 2
+    assert "cannot make 50 class-disjoint folds" in capsys.readouterr().err
+    assert not list((tmp_path / "study").glob("*.db"))

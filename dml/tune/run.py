@@ -116,6 +116,7 @@ def run_tune(
     Raises `ConfigError` for bad files, `DMLError` when too many trials fail or none completes.
     """
     plan = load_plan(config_path, space_path, overrides)
+    runner = trial_runner(plan)  # writes the folds first: a data error must not leave a study behind
     study = open_study(plan.settings, plan.space, resume)
     log.info(
         "tune: study '%s' -> %s (%d trials, %d folds, %d at a time)",
@@ -125,5 +126,5 @@ def run_tune(
         plan.settings.folds,
         plan.settings.parallel,
     )
-    run_trials(study, trial_runner(plan), plan.settings)
+    run_trials(study, runner, plan.settings)
     return finish_study(plan, study)

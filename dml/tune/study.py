@@ -33,13 +33,17 @@ def storage_url(settings: StudySettings) -> str:
     return f"sqlite:///{(Path(settings.study_dir) / 'study.db').resolve()}"
 
 
-def make_sampler(settings: StudySettings, space: SearchSpace) -> optuna.samplers.BaseSampler:
-    """The configured optuna sampler (grid, random or TPE), seeded."""
+def make_sampler(settings: StudySettings, space: SearchSpace, trials_so_far: int = 0) -> optuna.samplers.BaseSampler:
+    """The configured optuna sampler (grid, random or TPE), seeded with ``study.sampler_seed``
+    plus the number of trials the study already holds: a resumed run, or another process
+    joining the study, must not replay the first run's draws (a fixed seed made the first new
+    trial after a resume repeat the values of the killed one)."""
+    seed = None if settings.sampler_seed is None else settings.sampler_seed + trials_so_far
     if settings.sampler == "grid":
-        return optuna.samplers.GridSampler(space.grid(), seed=settings.sampler_seed)
+        return optuna.samplers.GridSampler(space.grid(), seed=seed)
     if settings.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=settings.sampler_seed)
-    return optuna.samplers.TPESampler(seed=settings.sampler_seed, n_startup_trials=max(2, settings.startup_trials))
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, settings.startup_trials))
 
 
 def make_pruner(settings: StudySettings) -> optuna.pruners.BasePruner:
@@ -67,6 +71,8 @@ def attach_study(settings: StudySettings, space: SearchSpace) -> optuna.Study:
         pruner=make_pruner(settings),
         load_if_exists=True,
     )
+    if study.trials:
+        study.sampler = make_sampler(settings, space, len(study.trials))
     stored = study.user_attrs.get(SPACE_ATTR)
     if stored is None:
         study.set_user_attr(SPACE_ATTR, space.as_dict())
@@ -82,6 +88,7 @@ def open_study(settings: StudySettings, space: SearchSpace, resume: bool) -> opt
     """Create the study, or with ``resume`` load it and retry the trials a killed run left
     behind. Raises `ConfigError` when a study of that name exists and ``resume`` is off, or
     when the stored search space differs from ``space``."""
+    make_sampler(settings, space)  # a bad space (e.g. grid without steps) fails before any storage exists
     url = storage_url(settings)
     Path(settings.study_dir).mkdir(parents=True, exist_ok=True)
     exists = settings.name in optuna.study.get_all_study_names(storage=url)
