@@ -149,3 +149,29 @@ def test_a_refused_fold_count_leaves_no_study(tmp_path, capsys):
     assert main(["tune", "--config", str(run_path), "--space", str(space_path)]) == 2
     assert "cannot make 50 class-disjoint folds" in capsys.readouterr().err
     assert not list((tmp_path / "study").glob("*.db"))
+
+
+@pytest.mark.parametrize("sampler_seed", [0, 7, None])
+@pytest.mark.parametrize("grid_shape", [(2,), (3, 2), (5,)])
+def test_grid_trials_from_processes_joining_at_any_count_cover_the_grid_once(tmp_path, sampler_seed, grid_shape):
+    """Each process of a study (a `dml pipeline tune` trial task, a second `dml tune --resume`)
+    attaches with its own count of trials so far; the grid points its trials evaluate must
+    still be the grid, each once (a per-process shuffle seed gave [0.3, 0.3] for [0.1, 0.3])."""
+    from dml.tune.study import attach_study, open_study
+
+    keys = ["loss.margin", "loss.scale"][: len(grid_shape)]
+    values = {
+        key: [round(0.1 * (i + 1), 1) if key == "loss.margin" else 8 * (i + 1) for i in range(n)]
+        for key, n in zip(keys, grid_shape, strict=True)
+    }
+    path = tmp_path / "space.yaml"
+    study_section = {"study_dir": str(tmp_path / "study"), "sampler": "grid", "sampler_seed": sampler_seed}
+    path.write_text(yaml.safe_dump({**values, "study": study_section}))
+    space = load_space(path)
+    settings = load_settings(space.study, str(path))
+    open_study(settings, space, resume=False)
+    seen = []
+    for _ in range(math.prod(grid_shape)):  # each trial asked by a freshly attached process
+        study = attach_study(settings, space)
+        study.optimize(lambda trial: seen.append(tuple(space.suggest(trial)[k] for k in keys)) or 0.0, n_trials=1)
+    assert sorted(seen) == sorted(itertools.product(*(values[k] for k in keys)))

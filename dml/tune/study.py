@@ -8,6 +8,7 @@ search ends when ``n_trials`` trials are complete or pruned.
 from __future__ import annotations
 
 import logging
+import random
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 SPACE_ATTR = "search_space"
+GRID_SEED_ATTR = "grid_shuffle_seed"
 
 
 def storage_url(settings: StudySettings) -> str:
@@ -33,14 +35,22 @@ def storage_url(settings: StudySettings) -> str:
     return f"sqlite:///{(Path(settings.study_dir) / 'study.db').resolve()}"
 
 
-def make_sampler(settings: StudySettings, space: SearchSpace, trials_so_far: int = 0) -> optuna.samplers.BaseSampler:
-    """The configured optuna sampler (grid, random or TPE), seeded with ``study.sampler_seed``
-    plus the number of trials the study already holds: a resumed run, or another process
-    joining the study, must not replay the first run's draws (a fixed seed made the first new
-    trial after a resume repeat the values of the killed one)."""
-    seed = None if settings.sampler_seed is None else settings.sampler_seed + trials_so_far
+def make_sampler(
+    settings: StudySettings, space: SearchSpace, trials_so_far: int = 0, grid_seed: int | None = None
+) -> optuna.samplers.BaseSampler:
+    """The configured optuna sampler (grid, random or TPE).
+
+    Random and TPE are seeded with ``study.sampler_seed`` plus the number of trials the study
+    already holds: a resumed run, or another process joining the study, must not replay the
+    first run's draws (a fixed seed made the first new trial after a resume repeat the values
+    of the killed one). The grid sampler is the opposite case: trial number i evaluates entry
+    i of a grid shuffled by the seed, so every process of one study must shuffle with the same
+    ``grid_seed`` (`attach_study` stores it in the study); a per-process seed made two parallel
+    trials evaluate the same grid point and skip another.
+    """
     if settings.sampler == "grid":
-        return optuna.samplers.GridSampler(space.grid(), seed=seed)
+        return optuna.samplers.GridSampler(space.grid(), seed=settings.sampler_seed if grid_seed is None else grid_seed)
+    seed = None if settings.sampler_seed is None else settings.sampler_seed + trials_so_far
     if settings.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, settings.startup_trials))
@@ -71,7 +81,12 @@ def attach_study(settings: StudySettings, space: SearchSpace) -> optuna.Study:
         pruner=make_pruner(settings),
         load_if_exists=True,
     )
-    if study.trials:
+    if settings.sampler == "grid":
+        if GRID_SEED_ATTR not in study.user_attrs:  # the creator draws the shuffle every process shares
+            drawn = settings.sampler_seed if settings.sampler_seed is not None else random.randrange(2**31)
+            study.set_user_attr(GRID_SEED_ATTR, drawn)
+        study.sampler = make_sampler(settings, space, grid_seed=study.user_attrs[GRID_SEED_ATTR])
+    elif study.trials:
         study.sampler = make_sampler(settings, space, len(study.trials))
     stored = study.user_attrs.get(SPACE_ATTR)
     if stored is None:
