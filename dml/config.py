@@ -523,6 +523,30 @@ def merge_config(base: dict[str, Any], override: dict[str, Any]) -> dict[str, An
     return merged
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: plain YAML keeps the
+    last value, so a repeated ``model:`` section silently dropped the first one's settings."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line for a YAML error: the problem and where it is (line and column, 1-based)."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        return f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem or exc.context}"
+    return str(exc).splitlines()[0]
+
+
 def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """The mapping in a YAML config file, with its ``extends`` chain of base files resolved.
 
@@ -536,9 +560,9 @@ def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[st
         raise ConfigError(f"config file {path} extends itself through: {' -> '.join(map(str, _chain))}")
     try:
         # bytes: PyYAML decodes UTF-8/16 itself and names bad bytes (read_text raised UnicodeDecodeError)
-        data = yaml.safe_load(path.read_bytes()) or {}
+        data = yaml.load(path.read_bytes(), Loader=UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     base = data.pop(EXTENDS_KEY, None)

@@ -75,8 +75,26 @@ def test_missing_or_invalid_config_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("prepare: [unclosed")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match=r"not valid YAML: line 1, column 19: expected ',' or '\]'"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2, 3])
+@pytest.mark.parametrize("position", ["first", "last"])
+def test_key_given_twice_at_any_depth_is_refused_naming_file_and_line(tmp_path, capsys, depth, position):
+    # plain YAML keeps the last value: a second 'model:' section silently dropped the first's settings
+    sections = ["train", "model", "evaluate", "export"][: depth + 1]
+    keys = ["epochs", "backbone"] if position == "first" else ["backbone", "epochs"]
+    lines = [f"{'  ' * level}{name}:" for level, name in enumerate(sections)]
+    indent = "  " * len(sections)
+    lines += [f"{indent}{keys[0]}: 1", f"{indent}{keys[1]}: 2", f"{indent}{keys[0]}: 3"]
+    path = tmp_path / "twice.yaml"
+    path.write_text("seed: 0\n" + "\n".join(lines) + "\n")
+    assert main(["config", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert str(path) in err and f"line {len(lines) + 1}, column {len(indent) + 1}" in err
+    assert f"key '{keys[0]}' appears twice" in err
 
 
 @pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "latin-1", "cp1252"])
