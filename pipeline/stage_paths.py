@@ -71,6 +71,15 @@ def load_pipeline_config(config_path: str | Path | None, overrides: list[str] | 
             config.data.shard_dir,
             config.prepare.output_dir,
         )
+    for key, placed in (
+        ("evaluate.output_dir", "<train.run_dir>/eval and <distill.run_dir>/eval"),
+        ("export.output_dir", "<distill.run_dir>/export"),
+    ):
+        section, field = key.split(".")
+        given = getattr(getattr(config, section), field)
+        if given != type(getattr(config, section)).model_fields[field].default:
+            # the pipeline derives these from the run folders; say so rather than drop the value unseen
+            log.warning("pipeline: %s %s is not used: the pipeline writes to %s", key, given, placed)
     values: dict[str, Any] = {"data.shard_dir": config.prepare.output_dir, "distill.teacher": config.train.run_dir}
     if config.distill.student.embedding_dim is None:
         # The student is trained in the teacher's embedding space (dml.distill.run); the

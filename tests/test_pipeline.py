@@ -4,6 +4,7 @@ deployment objects. Flows under a Prefect server are in test_pipeline_e2e.py."""
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 
@@ -140,6 +141,21 @@ def test_pipeline_config_wires_stage_paths(tmp_path):
     assert export_config(config).export.output_dir == str(tmp_path / "student" / "export")
     with pytest.raises(ConfigError, match=r"train\.run_dir .* and distill\.run_dir .* must be separate"):
         load_pipeline_config(tmp_path / "c.yaml", [f"distill.run_dir={tmp_path / 'teacher' / 'student'}"])
+
+
+@pytest.mark.parametrize("key", ["evaluate.output_dir", "export.output_dir"])
+def test_pipeline_says_it_does_not_use_a_given_output_dir(tmp_path, caplog, key):
+    # the pipeline places evaluations and the export under the run folders; a user's own
+    # output_dir was dropped without a word and the outputs looked missing
+    write_config(tmp_path / "c.yaml", pipeline_config_dict(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="pipeline.stage_paths"):
+        load_pipeline_config(tmp_path / "c.yaml")
+    assert "is not used" not in caplog.text  # defaults: nothing to say
+    mine = tmp_path / "mine"
+    with caplog.at_level(logging.WARNING, logger="pipeline.stage_paths"):
+        config = load_pipeline_config(tmp_path / "c.yaml", [f"{key}={mine}"])
+    assert f"{key} {mine} is not used" in caplog.text
+    assert str(tmp_path / "student") in export_config(config).export.output_dir
 
 
 # ---------------------------------------------------------------------------------------------
