@@ -45,6 +45,9 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dml.tune.final import mean_and_interval
+
 ROOT = Path(__file__).resolve().parents[1]
 OMNIGLOT = ROOT.parent / "shared" / "data" / "omniglot"
 RESULTS = ROOT / "benchmarks" / "results" / "tune_arcface.json"
@@ -102,7 +105,7 @@ def table(rows: dict[str, dict]) -> list[str]:
     lines = [f"{'config':<9} {'s':>6} {'m':>6} {'lr':>7}  {'MAP@R (95% CI)':<24} {'P@1':<22} {'R-prec':<22}"]
     for name, row in rows.items():
         p = row["params"]
-        cells = [f"{row[k]['mean']:.4f} ± {row[k]['ci95']:.4f}" for k in ("map_at_r", "precision_at_1", "r_precision")]
+        cells = [mean_and_interval(row[k]) for k in ("map_at_r", "precision_at_1", "r_precision")]
         lines.append(
             f"{name:<9} {p['loss.scale']:>6.2f} {p['loss.margin']:>6.3f} {p['optimizer.lr']:>7.4f}  "
             f"{cells[0]:<24} {cells[1]:<22} {cells[2]:<22}"

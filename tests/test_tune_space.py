@@ -106,11 +106,19 @@ def test_fold_shards_hold_training_classes_only(tmp_path):
     assert write_fold_shards(shards, "train", folds, tmp_path / "folds") == dirs  # kept, not rewritten
 
 
+def test_one_seed_has_no_interval_rather_than_a_zero_one():
+    from dml.tune.final import mean_and_interval
+
+    one = mean_ci95([0.4533])
+    assert one["ci95"] is None and one["low"] is None and one["mean"] == 0.4533
+    assert mean_and_interval(one) == "0.4533 (1 seed, no interval)"
+    assert mean_and_interval(mean_ci95([0.4, 0.5])).startswith("0.4500 ± ")
+
+
 def test_mean_ci95_is_the_student_t_interval():
     summary = mean_ci95([1.0, 2.0, 3.0])
     assert summary["mean"] == 2.0
     assert math.isclose(summary["ci95"], 4.302652729911275 / math.sqrt(3), rel_tol=1e-9)
-    assert mean_ci95([0.5])["ci95"] == 0.0
 
 
 def test_space_survives_the_study_storage(tmp_path):

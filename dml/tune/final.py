@@ -24,19 +24,28 @@ TEST_METRICS = ("map_at_r", "precision_at_1", "r_precision")
 
 
 def mean_ci95(values: list[float]) -> dict[str, Any]:
-    """Mean and the half-width of its two-sided 95% Student-t interval (0 for one value)."""
+    """Mean and the half-width of its two-sided 95% Student-t interval. One value has no
+    interval: ``ci95``, ``low`` and ``high`` are None (not 0, which read as "no spread")."""
     from scipy.stats import t
 
     data = np.asarray(values, dtype=np.float64)
-    half = float(t.ppf(0.975, len(data) - 1) * data.std(ddof=1) / np.sqrt(len(data))) if len(data) > 1 else 0.0
+    mean = float(data.mean())
+    half = float(t.ppf(0.975, len(data) - 1) * data.std(ddof=1) / np.sqrt(len(data))) if len(data) > 1 else None
     return {
-        "mean": float(data.mean()),
+        "mean": mean,
         "ci95": half,
-        "low": float(data.mean()) - half,
-        "high": float(data.mean()) + half,
+        "low": None if half is None else mean - half,
+        "high": None if half is None else mean + half,
         "n": len(data),
         "values": [float(v) for v in data],
     }
+
+
+def mean_and_interval(summary: dict[str, Any]) -> str:
+    """``0.4533 ± 0.0120``, or ``0.4533 (1 seed, no interval)`` for a `mean_ci95` of one value."""
+    if summary["ci95"] is None:
+        return f"{summary['mean']:.4f} (1 seed, no interval)"
+    return f"{summary['mean']:.4f} ± {summary['ci95']:.4f}"
 
 
 def test_overrides(config: DMLConfig) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import Any
 import optuna
 
 from dml.files import write_json_atomic
+from dml.tune.final import mean_and_interval
 from dml.tune.space import with_values
 from dml.tune.study import FINISHED
 from dml.tune.trial import write_run_config
@@ -107,8 +108,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         lines.append(
             f"test ({len(test['per_seed'])} seeds): "
             + ", ".join(
-                f"{name} {test[name]['mean']:.4f} ± {test[name]['ci95']:.4f}"
-                for name in ("map_at_r", "precision_at_1", "r_precision")
+                f"{name} {mean_and_interval(test[name])}" for name in ("map_at_r", "precision_at_1", "r_precision")
             )
         )
     if report.get("concatenated"):
