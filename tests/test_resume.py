@@ -6,6 +6,7 @@ resumes a copy of it. The 2-process test runs real torchrun workers (gloo).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -186,6 +187,22 @@ def test_a_truncated_state_resumes_from_the_one_before(trained, tmp_path):
     result = run_train(DMLConfig.model_validate(config), resume=True)
     assert result.steps == 3
     assert [r["step"] for r in read_metrics(run) if "loss_main" in r][-2:] == [2, 3]  # step 2 redone
+
+
+@pytest.mark.parametrize("max_steps", [2, 4])
+def test_steps_logged_after_the_checkpoint_resumed_from_appear_once(trained, tmp_path, max_steps):
+    # a run stopped after logging step 2 but resumed from the step-1 checkpoint logged step 2 twice
+    run, config = copy_run(trained, tmp_path, train={"max_steps": max_steps})
+    shutil.rmtree(run / "checkpoints" / "step-00000002")
+    logged_before = [r for r in read_metrics(run) if r.get("step", 0) > 1]
+    assert logged_before  # the killed run's step-2 records
+    with (run / "metrics.jsonl").open("a") as handle:
+        handle.write('{"step": 2, "loss_ma')  # and a line torn by the kill
+    run_train(DMLConfig.model_validate(config), resume=True)
+    steps = [r["step"] for r in read_metrics(run) if "loss_main" in r]
+    assert steps == list(range(1, max_steps + 1))
+    replayed = (run / "metrics.replayed.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in replayed[:-1]] == logged_before and replayed[-1] == '{"step": 2, "loss_ma'
 
 
 def test_no_resumable_checkpoint_is_one_line(trained, tmp_path):

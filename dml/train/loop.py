@@ -120,6 +120,7 @@ class Trainer:
     def restore(self, saved: dict[str, Any]) -> TrainState:
         self.engine.model.load_state_dict(saved["model"])
         state = self.resume_position(saved)
+        self.metrics.rewind(int(saved["train_state"]["step"]))
         self.schedule.load_state_dict(saved["schedule"])
         if self.freeze:
             self.freeze.steps_done = state.step

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from dml.files import atomic_path
+
 log = logging.getLogger(__name__)
 
 
@@ -45,6 +47,36 @@ class MetricsLog:
             handle.write(json.dumps(record) + "\n")
         if self.trackers is not None:
             self.trackers.write(record)
+
+    def rewind(self, step: int) -> int:
+        """Before a resumed run logs again: move the records of steps after ``step`` (logged
+        after the checkpoint the run resumes from, by the run that was killed) from
+        metrics.jsonl to ``metrics.replayed.jsonl``, so each step appears once in the log;
+        returns how many moved (rank 0 only, 0 elsewhere)."""
+        if not self.active or not self.path.exists():
+            return 0
+        keep: list[str] = []
+        moved: list[str] = []
+        for line in self.path.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                later = int(json.loads(line).get("step", -1)) > step
+            except (ValueError, TypeError, AttributeError):  # a torn last line from the kill
+                later = True
+            (moved if later else keep).append(line)
+        if moved:
+            with self.path.with_name("metrics.replayed.jsonl").open("a") as handle:
+                handle.write("\n".join(moved) + "\n")
+            with atomic_path(self.path) as tmp:
+                tmp.write_text("".join(f"{line}\n" for line in keep))
+            log.info(
+                "metrics: %d records after step %d (logged before the run stopped) moved to %s",
+                len(moved),
+                step,
+                self.path.with_name("metrics.replayed.jsonl"),
+            )
+        return len(moved)
 
     def close(self) -> None:
         """Close the trackers (TensorBoard flushes; the MLflow run stays open for `finish`)."""
