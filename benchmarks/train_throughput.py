@@ -224,10 +224,9 @@ def bare_loop(steps: int, work: Path) -> list[float]:
             loss.backward()
             if config.optimizer.grad_clip:  # dml's default clips the backbone's gradient norm
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.optimizer.grad_clip)
-            optimizer.step()
-            objective.step_extras()
-            optimizer.zero_grad(set_to_none=True)
-            objective.zero_grad_extras()
+            for each in (optimizer, *objective.optimizers.values()):
+                each.step()
+                each.zero_grad(set_to_none=True)
             done += 1
             if done % WINDOW == 0:
                 rates.append(WINDOW * len(images) / (time.perf_counter() - start))

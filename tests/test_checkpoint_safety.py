@@ -21,6 +21,7 @@ from dml.models.model_file import build_model, save_final_model
 from dml.train.checkpoint import CheckpointError, NonFiniteState, list_checkpoints, read_checkpoint, save_checkpoint
 from dml.train.engine import DDPEngine
 from dml.train.objective import Objective
+from dml.train.optimizers import OptimizersContainer
 from local_group import spawn_local_group
 from small_disk import mounted_tmpfs
 from train_fixtures import tiny_shards, tiny_train_config
@@ -35,10 +36,10 @@ def trained_parts(shards: Path, run_dir: Path):
     engine = DDPEngine(build_model(config), config, torch.device("cpu"))
     objective = Objective(config, CLASSES, torch.device("cpu"))
     images, labels = torch.randn(6, 3, 32, 32), torch.arange(6) % CLASSES
+    optimizers = OptimizersContainer(engine, objective.optimizers, grad_accum=1)
     loss, _ = objective(engine.forward(images), labels)
-    engine.backward(loss)
-    engine.step()
-    objective.step_extras()
+    optimizers.backward(loss)
+    assert optimizers.step()
     return config, engine, objective
 
 

@@ -74,6 +74,7 @@ def test_frozen_warm_up_keeps_the_backbone_and_its_optimizer_state_untouched():
         assert all(p.grad is not None for p in backbone.parameters())  # computed, then dropped
         frozen = freeze.frozen
         engine.step()
+        engine.zero_grad()
         assert any(not torch.equal(a, b) for a, b in zip(neck_before, neck.parameters(), strict=True))
         unchanged = all(torch.equal(v, backbone.state_dict()[k]) for k, v in initial.items())
         state_of_backbone = [engine.optimizer.state.get(p) for p in backbone.parameters()]

@@ -261,23 +261,26 @@ def test_optimizer_state_dict_round_trip_continues_identically():
     assert torch.equal(resumed_opt.row_state()["exp_avg_sq"], optimizer.row_state()["exp_avg_sq"])
 
 
-def test_full_state_round_trip_in_one_process_including_load_before_configure():
+def test_full_state_round_trip_in_one_process_with_the_optimizer_passed():
     head = PartialFC(DIM, 25, ArcFace(), sample_rate=0.5, seed=4).double()
     optimizer = head.configure_optimizer("sgd", lr=0.1)
     x, y = batch(0, 6, 25)
     head(x, y).backward()
     optimizer.step()
-    state = head.full_state_dict()
+    state = head.full_state_dict(optimizer)
     assert state["weight"].shape == (25, DIM) and state["sampler"] == {"seed": 4, "step": 1}
+    assert head.full_state_dict()["optimizer"] is None  # the head does not hold its optimizer
     fresh = PartialFC(DIM, 25, ArcFace(), sample_rate=0.5, seed=99).double()
-    fresh.load_full_state_dict(state)  # before configure: the optimizer state waits
     fresh_opt = fresh.configure_optimizer("sgd", lr=0.7)
-    reloaded = fresh.full_state_dict()
+    fresh.load_full_state_dict(state, fresh_opt)
+    reloaded = fresh.full_state_dict(fresh_opt)
     assert torch.equal(reloaded["weight"], state["weight"])
     assert torch.equal(
         reloaded["optimizer"]["state"]["momentum_buffer"], state["optimizer"]["state"]["momentum_buffer"]
     )
     assert fresh_opt.param_groups[0]["lr"] == 0.1 and reloaded["sampler"] == state["sampler"]
+    fresh.load_full_state_dict({**state, "optimizer": None}, fresh_opt)  # no saved state: reset
+    assert not fresh_opt.state
 
 
 def test_centre_init_is_independent_of_the_world_size():
@@ -401,18 +404,21 @@ def sparse_worker(info: DistInfo, tmp: str) -> dict:
             optimizer.step()
 
     head = PartialFC(DIM, num_classes, CosFace(), sample_rate=0.3, seed=8).double()
-    train(head, head.configure_optimizer("adamw", lr=0.05), range(3))
-    uninterrupted = head.full_state_dict()
+    optimizer = head.configure_optimizer("adamw", lr=0.05)
+    train(head, optimizer, range(3))
+    uninterrupted = head.full_state_dict(optimizer)
     head = PartialFC(DIM, num_classes, CosFace(), sample_rate=0.3, seed=8).double()
-    train(head, head.configure_optimizer("adamw", lr=0.05), range(1))
-    state = head.full_state_dict()
+    optimizer = head.configure_optimizer("adamw", lr=0.05)
+    train(head, optimizer, range(1))
+    state = head.full_state_dict(optimizer)
     if info.rank == 0:
         torch.save(state, f"{tmp}/step1.pt")
     barrier()
     resumed = PartialFC(DIM, num_classes, CosFace(), sample_rate=0.3, seed=0).double()
-    resumed.load_full_state_dict(torch.load(f"{tmp}/step1.pt", mmap=True))
-    train(resumed, resumed.configure_optimizer("adamw", lr=0.05), range(1, 3))
-    final = resumed.full_state_dict()
+    resumed_opt = resumed.configure_optimizer("adamw", lr=0.05)
+    resumed.load_full_state_dict(torch.load(f"{tmp}/step1.pt", mmap=True), resumed_opt)
+    train(resumed, resumed_opt, range(1, 3))
+    final = resumed.full_state_dict(resumed_opt)
     if info.rank == 0:
         assert final is not None and uninterrupted is not None
         assert torch.equal(final["weight"], uninterrupted["weight"])
@@ -441,11 +447,11 @@ def checkpoint_writer(info: DistInfo, tmp: str) -> None:
     head = PartialFC(DIM, 17, CosFace(s=16.0), seed=1).double()
     optimizer = head.configure_optimizer("adamw", lr=0.05)
     train_steps(head, optimizer, range(2), info.world_size, info.rank)
-    state = head.full_state_dict()
+    state = head.full_state_dict(optimizer)
     if info.rank == 0:
         torch.save(state, f"{tmp}/ckpt.pt")
     train_steps(head, optimizer, range(2, 4), info.world_size, info.rank)
-    final = head.full_state_dict()
+    final = head.full_state_dict(optimizer)
     if info.rank == 0:
         torch.save(final, f"{tmp}/final.pt")
 
@@ -454,19 +460,19 @@ def checkpoint_reader(info: DistInfo, tmp: str) -> None:
     head = PartialFC(DIM, 17, CosFace(s=16.0), seed=5).double()
     optimizer = head.configure_optimizer("adamw", lr=0.9)
     saved = torch.load(f"{tmp}/ckpt.pt", mmap=True)
-    head.load_full_state_dict(saved)
+    head.load_full_state_dict(saved, optimizer)
     check_resume(head, optimizer, saved, torch.load(f"{tmp}/final.pt"), info.world_size, info.rank)
 
 
 def check_resume(head, optimizer, saved, final, world, rank) -> None:
-    reloaded = head.full_state_dict()
+    reloaded = head.full_state_dict(optimizer)
     if rank == 0:
         assert torch.equal(reloaded["weight"], saved["weight"])
         assert reloaded["optimizer"]["hyperparameters"] == saved["optimizer"]["hyperparameters"]
         for key, value in saved["optimizer"]["state"].items():
             assert torch.equal(reloaded["optimizer"]["state"][key], value), key
     train_steps(head, optimizer, range(2, 4), world, rank)
-    resumed = head.full_state_dict()
+    resumed = head.full_state_dict(optimizer)
     if rank == 0:
         assert not torch.allclose(resumed["weight"], saved["weight"])
         assert_near(resumed["weight"], final["weight"], atol=1e-10)
@@ -480,7 +486,7 @@ def test_three_ranks_match_full_softmax_and_checkpoint_resumes_on_two_and_one(tm
     spawn_local_group(checkpoint_reader, 2, args=(str(tmp_path),))
     head = PartialFC(DIM, 17, CosFace(s=16.0), seed=5).double()
     saved = torch.load(tmp_path / "ckpt.pt")
-    head.load_full_state_dict(saved)  # one process, optimizer configured afterwards
     optimizer = head.configure_optimizer("adamw", lr=0.9)
+    head.load_full_state_dict(saved, optimizer)  # one process
     assert optimizer.param_groups[0]["lr"] == 0.05
     check_resume(head, optimizer, saved, torch.load(tmp_path / "final.pt"), 1, 0)

@@ -121,7 +121,7 @@ def test_sampling_keeps_every_sub_centre_and_remaps_the_margins(k, dynamic):
         x, y = batch(step, 6, num_classes)
         weight = head.weight.detach().clone()
         loss = head(x, y)
-        classes, (rows, _) = head.sampled_index, head.last_sampled_rows()
+        classes, rows = head.sampled_index, head.sampled_rows
         assert classes.numel() == 12 and set(y.tolist()) <= set(classes.tolist())
         assert rows.tolist() == [c * k + j for c in classes.tolist() for j in range(k)]
         kept = weight.view(num_classes, k, DIM)[classes].reshape(-1, DIM)
@@ -131,6 +131,8 @@ def test_sampling_keeps_every_sub_centre_and_remaps_the_margins(k, dynamic):
         before, steps_before = head.weight.detach().clone(), optimizer.row_state()["row_step"].clone()
         optimizer.zero_grad()
         head(x, y).backward()
+        assert head.weight.grad.is_sparse  # the sampled rows reach the shard, and only they
+        assert torch.equal(head.weight.grad.coalesce().indices()[0], rows)
         optimizer.step()
         untouched = torch.ones(len(before), dtype=torch.bool)
         untouched[rows] = False
@@ -146,14 +148,14 @@ def test_full_state_round_trip_keeps_sub_centres_margins_and_optimizer_rows():
     x, y = batch(0, 5, 10)
     head(x, y).backward()
     optimizer.step()
-    state = head.full_state_dict()
+    state = head.full_state_dict(optimizer)
     assert state["weight"].shape == (30, DIM) and state["sub_centers"] == 3
     assert state["optimizer"]["state"]["momentum_buffer"].shape == (30, DIM)
     assert torch.equal(state["class_margins"], margins.double())
     fresh = make_head(10, 3, torch.zeros(10))  # the saved margins win over the new ones
-    fresh.load_full_state_dict(state)
-    fresh.configure_optimizer("sgd", lr=0.1)
-    again = fresh.full_state_dict()
+    fresh_optimizer = fresh.configure_optimizer("sgd", lr=0.1)
+    fresh.load_full_state_dict(state, fresh_optimizer)
+    again = fresh.full_state_dict(fresh_optimizer)
     for key in ("weight", "class_margins"):
         assert torch.equal(again[key], state[key]), key
     assert torch.equal(again["optimizer"]["state"]["momentum_buffer"], state["optimizer"]["state"]["momentum_buffer"])
@@ -205,12 +207,12 @@ def landmark_worker(info: DistInfo, tmp: str) -> None:
         part = local_slice(9, info.world_size, info.rank)
         optimizer.zero_grad()
         head(x[part], y[part]).backward()
-        rows, _ = head.last_sampled_rows()
+        rows = head.sampled_rows
         assert rows is not None and head.sampled_index is not None
         assert rows.numel() == 3 * head.sampled_index.numel()
         optimizer.step()
-    state = head.full_state_dict()
-    shard = head.sharded_state_dict()  # the row-sharded checkpoint: (classes, k, D) and (classes,) margins
+    state = head.full_state_dict(optimizer)
+    shard = head.sharded_state_dict(optimizer)  # the row-sharded checkpoint: (classes, k, D) and (classes,) margins
     assert shard.tensors["weight"].shape == (head.shard_size, 3, DIM)
     assert shard.tensors["class_margins"].shape == (head.shard_size,)
     record = write_row_shard(Path(tmp) / f"rows-{info.world_size}", info.rank, shard.start, shard.end, shard.tensors)
@@ -221,9 +223,9 @@ def landmark_worker(info: DistInfo, tmp: str) -> None:
         torch.save({"meta": shard.meta, "index": records}, f"{tmp}/rows-{info.world_size}.pt")
     barrier()
     other = make_head(17, 3, torch.zeros(17), seed=9)
-    other.load_full_state_dict(torch.load(f"{tmp}/head-{info.world_size}.pt", mmap=True))
-    other.configure_optimizer("adamw", lr=0.05)
-    again = other.full_state_dict()
+    other_optimizer = other.configure_optimizer("adamw", lr=0.05)
+    other.load_full_state_dict(torch.load(f"{tmp}/head-{info.world_size}.pt", mmap=True), other_optimizer)
+    again = other.full_state_dict(other_optimizer)
     if info.rank == 0:
         assert again is not None and state is not None
         assert torch.equal(again["weight"], state["weight"])
@@ -239,19 +241,19 @@ def test_sharded_heads_equal_the_reference_and_reload_on_one_process(world, tmp_
     assert saved["weight"].shape == (51, DIM)
     assert torch.equal(saved["class_margins"], margins_for(17, True).double())
     single = make_head(17, 3, torch.zeros(17))
-    single.load_full_state_dict(saved)
-    single.configure_optimizer("adamw", lr=0.05)
-    reloaded = single.full_state_dict()
+    single_optimizer = single.configure_optimizer("adamw", lr=0.05)
+    single.load_full_state_dict(saved, single_optimizer)
+    reloaded = single.full_state_dict(single_optimizer)
     assert torch.equal(reloaded["weight"], saved["weight"])
     for key, value in saved["optimizer"]["state"].items():
         assert torch.equal(reloaded["optimizer"]["state"][key], value), key
     sharded = torch.load(tmp_path / f"rows-{world}.pt")  # row-sharded on `world` ranks, read on 1
     from_rows = make_head(17, 3, torch.zeros(17))
+    rows_optimizer = from_rows.configure_optimizer("adamw", lr=0.05)
     from_rows.load_sharded_state_dict(
-        sharded["meta"], RowShardReader(tmp_path / f"rows-{world}", sharded["index"]).read
+        sharded["meta"], RowShardReader(tmp_path / f"rows-{world}", sharded["index"]).read, rows_optimizer
     )
-    from_rows.configure_optimizer("adamw", lr=0.05)
-    again = from_rows.full_state_dict()
+    again = from_rows.full_state_dict(rows_optimizer)
     for key in ("weight", "class_margins"):
         assert torch.equal(again[key], saved[key]), key
     for key, value in saved["optimizer"]["state"].items():

@@ -79,8 +79,9 @@ def test_lr_and_schedule_changed_at_resume_take_effect(trained, tmp_path):
     lrs = lr_by_step(run)
     assert lrs[3] == pytest.approx(0.001) and lrs[4] == pytest.approx(0.001)  # not the saved 0.01 cosine
     saved = read_checkpoint(run / "checkpoints" / step_dir_name(4))
-    groups = saved["engine"]["optimizer"]["param_groups"] + [saved["objective"]["head"]["optimizer"]["hyperparameters"]]
-    assert all(g["base_lr"] == pytest.approx(0.001) for g in groups)  # backbone and head both
+    engine = torch.load(run / "checkpoints" / step_dir_name(4) / "optimizer-rank00000.pt", weights_only=True)
+    groups = engine["optimizer"]["param_groups"] + [saved["objective"]["head"]["optimizer"]["hyperparameters"]]
+    assert all(g["initial_lr"] == pytest.approx(0.001) for g in groups)  # backbone and head both
 
 
 @pytest.mark.parametrize(

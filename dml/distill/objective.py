@@ -3,8 +3,9 @@
 ``loss = absolute_weight * absolute + relative_weight * relative
         + rkd_distance_weight * rkd_distance + rkd_angle_weight * rkd_angle + label_weight * label``
 
-Drop-in for `dml.train.objective.Objective` (same forward, optimizers, step/zero-grad hooks
-and world-size independent state), so `dml distill` runs on the `dml train` loop.
+Built like `dml.train.objective.Objective` (same forward, named ``optimizers`` and
+world-size independent state) and sharing its label term (`LabelLoss`: the head, its
+optimizer and its gradient scale), so `dml distill` runs on the `dml train` loop.
 
 Gradient scale under DDP (the engine averages backbone gradients over ranks):
 - absolute: computed on each rank's own rows; the engine's average of the per-rank means is
@@ -12,14 +13,15 @@ Gradient scale under DDP (the engine averages backbone gradients over ranks):
 - relative / RKD: computed identically on every rank over the all-gathered global batch
   (more pairs than one rank has); the gather's backward sums the ranks' identical gradients
   and the engine's average divides that back, i.e. the exact gradient of the global loss.
-- label (partial FC): each rank's shard contributes part of the gradient, summed by the
-  gather's backward; the engine's average would leave 1/world of it, so the gradient of the
-  head's input only is multiplied by the world size (not the other losses' gradients).
+- label: as in `dml train` (`dml.train.objective.undo_rank_average` scales the gradient of
+  the head's input only, not the other losses' gradients).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -27,17 +29,13 @@ import torch
 from torch import nn
 
 from dml.config import DMLConfig
-from dml.distill.losses import (
-    absolute_teacher_loss,
-    relative_teacher_loss,
-    rkd_angle_loss,
-    rkd_distance_loss,
-)
-from dml.distributed import all_gather_rows, all_gather_with_grad, get_world_size
+from dml.distill.losses import absolute_teacher_loss, relative_teacher_loss, rkd_angle_loss, rkd_distance_loss
+from dml.distributed import all_gather_rows, all_gather_with_grad
 from dml.errors import DMLError
-from dml.losses.partial_fc import PartialFC
+from dml.losses.partial_fc import PartialFC, RowReader
+from dml.losses.shard_state import RowShardedState
 from dml.train.checkpoint import HEAD_DIR, STATE, latest_checkpoint, sharded_head
-from dml.train.objective import ExtraOptimizers, build_margin_head, build_pair_loss
+from dml.train.objective import LabelLoss
 from dml.train.row_shards import RowShardReader
 
 log = logging.getLogger(__name__)
@@ -77,64 +75,44 @@ def load_teacher_head(head: PartialFC, teacher_run: str, seed: int) -> None:
         head.load_full_state_dict({**saved, **fresh})
 
 
-class _ScaleGradient(torch.autograd.Function):
-    """Identity forward; backward multiplies the gradient by ``factor``."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor, factor: float) -> torch.Tensor:
-        ctx.factor = factor
-        return tensor.view_as(tensor)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad * ctx.factor, None
-
-
-class DistillObjective(ExtraOptimizers, nn.Module):
+class DistillObjective(nn.Module):
     """``forward(embeddings (N_local, D_t), labels, images=..., keys=...) -> (loss, parts)``.
 
     ``teacher`` gives the teacher embeddings of a batch (on the fly or from the cache). The
-    label loss is a partial-FC margin head (or the configured pair loss) on the student's
-    embeddings; with ``init_head_from_teacher`` its centres start as the teacher's and with
-    ``freeze_head`` they get no optimizer.
+    label loss is `LabelLoss` (a partial-FC margin head or the configured pair loss) on the
+    student's embeddings; with ``init_head_from_teacher`` its centres start as the teacher's
+    and with ``freeze_head`` they get no optimizer. Raises `DMLError` when the teacher's head
+    cannot initialise this one.
     """
 
     def __init__(self, config: DMLConfig, num_classes: int, device: torch.device, teacher: TeacherEmbedder):
         super().__init__()
         self.cfg = config.distill
         self.teacher = teacher
-        self.world_size = get_world_size()
         if config.distill.student.embedding_dim is None:
             raise ValueError("set distill.student.embedding_dim (to the teacher's) before building the objective")
         self.embedding_dim: int = config.distill.student.embedding_dim
-        self.optimizers: list[torch.optim.Optimizer] = []
-        self.head: PartialFC | None = None
-        self.pair_loss: nn.Module | None = None
+        self.label: LabelLoss | None = None
         if self.cfg.label_weight > 0:
-            self._build_label_loss(config, num_classes, device)
+            self.label = self._build_label_loss(config, num_classes, device)
         elif self.cfg.init_head_from_teacher or self.cfg.freeze_head:
             log.info("distill: label_weight is 0, so init_head_from_teacher / freeze_head have no effect")
+        self.optimizers: dict[str, torch.optim.Optimizer] = dict(self.label.optimizers) if self.label else {}
 
-    def _build_label_loss(self, config: DMLConfig, num_classes: int, device: torch.device) -> None:
-        if config.loss.is_pair_loss:
-            if self.cfg.init_head_from_teacher:
-                raise DMLError(f"distill.init_head_from_teacher needs a margin head, loss.kind is '{config.loss.kind}'")
-            self.pair_loss = build_pair_loss(config)
-            return
-        self.head = build_margin_head(config, self.embedding_dim, num_classes, device)
+    def _build_label_loss(self, config: DMLConfig, num_classes: int, device: torch.device) -> LabelLoss:
+        start_head: Callable[[PartialFC], None] | None = None
         if self.cfg.init_head_from_teacher:
-            load_teacher_head(self.head, self.cfg.teacher, config.seed)
-        if self.cfg.freeze_head:
-            self.head.weight.requires_grad_(False)
-            return
-        self.optimizers.append(
-            self.head.configure_optimizer(
-                config.loss.head_optimizer,
-                lr=config.loss.head_lr or config.optimizer.lr,
-                momentum=config.optimizer.momentum,
-                weight_decay=config.optimizer.weight_decay,
-            )
+            if config.loss.is_pair_loss:
+                raise DMLError(f"distill.init_head_from_teacher needs a margin head, loss.kind is '{config.loss.kind}'")
+            start_head = functools.partial(load_teacher_head, teacher_run=self.cfg.teacher, seed=config.seed)
+
+        return LabelLoss(
+            config, self.embedding_dim, num_classes, device, start_head=start_head, trainable=not self.cfg.freeze_head
         )
+
+    @property
+    def head(self) -> PartialFC | None:
+        return self.label.head if self.label is not None else None
 
     def forward(
         self,
@@ -164,8 +142,8 @@ class DistillObjective(ExtraOptimizers, nn.Module):
             ):
                 if weight > 0:
                     terms.append((name, weight, fn(global_student, global_teacher)))
-        if cfg.label_weight > 0:
-            terms.append(("label", cfg.label_weight, self._label_loss(student, labels)))
+        if self.label is not None:  # built when label_weight > 0
+            terms.append(("label", cfg.label_weight, self.label(student, labels)))
         if not terms:
             raise DMLError(
                 "distill: every loss weight is 0; set absolute_weight, relative_weight, "
@@ -180,21 +158,22 @@ class DistillObjective(ExtraOptimizers, nn.Module):
     def _angle(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return rkd_angle_loss(student, teacher, anchor_chunk=ANGLE_ANCHOR_CHUNK)
 
-    def _label_loss(self, student: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.head is not None:
-            head_input = student
-            if self.world_size > 1 and student.requires_grad:
-                head_input = _ScaleGradient.apply(student, float(self.world_size))
-            return self.head(head_input, labels)
-        assert self.pair_loss is not None  # _build_label_loss builds a head or a pair loss
-        return self.pair_loss(all_gather_with_grad(student), all_gather_rows(labels))
-
     def full_state(self, include_head: bool = True) -> dict[str, Any]:
-        """The label head's full matrix (any world size) or None (also without ``include_head``,
-        for checkpoints that write its rows per rank); collective when the head is included."""
-        return {"head": self.head.full_state_dict() if include_head and self.head is not None else None}
+        """The label head's full matrix and optimizer (any world size) or None (also without
+        ``include_head``, for checkpoints that write its rows per rank); collective when the
+        head is included."""
+        return {"head": self.label.full_state() if self.label is not None and include_head else None}
 
     def load_full_state(self, state: dict[str, Any]) -> None:
-        """Load the label head's full matrix from `full_state` (any world size); no-op without a head."""
-        if self.head is not None and state.get("head") is not None:
-            self.head.load_full_state_dict(state["head"])
+        """Restore a `full_state` saved on any world size."""
+        if self.label is not None:
+            self.label.load_full_state(state.get("head"))
+
+    def head_shard_state(self) -> RowShardedState | None:
+        """This rank's rows of the label head and its optimizer state (None without a head)."""
+        return self.label.head_shard_state() if self.label is not None else None
+
+    def load_head_shard_state(self, meta: dict[str, Any], read_rows: RowReader) -> None:
+        """Read this rank's rows of a `head_shard_state` saved on any world size."""
+        if self.label is not None:
+            self.label.load_head_shard_state(meta, read_rows)

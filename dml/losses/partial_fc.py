@@ -9,7 +9,9 @@ centres, and the softmax cross-entropy is completed with two all-reduces per row
 sum of exponentials) plus one for the target logit, so no rank ever holds the
 ``(global batch x classes)`` matrix. With ``sample_rate < 1`` each rank keeps, per training
 step, every class centre of its shard that is a positive in the global batch plus uniformly
-drawn negatives, and `configure_optimizer` returns an optimizer that updates only those rows.
+drawn negatives. The gradient of the shard is then a sparse tensor holding only those rows
+(``weight.grad``, as for ``nn.Embedding(sparse=True)``), and `configure_optimizer` returns an
+optimizer that updates only the rows its gradient holds. The head does not keep that optimizer.
 
 Landmark-recognition additions (both optional, both exact under sharding and sampling):
 sub-centres (Deng et al., "Sub-center ArcFace", ECCV 2020): each class has k centres, rows
@@ -25,7 +27,6 @@ unequal per-rank batch sizes, optimizer state touched only on sampled rows, and 
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -39,7 +40,6 @@ from dml.losses.distributed_softmax import distributed_cross_entropy
 from dml.losses.shard_state import RowShardedState, gather_shards_to_main, init_centre_shard, mix_seed, shard_bounds
 from dml.losses.sparse_optim import SparseRowOptimizer, build_sparse_optimizer
 
-log = logging.getLogger(__name__)
 STATE_FORMAT = "dml.partial_fc/1"
 SHARDED_FORMAT = "dml.partial_fc.sharded/1"
 OPTIMIZER_PREFIX = "optimizer."
@@ -68,9 +68,9 @@ class PartialFC(nn.Module):
     ``[class_start * k, class_end * k)`` of the full (C * k, D) matrix: classes
     ``[class_start, class_end)`` (the first ``C % world`` ranks hold one extra class).
     ``class_margin`` (shard_classes,) float64 buffer or None: this rank's rows of the
-    per-class margins, aligned with the classes of ``weight``. ``optimizer`` is the optimizer made by
-    `configure_optimizer` (None before);
-    `full_state_dict` reaches its state through this reference.
+    per-class margins, aligned with the classes of ``weight``. After a sampled training forward,
+    backward leaves ``weight.grad`` as a sparse COO tensor of the sampled rows: `sampled_rows`
+    names them (every sub-centre of each class in `sampled_index`).
 
     All ranks of the group must call `forward`, `full_state_dict` and
     `load_full_state_dict` together (they run collectives).
@@ -109,11 +109,8 @@ class PartialFC(nn.Module):
         )
         self.register_buffer("class_margin", self._margin_shard(margin, class_margins))
         self.sample_step = 0  # sampled forwards so far: with the seed, fixes every sample drawn
-        self.optimizer: SparseRowOptimizer | None = None
-        self._pending_optimizer_state: dict[str, Any] | None = None
         self._sampled_index: torch.Tensor | None = None
         self._sampled_rows: torch.Tensor | None = None
-        self._sampled_weight: torch.Tensor | None = None
         self._generator: torch.Generator | None = None
 
     def _margin_shard(self, margin: nn.Module, class_margins: torch.Tensor | None) -> torch.Tensor | None:
@@ -156,8 +153,8 @@ class PartialFC(nn.Module):
         ``embeddings`` (N_local, D) and ``labels`` (N_local,) may differ in N_local between
         ranks (0 allowed if the global batch is not empty). Gradients: w.r.t. the local
         embeddings, the exact gradient of the global-mean loss (a DDP backbone then averages
-        them over ranks, i.e. sees 1/world of it); w.r.t. the centres, on ``weight.grad`` or,
-        when sampling, on the sampled rows (see `last_sampled_rows`).
+        them over ranks, i.e. sees 1/world of it); w.r.t. the centres, on ``weight.grad``: dense,
+        or when sampling a sparse COO tensor of the sampled rows (`sampled_rows`).
         Peak extra memory per rank: a few ``(N_global, k)`` score matrices, k = scored centres
         (sub-centres included).
 
@@ -177,13 +174,12 @@ class PartialFC(nn.Module):
         if self.training and self.sample_rate < 1.0:
             classes = self._sample_rows(local[in_shard])
             rows = self._centre_rows(classes)
-            weight = self.weight.detach().index_select(0, rows).requires_grad_(True)
+            weight = _SampledRows.apply(self.weight, rows)
             targets = torch.where(in_shard, torch.searchsorted(classes, local), no_target)
         else:
             classes, rows, weight = None, None, self.weight
             targets = torch.where(in_shard, local, no_target)
         self._sampled_index, self._sampled_rows = classes, rows
-        self._sampled_weight = weight if rows is not None else None
         cosine = centre_cosine(global_embeddings.to(weight.dtype), weight)
         if self.sub_centers > 1:  # class cosine: the closest of its k sub-centres
             cosine = cosine.view(cosine.shape[0], -1, self.sub_centers).amax(dim=2)
@@ -235,70 +231,50 @@ class PartialFC(nn.Module):
         self._generator.manual_seed(mix_seed(self.seed, step, self.rank, self.world_size))
         return self._generator
 
-    # --- what the optimizer needs --------------------------------------------------------
-    def last_sampled_rows(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``(index, grad)`` of the last forward: sorted rows of ``weight`` (every sub-centre of
-        each sampled class) and their ``(k, D)`` gradient, or ``(None, weight.grad)`` when that
-        forward scored every row."""
-        if self._sampled_rows is None or self._sampled_weight is None:  # set together in forward
-            return None, self.weight.grad
-        return self._sampled_rows, self._sampled_weight.grad
-
+    # --- what the last forward sampled, and the optimizer ---------------------------------
     @property
     def sampled_index(self) -> torch.Tensor | None:
-        """Shard classes scored by the last training forward (None: all). With one
+        """Sorted shard classes (k,) scored by the last training forward (None: all). With one
         sub-centre per class these are also the rows of ``weight``."""
         return self._sampled_index
 
-    def clear_sampled_grad(self, set_to_none: bool = True) -> None:
-        """Drop (or zero) the gradient of the sampled rows kept from the last forward."""
-        if self._sampled_weight is not None and self._sampled_weight.grad is not None:
-            if set_to_none:
-                self._sampled_weight.grad = None
-            else:
-                self._sampled_weight.grad.zero_()
+    @property
+    def sampled_rows(self) -> torch.Tensor | None:
+        """Sorted rows of ``weight`` scored by the last training forward (None: all): every
+        sub-centre of each class in `sampled_index`, the rows its sparse gradient holds."""
+        return self._sampled_rows
 
     def configure_optimizer(
         self, name: str = "sgd", lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4, **kwargs: Any
     ) -> SparseRowOptimizer:
-        """Build the head's row-sparse optimizer ("sgd" or "adamw") and keep a reference to it.
+        """A row-sparse optimizer ("sgd" or "adamw") for this head's shard; the caller keeps it.
 
-        Only rows sampled in the last forward are updated; see `dml.losses.sparse_optim`.
-        Optimizer state loaded by `load_full_state_dict` before this call is installed here.
-        Extra ``kwargs``: ``nesterov`` (sgd); ``betas``, ``eps`` (adamw).
+        It updates only the rows present in the shard's gradient (the sampled ones); see
+        `dml.losses.sparse_optim`. Pass it to `full_state_dict` / `load_full_state_dict` (and
+        the sharded pair) to save or restore its state with the head. Extra ``kwargs``:
+        ``nesterov`` (sgd); ``betas``, ``eps`` (adamw). Raises ValueError for an unknown
+        ``name`` or a negative ``lr`` / ``weight_decay``.
         """
-        if self.optimizer is not None:
-            log.info("replacing the partial-FC head optimizer; its state is discarded")
-        self.optimizer = build_sparse_optimizer(
-            self, name, lr=lr, momentum=momentum, weight_decay=weight_decay, **kwargs
-        )
-        if self._pending_optimizer_state is not None:
-            self.optimizer.load_row_state(self._pending_optimizer_state)
-            self._pending_optimizer_state = None
-        return self.optimizer
+        return build_sparse_optimizer(self.weight, name, lr=lr, momentum=momentum, weight_decay=weight_decay, **kwargs)
 
     # --- world-size independent checkpoints ----------------------------------------------
-    def full_state_dict(self) -> dict[str, Any] | None:
+    def full_state_dict(self, optimizer: SparseRowOptimizer | None = None) -> dict[str, Any] | None:
         """The whole head, gathered to rank 0 of the group as CPU tensors; None on other ranks.
 
         Keys: ``format``, ``num_classes``, ``embedding_dim``, ``sub_centers`` (k),
         ``weight`` (C * k, D), ``class_margins`` ((C,) float64 or None), ``sampler`` (seed,
-        step), ``optimizer`` (None, or name, hyperparameters and per-row ``state`` tensors
-        with C * k rows). Collective. Peak memory on rank 0: the full matrix plus its
+        step), ``optimizer`` (None, or the given ``optimizer``'s name, hyperparameters and per-row
+        ``state`` tensors with C * k rows). Collective. Peak memory on rank 0: the full matrix plus its
         optimizer state in host RAM, and one shard on the device at a time.
         """
         weight = self._gather_rows(self.weight.detach())
         margins = None
         if self.class_margin is not None:
             margins = gather_shards_to_main(self.class_margin, self.num_classes, self.group)
-        optimizer = None
-        if self.optimizer is not None:
-            state = {key: self._gather_rows(value) for key, value in self.optimizer.row_state().items()}
-            optimizer = {
-                "name": self.optimizer.name,
-                "hyperparameters": self.optimizer.hyperparameters(),
-                "state": state,
-            }
+        saved_optimizer = None
+        if optimizer is not None:
+            state = {key: self._gather_rows(value) for key, value in optimizer.row_state().items()}
+            saved_optimizer = {"name": optimizer.name, "hyperparameters": optimizer.hyperparameters(), "state": state}
         if self.rank != 0:
             return None
         return {
@@ -309,7 +285,7 @@ class PartialFC(nn.Module):
             "weight": weight,
             "class_margins": margins,
             "sampler": {"seed": self.seed, "step": self.sample_step},
-            "optimizer": optimizer,
+            "optimizer": saved_optimizer,
         }
 
     def _gather_rows(self, shard: torch.Tensor) -> torch.Tensor | None:
@@ -317,15 +293,15 @@ class PartialFC(nn.Module):
         full = gather_shards_to_main(self._per_class(shard), self.num_classes, self.group)
         return None if full is None else full.reshape(self.num_classes * self.sub_centers, *shard.shape[1:])
 
-    def load_full_state_dict(self, state: dict[str, Any]) -> None:
+    def load_full_state_dict(self, state: dict[str, Any], optimizer: SparseRowOptimizer | None = None) -> None:
         """Take this rank's rows of a `full_state_dict` saved on any world size.
 
         Every rank passes the full dict (``torch.load(path, mmap=True)`` keeps that cheap).
-        Optimizer state is installed into the configured optimizer, or kept until
-        `configure_optimizer` is called; a state without optimizer resets the optimizer.
+        With ``optimizer`` (made by `configure_optimizer`), its state becomes this rank's rows
+        of the saved optimizer state, or is reset when the state holds none.
         States saved before sub-centres and per-class margins existed load as k = 1 and no
-        margins. Raises ValueError when the shapes, k, or the presence of per-class margins
-        differ from this head's.
+        margins. Raises ValueError for a state of another format, when the shapes, k, or the
+        presence of per-class margins differ from this head's, or for another optimizer kind.
         """
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"not a partial-FC full state (expected format {STATE_FORMAT!r})")
@@ -339,17 +315,17 @@ class PartialFC(nn.Module):
                 self.class_margin.copy_(margins[self.class_start : self.class_end])
         self.seed, self.sample_step = int(state["sampler"]["seed"]), int(state["sampler"]["step"])
         saved = state.get("optimizer")
-        local = None if saved is None else {**saved, "state": {key: v[rows] for key, v in saved["state"].items()}}
-        if self.optimizer is None:
-            self._pending_optimizer_state = local
-        elif local is None:
-            self.optimizer.reset_state()
+        if optimizer is None:
+            return
+        if saved is None:
+            optimizer.reset_state()
         else:
-            self.optimizer.load_row_state(local)
+            optimizer.load_row_state({**saved, "state": {key: v[rows] for key, v in saved["state"].items()}})
 
     # --- row-sharded checkpoints (nothing gathered) --------------------------------------
-    def sharded_state_dict(self) -> RowShardedState:
-        """This rank's rows of the head, for a checkpoint that every rank writes in parallel.
+    def sharded_state_dict(self, optimizer: SparseRowOptimizer | None = None) -> RowShardedState:
+        """This rank's rows of the head (and of ``optimizer``'s per-row state, when given), for
+        a checkpoint that every rank writes in parallel.
 
         ``tensors``, one row per class of the shard: ``weight`` (shard_classes, D), or
         (shard_classes, k, D) with k sub-centres; ``class_margins`` (shard_classes,) when the
@@ -362,13 +338,13 @@ class PartialFC(nn.Module):
         tensors = {"weight": self._per_class(self.weight.detach())}
         if self.class_margin is not None:
             tensors["class_margins"] = self.class_margin
-        optimizer = None
-        if self.optimizer is not None:
-            row_state = self.optimizer.row_state()
+        saved_optimizer = None
+        if optimizer is not None:
+            row_state = optimizer.row_state()
             tensors.update({OPTIMIZER_PREFIX + k: self._per_class(v) for k, v in row_state.items()})
-            optimizer = {
-                "name": self.optimizer.name,
-                "hyperparameters": self.optimizer.hyperparameters(),
+            saved_optimizer = {
+                "name": optimizer.name,
+                "hyperparameters": optimizer.hyperparameters(),
                 "state_keys": sorted(row_state),
             }
         meta = {
@@ -378,17 +354,21 @@ class PartialFC(nn.Module):
             "sub_centers": self.sub_centers,
             "class_margins": self.class_margin is not None,
             "sampler": {"seed": self.seed, "step": self.sample_step},
-            "optimizer": optimizer,
+            "optimizer": saved_optimizer,
         }
         return RowShardedState(meta, self.num_classes, self.class_start, self.class_end, tensors)
 
-    def load_sharded_state_dict(self, meta: dict[str, Any], read_rows: RowReader) -> None:
+    def load_sharded_state_dict(
+        self, meta: dict[str, Any], read_rows: RowReader, optimizer: SparseRowOptimizer | None = None
+    ) -> None:
         """Take this rank's rows from a `sharded_state_dict` saved on any world size.
 
         ``read_rows(name, start, end, out)`` fills ``out`` (or a new CPU tensor when None) with
         global rows ``[start, end)`` of tensor ``name``; only this shard's rows are asked for
-        and the weight is read straight into the parameter. Raises ValueError when ``meta`` is
-        not a partial-FC head of this shape. Not collective.
+        and the weight is read straight into the parameter. With ``optimizer``, its state is
+        this shard's rows of the saved optimizer state, or reset when none was saved. Raises
+        ValueError when ``meta`` is not a partial-FC head of this shape, or names another
+        optimizer kind. Not collective.
         """
         if not isinstance(meta, dict) or meta.get("format") != SHARDED_FORMAT:
             raise ValueError(f"not a sharded partial-FC state (expected format {SHARDED_FORMAT!r})")
@@ -400,21 +380,16 @@ class PartialFC(nn.Module):
                 read_rows("class_margins", start, end, self.class_margin)
         self.seed, self.sample_step = int(meta["sampler"]["seed"]), int(meta["sampler"]["step"])
         saved = meta.get("optimizer")
+        if optimizer is None:
+            return
         if saved is None:
-            self._pending_optimizer_state = None
-            if self.optimizer is not None:
-                self.optimizer.reset_state()
+            optimizer.reset_state()
             return
-        if self.optimizer is None:  # kept until configure_optimizer; saved dtypes/shapes as they are
-            state = {key: read_rows(OPTIMIZER_PREFIX + key, start, end, None) for key in saved.get("state_keys", [])}
-            state = {key: value.flatten(0, 1) if self.sub_centers > 1 else value for key, value in state.items()}
-            self._pending_optimizer_state = {**saved, "state": state}
-            return
-        if saved["name"] != self.optimizer.name:
-            raise ValueError(f"saved head optimizer is {saved['name']!r}, this one is {self.optimizer.name!r}")
-        self.optimizer.param_groups[0].update(saved["hyperparameters"])
-        self.optimizer.reset_state()
-        for key, tensor in self.optimizer.row_state().items():
+        if saved["name"] != optimizer.name:
+            raise ValueError(f"saved head optimizer is {saved['name']!r}, this one is {optimizer.name!r}")
+        optimizer.param_groups[0].update(saved["hyperparameters"])
+        optimizer.reset_state()
+        for key, tensor in optimizer.row_state().items():
             read_rows(OPTIMIZER_PREFIX + key, start, end, self._per_class(tensor))
 
     def _per_class(self, rows: torch.Tensor) -> torch.Tensor:
@@ -438,3 +413,22 @@ class PartialFC(nn.Module):
         if has_margins != (self.class_margin is not None):
             have = "has" if self.class_margin is not None else "has no"
             raise ValueError(f"saved head {'has' if has_margins else 'has no'} per-class margins, this one {have}")
+
+
+class _SampledRows(torch.autograd.Function):
+    """Rows ``index`` (k,) of the shard (rows, D) as a (k, D) copy whose gradient reaches the
+    shard as a sparse COO tensor of those rows: the backward never builds a (rows, D) tensor."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.rows = weight.shape[0]
+        return weight.detach().index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        sparse = torch.sparse_coo_tensor(
+            index.unsqueeze(0), grad, (ctx.rows, grad.shape[1]), is_coalesced=True, check_invariants=False
+        )  # index: sorted, unique
+        return sparse, None

@@ -1,51 +1,49 @@
 """Row-sparse optimizers for the partial-FC class-centre shard.
 
-Design. `PartialFC` (with ``sample_rate < 1``) copies the rows it sampled into a small
-dense leaf tensor at every training forward, so backward produces a ``(k, D)`` gradient for
-those ``k`` rows only and never a ``(shard, D)`` one. These optimizers are
-`torch.optim.Optimizer` subclasses over the head's shard parameter (so LR schedulers,
-``state_dict`` and ``param_groups`` work as usual) whose `step` asks the head which rows were
-sampled, gathers those rows of the parameter and of every per-row state tensor, applies the
-update to the gathered copies and scatters them back. Rows that were not sampled, and their
-state (momentum buffer, Adam moments, step count) are never touched, weight decay included;
-the work per step is proportional to ``k x D``, and the gathered copies are made
-`STEP_CHUNK_BYTES` of rows at a time, so their memory does not grow with ``k``. With
-``sample_rate = 1`` (or in eval mode) the head reports "all rows" and the update runs in
-place on the full shard; it then matches `torch.optim.SGD` / `torch.optim.AdamW` up to rounding.
+Design. `PartialFC` (with ``sample_rate < 1``) scores only the rows it sampled, and its
+backward leaves the shard's gradient as a sparse COO tensor of those ``k`` rows (never a
+``(shard, D)`` one). These optimizers are `torch.optim.Optimizer` subclasses over one 2-D
+parameter (so LR schedulers, ``state_dict`` and ``param_groups`` work as usual) that know
+nothing of the head: `step` reads the rows from the sparse gradient, gathers those rows of
+the parameter and of every per-row state tensor, applies the update to the gathered copies
+and scatters them back. Rows absent from the gradient, and their state (momentum buffer,
+Adam moments, step count) are never touched, weight decay included; the work per step is
+proportional to ``k x D``, and the gathered copies are made `STEP_CHUNK_BYTES` of rows at a
+time, so their memory does not grow with ``k``. A dense gradient (``sample_rate = 1``, or
+eval mode) updates every row in place; it then matches `torch.optim.SGD` /
+`torch.optim.AdamW` up to rounding. Sparse gradients of several backwards before one `step`
+add up (their rows are merged).
 
 AdamW keeps a step count per row (``row_step``) because each row's bias correction
 (Loshchilov & Hutter, "Decoupled Weight Decay Regularization"; Kingma & Ba, "Adam") must
 count only the steps in which that row was updated.
 
-Not supported: several forwards before one `step` with ``sample_rate < 1`` (each forward
-draws a new sample, so only the last forward's gradient is applied), ``closure``-based
-re-evaluation that changes the sample, amsgrad, and sparse gradients of other parameters.
+Not supported: ``closure``-based re-evaluation that changes the sample, and amsgrad.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 STEP_CHUNK_BYTES = 32 * 1024 * 1024  # sampled rows are updated this many bytes of centres at a time
 
-if TYPE_CHECKING:  # imported only for hints: the head imports this module at run time
-    from dml.losses.partial_fc import PartialFC
-
 
 class SparseRowOptimizer(torch.optim.Optimizer):
-    """Base class: one 2-D parameter (the head's shard), updated only on the sampled rows."""
+    """Base class: one 2-D parameter (e.g. a head's shard), updated only on the rows its
+    gradient holds (all rows for a dense gradient)."""
 
     name = "base"
 
-    def __init__(self, head: PartialFC, defaults: dict[str, Any]):
+    def __init__(self, param: torch.nn.Parameter, defaults: dict[str, Any]):
         if defaults["lr"] < 0:
             raise ValueError(f"learning rate must be >= 0, got {defaults['lr']}")
         if defaults["weight_decay"] < 0:
             raise ValueError(f"weight_decay must be >= 0, got {defaults['weight_decay']}")
-        super().__init__([head.weight], defaults)
-        self.head = head
+        if param.dim() != 2:
+            raise ValueError(f"a row-sparse optimizer takes one 2-D parameter, got shape {tuple(param.shape)}")
+        super().__init__([param], defaults)
 
     # --- per-row state -------------------------------------------------------------------
     def row_state_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -54,7 +52,7 @@ class SparseRowOptimizer(torch.optim.Optimizer):
 
     @property
     def param(self) -> torch.nn.Parameter:
-        """The head's (shard_size, D) centre parameter this optimizer updates."""
+        """The (rows, D) parameter this optimizer updates (e.g. a head's shard of centres)."""
         return self.param_groups[0]["params"][0]
 
     def row_state(self) -> dict[str, torch.Tensor]:
@@ -102,22 +100,22 @@ class SparseRowOptimizer(torch.optim.Optimizer):
                 state[key] = state[key].to(dtype)
 
     # --- stepping ------------------------------------------------------------------------
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the parameter's gradient and the head's sampled-row gradient."""
-        super().zero_grad(set_to_none)
-        self.head.clear_sampled_grad(set_to_none)
-
     @torch.no_grad()
     def step(self, closure=None):
-        """Update the rows sampled in the head's last forward (all rows if it did not sample)."""
+        """Update the rows the parameter's gradient holds: a sparse gradient's rows, or all
+        rows for a dense one; nothing without a gradient."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        index, grad = self.head.last_sampled_rows()
+        group, param = self.param_groups[0], self.param
+        grad = param.grad
         if grad is None:
             return loss
-        group, param = self.param_groups[0], self.param
+        index = None
+        if grad.is_sparse:
+            grad = grad.coalesce()  # sorted, unique rows; duplicates (accumulated backwards) summed
+            index, grad = grad.indices()[0], grad.values()
         state = self.row_state()
         keys = list(self.row_state_shapes())
         if index is None:  # every row: update in place, no copies
@@ -147,13 +145,18 @@ class SparseRowSGD(SparseRowOptimizer):
     name = "sgd"
 
     def __init__(
-        self, head: PartialFC, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4, nesterov: bool = False
+        self,
+        param: torch.nn.Parameter,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        nesterov: bool = False,
     ):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         if nesterov and momentum == 0:
             raise ValueError("nesterov momentum needs momentum > 0")
-        super().__init__(head, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov))
+        super().__init__(param, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov))
 
     def row_state_shapes(self):
         """Per-row state: ``momentum_buffer`` (shard_size, D), none without momentum."""
@@ -185,7 +188,7 @@ class SparseRowAdamW(SparseRowOptimizer):
 
     def __init__(
         self,
-        head: PartialFC,
+        param: torch.nn.Parameter,
         lr: float,
         weight_decay: float = 5e-4,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -195,7 +198,7 @@ class SparseRowAdamW(SparseRowOptimizer):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
         if eps <= 0:
             raise ValueError(f"eps must be > 0, got {eps}")
-        super().__init__(head, dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps))
+        super().__init__(param, dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps))
 
     def row_state_shapes(self):
         """Per-row state: ``exp_avg`` and ``exp_avg_sq`` (shard_size, D), ``row_step`` (shard_size,)."""
@@ -219,7 +222,7 @@ class SparseRowAdamW(SparseRowOptimizer):
 
 
 def build_sparse_optimizer(
-    head: PartialFC, name: str, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4, **kwargs: Any
+    param: torch.nn.Parameter, name: str, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4, **kwargs: Any
 ) -> SparseRowOptimizer:
     """``name`` "sgd" (uses ``momentum``) or "adamw" (``momentum`` is beta1 unless ``betas`` given).
 
@@ -227,8 +230,8 @@ def build_sparse_optimizer(
     """
     key = name.lower()
     if key == "sgd":
-        return SparseRowSGD(head, lr=lr, momentum=momentum, weight_decay=weight_decay, **kwargs)
+        return SparseRowSGD(param, lr=lr, momentum=momentum, weight_decay=weight_decay, **kwargs)
     if key == "adamw":
         kwargs.setdefault("betas", (momentum, 0.999))
-        return SparseRowAdamW(head, lr=lr, weight_decay=weight_decay, **kwargs)
+        return SparseRowAdamW(param, lr=lr, weight_decay=weight_decay, **kwargs)
     raise ValueError(f"unknown head optimizer {name!r}: expected 'sgd' or 'adamw'")

@@ -6,11 +6,14 @@ writes its own rows of the partial-FC head (centres and their optimizer state) i
 ``head/`` in parallel (`dml.train.row_shards`: nothing is gathered, and a resume on any world
 size reads only the rows each rank needs). ``state.pt`` is the commit record, written by
 rank 0 last, after every rank has finished: it holds which global rows each head file holds,
-the model, the backbone optimizer (replicated under DDP), schedule, step, epoch, data
-position, the identity of the data and every rank's RNG state. Checkpoints of the earlier
-gathered format (the full matrix inside ``state.pt``) still load. DeepSpeed's ZeRO optimizer
-partitions go in ``optimizer-rank*.pt``
-(same world size only). The last ``keep_last`` checkpoints are kept.
+the model, schedule, step, epoch, data position, the identity of the data and every rank's
+RNG state. Checkpoints of the earlier gathered format (the full matrix inside ``state.pt``)
+still load. The engine's state (the backbone optimizer) goes in ``optimizer-rank*.pt``, one
+file per rank whose `Engine.state_dict` is not None (rank 0 only under DDP, whose state is
+replicated; every rank's ZeRO partition under DeepSpeed), and is handed back to
+`Engine.load_state_dict` as the list of those parts. Checkpoints written before that kept
+the DDP state in ``state.pt`` under ``engine``; they resume as a one-part list. The last
+``keep_last`` checkpoints are kept.
 
 Only a checkpoint that can be resumed is written or read back:
 
@@ -48,6 +51,7 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 STATE = "state.pt"
 HEAD_DIR = "head"
+ENGINE_PART = "optimizer-rank{rank:05d}.pt"
 DIVERGED_SUFFIX = ".nonfinite"
 UNREADABLE_SUFFIX = ".unreadable"
 _STEP_DIR = re.compile(r"step-\d{8}")
@@ -168,11 +172,11 @@ def _previous(run_dir: str | Path) -> str:
 
 
 def _write_rank_files(
-    tmp: Path, rank: int, head: RowShardedState | None, engine_state: Any, per_rank: bool
+    tmp: Path, rank: int, head: RowShardedState | None, engine_state: dict[str, Any] | None
 ) -> dict[str, Any] | None:
-    """This rank's own files: its head rows (index record returned) and its ZeRO partition."""
-    if per_rank:
-        _write(engine_state, tmp / f"optimizer-rank{rank:05d}.pt")
+    """This rank's own files: its head rows (index record returned) and its engine part."""
+    if engine_state is not None:
+        _write(engine_state, tmp / ENGINE_PART.format(rank=rank))
     if head is None:
         return None
     (tmp / HEAD_DIR).mkdir(exist_ok=True)
@@ -180,7 +184,11 @@ def _write_rank_files(
 
 
 def _write_all(
-    root: Path, tmp: Path, state: dict[str, Any] | None, head: RowShardedState | None, engine_state: Any, per_rank: bool
+    root: Path,
+    tmp: Path,
+    state: dict[str, Any] | None,
+    head: RowShardedState | None,
+    engine_state: dict[str, Any] | None,
 ) -> str | None:
     """Every rank writes its files in parallel; then rank 0 writes ``state.pt`` (with every
     rank's row index) as the commit record, only once every rank has finished. Collective;
@@ -192,7 +200,7 @@ def _write_all(
     record: list[Any] = [None]
 
     def write_own() -> None:
-        record[0] = _write_rank_files(tmp, rank, head, engine_state, per_rank)
+        record[0] = _write_rank_files(tmp, rank, head, engine_state)
 
     outcomes = gather_objects((_attempt(write_own, root), record[0]))
     problem = next((p for p, _ in outcomes if p), None)
@@ -215,29 +223,22 @@ def save_checkpoint(run_dir: str | Path, step: int, payload: dict[str, Any], obj
     root = Path(run_dir) / CHECKPOINTS
     final, tmp = root / step_dir_name(step), root / (step_dir_name(step) + ".tmp")
     rank, started = get_rank(), time.perf_counter()
-    head = objective.head.sharded_state_dict() if getattr(objective, "head", None) is not None else None
+    head = objective.head_shard_state()  # this rank's rows, or None
     objective_state = objective.full_state(include_head=False)  # collective
     rng_states = gather_objects(rng_state())
-    engine_state = engine.optimizer_state()
-    per_rank = engine.per_rank_optimizer_state
+    engine_state = engine.state_dict()  # this rank's part, or None
     state = None
     if rank == 0:
-        state = {
-            **payload,
-            "objective": objective_state,
-            "rng": rng_states,
-            "world_size": get_world_size(),
-            "engine": None if per_rank else engine_state,
-        }
+        state = {**payload, "objective": objective_state, "rng": rng_states, "world_size": get_world_size()}
     bad = (
         first_non_finite(state)
-        or (first_non_finite(engine_state, "engine") if per_rank else None)
+        or first_non_finite(engine_state, "engine")
         or (first_non_finite(head.tensors, "objective.head") if head is not None else None)
     )
     bad = _first_problem(f"{bad} (rank {rank})" if bad else None)
     if bad:
         raise NonFiniteState(f"checkpoint for step {step} not written: {bad} holds NaN or inf; {_previous(run_dir)}")
-    problem = _write_all(root, tmp, state, head, engine_state, per_rank)
+    problem = _write_all(root, tmp, state, head, engine_state)
     if problem is not None:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -343,20 +344,26 @@ def restore_checkpoint(path: Path, state: dict[str, Any], objective, engine, wit
         objective.load_full_state(state["objective"])
     elif with_head and head is not None:
         objective.load_full_state({**state["objective"], "head": None})
-        if getattr(objective, "head", None) is not None:
-            reader = RowShardReader(Path(path) / HEAD_DIR, head["index"])
-            objective.head.load_sharded_state_dict(head, reader.read)
-    if engine.per_rank_optimizer_state:
-        parts = sorted(Path(path).glob("optimizer-rank*.pt"))
-        engine.load_optimizer_state([torch.load(p, map_location="cpu", weights_only=False) for p in parts])
-    elif state.get("engine") is not None:
-        engine.load_optimizer_state(state["engine"])
+        objective.load_head_shard_state(head, RowShardReader(Path(path) / HEAD_DIR, head["index"]).read)
+    engine.load_state_dict(engine_parts(path, state, weights_only=not engine.state_holds_objects))
     rank = get_rank()
     if rank < len(state["rng"]):
         set_rng_state(state["rng"][rank])
     if rank == 0:
         log.info("checkpoint: loaded %s in %.1f s", path, time.perf_counter() - started)
     return state
+
+
+def engine_parts(path: Path, state: dict[str, Any], weights_only: bool = True) -> list[dict[str, Any]]:
+    """The engine state parts of checkpoint ``path`` in rank order (``state`` is its state.pt).
+
+    ``weights_only=False`` is for engines whose state holds objects (DeepSpeed's ZeRO state):
+    those files are unpickled without restriction, so only resume from checkpoints you trust.
+    """
+    if state.get("engine") is not None:  # written before the engine state moved to its own files
+        return [state["engine"]]
+    files = sorted(Path(path).glob(ENGINE_PART.replace("{rank:05d}", "*")))
+    return [torch.load(file, map_location="cpu", weights_only=weights_only) for file in files]
 
 
 def load_checkpoint(path: Path, objective, engine) -> dict[str, Any]:

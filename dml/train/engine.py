@@ -1,16 +1,14 @@
-"""The training engine: DDP or DeepSpeed behind one small interface.
+"""The training engine: DDP or DeepSpeed behind one `Engine` protocol.
 
-The loop calls, per micro-batch::
+An engine runs the backbone + neck (forward, backward with gradient averaging over ranks)
+and applies one backbone optimizer step when told to. It does not count micro-batches: the
+`dml.train.optimizers.OptimizersContainer` decides where an accumulation window ends and
+steps every optimizer of the run (the engine's among them). Heads with per-rank shards stay
+outside the engine (their gradients must not be averaged over ranks).
 
-    with engine.accumulation_context():
-        embeddings = engine.forward(images)
-        loss = ...
-        engine.backward(loss)
-    if engine.step():        # True on an optimizer step (gradient-accumulation boundary)
-        ...
-
-and never branches on the backend. Only the backbone + neck live in the engine; heads
-with per-rank shards stay outside (their gradients must not be averaged over ranks).
+Checkpoints see one interface for both backends: `Engine.state_dict` is what this rank must
+save (None when another rank's copy covers it) and `Engine.load_state_dict` takes the saved
+parts in rank order.
 """
 
 from __future__ import annotations
@@ -18,8 +16,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -58,10 +57,44 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Op
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
+class Engine(Protocol):
+    """What the loop, the optimizers container and checkpoints need of a backend."""
+
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer  # the torch optimizer of the backbone (schedules set its lr)
+    state_holds_objects: bool  # state_dict() holds more than tensors and plain values (unpickled on load)
+
+    def accumulation_context(self, boundary: bool) -> ContextManager:
+        """Context for one micro-batch's forward + backward; ``boundary``: it ends a window."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Embeddings (N, D) of ``images`` (N, C, H, W)."""
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradients of ``loss`` (already divided by the window length)."""
+
+    def step(self) -> None:
+        """One backbone optimizer step on the accumulated gradients (clipping, loss scaling)."""
+
+    def zero_grad(self) -> None:
+        """Drop the backbone's accumulated gradients."""
+
+    def train(self, mode: bool = True) -> None:
+        """Training (True) or evaluation (False) mode of the wrapped model."""
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """This rank's part of the engine state to checkpoint; None when another rank's covers it."""
+
+    def load_state_dict(self, parts: list[dict[str, Any]]) -> None:
+        """Restore from the parts `state_dict` returned when saving, in rank order."""
+
+
 class DDPEngine:
-    """torch DDP (or the bare model when world size is 1) with accumulation, clipping, AMP."""
+    """torch DDP (or the bare model when world size is 1) with clipping and AMP."""
 
     name = "ddp"
+    state_holds_objects = False
 
     def __init__(self, model: nn.Module, config: DMLConfig, device: torch.device):
         self.model = model
@@ -71,16 +104,13 @@ class DDPEngine:
             device_ids = [device.index] if device.type == "cuda" else None
             self.wrapped = DistributedDataParallel(model, device_ids=device_ids)
         self.optimizer = build_optimizer(model, config.optimizer)
-        self.accum = config.train.grad_accum
         self.clip = config.optimizer.grad_clip
         self.autocast_dtype = resolve_precision(config.train.precision, device)
         fp16 = self.autocast_dtype == torch.float16
         self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
-        self.micro_step = 0
 
-    def accumulation_context(self):
-        """Skip DDP's gradient all-reduce on micro-batches that do not end an accumulation."""
-        boundary = (self.micro_step + 1) % self.accum == 0
+    def accumulation_context(self, boundary: bool) -> ContextManager:
+        """Skip DDP's gradient all-reduce on micro-batches that do not end a window."""
         if boundary or not isinstance(self.wrapped, DistributedDataParallel):
             return contextlib.nullcontext()
         return self.wrapped.no_sync()
@@ -92,13 +122,9 @@ class DDPEngine:
             return self.wrapped(images)
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss = loss / self.accum  # accumulated gradients average over micro-batches
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def step(self) -> bool:
-        self.micro_step += 1
-        if self.micro_step % self.accum:
-            return False
+    def step(self) -> None:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if self.clip:
@@ -108,36 +134,36 @@ class DDPEngine:
             self.scaler.update()
         else:
             self.optimizer.step()
+
+    def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        return True
 
     def train(self, mode: bool = True) -> None:
         self.wrapped.train(mode)
 
-    def optimizer_state(self) -> dict[str, Any]:
-        """Replicated on every rank under DDP, so rank 0's copy resumes any world size."""
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler else None,
-            "micro_step": self.micro_step,
-        }
+    def state_dict(self) -> dict[str, Any] | None:
+        """Replicated on every rank under DDP: rank 0 saves it, and it resumes any world size."""
+        if get_rank() != 0:
+            return None
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None}
 
-    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, parts: list[dict[str, Any]]) -> None:
+        """Rank 0's saved part (the only one) is every rank's state."""
+        if not parts:
+            return
+        state = parts[0]
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        self.micro_step = int(state.get("micro_step", 0))
-
-    @property
-    def per_rank_optimizer_state(self) -> bool:
-        return False
 
 
 class DeepSpeedEngine:
-    """A DeepSpeed ZeRO-1/2 engine. Accumulation, clipping and loss scaling are DeepSpeed's,
-    driven from our config (batch size, accumulation, clip and precision override the JSON)."""
+    """A DeepSpeed ZeRO-1/2 engine. Clipping and loss scaling are DeepSpeed's, driven from our
+    config (batch size, clip and precision override the JSON). The accumulation window is ours
+    (``managed_gradient_accumulation: false``): DeepSpeed reduces and steps when `step` is called."""
 
     name = "deepspeed"
+    state_holds_objects = True  # ZeRO's state dict holds DeepSpeed objects (loss scaler, enums)
 
     def __init__(self, model: nn.Module, config: DMLConfig, device: torch.device):
         import deepspeed
@@ -152,6 +178,7 @@ class DeepSpeedEngine:
             {
                 "train_micro_batch_size_per_gpu": batch,
                 "gradient_accumulation_steps": config.train.grad_accum,
+                "managed_gradient_accumulation": False,
                 "gradient_clipping": config.optimizer.grad_clip or 0.0,
                 "bf16": {"enabled": dtype == torch.bfloat16},
                 "fp16": {"enabled": dtype == torch.float16},
@@ -159,36 +186,39 @@ class DeepSpeedEngine:
             }
         )
         ds_config.pop("train_batch_size", None)
-        optimizer = build_optimizer(model, config.optimizer)
+        self.optimizer = build_optimizer(model, config.optimizer)
         describe_lone_process_as_group_of_one()  # plain `dml train`: no MPI discovery
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.engine, self.zero_optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=self.optimizer, config=ds_config
+        )
         self.model = self.engine.module
         self.device = device
 
-    def accumulation_context(self):
-        return contextlib.nullcontext()
+    def accumulation_context(self, boundary: bool) -> ContextManager:
+        return contextlib.nullcontext()  # DeepSpeed reduces in `step`, never in backward
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.engine(images)
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
+        self.engine.backward(loss, scale_wrt_gas=False)  # the container already divided it
 
-    def step(self) -> bool:
-        boundary = self.engine.is_gradient_accumulation_boundary()
+    def step(self) -> None:
         self.engine.step()
-        return boundary
+
+    def zero_grad(self) -> None:
+        """Nothing to do: DeepSpeed's `step` zeroes the gradients it applied."""
 
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
 
-    def optimizer_state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any] | None:
         """This rank's ZeRO partition: resumable on the same world size only."""
-        return {"optimizer": self.optimizer.state_dict(), "rank": get_rank(), "world_size": get_world_size()}
+        return {"optimizer": self.zero_optimizer.state_dict(), "rank": get_rank(), "world_size": get_world_size()}
 
-    def load_optimizer_state(self, states: list[dict[str, Any]]) -> None:
+    def load_state_dict(self, parts: list[dict[str, Any]]) -> None:
         """Every rank's partition (ZeRO's loader picks its own from the list)."""
-        saved_world = states[0].get("world_size") if states else None
+        saved_world = parts[0].get("world_size") if parts else None
         if saved_world != get_world_size():
             log.warning(
                 "DeepSpeed optimizer state was saved on %s ranks, now %d: ZeRO partitions "
@@ -197,14 +227,10 @@ class DeepSpeedEngine:
                 get_world_size(),
             )
             return
-        self.optimizer.load_state_dict([s["optimizer"] for s in states])
-
-    @property
-    def per_rank_optimizer_state(self) -> bool:
-        return True
+        self.zero_optimizer.load_state_dict([part["optimizer"] for part in parts])
 
 
-def build_engine(model: nn.Module, config: DMLConfig, device: torch.device) -> DDPEngine | DeepSpeedEngine:
+def build_engine(model: nn.Module, config: DMLConfig, device: torch.device) -> Engine:
     """The configured backend for ``model`` (already on ``device``)."""
     if config.train.backend == "deepspeed":
         return DeepSpeedEngine(model, config, device)

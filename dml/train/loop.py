@@ -17,10 +17,12 @@ from dml.distributed import all_reduce_, get_rank, get_world_size
 from dml.errors import DMLError
 from dml.progress import progress as progress_bar
 from dml.train.checkpoint import save_checkpoint, set_aside_diverged
+from dml.train.engine import Engine
 from dml.train.metrics_log import MetricsLog, peak_memory_mb
 from dml.train.objective import Objective
+from dml.train.optimizers import OptimizersContainer
 from dml.train.param_groups import freeze_backbone
-from dml.train.schedules import LRSchedule
+from dml.train.schedules import LRSchedulersContainer
 from dml.train.swa import WeightAverager
 
 log = logging.getLogger(__name__)
@@ -81,7 +83,7 @@ class Trainer:
         config: DMLConfig,
         run_dir: Path,
         device: torch.device,
-        engine,
+        engine: Engine,
         objective: Objective,
         loader: TrainLoader,
         evaluate=None,
@@ -93,7 +95,8 @@ class Trainer:
         self.engine, self.objective, self.loader = engine, objective, loader
         self.evaluate, self.best = evaluate, best  # best: a BestModelKeeper or None
         self.total_steps = self._total_steps()
-        self.schedule = LRSchedule([engine.optimizer, *objective.optimizers], self.total_steps, config.schedule)
+        self.optimizers = OptimizersContainer(engine, objective.optimizers, config.train.grad_accum)
+        self.schedule = LRSchedulersContainer(self.optimizers.optimizers, self.total_steps, config.schedule)
         self.freeze = freeze_backbone(engine, config.optimizer)
         self.swa = WeightAverager(engine.model, config.swa, self.total_steps) if config.swa.enabled else None
         self.metrics = MetricsLog(
@@ -111,6 +114,7 @@ class Trainer:
         return {
             "model": self.engine.model.state_dict(),
             "schedule": self.schedule.state_dict(),
+            "optimizers": self.optimizers.state_dict(),
             "train_state": asdict(state),
             "swa": self.swa.state_dict() if self.swa else None,
             "config": self.config.model_dump(mode="json"),
@@ -122,6 +126,8 @@ class Trainer:
         state = self.resume_position(saved)
         self.metrics.rewind(int(saved["train_state"]["step"]))
         self.schedule.load_state_dict(saved["schedule"])
+        # Checkpoints before the optimizers container kept the window position in the DDP engine's state.
+        self.optimizers.load_state_dict(saved.get("optimizers") or saved.get("engine") or {})
         if self.freeze:
             self.freeze.steps_done = state.step
         if self.swa and saved.get("swa"):
@@ -172,7 +178,7 @@ class Trainer:
     def micro_step(self, batch: tuple, state: TrainState) -> dict[str, float] | None:
         images, labels, *rest = batch
         images, labels = images.to(self.device, non_blocking=True), labels.to(self.device)
-        with self.engine.accumulation_context():
+        with self.optimizers.accumulation_context():
             embeddings = self.engine.forward(images)
             loss, parts = self.objective(embeddings, labels, images=images, keys=rest[0] if rest else None)
             if _any_rank(not torch.isfinite(loss).all().item(), self.device):
@@ -180,14 +186,12 @@ class Trainer:
                     f"non-finite loss at step {state.step + 1} (epoch {state.epoch}, batch "
                     f"{state.batch_in_epoch}); {set_aside_diverged(self.run_dir, state.step)}"
                 )
-            self.engine.backward(loss)
+            self.optimizers.backward(loss)
         state.batch_in_epoch += 1
         state.images_seen += self.global_batch
         state.samples_in_epoch += self.global_batch
-        if not self.engine.step():
+        if not self.optimizers.step():
             return None
-        self.objective.step_extras()
-        self.objective.zero_grad_extras()
         self.schedule.step()
         state.step += 1
         if self.swa:

@@ -1,18 +1,24 @@
-"""The training objective: partial-FC margin head or a pair loss on the global batch,
-plus centre loss as an add-on. Everything here lives OUTSIDE the DDP / DeepSpeed engine.
+"""The training objective, built from parts shared by `dml train` and `dml distill`.
+
+`LabelLoss` is the label term of both: a partial-FC margin head (with its row-sparse
+optimizer) or a pair loss on the global batch. `Objective` (`dml train`) adds centre loss to
+it; `dml.distill.objective.DistillObjective` adds the teacher terms. Everything here lives
+OUTSIDE the DDP / DeepSpeed engine; each objective names its optimizers in ``optimizers``
+and the `dml.train.optimizers.OptimizersContainer` steps them.
 
 Gradient scale. The engine averages backbone gradients over ranks. A pair loss is computed
 identically on every rank over the all-gathered batch; the gather's backward sums the ranks'
 identical gradients (x world), and the engine's average divides that back, giving exactly
 the gradient of the global loss. The partial-FC head instead splits the work: each rank's
 shard contributes part of the gradient and the gather's backward already sums those into the
-exact gradient, so the engine's average would leave 1/world of it; a hook multiplies the
-embedding gradient by the world size to undo that (the head's own gradients never pass
-through the engine).
+exact gradient, so the engine's average would leave 1/world of it. `undo_rank_average`
+multiplies the gradient of the head's input (and of nothing else) by the world size; the
+head's own gradients never pass through the engine.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,8 +29,12 @@ from dml.data.manifest import load_manifest
 from dml.distributed import all_gather_rows, all_gather_with_grad, get_world_size
 from dml.errors import ConfigError
 from dml.losses import CenterLoss, dynamic_margins
-from dml.losses.partial_fc import PartialFC
+from dml.losses.partial_fc import PartialFC, RowReader
+from dml.losses.shard_state import RowShardedState
+from dml.losses.sparse_optim import SparseRowOptimizer
 from dml.registries import MARGINS, MINERS, PAIR_LOSSES
+
+HEAD, CENTER = "head", "center"
 
 
 def build_margin(config: DMLConfig) -> nn.Module:
@@ -75,64 +85,134 @@ def build_pair_loss(config: DMLConfig) -> nn.Module:
     return PAIR_LOSSES.build(config.loss.kind, settings=config, miner=miner)
 
 
-class ExtraOptimizers:
-    """Steps the optimizers an objective owns beside the engine's (head rows, centres)."""
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by ``factor``."""
 
-    optimizers: list[torch.optim.Optimizer]
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return tensor.view_as(tensor)
 
-    def zero_grad_extras(self) -> None:
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=True)
-
-    def step_extras(self) -> None:
-        for optimizer in self.optimizers:
-            optimizer.step()
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
 
 
-class Objective(ExtraOptimizers, nn.Module):
-    """``forward(embeddings (N_local, D), labels) -> (loss, parts)``; owns the head and the
-    extra optimizers (partial-FC rows, centre-loss centres) that step with the backbone's."""
+def undo_rank_average(embeddings: torch.Tensor) -> torch.Tensor:
+    """``embeddings`` (N_local, D) unchanged, with their gradient multiplied by the world size
+    (see the module docstring); the tensor itself when there is one process or no gradient."""
+    world = get_world_size()
+    if world == 1 or not embeddings.requires_grad:
+        return embeddings
+    return _ScaleGradient.apply(embeddings, float(world))
+
+
+class LabelLoss(nn.Module):
+    """``forward(embeddings (N_local, D), labels (N_local,)) -> scalar`` loss of the labels.
+
+    A partial-FC margin head (`build_margin_head`: sharded over ranks, ``loss.sample_rate`` of
+    it scored per step, with sub-centres and dynamic margins when configured) unless
+    ``loss.kind`` is a pair loss, which is computed on the all-gathered global batch.
+
+    Args:
+        config: the run's config (``loss``, ``optimizer`` and ``seed`` are read).
+        embedding_dim: D.
+        num_classes: classes of the training data.
+        device: where the head's shard lives.
+        start_head: called with the new head before its optimizer is made, to set its
+            centres (e.g. the teacher's).
+        trainable: False freezes the head (no gradient, no optimizer).
+
+    ``optimizers`` is ``{"head": row-sparse optimizer}`` for a trainable head, else empty.
+    """
+
+    def __init__(
+        self,
+        config: DMLConfig,
+        embedding_dim: int,
+        num_classes: int,
+        device: torch.device,
+        start_head: Callable[[PartialFC], None] | None = None,
+        trainable: bool = True,
+    ):
+        super().__init__()
+        self.head: PartialFC | None = None
+        self.pair_loss: nn.Module | None = None
+        self.head_optimizer: SparseRowOptimizer | None = None
+        if config.loss.is_pair_loss:
+            self.pair_loss = build_pair_loss(config)
+            return
+        self.head = build_margin_head(config, embedding_dim, num_classes, device)
+        if start_head is not None:
+            start_head(self.head)
+        if not trainable:
+            self.head.weight.requires_grad_(False)
+            return
+        self.head_optimizer = self.head.configure_optimizer(
+            config.loss.head_optimizer,
+            lr=config.loss.head_lr or config.optimizer.lr,
+            momentum=config.optimizer.momentum,
+            weight_decay=config.optimizer.weight_decay,
+        )
+
+    @property
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {HEAD: self.head_optimizer} if self.head_optimizer is not None else {}
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean loss over the global batch, the same value on every rank."""
+        if self.head is not None:
+            return self.head(undo_rank_average(embeddings), labels)
+        assert self.pair_loss is not None  # __init__ builds a head or a pair loss
+        return self.pair_loss(all_gather_with_grad(embeddings), all_gather_rows(labels))
+
+    def full_state(self) -> dict[str, Any] | None:
+        """The head with its optimizer state, whole on rank 0 (None elsewhere, and for a pair
+        loss); collective."""
+        return self.head.full_state_dict(self.head_optimizer) if self.head is not None else None
+
+    def load_full_state(self, state: dict[str, Any] | None) -> None:
+        """Restore a `full_state` saved on any world size (None: keep the head as it is)."""
+        if self.head is not None and state is not None:
+            self.head.load_full_state_dict(state, self.head_optimizer)
+
+    def head_shard_state(self) -> RowShardedState | None:
+        """This rank's rows of the head and its optimizer state (None for a pair loss)."""
+        return self.head.sharded_state_dict(self.head_optimizer) if self.head is not None else None
+
+    def load_head_shard_state(self, meta: dict[str, Any], read_rows: RowReader) -> None:
+        """Read this rank's rows of a `head_shard_state` saved on any world size."""
+        if self.head is not None:
+            self.head.load_sharded_state_dict(meta, read_rows, self.head_optimizer)
+
+
+class Objective(nn.Module):
+    """``forward(embeddings (N_local, D), labels) -> (loss, parts)``: `LabelLoss` plus centre
+    loss (``loss.center_weight``); ``optimizers`` names the head's and the centres' optimizers."""
 
     def __init__(self, config: DMLConfig, num_classes: int, device: torch.device):
         super().__init__()
-        self.world_size = get_world_size()
         dim = config.model.embedding_dim
-        head_lr = config.loss.head_lr or config.optimizer.lr
-        self.optimizers: list[torch.optim.Optimizer] = []
-        self.head: PartialFC | None = None
-        self.pair_loss: nn.Module | None = None
-        if config.loss.is_pair_loss:
-            self.pair_loss = build_pair_loss(config)
-        else:
-            self.head = build_margin_head(config, dim, num_classes, device)
-            self.optimizers.append(
-                self.head.configure_optimizer(
-                    config.loss.head_optimizer,
-                    lr=head_lr,
-                    momentum=config.optimizer.momentum,
-                    weight_decay=config.optimizer.weight_decay,
-                )
-            )
+        self.label = LabelLoss(config, dim, num_classes, device)
+        self.optimizers: dict[str, torch.optim.Optimizer] = dict(self.label.optimizers)
         self.center_weight = config.loss.center_weight
         self.center: CenterLoss | None = None
         if self.center_weight > 0:
             self.center = CenterLoss(num_classes, dim).to(device)
-            self.optimizers.append(torch.optim.SGD(self.center.parameters(), lr=head_lr))
+            self.optimizers[CENTER] = torch.optim.SGD(
+                self.center.parameters(), lr=config.loss.head_lr or config.optimizer.lr
+            )
+
+    @property
+    def head(self) -> PartialFC | None:
+        return self.label.head
 
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor, **batch: Any
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of one micro-batch; ``batch`` (images, keys) is for objectives that need more."""
         parts: dict[str, float] = {}
-        if self.head is not None:
-            if self.world_size > 1 and embeddings.requires_grad:
-                embeddings.register_hook(lambda grad: grad * self.world_size)
-            loss = self.head(embeddings.float(), labels)
-        else:
-            global_embeddings = all_gather_with_grad(embeddings.float())
-            global_labels = all_gather_rows(labels)
-            assert self.pair_loss is not None  # __init__ builds a head or a pair loss
-            loss = self.pair_loss(global_embeddings, global_labels)
+        loss = self.label(embeddings.float(), labels)
         parts["main"] = float(loss.detach())
         if self.center is not None:
             center = self.center(embeddings.float(), labels)
@@ -141,17 +221,26 @@ class Objective(ExtraOptimizers, nn.Module):
         return loss, parts
 
     def full_state(self, include_head: bool = True) -> dict[str, Any]:
-        """Head (full matrix, any world size; None without ``include_head``, for checkpoints that
-        write its rows per rank) and centre-loss state; collective when the head is included."""
+        """Head (full matrix and its optimizer, any world size; None without ``include_head``,
+        for checkpoints that write its rows per rank) and centre-loss state; collective when
+        the head is included."""
         return {
-            "head": self.head.full_state_dict() if include_head and self.head is not None else None,
+            "head": self.label.full_state() if include_head else None,
             "center": self.center.state_dict() if self.center is not None else None,
-            "center_optimizer": self.optimizers[-1].state_dict() if self.center is not None else None,
+            "center_optimizer": self.optimizers[CENTER].state_dict() if self.center is not None else None,
         }
 
+    def head_shard_state(self) -> RowShardedState | None:
+        """This rank's rows of the head and its optimizer state (None for a pair loss)."""
+        return self.label.head_shard_state()
+
+    def load_head_shard_state(self, meta: dict[str, Any], read_rows: RowReader) -> None:
+        """Read this rank's rows of a `head_shard_state` saved on any world size."""
+        self.label.load_head_shard_state(meta, read_rows)
+
     def load_full_state(self, state: dict[str, Any]) -> None:
-        if self.head is not None and state.get("head") is not None:
-            self.head.load_full_state_dict(state["head"])
+        """Restore a `full_state` saved on any world size."""
+        self.label.load_full_state(state.get("head"))
         if self.center is not None and state.get("center") is not None:
             self.center.load_state_dict(state["center"])
-            self.optimizers[-1].load_state_dict(state["center_optimizer"])
+            self.optimizers[CENTER].load_state_dict(state["center_optimizer"])

@@ -1,11 +1,13 @@
 """Learning-rate schedules stepped once per optimizer step (never per micro-batch).
 
-One schedule drives every optimizer of a run (backbone and head) by scaling each param
-group's base LR, so warm-up and decay stay in lockstep across them.
+`lr_factor` is the multiplier of every param group's initial LR at a step (warm-up, then
+constant, cyclic, cosine or poly decay). `LRSchedulersContainer` drives every optimizer of a
+run with one `torch.optim.lr_scheduler.LambdaLR` each over that factor, so warm-up and decay
+stay in lockstep across the backbone, the head and the centres.
 
 On resume the restored optimizer states carry the hyperparameters they were saved with
-(base LR, momentum, weight decay); `LRSchedule.load_state_dict` puts back the ones of the
-current config, so that an LR or schedule changed at resume is the one that is used.
+(initial LR, momentum, weight decay); `LRSchedulersContainer.load_state_dict` puts back the
+ones of the current config, so that an LR or schedule changed at resume is the one used.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import math
 from typing import Any
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
 from dml.config import ScheduleConfig
 
@@ -36,45 +39,76 @@ def lr_factor(step: int, total_steps: int, config: ScheduleConfig) -> float:
     return floor + (1.0 - floor) * (1.0 - progress) ** config.power  # poly
 
 
-class LRSchedule:
-    """Sets ``lr = base_lr * lr_factor(step)`` on all param groups of all given optimizers."""
+class ScheduleFactor:
+    """`lr_factor` as LambdaLR's ``lr_lambda``, with a run length that a resume may change."""
 
-    def __init__(self, optimizers: list[torch.optim.Optimizer], total_steps: int, config: ScheduleConfig):
-        self.optimizers = optimizers
-        self.total_steps = total_steps
-        self.config = config
-        self.step_count = 0
-        for optimizer in optimizers:
-            for group in optimizer.param_groups:
-                group.setdefault("base_lr", group["lr"])
+    def __init__(self, total_steps: int, config: ScheduleConfig):
+        self.total_steps, self.config = total_steps, config
+
+    def __call__(self, step: int) -> float:
+        return lr_factor(step, self.total_steps, self.config)
+
+
+class LRSchedulersContainer:
+    """One LambdaLR per optimizer, all on the same `ScheduleFactor`, stepped together.
+
+    Args:
+        optimizers: name -> torch optimizer (e.g. `OptimizersContainer.optimizers`); the
+            first one's first param group is the LR that `current_lr` reports.
+        total_steps: optimizer steps in the run (decay reaches ``min_lr_ratio`` there).
+        config: the schedule section.
+
+    Each param group's LR at construction is its initial LR (``initial_lr``); the LR at step
+    ``n`` is ``initial_lr * lr_factor(n)``.
+    """
+
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer], total_steps: int, config: ScheduleConfig):
+        self.optimizers = dict(optimizers)
+        self.factor = ScheduleFactor(total_steps, config)
         # The config's settings per group (all but the parameters and the scheduled lr).
-        self._configured = [
-            [{k: v for k, v in group.items() if k not in ("params", "lr")} for group in optimizer.param_groups]
-            for optimizer in optimizers
-        ]
-        self._apply()
+        self._configured = {
+            name: [
+                {**{k: v for k, v in group.items() if k not in ("params", "lr")}, "initial_lr": group["lr"]}
+                for group in optimizer.param_groups
+            ]
+            for name, optimizer in self.optimizers.items()
+        }
+        self.schedulers = {name: LambdaLR(optimizer, self.factor) for name, optimizer in self.optimizers.items()}
 
-    def _apply(self) -> None:
-        factor = lr_factor(self.step_count, self.total_steps, self.config)
-        for optimizer in self.optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
+    @property
+    def total_steps(self) -> int:
+        return self.factor.total_steps
+
+    @total_steps.setter
+    def total_steps(self, steps: int) -> None:
+        """A new run length (resume on another world size); takes effect at the next step."""
+        self.factor.total_steps = steps
+
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps taken so far."""
+        return next(iter(self.schedulers.values())).last_epoch
 
     def step(self) -> None:
-        self.step_count += 1
-        self._apply()
+        """After every optimizer stepped: move every LR to the next step's."""
+        for scheduler in self.schedulers.values():
+            scheduler.step()
 
     def current_lr(self) -> float:
-        return self.optimizers[0].param_groups[0]["lr"]
+        """LR of the first optimizer's first param group (the backbone's)."""
+        return float(next(iter(self.schedulers.values())).get_last_lr()[0])
 
     def state_dict(self) -> dict[str, Any]:
         return {"step_count": self.step_count, "total_steps": self.total_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue at the saved step, with the current config's base LRs and hyperparameters
-        (call it after the optimizers' states were restored)."""
-        self.step_count = int(state["step_count"])
-        for optimizer, configured in zip(self.optimizers, self._configured, strict=False):
-            for group, settings in zip(optimizer.param_groups, configured, strict=False):
+        """Continue at the saved step with the current config's initial LRs and hyperparameters
+        (call it after the optimizers' states were restored: they carry the saved ones). The
+        saved ``total_steps`` is not taken: the run's length is the current config's."""
+        step = int(state["step_count"])
+        for name, optimizer in self.optimizers.items():
+            for group, settings in zip(optimizer.param_groups, self._configured[name], strict=False):
+                group.pop("base_lr", None)  # written by checkpoints before LambdaLR
                 group.update(settings)
-        self._apply()
+            # last_epoch = step - 1: LambdaLR's first step moves it to ``step`` and sets the lr.
+            self.schedulers[name] = LambdaLR(optimizer, self.factor, last_epoch=step - 1)
