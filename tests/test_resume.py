@@ -84,6 +84,35 @@ def test_lr_and_schedule_changed_at_resume_take_effect(trained, tmp_path):
     assert all(g["initial_lr"] == pytest.approx(0.001) for g in groups)  # backbone and head both
 
 
+def as_written_before_the_optimizers_container(checkpoint: Path) -> None:
+    """Rewrite ``checkpoint`` in the earlier layout: the DDP engine state (with the window
+    position) inside state.pt, and ``base_lr`` where LambdaLR keeps ``initial_lr``."""
+    state = torch.load(checkpoint / "state.pt", weights_only=True)
+    engine = torch.load(checkpoint / "optimizer-rank00000.pt", weights_only=True)
+    head_groups = [state["objective"]["head"]["optimizer"]["hyperparameters"]]
+    for group in engine["optimizer"]["param_groups"] + head_groups:
+        group["base_lr"] = group.pop("initial_lr")
+    state["engine"] = {**engine, "micro_step": state.pop("optimizers")["micro_step"]}
+    (checkpoint / "optimizer-rank00000.pt").unlink()
+    torch.save(state, checkpoint / "state.pt")
+
+
+def test_a_checkpoint_of_the_earlier_layout_resumes_as_the_current_one(trained, tmp_path):
+    """Same weights after resuming either layout (so the old optimizer state was loaded), and
+    the changed lr takes effect."""
+    weights = []
+    for layout in ("current", "earlier"):
+        run, config = copy_run(
+            trained, tmp_path / layout, optimizer={"lr": 0.001}, schedule={"kind": "constant"}, train={"max_steps": 3}
+        )
+        if layout == "earlier":
+            as_written_before_the_optimizers_container(run / "checkpoints" / step_dir_name(2))
+        assert run_train(DMLConfig.model_validate(config), resume=True).steps == 3
+        assert lr_by_step(run)[3] == pytest.approx(0.001)
+        weights.append(read_checkpoint(run / "checkpoints" / step_dir_name(3))["model"])
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+
+
 @pytest.mark.parametrize(
     "key, value, refused",
     [
