@@ -157,7 +157,7 @@ def test_gathered_format_checkpoint_still_loads(tmp_path):
         "objective": objective.full_state(),
         "rng": [],
         "world_size": 1,
-        "engine": engine.optimizer_state(),
+        "engine": engine.state_dict(),
     }
     torch.save(old, folder / STATE)
     _, engine2, fresh = build_parts(tmp_path)
