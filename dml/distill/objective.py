@@ -112,6 +112,7 @@ class DistillObjective(nn.Module):
 
     @property
     def head(self) -> PartialFC | None:
+        """The partial-FC head of the label loss (None for a pair loss or without a label loss)."""
         return self.label.head if self.label is not None else None
 
     def forward(

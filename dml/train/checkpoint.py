@@ -67,6 +67,7 @@ class NonFiniteState(CheckpointError):
 
 
 def step_dir_name(step: int) -> str:
+    """Folder name of the checkpoint of optimizer step ``step``: ``step-NNNNNNNN`` (8 digits)."""
     return f"step-{step:08d}"
 
 
@@ -86,6 +87,8 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore this process's Python, numpy, torch (and CUDA, where both sides have it) RNG
+    states from an `rng_state` dict."""
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
@@ -106,6 +109,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint folder of ``run_dir`` (`list_checkpoints`), or None."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
 

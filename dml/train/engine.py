@@ -50,7 +50,11 @@ def resolve_precision(requested: str, device: torch.device) -> torch.dtype | Non
 
 
 def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
-    """SGD (momentum) or AdamW for the backbone + neck (param groups: `backbone_param_groups`)."""
+    """SGD (momentum) or AdamW for the backbone + neck (param groups: `backbone_param_groups`).
+
+    Raises ConfigError when ``optimizer.layer_decay`` is asked of a model whose backbone does
+    not number its layers.
+    """
     params = backbone_param_groups(model, config)
     if config.name == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
@@ -116,15 +120,19 @@ class DDPEngine:
         return self.wrapped.no_sync()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Embeddings (N, D) of ``images`` (N, C, H, W), under autocast when the precision asks."""
         if self.autocast_dtype is None:
             return self.wrapped(images)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype):
             return self.wrapped(images)
 
     def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradients of the scalar ``loss`` (scaled first under fp16)."""
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def step(self) -> None:
+        """One backbone optimizer step: unscale (fp16), clip to ``optimizer.grad_clip`` (L2 norm
+        over the backbone + neck), step (skipped by the scaler on inf/NaN gradients)."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if self.clip:
@@ -136,9 +144,11 @@ class DDPEngine:
             self.optimizer.step()
 
     def zero_grad(self) -> None:
+        """Drop the backbone's gradients (set to None)."""
         self.optimizer.zero_grad(set_to_none=True)
 
     def train(self, mode: bool = True) -> None:
+        """Training (True) or evaluation (False) mode of the model."""
         self.wrapped.train(mode)
 
     def state_dict(self) -> dict[str, Any] | None:
@@ -195,21 +205,27 @@ class DeepSpeedEngine:
         self.device = device
 
     def accumulation_context(self, boundary: bool) -> ContextManager:
-        return contextlib.nullcontext()  # DeepSpeed reduces in `step`, never in backward
+        """A no-op context: DeepSpeed reduces gradients in `step`, never in backward."""
+        return contextlib.nullcontext()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Embeddings (N, D) of ``images`` (N, C, H, W) through the DeepSpeed engine."""
         return self.engine(images)
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss, scale_wrt_gas=False)  # the container already divided it
+        """Accumulate the gradients of ``loss`` as given (the container already divided it by
+        the window length, so DeepSpeed does not divide again)."""
+        self.engine.backward(loss, scale_wrt_gas=False)
 
     def step(self) -> None:
+        """Reduce the window's gradients, clip and step (DeepSpeed's), then zero them."""
         self.engine.step()
 
     def zero_grad(self) -> None:
         """Nothing to do: DeepSpeed's `step` zeroes the gradients it applied."""
 
     def train(self, mode: bool = True) -> None:
+        """Training (True) or evaluation (False) mode of the model."""
         self.engine.train(mode)
 
     def state_dict(self) -> dict[str, Any] | None:
@@ -231,7 +247,11 @@ class DeepSpeedEngine:
 
 
 def build_engine(model: nn.Module, config: DMLConfig, device: torch.device) -> Engine:
-    """The configured backend for ``model`` (already on ``device``)."""
+    """The configured backend for ``model`` (already on ``device``).
+
+    Raises ConfigError when ``train.deepspeed_config`` is not a file (DeepSpeed backend) or
+    ``optimizer.layer_decay`` cannot be applied (`build_optimizer`).
+    """
     if config.train.backend == "deepspeed":
         return DeepSpeedEngine(model, config, device)
     return DDPEngine(model, config, device)

@@ -111,6 +111,8 @@ class Trainer:
 
     # --- checkpoints ---------------------------------------------------------------------
     def payload(self, state: TrainState) -> dict[str, Any]:
+        """What rank 0 puts in ``state.pt`` beside the objective and RNG states: model weights,
+        schedule and accumulation position, ``state``, SWA, the config and the data identity."""
         return {
             "model": self.engine.model.state_dict(),
             "schedule": self.schedule.state_dict(),
@@ -122,6 +124,10 @@ class Trainer:
         }
 
     def restore(self, saved: dict[str, Any]) -> TrainState:
+        """Load a checkpoint's `payload` (engine and objective states are restored by
+        `dml.train.checkpoint.restore_checkpoint`); returns the position to continue from,
+        moved onto this world size (`resume_position`). Raises KeyError or RuntimeError (torch's)
+        for a payload without, or with mismatched, model weights."""
         self.engine.model.load_state_dict(saved["model"])
         state = self.resume_position(saved)
         self.metrics.rewind(int(saved["train_state"]["step"]))
@@ -162,6 +168,9 @@ class Trainer:
         return state
 
     def checkpoint(self, state: TrainState) -> Path:
+        """Write the checkpoint of ``state.step`` (collective); returns its folder. Raises
+        `dml.train.checkpoint.NonFiniteState` or `dml.train.checkpoint.CheckpointError` (see
+        `dml.train.checkpoint.save_checkpoint`)."""
         return save_checkpoint(
             self.run_dir, state.step, self.payload(state), self.objective, self.engine, self.config.train.keep_last
         )
@@ -176,6 +185,13 @@ class Trainer:
 
     # --- one micro-batch -----------------------------------------------------------------
     def micro_step(self, batch: tuple, state: TrainState) -> dict[str, float] | None:
+        """Forward and backward one micro-batch ``(images (N, C, H, W), labels (N,)[, keys])``
+        and advance ``state``; at the end of an accumulation window every optimizer, the
+        schedule and SWA step. Returns the loss parts when the window ended, else None.
+
+        Raises NonFiniteLoss on every rank when the loss is NaN or inf on any rank (the last
+        checkpoint is set aside first).
+        """
         images, labels, *rest = batch
         images, labels = images.to(self.device, non_blocking=True), labels.to(self.device)
         with self.optimizers.accumulation_context():
@@ -200,6 +216,10 @@ class Trainer:
 
     # --- the run ------------------------------------------------------------------------
     def fit(self, state: TrainState) -> TrainState:
+        """Train from ``state`` until ``train.epochs`` or the run's step count, logging every
+        ``train.log_every`` steps, checkpointing every ``train.checkpoint_every`` and evaluating
+        every ``train.eval_every``; returns the final state. Raises NonFiniteLoss (`micro_step`)
+        and the checkpoint errors of `checkpoint`."""
         cfg = self.config.train
         self.engine.train(True)
         progress = progress_bar(

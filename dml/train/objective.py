@@ -157,6 +157,7 @@ class LabelLoss(nn.Module):
 
     @property
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """``{"head": row-sparse optimizer}`` for a trainable head, else empty."""
         return {HEAD: self.head_optimizer} if self.head_optimizer is not None else {}
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -205,6 +206,7 @@ class Objective(nn.Module):
 
     @property
     def head(self) -> PartialFC | None:
+        """The partial-FC head of the label loss (None for a pair loss)."""
         return self.label.head
 
     def forward(

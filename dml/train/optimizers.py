@@ -90,4 +90,5 @@ class OptimizersContainer:
         return {"micro_step": self.micro_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at a saved window position (`state_dict`; 0 when it has none)."""
         self.micro_step = int(state.get("micro_step", 0))

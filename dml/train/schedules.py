@@ -77,6 +77,7 @@ class LRSchedulersContainer:
 
     @property
     def total_steps(self) -> int:
+        """Optimizer steps in the run: decay reaches ``min_lr_ratio`` there."""
         return self.factor.total_steps
 
     @total_steps.setter
@@ -99,6 +100,7 @@ class LRSchedulersContainer:
         return float(next(iter(self.schedulers.values())).get_last_lr()[0])
 
     def state_dict(self) -> dict[str, Any]:
+        """``{"step_count", "total_steps"}``: optimizer steps taken and the run's length."""
         return {"step_count": self.step_count, "total_steps": self.total_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
