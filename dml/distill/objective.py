@@ -115,6 +115,11 @@ class DistillObjective(nn.Module):
         """The partial-FC head of the label loss (None for a pair loss or without a label loss)."""
         return self.label.head if self.label is not None else None
 
+    @property
+    def pair_loss(self) -> nn.Module | None:
+        """The pair loss of the label loss (None for a partial-FC head or without a label loss)."""
+        return self.label.pair_loss if self.label is not None else None
+
     def forward(
         self,
         embeddings: torch.Tensor,

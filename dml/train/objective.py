@@ -209,6 +209,11 @@ class Objective(nn.Module):
         """The partial-FC head of the label loss (None for a pair loss)."""
         return self.label.head
 
+    @property
+    def pair_loss(self) -> nn.Module | None:
+        """The pair loss of the label loss (None for a partial-FC head)."""
+        return self.label.pair_loss
+
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor, **batch: Any
     ) -> tuple[torch.Tensor, dict[str, float]]:
