@@ -528,6 +528,8 @@ class UniqueKeyLoader(yaml.SafeLoader):
     last value, so a repeated ``model:`` section silently dropped the first one's settings."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        """The mapping of ``node`` as a dict. Raises yaml's ConstructorError (with the key's
+        line and column) for a key it holds twice."""
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
