@@ -82,7 +82,7 @@ class DistillObjective(nn.Module):
     label loss is `LabelLoss` (a partial-FC margin head or the configured pair loss) on the
     student's embeddings; with ``init_head_from_teacher`` its centres start as the teacher's
     and with ``freeze_head`` they get no optimizer. Raises `DMLError` when the teacher's head
-    cannot initialise this one.
+    cannot initialise this one, and ValueError while ``distill.student.embedding_dim`` is unset.
     """
 
     def __init__(self, config: DMLConfig, num_classes: int, device: torch.device, teacher: TeacherEmbedder):
@@ -105,7 +105,6 @@ class DistillObjective(nn.Module):
             if config.loss.is_pair_loss:
                 raise DMLError(f"distill.init_head_from_teacher needs a margin head, loss.kind is '{config.loss.kind}'")
             start_head = functools.partial(load_teacher_head, teacher_run=self.cfg.teacher, seed=config.seed)
-
         return LabelLoss(
             config, self.embedding_dim, num_classes, device, start_head=start_head, trainable=not self.cfg.freeze_head
         )
