@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 RESULTS = ROOT / "benchmarks" / "results" / "face_orl.json"
 
 from face_fixtures import ORL, jpeg_of, orl_bin_content, orl_pairs, orl_path  # noqa: E402
+from local_group import torchrun_dml  # noqa: E402
 
 
 def write_sources(work: Path, source: str) -> Path:
@@ -131,19 +132,7 @@ def main() -> None:
     seconds = {
         "prepare": run([*dml, "prepare", "--config", str(config)], args.work / "prepare.log"),
         "train": run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc_per_node",
-                "2",
-                "-m",
-                "dml.cli",
-                "train",
-                "--config",
-                str(config),
-            ],
+            torchrun_dml(2, "train", "--config", str(config)),
             args.work / "train.log",
         ),
         "evaluate": run([*dml, "evaluate", "--config", str(config)], args.work / "evaluate.log"),

@@ -23,6 +23,9 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from local_group import torchrun_dml  # noqa: E402
+
 STEPS = 6
 
 
@@ -91,17 +94,7 @@ def train(work: Path, precision: str) -> dict[str, Any]:
     run_dir = work / f"run-{precision}"
     output = run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            str(gpus),
-            "-m",
-            "dml.cli",
-            "train",
-            "--config",
-            str(work / "config.yaml"),
+            *torchrun_dml(gpus, "train", "--config", str(work / "config.yaml")),
             f"train.run_dir={run_dir}",
             f"train.precision={precision}",
         ],

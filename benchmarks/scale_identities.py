@@ -53,7 +53,7 @@ import partial_fc as head_bench  # noqa: E402
 
 from dml.distributed import barrier  # noqa: E402
 from dml.train.checkpoint import latest_checkpoint, read_head_rows  # noqa: E402
-from local_group import spawn_local_group  # noqa: E402
+from local_group import spawn_local_group, torchrun_dml  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scale_identities.json"
 SIDE, DIM, PER_RANK, RATE = 16, 512, 128, 0.1
@@ -192,20 +192,6 @@ def dml(*args: str) -> list[str]:
     return [sys.executable, "-m", "dml.cli", *args]
 
 
-def torchrun(nproc: int, *args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        str(nproc),
-        "-m",
-        "dml.cli",
-        *args,
-    ]
-
-
 def rank_peaks(watch: RssWatch) -> list[dict]:
     """Peak RSS of each process that trained (the dml.cli ranks), with before/after-save peaks."""
     rows = []
@@ -324,7 +310,7 @@ def resume(work: Path, config_path: Path, nproc: int, steps: int, resume_steps: 
         "optimizer.lr=1e-30",
     ]
     seconds, watch, output = run_logged(
-        torchrun(nproc, "train", "--config", str(config_path), "--resume", *overrides),
+        torchrun_dml(nproc, "train", "--config", str(config_path), "--resume", *overrides),
         work / f"resume-{nproc}.log",
         run_dir / "checkpoints",
     )
@@ -418,7 +404,7 @@ def measure(args, work: Path) -> dict | None:
     if args.prepare_only:
         return None
     train_s, watch, output = run_logged(
-        torchrun(2, "train", "--config", str(config_path)), work / "train.log", work / "run" / "checkpoints"
+        torchrun_dml(2, "train", "--config", str(config_path)), work / "train.log", work / "run" / "checkpoints"
     )
     logged, ms_per_step, images_per_s = step_times(work / "run")
     checkpoint = latest_checkpoint(work / "run")

@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dml.config import load_config  # noqa: E402
+from dml.distributed import torchrun_argv  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIG = ROOT / "configs" / "quickstart.yaml"
@@ -118,21 +119,7 @@ def window_rates(rates: list[float]) -> float:
 def run_dml(nproc: int, threads: int, steps: int, work: Path, tag: str) -> dict:
     run_dir = work / f"run-{tag}"
     shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl of an earlier run would be read too
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        str(nproc),
-        "-m",
-        "dml.cli",
-        "train",
-        "--config",
-        str(CONFIG),
-        f"train.run_dir={run_dir}",
-        *overrides(work, steps),
-    ]
+    cmd = torchrun_argv(nproc, ["train", "--config", str(CONFIG), f"train.run_dir={run_dir}", *overrides(work, steps)])
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
     start = time.perf_counter()
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)

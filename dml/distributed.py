@@ -312,3 +312,28 @@ def describe_lone_process_as_group_of_one() -> None:
         ("MASTER_PORT", str(free_local_port())),
     ):
         os.environ.setdefault(name, value)
+
+
+def torchrun_argv(
+    nproc_per_node: int, dml_args: list[str], max_restarts: int = 0, launcher: list[str] | None = None
+) -> list[str]:
+    """argv of ``torchrun --standalone --nnodes 1 --nproc_per_node N --max-restarts M -m
+    dml.cli DML_ARGS``. ``launcher`` is the torchrun command itself: by default ``python -m
+    torch.distributed.run`` with this interpreter (no ``torchrun`` script on PATH needed); a
+    container passes ``["torchrun"]``. The one builder of the local multi-process command
+    (`dml tune`'s folds, the pipeline's torchrun and Kubernetes launchers, tests)."""
+    import sys
+
+    return [
+        *(launcher or [sys.executable, "-m", "torch.distributed.run"]),
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        str(nproc_per_node),
+        "--max-restarts",
+        str(max_restarts),
+        "-m",
+        "dml.cli",
+        *dml_args,
+    ]

@@ -18,7 +18,7 @@ import torch
 import torch.multiprocessing as torch_mp
 from torch.multiprocessing.spawn import ProcessException
 
-from dml.distributed import cleanup, free_local_port, init_distributed
+from dml.distributed import cleanup, free_local_port, init_distributed, torchrun_argv
 
 
 def _local_worker(
@@ -88,3 +88,9 @@ def spawn_local_group(fn: Callable, world_size: int, args: tuple = (), threads_p
     drain()
     results = {rank: value for kind, rank, value in messages if kind == "result"}
     return [results[r] for r in range(world_size)]
+
+
+def torchrun_dml(nproc: int, *dml_args: str, max_restarts: int = 0) -> list[str]:
+    """`dml.distributed.torchrun_argv` for ``dml.cli DML_ARGS`` on ``nproc`` local processes:
+    the command the tests and benchmarks start multi-process runs with."""
+    return torchrun_argv(nproc, list(dml_args), max_restarts)

@@ -8,7 +8,6 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from dml.config import DMLConfig
 from dml.distill.losses import absolute_teacher_loss, relative_teacher_loss, rkd_angle_loss, rkd_distance_loss
 from dml.distill.objective import DistillObjective
-from local_group import spawn_local_group
+from local_group import spawn_local_group, torchrun_dml
 
 # The rest (timm models, loaders, the trainer) is imported inside the tests that need it, so
 # the worker processes of the 2-rank gradient test import this module in a few seconds.
@@ -317,19 +316,7 @@ def test_two_process_cached_run(teacher_run, tmp_path):
         label_weight=0.1,
     )
     path = write_config(tmp_path / "distill.yaml", config)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "dml.cli",
-        "distill",
-        "--config",
-        str(path),
-    ]
+    cmd = torchrun_dml(2, "distill", "--config", str(path))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -25,7 +25,7 @@ from dml.models.model_file import build_model, load_final_model
 from dml.train.metrics_log import read_metrics
 from dml.train.run import run_train
 from face_fixtures import make_pair_sets
-from local_group import spawn_local_group
+from local_group import spawn_local_group, torchrun_dml
 from test_bin_reader import RunsCommand
 from train_fixtures import ROOT, tiny_shards, tiny_train_config, write_config
 
@@ -150,19 +150,7 @@ def test_two_process_training_evaluates_sets_on_every_rank(tmp_path):
             "verification_flip": True,
         },
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "dml.cli",
-        "train",
-        "--config",
-        str(write_config(tmp_path / "c.yaml", config)),
-    ]
+    cmd = torchrun_dml(2, "train", "--config", str(write_config(tmp_path / "c.yaml", config)))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,6 +30,7 @@ from dml.train.loop import NonFiniteLoss
 from dml.train.metrics_log import read_metrics
 from dml.train.resume import find_resume_point, fixed_changes
 from dml.train.run import run_train
+from local_group import torchrun_dml
 from train_fixtures import ROOT, tiny_shards, tiny_train_config, write_config
 
 BASE_LR = 0.01
@@ -281,19 +281,7 @@ def test_non_finite_from_the_first_step_leaves_nothing_to_resume(trained, tmp_pa
 
 
 def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc_per_node",
-        str(nproc),
-        "--standalone",
-        "-m",
-        "dml.cli",
-        *args,
-    ]
+    cmd = torchrun_dml(nproc, *args)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
 

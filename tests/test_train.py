@@ -17,25 +17,12 @@ from dml.train.checkpoint import list_checkpoints
 from dml.train.metrics_log import read_metrics
 from dml.train.run import run_train
 from dml.train.schedules import lr_factor
+from local_group import torchrun_dml
 from train_fixtures import ROOT, tiny_shards, tiny_train_config, write_config
 
 
 def torchrun(args: list[str], nproc: int, max_restarts: int = 0, **popen) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc_per_node",
-        str(nproc),
-        "--max-restarts",
-        str(max_restarts),
-        "--standalone",
-        "-m",
-        "dml.cli",
-        *args,
-    ]
+    cmd = torchrun_dml(nproc, *args, max_restarts=max_restarts)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
         cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen

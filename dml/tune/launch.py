@@ -23,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dml.distributed import torchrun_argv
+
 POLL_SECONDS = 1.0
 STOP_GRACE_SECONDS = 20.0
 
@@ -41,7 +43,7 @@ def train_command(config_path: Path, nproc_per_node: int) -> list[str]:
     train = ["-m", "dml.cli", "train", "--config", str(config_path)]
     if nproc_per_node == 1:
         return [sys.executable, *train]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}", *train]
+    return torchrun_argv(nproc_per_node, train[2:])
 
 
 def _resolve_prctl() -> Callable[..., int] | None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from dml.distributed import torchrun_argv
 from pipeline.stage_specs import StageSpec
 
 CONFIG_MOUNT = "/etc/dml"
@@ -50,19 +51,7 @@ def stage_command(spec: StageSpec, nproc_per_node: int, max_restarts: int, resum
     ]
     if not spec.distributed:
         return ["dml", *stage_args]
-    return [
-        "torchrun",
-        "--standalone",
-        "--nnodes",
-        "1",
-        "--nproc_per_node",
-        str(nproc_per_node),
-        "--max-restarts",
-        str(max_restarts),
-        "-m",
-        "dml.cli",
-        *stage_args,
-    ]
+    return torchrun_argv(nproc_per_node, stage_args, max_restarts, ["torchrun"])
 
 
 def _labels(spec: StageSpec) -> dict[str, str]:

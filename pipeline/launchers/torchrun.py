@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dml.config import save_config
+from dml.distributed import torchrun_argv
 from pipeline.errors import StageFailed
 from pipeline.launchers.logs import failure_reason, start_log, tail
 from pipeline.stage_specs import StageSpec
@@ -40,21 +41,9 @@ class TorchrunLauncher:
         stage_args = [spec.command, "--config", str(config_file), *(["--resume"] if resume and spec.resumable else [])]
         if not spec.distributed:
             return [self.python, "-m", "dml.cli", *stage_args]
-        return [
-            self.python,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nnodes",
-            "1",
-            "--nproc_per_node",
-            str(self.nproc_per_node),
-            "--max-restarts",
-            str(self.max_restarts),
-            "-m",
-            "dml.cli",
-            *stage_args,
-        ]
+        return torchrun_argv(
+            self.nproc_per_node, stage_args, self.max_restarts, [self.python, "-m", "torch.distributed.run"]
+        )
 
     def launch(self, spec: StageSpec, resume: bool) -> None:
         """Run the stage under local torchrun with its saved config, output in the stage log.
