@@ -88,6 +88,28 @@ def test_metrics_fall_back_to_per_query_search_when_lists_do_not_fit(monkeypatch
     assert swept == fallback
 
 
+@pytest.mark.parametrize("cols", [64, 70, 20])
+def test_scores_above_finds_every_entry_over_its_floor(cols):
+    import torch
+
+    from dml.eval.self_search import scores_above
+
+    rng = np.random.default_rng(cols)
+    scores = torch.from_numpy(rng.standard_normal((50, cols)).astype(np.float32))
+    row_floor = torch.from_numpy(rng.uniform(1.0, 2.5, 50).astype(np.float32))
+    col_floor = torch.from_numpy(rng.uniform(1.0, 2.5, cols).astype(np.float32))
+    rows, columns, values = scores_above(scores, row_floor, col_floor)
+    floor = np.minimum(row_floor.numpy()[:, None], col_floor.numpy()[None, :])
+    got, want = (
+        set(zip(rows.tolist(), columns.tolist(), strict=True)),
+        set(zip(*np.nonzero(scores.numpy() > floor), strict=True)),
+    )
+    assert want <= got and len(got) == len(rows)  # each entry once; extras only from passing chunks
+    chunk_min = np.minimum.reduceat(col_floor.numpy(), np.arange(0, cols, 32))[columns.numpy() // 32]
+    assert (values.numpy() > np.minimum(row_floor.numpy()[rows.numpy()], chunk_min)).all()
+    assert torch.equal(values, scores[rows, columns])
+
+
 def awkward_embeddings(kind: str, n: int, dim: int, rng) -> np.ndarray:
     """Inputs that stress exact ranking: duplicates, ternary values, zero rows, one point."""
     if kind == "duplicates":
@@ -125,3 +147,16 @@ def test_symmetric_and_per_query_search_agree_on_tied_inputs(kind, seed, monkeyp
     per_query = retrieval_metrics(data, labels, ks=(1, 3), per_class=True, symmetric=False, batch_size=25)
     assert len(sweeps) == 1 and (sweeps[0][labels == n] == 1).all()  # the large class: per query
     assert swept == per_query
+
+
+def test_one_loose_row_does_not_open_the_filter_for_its_block():
+    import torch
+
+    from dml.eval.self_search import scores_above
+
+    scores = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (64, 96)).astype(np.float32))
+    row_floor, col_floor = torch.full((64,), 0.9), torch.full((96,), 0.9)
+    row_floor[5] = -2.0  # this row takes every score, the others only those above 0.9
+    rows, columns, _ = scores_above(scores, row_floor, col_floor)
+    want = set(zip(*np.nonzero((scores.numpy() > 0.9) | (np.arange(64) == 5)[:, None]), strict=True))
+    assert set(zip(rows.tolist(), columns.tolist(), strict=True)) == want  # not every score of the block

@@ -6,14 +6,14 @@ every score twice; this sweep computes each block pair once and offers its score
 sides: to the rows of block i as gallery items of block j, and to the rows of block j as
 gallery items of block i. That halves the N x N x D product, which bounds exact search.
 
-Selection is by faiss min-heaps. Each block's rows keep their best float32 scores so far in
-heaps as wide as the widest list of the block. The diagonal blocks are offered first (each
-row then has a full heap, from its own block, mostly its classmates when rows are swept in
-label order); then every other block pair's scores go to both sides' heaps whole: faiss
-compares each with its row's root in C++ and inserts the few that beat it (log(width) each).
-An earlier version filtered candidates in torch and built per-row tables for faiss in
-Python; on 30,000 x 128 rows (load ~3.5, one run each, same values) it took 2.0-2.2x this
-time at 500 items per class, 1.7x at 100 and at 20, and about as long at 2 and 5.
+Selection is by threshold. Each block's rows keep their best float32 scores so far in
+faiss min-heaps (as many as the widest list of the block; the root is the row's
+threshold). The diagonal blocks are offered whole first (each row then has a full heap, from
+its own block). For every other block pair, a chunked compare against the row and column
+thresholds picks the few candidate scores (see :func:`scores_above`); those are offered to
+each side's heaps. Thresholds only rise, so a dropped score never belongs to a row's final
+list. A heap insert costs log(width), not a re-sort of the row's list: with lists of ~100
+to ~500 (classes of that size) a sorted merge per block pair cost more than the product.
 
 The output has the same meaning as a float32 search of ``widths[r]`` neighbours that leaves
 each row's own index out: the best float32 scores, best first (order among exact float32
@@ -21,7 +21,8 @@ ties unspecified), and every item not listed scores at most the last listed scor
 ranking is applied afterwards by :func:`dml.eval.index.rerank_near_ties`.
 
 Memory: N x max(widths) x 12 bytes for the heaps and as much for the returned lists, plus
-one score block and its transpose (2 x block² x 4 bytes).
+one score block (block² x 4 bytes), the candidates of a block pair (at most block² x 16 bytes,
+in practice a few per row) and their per-row table (at most 2**22 entries x 12 bytes).
 """
 
 from __future__ import annotations
@@ -56,14 +57,49 @@ def min_block_rows(n: int, block: int) -> int:
 
 
 DIAGONAL_CHUNK = 256  # rows offered their band of the diagonal block together
+CHUNK = 32  # columns per chunk maximum; torch reduces 32-wide chunks ~4x faster than 16-wide
+
+
+def scores_above(
+    scores: torch.Tensor, row_floor: torch.Tensor, col_floor: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, column, value) of the entries of ``scores`` (R, C) that may beat a floor.
+
+    Every entry greater than the smaller of its row's ``row_floor`` (R,) and its column's
+    ``col_floor`` (C,) is returned; so may be other entries of the same 32-column chunk that
+    beat the chunk's own floor (its row's floor or its lowest column floor), which the
+    caller filters per side anyway. Few entries pass, so instead of a full mask and
+    ``nonzero`` (two passes over R x C bytes) it takes each chunk's maximum and looks only
+    inside chunks whose maximum beats that chunk floor; the last C mod 32 columns are
+    compared directly. Per-row and per-chunk floors keep one loose row (an outlier, or a
+    query of a large class with a long list) from opening the filter for a whole block.
+    """
+    _rows, cols = scores.shape
+    main = cols - cols % CHUNK
+    chunked = scores[:, :main].unflatten(1, (main // CHUNK, CHUNK))  # a view: (R, C // 32, 32)
+    chunk_floor = torch.minimum(row_floor[:, None], col_floor[:main].view(-1, CHUNK).amin(1)[None, :])
+    chunk_rows, chunks = torch.nonzero(chunked.amax(2) > chunk_floor, as_tuple=True)
+    values = chunked[chunk_rows, chunks]  # (passing chunks, 32): contiguous slices, cheap to gather
+    hit, offset = torch.nonzero(values > chunk_floor[chunk_rows, chunks][:, None], as_tuple=True)
+    a, b, v = chunk_rows[hit], chunks[hit] * CHUNK + offset, values[hit, offset]
+    if main < cols:
+        tail = scores[:, main:]
+        tail_rows, tail_cols = torch.nonzero(
+            tail > torch.minimum(row_floor[:, None], col_floor[None, main:]), as_tuple=True
+        )
+        a = torch.cat([a, tail_rows])
+        b = torch.cat([b, tail_cols + main])
+        v = torch.cat([v, tail[tail_rows, tail_cols]])
+    return a, b, v
 
 
 class _BlockHeaps:
     """Per block of rows, faiss min-heaps (rows, k) of float32 scores and int64 ids; k is the
-    widest list of the block."""
+    widest list of the block. ``thresholds`` (N,) holds each row's heap root."""
 
     def __init__(self, bounds: list[tuple[int, int]], widths: torch.Tensor):
         self.bounds = bounds
+        self.thresholds = torch.full((int(bounds[-1][1]),), float("-inf"))
         self.blocks = []
         for start, stop in bounds:
             k = int(widths[start:stop].max())
@@ -72,6 +108,14 @@ class _BlockHeaps:
             heap.nh, heap.k, heap.val, heap.ids = stop - start, k, faiss.swig_ptr(scores), faiss.swig_ptr(ids)
             heap.heapify()
             self.blocks.append((heap, scores, ids))
+
+    def _refresh(self, block: int, rows: np.ndarray | None = None) -> None:
+        start = self.bounds[block][0]
+        roots = self.blocks[block][1][:, 0]
+        if rows is None:
+            self.thresholds[start : start + len(roots)] = torch.from_numpy(roots)
+        else:
+            self.thresholds[torch.from_numpy(rows + start)] = torch.from_numpy(roots[rows])
 
     def offer_diagonal(self, block: int, scores: torch.Tensor, first_id: int) -> None:
         """Offer a block's (rows, rows) scores against itself, columns ``first_id..`` as ids.
@@ -92,13 +136,32 @@ class _BlockHeaps:
                     part = np.ascontiguousarray(scores[low:high, cols[0] : cols[1]].numpy())
                     # faiss's stubs list only addn's two-argument overload
                     heap.addn(cols[1] - cols[0], faiss.swig_ptr(part), first_id + cols[0], low, high - low)  # type: ignore[call-arg]
+        self._refresh(block)
 
-    def offer_dense(self, block: int, scores: torch.Tensor, first_id: int) -> None:
-        """Offer every score of ``scores`` (rows of ``block``, columns ``first_id..``): faiss
-        compares each with the row's root in C++, with no candidate table built in Python."""
-        part = np.ascontiguousarray(scores.numpy())
+    def offer(self, block: int, rows: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor) -> None:
+        """Offer candidates (row within ``block``, id, score); each heap keeps its best k."""
+        if rows.numel() == 0:
+            return
+        order = torch.argsort(rows, stable=True)
+        row_of_candidate = rows[order].numpy()
+        id_of_candidate, score_of_candidate = ids[order].numpy(), scores[order].numpy()
+        touched, first, counts = np.unique(row_of_candidate, return_index=True, return_counts=True)
+        slot = np.arange(len(row_of_candidate)) - np.repeat(first, counts)
+        row_of = np.repeat(np.arange(len(touched)), counts)
         heap = self.blocks[block][0]
-        heap.addn(part.shape[1], faiss.swig_ptr(part), first_id, 0, part.shape[0])  # type: ignore[call-arg]
+        step = max(64, 2**22 // len(touched))  # columns per call bound the table
+        for low in range(0, int(counts.max()), step):
+            keep = (slot >= low) & (slot < low + step)
+            width = min(step, int(counts.max()) - low)
+            table = np.full((len(touched), width), -np.inf, np.float32)
+            table_ids = np.full((len(touched), width), -1, np.int64)
+            table[row_of[keep], slot[keep] - low] = score_of_candidate[keep]
+            table_ids[row_of[keep], slot[keep] - low] = id_of_candidate[keep]
+            subset = np.ascontiguousarray(touched, dtype=np.int64)
+            heap.addn_query_subset_with_ids(
+                len(subset), faiss.swig_ptr(subset), width, faiss.swig_ptr(table), faiss.swig_ptr(table_ids), width
+            )
+        self._refresh(block, touched)
 
     def finish(self) -> None:
         """Sort every heap, best first; slots never filled keep id -1."""
@@ -194,16 +257,23 @@ def sweep_neighbour_lists(
         scores.fill_diagonal_(float("-inf"))  # leave-one-out: identity, not score, decides
         heaps.offer_diagonal(i, scores, start)
     pairs = len(bounds) * (len(bounds) - 1) // 2
-    done = 0
+    done = offered = 0
     for i, (row_start, row_stop) in enumerate(bounds):
         rows = x[row_start:row_stop]
         for j, (col_start, col_stop) in enumerate(bounds[i + 1 :], start=i + 1):
             shape = (row_stop - row_start, col_stop - col_start)
             scores = score_buffer[: shape[0] * shape[1]].view(shape)
             torch.mm(rows, x[col_start:col_stop].T, out=scores)
-            heaps.offer_dense(i, scores, col_start)  # rows of block i see block j, and back
-            heaps.offer_dense(j, scores.T.contiguous(), row_start)
+            a, b, values = scores_above(
+                scores, heaps.thresholds[row_start:row_stop], heaps.thresholds[col_start:col_stop]
+            )
+            offered += values.numel()
+            # rows of block i see block j, and back
+            to_rows = values > heaps.thresholds[a + row_start]
+            to_cols = values > heaps.thresholds[b + col_start]
+            heaps.offer(i, a[to_rows], b[to_rows] + col_start, values[to_rows])
+            heaps.offer(j, b[to_cols], a[to_cols] + row_start, values[to_cols])
             done += 1
-        log.debug("self search: %d of %d block pairs", done, pairs)
+        log.debug("self search: %d of %d block pairs, %d candidate scores so far", done, pairs, offered)
     heaps.finish()
     return SweptLists(heaps, widths, order)
