@@ -183,3 +183,27 @@ def test_grid_trials_from_processes_joining_at_any_count_cover_the_grid_once(tmp
         study = attach_study(settings, space)
         study.optimize(lambda trial: seen.append(tuple(space.suggest(trial)[k] for k in keys)) or 0.0, n_trials=1)
     assert sorted(seen) == sorted(itertools.product(*(values[k] for k in keys)))
+
+
+@pytest.mark.parametrize("points, killed", [(2, 1), (3, 1), (4, 2), (3, 3)])
+def test_grid_study_resumed_after_a_kill_evaluates_every_point_once(tmp_path, points, killed):
+    """Trials a kill left running are retried with their values; on a grid study the retry
+    raised KeyError('grid_id') in optuna's grid sampler when it was the last point left."""
+    from optuna.trial import TrialState
+
+    from dml.tune.study import open_study, run_trials
+
+    path = tmp_path / "space.yaml"
+    values = [round(0.1 * (i + 1), 1) for i in range(points)]
+    path.write_text(
+        yaml.safe_dump({"loss.margin": values, "study": {"study_dir": str(tmp_path / "s"), "sampler": "grid"}})
+    )
+    space = load_space(path)
+    settings = load_settings(space.study, str(path))
+    study = open_study(settings, space, resume=False)
+    for _ in range(killed):  # asked and never told: what a SIGKILL leaves behind
+        space.suggest(study.ask())
+    study = open_study(settings, space, resume=True)
+    run_trials(study, lambda trial: space.suggest(trial)["loss.margin"], settings)
+    done = [t.params["loss.margin"] for t in study.get_trials(states=(TrialState.COMPLETE,))]
+    assert sorted(done) == values

@@ -126,6 +126,10 @@ def retry_killed_trials(study: optuna.Study) -> list[int]:
         study._storage.set_trial_system_attr(trial._trial_id, "fail_reason", "killed while running; retried")
         study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
         study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        queued = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))[-1]
+        for key in ("grid_id", "search_space"):  # the grid sampler's own marks: without them its
+            if key in trial.system_attrs:  # after_trial raised KeyError('grid_id') on the retry
+                study._storage.set_trial_system_attr(queued._trial_id, key, trial.system_attrs[key])
         log.info("tune: trial %d was killed while running: marked failed, its values queued again", trial.number)
     finished = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
     log.info("tune: resuming study '%s': %d trials finished, %d retried", study.study_name, finished, len(killed))
