@@ -207,3 +207,12 @@ def test_grid_study_resumed_after_a_kill_evaluates_every_point_once(tmp_path, po
     run_trials(study, lambda trial: space.suggest(trial)["loss.margin"], settings)
     done = [t.params["loss.margin"] for t in study.get_trials(states=(TrialState.COMPLETE,))]
     assert sorted(done) == values
+
+
+def test_grid_over_a_range_without_step_is_refused_before_anything_is_written(tmp_path, capsys):
+    class_split_shards(tmp_path)
+    run, space = write_tune_files(tmp_path, {"loss.margin": {"low": 0.1, "high": 0.5}}, sampler="grid")
+    assert main(["tune", "--config", str(run), "--space", str(space)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(space) in err and "needs 'choices' or a 'step'" in err
+    assert not (tmp_path / "study").exists()  # no fold shards, no study database

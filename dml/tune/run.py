@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from dml.config import apply_overrides, read_config_file, validate_config
-from dml.errors import DMLError
+from dml.errors import ConfigError, DMLError
 from dml.tune.final import retrain_and_test, test_metrics
 from dml.tune.folds import class_folds, training_classes, write_fold_shards
 from dml.tune.launch import FoldTrainer
 from dml.tune.report import summary_lines, write_best_config, write_plots, write_report
 from dml.tune.settings import StudySettings, load_settings
 from dml.tune.space import SearchSpace, load_space
-from dml.tune.study import open_study, run_trials
+from dml.tune.study import make_sampler, open_study, run_trials
 from dml.tune.trial import TrialRunner
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,12 @@ def make_plan(base: dict[str, Any], space_path: str | Path) -> TunePlan:
     """`load_plan` for a run config mapping already read; raises `ConfigError` on any problem."""
     validate_config(base)
     space = load_space(space_path, base)
-    return TunePlan(base, space, load_settings(space.study, str(space_path)))
+    settings = load_settings(space.study, str(space_path))
+    try:
+        make_sampler(settings, space)  # e.g. a grid over a range without a step: refused before any folder is written
+    except ConfigError as exc:
+        raise ConfigError(f"{space_path}: {exc}") from None
+    return TunePlan(base, space, settings)
 
 
 def prepare_folds(plan: TunePlan) -> list[Path]:
