@@ -590,7 +590,13 @@ def load_config(
     Returns a ``model`` (`DMLConfig` or a subclass with more checked sections).
     """
     data = {} if path is None else read_config_file(path)
-    return validate_config(apply_overrides(data, overrides or []), model, check_backbones=check_backbones)
+    try:
+        return validate_config(apply_overrides(data, overrides or []), model, check_backbones=check_backbones)
+    except ConfigError as exc:
+        if path is None:
+            raise
+        # name the file: a schema error alone did not say which config (or base) held the key
+        raise ConfigError(f"{path}{' (with overrides)' if overrides else ''}: {exc}") from None
 
 
 def save_config(config: BaseModel, path: str | Path) -> Path:
