@@ -71,15 +71,24 @@ def load_pipeline_config(config_path: str | Path | None, overrides: list[str] | 
             config.data.shard_dir,
             config.prepare.output_dir,
         )
-    for key, placed in (
-        ("evaluate.output_dir", "<train.run_dir>/eval and <distill.run_dir>/eval"),
-        ("export.output_dir", "<distill.run_dir>/export"),
+    teacher_eval, student = Path(config.train.run_dir) / "eval", Path(config.distill.run_dir)
+    for key, placed, used in (
+        ("evaluate.output_dir", f"{teacher_eval} and {student / 'eval'}", (teacher_eval, student / "eval")),
+        ("export.output_dir", str(student / "export"), (student / "export",)),
     ):
         section, field = key.split(".")
         given = getattr(getattr(config, section), field)
-        if given != type(getattr(config, section)).model_fields[field].default:
+        if given != type(getattr(config, section)).model_fields[field].default and Path(given) not in used:
             # the pipeline derives these from the run folders; say so rather than drop the value unseen
             log.warning("pipeline: %s %s is not used: the pipeline writes to %s", key, given, placed)
+    teacher = config.distill.teacher
+    default_teacher = type(config.distill).model_fields["teacher"].default
+    if teacher and teacher != default_teacher and Path(teacher) != Path(config.train.run_dir):
+        log.warning(
+            "pipeline: distill.teacher %s is not used: the student learns from this run's teacher %s",
+            teacher,
+            config.train.run_dir,
+        )
     values: dict[str, Any] = {"data.shard_dir": config.prepare.output_dir, "distill.teacher": config.train.run_dir}
     if config.distill.student.embedding_dim is None:
         # The student is trained in the teacher's embedding space (dml.distill.run); the

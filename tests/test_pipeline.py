@@ -143,18 +143,19 @@ def test_pipeline_config_wires_stage_paths(tmp_path):
         load_pipeline_config(tmp_path / "c.yaml", [f"distill.run_dir={tmp_path / 'teacher' / 'student'}"])
 
 
-@pytest.mark.parametrize("key", ["evaluate.output_dir", "export.output_dir"])
-def test_pipeline_says_it_does_not_use_a_given_output_dir(tmp_path, caplog, key):
+@pytest.mark.parametrize("key, used", [("evaluate.output_dir", "eval"), ("export.output_dir", "export")])
+def test_pipeline_says_it_does_not_use_a_given_output_dir(tmp_path, caplog, key, used):
     # the pipeline places evaluations and the export under the run folders; a user's own
     # output_dir was dropped without a word and the outputs looked missing
     write_config(tmp_path / "c.yaml", pipeline_config_dict(tmp_path))
-    with caplog.at_level(logging.WARNING, logger="pipeline.stage_paths"):
-        load_pipeline_config(tmp_path / "c.yaml")
-    assert "is not used" not in caplog.text  # defaults: nothing to say
     mine = tmp_path / "mine"
     with caplog.at_level(logging.WARNING, logger="pipeline.stage_paths"):
-        config = load_pipeline_config(tmp_path / "c.yaml", [f"{key}={mine}"])
+        load_pipeline_config(tmp_path / "c.yaml")  # defaults: nothing to say
+        load_pipeline_config(tmp_path / "c.yaml", [f"{key}={tmp_path / 'student' / used}"])  # where it writes anyway
+        assert "is not used" not in caplog.text
+        config = load_pipeline_config(tmp_path / "c.yaml", [f"{key}={mine}", f"distill.teacher={mine}"])
     assert f"{key} {mine} is not used" in caplog.text
+    assert f"distill.teacher {mine} is not used" in caplog.text
     assert str(tmp_path / "student") in export_config(config).export.output_dir
 
 
