@@ -84,6 +84,26 @@ def test_lr_and_schedule_changed_at_resume_take_effect(trained, tmp_path):
     assert all(g["initial_lr"] == pytest.approx(0.001) for g in groups)  # backbone and head both
 
 
+@pytest.mark.parametrize("kind, warmup", [("cosine", 2), ("poly", 0), ("cyclic", 3)])
+def test_logged_lr_is_the_rate_each_step_used(trained, tmp_path, kind, warmup):
+    # metrics.jsonl showed the next step's rate: the warm-up's first value never, 0.0 at the end
+    from dml.train.schedules import lr_factor
+
+    shards, _, _ = trained
+    config = config_for(
+        shards,
+        tmp_path / "run",
+        schedule={"kind": kind, "warmup_steps": warmup, "cycle_steps": 2},
+        train={"max_steps": 5, "checkpoint_every": 5},
+    )
+    validated = DMLConfig.model_validate(config)
+    run_train(validated)
+    lrs = lr_by_step(tmp_path / "run")
+    assert sorted(lrs) == [1, 2, 3, 4, 5]
+    for step, lr in lrs.items():
+        assert lr == pytest.approx(BASE_LR * lr_factor(step - 1, 5, validated.schedule)), step
+
+
 def as_written_before_the_optimizers_container(checkpoint: Path) -> None:
     """Rewrite ``checkpoint`` in the earlier layout: the DDP engine state (with the window
     position) inside state.pt, and ``base_lr`` where LambdaLR keeps ``initial_lr``."""

@@ -103,6 +103,7 @@ class Trainer:
             run_dir, get_rank() == 0, config, "train" if Path(config.train.run_dir) == Path(run_dir) else "distill"
         )
         self.global_batch = loader.batch_size * get_world_size()
+        self.step_lr = 0.0  # set by each optimizer step before the schedule moves on
 
     def _total_steps(self) -> int:
         per_epoch = self.loader.batches_per_epoch // self.config.train.grad_accum
@@ -208,6 +209,7 @@ class Trainer:
         state.samples_in_epoch += self.global_batch
         if not self.optimizers.step():
             return None
+        self.step_lr = self.schedule.current_lr()  # the rate this step used; logged with its step
         self.schedule.step()
         state.step += 1
         if self.swa:
@@ -241,7 +243,7 @@ class Trainer:
                             "step": state.step,
                             "epoch": state.epoch,
                             **{f"loss_{k}": v for k, v in parts.items()},
-                            "lr": self.schedule.current_lr(),
+                            "lr": self.step_lr,
                             "images_per_s": window_images / elapsed,
                             **self.skipped_samples(),
                             **peak_memory_mb(),
