@@ -232,6 +232,38 @@ def test_rerun_from_saved_embeddings_needs_no_model(workspace, first_run, caplog
     assert not (Path(second.output_dir) / "embeddings").exists()
 
 
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        ("nan", "holds NaN or infinite values in 1 rows"),
+        ("3d", "must be a non-empty 2-D float array"),
+        ("object_labels", "cannot be read: Object arrays cannot be loaded"),
+        ("2d_labels", "must be a 1-D integer or string array"),
+    ],
+)
+def test_damaged_saved_embeddings_are_one_line_naming_the_folder(workspace, first_run, tmp_path, damage, problem):
+    # each was a bare ValueError traceback (exit 1)
+    config, result, _ = first_run
+    folder = tmp_path / "embeddings"
+    shutil.copytree(result.embeddings_dir, folder)
+    vectors, labels = np.load(folder / "query.npy"), np.load(folder / "query_labels.npy")
+    if damage == "nan":
+        vectors[3, 0] = np.nan
+    elif damage == "3d":
+        vectors = vectors[:, :, None]
+    elif damage == "object_labels":
+        labels = labels.astype(object)
+    else:
+        labels = labels[:, None]
+    np.save(folder / "query.npy", vectors)
+    np.save(folder / "query_labels.npy", labels, allow_pickle=True)
+    again = config.model_copy(deep=True)
+    again.evaluate.output_dir = str(tmp_path / "out")
+    with pytest.raises(DMLError, match=problem) as caught:
+        run_evaluate(again, embeddings_dir=str(folder))
+    assert str(folder) in str(caught.value) and "\n" not in str(caught.value)
+
+
 def test_leave_one_out_with_capped_verification(workspace, first_run, caplog):
     config, result, _ = first_run
     loo = config.model_copy(deep=True)

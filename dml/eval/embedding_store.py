@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from dml.errors import DMLError
+from dml.errors import DMLError, first_line
 from dml.eval.embed import Embeddings
 from dml.eval.verification_sets import PairEmbeddings
 
@@ -110,7 +110,23 @@ def _load_split(directory: Path, split: str) -> Embeddings:
     ]
     if missing:
         raise DMLError(f"no saved embeddings for split '{split}' in {directory} (missing {', '.join(missing)})")
-    embeddings = Embeddings.load(directory, split)
+    try:
+        embeddings = Embeddings.load(directory, split)
+    except (ValueError, OSError, json.JSONDecodeError) as exc:  # object arrays (no pickles), damaged files
+        raise DMLError(
+            f"saved embeddings of split '{split}' in {directory} cannot be read: {first_line(exc)}"
+        ) from None
+    vectors, labels = embeddings.vectors, embeddings.labels
+    problem = None
+    if vectors.ndim != 2 or vectors.shape[0] == 0 or not np.issubdtype(vectors.dtype, np.floating):
+        problem = f"{split}.npy must be a non-empty 2-D float array (N, D), got {vectors.dtype} {vectors.shape}"
+    elif not np.isfinite(vectors).all():
+        bad_rows = np.flatnonzero(~np.isfinite(vectors).all(1))
+        problem = f"{split}.npy holds NaN or infinite values in {len(bad_rows)} rows (first: {bad_rows[:5].tolist()})"
+    elif labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.str_)):
+        problem = f"{split}_labels.npy must be a 1-D integer or string array, got {labels.dtype} {labels.shape}"
+    if problem:
+        raise DMLError(f"{directory}: {problem}")
     if not (len(embeddings.keys) == len(embeddings.vectors) == len(embeddings.labels)):
         raise DMLError(
             f"saved embeddings of split '{split}' in {directory} are inconsistent: "
