@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -253,6 +254,38 @@ def test_steps_logged_after_the_checkpoint_resumed_from_appear_once(trained, tmp
     assert steps == list(range(1, max_steps + 1))
     replayed = (run / "metrics.replayed.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in replayed[:-1]] == logged_before and replayed[-1] == '{"step": 2, "loss_ma'
+
+
+def test_a_run_folder_in_use_is_refused_until_its_holder_ends(trained, tmp_path):
+    # a resume started while a killed launcher's workers still trained: both wrote one
+    # metrics.jsonl and rotated away each other's checkpoints
+    import fcntl
+
+    run, config = copy_run(trained, tmp_path, train={"max_steps": 3})
+    holder = subprocess.Popen(  # another process holding the run lock, as a live dml train does
+        [sys.executable, "-c", HOLD_LOCK, str(run / ".run.lock")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(DMLError, match=r"is in use by another `dml train` \(pid \d+"):
+            run_train(DMLConfig.model_validate(config), resume=True)
+        assert len(list_checkpoints(run)) == 2 and not any(r.get("step") == 3 for r in read_metrics(run))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_train(DMLConfig.model_validate(config), resume=True).steps == 3  # the kernel dropped the lock
+    with open(run / ".run.lock") as handle:  # and this run released it
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+HOLD_LOCK = """
+import fcntl, os, sys, time
+handle = open(sys.argv[1], "a+")
+fcntl.flock(handle, fcntl.LOCK_EX)
+handle.write(f"{os.getpid()}\\n"); handle.flush()
+print("locked", flush=True)
+time.sleep(600)
+"""
 
 
 def test_no_resumable_checkpoint_is_one_line(trained, tmp_path):

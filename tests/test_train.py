@@ -67,10 +67,10 @@ def test_killed_run_resumes_where_it_stopped(tmp_path):
     records = [r for r in read_metrics(tmp_path / "run") if "loss_main" in r]
     resumed = [r for r in records if r["time"] >= records[-1]["time"] - 1e9][-(result.steps - saved_step) :]
     assert [r["step"] for r in resumed] == list(range(saved_step + 1, result.steps + 1))
-    # The schedule continued: the lr of every resumed step is the uninterrupted run's.
+    # The schedule continued: the lr each resumed step used (0-based optimizer step) is the uninterrupted run's.
     config = DMLConfig.model_validate(base)
     for r in resumed:
-        assert r["lr"] == pytest.approx(0.01 * lr_factor(r["step"], result.steps, config.schedule))
+        assert r["lr"] == pytest.approx(0.01 * lr_factor(r["step"] - 1, result.steps, config.schedule))
 
 
 def test_gradient_accumulation_steps_schedule_per_optimizer_step(tmp_path):
@@ -87,8 +87,8 @@ def test_gradient_accumulation_steps_schedule_per_optimizer_step(tmp_path):
     batches = json.loads((shards / "manifest.json").read_text())["splits"]["train"]["count"] // 6
     assert result.steps == 2 * (batches // 2)
     records = [r for r in read_metrics(tmp_path / "run") if "lr" in r]
-    for r in records:  # lr logged after step s is the factor of step s (0-based next step)
-        assert r["lr"] == pytest.approx(0.01 * lr_factor(r["step"], result.steps, config.schedule))
+    for r in records:  # the lr step s used: the factor of 0-based optimizer step s - 1
+        assert r["lr"] == pytest.approx(0.01 * lr_factor(r["step"] - 1, result.steps, config.schedule))
 
 
 def test_pair_loss_with_pk_batches(tmp_path):

@@ -7,6 +7,7 @@ rebuild the model), plus ``train_result.json``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from dml.train.engine import build_engine
 from dml.train.loop import Trainer, TrainState
 from dml.train.objective import Objective
 from dml.train.resume import check_config, check_data, data_identity, find_resume_point
+from dml.train.run_lock import hold_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -141,13 +143,19 @@ def run_training(config: DMLConfig, resume: bool, spec: TrainingSpec, allow_new_
         raise DMLError("--allow-new-data only applies with --resume")
     info = init_distributed()
     try:
-        return _train(config, resume, info.device, spec, allow_new_data)
+        with contextlib.ExitStack() as run_lock:
+            return _train(config, resume, info.device, spec, run_lock, allow_new_data)
     finally:
         cleanup()
 
 
 def _train(
-    config: DMLConfig, resume: bool, device: torch.device, spec: TrainingSpec, allow_new_data: bool = False
+    config: DMLConfig,
+    resume: bool,
+    device: torch.device,
+    spec: TrainingSpec,
+    run_lock: contextlib.ExitStack,
+    allow_new_data: bool = False,
 ) -> TrainResult:
     run_dir = Path(spec.run_dir)
     manifest = load_manifest(config.data.shard_dir)
@@ -156,6 +164,8 @@ def _train(
     if point is not None:
         check_config(point, config, spec.model_section)
         check_data(point, identity, config.data.shard_dir, allow_new_data)
+    # after the checks, which refuse without creating the folder; held until run_training returns
+    run_lock.enter_context(hold_run_dir(run_dir, "train" if spec.model_section == "model" else "distill"))
     rank = get_rank()
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
