@@ -200,3 +200,24 @@ def test_deepspeed_backend_runs_as_a_plain_single_process(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "train_result.json").read_text())["steps"] == 2
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [(None, None), ("{not json", "is not valid JSON"), ("[1]", "JSON object"), ("missing", "file not found")],
+)
+def test_deepspeed_config_from_any_folder_or_one_line(tmp_path, monkeypatch, content, problem):
+    """The default deepspeed_config is found from any working folder; a bad one is one line."""
+    from dml.errors import ConfigError
+    from dml.train.engine import read_deepspeed_config
+
+    monkeypatch.chdir(tmp_path)  # not the repository root
+    if content is None:
+        assert read_deepspeed_config("configs/deepspeed/zero2.json")["zero_optimization"]["stage"] == 2
+        return
+    path = tmp_path / "ds.json"
+    if content != "missing":
+        path.write_text(content)
+    with pytest.raises(ConfigError, match=problem) as caught:
+        read_deepspeed_config(str(path))
+    assert "\n" not in str(caught.value)

@@ -30,6 +30,7 @@ from dml.errors import ConfigError
 from dml.train.param_groups import backbone_param_groups
 
 log = logging.getLogger(__name__)
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout holding configs/ (source or editable install)
 
 
 def resolve_precision(requested: str, device: torch.device) -> torch.dtype | None:
@@ -167,6 +168,27 @@ class DDPEngine:
             self.scaler.load_state_dict(state["scaler"])
 
 
+def read_deepspeed_config(value: str) -> dict[str, Any]:
+    """The DeepSpeed JSON named by ``train.deepspeed_config``. A relative path is looked up in
+    the working folder, then in the project checkout (the default, ``configs/deepspeed/zero2.json``,
+    was only found from the repository root). Raises `ConfigError` (one line naming the file)
+    when it is missing, not JSON, or not a JSON object."""
+    path = Path(value)
+    if not path.is_file() and not path.is_absolute() and (PROJECT_ROOT / path).is_file():
+        path = PROJECT_ROOT / path
+    if not path.is_file():
+        raise ConfigError(
+            f"train.deepspeed_config: file not found: {value} (looked in {Path.cwd()} and {PROJECT_ROOT})"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"train.deepspeed_config: {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"train.deepspeed_config: {path} must hold a JSON object")
+    return data
+
+
 class DeepSpeedEngine:
     """A DeepSpeed ZeRO-1/2 engine. Clipping and loss scaling are DeepSpeed's, driven from our
     config (batch size, clip and precision override the JSON). The accumulation window is ours
@@ -178,10 +200,7 @@ class DeepSpeedEngine:
     def __init__(self, model: nn.Module, config: DMLConfig, device: torch.device):
         import deepspeed
 
-        path = Path(config.train.deepspeed_config)
-        if not path.is_file():
-            raise ConfigError(f"train.deepspeed_config: file not found: {path}")
-        ds_config = json.loads(path.read_text())
+        ds_config = read_deepspeed_config(config.train.deepspeed_config)
         dtype = resolve_precision(config.train.precision, device)
         batch = (config.data.pk_classes * config.data.pk_samples) if config.data.pk_classes else config.data.batch_size
         ds_config.update(
