@@ -91,7 +91,13 @@ def test_a_stopped_run_leaves_one_line_and_no_tmp_then_resume_finishes(tmp_path,
     log = tmp_path / "log"
     with open(log, "w") as stream:  # Ctrl-C in a terminal signals the whole process group
         run = subprocess.Popen(
-            prepare_argv(big_idx, out), stdout=stream, stderr=subprocess.STDOUT, start_new_session=True
+            prepare_argv(big_idx, out),
+            stdout=stream,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            # a shell's background job (`nohup make test &`) inherits SIGINT ignored, and Python then
+            # never raises KeyboardInterrupt: give the child the default, as a terminal would
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     wait_for(lambda: len(list(out.glob("*.tar"))) >= 2 and any(out.glob("*.tmp")), "shards being written")
     os.killpg(run.pid, sig) if group else run.send_signal(sig)
