@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from dml.config import load_config  # noqa: E402
 from dml.distributed import torchrun_argv  # noqa: E402
+from dml.train.metrics_log import read_metrics  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIG = ROOT / "configs" / "quickstart.yaml"
@@ -125,18 +126,8 @@ def run_dml(nproc: int, threads: int, steps: int, work: Path, tag: str) -> dict:
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"dml train ({nproc} processes) failed:\n{done.stderr[-3000:]}")
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["images_per_s"] for r in records if "images_per_s" in r]
-    return {
-        "contender": "dml",
-        "processes": nproc,
-        "threads_per_process": threads,
-        "steps": steps,
-        "images_per_s": window_rates(rates),
-        "windows": [round(r, 1) for r in rates],
-        "wall_s": time.perf_counter() - start,
-        "load_average": os.getloadavg()[0],
-    }
+    rates = [r["images_per_s"] for r in read_metrics(run_dir) if "images_per_s" in r]
+    return result_row("dml", nproc, threads, steps, rates, start)
 
 
 def run_bare(threads: int, steps: int, work: Path) -> dict:
@@ -147,9 +138,14 @@ def run_bare(threads: int, steps: int, work: Path) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"bare loop failed:\n{done.stderr[-3000:]}")
     rates = json.loads(done.stdout.strip().splitlines()[-1])
+    return result_row("bare", 1, threads, steps, rates, start)
+
+
+def result_row(contender: str, processes: int, threads: int, steps: int, rates: list[float], start: float) -> dict:
+    """One contender's run: its windowed images/s (see `window_rates`), wall time since ``start``."""
     return {
-        "contender": "bare",
-        "processes": 1,
+        "contender": contender,
+        "processes": processes,
         "threads_per_process": threads,
         "steps": steps,
         "images_per_s": window_rates(rates),
