@@ -160,3 +160,53 @@ def test_one_loose_row_does_not_open_the_filter_for_its_block():
     rows, columns, _ = scores_above(scores, row_floor, col_floor)
     want = set(zip(*np.nonzero((scores.numpy() > 0.9) | (np.arange(64) == 5)[:, None]), strict=True))
     assert set(zip(rows.tolist(), columns.tolist(), strict=True)) == want  # not every score of the block
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+@pytest.mark.parametrize("n, block", [(300, 32), (130, 60)])
+def test_lists_equal_brute_force_whatever_the_number_of_workers(workers, n, block):
+    import torch
+
+    units = unit_rows(n, 8, seed=n + workers)
+    widths = np.random.default_rng(workers).integers(1, min_block_rows(n, block) - 1, n)
+    threads = torch.get_num_threads()
+    scores, ids = self_neighbour_lists(units, widths, block, workers=workers)
+    assert torch.get_num_threads() == threads  # the caller's kernel threads are restored
+    want_scores, want_ids = brute_force(units, int(widths.max()))
+    for row, width in enumerate(widths):
+        assert ids[row, :width].tolist() == want_ids[row, :width].tolist(), row
+        assert np.allclose(scores[row, :width], want_scores[row, :width], atol=1e-6)
+
+
+@pytest.mark.parametrize("blocks, workers", [(2, 4), (5, 2), (9, 3), (16, 8)])
+def test_pair_schedule_hands_out_every_pair_once_and_never_two_sharing_a_block(blocks: int, workers: int) -> None:
+    import threading
+    import time
+
+    from dml.eval.self_search import _PairSchedule
+
+    schedule, guard = _PairSchedule(blocks), threading.Lock()
+    in_work: set[int] = set()
+    handed: list[tuple[int, int]] = []
+    overlaps: list[tuple[int, int]] = []
+
+    def worker() -> None:
+        while (pair := schedule.take()) is not None:
+            with guard:
+                if in_work & set(pair):
+                    overlaps.append(pair)
+                in_work.update(pair)
+                handed.append(pair)
+            time.sleep(0.001)  # hold the pair so that others must wait or pick disjoint ones
+            with guard:
+                in_work.difference_update(pair)
+            schedule.release(pair)
+
+    threads = [threading.Thread(target=worker) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads)
+    assert overlaps == []
+    assert sorted(handed) == list(itertools.combinations(range(blocks), 2))

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -110,7 +111,7 @@ def sweep_width(k: int, k_cap: int) -> int:
     ``k_cap`` other gallery items: k + 1 for the near-tie check of :func:`rerank_near_ties`,
     plus ``SWEEP_MARGIN``; a row whose near-tied run still reaches the list's end is searched
     again per query."""
-    return min(k + SWEEP_MARGIN, k_cap)
+    return min(k + SWEEP_MARGIN + k // 32, k_cap)
 
 
 def _self_search_lists(
@@ -188,23 +189,36 @@ def _search_and_score(
     if leave_one_out:  # sweep classmates together, in the order of the plan (by R, then label)
         order = np.lexsort((query_labels, num_relevant))
         lists = _self_search_lists(knn, plan, k_cap, symmetric, order)
-    parts: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
-    searched = 0
-    for rows, k in plan:
+
+    def score_batch(rows: np.ndarray, k: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         batch = np.ascontiguousarray(queries[rows])
-        width = sweep_width(k, k_cap) if lists is not None else 0
-        if lists is not None and (lists.widths[rows] >= width).all():
-            ids = _exact_from_lists(knn, batch, rows, k, width, lists, k_cap, query_labels)
+        if lists is not None and served(rows, k):  # (None checked again for mypy)
+            ids = _exact_from_lists(knn, batch, rows, k, sweep_width(k, k_cap), lists, k_cap, query_labels)
         else:
             _, ids = knn.search(batch, k, rows if leave_one_out else None)
         matches = (gallery_labels[ids] == query_labels[rows][:, None]) & (ids >= 0)
-        parts.append((rows, per_query_scores(matches, num_relevant[rows], ks)))
-        searched += len(rows)
-        log.debug("searched %d queries (k=%d)", searched, k)
-    rows = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int64)
+        log.debug("searched %d queries (k=%d)", len(rows), k)
+        return rows, per_query_scores(matches, num_relevant[rows], ks)
+
+    def served(rows: np.ndarray, k: int) -> bool:
+        return lists is not None and bool((lists.widths[rows] >= sweep_width(k, k_cap)).all())
+
+    # batches read from the sweep's lists are numpy work on two cores' worth of threads (numpy
+    # releases the GIL); batches searched per query run one at a time, as faiss/torch already
+    # use every core for one search. Parts stay in plan order: the means sum in one order.
+    parts: list[tuple[np.ndarray, dict[str, np.ndarray]] | None] = [None] * len(plan)
+    from_lists = [n for n, (rows, k) in enumerate(plan) if served(rows, k)]
+    for n in sorted(set(range(len(plan))) - set(from_lists)):
+        parts[n] = score_batch(*plan[n])
+    if from_lists:
+        with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+            for n, part in zip(from_lists, pool.map(lambda n: score_batch(*plan[n]), from_lists), strict=True):
+                parts[n] = part
+    done = [part for part in parts if part is not None]
+    rows = np.concatenate([p[0] for p in done]) if done else np.empty(0, np.int64)
     names = ["precision_at_1", "r_precision", "map_at_r"]
     names += [f"{m}_at_{k}" for k in ks for m in ("recall", "map")]
-    scores = {n: np.concatenate([p[1][n] for p in parts]) if parts else np.empty(0) for n in names}
+    scores = {n: np.concatenate([p[1][n] for p in done]) if done else np.empty(0) for n in names}
     return rows, scores
 
 
