@@ -557,6 +557,8 @@ def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[st
     path = Path(path)
     if not path.is_file():
         where = f" (extended by {_chain[-1]})" if _chain else ""
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder{where}; give a YAML file, e.g. {path / 'train.yaml'}")
         raise ConfigError(f"config file not found: {path}{where}")
     if path.resolve() in _chain:
         raise ConfigError(f"config file {path} extends itself through: {' -> '.join(map(str, _chain))}")

@@ -73,6 +73,12 @@ def test_override_must_be_key_value():
 def test_missing_or_invalid_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=f"config file {tmp_path} is a folder; give a YAML file"):
+        load_config(tmp_path)
+    (tmp_path / "base").mkdir()
+    (tmp_path / "child.yaml").write_text("extends: base\n")
+    with pytest.raises(ConfigError, match=r"base is a folder \(extended by .*child.yaml\)"):
+        load_config(tmp_path / "child.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("prepare: [unclosed")
     with pytest.raises(ConfigError, match=r"not valid YAML: line 1, column 19: expected ',' or '\]'"):
