@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +27,20 @@ def torchrun(args: list[str], nproc: int, max_restarts: int = 0, **popen) -> sub
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
         cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
+    )
+
+
+def train_alone(config_path: Path) -> subprocess.CompletedProcess:
+    """`python -m dml.cli train` as a plain process (no torchrun variables), output captured."""
+    launch = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launch}
+    return subprocess.run(
+        [sys.executable, "-m", "dml.cli", "train", "--config", str(config_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
 
 
@@ -185,21 +200,29 @@ def test_deepspeed_backend_runs_as_a_plain_single_process(tmp_path):
             shards, tmp_path / "run", train={"backend": "deepspeed", "epochs": 1, "max_steps": 2, "checkpoint_every": 2}
         ),
     )
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "dml.cli", "train", "--config", str(cfg)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = train_alone(cfg)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "train_result.json").read_text())["steps"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "zero, key",
+    [({"stage": 7}, "DeepSpeedZeroConfig.stage"), ({"stage": 2, "reduce_bucket_size": "big"}, "reduce_bucket_size")],
+)
+def test_deepspeed_json_with_values_deepspeed_refuses_is_one_line(tmp_path, zero, key):
+    """Values DeepSpeed's own (pydantic) checks refuse were a multi-line dump with help URLs."""
+    shards = tiny_shards(tmp_path)
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"zero_optimization": zero}))
+    train = {"backend": "deepspeed", "epochs": 1, "max_steps": 1, "deepspeed_config": str(ds_json)}
+    cfg = write_config(tmp_path / "c.yaml", tiny_train_config(shards, tmp_path / "run", train=train))
+    proc = train_alone(cfg)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert f"DeepSpeed refuses {ds_json}" in errors[0] and key in errors[0], errors[0]
+    assert "Traceback" not in proc.stderr and "errors.pydantic.dev" not in proc.stderr
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
+import pydantic
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -168,6 +169,16 @@ class DDPEngine:
             self.scaler.load_state_dict(state["scaler"])
 
 
+def deepspeed_refusal(exc: pydantic.ValidationError) -> str:
+    """DeepSpeed's validation error as one clause per wrong key: its section model, the key,
+    the problem and the value given (pydantic prints several lines and a help URL each)."""
+    clauses = []
+    for error in exc.errors():
+        key = ".".join([exc.title, *map(str, error["loc"])])
+        clauses.append(f"{key}: {error['msg']} (got {error.get('input')!r})")
+    return "; ".join(clauses)
+
+
 def read_deepspeed_config(value: str) -> dict[str, Any]:
     """The DeepSpeed JSON named by ``train.deepspeed_config``. A relative path is looked up in
     the working folder, then in the project checkout (the default, ``configs/deepspeed/zero2.json``,
@@ -217,9 +228,14 @@ class DeepSpeedEngine:
         ds_config.pop("train_batch_size", None)
         self.optimizer = build_optimizer(model, config.optimizer)
         describe_lone_process_as_group_of_one()  # plain `dml train`: no MPI discovery
-        self.engine, self.zero_optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=self.optimizer, config=ds_config
-        )
+        try:
+            self.engine, self.zero_optimizer, _, _ = deepspeed.initialize(
+                model=model, optimizer=self.optimizer, config=ds_config
+            )
+        except pydantic.ValidationError as exc:  # DeepSpeed checks its JSON with pydantic models
+            raise ConfigError(
+                f"train.deepspeed_config: DeepSpeed refuses {config.train.deepspeed_config}: {deepspeed_refusal(exc)}"
+            ) from None
         self.model = self.engine.module
         self.device = device
 
