@@ -13,25 +13,53 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 
 from dml.cli_plugins import add_plugin_commands
 from dml.config import load_config
+from dml.data.workers import die_with_parent
 from dml.errors import ConfigError, DMLError, os_error_line, printable
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """One compact line per event on stderr (progress bars share the stream)."""
+    """One compact line per event on stderr (progress bars share the stream).
+
+    In a multi-process run (torchrun's ``RANK`` / ``WORLD_SIZE``) only rank 0 logs INFO; the
+    other ranks log warnings and errors, each line marked with its rank (every rank used to
+    repeat each stage line). ``verbose`` logs DEBUG on every rank.
+    """
+    rank, world = _env_position()
+    level = logging.DEBUG if verbose else logging.INFO if rank == 0 else logging.WARNING
+    marker = f"[rank {rank}] " if world > 1 else ""
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=level,
+        format=f"%(asctime)s %(levelname)s {marker}%(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     # Libraries that log every request or their own import at INFO drown the stage lines.
     for noisy in ("httpx", "faiss.loader", "openTSNE"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _env_position() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) when started alone. Values that
+    are not integers count as alone here: the launch itself reports them."""
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 0, 1
+
+
+def _end_with_launcher() -> None:
+    """Under torchrun, end this worker when its launcher dies. A launcher killed with SIGKILL
+    (a job scheduler, an OOM kill) runs no clean-up, and its workers kept training as orphans
+    holding the run folder; the kernel now kills them (Linux), or a watch of the parent pid
+    notices within a second (see `dml.data.workers.die_with_parent`)."""
+    if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ:
+        die_with_parent(os.getppid())
 
 
 def _add_config_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
@@ -235,6 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args(parser, argv)
     setup_logging(args.verbose)
+    _end_with_launcher()
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

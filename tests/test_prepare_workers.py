@@ -19,34 +19,13 @@ from data_fixtures import make_folder_tree, write_idx
 from dml.cli import main
 from dml.data.manifest import load_manifest
 from dml.data.shards import write_shards
+from processes import alive, children
 from test_prepare import prepare_config, shard_hashes
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads process state from /proc")
 
 DEADLINE_S = 120.0  # generous bound for waits on a loaded machine; no test asserts a duration
 IMAGES = 4000
-
-
-def children(pid: int) -> list[int]:
-    """Pids whose parent is ``pid`` (from /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
-def alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie waiting for its new parent to reap it is dead)."""
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def wait_for(condition, what: str) -> None:

@@ -32,6 +32,7 @@ from dml.train.metrics_log import read_metrics
 from dml.train.resume import find_resume_point, fixed_changes
 from dml.train.run import run_train
 from local_group import torchrun_dml
+from processes import alive, children
 from train_fixtures import ROOT, tiny_shards, tiny_train_config, write_config
 
 BASE_LR = 0.01
@@ -364,3 +365,42 @@ def test_two_processes_stop_together_and_resume_from_the_last_good_checkpoint(tr
     again = torchrun(["train", "--config", str(cfg), "--resume", "train.max_steps=4"])
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"resumed from {good} (step 2)" in again.stdout + again.stderr
+    # INFO lines come from rank 0 only (each rank logged every stage line)
+    assert (again.stdout + again.stderr).count("resumed from") == 1, again.stderr
+
+
+@pytest.mark.dist
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_end_when_their_launcher_is_killed(trained, tmp_path):
+    """SIGKILL to torchrun (an OOM kill, a scheduler) used to leave its workers training as
+    orphans; they now end within seconds, and a resume can take the run folder."""
+    import signal
+    import time
+
+    run, config = copy_run(trained, tmp_path, train={"max_steps": 100_000, "epochs": 100_000, "checkpoint_every": 1})
+    cfg = write_config(tmp_path / "c.yaml", config)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(
+        torchrun_dml(2, "train", "--config", str(cfg), "--resume"),
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not any(r.get("step", 0) > 2 for r in read_metrics(run)):  # both workers are training
+            assert launcher.poll() is None and time.monotonic() < deadline, "the run did not start"
+            time.sleep(0.5)
+        workers = [pid for pid in children(launcher.pid) if alive(pid)]
+        assert len(workers) == 2
+    finally:
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait()
+    deadline = time.monotonic() + 15
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in workers if alive(pid)]
+    for pid in left:  # do not leave them running after a failure
+        os.kill(pid, signal.SIGKILL)
+    assert left == []
