@@ -27,6 +27,7 @@ Splitting every small kernel over OpenMP threads instead makes the threads meet 
 kernel's barrier, and on a machine shared with other jobs one descheduled thread stalls
 them all: with one busy process beside it on 2 cores, leave-one-out metrics at N = 100k x
 128, 500 items per class, took 70-71 s that way and 30-31 s with worker threads (same values).
+With 3 blocks or fewer (N up to ~12k) every two pairs share a block, so pairs run one at a time.
 
 Memory: N x max(widths) x 12 bytes for the heaps and as much for the returned lists, plus
 one score block (block² x 4 bytes) per worker, the candidates of a block pair (at most block² x 16 bytes,
