@@ -27,7 +27,8 @@ Splitting every small kernel over OpenMP threads instead makes the threads meet 
 kernel's barrier, and on a machine shared with other jobs one descheduled thread stalls
 them all: with one busy process beside it on 2 cores, leave-one-out metrics at N = 100k x
 128, 500 items per class, took 70-71 s that way and 30-31 s with worker threads (same values).
-With 3 blocks or fewer (N up to ~12k) every two pairs share a block, so pairs run one at a time.
+With 3 blocks or fewer (N up to ~12k) every two pairs share a block: the sweep then runs in the
+calling thread with the caller's kernel threads, as does ``workers=1``.
 
 Memory: N x max(widths) x 12 bytes for the heaps and as much for the returned lists, plus
 one score block (block² x 4 bytes) per worker, the candidates of a block pair (at most block² x 16 bytes,
@@ -323,7 +324,8 @@ def sweep_neighbour_lists(
     label) share their diagonal block, so the first pass already finds most of each list and
     later block pairs offer few candidates; rows of similar width together keep the blocks'
     heaps narrow. ``workers``: threads sweeping block pairs side by side (default: torch's
-    thread count), each with one-thread torch and faiss kernels. Raises ValueError for widths
+    thread count; at most half the blocks), each with one-thread torch and faiss kernels;
+    one worker sweeps in the calling thread with the caller's kernel threads. Raises ValueError for widths
     out of range. Memory: a permuted copy of ``units`` and the lists (see the module docstring).
     """
     n = len(units)
@@ -343,7 +345,8 @@ def sweep_neighbour_lists(
         )
     x = torch.from_numpy(np.ascontiguousarray(units, dtype=np.float32))
     heaps = _BlockHeaps(bounds, widths_t)
-    workers = max(1, min(workers or torch.get_num_threads(), len(bounds)))
+    # with 3 blocks or fewer every two pairs share a block: nothing could run side by side
+    workers = max(1, min(workers or torch.get_num_threads(), len(bounds) // 2))
     buffers = _ScoreBuffers(max(b - a for a, b in bounds))
     pairs = _PairSchedule(len(bounds))
 
@@ -373,10 +376,17 @@ def sweep_neighbour_lists(
                 pairs.release(pair)
             log.debug("self search: block pair %s done, %d candidate scores", pair, offered)
 
-    with _single_threaded_kernels(), ThreadPoolExecutor(workers, initializer=_single_threaded_worker) as pool:
-        list(pool.map(diagonal, range(len(bounds))))
-        for future in [pool.submit(sweep_pairs) for _ in range(workers)]:
-            future.result()
-        list(pool.map(heaps.finish_block, range(len(bounds))))
+    if workers == 1:  # in the calling thread, kernels keeping the caller's thread count
+        for i in range(len(bounds)):
+            diagonal(i)
+        sweep_pairs()
+        for i in range(len(bounds)):
+            heaps.finish_block(i)
+    else:
+        with _single_threaded_kernels(), ThreadPoolExecutor(workers, initializer=_single_threaded_worker) as pool:
+            list(pool.map(diagonal, range(len(bounds))))
+            for future in [pool.submit(sweep_pairs) for _ in range(workers)]:
+                future.result()
+            list(pool.map(heaps.finish_block, range(len(bounds))))
     log.debug("self search: %d block pairs swept by %d workers", pairs.total, workers)
     return SweptLists(heaps, widths, order)
