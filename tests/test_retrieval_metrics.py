@@ -1,5 +1,6 @@
 """dml.eval.retrieval_metrics: hand-computed cases and parity with pytorch-metric-learning."""
 
+import logging
 import math
 
 import numpy as np
@@ -174,3 +175,20 @@ def test_bad_input_raises_value_error(kwargs, message):
     arguments.update(kwargs)
     with pytest.raises(ValueError, match=message):
         retrieval_metrics(**arguments)
+
+
+@pytest.mark.parametrize("zero_rows", [0, 1, 7])
+@pytest.mark.parametrize("with_gallery", [False, True])
+def test_all_zero_rows_are_counted_in_a_warning(zero_rows, with_gallery, caplog):
+    """Zero rows are legal (they score 0 against everything) but usually a broken model."""
+    rng = np.random.default_rng(zero_rows)
+    data = rng.standard_normal((40, 6)).astype(np.float32)
+    data[rng.choice(40, zero_rows, replace=False)] = 0
+    labels = rng.integers(0, 5, 40)
+    gallery = {"gallery": data[::-1].copy(), "gallery_labels": labels[::-1].copy()} if with_gallery else {}
+    with caplog.at_level(logging.WARNING, logger="dml.eval.index"):
+        retrieval_metrics(data, labels, **gallery)
+    warned = [r.getMessage() for r in caplog.records if "all zero" in r.getMessage()]
+    names = ["query", "gallery"] if with_gallery else ["embeddings"]  # leave-one-out: one warning
+    tail = f"{zero_rows} of 40 rows are all zero (no direction): they score 0 against every row and rank by index"
+    assert warned == ([f"{name}: {tail}" for name in names] if zero_rows else [])

@@ -66,8 +66,8 @@ def as_unit_float32(embeddings: Any, name: str = "embeddings") -> np.ndarray:
 
     Rows are divided by their L2 norm unless every norm is already within 1e-5 of 1 (or 0),
     in which case the values are kept bit for bit (no copy for a float32 C-contiguous input),
-    so applying it twice changes nothing. All-zero rows stay zero. Raises ValueError for a
-    wrong shape or non-finite values.
+    so applying it twice changes nothing. All-zero rows stay zero (see :func:`warn_zero_rows`).
+    Raises ValueError for a wrong shape or non-finite values.
     """
     if isinstance(embeddings, torch.Tensor):
         embeddings = embeddings.detach().cpu().float().numpy()
@@ -80,6 +80,20 @@ def as_unit_float32(embeddings: Any, name: str = "embeddings") -> np.ndarray:
     if ((np.abs(norms - 1.0) <= 1e-5) | (norms == 0)).all():
         return array  # already unit (zero rows stay zero): normalising again could change bits
     return array / np.maximum(norms, 1e-12)[:, None]
+
+
+def warn_zero_rows(units: np.ndarray, name: str) -> None:
+    """Log a warning counting the all-zero rows of ``units`` (N, D): legal (they score 0
+    against every row and rank by index) but usually a collapsed model or unfilled rows,
+    which the metrics alone would hide."""
+    zero = int(np.count_nonzero(~units.any(axis=1)))
+    if zero:
+        log.warning(
+            "%s: %d of %d rows are all zero (no direction): they score 0 against every row and rank by index",
+            name,
+            zero,
+            len(units),
+        )
 
 
 def candidate_width(need: int, available: int) -> int:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dml.eval.index import KnnIndex, as_unit_float32, build_index, faiss, rerank_near_ties
+from dml.eval.index import KnnIndex, as_unit_float32, build_index, faiss, rerank_near_ties, warn_zero_rows
 from dml.eval.self_search import DEFAULT_BLOCK, SweptLists, min_block_rows, sweep_neighbour_lists
 
 log = logging.getLogger(__name__)
@@ -277,6 +277,7 @@ def retrieval_metrics(
     if (gallery is None) != (gallery_labels is None):
         raise ValueError("give both gallery and gallery_labels, or neither (leave-one-out)")
     queries = as_unit_float32(query, "query")
+    warn_zero_rows(queries, "query" if gallery is not None else "embeddings")
     q_labels = as_label_array(query_labels, len(queries), "query_labels")
     leave_one_out = gallery is None
     if leave_one_out:
@@ -285,6 +286,7 @@ def retrieval_metrics(
         knn, g_labels = build_index(queries, index, **index_options), q_labels
     else:
         knn = build_index(gallery, index, **index_options)
+        warn_zero_rows(knn.gallery, "gallery")
         g_labels = as_label_array(gallery_labels, knn.ntotal, "gallery_labels")
     if knn.dim != queries.shape[1]:
         raise ValueError(f"query dimension {queries.shape[1]} != gallery dimension {knn.dim}")
