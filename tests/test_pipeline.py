@@ -15,6 +15,7 @@ os.environ.pop("PREFECT_API_URL", None)
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -229,6 +230,53 @@ def test_torchrun_launcher_trains_on_two_processes_then_caches(tmp_path):
     again = execute_stage("train", config, launcher)
     assert again.status == "cached" and (tmp_path / "teacher" / "model.pt").stat().st_mtime_ns == mtime
     # A failing torchrun stage is parsed from the same log format (test above uses a real one).
+
+
+STAGE_IN_CHILD = """
+import sys
+from pipeline.launchers import TorchrunLauncher
+from pipeline.stage_execution import execute_stage
+from pipeline.stage_paths import load_pipeline_config
+execute_stage("train", load_pipeline_config(sys.argv[1]), TorchrunLauncher(nproc_per_node=2, max_restarts=0))
+"""
+
+
+@pytest.mark.dist
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_pipeline_leaves_no_torchrun_training(tmp_path):
+    """SIGKILL to the process running the pipeline (OOM kill, scheduler) left torchrun and its
+    workers training; torchrun now gets SIGTERM from the kernel and stops its workers."""
+    import signal
+    import subprocess
+
+    from dml.train.metrics_log import read_metrics
+    from processes import alive, children
+
+    raw = pipeline_config_dict(tmp_path, "torchrun")
+    raw["train"] = {**raw["train"], "max_steps": 100_000, "epochs": 100_000}
+    path = write_config(tmp_path / "c.yaml", raw)
+    execute_stage("prepare", load_pipeline_config(path), InProcessLauncher())
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    pipeline = subprocess.Popen([sys.executable, "-c", STAGE_IN_CHILD, str(path)], env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while not any(r.get("step", 0) > 2 for r in read_metrics(tmp_path / "teacher")):
+            assert pipeline.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.5)
+        launched = [pid for pid in children(pipeline.pid) if alive(pid)]  # torchrun
+        assert len(launched) == 1
+        family = launched + [pid for pid in children(launched[0]) if alive(pid)]
+        assert len(family) == 3  # torchrun and its 2 workers
+    finally:
+        pipeline.send_signal(signal.SIGKILL)
+        pipeline.wait()
+    deadline = time.monotonic() + 60  # torchrun gives its workers a grace period
+    while any(alive(pid) for pid in family) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in family if alive(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert left == []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
@@ -36,13 +36,28 @@ def die_with_parent(parent_pid: int, use_prctl: bool = True) -> None:
 
 def _set_parent_death_signal(sig: signal.Signals) -> bool:
     """Ask the Linux kernel to send ``sig`` when the parent dies; False where unsupported."""
+    return _PRCTL is not None and _PRCTL(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+
+
+def _resolve_prctl() -> Callable[..., int] | None:
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
-        libc = ctypes.CDLL(None, use_errno=True)  # the running program's symbols include libc's
-        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+        return ctypes.CDLL(None, use_errno=True).prctl  # the running program's symbols include libc's
     except (OSError, AttributeError):
-        return False
+        return None
+
+
+_PRCTL = _resolve_prctl()  # looked up at import: a child between fork and exec only calls it
+
+
+def arm_parent_death_signal() -> None:
+    """A ``preexec_fn`` for `subprocess`: the child gets SIGTERM when the thread that started
+    it ends (Linux; a no-op elsewhere), so a launcher killed with SIGKILL leaves no child
+    behind. torchrun passes the SIGTERM on to its workers. Only calls a function looked up
+    beforehand: between fork and exec nothing may import or allocate much."""
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
 
 
 def _watch_parent(parent_pid: int) -> None:

@@ -12,9 +12,7 @@ shares with the training. Such a trainer cannot be stopped: a pruned fold trains
 
 from __future__ import annotations
 
-import ctypes
 import json
-import signal
 import subprocess
 import sys
 import threading
@@ -23,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dml.data.workers import arm_parent_death_signal
 from dml.distributed import torchrun_argv
 
 POLL_SECONDS = 1.0
@@ -44,25 +43,6 @@ def train_command(config_path: Path, nproc_per_node: int) -> list[str]:
     if nproc_per_node == 1:
         return [sys.executable, *train]
     return torchrun_argv(nproc_per_node, train[2:])
-
-
-def _resolve_prctl() -> Callable[..., int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-_PRCTL = _resolve_prctl()  # looked up here: the child between fork and exec only calls it
-
-
-def _arm_parent_death() -> None:
-    """In the child before exec: SIGTERM when the tuner's thread that started it dies."""
-    if _PRCTL is not None:
-        _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
 
 
 def _new_records(path: Path, seen: int) -> tuple[list[dict[str, Any]], int]:
@@ -149,7 +129,7 @@ def run_training(
             stdout=log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            preexec_fn=_arm_parent_death,
+            preexec_fn=arm_parent_death_signal,
         )
         try:
             while True:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dml.config import save_config
+from dml.data.workers import arm_parent_death_signal
 from dml.distributed import torchrun_argv
 from pipeline.errors import StageFailed
 from pipeline.launchers.logs import failure_reason, start_log, tail
@@ -58,8 +59,15 @@ class TorchrunLauncher:
         with log_path.open("a") as handle:
             handle.write("$ " + " ".join(argv) + "\n")
             handle.flush()
+            # a pipeline killed with SIGKILL would leave torchrun and its workers training
             returncode = subprocess.run(
-                argv, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(), check=False
+                argv,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=os.getcwd(),
+                check=False,
+                preexec_fn=arm_parent_death_signal,
             ).returncode
         if returncode != 0:
             reason, input_error = failure_reason(tail(log_path), f"exit code {returncode}")
