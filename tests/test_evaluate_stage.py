@@ -3,6 +3,7 @@ embeddings, re-evaluation without the model, pairs files, plots, errors, and two
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import shutil
@@ -406,3 +407,25 @@ def test_two_ranks_give_the_single_process_result(workspace, first_run):
         mine, single = Embeddings.load(Path(rank0["embeddings_dir"]), split), saved(result, split)
         assert mine.keys == single.keys
         np.testing.assert_allclose(mine.vectors, single.vectors, atol=1e-5)
+
+
+@pytest.mark.parametrize("plots, leave_one_out", [(False, False), (True, False), (True, True)])
+def test_saved_embeddings_with_string_labels_give_a_report(workspace, first_run, tmp_path, plots, leave_one_out):
+    """String labels are accepted by the loader; the per-class table then crashed on int(label)
+    after the metrics were computed, and no report was written."""
+    config, result, report = first_run
+    folder = tmp_path / "embeddings"
+    shutil.copytree(result.embeddings_dir, folder)
+    for labels_file in folder.glob("*_labels.npy"):
+        np.save(labels_file, np.array([f"c{label}" for label in np.load(labels_file)]))
+    again = config.model_copy(deep=True)
+    again.evaluate.output_dir = str(tmp_path / "out")
+    again.evaluate.plots = plots
+    if leave_one_out:
+        again.evaluate.gallery_split = None
+    second = run_evaluate(again, embeddings_dir=str(folder))
+    written = json.loads(Path(second.report_path).read_text())
+    if not leave_one_out:
+        assert written["retrieval"] == report["retrieval"]  # same grouping, other names
+    rows = list(csv.DictReader((Path(second.output_dir) / "per_class.csv").open()))
+    assert rows and all(row["class_name"].startswith("c") for row in rows)

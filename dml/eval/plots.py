@@ -16,6 +16,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from dml.eval.class_names import class_name
+
 log = logging.getLogger(__name__)
 
 DPI = 110
@@ -166,8 +168,7 @@ def plot_class_map(
     colours = _class_colours(len(coloured))
     for colour, label in zip(colours, sorted(coloured), strict=True):
         mine = labels == label
-        name = class_names[int(label)] if class_names is not None and 0 <= int(label) < len(class_names) else str(label)
-        axes.scatter(points[mine, 0], points[mine, 1], s=10, color=colour, label=name)
+        axes.scatter(points[mine, 0], points[mine, 1], s=10, color=colour, label=class_name(label, class_names))
     axes.set_xlabel(axis_names[0])
     axes.set_ylabel(axis_names[1])
     if not ticks:

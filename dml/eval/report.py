@@ -15,7 +15,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from dml.eval import verification_report
+from dml.eval.class_names import class_name
 from dml.eval.evaluation import EvaluationMetrics
 from dml.files import write_json_atomic
 
@@ -73,13 +76,15 @@ def strict_json(value: Any) -> Any:
 
 
 def class_rows(per_class: Mapping[Any, Mapping[str, float]], class_names: Sequence[str] | None) -> list[dict[str, Any]]:
-    """Per-class table rows with the class name, sorted by label."""
-    rows = []
-    for label in sorted(per_class):
-        index = int(label)
-        name = class_names[index] if class_names is not None and 0 <= index < len(class_names) else str(label)
-        rows.append({"label": index, "class_name": name, **per_class[label]})
-    return rows
+    """Per-class table rows with the class name, sorted by label (ints stay ints)."""
+    return [
+        {
+            "label": int(label) if isinstance(label, (int, np.integer)) else str(label),
+            "class_name": class_name(label, class_names),
+            **per_class[label],
+        }
+        for label in sorted(per_class)
+    ]
 
 
 def write_per_class_csv(rows: list[dict[str, Any]], path: Path) -> Path:

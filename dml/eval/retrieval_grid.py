@@ -11,9 +11,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from dml.eval.class_names import class_name
 from dml.eval.embedding_store import EmbeddingSet
 from dml.eval.index import as_unit_float32, build_index
 from dml.eval.plots import new_figure, save_figure
@@ -43,8 +45,8 @@ def grid_neighbours(embeddings: EmbeddingSet, rows: np.ndarray, k: int) -> tuple
     return build_index(embeddings.gallery.vectors).search(np.ascontiguousarray(queries[rows]), k)
 
 
-def _class_name(label: int, class_names: Sequence[str] | None) -> str:
-    name = class_names[label] if class_names is not None and 0 <= label < len(class_names) else str(label)
+def _class_name(label: Any, class_names: Sequence[str] | None) -> str:
+    name = class_name(label, class_names)
     return name if len(name) <= 14 else name[:13] + "…"
 
 
@@ -89,14 +91,14 @@ def plot_retrieval_grid(
     figure = new_figure(1.3 * (k + 1), 1.7 * len(rows))
     cells = figure.subplots(len(rows), k + 1, squeeze=False)
     for line, row in enumerate(rows):
-        label = int(query.labels[row])
+        label = query.labels[row]
         _draw_cell(cells[line, 0], images.get(query.keys[row]), f"query\n{_class_name(label, class_names)}", QUERY)
         for column in range(k):
             hit = int(ids[line, column])
             if hit < 0:
                 cells[line, column + 1].set_axis_off()
                 continue
-            hit_label = int(target.labels[hit])
+            hit_label = target.labels[hit]
             colour = RIGHT if hit_label == label else WRONG
             title = f"{_class_name(hit_label, class_names)}\n{sims[line, column]:.3f}"
             _draw_cell(cells[line, column + 1], images.get(target.keys[hit]), title, colour)
