@@ -64,6 +64,27 @@ def test_exact_ties_are_ordered_by_gallery_index(backend):
     np.testing.assert_array_equal(ids, exact_ranking(points[:50], points, 40))
 
 
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+@pytest.mark.parametrize("zero_rows, k", [(1, 5), (7, 30), (40, 139)])
+@pytest.mark.parametrize("leave_one_out", [False, True])
+def test_zero_queries_list_the_first_items_without_a_search(monkeypatch, backend, zero_rows, k, leave_one_out):
+    """A zero row scores exactly 0 against every item, so its exact list is the items by
+    index. Searched, it was one tie as long as the gallery, re-searched at doubling widths
+    and rescored whole: ~1 s per zero query at N = 35k (found by a new-user trial)."""
+    data, _ = clustered(140, 8, 6, 0.5, seed=zero_rows)
+    zero = np.random.default_rng(k).choice(140, zero_rows, replace=False)
+    data[zero] = 0
+    searched = []
+    raw = index_module.KnnIndex._raw_search
+    monkeypatch.setattr(
+        index_module.KnnIndex, "_raw_search", lambda self, q, width: searched.append(q.copy()) or raw(self, q, width)
+    )
+    k = min(k, 139) if leave_one_out else k
+    _, ids = knn_search(data, None if leave_one_out else data, k=k, exclude_self=leave_one_out, backend=backend)
+    np.testing.assert_array_equal(ids, exact_ranking(data, data, k, np.arange(140) if leave_one_out else None))
+    assert not any((~batch.any(axis=1)).any() for batch in searched)  # zero queries never searched
+
+
 def test_leave_one_out_drops_own_index_but_keeps_duplicates():
     base, _ = clustered(200, 16, 10, 0.5, seed=2)
     data = np.concatenate([base, base[:20]])  # rows 200..219 duplicate rows 0..19

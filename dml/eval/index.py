@@ -235,6 +235,13 @@ class KnnIndex:
         out_sims = np.empty((len(queries), need), np.float32)
         out_ids = np.empty((len(queries), need), np.int64)
         rows = np.arange(len(queries))
+        if self.kind == "flat":
+            # a zero query scores exactly 0 against every item: its exact list is the first
+            # items by index. Searched, it is one tie as long as the gallery, re-searched at
+            # doubling widths and rescored whole (~1 s per query at N = 35k)
+            zero = ~queries.any(axis=1)
+            out_sims[zero], out_ids[zero] = 0.0, np.arange(need)
+            rows = rows[~zero]
         width = candidate_width(need, self.ntotal)
         while rows.size:
             batch = queries if rows.size == len(queries) else np.ascontiguousarray(queries[rows])
