@@ -179,3 +179,25 @@ def test_every_variant_is_reported_and_the_chain_too():
 def test_config_refuses_chains_that_cannot_run(methods, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [f"evaluate.reranking.methods={methods}"], check_backbones=False)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_nearest_neighbour_gap_orders_near_tied_queries_exactly(seed):
+    """GAP ranks queries against each other by confidence; float32 scores tied queries whose
+    exact scores differ (pairs of points 1e-7 apart), so GAP was off an exact computation."""
+    from dml.eval.gap import global_average_precision
+    from dml.eval.reranking import nearest_neighbour_gap
+    from exact_reference import exact_inner_products, exact_order
+
+    rng = np.random.default_rng(seed)
+    base = rng.choice([-1.0, 1.0], size=(150, 16)) / 4.0
+    data = np.concatenate([base, base]) + 1e-7 * rng.standard_normal((300, 16))
+    data = (data / np.linalg.norm(data, axis=1, keepdims=True)).astype(np.float32)
+    labels = rng.integers(0, 3, 300)
+    scores = exact_inner_products(data, data)
+    np.fill_diagonal(scores, -np.inf)
+    top = exact_order(scores)[:, 0]
+    classes, counts = np.unique(labels, return_counts=True)
+    answerable = counts[np.searchsorted(classes, labels)] > 1
+    want = global_average_precision(labels[top], scores[np.arange(300), top], labels, answerable)
+    assert nearest_neighbour_gap(data, labels, None, None) == want

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from dml.config_reranking import RerankingConfig
+from dml.eval.exact_ranking import exactly_rounded_scores
 from dml.eval.gap import global_average_precision
 from dml.eval.index import as_unit_float32, build_index
 from dml.eval.k_reciprocal import KReciprocalRanker
@@ -30,18 +31,21 @@ def nearest_neighbour_gap(
     queries: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray | None, gallery_labels: np.ndarray | None
 ) -> float:
     """GAP of the plain search: each query predicts its nearest gallery item's label with its
-    cosine similarity as confidence (leave-one-out when ``gallery`` is None). NaN when no
-    query has a relevant gallery item."""
+    cosine similarity, exactly rounded, as confidence (leave-one-out when ``gallery`` is None).
+    NaN when no query has a relevant gallery item."""
     units = as_unit_float32(queries, "queries")
     leave_one_out = gallery is None
     knn = build_index(units if leave_one_out else gallery)
     labels = query_labels if gallery_labels is None else gallery_labels
     own = np.arange(len(units)) if leave_one_out else None
-    sims, ids = knn.search(units, 1, own)
+    _, ids = knn.search(units, 1, own)
+    # GAP ranks the queries against each other by confidence: float32 scores misorder near-tied
+    # queries (seen as 1e-8 off an exact computation); exactly rounded ones cost ~1 us a query
+    confidence = exactly_rounded_scores(units, knn.gallery, np.arange(len(units)), ids[:, 0])
     classes, counts = np.unique(labels, return_counts=True)
     position = np.clip(np.searchsorted(classes, query_labels), 0, len(classes) - 1)
     present = (classes[position] == query_labels) & (counts[position] > (1 if leave_one_out else 0))
-    return global_average_precision(labels[ids[:, 0]], sims[:, 0], query_labels, present)
+    return global_average_precision(labels[ids[:, 0]], confidence, query_labels, present)
 
 
 def vector_ranker(queries: np.ndarray, gallery: np.ndarray, leave_one_out: bool) -> Ranker:
