@@ -42,8 +42,8 @@ def hold_run_dir(run_dir: Path, command: str) -> Iterator[None]:
                 handle.seek(0)
                 holder = handle.read().strip() or "?"
                 problem = (
-                    f"{run_dir} is in use by another `dml {command}` (pid {holder}, perhaps workers left by a "
-                    "killed launcher); stop it, then run again (with --resume to continue)"
+                    f"{run_dir} is in use by another `dml {command}` (pid {holder}); let it finish or stop it, "
+                    "then run again (with --resume to continue)"
                 )
         problem = broadcast_object(problem)
         if problem:
