@@ -19,6 +19,7 @@ from dml.config_verification import VerificationSetConfig, check_best_metric, ch
 from dml.errors import ConfigError
 from dml.names import check_backbone
 from dml.registries import MARGINS, MINERS, PAIR_LOSSES, POOLINGS, SOURCES, RegisteredName, parse_pooling
+from dml.value_rules import MARGIN_RANGES, check_combined_margins, check_fars, check_ks, check_margin
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
@@ -267,6 +268,28 @@ class LossConfig(StrictModel):
             raise ValueError(f"loss.sub_centers needs a margin head, loss.kind is '{self.kind}'")
         return self
 
+    @model_validator(mode="after")
+    def _margins_in_range(self) -> LossConfig:
+        # the margin classes' own rules (`dml.value_rules`), so training never refuses them later
+        if self.is_pair_loss:
+            return self
+        rule = MARGINS.entry(self.kind).target.rpartition(":")[2]
+        checks: list[tuple[str, Any, tuple[Any, ...]]] = []
+        if rule in MARGIN_RANGES:
+            checks.append(("loss.margin", check_margin, (rule, self.margin)))
+            if self.dynamic_margin is not None:
+                for key in ("m_min", "m_max"):
+                    value = getattr(self.dynamic_margin, key)
+                    checks.append((f"loss.dynamic_margin.{key}", check_margin, (rule, value)))
+        if rule == "CombinedMargin":
+            checks.append(("loss.combined_margins", check_combined_margins, self.combined_margins))
+        for key, check, args in checks:
+            try:
+                check(*args)
+            except ValueError as exc:
+                raise ValueError(f"{key} for loss.kind '{self.kind}': {exc}") from None
+        return self
+
 
 class OptimizerConfig(StrictModel):
     name: Literal["sgd", "adamw"] = "sgd"
@@ -359,6 +382,18 @@ class EvalConfig(StrictModel):
     verification_sets: list[VerificationSetConfig] = []
     # Retrieval post-processing (DBA, alpha-QE, k-reciprocal), reported beside the plain search.
     reranking: RerankingConfig = RerankingConfig()
+
+    @field_validator("ks")
+    @classmethod
+    def _ks_positive(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        check_ks(value)  # `dml.eval.metrics.retrieval_metrics` refuses the same
+        return value
+
+    @field_validator("fars")
+    @classmethod
+    def _fars_rates(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        check_fars(value)  # `dml.eval.verification.verification_metrics` refuses the same
+        return value
 
     @model_validator(mode="after")
     def _unique_sets(self) -> EvalConfig:
@@ -482,10 +517,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of ``data`` with every dotted override applied (nested dicts created)."""
+    """Return a copy of ``data`` with every dotted override applied (nested dicts created).
+
+    Raises ConfigError for a key given twice (as a YAML file's duplicate keys are): the last
+    one silently winning hid the other.
+    """
     result = yaml.safe_load(yaml.safe_dump(data)) or {}
+    given: dict[str, str] = {}
     for text in overrides:
         path, value = parse_override(text)
+        dotted = ".".join(path)
+        if dotted in given:
+            raise ConfigError(f"override key '{dotted}' is given twice ('{given[dotted]}' and '{text}'); give it once")
+        given[dotted] = text
         node = result
         for part in path[:-1]:
             child = node.get(part)

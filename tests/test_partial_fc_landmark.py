@@ -172,7 +172,9 @@ def test_sub_centre_init_is_the_flat_matrix_init():
         (lambda: PartialFC(DIM, 4, ArcFace(), sub_centers=0), "sub_centers must be >= 1"),
         (lambda: PartialFC(DIM, 4, SphereFace(), class_margins=torch.full((4,), 0.2)), "need ArcFace or CosFace"),
         (lambda: PartialFC(DIM, 4, ArcFace(), class_margins=torch.full((5,), 0.2)), r"must have shape \(4,\)"),
-        (lambda: PartialFC(DIM, 4, ArcFace(), class_margins=torch.tensor([0.1, -0.1, 0.2, 0.2])), "finite and >= 0"),
+        (lambda: PartialFC(DIM, 4, ArcFace(), class_margins=torch.tensor([0.1, -0.1, 0.2, 0.2])), "margin must be in"),
+        (lambda: PartialFC(DIM, 4, ArcFace(), class_margins=torch.tensor([0.1, 4.0, 0.2, 0.2])), "margin must be in"),
+        (lambda: PartialFC(DIM, 4, CosFace(), class_margins=torch.tensor([0.1, 2.5, 0.2, 0.2])), "margin must be in"),
         (
             lambda: PartialFC(DIM, 4, ArcFace(), sub_centers=2).load_full_state_dict(
                 whole_head(PartialFC(DIM, 4, ArcFace()))

@@ -36,6 +36,7 @@ import torch
 
 from dml.eval.index import KnnIndex, as_unit_float32, build_index, faiss, rerank_near_ties, warn_zero_rows
 from dml.eval.self_search import DEFAULT_BLOCK, SweptLists, min_block_rows, sweep_neighbour_lists
+from dml.value_rules import check_ks
 
 log = logging.getLogger(__name__)
 
@@ -271,9 +272,7 @@ def retrieval_metrics(
     Raises ValueError for bad ``ks``, a gallery without labels (or the reverse), mismatched
     dimensions or shapes, or fewer than 2 leave-one-out queries.
     """
-    ks = tuple(dict.fromkeys(int(k) for k in ks))
-    if not ks or min(ks) < 1:
-        raise ValueError(f"ks must be positive integers, got {ks}")
+    ks = check_ks(ks)
     if (gallery is None) != (gallery_labels is None):
         raise ValueError("give both gallery and gallery_labels, or neither (leave-one-out)")
     queries = as_unit_float32(query, "query")

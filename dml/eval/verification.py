@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from dml.eval.index import as_unit_float32, build_index
+from dml.value_rules import check_fars
 
 DEFAULT_FARS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 
@@ -198,8 +199,10 @@ def verification_metrics(
     when exact (<= ``exact_max_pairs`` = 2**23 pairs, N ~ 4096: ~250 MB) or 16 bytes x
     ``num_bins`` (16 MiB) with histograms.
 
-    Raises ValueError when neither labels nor pairs with is_same are given, or their shapes do not match the rows.
+    Raises ValueError when neither labels nor pairs with is_same are given, their shapes do not
+    match the rows, or a FAR is outside (0, 1].
     """
+    check_fars(fars)
     units = as_unit_float32(embeddings)
     if labels is not None:
         labels = np.asarray(labels.detach().cpu() if hasattr(labels, "detach") else labels)

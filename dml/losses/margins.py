@@ -35,6 +35,8 @@ import math
 import torch
 from torch import nn
 
+from dml.value_rules import MARGIN_RANGES, check_combined_margins, check_margin, check_scale, margin_range_error
+
 ARCFACE_BOUNDARIES = ("fallback", "easy", "straight_through")
 
 
@@ -107,8 +109,7 @@ class _TargetMargin(nn.Module):
 
     def __init__(self, s: float):
         super().__init__()
-        if not s > 0:
-            raise ValueError(f"scale s must be > 0, got {s}")
+        check_scale(s)
         self.s = float(s)
 
     def target_logit(self, target_cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -164,20 +165,28 @@ def _check_margin_inputs(cosine: torch.Tensor, labels: torch.Tensor) -> None:
 class _PerClassMargin(_TargetMargin):
     """A margin that is one number or one number per class (a (C,) tensor)."""
 
-    def __init__(self, s: float, m: float | torch.Tensor, low: float, high: float):
+    margin_rule = ""  # the key of its range in `dml.value_rules.MARGIN_RANGES`
+
+    def __init__(self, s: float, m: float | torch.Tensor):
         super().__init__(s)
         if isinstance(m, torch.Tensor):
             if m.dim() != 1 or m.numel() == 0:
                 raise ValueError(f"a per-class margin must be a non-empty (C,) tensor, got shape {tuple(m.shape)}")
-            bad = (m < low) | (m > high)
+            self.check_class_margins(m)
             self.register_buffer("class_margins", m.detach().to(torch.float64).clone())
             self.m: float | None = None
         else:
-            bad = torch.tensor(not low <= float(m) <= high)
+            check_margin(self.margin_rule, m)
             self.class_margins = None
             self.m = float(m)
-        if bool(bad.any()):
-            raise ValueError(f"margin must be in [{low}, {high:.4f}], got {m}")
+
+    def check_class_margins(self, margins: torch.Tensor) -> None:
+        """Raises ValueError unless every per-class margin lies in this margin's range
+        (`dml.value_rules.MARGIN_RANGES`); NaN is refused."""
+        low, high = MARGIN_RANGES[self.margin_rule]
+        if bool(((margins < low) | (margins > high) | margins.isnan()).any()):
+            found = f"values in [{float(margins.min())}, {float(margins.max())}]"
+            raise margin_range_error(self.margin_rule, found)
 
     def row_margins(self, labels: torch.Tensor, like: torch.Tensor) -> torch.Tensor | float:
         """Margin of each row's own class (a float when the margin is shared)."""
@@ -233,8 +242,10 @@ class ArcFace(_PerClassMargin):
               past the boundary and avoids the 1/sin(theta) gradient spike near theta = 0.
     """
 
+    margin_rule = "ArcFace"
+
     def __init__(self, s: float = 64.0, m: float | torch.Tensor = 0.5, boundary: str = "fallback"):
-        super().__init__(s, m, 0.0, math.pi - 1e-6)
+        super().__init__(s, m)
         if boundary not in ARCFACE_BOUNDARIES:
             raise ValueError(f"boundary must be one of {ARCFACE_BOUNDARIES}, got {boundary!r}")
         self.boundary = boundary
@@ -265,8 +276,10 @@ class CosFace(_PerClassMargin):
     ``m`` may be a float or a (C,) tensor of per-class margins.
     """
 
+    margin_rule = "CosFace"
+
     def __init__(self, s: float = 64.0, m: float | torch.Tensor = 0.35):
-        super().__init__(s, m, 0.0, 2.0)
+        super().__init__(s, m)
 
     def margin_logit(self, target_cosine: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """Unscaled target logit (N,) from target cosines (N,) and margins m (N,) or scalar: cos(theta) - m."""
@@ -287,8 +300,7 @@ class CombinedMargin(_TargetMargin):
 
     def __init__(self, s: float = 64.0, m1: float = 1.0, m2: float = 0.3, m3: float = 0.2):
         super().__init__(s)
-        if not m1 > 0 or m2 < 0 or m3 < 0:
-            raise ValueError(f"need m1 > 0, m2 >= 0, m3 >= 0, got m1={m1}, m2={m2}, m3={m3}")
+        check_combined_margins(m1, m2, m3)
         self.m1, self.m2, self.m3 = float(m1), float(m2), float(m3)
 
     def target_logit(self, target_cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -319,8 +331,7 @@ class SphereFace(_TargetMargin):
 
     def __init__(self, s: float = 64.0, m: float = 1.35, blend: float = 0.0):
         super().__init__(s)
-        if m < 1:
-            raise ValueError(f"SphereFace margin m must be >= 1, got {m}")
+        check_margin("SphereFace", m)
         if blend < 0:
             raise ValueError(f"blend must be >= 0, got {blend}")
         self.m, self.blend = float(m), float(blend)

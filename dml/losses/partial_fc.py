@@ -122,10 +122,10 @@ class PartialFC(nn.Module):
         class_margins = torch.as_tensor(class_margins).detach()
         if class_margins.shape != (self.num_classes,):
             raise ValueError(f"class_margins must have shape ({self.num_classes},), got {tuple(class_margins.shape)}")
-        if not hasattr(margin, "class_margins"):  # only ArcFace / CosFace take a margin per row
+        check = getattr(margin, "check_class_margins", None)  # only ArcFace / CosFace take a margin per row
+        if check is None:
             raise ValueError(f"per-class margins need ArcFace or CosFace, got {type(margin).__name__}")
-        if not bool(torch.isfinite(class_margins).all()) or bool((class_margins < 0).any()):
-            raise ValueError("class_margins must be finite and >= 0")
+        check(class_margins)  # the margin's own range (ArcFace: [0, pi - 1e-6])
         return class_margins[self.class_start : self.class_end].to(torch.float64).clone()
 
     @property
