@@ -49,6 +49,50 @@ def test_bad_space_refused(tmp_path, spec, problem):
         load_settings(load_space(path).study, str(path))
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"loss.margin": {"choices": [0.2, -5]}},
+        {"loss.margin": [0.2, 5.0]},
+        {"loss.margin": {"low": 0.1, "high": 4.0}},
+        {"loss.kind": ["arcface", "sphereface"]},  # sphereface needs loss.margin >= 1, the base has 0.3
+        {"evaluate.ks": {"choices": [[1, 5], [0]]}},
+    ],
+)
+def test_a_choice_the_run_would_refuse_is_refused_at_load_in_one_line(tmp_path, capsys, spec):
+    class_split_shards(tmp_path)
+    run, space = write_tune_files(tmp_path, spec)
+    assert main(["tune", "--config", str(run), "--space", str(space)]) == 2
+    err = capsys.readouterr().err.strip()
+    key = next(iter(spec))
+    assert len(err.splitlines()) == 1 and f"'{key}'" in err and "makes an invalid config" in err, err
+    assert not (tmp_path / "study").exists()
+
+
+def test_a_failed_trial_reports_its_reason(tmp_path):
+    """Optuna keeps no reason on a failed trial: the runner records the fold's, and the study's
+    error shows it (it said 'trial 0: ?')."""
+    import optuna
+
+    from dml.errors import DMLError
+    from dml.tune.launch import TrainFailed
+    from dml.tune.settings import StudySettings
+    from dml.tune.study import run_trials
+    from dml.tune.trial import TrialRunner
+
+    def failing_fold(config_path, run_dir, nproc_per_node):
+        raise TrainFailed(f"{run_dir}: exit code 1: RuntimeError: out of memory")
+
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({"loss.scale": {"low": 8, "high": 64}}))
+    runner = TrialRunner({}, load_space(path), [tmp_path / "fold"], tmp_path / "study", train_fold=failing_fold)
+    study = optuna.create_study(direction="maximize")
+    settings = StudySettings(study_dir=str(tmp_path / "study"), n_trials=2, max_failed_trials=2)
+    with pytest.raises(DMLError, match=r"trial 1: .*fold-0: exit code 1: RuntimeError: out of memory"):
+        run_trials(study, runner, settings)
+    assert all("out of memory" in t.user_attrs["fail_reason"] for t in study.trials)
+
+
 def test_every_schema_key_is_accepted_and_types_follow_the_schema(tmp_path):
     keys = config_keys()
     assert {"loss.scale", "loss.margin", "optimizer.lr", "train.epochs"} <= set(keys)

@@ -32,6 +32,9 @@ class TrainFailed(Exception):
     """A training child exited non-zero; the message names its log's last line and path."""
 
 
+FAIL_REASON = "fail_reason"  # the user attribute a failed trial keeps its one-line reason in
+
+
 FoldTrainer = Callable[[Path, Path, int], None]
 """Trains one run config to its end: ``(config_path, run_dir, nproc_per_node)``, where
 ``run_dir`` is the config's ``train.run_dir``; raises `TrainFailed` when the training fails."""

@@ -12,6 +12,7 @@ import optuna
 
 from dml.files import write_json_atomic
 from dml.tune.final import mean_and_interval
+from dml.tune.launch import FAIL_REASON
 from dml.tune.space import with_values
 from dml.tune.study import FINISHED
 from dml.tune.trial import write_run_config
@@ -35,7 +36,7 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
             "fold_map_at_r": t.user_attrs.get("fold_map_at_r"),
             "trial_dir": t.user_attrs.get("trial_dir"),
             "retry_of": t.user_attrs.get("retry_of"),
-            "fail_reason": t.system_attrs.get("fail_reason"),
+            "fail_reason": t.user_attrs.get(FAIL_REASON),
         }
         for t in study.get_trials(deepcopy=False)
     ]

@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from dml.errors import ConfigError, DMLError
 from dml.progress import progress
-from dml.tune.launch import TrainFailed
+from dml.tune.launch import FAIL_REASON, TrainFailed
 from dml.tune.settings import StudySettings
 from dml.tune.space import SearchSpace
 
@@ -123,7 +123,7 @@ def retry_killed_trials(study: optuna.Study) -> list[int]:
     returns their numbers."""
     killed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
     for trial in killed:
-        study._storage.set_trial_system_attr(trial._trial_id, "fail_reason", "killed while running; retried")
+        study._storage.set_trial_user_attr(trial._trial_id, FAIL_REASON, "killed while running; retried")
         study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
         study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
         queued = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))[-1]
@@ -158,7 +158,7 @@ def run_trials(study: optuna.Study, objective: Any, settings: StudySettings) -> 
 
     def on_trial_end(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.state == TrialState.FAIL:
-            failures.append(f"trial {trial.number}: {trial.system_attrs.get('fail_reason', '?')}")
+            failures.append(f"trial {trial.number}: {trial.user_attrs.get(FAIL_REASON, '?')}")
             if len(failures) >= settings.max_failed_trials:
                 study.stop()
         bar.n = finished_count(study)

@@ -17,7 +17,7 @@ import optuna
 import yaml
 
 from dml.config import validate_config
-from dml.tune.launch import FoldTrainer, TrainFailed, run_training
+from dml.tune.launch import FAIL_REASON, FoldTrainer, TrainFailed, run_training
 from dml.tune.space import SearchSpace, with_values
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,13 @@ class TrialRunner:
     train_fold: FoldTrainer | None = None
 
     def __call__(self, trial: optuna.Trial) -> float:
+        try:
+            return self._run(trial)
+        except TrainFailed as exc:  # Optuna logs a caught exception but keeps no reason on the trial
+            trial.set_user_attr(FAIL_REASON, str(exc))
+            raise
+
+    def _run(self, trial: optuna.Trial) -> float:
         values = self.space.suggest(trial)
         trial_dir = self.study_dir / "trials" / f"trial-{trial.number:04d}"
         trial.set_user_attr("trial_dir", str(trial_dir))
