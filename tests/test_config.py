@@ -65,6 +65,22 @@ def test_bad_values_name_the_key(override, fragment):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["train.max_steps=3", "train.max_steps=4"], "train.max_steps"),
+        (["train.max_steps=3", "seed=1", "train.max_steps=3"], "train.max_steps"),  # same value: still twice
+        (["loss.kind=cosface", "loss.margin=0.2", " loss.kind =arcface"], "loss.kind"),
+    ],
+)
+def test_override_given_twice_is_refused_in_one_line(tmp_path, capsys, overrides, key):
+    with pytest.raises(ConfigError, match=f"override key '{key}' is given twice"):
+        apply_overrides({}, overrides)
+    assert main(["config", *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"'{key}' is given twice" in err, err
+
+
 def test_override_must_be_key_value():
     with pytest.raises(ConfigError, match="not of the form key=value"):
         apply_overrides({}, ["prepare.workers"])
