@@ -404,3 +404,38 @@ def test_workers_end_when_their_launcher_is_killed(trained, tmp_path):
     for pid in left:  # do not leave them running after a failure
         os.kill(pid, signal.SIGKILL)
     assert left == []
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_stopped_training_says_how_to_continue(trained, tmp_path, sig):
+    """SIGTERM (a timeout, Kubernetes) ended `dml train` with exit 143 and no word; Ctrl-C
+    said only "interrupted". Both now name the checkpoints and --resume, and exit 130."""
+    import signal
+    import time
+
+    run, config = copy_run(trained, tmp_path, train={"max_steps": 100_000, "epochs": 100_000, "checkpoint_every": 1})
+    cfg = write_config(tmp_path / "c.yaml", config)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    child = subprocess.Popen(
+        [sys.executable, "-m", "dml.cli", "train", "--config", str(cfg), "--resume"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not any(r.get("step", 0) > 3 for r in read_metrics(run)):
+            assert child.poll() is None and time.monotonic() < deadline, "the run did not start"
+            time.sleep(0.3)
+        child.send_signal(getattr(signal, sig))
+        _, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 130, err[-2000:]
+    line = next((text for text in err.splitlines() if text.startswith("dml train: interrupted")), err[-2000:])
+    assert line.startswith("dml train: interrupted: the checkpoints written so far are in") and "--resume" in line
+    assert str(run) in line and "Traceback" not in err

@@ -21,6 +21,7 @@ import torch
 from dml.config import DMLConfig, save_config
 from dml.data.loader import TrainLoader
 from dml.data.manifest import load_manifest
+from dml.data.workers import sigterm_as_interrupt
 from dml.distributed import barrier, cleanup, get_rank, init_distributed
 from dml.errors import DMLError
 from dml.eval.embed import extract_embeddings
@@ -142,8 +143,11 @@ def run_training(config: DMLConfig, resume: bool, spec: TrainingSpec, allow_new_
     if allow_new_data and not resume:
         raise DMLError("--allow-new-data only applies with --resume")
     info = init_distributed()
+    # SIGTERM (kill, a timeout, Kubernetes, torchrun stopping its workers) ended the run with
+    # exit 143 and no word; now it stops like Ctrl-C, with one line saying how to go on
+    stopped = f"the checkpoints written so far are in {spec.run_dir}/checkpoints: run again with --resume to continue"
     try:
-        with contextlib.ExitStack() as run_lock:
+        with sigterm_as_interrupt(stopped), contextlib.ExitStack() as run_lock:
             return _train(config, resume, info.device, spec, run_lock, allow_new_data)
     finally:
         cleanup()
