@@ -118,6 +118,10 @@ def kubernetes_deployment(
     has this package installed: module-path entrypoint, no code pull) and launches each stage
     as its own Job (``pipeline.launcher=kubernetes`` with the same image and namespace)."""
     launcher = ["pipeline.launcher=kubernetes", f"pipeline.image={image}", f"pipeline.namespace={namespace}"]
+    given = {item.split("=", 1)[0].strip() for item in overrides or []}
+    launcher = [
+        item for item in launcher if item.split("=", 1)[0] not in given
+    ]  # the caller's own win (a key twice is refused)
     return _to_deployment(
         name=name,
         **_schedule(cron, interval),

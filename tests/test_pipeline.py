@@ -509,3 +509,16 @@ def test_pipeline_command_creates_a_missing_prefect_home_with_its_parents(tmp_pa
     assert home.is_dir()
     ensure_prefect_home()  # an existing home is kept as it is
     assert home.is_dir()
+
+
+def test_kubernetes_deployment_overrides_win_over_its_launcher_defaults():
+    """Overrides now refuse a key given twice; the deployment's own launcher keys must then
+    give way to the caller's instead of clashing with them."""
+    from pipeline.deployments import kubernetes_deployment
+    from pipeline.stage_paths import load_pipeline_config
+
+    deployment = kubernetes_deployment("registry.example/dml:0.1.0", overrides=["pipeline.namespace=team-a"])
+    overrides = deployment.parameters["overrides"]
+    assert overrides.count("pipeline.namespace=team-a") == 1 and "pipeline.namespace=dml" not in overrides
+    config = load_pipeline_config(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml", overrides)
+    assert config.pipeline.namespace == "team-a" and config.pipeline.launcher == "kubernetes"
