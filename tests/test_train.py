@@ -244,3 +244,85 @@ def test_deepspeed_config_from_any_folder_or_one_line(tmp_path, monkeypatch, con
     with pytest.raises(ConfigError, match=problem) as caught:
         read_deepspeed_config(str(path))
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("text", ['{"steps_per_print": 1, "steps_per_print": 2}', '{"zero_optimization": {"stage": 1, "stage": 2}}'])
+def test_deepspeed_json_key_given_twice_is_refused(tmp_path, text):
+    """json.loads kept the last of two equal keys silently (YAML duplicates were refused)."""
+    from dml.errors import ConfigError
+    from dml.train.engine import read_deepspeed_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="key '(steps_per_print|stage)' is given twice") as caught:
+        read_deepspeed_config(str(path))
+    assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_deepspeed_json_folder_is_named_a_folder(tmp_path):
+    """A folder was reported as `file not found`."""
+    from dml.errors import ConfigError
+    from dml.train.engine import read_deepspeed_config
+
+    with pytest.raises(ConfigError, match="is a folder") as caught:
+        read_deepspeed_config(str(tmp_path))
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("grad_accum", [1, 3])
+@pytest.mark.parametrize("batch", [2, 7])
+def test_deepspeed_json_keys_dml_overrides_warn_once_each(tmp_path, caplog, batch, grad_accum):
+    """Keys dml sets itself: a JSON value that differs is one warning naming the file, the key,
+    the JSON's value and the dml key deciding it; an equal value is no warning."""
+    from dml.train.deepspeed_json import check_deepspeed_config
+
+    used = {
+        "train_micro_batch_size_per_gpu": (batch, "data.batch_size"),
+        "train_batch_size": (batch * grad_accum, "data.batch_size x grad_accum x ranks"),
+        "gradient_accumulation_steps": (grad_accum, "train.grad_accum"),
+        "gradient_clipping": (5.0, "optimizer.grad_clip"),
+        "bf16": (False, "train.precision"),
+        "fp16": (False, "train.precision"),
+    }
+    same = {"train_micro_batch_size_per_gpu": batch, "train_batch_size": batch * grad_accum,
+            "gradient_accumulation_steps": grad_accum, "gradient_clipping": 5.0,
+            "bf16": {"enabled": False}, "fp16": {"enabled": False, "loss_scale": 0}}
+    assert check_deepspeed_config(same, "ds.json", used) == []
+    other = {"train_micro_batch_size_per_gpu": batch + 1, "train_batch_size": batch * grad_accum + 1,
+             "gradient_accumulation_steps": grad_accum + 1, "gradient_clipping": 1.0,
+             "bf16": {"enabled": True}, "fp16": {"enabled": True}, "optimizer": {"type": "Adam"},
+             "scheduler": {"type": "WarmupLR"}}
+    with caplog.at_level("WARNING"):
+        warnings = check_deepspeed_config(other, "ds.json", used)
+    assert len(warnings) == len(other) and len(caplog.records) == len(other)
+    for key, warning in zip(other, warnings):
+        assert "ds.json" in warning and f"{key}" in warning, warning
+        decider = used[key][1] if key in used else {"optimizer": "optimizer.name", "scheduler": "schedule"}[key]
+        assert decider in warning, warning
+        if key in used:
+            assert json.dumps(other[key]) in warning, warning
+
+
+def test_deepspeed_json_unknown_key_warns_with_the_closest(tmp_path):
+    """A misspelt top-level key was ignored by DeepSpeed without a word; the shipped JSONs warn nothing."""
+    from dml.train.deepspeed_json import check_deepspeed_config, read_deepspeed_config
+
+    warnings = check_deepspeed_config({"zero_optimisation": {"stage": 2}, "steps_per_print": 10}, "ds.json", {})
+    assert len(warnings) == 1 and "'zero_optimisation'" in warnings[0], warnings
+    assert "did you mean 'zero_optimization'" in warnings[0], warnings
+    for shipped in sorted((ROOT / "configs" / "deepspeed").glob("*.json")):
+        assert check_deepspeed_config(read_deepspeed_config(str(shipped)), str(shipped), {}) == []
+
+
+@pytest.mark.slow
+def test_deepspeed_json_misspelt_key_is_warned_once_by_dml_train(tmp_path):
+    """A real plain-process `dml train`: the warning is printed once and the run still succeeds."""
+    shards = tiny_shards(tmp_path)
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"zero_optimisation": {"stage": 2}}))
+    train = {"backend": "deepspeed", "epochs": 1, "max_steps": 1, "deepspeed_config": str(ds_json)}
+    cfg = write_config(tmp_path / "c.yaml", tiny_train_config(shards, tmp_path / "run", train=train))
+    proc = train_alone(cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert output.count("did you mean 'zero_optimization'") == 1, output[-3000:]

@@ -14,10 +14,8 @@ parts in rank order.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from contextlib import AbstractContextManager as ContextManager
-from pathlib import Path
 from typing import Any, Protocol
 
 import pydantic
@@ -28,10 +26,10 @@ from torch.nn.parallel import DistributedDataParallel
 from dml.config import DMLConfig, OptimizerConfig
 from dml.distributed import describe_lone_process_as_group_of_one, get_rank, get_world_size
 from dml.errors import ConfigError
+from dml.train.deepspeed_json import DROPPED_SECTIONS, check_deepspeed_config, read_deepspeed_config
 from dml.train.param_groups import backbone_param_groups
 
 log = logging.getLogger(__name__)
-PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout holding configs/ (source or editable install)
 
 
 def resolve_precision(requested: str, device: torch.device) -> torch.dtype | None:
@@ -179,25 +177,17 @@ def deepspeed_refusal(exc: pydantic.ValidationError) -> str:
     return "; ".join(clauses)
 
 
-def read_deepspeed_config(value: str) -> dict[str, Any]:
-    """The DeepSpeed JSON named by ``train.deepspeed_config``. A relative path is looked up in
-    the working folder, then in the project checkout (the default, ``configs/deepspeed/zero2.json``,
-    was only found from the repository root). Raises `ConfigError` (one line naming the file)
-    when it is missing, not JSON, or not a JSON object."""
-    path = Path(value)
-    if not path.is_file() and not path.is_absolute() and (PROJECT_ROOT / path).is_file():
-        path = PROJECT_ROOT / path
-    if not path.is_file():
-        raise ConfigError(
-            f"train.deepspeed_config: file not found: {value} (looked in {Path.cwd()} and {PROJECT_ROOT})"
-        )
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"train.deepspeed_config: {path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"train.deepspeed_config: {path} must hold a JSON object")
-    return data
+def dml_deepspeed_settings(config: DMLConfig, batch: int, dtype: torch.dtype | None) -> dict[str, tuple[Any, str]]:
+    """The DeepSpeed keys dml sets itself: key -> (the value dml uses, the dml config key deciding it).
+    ``batch`` is the per-rank micro-batch, ``dtype`` the autocast dtype (None: fp32)."""
+    return {
+        "train_micro_batch_size_per_gpu": (batch, "data.batch_size (data.pk_classes x data.pk_samples)"),
+        "train_batch_size": (batch * config.train.grad_accum * get_world_size(), "data.batch_size x grad_accum x ranks"),
+        "gradient_accumulation_steps": (config.train.grad_accum, "train.grad_accum"),
+        "gradient_clipping": (config.optimizer.grad_clip or 0.0, "optimizer.grad_clip"),
+        "bf16": (dtype == torch.bfloat16, "train.precision"),
+        "fp16": (dtype == torch.float16, "train.precision"),
+    }
 
 
 class DeepSpeedEngine:
@@ -214,6 +204,11 @@ class DeepSpeedEngine:
         ds_config = read_deepspeed_config(config.train.deepspeed_config)
         dtype = resolve_precision(config.train.precision, device)
         batch = (config.data.pk_classes * config.data.pk_samples) if config.data.pk_classes else config.data.batch_size
+        overrides = dml_deepspeed_settings(config, batch, dtype)
+        if get_rank() == 0:
+            check_deepspeed_config(ds_config, config.train.deepspeed_config, overrides)
+        for key in ("train_batch_size", *DROPPED_SECTIONS):
+            ds_config.pop(key, None)
         ds_config.update(
             {
                 "train_micro_batch_size_per_gpu": batch,
@@ -225,7 +220,6 @@ class DeepSpeedEngine:
                 "zero_allow_untested_optimizer": True,
             }
         )
-        ds_config.pop("train_batch_size", None)
         self.optimizer = build_optimizer(model, config.optimizer)
         describe_lone_process_as_group_of_one()  # plain `dml train`: no MPI discovery
         try:
