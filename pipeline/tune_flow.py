@@ -20,7 +20,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from dml.errors import DMLError
 from dml.tune.launch import TrainFailed
 from dml.tune.run import finish_study, trial_runner
-from dml.tune.study import attach_study, finished_count, open_study
+from dml.tune.study import attach_study, open_study, trials_left
 from pipeline.tune_launch import LauncherFoldTrainer, load_tune_inputs
 
 
@@ -63,7 +63,7 @@ def dml_tune(
     trial_runner(plan)  # writes the fold shards once, before the study and the trials that share them
     study = open_study(plan.settings, plan.space, resume)
     rounds = 0
-    while (missing := plan.settings.n_trials - finished_count(study)) > 0:
+    while (missing := trials_left(study, plan.settings.n_trials)) > 0:
         rounds += 1
         if rounds > plan.settings.max_failed_trials:
             raise DMLError(

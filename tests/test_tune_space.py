@@ -260,3 +260,60 @@ def test_grid_over_a_range_without_step_is_refused_before_anything_is_written(tm
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(space) in err and "needs 'choices' or a 'step'" in err
     assert not (tmp_path / "study").exists()  # no fold shards, no study database
+
+
+@pytest.mark.parametrize("parallel", [1, 2, 3])
+@pytest.mark.parametrize(
+    "grid_shape, n_trials, killed", [((2, 2), 6, 0), ((2, 2), 4, 2), ((2, 2), 3, 1), ((3,), 5, 1), ((3, 2), 7, 0), ((5,), 2, 0)]
+)
+def test_grid_study_runs_each_point_at_most_once_and_never_more_trials_than_points(
+    tmp_path, caplog, grid_shape, n_trials, killed, parallel
+):
+    """A 2x2 grid with n_trials 6 and parallel 2 ran 5 trials, the 5th repeating a point still
+    running. n_trials is cut to the grid size (one INFO line) and parallel trials share no point,
+    also when a resume's retries push trial numbers past the grid size."""
+    import threading
+    import time
+
+    from dml.tune.study import fit_trials_to_grid, open_study, run_trials
+
+    keys = ["loss.margin", "loss.scale"][: len(grid_shape)]
+    values = {
+        key: [round(0.1 * (i + 1), 1) if key == "loss.margin" else 8 * (i + 1) for i in range(n)]
+        for key, n in zip(keys, grid_shape, strict=True)
+    }
+    path = tmp_path / "space.yaml"
+    study_section = {"study_dir": str(tmp_path / "s"), "sampler": "grid", "n_trials": n_trials, "parallel": parallel}
+    path.write_text(yaml.safe_dump({**values, "study": study_section}))
+    space = load_space(path)
+    size = math.prod(grid_shape)
+    with caplog.at_level("INFO", logger="dml.tune.study"):
+        settings = fit_trials_to_grid(load_settings(space.study, str(path)), space)
+    cut_lines = [r for r in caplog.records if "cut to" in r.getMessage()]
+    assert settings.n_trials == min(n_trials, size) and len(cut_lines) == (n_trials > size)
+    seen, lock = [], threading.Lock()
+
+    def objective(trial):
+        point = tuple(space.suggest(trial)[k] for k in keys)
+        with lock:
+            seen.append(point)
+        time.sleep(0.05)  # let parallel trials overlap, as real trainings do
+        return 0.0
+
+    study = open_study(settings, space, resume=False)
+    for _ in range(killed):  # asked and never told: what a SIGKILL leaves behind
+        space.suggest(study.ask())
+    run_trials(open_study(settings, space, resume=True) if killed else study, objective, settings)
+    assert len(seen) == min(n_trials, size) and len(set(seen)) == len(seen), seen
+    assert set(seen) <= set(itertools.product(*(values[k] for k in keys)))
+
+
+def test_tune_start_line_gives_the_grid_cut_trial_count(tmp_path):
+    """The plan `dml tune` starts from holds the cut n_trials (its start line said 6 trials for 4 points)."""
+    from dml.tune.run import load_plan
+
+    class_split_shards(tmp_path)
+    run, space = write_tune_files(
+        tmp_path, {"loss.margin": [0.1, 0.2], "loss.scale": [8, 16]}, sampler="grid", n_trials=6, parallel=2
+    )
+    assert load_plan(run, space).settings.n_trials == 4

@@ -16,7 +16,7 @@ from dml.tune.launch import FoldTrainer
 from dml.tune.report import summary_lines, write_best_config, write_plots, write_report
 from dml.tune.settings import StudySettings, load_settings
 from dml.tune.space import SearchSpace, load_space
-from dml.tune.study import make_sampler, open_study, run_trials
+from dml.tune.study import fit_trials_to_grid, make_sampler, open_study, run_trials
 from dml.tune.trial import TrialRunner
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ def make_plan(base: dict[str, Any], space_path: str | Path) -> TunePlan:
         make_sampler(settings, space)  # e.g. a grid over a range without a step: refused before any folder is written
     except ConfigError as exc:
         raise ConfigError(f"{space_path}: {exc}") from None
+    settings = fit_trials_to_grid(settings, space)
     return TunePlan(base, space, settings)
 
 

@@ -8,7 +8,9 @@ search ends when ``n_trials`` trials are complete or pruned.
 from __future__ import annotations
 
 import logging
+import math
 import random
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,66 @@ def storage_url(settings: StudySettings) -> str:
     return f"sqlite:///{(Path(settings.study_dir) / 'study.db').resolve()}"
 
 
+_GRID_CHOICE = threading.Lock()  # one grid choice or trial state change at a time in this process
+
+
+class SerialGridSampler(optuna.samplers.GridSampler):
+    """optuna's grid sampler giving each new trial the first grid point no trial holds, one
+    trial at a time in this process. optuna's gives trial number i point i, and past the grid
+    size a random point among those not finished or running: a thread could take a point another
+    thread's trial was about to get (a point ran twice under ``parallel``). Processes that share
+    a study can still race here (optuna's own caveat for distributed grid search)."""
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if "grid_id" in trial.system_attrs or "fixed_params" in trial.system_attrs:
+            return  # a queued retry already holds its point
+        with _GRID_CHOICE:  # the choice is stored (grid_id) before the next thread looks
+            held = study._storage.get_all_trials(study._study_id, deepcopy=False)
+            taken = {t.system_attrs["grid_id"] for t in held if "grid_id" in t.system_attrs}
+            free = [i for i in range(len(self._all_grids)) if i not in taken]
+            if not free:  # the grid is spent: optuna's own choice (it re-evaluates one, with a warning)
+                super().before_trial(study, trial)
+                return
+            study._storage.set_trial_system_attr(trial._trial_id, "search_space", self._search_space)
+            study._storage.set_trial_system_attr(trial._trial_id, "grid_id", free[0])
+
+
+class ClaimingRDBStorage(optuna.storages.RDBStorage):
+    """optuna's RDB storage moving one trial's state at a time in this process: on SQLite (no
+    row locks) two threads both moved the same queued (WAITING) trial, a resumed study's retry,
+    to RUNNING and both ran it."""
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
+        with _GRID_CHOICE:
+            return super().set_trial_state_values(trial_id, state, values)
+
+
+def fit_trials_to_grid(settings: StudySettings, space: SearchSpace) -> StudySettings:
+    """``settings`` with ``n_trials`` cut to the number of grid points under the grid sampler
+    (one INFO line when cut): past it optuna re-ran points already visited or running."""
+    if settings.sampler != "grid":
+        return settings
+    size = math.prod(len(values) for values in space.grid().values())
+    if settings.n_trials <= size:
+        return settings
+    log.info("tune: the grid has %d points: n_trials %d cut to %d", size, settings.n_trials, size)
+    return settings.model_copy(update={"n_trials": size})
+
+
+def trials_left(study: optuna.Study, n_trials: int) -> int:
+    """How many more trials to start for ``n_trials`` complete or pruned ones; under the grid
+    sampler no more than the queued retries plus the points no trial has taken (a failed
+    trial's point counts as taken, as optuna counts it: another trial would repeat a point)."""
+    left = n_trials - finished_count(study)
+    sampler = study.sampler
+    if not isinstance(sampler, optuna.samplers.GridSampler):
+        return left
+    trials = study.get_trials(deepcopy=False)
+    taken = {t.system_attrs["grid_id"] for t in trials if "grid_id" in t.system_attrs}
+    queued = sum(t.state == TrialState.WAITING for t in trials)
+    return min(left, len(sampler._all_grids) - len(taken) + queued)
+
+
 def make_sampler(
     settings: StudySettings, space: SearchSpace, trials_so_far: int = 0, grid_seed: int | None = None
 ) -> optuna.samplers.BaseSampler:
@@ -49,7 +111,7 @@ def make_sampler(
     trials evaluate the same grid point and skip another.
     """
     if settings.sampler == "grid":
-        return optuna.samplers.GridSampler(space.grid(), seed=settings.sampler_seed if grid_seed is None else grid_seed)
+        return SerialGridSampler(space.grid(), seed=settings.sampler_seed if grid_seed is None else grid_seed)
     seed = None if settings.sampler_seed is None else settings.sampler_seed + trials_so_far
     if settings.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
@@ -74,7 +136,7 @@ def attach_study(settings: StudySettings, space: SearchSpace) -> optuna.Study:
     url = storage_url(settings)
     Path(settings.study_dir).mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(
-        storage=optuna.storages.RDBStorage(url),
+        storage=ClaimingRDBStorage(url),
         study_name=settings.name,
         direction="maximize",
         sampler=make_sampler(settings, space),
@@ -166,8 +228,7 @@ def run_trials(study: optuna.Study, objective: Any, settings: StudySettings) -> 
         if bar.n >= settings.n_trials or _grid_done(study):
             study.stop()
 
-    while finished_count(study) < settings.n_trials and len(failures) < settings.max_failed_trials:
-        remaining = settings.n_trials - finished_count(study)
+    while (remaining := trials_left(study, settings.n_trials)) > 0 and len(failures) < settings.max_failed_trials:
         study.optimize(
             objective,
             n_trials=remaining,
