@@ -246,7 +246,9 @@ def test_deepspeed_config_from_any_folder_or_one_line(tmp_path, monkeypatch, con
     assert "\n" not in str(caught.value)
 
 
-@pytest.mark.parametrize("text", ['{"steps_per_print": 1, "steps_per_print": 2}', '{"zero_optimization": {"stage": 1, "stage": 2}}'])
+@pytest.mark.parametrize(
+    "text", ['{"steps_per_print": 1, "steps_per_print": 2}', '{"zero_optimization": {"stage": 1, "stage": 2}}']
+)
 def test_deepspeed_json_key_given_twice_is_refused(tmp_path, text):
     """json.loads kept the last of two equal keys silently (YAML duplicates were refused)."""
     from dml.errors import ConfigError
@@ -254,7 +256,7 @@ def test_deepspeed_json_key_given_twice_is_refused(tmp_path, text):
 
     path = tmp_path / "ds.json"
     path.write_text(text)
-    with pytest.raises(ConfigError, match="key '(steps_per_print|stage)' is given twice") as caught:
+    with pytest.raises(ConfigError, match=r"key '(steps_per_print|stage)' is given twice") as caught:
         read_deepspeed_config(str(path))
     assert str(path) in str(caught.value) and "\n" not in str(caught.value)
 
@@ -284,18 +286,29 @@ def test_deepspeed_json_keys_dml_overrides_warn_once_each(tmp_path, caplog, batc
         "bf16": (False, "train.precision"),
         "fp16": (False, "train.precision"),
     }
-    same = {"train_micro_batch_size_per_gpu": batch, "train_batch_size": batch * grad_accum,
-            "gradient_accumulation_steps": grad_accum, "gradient_clipping": 5.0,
-            "bf16": {"enabled": False}, "fp16": {"enabled": False, "loss_scale": 0}}
+    same = {
+        "train_micro_batch_size_per_gpu": batch,
+        "train_batch_size": batch * grad_accum,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": 5.0,
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False, "loss_scale": 0},
+    }
     assert check_deepspeed_config(same, "ds.json", used) == []
-    other = {"train_micro_batch_size_per_gpu": batch + 1, "train_batch_size": batch * grad_accum + 1,
-             "gradient_accumulation_steps": grad_accum + 1, "gradient_clipping": 1.0,
-             "bf16": {"enabled": True}, "fp16": {"enabled": True}, "optimizer": {"type": "Adam"},
-             "scheduler": {"type": "WarmupLR"}}
+    other = {
+        "train_micro_batch_size_per_gpu": batch + 1,
+        "train_batch_size": batch * grad_accum + 1,
+        "gradient_accumulation_steps": grad_accum + 1,
+        "gradient_clipping": 1.0,
+        "bf16": {"enabled": True},
+        "fp16": {"enabled": True},
+        "optimizer": {"type": "Adam"},
+        "scheduler": {"type": "WarmupLR"},
+    }
     with caplog.at_level("WARNING"):
         warnings = check_deepspeed_config(other, "ds.json", used)
     assert len(warnings) == len(other) and len(caplog.records) == len(other)
-    for key, warning in zip(other, warnings):
+    for key, warning in zip(other, warnings, strict=True):
         assert "ds.json" in warning and f"{key}" in warning, warning
         decider = used[key][1] if key in used else {"optimizer": "optimizer.name", "scheduler": "schedule"}[key]
         assert decider in warning, warning

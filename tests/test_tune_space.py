@@ -264,7 +264,8 @@ def test_grid_over_a_range_without_step_is_refused_before_anything_is_written(tm
 
 @pytest.mark.parametrize("parallel", [1, 2, 3])
 @pytest.mark.parametrize(
-    "grid_shape, n_trials, killed", [((2, 2), 6, 0), ((2, 2), 4, 2), ((2, 2), 3, 1), ((3,), 5, 1), ((3, 2), 7, 0), ((5,), 2, 0)]
+    "grid_shape, n_trials, killed",
+    [((2, 2), 6, 0), ((2, 2), 4, 2), ((2, 2), 3, 1), ((3,), 5, 1), ((3, 2), 7, 0), ((5,), 2, 0)],
 )
 def test_grid_study_runs_each_point_at_most_once_and_never_more_trials_than_points(
     tmp_path, caplog, grid_shape, n_trials, killed, parallel

@@ -8,6 +8,7 @@ duplicates; `check_deepspeed_config` warns about the rest.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import re
@@ -73,8 +74,8 @@ def known_deepspeed_keys() -> frozenset[str]:
     with its config parser, so it is a superset (nested keys too): it never flags a key DeepSpeed
     reads, at the cost of missing a typo that happens to equal some nested key.
     """
-    import deepspeed.runtime.config  # noqa: F401  (loads the config modules that define the keys)
-    import deepspeed.runtime.engine  # noqa: F401
+    for parser in ("deepspeed.runtime.config", "deepspeed.runtime.engine"):  # they load the modules defining keys
+        importlib.import_module(parser)
 
     snake = re.compile(r"[a-z][a-z0-9_]*\Z")
     keys: set[str] = set()

@@ -182,7 +182,10 @@ def dml_deepspeed_settings(config: DMLConfig, batch: int, dtype: torch.dtype | N
     ``batch`` is the per-rank micro-batch, ``dtype`` the autocast dtype (None: fp32)."""
     return {
         "train_micro_batch_size_per_gpu": (batch, "data.batch_size (data.pk_classes x data.pk_samples)"),
-        "train_batch_size": (batch * config.train.grad_accum * get_world_size(), "data.batch_size x grad_accum x ranks"),
+        "train_batch_size": (
+            batch * config.train.grad_accum * get_world_size(),
+            "data.batch_size x grad_accum x ranks",
+        ),
         "gradient_accumulation_steps": (config.train.grad_accum, "train.grad_accum"),
         "gradient_clipping": (config.optimizer.grad_clip or 0.0, "optimizer.grad_clip"),
         "bf16": (dtype == torch.bfloat16, "train.precision"),
