@@ -48,6 +48,8 @@ class SerialGridSampler(optuna.samplers.GridSampler):
     a study can still race here (optuna's own caveat for distributed grid search)."""
 
     def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """Store the first free grid point on ``trial`` (a queued retry keeps its own); with no
+        point left, optuna's own choice."""
         if "grid_id" in trial.system_attrs or "fixed_params" in trial.system_attrs:
             return  # a queued retry already holds its point
         with _GRID_CHOICE:  # the choice is stored (grid_id) before the next thread looks
@@ -67,6 +69,7 @@ class ClaimingRDBStorage(optuna.storages.RDBStorage):
     to RUNNING and both ran it."""
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
+        """optuna's state change, under this process's lock; True when the state was set."""
         with _GRID_CHOICE:
             return super().set_trial_state_values(trial_id, state, values)
 
