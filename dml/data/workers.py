@@ -56,8 +56,7 @@ def arm_parent_death_signal() -> None:
     it ends (Linux; a no-op elsewhere), so a launcher killed with SIGKILL leaves no child
     behind. torchrun passes the SIGTERM on to its workers. Only calls a function looked up
     beforehand: between fork and exec nothing may import or allocate much."""
-    if _PRCTL is not None:
-        _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    _set_parent_death_signal(signal.SIGTERM)
 
 
 def _watch_parent(parent_pid: int) -> None:

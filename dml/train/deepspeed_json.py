@@ -113,9 +113,9 @@ def check_deepspeed_config(data: dict[str, Any], path: str, overrides: dict[str,
                 f"(dml passes its own optimizer and LR schedule to DeepSpeed)"
             )
     known = known_deepspeed_keys()
+    names = sorted(known)
     for key in data:
         if key not in known and key not in DROPPED_SECTIONS:
-            names = sorted(known)
             warnings.append(
                 f"train.deepspeed_config: {path}: DeepSpeed ignores "
                 + unknown_name(key, names, "key", "DeepSpeed's config keys")
